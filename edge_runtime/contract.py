@@ -1,0 +1,213 @@
+"""The model contract: what every edge-classify ONNX model must look like.
+
+Export writes it and the runtime checks it, both through this module, so the two sides cannot
+drift apart. See DESIGN.md section 2.
+
+Input ``image``: uint8 ``[N, H, W, 1]`` (batch dynamic). Outputs ``probabilities``: float32
+``[N, K]`` softmax in the order of ``class_names``; ``cam``: float32 ``[N, h, w, K]`` class
+activation maps. Metadata lives in ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+CONTRACT_VERSION = "1"
+INPUT_NAME = "image"
+PROBABILITIES = "probabilities"
+CAM = "cam"
+
+
+class ResizePolicy(str, Enum):
+    """How a scan is fitted into the model's square input."""
+
+    LETTERBOX = "letterbox"  # aspect-preserving resize, centred, zero padding
+    STRETCH = "stretch"  # plain resize; distorts lesion shape, kept for foreign models
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class ContractError(ValueError):
+    """A model file does not meet the edge-classify contract."""
+
+
+# Keys of metadata_props. The two ``Image.*`` keys are the ones ONNX's MetadataProps.md defines.
+KEY_CONTRACT_VERSION = "edge_classify.contract_version"
+KEY_CLASS_NAMES = "edge_classify.class_names"
+KEY_INPUT_SIZE = "edge_classify.input_size"
+KEY_INPUT_LAYOUT = "edge_classify.input_layout"
+KEY_RESIZE_POLICY = "edge_classify.resize_policy"
+KEY_PRECISION = "edge_classify.precision"
+KEY_BACKBONE = "edge_classify.backbone"
+KEY_MODEL_VERSION = "edge_classify.model_version"
+KEY_DATA_FINGERPRINT = "edge_classify.training_data_fingerprint"
+KEY_METRICS = "edge_classify.metrics"
+KEY_TEMPERATURE = "edge_classify.temperature"
+KEY_ABSTAIN_THRESHOLD = "edge_classify.abstain_threshold"
+KEY_QUANTIZATION = "edge_classify.quantization"
+KEY_PIXEL_FORMAT = "Image.BitmapPixelFormat"
+KEY_PIXEL_RANGE = "Image.NominalPixelRange"
+
+PIXEL_FORMAT = "Gray8"
+PIXEL_RANGE = "NominalRange_0_255"
+INPUT_LAYOUT = "NHWC"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the runtime needs to know about a model, read from its metadata."""
+
+    class_names: tuple[str, ...]
+    input_size: int
+    resize_policy: ResizePolicy = ResizePolicy.LETTERBOX
+    precision: Precision = Precision.FP32
+    backbone: str = "unknown"
+    model_version: str = "0"
+    temperature: float = 1.0
+    abstain_threshold: float = 0.0
+    training_data_fingerprint: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    quantization: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        """Serialize to ``metadata_props`` (string to string)."""
+        return {
+            KEY_CONTRACT_VERSION: CONTRACT_VERSION,
+            KEY_CLASS_NAMES: json.dumps(list(self.class_names)),
+            KEY_INPUT_SIZE: str(self.input_size),
+            KEY_INPUT_LAYOUT: INPUT_LAYOUT,
+            KEY_RESIZE_POLICY: self.resize_policy.value,
+            KEY_PRECISION: self.precision.value,
+            KEY_BACKBONE: self.backbone,
+            KEY_MODEL_VERSION: self.model_version,
+            KEY_DATA_FINGERPRINT: self.training_data_fingerprint,
+            KEY_METRICS: json.dumps(dict(self.metrics), sort_keys=True),
+            KEY_TEMPERATURE: repr(float(self.temperature)),
+            KEY_ABSTAIN_THRESHOLD: repr(float(self.abstain_threshold)),
+            KEY_QUANTIZATION: json.dumps(dict(self.quantization), sort_keys=True),
+            KEY_PIXEL_FORMAT: PIXEL_FORMAT,
+            KEY_PIXEL_RANGE: PIXEL_RANGE,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], *, source: str = "model") -> ModelSpec:
+        """Parse and validate ``metadata_props``.
+
+        Raises:
+            ContractError: a key is missing or holds a value the runtime cannot use.
+        """
+        required = (KEY_CONTRACT_VERSION, KEY_CLASS_NAMES, KEY_INPUT_SIZE, KEY_RESIZE_POLICY)
+        missing = [key for key in required if key not in meta]
+        if missing:
+            raise ContractError(
+                f"{source}: metadata lacks {', '.join(missing)}. Export the model with "
+                "`edge-export`, which writes the edge-classify contract metadata."
+            )
+        if meta[KEY_CONTRACT_VERSION] != CONTRACT_VERSION:
+            raise ContractError(
+                f"{source}: contract version {meta[KEY_CONTRACT_VERSION]!r} is not supported "
+                f"(this runtime reads version {CONTRACT_VERSION!r})."
+            )
+        _expect(meta, KEY_INPUT_LAYOUT, INPUT_LAYOUT, source)
+        _expect(meta, KEY_PIXEL_FORMAT, PIXEL_FORMAT, source)
+        _expect(meta, KEY_PIXEL_RANGE, PIXEL_RANGE, source)
+        try:
+            class_names = tuple(json.loads(meta[KEY_CLASS_NAMES]))
+            input_size = int(meta[KEY_INPUT_SIZE])
+            spec = cls(
+                class_names=class_names,
+                input_size=input_size,
+                resize_policy=ResizePolicy(meta[KEY_RESIZE_POLICY]),
+                precision=Precision(meta.get(KEY_PRECISION, Precision.FP32.value)),
+                backbone=meta.get(KEY_BACKBONE, "unknown"),
+                model_version=meta.get(KEY_MODEL_VERSION, "0"),
+                temperature=float(meta.get(KEY_TEMPERATURE, "1.0")),
+                abstain_threshold=float(meta.get(KEY_ABSTAIN_THRESHOLD, "0.0")),
+                training_data_fingerprint=meta.get(KEY_DATA_FINGERPRINT, ""),
+                metrics=json.loads(meta.get(KEY_METRICS, "{}")),
+                quantization=json.loads(meta.get(KEY_QUANTIZATION, "{}")),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ContractError(f"{source}: unreadable contract metadata: {exc}") from exc
+        if len(class_names) < 2 or not all(isinstance(n, str) and n for n in class_names):
+            raise ContractError(
+                f"{source}: class names must be at least two non-empty strings. "
+                f"Got {list(class_names)!r} instead."
+            )
+        if not 16 <= input_size <= 4096:
+            raise ContractError(f"{source}: input size must be 16..4096. Got {input_size}.")
+        if not spec.temperature > 0:
+            raise ContractError(f"{source}: temperature must be > 0. Got {spec.temperature}.")
+        if not 0.0 <= spec.abstain_threshold <= 1.0:
+            raise ContractError(
+                f"{source}: abstain threshold must be in [0, 1]. Got {spec.abstain_threshold}."
+            )
+        return spec
+
+
+def _expect(meta: Mapping[str, str], key: str, value: str, source: str) -> None:
+    if meta.get(key) != value:
+        raise ContractError(
+            f"{source}: metadata {key} must be {value!r}. Got {meta.get(key)!r} instead."
+        )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, element type and shape of one graph input or output (as onnxruntime reports)."""
+
+    name: str
+    type: str  # onnxruntime's spelling, e.g. "tensor(uint8)"
+    shape: tuple[int | str | None, ...]
+
+
+def check_io(
+    inputs: list[TensorInfo], outputs: list[TensorInfo], spec: ModelSpec, *, source: str = "model"
+) -> None:
+    """Check the graph's inputs and outputs against the contract and the model's own metadata.
+
+    Raises:
+        ContractError: naming the tensor, what was expected and what was found.
+    """
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise ContractError(
+            f"{source}: must have exactly one input named {INPUT_NAME!r}. "
+            f"Got {[i.name for i in inputs]} instead."
+        )
+    image = inputs[0]
+    size = spec.input_size
+    if image.type != "tensor(uint8)" or len(image.shape) != 4:
+        raise ContractError(
+            f"{source}: input {INPUT_NAME!r} must be uint8 [N, {size}, {size}, 1]. "
+            f"Got {image.type} {list(image.shape)} instead."
+        )
+    if tuple(image.shape[1:]) != (size, size, 1):
+        raise ContractError(
+            f"{source}: input {INPUT_NAME!r} must be [N, {size}, {size}, 1] as the metadata "
+            f"says. Got {list(image.shape)} instead."
+        )
+    by_name = {o.name: o for o in outputs}
+    k = len(spec.class_names)
+    for name, rank in ((PROBABILITIES, 2), (CAM, 4)):
+        out = by_name.get(name)
+        if out is None:
+            raise ContractError(
+                f"{source}: lacks output {name!r}. Got outputs {sorted(by_name)} instead."
+            )
+        if out.type != "tensor(float)" or len(out.shape) != rank:
+            raise ContractError(
+                f"{source}: output {name!r} must be float32 of rank {rank}. "
+                f"Got {out.type} {list(out.shape)} instead."
+            )
+        if isinstance(out.shape[-1], int) and out.shape[-1] != k:
+            raise ContractError(
+                f"{source}: output {name!r} has {out.shape[-1]} classes, metadata lists {k}."
+            )
