@@ -53,7 +53,7 @@ def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, in
 def make_batch(
     images: Sequence[np.ndarray], size: int, policy: ResizePolicy = ResizePolicy.LETTERBOX
 ) -> np.ndarray:
-    """Fit each 2-D uint8 image to the square and stack them into one ``[N, size, size, 1]`` batch."""
+    """Fit each 2-D uint8 image to the square and stack them into a ``[N, size, size, 1]`` batch."""
     batch = np.empty((len(images), size, size, 1), np.uint8)
     for i, image in enumerate(images):
         batch[i, :, :, 0] = fit_to_square(image, size, policy)

@@ -1,0 +1,321 @@
+"""The Classifier task: files or arrays in, typed results out.
+
+Decoding and resizing run in a thread pool (OpenCV releases the GIL) a few batches ahead of
+inference; each batch is one contiguous uint8 array fed to onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.contract import CAM, INPUT_NAME, PROBABILITIES, ModelSpec, Precision
+from edge_runtime.decode import InputError, load_frames, to_gray_uint8
+from edge_runtime.heatmap import cam_to_heatmap
+from edge_runtime.preprocess import fit_to_square
+from edge_runtime.session import LoadedModel, Provider, open_model
+
+Source = str | os.PathLike[str] | np.ndarray
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """How to open and run a model. ``model_path`` None means the bundled INT8 default."""
+
+    model_path: str | os.PathLike[str] | None = None
+    provider: Provider = Provider.AUTO
+    threads: int | None = None
+    batch_size: int = 8
+    decode_workers: int = max(1, min(4, os.cpu_count() or 1))
+    abstain_below: float | None = None  # None: the model's own threshold
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1. Got {self.batch_size} instead.")
+        if self.decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1. Got {self.decode_workers} instead.")
+        if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
+            raise ValueError(f"abstain_below must be in [0, 1]. Got {self.abstain_below} instead.")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-stage milliseconds for one result (batch stages shared equally within the batch)."""
+
+    decode_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+    postprocess_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return self.decode_ms + self.preprocess_ms + self.inference_ms + self.postprocess_ms
+
+
+@dataclass(frozen=True)
+class Result:
+    """One classified image (or DICOM frame), or the reason it could not be classified."""
+
+    source: str
+    label: str | None
+    probabilities: Mapping[str, float]
+    confidence: float | None
+    abstained: bool
+    error: str | None
+    timing: Timing
+    frame: int | None = None
+    heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Item:
+    source: str
+    frame: int | None
+    square: np.ndarray | None = None
+    original: np.ndarray | None = None
+    error: str | None = None
+    decode_ms: float = 0.0
+    preprocess_ms: float = 0.0
+
+
+def default_model_path(precision: Precision | str = Precision.INT8) -> Path:
+    """Path of the bundled default model of the given precision.
+
+    Raises:
+        FileNotFoundError: this installation carries no bundled model of that precision.
+    """
+    precision = Precision(precision)
+    path = MODELS_DIR / f"default-{precision.value}.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no bundled {precision.value} model in this installation. "
+            "Pass --model PATH to an exported model."
+        )
+    return path
+
+
+def resolve_model_path(model: str | os.PathLike[str] | None) -> Path:
+    """A model argument to a file: None -> bundled INT8; ``fp32``/``int8``/``fp16`` -> bundled."""
+    if model is None:
+        return default_model_path(Precision.INT8)
+    if str(model) in {p.value for p in Precision} and not Path(model).exists():
+        return default_model_path(str(model))
+    return Path(model)
+
+
+class Classifier:
+    """Classifies breast-ultrasound scans with an edge-classify ONNX model.
+
+    The model takes uint8 ``[N, S, S, 1]`` grayscale (``S`` from its metadata) and returns softmax
+    ``probabilities`` ``[N, K]`` and class activation maps ``cam``. Use as a context manager or
+    call :meth:`close`.
+
+    Example:
+        >>> with Classifier.from_path("model-int8.onnx") as clf:  # doctest: +SKIP
+        ...     for result in clf.classify(["scan1.png", "scan2.dcm"]):
+        ...         print(result.source, result.label, result.confidence)
+    """
+
+    def __init__(self, model: LoadedModel, options: ClassifierOptions) -> None:
+        self._model = model
+        self._options = options
+        self._pool = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="decode")
+        self._abstain_below = (
+            model.spec.abstain_threshold if options.abstain_below is None else options.abstain_below
+        )
+
+    @classmethod
+    def from_options(cls, options: ClassifierOptions) -> Classifier:
+        """Open the model that ``options`` names and check its contract."""
+        path = resolve_model_path(options.model_path)
+        return cls(open_model(path, provider=options.provider, threads=options.threads), options)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], **options) -> Classifier:
+        """Open an ONNX model file; keyword arguments are :class:`ClassifierOptions` fields."""
+        return cls.from_options(ClassifierOptions(model_path=path, **options))
+
+    @classmethod
+    def default(cls, precision: Precision | str = Precision.INT8, **options) -> Classifier:
+        """Open the bundled default model (INT8 unless ``precision`` says otherwise)."""
+        return cls.from_path(default_model_path(precision), **options)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._model.spec
+
+    @property
+    def model_path(self) -> Path:
+        return self._model.path
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self._model.providers
+
+    @property
+    def abstain_below(self) -> float:
+        return self._abstain_below
+
+    def classify(self, sources: Iterable[Source], *, heatmaps: bool = False) -> list[Result]:
+        """Classify files (paths) or 2-D / BGR arrays; one result per image or DICOM frame.
+
+        A bad input gives a result with ``error`` set; it never stops the others.
+        """
+        return list(self.iter_classify(sources, heatmaps=heatmaps))
+
+    def iter_classify(
+        self, sources: Iterable[Source], *, heatmaps: bool = False
+    ) -> Iterator[Result]:
+        """Like :meth:`classify`, yielding results in input order as each batch completes."""
+        batch: list[_Item] = []
+        for items in self._decoded(sources, keep_original=heatmaps):
+            for item in items:
+                if item.error is not None:
+                    yield self._failure(item)
+                    continue
+                batch.append(item)
+                if len(batch) == self._options.batch_size:
+                    yield from self._run_batch(batch, heatmaps)
+                    batch = []
+        if batch:
+            yield from self._run_batch(batch, heatmaps)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the raw model on a uint8 ``[N, S, S, 1]`` batch; returns (probabilities, cam)."""
+        probabilities, cam = self._model.session.run([PROBABILITIES, CAM], {INPUT_NAME: images})
+        return probabilities, cam
+
+    def close(self) -> None:
+        """Stop the decode threads. The session is released with the object."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _decoded(self, sources: Iterable[Source], keep_original: bool) -> Iterator[list[_Item]]:
+        window: deque[Future[list[_Item]]] = deque()
+        ahead = self._options.batch_size * 2 + self._options.decode_workers
+        for source in sources:
+            window.append(self._pool.submit(self._decode, source, keep_original))
+            if len(window) >= ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    def _decode(self, source: Source, keep_original: bool) -> list[_Item]:
+        name = "<array>" if isinstance(source, np.ndarray) else str(source)
+        start = time.perf_counter()
+        try:
+            if isinstance(source, np.ndarray):
+                frames = [to_gray_uint8(source, name)]
+            else:
+                frames = load_frames(source)
+        except InputError as exc:
+            return [_Item(name, None, error=exc.reason, decode_ms=_ms_since(start))]
+        decode_ms = _ms_since(start) / len(frames)
+        spec = self._model.spec
+        items = []
+        for index, frame in enumerate(frames):
+            begin = time.perf_counter()
+            square = fit_to_square(frame, spec.input_size, spec.resize_policy)
+            items.append(
+                _Item(
+                    name,
+                    index if len(frames) > 1 else None,
+                    square=square,
+                    original=frame if keep_original else None,
+                    decode_ms=decode_ms,
+                    preprocess_ms=_ms_since(begin),
+                )
+            )
+        return items
+
+    def _run_batch(self, batch: Sequence[_Item], heatmaps: bool) -> list[Result]:
+        start = time.perf_counter()
+        images = np.stack([item.square for item in batch])[..., None]
+        stack_ms = _ms_since(start)
+        start = time.perf_counter()
+        probabilities, cam = self.run(images)
+        inference_ms = _ms_since(start) / len(batch)
+        start = time.perf_counter()
+        probabilities = _calibrate(probabilities, self._model.spec.temperature)
+        names = self._model.spec.class_names
+        results = []
+        for row, item in enumerate(batch):
+            top = int(np.argmax(probabilities[row]))
+            confidence = float(probabilities[row, top])
+            heat = None
+            if heatmaps and item.original is not None:
+                spec = self._model.spec
+                heat = cam_to_heatmap(
+                    cam[row, :, :, top], item.original.shape, spec.input_size, spec.resize_policy
+                )
+            results.append(
+                Result(
+                    source=item.source,
+                    label=names[top],
+                    probabilities=dict(zip(names, map(float, probabilities[row]), strict=True)),
+                    confidence=confidence,
+                    abstained=confidence < self._abstain_below,
+                    error=None,
+                    timing=Timing(
+                        item.decode_ms,
+                        item.preprocess_ms + stack_ms / len(batch),
+                        inference_ms,
+                        0.0,
+                    ),
+                    frame=item.frame,
+                    heatmap=heat,
+                    image=item.original if heatmaps else None,
+                )
+            )
+        post_ms = _ms_since(start) / len(batch)
+        return [_with_postprocess(r, post_ms) for r in results]
+
+    def _failure(self, item: _Item) -> Result:
+        return Result(
+            source=item.source,
+            label=None,
+            probabilities={},
+            confidence=None,
+            abstained=False,
+            error=item.error,
+            timing=Timing(decode_ms=item.decode_ms),
+            frame=item.frame,
+        )
+
+
+def _calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling from probabilities: softmax(log p / T) == softmax(logits / T)."""
+    if temperature == 1.0:
+        return probabilities
+    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _with_postprocess(result: Result, post_ms: float) -> Result:
+    t = result.timing
+    timing = Timing(t.decode_ms, t.preprocess_ms, t.inference_ms, post_ms)
+    return Result(**{**result.__dict__, "timing": timing})
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

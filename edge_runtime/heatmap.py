@@ -1,0 +1,41 @@
+"""Class activation maps -> heatmaps at the scan's own size, and colour overlays."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edge_runtime.contract import ResizePolicy
+from edge_runtime.preprocess import letterbox_box
+
+
+def cam_to_heatmap(
+    cam: np.ndarray, original_shape: tuple[int, int], input_size: int, policy: ResizePolicy
+) -> np.ndarray:
+    """Map one class's activation map ``[h, w]`` back onto the original scan.
+
+    Undoes the letterbox (or stretch) so each heatmap pixel lies over the scan pixel it explains.
+
+    Returns:
+        uint8 ``[H, W]`` at the original size; 255 = most evidence for the class, 0 = none.
+    """
+    height, width = original_shape
+    square = cv2.resize(
+        cam.astype(np.float32), (input_size, input_size), interpolation=cv2.INTER_LINEAR
+    )
+    if policy is ResizePolicy.LETTERBOX:
+        top, left, new_h, new_w = letterbox_box(height, width, input_size)
+        square = square[top : top + new_h, left : left + new_w]
+    heat = cv2.resize(square, (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = np.maximum(heat, 0.0)
+    peak = float(heat.max())
+    if peak <= 0.0:
+        return np.zeros((height, width), np.uint8)
+    return np.clip(heat * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Blend a JET-coloured heatmap over the grayscale scan; returns BGR uint8."""
+    scan = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    colour = cv2.applyColorMap(heatmap, cv2.COLORMAP_JET)
+    return cv2.addWeighted(colour, alpha, scan, 1.0 - alpha, 0.0)

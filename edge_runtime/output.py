@@ -1,0 +1,109 @@
+"""Result records and the table / JSON lines / CSV writers of ``edge-classify``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+
+from edge_runtime.classifier import Result
+from edge_runtime.heatmap import overlay
+
+
+class OutputFormat(str, Enum):
+    TABLE = "table"
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+def result_record(result: Result) -> dict[str, Any]:
+    """The JSON-lines shape of one result (``frame`` only for multi-frame inputs)."""
+    record: dict[str, Any] = {
+        "path": result.source,
+        "label": result.label,
+        "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
+        "confidence": None if result.confidence is None else round(result.confidence, 6),
+        "abstained": result.abstained,
+        "error": result.error,
+        "elapsed_ms": round(result.timing.total_ms, 3),
+    }
+    if result.frame is not None:
+        record["frame"] = result.frame
+    return record
+
+
+class ResultWriter:
+    """Streams results to ``stream`` in one format, flushing each record (safe to tail)."""
+
+    def __init__(self, stream: TextIO, fmt: OutputFormat, class_names: Sequence[str]) -> None:
+        self._stream, self._format, self._classes = stream, fmt, list(class_names)
+        self._csv: csv.writer | None = None
+        if fmt is OutputFormat.CSV:
+            self._csv = csv.writer(stream)
+            self._csv.writerow(
+                [
+                    "path",
+                    "frame",
+                    "label",
+                    *self._classes,
+                    "confidence",
+                    "abstained",
+                    "error",
+                    "elapsed_ms",
+                ]
+            )
+        elif fmt is OutputFormat.TABLE:
+            stream.write(f"{'label':<10} {'conf':>6}  {'':1} path\n")
+
+    def write(self, result: Result) -> None:
+        record = result_record(result)
+        if self._format is OutputFormat.JSONL:
+            self._stream.write(json.dumps(record) + "\n")
+        elif self._csv is not None:
+            probs = [record["probabilities"].get(c, "") for c in self._classes]
+            self._csv.writerow(
+                [
+                    record["path"],
+                    record.get("frame", ""),
+                    record["label"] or "",
+                    *probs,
+                    record["confidence"] if result.ok else "",
+                    record["abstained"],
+                    record["error"] or "",
+                    record["elapsed_ms"],
+                ]
+            )
+        else:
+            self._stream.write(_table_row(result) + "\n")
+        self._stream.flush()
+
+
+def _table_row(result: Result) -> str:
+    source = result.source if result.frame is None else f"{result.source} [frame {result.frame}]"
+    if not result.ok:
+        return f"{'ERROR':<10} {'':>6}  {'':1} {source}: {result.error}"
+    flag = "?" if result.abstained else ""
+    return f"{result.label:<10} {result.confidence:>6.3f}  {flag:1} {source}"
+
+
+def write_heatmaps(results: Iterable[Result], directory: Path) -> list[Path]:
+    """``<stem>_heatmap.png`` (gray, original size) and ``<stem>_overlay.png`` per result."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for result in results:
+        if result.heatmap is None or result.image is None:
+            continue
+        stem = Path(result.source).stem + ("" if result.frame is None else f"_f{result.frame}")
+        heat_path, overlay_path = (
+            directory / f"{stem}_heatmap.png",
+            directory / f"{stem}_overlay.png",
+        )
+        cv2.imwrite(str(heat_path), result.heatmap)
+        cv2.imwrite(str(overlay_path), overlay(result.image, result.heatmap))
+        written += [heat_path, overlay_path]
+    return written

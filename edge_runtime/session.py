@@ -1,0 +1,111 @@
+"""onnxruntime sessions: explicit options, providers chosen in order, fallbacks reported."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import onnxruntime as ort
+
+from edge_runtime.card import verify_against_card
+from edge_runtime.contract import ContractError, ModelSpec, TensorInfo, check_io
+
+log = logging.getLogger(__name__)
+
+
+class Provider(str, Enum):
+    """Execution provider request. AUTO takes the best installed: TensorRT, CUDA, then CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+_ORT_NAMES = {
+    Provider.TENSORRT: "TensorrtExecutionProvider",
+    Provider.CUDA: "CUDAExecutionProvider",
+    Provider.CPU: "CPUExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An open session with the contract it was checked against."""
+
+    session: ort.InferenceSession
+    spec: ModelSpec
+    path: Path
+    providers: tuple[str, ...]
+
+
+def choose_providers(provider: Provider) -> list[str]:
+    """onnxruntime provider names to try, in order, for the request.
+
+    Raises:
+        ValueError: a GPU provider was asked for explicitly but is not installed.
+    """
+    available = set(ort.get_available_providers())
+    if provider is Provider.AUTO:
+        order = [Provider.TENSORRT, Provider.CUDA, Provider.CPU]
+        return [_ORT_NAMES[p] for p in order if _ORT_NAMES[p] in available]
+    name = _ORT_NAMES[provider]
+    if name not in available:
+        raise ValueError(
+            f"The provider {provider.value!r} is not available in this onnxruntime build "
+            f"(available: {sorted(available)}). Install edge-classify[gpu] for CUDA/TensorRT, "
+            "or pass --provider cpu."
+        )
+    return [name] if provider is Provider.CPU else [name, _ORT_NAMES[Provider.CPU]]
+
+
+def open_model(
+    path: str | os.PathLike[str], *, provider: Provider = Provider.AUTO, threads: int | None = None
+) -> LoadedModel:
+    """Open an ONNX model, check the contract, and report the providers actually in use.
+
+    Args:
+        path: the .onnx file.
+        provider: which execution provider to prefer.
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ContractError: the file is not a model, not an edge-classify model, or does not match
+            the SHA-256 in the model card beside it.
+        ValueError: an unavailable provider was requested.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    if verify_against_card(path):
+        log.debug("%s: SHA-256 matches its model card", path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1. Got {threads} instead.")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    wanted = choose_providers(provider)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise ContractError(f"{path}: onnxruntime could not load it as a model: {exc}") from exc
+    used = tuple(session.get_providers())
+    if wanted[0] not in used:
+        log.warning("%s: %s is unavailable at run time; running on %s", path, wanted[0], used[0])
+    spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
+    check_io(_infos(session.get_inputs()), _infos(session.get_outputs()), spec, source=str(path))
+    return LoadedModel(session=session, spec=spec, path=path, providers=used)
+
+
+def _infos(args) -> list[TensorInfo]:
+    return [TensorInfo(a.name, a.type, tuple(a.shape)) for a in args]
+
+
+__all__ = ["ContractError", "LoadedModel", "Provider", "choose_providers", "open_model"]

@@ -1,0 +1,83 @@
+"""``edge-export``: Keras run folder -> FP32 and INT8 ONNX models with a model card."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  1. export a run (FP32 + INT8 + model card), checked by the parity gates:
+       edge-export runs/lite0 --output runs/lite0/export
+  2. a different file name and entropy calibration:
+       edge-export runs/lite0 --output models --name busi-lite0 --calibration entropy
+
+Writes <name>-fp32.onnx, <name>-int8.onnx, <name>.card.json and <name>.card.md. If a parity gate
+fails (ONNX vs Keras, INT8 vs FP32) it writes <name>.parity-failed.txt instead, no model, and
+exits with status 1. Next: edge-classify SCANS --model OUTPUT/<name>-int8.onnx
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from export.quantize import Calibration, IntType
+
+    parser = argparse.ArgumentParser(
+        prog="edge-export",
+        description="Convert a trained model to ONNX and INT8, verified.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the model files")
+    parser.add_argument("--name", default="model", help="file name stem (default: model)")
+    parser.add_argument(
+        "--calibration",
+        choices=[c.value for c in Calibration],
+        default=Calibration.MINMAX.value,
+        help="INT8 calibration method",
+    )
+    parser.add_argument(
+        "--activations",
+        choices=[t.value for t in IntType],
+        default=IntType.U8.value,
+        help="INT8 activation type (default uint8)",
+    )
+    parser.add_argument(
+        "--calibration-images", type=int, default=256, help="training images used for calibration"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from export.pipeline import ExportOptions, ParityError, export_run
+    from export.quantize import Calibration, IntType, QuantConfig
+
+    options = ExportOptions(
+        run_dir=args.run_dir,
+        output_dir=args.output,
+        name=args.name,
+        quantization=QuantConfig(
+            activations=IntType(args.activations),
+            calibration=Calibration(args.calibration),
+            max_calibration_images=args.calibration_images,
+        ),
+    )
+    try:
+        result = export_run(options)
+    except ParityError as exc:
+        print(f"edge-export: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        print(f"edge-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Next: edge-classify SCANS --model {result.files[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Parity gates: an exported model must agree with the one it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_PROBABILITY_DIFF = 1e-4
+MIN_TOP1_AGREEMENT = 0.99
+MAX_ACCURACY_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How a candidate model's probabilities compare with a reference on the same images."""
+
+    name: str
+    n: int
+    max_abs_diff: float
+    top1_agreement: float
+    reference_accuracy: float | None
+    candidate_accuracy: float | None
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        accuracy = ""
+        if self.reference_accuracy is not None:
+            accuracy = f", accuracy {self.reference_accuracy:.4f} -> {self.candidate_accuracy:.4f}"
+        return (
+            f"{self.name}: {self.n} images, max |dp| {self.max_abs_diff:.2e}, top-1 agreement "
+            f"{self.top1_agreement:.4f}{accuracy}: {verdict}"
+        )
+
+
+def compare(
+    name: str,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    max_abs_diff: float | None = None,
+    min_agreement: float = 1.0,
+    max_accuracy_drop: float | None = None,
+) -> ParityReport:
+    """Compare probabilities ``[N, K]`` and apply the gates that are given."""
+    if reference.shape != candidate.shape or len(reference) == 0:
+        raise ValueError(
+            f"{name}: need two non-empty probability arrays of one shape. Got "
+            f"{reference.shape} and {candidate.shape}."
+        )
+    diff = float(np.max(np.abs(reference - candidate)))
+    ref_top, cand_top = reference.argmax(1), candidate.argmax(1)
+    agreement = float(np.mean(ref_top == cand_top))
+    failures = []
+    if max_abs_diff is not None and diff > max_abs_diff:
+        failures.append(f"max probability difference {diff:.2e} > {max_abs_diff:.0e}")
+    if agreement < min_agreement:
+        failures.append(f"top-1 agreement {agreement:.4f} < {min_agreement:.4f}")
+    ref_acc = cand_acc = None
+    if labels is not None:
+        ref_acc, cand_acc = float(np.mean(ref_top == labels)), float(np.mean(cand_top == labels))
+        if max_accuracy_drop is not None and ref_acc - cand_acc > max_accuracy_drop:
+            failures.append(f"accuracy drop {ref_acc - cand_acc:.4f} > {max_accuracy_drop:.2f}")
+    return ParityReport(name, len(reference), diff, agreement, ref_acc, cand_acc, tuple(failures))
+
+
+def fp32_gate(keras_probs: np.ndarray, onnx_probs: np.ndarray, labels=None) -> ParityReport:
+    """ONNX FP32 vs Keras: max probability difference <= 1e-4 and identical top-1."""
+    return compare(
+        "onnx-fp32 vs keras",
+        keras_probs,
+        onnx_probs,
+        labels,
+        max_abs_diff=MAX_PROBABILITY_DIFF,
+        min_agreement=1.0,
+    )
+
+
+def int8_gate(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels=None) -> ParityReport:
+    """INT8 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
+    return compare(
+        "onnx-int8 vs onnx-fp32",
+        fp32_probs,
+        int8_probs,
+        labels,
+        min_agreement=MIN_TOP1_AGREEMENT,
+        max_accuracy_drop=MAX_ACCURACY_DROP,
+    )

@@ -1,0 +1,199 @@
+"""``edge-export``'s work: convert, quantize, describe, verify, and only then write."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.card import model_file_name
+from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
+from edge_runtime.session import Provider, open_model
+from export.card import build_card, write_card
+from export.convert import keras_to_onnx, write_metadata
+from export.parity import ParityReport, fp32_gate, int8_gate
+from export.quantize import QuantConfig, quantize_int8
+from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(RuntimeError):
+    """An exported model disagrees with its source; nothing was written."""
+
+    def __init__(self, reports: list[ParityReport], report_path: Path) -> None:
+        self.reports, self.report_path = reports, report_path
+        failed = [r.summary() for r in reports if not r.passed]
+        super().__init__(
+            "parity gate failed:\n  "
+            + "\n  ".join(failed)
+            + f"\nFull report: {report_path}. No model was written."
+        )
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    run_dir: Path
+    output_dir: Path
+    name: str = "model"
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    max_parity_images: int = 512
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    files: tuple[Path, ...]
+    card: Path
+    reports: tuple[ParityReport, ...]
+
+
+def export_run(options: ExportOptions) -> ExportResult:
+    """Export a run folder to ``<name>-fp32.onnx``, ``<name>-int8.onnx`` and a model card.
+
+    Raises:
+        FileNotFoundError / ValueError: missing or foreign run folder, bad split manifest.
+        PermissionError: the output folder cannot be written.
+        ParityError: a parity gate failed; a report is written, no model is.
+    """
+    info = RunInfo.read(options.run_dir)
+    output = _writable_dir(options.output_dir)
+    calibration, held_out, labels = _images_for(options, info)
+    from training.model import load_classifier
+
+    keras_model = load_classifier(options.run_dir / MODEL_FILE)
+    quant_settings = options.quantization.describe()
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
+        tmp = Path(tmp)
+        fp32 = _step(
+            "convert to ONNX FP32",
+            keras_to_onnx,
+            keras_model,
+            info.input_size,
+            tmp / model_file_name(options.name, "fp32"),
+        )
+        write_metadata(fp32, _spec(info, Precision.FP32, {}))
+        keras_probs = keras_model.predict(held_out, batch_size=32, verbose=0)["probabilities"]
+        fp32_probs = _onnx_probabilities(fp32, held_out)
+        reports = [fp32_gate(keras_probs, fp32_probs, labels)]
+        int8 = _step(
+            "quantize to INT8",
+            quantize_int8,
+            fp32,
+            tmp / model_file_name(options.name, "int8"),
+            calibration,
+            options.quantization,
+        )
+        write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
+        reports.append(int8_gate(fp32_probs, _onnx_probabilities(int8, held_out), labels))
+        for report in reports:
+            log.info("%s", report.summary())
+        if not all(r.passed for r in reports):
+            report_path = output / f"{options.name}.parity-failed.txt"
+            report_path.write_text("\n".join(r.summary() for r in reports) + "\n")
+            raise ParityError(reports, report_path)
+        files = []
+        for path in (fp32, int8):
+            target = output / path.name
+            shutil.move(path, target)
+            files.append(target)
+            log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    card = build_card(options.name, info, files, reports, quant_settings)
+    card_path, _ = write_card(card, output)
+    log.info("wrote %s", card_path)
+    return ExportResult(tuple(files), card_path, tuple(reports))
+
+
+def _spec(info: RunInfo, precision: Precision, quantization: dict) -> ModelSpec:
+    return ModelSpec(
+        class_names=info.class_names,
+        input_size=info.input_size,
+        resize_policy=ResizePolicy(info.resize_policy),
+        precision=precision,
+        backbone=info.backbone,
+        model_version=info.model_version,
+        temperature=info.temperature,
+        abstain_threshold=info.abstain_threshold,
+        training_data_fingerprint=info.data_fingerprint,
+        metrics={
+            k: info.test_metrics[k]
+            for k in ("n", "accuracy", "macro_f1", "positive_auc")
+            if k in info.test_metrics
+        },
+        quantization=quantization,
+    )
+
+
+def _onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
+    """Run through the runtime's own loader, which also validates the written contract."""
+    model = open_model(path, provider=Provider.CPU)
+    outputs = [
+        model.session.run(["probabilities"], {"image": images[i : i + 32]})[0]
+        for i in range(0, len(images), 32)
+    ]
+    return np.concatenate(outputs)
+
+
+def _images_for(options: ExportOptions, info: RunInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibration images (train split) and held-out images with labels (test, else val)."""
+    from training.data import load_images
+
+    manifest = options.run_dir / SPLIT_FILE
+    if not manifest.is_file():
+        raise ValueError(
+            f"{options.run_dir}: no {SPLIT_FILE}; it is needed to pick calibration "
+            "(train) and parity (held-out) images."
+        )
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_split: dict[str, list[dict]] = {}
+    for row in rows:
+        by_split.setdefault(row.get("split", ""), []).append(row)
+    held = by_split.get("test") or by_split.get("val")
+    if not by_split.get("train") or not held:
+        raise ValueError(f"{manifest}: needs 'train' rows and 'test' or 'val' rows.")
+    held = held[: options.max_parity_images]
+    policy = ResizePolicy(info.resize_policy)
+    train = by_split["train"]
+    spread = train[:: max(1, len(train) // options.quantization.max_calibration_images)]
+    calibration, _ = load_images([r["path"] for r in spread], info.input_size, policy)
+    images, failures = load_images([r["path"] for r in held], info.input_size, policy)
+    if failures:
+        raise ValueError(
+            f"{manifest}: {len(failures)} held-out images could not be read, e.g. "
+            f"{failures[0][0]}: {failures[0][1]}"
+        )
+    labels = np.array([info.class_names.index(r["label"]) for r in held])
+    return calibration, images, labels
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".edge-export-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(
+            f"{path}: output folder is not writable: {exc.strerror or exc}"
+        ) from exc
+    return path
+
+
+def _step(title: str, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    size = result.stat().st_size / 1e6 if isinstance(result, Path) else 0.0
+    log.info(
+        "%s: %s (%.1f MB) in %.1fs",
+        title,
+        getattr(result, "name", result),
+        size,
+        time.perf_counter() - start,
+    )
+    return result

@@ -1,0 +1,34 @@
+"""Shared fixtures: where the real data lives, and a skip with a reason when it does not."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"))
+BUSI_ROOT = SHARED / "data" / "busi" / "Dataset_BUSI_with_GT"
+BUSBRA_ROOT = SHARED / "data" / "busbra"
+
+
+def _require(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(
+            f"real data not found at {path}: put the shared data folder beside the repository "
+            "(or set EDGE_CLASSIFY_SHARED) to run this test"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def busi_root() -> Path:
+    """The BUSI release folder, or skip."""
+    return _require(BUSI_ROOT)
+
+
+@pytest.fixture(scope="session")
+def busbra_root() -> Path:
+    """The BUS-BRA folder, or skip."""
+    return _require(BUSBRA_ROOT)

@@ -1,0 +1,112 @@
+"""The whole path on synthetic scans: edge-train -> edge-export -> edge-classify."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from training.synthetic import CLASSES, write_synthetic_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Train a small CNN on synthetic data and export it; returns (data, run, export) folders."""
+    from export.cli import main as export_main
+    from training.cli import main as train_main
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = write_synthetic_dataset(root / "data", per_class=60, seed=1)
+    run = root / "run"
+    assert (
+        train_main(
+            [
+                str(data),
+                "--output",
+                str(run),
+                "--backbone",
+                "small-cnn",
+                "--weights",
+                "none",
+                "--image-size",
+                "64",
+                "--frozen-epochs",
+                "10",
+                "--epochs",
+                "20",
+                "--batch-size",
+                "16",
+                "--learning-rate",
+                "0.003",
+            ]
+        )
+        == 0
+    )
+    assert export_main([str(run), "--output", str(run / "export")]) == 0
+    return data, run, run / "export"
+
+
+def test_training_writes_the_run_folder(exported):
+    _, run, _ = exported
+    for name in (
+        "model.keras",
+        "run.json",
+        "split.csv",
+        "history.csv",
+        "metrics.json",
+        "duplicates.csv",
+        "plots/history.png",
+        "plots/confusion.png",
+        "plots/roc.png",
+        "plots/reliability.png",
+    ):
+        assert (run / name).is_file(), name
+
+
+def test_classify_through_the_cli_is_clearly_above_chance_and_int8_agrees(exported):
+    from edge_runtime.cli import main
+
+    _, run, export = exported
+    test_rows = [line.split(",") for line in (run / "split.csv").read_text().splitlines()[1:]]
+    header = (run / "split.csv").read_text().splitlines()[0].split(",")
+    path_i, label_i, split_i = header.index("path"), header.index("label"), header.index("split")
+    held_out = {row[path_i]: row[label_i] for row in test_rows if row[split_i] == "test"}
+    assert len(held_out) >= 20
+    predictions = {}
+    for precision in ("fp32", "int8"):
+        out = io.StringIO()
+        status = main(
+            [
+                *held_out,
+                "--model",
+                str(export / f"model-{precision}.onnx"),
+                "--format",
+                "jsonl",
+                "--quiet",
+            ],
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+        assert status == 0
+        records = [json.loads(line) for line in out.getvalue().splitlines()]
+        predictions[precision] = {r["path"]: r["label"] for r in records}
+    accuracy = sum(predictions["fp32"][p] == label for p, label in held_out.items()) / len(held_out)
+    agreement = sum(predictions["fp32"][p] == predictions["int8"][p] for p in held_out) / len(
+        held_out
+    )
+    assert accuracy >= 0.6, f"accuracy {accuracy:.2f} is not clearly above chance (1/3)"
+    assert agreement >= 0.95, f"FP32/INT8 top-1 agreement {agreement:.2f}"
+    assert set(predictions["int8"].values()) <= set(CLASSES)
+
+
+def test_export_writes_a_card_that_the_runtime_verifies(exported):
+    from edge_runtime.card import verify_against_card
+
+    _, _, export = exported
+    card = json.loads((export / "model.card.json").read_text())
+    assert card["not_a_medical_device"] is True
+    assert all(p["passed"] for p in card["parity"])
+    assert verify_against_card(export / "model-int8.onnx")

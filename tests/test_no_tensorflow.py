@@ -1,0 +1,30 @@
+"""The device runtime never imports TensorFlow, Keras, or the training/export packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from tests.onnx_models import make_contract_model
+
+FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "training", "export")
+
+
+def test_runtime_classifies_in_a_fresh_interpreter_without_tensorflow(tmp_path):
+    model = make_contract_model(tmp_path / "m.onnx")
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import edge_runtime
+        from edge_runtime.classifier import Classifier
+        from edge_runtime.cli import main
+        with Classifier.from_path({str(model)!r}) as clf:
+            result = clf.classify([np.full((120, 90), 128, np.uint8)])[0]
+        assert result.ok and result.label is not None, result
+        loaded = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})
+        print(','.join(loaded))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"runtime imported: {done.stdout.strip()}"

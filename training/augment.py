@@ -1,0 +1,54 @@
+"""Training-time augmentation, vectorized in the tf.data graph (never applied at evaluation).
+
+Geometry: horizontal flip, small rotation, scaling. Intensity, as a scanner's knobs would change
+it: overall gain, contrast and gamma. Vertical flips are left out: they put the skin line at the
+bottom, which no probe produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation_deg: float = 12.0
+    zoom: float = 0.15
+    gain: float = 0.25  # multiplicative brightness, +-
+    contrast: float = 0.25  # +-
+    gamma: float = 0.3  # log-uniform around 1
+    flip: bool = True
+
+
+def make_augmenter(config: AugmentConfig, seed: int):
+    """A function mapping a uint8 batch ``[N, S, S, 1]`` to an augmented uint8 batch."""
+    geometry = keras.Sequential(
+        [
+            *([keras.layers.RandomFlip("horizontal", seed=seed)] if config.flip else []),
+            keras.layers.RandomRotation(
+                config.rotation_deg / 360.0, fill_mode="constant", seed=seed
+            ),
+            keras.layers.RandomZoom(
+                (-config.zoom, config.zoom), fill_mode="constant", seed=seed + 1
+            ),
+        ]
+    )
+    generator = tf.random.Generator.from_seed(seed)
+
+    def augment(images: tf.Tensor) -> tf.Tensor:
+        x = tf.cast(images, tf.float32) / 255.0
+        x = geometry(x, training=True)
+        n = tf.shape(x)[0]
+        shape = tf.stack([n, 1, 1, 1])
+        gamma = tf.exp(generator.uniform(shape, -config.gamma, config.gamma))
+        x = tf.pow(tf.clip_by_value(x, 1e-6, 1.0), gamma)
+        mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+        contrast = 1.0 + generator.uniform(shape, -config.contrast, config.contrast)
+        x = (x - mean) * contrast + mean
+        x = x * (1.0 + generator.uniform(shape, -config.gain, config.gain))
+        return tf.cast(tf.clip_by_value(x * 255.0 + 0.5, 0.0, 255.0), tf.uint8)
+
+    return augment

@@ -1,0 +1,98 @@
+"""Feature extractors the classifier can sit on, each with the pixel scaling it expects."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import keras
+from keras import layers
+
+
+class Backbone(str, Enum):
+    """Closed set of supported backbones."""
+
+    SMALL_CNN = "small-cnn"
+    EFFICIENTNET_LITE0 = "efficientnet-lite0"
+    MOBILENET_V2 = "mobilenet-v2"
+    MOBILENET_V3_SMALL = "mobilenet-v3-small"
+
+
+# (mean, std, channels): uint8 pixels become (x - mean) / std, replicated to `channels`.
+# EfficientNet-Lite0 takes one channel: its first ImageNet kernel is summed over RGB (exact for
+# gray scans) so there is no channel replication.
+def pixel_scaling(backbone: Backbone) -> tuple[float, float, int]:
+    """The input normalization ``(mean, std, channels)`` the backbone's weights expect."""
+    if backbone is Backbone.EFFICIENTNET_LITE0:
+        from training.efficientnet_lite import LITE0_MEAN, LITE0_STD
+
+        return float(LITE0_MEAN), float(LITE0_STD), 1
+    if backbone is Backbone.SMALL_CNN:
+        return 127.5, 127.5, 1
+    return 127.5, 127.5, 3  # Keras MobileNets: [-1, 1], RGB
+
+
+def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | None) -> keras.Model:
+    """A sub-model mapping scaled float images to the last feature map.
+
+    Args:
+        backbone: which architecture.
+        input_size: side of the square input.
+        weights: ``"imagenet"`` (EfficientNet-Lite0: from the installed weights package), a path to
+            a local weights file, or None for random initialization.
+
+    Raises:
+        ValueError: weights asked for that cannot be had here.
+    """
+    channels = pixel_scaling(backbone)[2]
+    inputs = keras.Input((input_size, input_size, channels), name="scaled_image")
+    if backbone is Backbone.SMALL_CNN:
+        if weights is not None:
+            raise ValueError(
+                "The 'small-cnn' backbone has no pretrained weights; pass weights=None."
+            )
+        features = _small_cnn(inputs)
+    elif backbone is Backbone.EFFICIENTNET_LITE0:
+        from training.efficientnet_lite import build_efficientnet_lite0
+
+        features = build_efficientnet_lite0(inputs, weights=weights)
+    else:
+        features = _keras_application(backbone, inputs, weights)
+    return keras.Model(inputs, features, name="backbone")
+
+
+def _small_cnn(x):
+    for i, filters in enumerate((16, 32, 64, 96)):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.ReLU(6.0, name=f"relu{i}")(x)
+    return x
+
+
+def _keras_application(backbone: Backbone, inputs, weights: str | Path | None):
+    if weights is not None and weights != "imagenet" and not Path(weights).is_file():
+        raise ValueError(
+            f"The weights file for {backbone.value} was not found: {weights}. Pass an existing "
+            "Keras .h5/.weights.h5 file or weights=None."
+        )
+    weights_arg = None if weights is None else str(weights)
+    try:
+        if backbone is Backbone.MOBILENET_V2:
+            model = keras.applications.MobileNetV2(
+                include_top=False, weights=weights_arg, input_tensor=inputs
+            )
+        else:
+            model = keras.applications.MobileNetV3Small(
+                include_top=False,
+                weights=weights_arg,
+                input_tensor=inputs,
+                include_preprocessing=False,
+            )
+    except Exception as exc:  # Keras reports a failed download in many shapes
+        if weights == "imagenet":
+            raise ValueError(
+                f"Could not fetch ImageNet weights for {backbone.value} ({exc}). This machine may "
+                "have no internet: download the Keras weights file elsewhere and pass its path."
+            ) from exc
+        raise
+    return model.output

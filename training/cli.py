@@ -1,0 +1,105 @@
+"""``edge-train``: train a classifier on ultrasound folders and write a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  1. EfficientNet-Lite0 (ImageNet weights) on BUSI and BUS-BRA:
+       edge-train data/Dataset_BUSI_with_GT data/busbra --output runs/lite0
+  2. 5-fold grouped cross-validation first, then the final model:
+       edge-train data/Dataset_BUSI_with_GT --folds 5 --output runs/cv
+  3. a quick smoke run on any <root>/<class>/*.png tree:
+       edge-train my_scans --backbone small-cnn --weights none --image-size 96 --epochs 10 \\
+           --output runs/smoke
+
+DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
+(path,label[,group]). The run folder gets model.keras, run.json, split.csv, history.csv,
+metrics.json, duplicates.csv and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.backbones import Backbone
+
+    parser = argparse.ArgumentParser(
+        prog="edge-train",
+        description="Train a breast-ultrasound classifier (Keras).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", nargs="+", type=Path, metavar="DATA", help="dataset folders or CSV")
+    parser.add_argument("--output", type=Path, required=True, help="run folder to write")
+    parser.add_argument(
+        "--backbone",
+        choices=[b.value for b in Backbone],
+        default=Backbone.EFFICIENTNET_LITE0.value,
+        help="feature extractor",
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (EfficientNet-Lite0: from the installed weights package), "
+        "a local weights file, or 'none' to train from scratch",
+    )
+    parser.add_argument("--image-size", type=int, default=224, help="model input side in pixels")
+    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (stage 2)")
+    parser.add_argument(
+        "--frozen-epochs", type=int, default=4, help="epochs with the backbone frozen (stage 1)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="stage-1 learning rate (default: pick by a short search)",
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="run K-fold grouped cross-validation before the final model",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from training.backbones import Backbone
+    from training.fit import FitConfig
+    from training.run import TrainConfig, train
+
+    config = TrainConfig(
+        data=tuple(args.data),
+        output=args.output,
+        backbone=Backbone(args.backbone),
+        weights=None if args.weights.lower() == "none" else args.weights,
+        input_size=args.image_size,
+        folds=args.folds,
+        seed=args.seed,
+        fit=FitConfig(
+            epochs_frozen=args.frozen_epochs,
+            epochs_finetune=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+        ),
+    )
+    try:
+        train(config)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"edge-train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Next: edge-export {args.output} --output {args.output / 'export'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

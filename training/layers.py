@@ -1,0 +1,70 @@
+"""Small registered Keras layers that travel with the model (no Lambda: Keras 3 safe mode)."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+PACKAGE = "edge_classify"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PixelScale(layers.Layer):
+    """uint8 pixels -> float ``(x - mean) / std``, optionally replicated to several channels."""
+
+    def __init__(self, mean: float, std: float, channels: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mean, self.std, self.channels = float(mean), float(std), int(channels)
+
+    def call(self, x):
+        x = (ops.cast(x, "float32") - self.mean) / self.std
+        return ops.concatenate([x] * self.channels, axis=-1) if self.channels > 1 else x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.channels)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "mean": self.mean,
+            "std": self.std,
+            "channels": self.channels,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ClassActivationHead(layers.Layer):
+    """Global average pooling -> dropout -> dense, plus the class activation maps.
+
+    With GAP followed by a dense layer the class activation map is exact and cheap:
+    ``cam[n, y, x, k] = sum_c features[n, y, x, c] * kernel[c, k]``, and the mean of the map over
+    space plus the bias is the class logit. Returns ``(logits, cam)``.
+    """
+
+    def __init__(self, num_classes: int, dropout: float = 0.3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.dropout_rate = int(num_classes), float(dropout)
+        self.dropout = layers.Dropout(self.dropout_rate)
+
+    def build(self, input_shape) -> None:
+        channels = input_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel", shape=(channels, self.num_classes), initializer="glorot_uniform"
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.num_classes,), initializer="zeros")
+
+    def call(self, features, training=None):
+        pooled = self.dropout(ops.mean(features, axis=(1, 2)), training=training)
+        logits = ops.matmul(pooled, self.kernel) + self.bias
+        cam = ops.einsum("nhwc,ck->nhwk", features, self.kernel)
+        return logits, cam
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes), (*input_shape[:-1], self.num_classes)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "dropout": self.dropout_rate,
+        }

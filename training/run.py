@@ -1,0 +1,249 @@
+"""One training run: discover -> group duplicates -> split -> load -> fit -> evaluate -> report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.contract import ResizePolicy
+from training.backbones import Backbone
+from training.fit import FitConfig, fit
+from training.runfolder import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PLOTS_DIR,
+    SPLIT_FILE,
+    RunInfo,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_CLASS_ORDER = ("normal", "benign", "malignant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one ``edge-train`` run needs."""
+
+    data: tuple[Path, ...]
+    output: Path
+    backbone: Backbone = Backbone.EFFICIENTNET_LITE0
+    weights: str | None = "imagenet"
+    input_size: int = 224
+    resize_policy: ResizePolicy = ResizePolicy.LETTERBOX
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    folds: int = 0
+    seed: int = 0
+    fit: FitConfig = field(default_factory=FitConfig)
+
+
+@dataclass
+class _Prepared:
+    class_names: tuple[str, ...]
+    paths: list[Path]
+    labels: np.ndarray
+    groups: list[str]
+    excluded: np.ndarray
+    images: np.ndarray
+    samples: Sequence
+    fingerprint: str
+    sources: tuple[str, ...]
+
+
+def train(config: TrainConfig) -> RunInfo:
+    """Run the whole pipeline and write the run folder; returns what was written to run.json."""
+    start = time.perf_counter()
+    config.output.mkdir(parents=True, exist_ok=True)
+    data = _prepare(config)
+    if config.folds > 1:
+        _cross_validate(config, data)
+    splits = _holdout_split(config, data)
+    _write_split(config.output / SPLIT_FILE, data, splits)
+    info = _train_and_report(config, data, splits, config.output)
+    log.info("run finished in %.1f min: %s", (time.perf_counter() - start) / 60, config.output)
+    return info
+
+
+def _prepare(config: TrainConfig) -> _Prepared:
+    from training.datasets import discover_all, fingerprint
+    from training.dedup import group_duplicates
+
+    from training.data import load_images
+
+    discovery = discover_all(config.data)
+    log.info("data:\n%s", discovery.summary())
+    found = {s.label for s in discovery.samples}
+    order = [c for c in DEFAULT_CLASS_ORDER if c in found] + sorted(
+        found - set(DEFAULT_CLASS_ORDER)
+    )
+    class_names = tuple(order)
+    samples = list(discovery.samples)
+    images, failures = load_images(
+        [s.path for s in samples], config.input_size, config.resize_policy
+    )
+    if failures:
+        bad = {path for path, _ in failures}
+        keep = [i for i, s in enumerate(samples) if str(s.path) not in bad]
+        samples, images = [samples[i] for i in keep], images[keep]
+    report = group_duplicates(samples)
+    (config.output / "duplicates.csv").write_text(report.to_csv())
+    conflicted = set(report.conflicts)
+    groups = list(report.groups)
+    excluded = np.array([g in conflicted for g in groups])
+    log.info(
+        "%d duplicate groups over %d images; %d conflicted groups (%d images) kept out",
+        len(set(groups)),
+        len(samples),
+        len(conflicted),
+        int(excluded.sum()),
+    )
+    return _Prepared(
+        class_names=class_names,
+        paths=[s.path for s in samples],
+        labels=np.array([class_names.index(s.label) for s in samples]),
+        groups=groups,
+        excluded=excluded,
+        images=images,
+        samples=samples,
+        fingerprint=fingerprint(samples),
+        sources=tuple(sorted({s.source for s in samples})),
+    )
+
+
+def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
+    from training.splits import stratified_group_split
+
+    splits = np.array(
+        stratified_group_split(
+            data.labels,
+            data.groups,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
+    )
+    splits[data.excluded] = "excluded"
+    return splits
+
+
+def _train_and_report(
+    config: TrainConfig, data: _Prepared, splits: np.ndarray, run_dir: Path
+) -> RunInfo:
+    from training.metrics import apply_temperature, evaluate, fit_temperature
+    from training.plots import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
+
+    from training.model import build_classifier
+
+    part = {name: splits == name for name in ("train", "val", "test")}
+    model = build_classifier(
+        len(data.class_names),
+        backbone=config.backbone,
+        input_size=config.input_size,
+        weights=config.weights,
+    )
+    rows = fit(
+        model,
+        (data.images[part["train"]], data.labels[part["train"]]),
+        (data.images[part["val"]], data.labels[part["val"]]),
+        config.fit,
+        pretrained=config.weights is not None,
+    )
+    model.save(run_dir / MODEL_FILE)
+    _write_history(run_dir / HISTORY_FILE, rows)
+
+    def predict(mask: np.ndarray) -> np.ndarray:
+        return model.predict(data.images[mask], batch_size=64, verbose=0)["probabilities"]
+
+    temperature = fit_temperature(predict(part["val"]), data.labels[part["val"]])
+    test_probs = apply_temperature(predict(part["test"]), temperature)
+    y_test = data.labels[part["test"]]
+    metrics = evaluate(y_test, test_probs, data.class_names)
+    metrics["temperature"] = temperature
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    plots = run_dir / PLOTS_DIR
+    plots.mkdir(exist_ok=True)
+    frozen = sum(1 for r in rows if r["stage"] == "frozen")
+    plot_history(_columns(rows), plots / "history.png", stage_boundary=frozen or None)
+    plot_confusion_matrix(metrics["confusion_matrix"], data.class_names, plots / "confusion.png")
+    plot_roc(y_test, test_probs, data.class_names, plots / "roc.png")
+    plot_reliability(test_probs, y_test, plots / "reliability.png")
+    log.info(
+        "test: accuracy %.4f, macro-F1 %.4f, temperature %.3f",
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        temperature,
+    )
+    info = RunInfo(
+        class_names=data.class_names,
+        input_size=config.input_size,
+        resize_policy=config.resize_policy.value,
+        backbone=config.backbone.value,
+        seed=config.seed,
+        data_fingerprint=data.fingerprint,
+        temperature=temperature,
+        sources=data.sources,
+        test_metrics=metrics,
+    )
+    info.write(run_dir)
+    return info
+
+
+def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
+    from training.metrics import summarize_folds
+    from training.splits import stratified_group_kfold, stratified_group_split
+
+    folds = np.array(
+        stratified_group_kfold(data.labels, data.groups, n_splits=config.folds, seed=config.seed)
+    )
+    results = []
+    for k in range(config.folds):
+        fold_dir = config.output / "cv" / f"fold{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        rest = np.flatnonzero(folds != k)
+        inner = np.array(
+            stratified_group_split(
+                data.labels[rest],
+                [data.groups[i] for i in rest],
+                val_fraction=0.15,
+                test_fraction=0.0,
+                seed=config.seed,
+            )
+        )
+        splits = np.full(len(data.labels), "test", dtype=object)
+        splits[rest] = inner
+        splits[data.excluded] = "excluded"
+        _write_split(fold_dir / SPLIT_FILE, data, splits)
+        log.info("cross-validation fold %d/%d", k + 1, config.folds)
+        results.append(_train_and_report(config, data, splits, fold_dir).test_metrics)
+    summary = summarize_folds(results)
+    (config.output / "cv_metrics.json").write_text(
+        json.dumps({"folds": config.folds, "summary": summary, "per_fold": results}, indent=2)
+        + "\n"
+    )
+
+
+def _write_split(path: Path, data: _Prepared, splits: np.ndarray) -> None:
+    from training.splits import write_manifest
+
+    write_manifest(path, data.samples, list(splits), data.groups)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _columns(rows: list[dict]) -> dict[str, list[float]]:
+    keys = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in ("epoch", "stage")]
+    return {k: [row.get(k, float("nan")) for row in rows] for k in keys}

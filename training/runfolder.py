@@ -1,0 +1,61 @@
+"""The run folder: what ``edge-train`` writes and ``edge-export`` reads. Defined once, here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_FILE = "model.keras"
+RUN_FILE = "run.json"
+SPLIT_FILE = "split.csv"
+HISTORY_FILE = "history.csv"
+METRICS_FILE = "metrics.json"
+PLOTS_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a trained model is: its classes, input, backbone, data and calibration."""
+
+    class_names: tuple[str, ...]
+    input_size: int
+    resize_policy: str
+    backbone: str
+    seed: int
+    data_fingerprint: str
+    temperature: float = 1.0
+    abstain_threshold: float = 0.0
+    model_version: str = "0.1.0"
+    sources: tuple[str, ...] = ()
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / RUN_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunInfo:
+        """Read ``run.json``.
+
+        Raises:
+            FileNotFoundError / ValueError: not a run folder, or a damaged one.
+        """
+        run_dir = Path(run_dir)
+        path = run_dir / RUN_FILE
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"{run_dir}: run folder not found")
+        if not path.is_file() or not (run_dir / MODEL_FILE).is_file():
+            raise ValueError(
+                f"{run_dir}: not an edge-train run folder (it needs {RUN_FILE} and {MODEL_FILE}). "
+                "Pass the --output folder of an `edge-train` run."
+            )
+        try:
+            data = json.loads(path.read_text())
+            data["class_names"] = tuple(data["class_names"])
+            data["sources"] = tuple(data.get("sources", ()))
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: unreadable run description: {exc}") from exc

@@ -1,0 +1,57 @@
+"""Synthetic ultrasound-like images for tests, smoke training and the README's quick start.
+
+Speckle texture with no lesion (normal), a smooth dark oval (benign) or a dark irregular,
+taller-than-wide mass (malignant). Clearly synthetic; never a substitute for real scans.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+CLASSES = ("normal", "benign", "malignant")
+
+
+def synthetic_scan(
+    label: str, rng: np.random.Generator, size: tuple[int, int] = (160, 200)
+) -> np.ndarray:
+    """One 2-D uint8 image of the given class (``normal``, ``benign`` or ``malignant``)."""
+    h, w = size
+    tissue = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 3)
+    tissue = 0.35 + 0.5 * (tissue - tissue.min()) / (np.ptp(tissue) + 1e-6)
+    depth = np.linspace(1.0, 0.6, h, dtype=np.float32)[:, None]  # attenuation with depth
+    image = tissue * depth
+    cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.3, 0.7) * w
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if label == "benign":
+        ry, rx = rng.uniform(0.08, 0.13) * h, rng.uniform(0.16, 0.24) * w  # wider than tall
+        lesion = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+    elif label == "malignant":
+        angle = np.arctan2(yy - cy, xx - cx)
+        radius = np.hypot((yy - cy) / 1.6, xx - cx)  # taller than wide
+        spikes = 1.0 + 0.35 * np.sin(7 * angle + rng.uniform(0, 6.28)) + 0.2 * np.sin(13 * angle)
+        lesion = radius < rng.uniform(0.08, 0.12) * w * spikes
+    elif label == "normal":
+        lesion = np.zeros((h, w), bool)
+    else:
+        raise ValueError(f"label must be one of {CLASSES}. Got {label!r} instead.")
+    image[lesion] *= 0.25
+    speckle = rng.rayleigh(0.5, (h, w)).astype(np.float32)
+    image = image * speckle
+    return np.clip(image * 255, 0, 255).astype(np.uint8)
+
+
+def write_synthetic_dataset(
+    root: str | Path, per_class: int = 30, *, seed: int = 0, size: tuple[int, int] = (160, 200)
+) -> Path:
+    """Write ``root/<class>/<class>_<i>.png`` for the three classes and return ``root``."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for label in CLASSES:
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            cv2.imwrite(str(folder / f"{label}_{i:03d}.png"), synthetic_scan(label, rng, size))
+    return root
