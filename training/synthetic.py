@@ -46,12 +46,34 @@ def synthetic_scan(
 def write_synthetic_dataset(
     root: str | Path, per_class: int = 30, *, seed: int = 0, size: tuple[int, int] = (160, 200)
 ) -> Path:
-    """Write ``root/<class>/<class>_<i>.png`` for the three classes and return ``root``."""
+    """Write ``root/<class>/synthetic-<class>-<i>.png`` for the three classes; returns ``root``."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     for label in CLASSES:
         folder = root / label
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            cv2.imwrite(str(folder / f"{label}_{i:03d}.png"), synthetic_scan(label, rng, size))
+            image = synthetic_scan(label, rng, size)
+            cv2.imwrite(str(folder / f"synthetic-{label}-{i:03d}.png"), image)
     return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.synthetic OUT [--per-class N]``: write clearly synthetic examples."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.synthetic",
+        description="Write SYNTHETIC ultrasound-like images (not real scans) as OUT/<class>/*.png.",
+    )
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--per-class", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_synthetic_dataset(args.output, args.per_class, seed=args.seed)
+    print(f"wrote {3 * args.per_class} synthetic images under {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
