@@ -19,6 +19,7 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+DICOM_MAGIC = b"DICM"  # at byte offset 128, after the preamble
 
 
 class InputError(ValueError):
@@ -38,6 +39,32 @@ def load_gray(path: str | os.PathLike[str]) -> np.ndarray:
     """
     data = _read_bytes(path)
     return decode_gray(data, path)
+
+
+def load_frames(path: str | os.PathLike[str]) -> list[np.ndarray]:
+    """Read one scan file as one or more 2-D uint8 grayscale frames.
+
+    DICOM files (a ``.dcm``/``.dicom`` suffix, or ``DICM`` at byte 128 whatever the name) go
+    through pydicom, an optional extra, and may hold several frames; every other file is decoded
+    as a single image by :func:`decode_gray`.
+
+    Raises:
+        InputError: missing, unreadable, empty, truncated, not an image, too large, or a DICOM
+            file that pydicom (or an installed decoder) cannot read.
+    """
+    data = _read_bytes(path)
+    if not data:
+        raise InputError(path, "file is empty (0 bytes)")
+    if is_dicom(path, data):
+        from edge_runtime.dicom import load_dicom_frames  # pydicom stays an optional import
+
+        return load_dicom_frames(path, data)
+    return [decode_gray(data, path)]
+
+
+def is_dicom(path: str | os.PathLike[str], data: bytes) -> bool:
+    """Whether a file is DICOM, by its suffix or by the ``DICM`` marker at byte 128."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES or data[128:132] == DICOM_MAGIC
 
 
 def decode_gray(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> np.ndarray:

@@ -1,0 +1,243 @@
+"""DICOM decoding: files made with pydicom in tmp_path, no data files committed."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime.decode import InputError, load_frames
+
+pydicom = pytest.importorskip("pydicom", minversion="3.0")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+
+
+def make_dicom(
+    path: Path,
+    pixels: np.ndarray | bytes,
+    *,
+    rows: int,
+    columns: int,
+    photometric: str = "MONOCHROME2",
+    samples: int = 1,
+    bits: int = 8,
+    frames: int | None = None,
+    syntax: str = ExplicitVRLittleEndian,
+    **extra: object,
+) -> Path:
+    """Write a minimal, valid DICOM file holding the given pixel bytes."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = US_MULTIFRAME_STORAGE if frames else US_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = 0
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    if isinstance(pixels, np.ndarray):
+        ds.PixelData = pixels.tobytes()
+    else:
+        ds.PixelData = pixels
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def gray_ramp(rows: int = 16, columns: int = 24) -> np.ndarray:
+    return (np.arange(rows * columns) % 256).astype(np.uint8).reshape(rows, columns)
+
+
+def test_monochrome2_8bit_decodes_to_the_stored_values(tmp_path: Path) -> None:
+    image = gray_ramp()
+    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24)
+    (frame,) = load_frames(path)
+    assert frame.dtype == np.uint8 and frame.shape == (16, 24)
+    np.testing.assert_array_equal(frame, image)
+
+
+def test_monochrome2_16bit_is_scaled_by_its_actual_range(tmp_path: Path) -> None:
+    image = np.linspace(1000, 3000, 16 * 24).astype(np.uint16).reshape(16, 24)
+    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24, bits=16)
+    (frame,) = load_frames(path)
+    assert frame.dtype == np.uint8 and frame.shape == (16, 24)
+    assert frame.min() == 0 and frame.max() == 255
+    assert np.all(np.diff(frame.ravel().astype(int)) >= 0)  # order kept
+
+
+def test_16bit_with_a_window_is_shown_through_the_window(tmp_path: Path) -> None:
+    image = np.array([[0, 1000, 1500, 2000, 4000]], np.uint16)
+    path = make_dicom(
+        tmp_path / "a.dcm", image, rows=1, columns=5, bits=16, WindowCenter=1500, WindowWidth=1000
+    )
+    (frame,) = load_frames(path)
+    assert frame[0, 0] == 0 and frame[0, 1] <= 1
+    assert abs(int(frame[0, 2]) - 128) <= 2
+    assert frame[0, 3] >= 254 and frame[0, 4] == 255
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    image = gray_ramp()
+    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24, photometric="MONOCHROME1")
+    (frame,) = load_frames(path)
+    np.testing.assert_array_equal(frame, 255 - image)
+
+
+def test_rgb_converts_to_luma(tmp_path: Path) -> None:
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 200  # (200, 100, 50) -> 0.299*200 + 0.587*100 + 0.114*50 = 124.4
+    rgb[..., 1] = 100
+    rgb[..., 2] = 50
+    path = make_dicom(tmp_path / "a.dcm", rgb, rows=8, columns=8, photometric="RGB", samples=3)
+    (frame,) = load_frames(path)
+    assert frame.shape == (8, 8)
+    assert np.all(np.abs(frame.astype(int) - 124) <= 3)
+
+
+# Y=150, Cb=100, Cr=160 is RGB (195, 137, 100): its gray is Y (150). Read as RGB it would be 122.
+YBR = (150, 100, 160)
+
+
+def test_ybr_full_converts_to_rgb_before_gray(tmp_path: Path) -> None:
+    ybr = np.empty((8, 8, 3), np.uint8)
+    ybr[...] = YBR
+    path = make_dicom(tmp_path / "a.dcm", ybr, rows=8, columns=8, photometric="YBR_FULL", samples=3)
+    (frame,) = load_frames(path)
+    assert np.all(np.abs(frame.astype(int) - 150) <= 3)
+
+
+def test_ybr_full_422_is_upsampled_and_converted(tmp_path: Path) -> None:
+    y, cb, cr = YBR
+    pairs = np.tile(np.array([y, y, cb, cr], np.uint8), 8 * 8 // 2)  # Y1 Y2 Cb Cr per 2 pixels
+    path = make_dicom(
+        tmp_path / "a.dcm", pairs, rows=8, columns=8, photometric="YBR_FULL_422", samples=3
+    )
+    (frame,) = load_frames(path)
+    assert frame.shape == (8, 8)
+    assert np.all(np.abs(frame.astype(int) - 150) <= 3)
+
+
+def test_multiframe_gives_one_array_per_frame(tmp_path: Path) -> None:
+    stack = np.stack([np.full((10, 12), v, np.uint8) for v in (10, 120, 240)])
+    path = make_dicom(tmp_path / "cine.dcm", stack, rows=10, columns=12, frames=3)
+    frames = load_frames(path)
+    assert len(frames) == 3
+    assert [int(f[0, 0]) for f in frames] == [10, 120, 240]
+    assert all(f.shape == (10, 12) and f.dtype == np.uint8 for f in frames)
+
+
+def test_suffixless_dicom_is_found_by_content(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "IM_0001", gray_ramp(), rows=16, columns=24)
+    (frame,) = load_frames(path)
+    assert frame.shape == (16, 24)
+
+
+def test_compressed_syntax_with_junk_data_is_refused_clearly(tmp_path: Path) -> None:
+    path = make_dicom(
+        tmp_path / "j2k.dcm",
+        encapsulate([b"\x00junk" * 20]),
+        rows=16,
+        columns=16,
+        syntax=JPEG2000_LOSSLESS,
+    )
+    with pytest.raises(InputError, match=r"JPEG 2000.*1\.2\.840\.10008\.1\.2\.4\.90") as info:
+        load_frames(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_compressed_syntax_without_decoder_names_the_package(tmp_path: Path) -> None:
+    from pydicom.pixels import get_decoder
+
+    if get_decoder(JPEG_LOSSLESS_SV1).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    path = make_dicom(
+        tmp_path / "lossless.dcm",
+        encapsulate([b"\xff\xd8junk"]),
+        rows=16,
+        columns=16,
+        syntax=JPEG_LOSSLESS_SV1,
+    )
+    with pytest.raises(InputError, match=r"1\.2\.840\.10008\.1\.2\.4\.70.*no installed decoder"):
+        load_frames(path)
+    with pytest.raises(InputError, match=r"pylibjpeg|gdcm"):
+        load_frames(path)
+
+
+def test_huge_declared_geometry_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "bomb.dcm", np.zeros(16, np.uint8), rows=60000, columns=60000)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="decompression bomb"):
+        load_frames(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_many_declared_frames_are_refused_before_decoding(tmp_path: Path) -> None:
+    path = make_dicom(
+        tmp_path / "bomb.dcm", np.zeros(16, np.uint8), rows=1024, columns=1024, frames=1000
+    )
+    with pytest.raises(InputError, match=r"1024 x 1024 pixels x 1000 frames, over the"):
+        load_frames(path)
+
+
+def test_missing_pixel_data_is_reported(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "a.dcm", gray_ramp(), rows=16, columns=24)
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(InputError, match="no Pixel Data"):
+        load_frames(path)
+
+
+def test_truncated_dicom_is_reported_without_traceback(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "a.dcm", gray_ramp(64, 64), rows=64, columns=64)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(InputError) as info:
+        load_frames(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("cut", [140, 200, 300])
+def test_dicom_cut_inside_the_header_is_reported(tmp_path: Path, cut: int) -> None:
+    path = make_dicom(tmp_path / "a.dcm", gray_ramp(), rows=16, columns=24)
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(InputError) as info:
+        load_frames(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_dcm_suffix_on_a_non_dicom_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "notes.dcm"
+    path.write_text("this is not DICOM")
+    with pytest.raises(InputError, match="not a valid DICOM file"):
+        load_frames(path)
+
+
+def test_missing_pydicom_gives_the_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = make_dicom(tmp_path / "a.dcm", gray_ramp(), rows=16, columns=24)
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    with pytest.raises(InputError, match=r"pip install 'edge-classify\[dicom\]'"):
+        load_frames(path)
