@@ -1,0 +1,4 @@
+"""Training a breast-ultrasound classifier on scan folders (``edge-train``).
+
+Needs the ``train`` extra. The pipeline is in :mod:`training.run`.
+"""
