@@ -14,6 +14,8 @@ examples:
        edge-export runs/lite0 --output runs/lite0/export
   2. a different file name and entropy calibration:
        edge-export runs/lite0 --output models --name busi-lite0 --calibration entropy
+  3. add an FP16 model for CUDA / TensorRT hosts:
+       edge-export runs/lite0 --output models --fp16
 
 Writes <name>-fp32.onnx, <name>-int8.onnx, <name>.card.json and <name>.card.md. If a parity gate
 fails (ONNX vs Keras, INT8 vs FP32) it writes <name>.parity-failed.txt instead, no model, and
@@ -48,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibration-images", type=int, default=256, help="training images used for calibration"
     )
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write <name>-fp16.onnx for GPU providers (checked against FP32 like INT8)",
+    )
     return parser
 
 
@@ -66,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             calibration=Calibration(args.calibration),
             max_calibration_images=args.calibration_images,
         ),
+        fp16=args.fp16,
     )
     try:
         result = export_run(options)

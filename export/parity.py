@@ -92,3 +92,15 @@ def int8_gate(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels=None) -> Pa
         min_agreement=MIN_TOP1_AGREEMENT,
         max_accuracy_drop=MAX_ACCURACY_DROP,
     )
+
+
+def fp16_gate(fp32_probs: np.ndarray, fp16_probs: np.ndarray, labels=None) -> ParityReport:
+    """FP16 vs FP32: the INT8 gate's thresholds (top-1 agreement >= 99%, drop <= 1 point)."""
+    return compare(
+        "onnx-fp16 vs onnx-fp32",
+        fp32_probs,
+        fp16_probs,
+        labels,
+        min_agreement=MIN_TOP1_AGREEMENT,
+        max_accuracy_drop=MAX_ACCURACY_DROP,
+    )

@@ -17,7 +17,9 @@ from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
 from edge_runtime.session import Provider, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
-from export.parity import ParityReport, fp32_gate, int8_gate
+from export.diagnose import count_convs, rank_quantization_error
+from export.fp16 import to_fp16
+from export.parity import ParityReport, fp16_gate, fp32_gate, int8_gate
 from export.quantize import QuantConfig, quantize_int8
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
 
@@ -44,6 +46,7 @@ class ExportOptions:
     name: str = "model"
     quantization: QuantConfig = field(default_factory=QuantConfig)
     max_parity_images: int = 512
+    fp16: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class ExportResult:
 
 
 def export_run(options: ExportOptions) -> ExportResult:
-    """Export a run folder to ``<name>-fp32.onnx``, ``<name>-int8.onnx`` and a model card.
+    """Export a run folder to ``<name>-fp32.onnx``, ``<name>-int8.onnx`` (and optionally
+    ``<name>-fp16.onnx``) and a model card.
 
     Raises:
         FileNotFoundError / ValueError: missing or foreign run folder, bad split manifest.
@@ -81,6 +85,7 @@ def export_run(options: ExportOptions) -> ExportResult:
         keras_probs = keras_model.predict(held_out, batch_size=32, verbose=0)["probabilities"]
         fp32_probs = _onnx_probabilities(fp32, held_out)
         reports = [fp32_gate(keras_probs, fp32_probs, labels)]
+        prepared = tmp / "prepared-fp32.onnx"
         int8 = _step(
             "quantize to INT8",
             quantize_int8,
@@ -88,17 +93,29 @@ def export_run(options: ExportOptions) -> ExportResult:
             tmp / model_file_name(options.name, "int8"),
             calibration,
             options.quantization,
+            prepared_path=prepared,
         )
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
         reports.append(int8_gate(fp32_probs, _onnx_probabilities(int8, held_out), labels))
+        candidates = [fp32, int8]
+        if options.fp16:
+            fp16 = _step(
+                "convert to FP16", to_fp16, fp32, tmp / model_file_name(options.name, "fp16")
+            )
+            write_metadata(fp16, _spec(info, Precision.FP16, {}))
+            reports.append(fp16_gate(fp32_probs, _onnx_probabilities(fp16, held_out), labels))
+            candidates.append(fp16)
         for report in reports:
             log.info("%s", report.summary())
         if not all(r.passed for r in reports):
             report_path = output / f"{options.name}.parity-failed.txt"
-            report_path.write_text("\n".join(r.summary() for r in reports) + "\n")
+            lines = [r.summary() for r in reports]
+            if not reports[1].passed:
+                lines += _diagnose(prepared, int8, held_out)
+            report_path.write_text("\n".join(lines) + "\n")
             raise ParityError(reports, report_path)
         files = []
-        for path in (fp32, int8):
+        for path in candidates:
             target = output / path.name
             shutil.move(path, target)
             files.append(target)
@@ -107,6 +124,24 @@ def export_run(options: ExportOptions) -> ExportResult:
     card_path, _ = write_card(card, output)
     log.info("wrote %s", card_path)
     return ExportResult(tuple(files), card_path, tuple(reports))
+
+
+def _diagnose(prepared: Path, int8: Path, images: np.ndarray, n_images: int = 8) -> list[str]:
+    """Report lines naming the activations and weights that lose the most to quantization."""
+    try:
+        activations, weights = rank_quantization_error(prepared, int8, images[:n_images])
+        convs = count_convs(int8)
+    except Exception as exc:  # diagnosis is best effort; the gate has already failed
+        log.warning("could not rank quantization error: %s", exc)
+        return [f"(could not rank layers by quantization error: {exc})"]
+    return [
+        "",
+        f"Worst activations by SQNR at their own quantize/dequantize ({n_images} images):",
+        *(f"  {e.summary()}" for e in activations),
+        "Worst weights by SQNR:",
+        *(f"  {name}: {sqnr:.1f} dB" for name, sqnr in weights),
+        f"Convolutions run as integer kernels: {convs.int8} of {convs.total} ({convs.op_types}).",
+    ]
 
 
 def _spec(info: RunInfo, precision: Precision, quantization: dict) -> ModelSpec:
@@ -185,9 +220,9 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
-def _step(title: str, fn, *args):
+def _step(title: str, fn, *args, **kwargs):
     start = time.perf_counter()
-    result = fn(*args)
+    result = fn(*args, **kwargs)
     size = result.stat().st_size / 1e6 if isinstance(result, Path) else 0.0
     log.info(
         "%s: %s (%.1f MB) in %.1fs",

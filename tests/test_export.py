@@ -1,0 +1,143 @@
+"""edge-export: round trip, metadata the runtime accepts, gates that trip, and clear CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.card import verify_against_card
+from edge_runtime.contract import Precision
+from edge_runtime.session import Provider, open_model
+from tests.run_folders import make_run_folder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small CNN trained briefly on synthetic scans, as an edge-train run folder."""
+    return make_run_folder(tmp_path_factory.mktemp("export") / "run", size=64)
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    from export.cli import main
+
+    out = tmp_path_factory.mktemp("exported")
+    assert main([str(run), "--output", str(out), "--name", "synth", "--fp16"]) == 0
+    return out
+
+
+def test_export_writes_all_precisions_and_a_card(exported):
+    names = sorted(p.name for p in exported.iterdir())
+    assert names == [
+        "synth-fp16.onnx",
+        "synth-fp32.onnx",
+        "synth-int8.onnx",
+        "synth.card.json",
+        "synth.card.md",
+    ]
+    card = json.loads((exported / "synth.card.json").read_text())
+    assert card["not_a_medical_device"] is True
+    assert all(check["passed"] for check in card["parity"])
+    assert {c["check"] for c in card["parity"]} == {
+        "onnx-fp32 vs keras",
+        "onnx-int8 vs onnx-fp32",
+        "onnx-fp16 vs onnx-fp32",
+    }
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.INT8, Precision.FP16])
+def test_runtime_accepts_what_export_wrote(exported, precision):
+    path = exported / f"synth-{precision.value}.onnx"
+    verify_against_card(path)
+    model = open_model(path, provider=Provider.CPU)
+    spec = model.spec
+    assert spec.precision is precision
+    assert spec.class_names == ("normal", "benign", "malignant")
+    assert spec.input_size == 64
+    assert spec.backbone == "small-cnn"
+    if precision is Precision.INT8:
+        assert spec.quantization["activations"] == "uint8"
+        assert spec.quantization["weights"] == "int8"
+        assert spec.quantization["per_channel"] is True
+
+
+def test_int8_model_is_smaller_than_fp32(exported):
+    fp32 = (exported / "synth-fp32.onnx").stat().st_size
+    int8 = (exported / "synth-int8.onnx").stat().st_size
+    assert int8 < 0.5 * fp32
+
+
+def test_blank_calibration_trips_the_int8_gate(run, tmp_path):
+    """Calibrating on one blank (uniform mid-gray) image squashes every activation range to a
+    constant: the gate must refuse the result. (An all-black image happens to clip less in
+    small CNNs, where zero input leaves ReLU ranges near their real ones.)"""
+    from export.cli import main
+
+    broken = tmp_path / "broken-run"
+    shutil.copytree(run, broken)
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((64, 64), 128, np.uint8))
+    manifest = broken / "split.csv"
+    with open(manifest, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] != "train"]
+    rows.append({"path": str(blank), "label": "normal", "split": "train"})
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    out = tmp_path / "out"
+    assert main([str(broken), "--output", str(out), "--name", "bad"]) == 1
+    assert not list(out.glob("*.onnx")), "a model that failed its gate was written"
+    report = (out / "bad.parity-failed.txt").read_text()
+    assert "onnx-int8 vs onnx-fp32" in report and "FAIL" in report
+    assert "Worst activations" in report
+
+
+def test_missing_run_folder_is_a_usage_error(tmp_path, capsys):
+    from export.cli import main
+
+    assert main([str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_foreign_folder_is_refused(tmp_path, capsys):
+    from export.cli import main
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("hello")
+    assert main([str(tmp_path / "foreign"), "--output", str(tmp_path / "o")]) == 2
+    assert "not an edge-train run folder" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_refused(run, tmp_path, capsys):
+    from export.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([str(run), "--output", str(blocker / "sub")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_model_without_contract_outputs_is_refused(run, tmp_path, capsys):
+    import keras
+
+    from export.cli import main
+
+    foreign = tmp_path / "foreign-model"
+    shutil.copytree(run, foreign)
+    inputs = keras.Input((64, 64, 1), dtype="uint8")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x)).save(
+        foreign / "model.keras"
+    )
+    assert main([str(foreign), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "outputs" in err and "probabilities" in err
