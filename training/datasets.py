@@ -1,0 +1,330 @@
+"""Finding labelled scans on disk: BUSI, BUS-BRA, class-folder trees and manifest CSVs.
+
+Each root is inspected and its layout detected (:class:`Layout`); the result is a flat list of
+:class:`Sample` records. Only existence is checked here: undecodable files are reported when the
+images are loaded. No TensorFlow, no image decoding.
+
+Example:
+    >>> discovery = discover_all([Path("data/busi/Dataset_BUSI_with_GT")])  # doctest: +SKIP
+    >>> print(discovery.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import enum
+import hashlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_runtime.decode import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+LABELS = ("normal", "benign", "malignant")
+BUSBRA_CSV = "bus_data.csv"
+BUSBRA_COLUMNS = ("ID", "Case", "Pathology")
+BUSBRA_ATTRIBUTES = {
+    "Device": "device",
+    "BIRADS": "birads",
+    "Histology": "histology",
+    "Side": "side",
+}
+MANIFEST_COLUMNS = ("path", "label")
+_MASK = re.compile(r"^(?P<base>.+)_mask(?:_\d+)?$", re.IGNORECASE)
+_BUSI_NAME = re.compile(r"^(normal|benign|malignant) \(\d+\)$", re.IGNORECASE)
+
+
+class DatasetError(ValueError):
+    """A data root is missing, empty or malformed; the message names the path, problem and fix."""
+
+
+class Layout(enum.Enum):
+    """How a data root is organised."""
+
+    BUSI = "busi"  # <root>/<class>/<name>.png with <name>_mask[_k].png
+    BUSBRA = "busbra"  # Images/, Masks/, bus_data.csv
+    FOLDERS = "folders"  # <root>/<class>/<any image>
+    MANIFEST = "manifest"  # a CSV file with path,label[,group|patient|source]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled scan.
+
+    Attributes:
+        path: the image file.
+        label: one of :data:`LABELS`.
+        source: the data set it came from (``"busi"``, ``"busbra"`` or the folder name).
+        patient: a source-prefixed patient or group id (``"busbra:123"``), or None when unknown.
+        masks: lesion mask files paired with the image (never samples themselves).
+        attributes: extra metadata, e.g. ``{"device": ...}`` for BUS-BRA.
+    """
+
+    path: Path
+    label: str
+    source: str
+    patient: str | None = None
+    masks: tuple[Path, ...] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What :func:`discover_all` found: the samples and the layout detected for each root."""
+
+    samples: tuple[Sample, ...]
+    layouts: tuple[tuple[Path, Layout], ...]
+
+    def summary(self) -> str:
+        """A text table of image counts per source (rows) and class (columns)."""
+        counts = Counter((s.source, s.label) for s in self.samples)
+        sources = sorted({s.source for s in self.samples})
+        labels = [c for c in LABELS if any(lab == c for _, lab in counts)]
+        width = max([len("source"), len("total"), *map(len, sources)])
+        head = f"{'source':<{width}}" + "".join(f" {c:>9}" for c in [*labels, "total"])
+        lines = [head, "-" * len(head)]
+        for source in [*sources, "total"]:
+            row = [
+                sum(n for (s, lab), n in counts.items() if lab == c and source in (s, "total"))
+                for c in labels
+            ]
+            lines.append(f"{source:<{width}}" + "".join(f" {n:>9}" for n in [*row, sum(row)]))
+        return "\n".join(lines)
+
+
+def discover_all(roots: Iterable[str | Path]) -> Discovery:
+    """Discover the samples under every root, detecting each root's layout.
+
+    Raises:
+        DatasetError: no roots, a root missing or empty, an unknown class, a malformed CSV, or
+            the same file listed under two roots.
+    """
+    samples: list[Sample] = []
+    layouts: list[tuple[Path, Layout]] = []
+    owner: dict[Path, Path] = {}
+    for root in map(Path, roots):
+        layout = detect_layout(root)
+        layouts.append((root, layout))
+        for sample in discover(root, layout):
+            key = sample.path.resolve()
+            if key in owner:
+                raise DatasetError(
+                    f"{sample.path}: listed under both {owner[key]} and {root}; "
+                    "pass each data set only once"
+                )
+            owner[key] = root
+            samples.append(sample)
+    if not layouts:
+        raise DatasetError("no data roots given: pass at least one data folder or manifest CSV")
+    return Discovery(samples=tuple(samples), layouts=tuple(layouts))
+
+
+def detect_layout(root: str | Path) -> Layout:
+    """Tell how ``root`` is organised.
+
+    Raises:
+        DatasetError: the root does not exist, or is a file that is not a CSV.
+    """
+    root = Path(root)
+    if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return Layout.MANIFEST
+        raise DatasetError(
+            f"{root}: a data root must be a folder or a manifest CSV (path,label), not a "
+            f"{root.suffix or 'suffix-less'} file"
+        )
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data folder not found; check the path")
+    if (root / BUSBRA_CSV).is_file() and (root / "Images").is_dir():
+        return Layout.BUSBRA
+    names = [p.stem for d in _class_dirs(root) for p in d.iterdir() if _is_image(p)]
+    has_masks = any(_MASK.match(n) for n in names)
+    if has_masks and ("busi" in root.name.lower() or any(_BUSI_NAME.match(n) for n in names)):
+        return Layout.BUSI
+    return Layout.FOLDERS
+
+
+def discover(root: str | Path, layout: Layout | None = None) -> list[Sample]:
+    """The samples under one root, in sorted path order.
+
+    Args:
+        root: a data folder or a manifest CSV.
+        layout: how it is organised; detected when None.
+
+    Raises:
+        DatasetError: see :func:`discover_all`.
+    """
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    if layout is Layout.BUSBRA:
+        samples = _discover_busbra(root)
+    elif layout is Layout.MANIFEST:
+        samples = _discover_manifest(root)
+    else:
+        source = "busi" if layout is Layout.BUSI else root.name
+        samples = _discover_class_tree(root, source)
+    if not samples:
+        raise DatasetError(f"{root}: no images found; expected {_LAYOUT_HELP[layout]}")
+    return samples
+
+
+def check_label(label: str, where: str) -> str:
+    """Normalise a class name (case, spaces) and check it is one of :data:`LABELS`.
+
+    Raises:
+        DatasetError: an unknown class name, with a did-you-mean suggestion.
+    """
+    clean = label.strip().lower()
+    if clean in LABELS:
+        return clean
+    close = difflib.get_close_matches(clean, LABELS, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise DatasetError(
+        f"{where}: unknown class {label!r}; classes must be one of {', '.join(LABELS)}.{hint} "
+        "Rename the folder or fix the label."
+    )
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """A SHA-256 over the sorted (file name, label, content hash) of every sample.
+
+    Content-based, so it does not depend on where the data lives, nor on the sample order.
+    """
+    rows = sorted(f"{s.path.name}\t{s.label}\t{_file_digest(s.path)}" for s in samples)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+_LAYOUT_HELP = {
+    Layout.BUSI: "<root>/<class>/<name>.png with <name>_mask.png masks",
+    Layout.BUSBRA: "Images/<ID>.png listed in bus_data.csv",
+    Layout.FOLDERS: "<root>/<class>/<image> with class folders named normal, benign, malignant",
+    Layout.MANIFEST: "rows of path,label with image paths relative to the CSV",
+}
+
+
+def _is_image(path: Path) -> bool:
+    return (
+        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    )
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _discover_class_tree(root: Path, source: str) -> list[Sample]:
+    dirs = _class_dirs(root)
+    if not dirs:
+        raise DatasetError(f"{root}: no class folders; expected {_LAYOUT_HELP[Layout.FOLDERS]}")
+    samples: list[Sample] = []
+    for folder in dirs:
+        label = check_label(folder.name, str(folder))
+        files = sorted(p for p in folder.iterdir() if _is_image(p))
+        images = {p.stem: p for p in files if not _MASK.match(p.stem)}
+        masks: dict[str, list[Path]] = {}
+        for p in files:
+            match = _MASK.match(p.stem)
+            if match:
+                masks.setdefault(match["base"], []).append(p)
+        orphans = sorted(set(masks) - set(images))
+        if orphans:
+            log.warning(
+                "%s: %d masks without an image, ignored (e.g. %s)",
+                folder,
+                len(orphans),
+                masks[orphans[0]][0].name,
+            )
+        if not images:
+            raise DatasetError(f"{folder}: class folder holds no images; add images or remove it")
+        samples.extend(
+            Sample(path=p, label=label, source=source, masks=tuple(masks.get(stem, ())))
+            for stem, p in sorted(images.items())
+        )
+    return samples
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or ()]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DatasetError(
+                f"{path}: missing column(s) {', '.join(missing)}; found {columns or 'none'}. "
+                f"The header must include {', '.join(required)}."
+            )
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+
+
+def _discover_busbra(root: Path) -> list[Sample]:
+    table = root / BUSBRA_CSV
+    samples: list[Sample] = []
+    missing: list[str] = []
+    for line, row in enumerate(_read_csv(table, BUSBRA_COLUMNS), start=2):
+        path = root / "Images" / f"{row['ID']}.png"
+        if not path.is_file():
+            missing.append(path.name)
+            continue
+        mask = root / "Masks" / f"mask_{row['ID'].removeprefix('bus_')}.png"
+        samples.append(
+            Sample(
+                path=path,
+                label=check_label(row["Pathology"], f"{table}, line {line}"),
+                source="busbra",
+                patient=f"busbra:{row['Case']}",
+                masks=(mask,) if mask.is_file() else (),
+                attributes={v: row[k] for k, v in BUSBRA_ATTRIBUTES.items() if row.get(k)},
+            )
+        )
+    if missing:
+        raise DatasetError(
+            f"{root / 'Images'}: {len(missing)} image(s) listed in {BUSBRA_CSV} not found "
+            f"(e.g. {', '.join(missing[:3])}); restore them or remove their rows"
+        )
+    return samples
+
+
+def _discover_manifest(table: Path) -> list[Sample]:
+    rows = _read_csv(table, MANIFEST_COLUMNS)
+    default_source = table.parent.name or table.stem
+    reserved = {"path", "label", "split", "group", "source", "patient", "masks"}
+    samples: list[Sample] = []
+    missing: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        path = Path(row["path"])
+        path = path if path.is_absolute() else table.parent / path
+        if not path.is_file():
+            missing.append(row["path"])
+            continue
+        source = row.get("source") or default_source
+        patient = row.get("patient") or (f"{source}:{row['group']}" if row.get("group") else None)
+        samples.append(
+            Sample(
+                path=path,
+                label=check_label(row["label"], f"{table}, line {line}"),
+                source=source,
+                patient=patient,
+                masks=tuple(table.parent / m for m in row.get("masks", "").split(";") if m),
+                attributes={k: v for k, v in row.items() if k not in reserved and v},
+            )
+        )
+    if missing:
+        raise DatasetError(
+            f"{table}: {len(missing)} listed image(s) not found (e.g. {', '.join(missing[:3])}); "
+            "paths are relative to the CSV's folder: fix them or remove the rows"
+        )
+    return samples
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
