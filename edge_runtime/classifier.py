@@ -179,19 +179,23 @@ class Classifier:
     def iter_classify(
         self, sources: Iterable[Source], *, heatmaps: bool = False
     ) -> Iterator[Result]:
-        """Like :meth:`classify`, yielding results in input order as each batch completes."""
-        batch: list[_Item] = []
+        """Like :meth:`classify`, yielding results in input order as each batch completes.
+
+        Failed inputs wait in the batch beside good ones, so the order is kept.
+        """
+        pending: list[_Item] = []
         for items in self._decoded(sources, keep_original=heatmaps):
-            for item in items:
-                if item.error is not None:
-                    yield self._failure(item)
-                    continue
-                batch.append(item)
-                if len(batch) == self._options.batch_size:
-                    yield from self._run_batch(batch, heatmaps)
-                    batch = []
-        if batch:
-            yield from self._run_batch(batch, heatmaps)
+            pending.extend(items)
+            if sum(item.error is None for item in pending) >= self._options.batch_size:
+                yield from self._finish(pending, heatmaps)
+                pending = []
+        if pending:
+            yield from self._finish(pending, heatmaps)
+
+    def _finish(self, pending: list[_Item], heatmaps: bool) -> list[Result]:
+        good = [item for item in pending if item.error is None]
+        done = iter(self._run_batch(good, heatmaps) if good else [])
+        return [next(done) if item.error is None else self._failure(item) for item in pending]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the raw model on a uint8 ``[N, S, S, 1]`` batch; returns (probabilities, cam)."""
@@ -226,9 +230,16 @@ class Classifier:
                 frames = [to_gray_uint8(source, name)]
             else:
                 frames = load_frames(source)
+            return self._squares(name, frames, keep_original, _ms_since(start) / len(frames))
         except InputError as exc:
             return [_Item(name, None, error=exc.reason, decode_ms=_ms_since(start))]
-        decode_ms = _ms_since(start) / len(frames)
+        except Exception as exc:  # a decoder bug must cost one input, never the batch
+            reason = f"could not be decoded ({type(exc).__name__}: {exc})"
+            return [_Item(name, None, error=reason, decode_ms=_ms_since(start))]
+
+    def _squares(
+        self, name: str, frames: list[np.ndarray], keep_original: bool, decode_ms: float
+    ) -> list[_Item]:
         spec = self._model.spec
         items = []
         for index, frame in enumerate(frames):

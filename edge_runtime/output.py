@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
@@ -91,14 +93,56 @@ def _table_row(result: Result) -> str:
     return f"{result.label:<10} {result.confidence:>6.3f}  {flag:1} {source}"
 
 
-def write_heatmaps(results: Iterable[Result], directory: Path) -> list[Path]:
-    """``<stem>_heatmap.png`` (gray, original size) and ``<stem>_overlay.png`` per result."""
+def heatmap_stems(sources: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+    """File-name stems for heatmaps, unique within one set of inputs.
+
+    A stem is the input's own file stem. Inputs whose stems clash (``a/x.png`` and ``b/x.png``,
+    compared without case) all get ``_<8 hex digits of the SHA-1 of the absolute path>`` added, so
+    a name depends only on the path and the set of inputs, never on their order.
+    """
+    names = [str(source) for source in dict.fromkeys(map(str, sources))]
+    owners: dict[str, int] = {}
+    for name in names:
+        key = Path(name).stem.lower()
+        owners[key] = owners.get(key, 0) + 1
+    stems = {}
+    for name in names:
+        stem = Path(name).stem
+        if owners[stem.lower()] > 1:
+            stem += "_" + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
+        stems[name] = stem
+    return stems
+
+
+def write_heatmaps(
+    results: Iterable[Result],
+    directory: Path,
+    *,
+    stems: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """``<stem>_heatmap.png`` (gray, original size) and ``<stem>_overlay.png`` per result.
+
+    Args:
+        results: results classified with ``heatmaps=True``; others are skipped.
+        directory: created if missing.
+        stems: source -> stem from :func:`heatmap_stems` over every input of the run (pass it
+            when writing results one at a time); default: computed from ``results`` alone.
+            Multi-frame DICOM adds ``_f<frame>``.
+
+    Returns:
+        The files written.
+    """
+    results = list(results)
+    if stems is None:
+        stems = heatmap_stems(r.source for r in results)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for result in results:
         if result.heatmap is None or result.image is None:
             continue
-        stem = Path(result.source).stem + ("" if result.frame is None else f"_f{result.frame}")
+        stem = stems.get(result.source) or Path(result.source).stem
+        if result.frame is not None:
+            stem += f"_f{result.frame}"
         heat_path, overlay_path = (
             directory / f"{stem}_heatmap.png",
             directory / f"{stem}_overlay.png",

@@ -1,0 +1,215 @@
+"""``edge-classify PATH...`` in-process: exit codes, output formats, heatmaps; TF-free models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.cli import ExitStatus, main
+from edge_runtime.output import heatmap_stems
+from tests.onnx_models import CLASSES, make_contract_model
+
+RECORD_KEYS = {"path", "label", "probabilities", "confidence", "abstained", "error", "elapsed_ms"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_contract_model(tmp_path_factory.mktemp("model") / "model.onnx")
+
+
+def write_scan(path: Path, shape: tuple[int, int] = (48, 80), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    cv2.circle(image, (shape[1] // 2, shape[0] // 2), min(shape) // 4, 20, -1)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = main([str(a) for a in argv], stdout=out, stderr=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_every_scan_classified_exits_0_with_one_jsonl_record_each(tmp_path, model):
+    scans = [write_scan(tmp_path / f"s{i}.png", seed=i) for i in range(3)]
+    status, out, err = run(tmp_path, "--model", model, "--format", "jsonl")
+    assert status == ExitStatus.SUCCESS == 0, err
+    records = jsonl(out)
+    assert sorted(r["path"] for r in records) == sorted(map(str, scans))
+    for record in records:
+        assert set(record) == RECORD_KEYS
+        assert record["label"] in CLASSES and record["error"] is None
+        assert set(record["probabilities"]) == set(CLASSES)
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert record["confidence"] == max(record["probabilities"].values())
+        assert isinstance(record["abstained"], bool) and record["elapsed_ms"] >= 0
+    assert "3 classified" in err
+
+
+def test_one_broken_file_exits_1_and_the_good_ones_are_still_classified(tmp_path, model):
+    good = [write_scan(tmp_path / f"good{i}.png", seed=i) for i in range(2)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good[0].read_bytes()[:60])  # truncated PNG
+    status, out, err = run(tmp_path, "--model", model, "--format", "jsonl")
+    assert status == ExitStatus.PARTIAL == 1
+    records = {r["path"]: r for r in jsonl(out)}
+    assert {records[str(p)]["label"] for p in good} <= set(CLASSES)
+    assert records[str(broken)]["label"] is None
+    assert isinstance(records[str(broken)]["error"], str) and records[str(broken)]["error"]
+    assert "Traceback" not in err and "1 failed" in err
+
+
+def test_a_missing_input_among_good_ones_exits_1(tmp_path, model):
+    scan = write_scan(tmp_path / "a.png")
+    status, out, err = run(scan, tmp_path / "nope.png", "--model", model, "--format", "jsonl")
+    assert status == ExitStatus.PARTIAL
+    assert [r["path"] for r in jsonl(out)] == [str(scan)]
+    assert "nope.png" in err
+
+
+def test_a_missing_model_file_exits_2_naming_the_file(tmp_path):
+    scan = write_scan(tmp_path / "a.png")
+    status, out, err = run(scan, "--model", tmp_path / "missing.onnx")
+    assert status == ExitStatus.USAGE == 2
+    assert "missing.onnx" in err and "not found" in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_a_model_that_breaks_the_contract_exits_2(tmp_path):
+    bad = make_contract_model(tmp_path / "bad.onnx", outputs=("scores", "cam"))
+    scan = write_scan(tmp_path / "a.png")
+    status, _, err = run(scan, "--model", bad)
+    assert status == ExitStatus.USAGE
+    assert "bad.onnx" in err and "Traceback" not in err
+
+
+def test_a_file_that_is_not_onnx_exits_2(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    status, _, err = run(write_scan(tmp_path / "a.png"), "--model", junk)
+    assert status == ExitStatus.USAGE and "junk.onnx" in err
+
+
+def test_bad_options_exit_2_and_suggest_the_right_one(tmp_path, model, capsys):
+    status, _, err = run(tmp_path, "--modle", model)
+    assert status == ExitStatus.USAGE
+    assert "did you mean --model" in err
+    assert run(tmp_path, "--format", "xml")[0] == ExitStatus.USAGE
+
+
+def test_nothing_to_classify_exits_2(tmp_path, model):
+    status, _, err = run(tmp_path / "nope", "--model", model)
+    assert status == ExitStatus.USAGE and "no scans to classify" in err
+
+
+def test_a_mistyped_subcommand_gets_a_hint(tmp_path, model):
+    _, _, err = run("wacth", "--model", model)
+    assert "did you mean the subcommand 'watch'" in err
+
+
+def test_help_is_examples_and_exits_0():
+    status, out, _ = run("--help")
+    assert status == ExitStatus.SUCCESS
+    assert "examples:" in out and "edge-classify watch" in out and "./watch" in out
+    for sub in ("watch", "bench"):
+        status, out, _ = run(sub, "--help")
+        assert status == 0 and "examples:" in out and f"edge-classify {sub}" in out
+
+
+def test_a_file_named_like_a_subcommand_is_classified_as_a_path(tmp_path, model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_scan(tmp_path / "watch" / "a.png")
+    status, out, _ = run("./watch", "--model", model, "--format", "jsonl")
+    assert status == 0 and len(jsonl(out)) == 1
+
+
+def test_csv_output_file_has_a_column_per_class(tmp_path, model):
+    scans = [write_scan(tmp_path / "in" / f"s{i}.png", seed=i) for i in range(2)]
+    target = tmp_path / "out.csv"
+    status, out, _ = run(tmp_path / "in", "--model", model, "--format", "csv", "--output", target)
+    assert status == 0 and out == ""
+    rows = list(csv.DictReader(target.open(newline="")))
+    assert [r["path"] for r in rows] == [str(p) for p in scans]
+    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "error"]
+    assert list(rows[0])[: len(expected)] == expected
+    for row in rows:
+        assert row["label"] in CLASSES
+        assert sum(float(row[c]) for c in CLASSES) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_table_output_lists_label_confidence_and_path(tmp_path, model):
+    scan = write_scan(tmp_path / "a.png")
+    status, out, _ = run(scan, "--model", model)
+    lines = out.splitlines()
+    assert status == 0 and lines[0].split()[:2] == ["label", "conf"]
+    label, confidence, *rest = lines[1].split()
+    assert label in CLASSES and 0.0 <= float(confidence) <= 1.0 and rest[-1] == str(scan)
+
+
+def test_abstain_below_marks_low_confidence_results(tmp_path, model):
+    write_scan(tmp_path / "a.png")
+    _, out, _ = run(tmp_path, "--model", model, "--format", "jsonl", "--abstain-below", "0.99")
+    assert all(r["abstained"] for r in jsonl(out))
+
+
+def test_heatmaps_are_gray_at_the_scan_size_with_colour_overlays(tmp_path, model):
+    scan = write_scan(tmp_path / "in" / "scan.png", shape=(90, 130))
+    heat_dir = tmp_path / "heat"
+    status, _, _ = run(scan, "--model", model, "--heatmaps", heat_dir)
+    assert status == 0
+    assert sorted(p.name for p in heat_dir.iterdir()) == ["scan_heatmap.png", "scan_overlay.png"]
+    heat = cv2.imread(str(heat_dir / "scan_heatmap.png"), cv2.IMREAD_UNCHANGED)
+    assert heat.dtype == np.uint8 and heat.shape == (90, 130)
+    colour = cv2.imread(str(heat_dir / "scan_overlay.png"), cv2.IMREAD_UNCHANGED)
+    assert colour.dtype == np.uint8 and colour.shape == (90, 130, 3)
+
+
+def test_heatmaps_of_two_scans_with_the_same_name_do_not_overwrite_each_other(tmp_path, model):
+    first = write_scan(tmp_path / "a" / "x.png", shape=(40, 60), seed=1)
+    second = write_scan(tmp_path / "b" / "x.png", shape=(70, 50), seed=2)
+    heat_dir = tmp_path / "heat"
+    assert run(tmp_path / "a", tmp_path / "b", "--model", model, "--heatmaps", heat_dir)[0] == 0
+    heatmaps = sorted(heat_dir.glob("*_heatmap.png"))
+    assert len(heatmaps) == 2 and len(list(heat_dir.glob("*_overlay.png"))) == 2
+    shapes = {cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape for p in heatmaps}
+    assert shapes == {(40, 60), (70, 50)}
+    stems = heatmap_stems([first, second])
+    assert {f"{s}_heatmap.png" for s in stems.values()} == {p.name for p in heatmaps}
+
+
+def test_heatmap_stems_depend_on_the_paths_not_their_order():
+    names = ["a/x.png", "b/x.png", "c/y.png"]
+    forward, backward = heatmap_stems(names), heatmap_stems(names[::-1])
+    assert forward == backward
+    assert forward["c/y.png"] == "y"
+    assert forward["a/x.png"] != forward["b/x.png"]
+    assert all(forward[n].startswith("x_") for n in names[:2])
+
+
+def test_multiframe_dicom_gives_one_record_per_frame(tmp_path, model):
+    pytest.importorskip("pydicom", minversion="3.0")
+    from tests.test_dicom import make_dicom
+
+    stack = np.stack([np.full((32, 40), v, np.uint8) for v in (10, 120, 240)])
+    path = make_dicom(tmp_path / "cine.dcm", stack, rows=32, columns=40, frames=3)
+    heat_dir = tmp_path / "heat"
+    status, out, _ = run(path, "--model", model, "--format", "jsonl", "--heatmaps", heat_dir)
+    records = jsonl(out)
+    assert status == 0
+    assert [r["frame"] for r in records] == [0, 1, 2]
+    assert all(r["path"] == str(path) and set(r) == RECORD_KEYS | {"frame"} for r in records)
+    assert {p.name for p in heat_dir.glob("*_heatmap.png")} == {
+        f"cine_f{i}_heatmap.png" for i in range(3)
+    }
