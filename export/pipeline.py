@@ -19,8 +19,10 @@ from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.diagnose import count_convs, rank_quantization_error
 from export.fp16 import to_fp16
+from export.input_fold import fold_input_scaling
 from export.parity import ParityReport, fp16_gate, fp32_gate, int8_gate
 from export.quantize import QuantConfig, quantize_int8
+from training.backbones import Backbone, pixel_scaling
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ def export_run(options: ExportOptions) -> ExportResult:
             options.quantization,
             prepared_path=prepared,
         )
+        mean, std, channels = pixel_scaling(Backbone(info.backbone))
+        folded = channels == 1 and fold_input_scaling(int8, mean, std)
+        quant_settings = {**quant_settings, "input_scaling_folded": bool(folded)}
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
         reports.append(int8_gate(fp32_probs, _onnx_probabilities(int8, held_out), labels))
         candidates = [fp32, int8]

@@ -28,7 +28,7 @@ def pixel_scaling(backbone: Backbone) -> tuple[float, float, int]:
 
         return float(LITE0_MEAN), float(LITE0_STD), 1
     if backbone is Backbone.SMALL_CNN:
-        return 127.5, 127.5, 1
+        return 128.0, 128.0, 1  # an integer mean lets export fold it into the INT8 input
     return 127.5, 127.5, 3  # Keras MobileNets: [-1, 1], RGB
 
 

@@ -14,15 +14,30 @@ import numpy as np
 
 from edge_runtime.contract import ResizePolicy
 from training.backbones import Backbone
+from training.data import load_images
+from training.datasets import discover_all, fingerprint
+from training.dedup import group_duplicates
 from training.fit import FitConfig, fit
+from training.metrics import (
+    apply_temperature,
+    binary_auc,
+    evaluate,
+    evaluate_subsets,
+    fit_temperature,
+    summarize_folds,
+)
+from training.model import build_classifier
+from training.plots import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
 from training.runfolder import (
     HISTORY_FILE,
     METRICS_FILE,
     MODEL_FILE,
     PLOTS_DIR,
+    SOURCE_METRICS_FILE,
     SPLIT_FILE,
     RunInfo,
 )
+from training.splits import stratified_group_kfold, stratified_group_split, write_manifest
 
 log = logging.getLogger(__name__)
 DEFAULT_CLASS_ORDER = ("normal", "benign", "malignant")
@@ -73,10 +88,6 @@ def train(config: TrainConfig) -> RunInfo:
 
 
 def _prepare(config: TrainConfig) -> _Prepared:
-    from training.datasets import discover_all, fingerprint
-    from training.dedup import group_duplicates
-
-    from training.data import load_images
 
     discovery = discover_all(config.data)
     log.info("data:\n%s", discovery.summary())
@@ -119,7 +130,6 @@ def _prepare(config: TrainConfig) -> _Prepared:
 
 
 def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
-    from training.splits import stratified_group_split
 
     splits = np.array(
         stratified_group_split(
@@ -137,10 +147,6 @@ def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
 def _train_and_report(
     config: TrainConfig, data: _Prepared, splits: np.ndarray, run_dir: Path
 ) -> RunInfo:
-    from training.metrics import apply_temperature, evaluate, fit_temperature
-    from training.plots import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
-
-    from training.model import build_classifier
 
     part = {name: splits == name for name in ("train", "val", "test")}
     model = build_classifier(
@@ -168,6 +174,9 @@ def _train_and_report(
     metrics = evaluate(y_test, test_probs, data.class_names)
     metrics["temperature"] = temperature
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
+    by_source = _per_source_metrics(y_test, test_probs, data.class_names, test_samples)
+    (run_dir / SOURCE_METRICS_FILE).write_text(json.dumps(by_source, indent=2) + "\n")
     plots = run_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
     frozen = sum(1 for r in rows if r["stage"] == "frozen")
@@ -196,9 +205,36 @@ def _train_and_report(
     return info
 
 
+def _per_source_metrics(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], samples: Sequence
+) -> dict:
+    """Metrics on each source's test images, and benign-vs-malignant AUC per scanner.
+
+    A model trained on several sources can look good overall while failing on one of them
+    (or scoring by recognizing the source); this shows each one separately.
+    """
+
+    sources = np.array([s.source for s in samples])
+    report: dict = {
+        "by_source": evaluate_subsets(
+            y_true, probs, class_names, {name: sources == name for name in sorted(set(sources))}
+        )
+    }
+    if {"benign", "malignant"} <= set(class_names):
+        benign, malignant = class_names.index("benign"), class_names.index("malignant")
+        devices = np.array([s.attributes.get("device", "") for s in samples])
+        lesion = np.isin(y_true, (benign, malignant))
+        score = probs[:, malignant] / np.clip(probs[:, benign] + probs[:, malignant], 1e-12, None)
+        report["benign_vs_malignant_auc_by_device"] = {
+            f"{source}:{device}": binary_auc(y_true[mask] == malignant, score[mask])
+            for source, device in sorted(set(zip(sources, devices, strict=True)))
+            if device
+            for mask in [lesion & (sources == source) & (devices == device)]
+        }
+    return report
+
+
 def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
-    from training.metrics import summarize_folds
-    from training.splits import stratified_group_kfold, stratified_group_split
 
     folds = np.array(
         stratified_group_kfold(data.labels, data.groups, n_splits=config.folds, seed=config.seed)
@@ -231,7 +267,6 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
 
 
 def _write_split(path: Path, data: _Prepared, splits: np.ndarray) -> None:
-    from training.splits import write_manifest
 
     write_manifest(path, data.samples, list(splits), data.groups)
 

@@ -11,6 +11,7 @@ MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
 SPLIT_FILE = "split.csv"
 HISTORY_FILE = "history.csv"
+SOURCE_METRICS_FILE = "source_metrics.json"
 METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
 

@@ -1,0 +1,1 @@
+"""Speed and accuracy-parity benchmarks (pytest-benchmark); see README "Benchmarks"."""

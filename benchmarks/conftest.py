@@ -1,0 +1,99 @@
+"""Benchmark fixtures: the bundled models, real-size scans, and the ratio log.
+
+The models are the bundled default pair (``edge_runtime/models/default-{fp32,int8}.onnx``), or
+the pair named by ``EDGE_CLASSIFY_BENCH_MODELS=DIR/NAME`` (``NAME-fp32.onnx``/``NAME-int8.onnx``).
+A missing model fails loudly: a benchmark that measures nothing is a defect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.classifier import default_model_path
+from edge_runtime.contract import Precision
+from edge_runtime.session import LoadedModel, Provider, open_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"))
+BUSI_ROOT = SHARED / "data" / "busi" / "Dataset_BUSI_with_GT"
+N_SCANS = 32
+_ratios: dict[str, dict[str, float]] = {}
+
+
+def model_path(precision: Precision) -> Path:
+    """The benchmarked model of one precision; fails the test when it is missing."""
+    chosen = os.environ.get("EDGE_CLASSIFY_BENCH_MODELS")
+    path = Path(f"{chosen}-{precision.value}.onnx") if chosen else None
+    try:
+        path = path or default_model_path(precision)
+    except FileNotFoundError as exc:
+        pytest.fail(f"no model to benchmark: {exc}", pytrace=False)
+    if not path.is_file():
+        pytest.fail(f"no model to benchmark: {path} does not exist", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models() -> dict[Precision, LoadedModel]:
+    """FP32 and INT8 sessions, CPU, one intra-op thread (pinned: 2-core timings are erratic)."""
+    return {
+        p: open_model(model_path(p), provider=Provider.CPU, threads=1)
+        for p in (Precision.FP32, Precision.INT8)
+    }
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory) -> list[Path]:
+    """Real-size scans: BUSI images when the shared data is beside the repo, else synthetic
+    scans of BUSI's typical size (the speed of decoding depends on size, not on content)."""
+    if BUSI_ROOT.is_dir():
+        found = sorted(p for p in BUSI_ROOT.glob("*/*.png") if "_mask" not in p.name)
+        if len(found) >= N_SCANS:
+            return found[:: len(found) // N_SCANS][:N_SCANS]
+    from training.synthetic import synthetic_scan
+
+    folder = tmp_path_factory.mktemp("scans")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(N_SCANS):
+        path = folder / f"synthetic-{i:02d}.png"
+        label = ("normal", "benign", "malignant")[i % 3]
+        cv2.imwrite(str(path), synthetic_scan(label, rng, size=(560, 740)))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ratio_log():
+    """Collects measured ratios; written to ``$EDGE_CLASSIFY_RATIOS_JSON`` at the end, if set."""
+    yield _ratios
+    target = os.environ.get("EDGE_CLASSIFY_RATIOS_JSON")
+    if target and _ratios:
+        Path(target).write_text(json.dumps(_ratios, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def keras_model(models):
+    """The Keras model for speed comparison: the trained one named by
+    ``EDGE_CLASSIFY_KERAS_MODEL`` (a ``model.keras``), else the same architecture untrained
+    (speed does not depend on the weights). Skips where TensorFlow is not installed."""
+    pytest.importorskip("tensorflow", reason="TensorFlow not installed (pip install '.[train]')")
+    from training.backbones import Backbone
+    from training.model import build_classifier, load_classifier
+
+    trained = os.environ.get("EDGE_CLASSIFY_KERAS_MODEL")
+    if trained:
+        return load_classifier(Path(trained))
+    spec = models[Precision.FP32].spec
+    return build_classifier(
+        len(spec.class_names),
+        backbone=Backbone(spec.backbone),
+        input_size=spec.input_size,
+        weights=None,
+    )

@@ -1,0 +1,168 @@
+"""Latency benchmarks (pytest-benchmark) and the ratio gates of DESIGN.md section 7.
+
+Gates compare two sides measured interleaved in one run, never absolute times:
+INT8 >= 2x faster than FP32; the runtime >= 20x faster than Keras ``predict``; preprocessing
+adds <= 20% to end-to-end time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.conftest import model_path
+from benchmarks.timing import interleaved
+from edge_runtime.classifier import Classifier
+from edge_runtime.contract import INPUT_NAME, PROBABILITIES, Precision
+from edge_runtime.decode import load_gray
+from edge_runtime.preprocess import make_batch
+
+MIN_INT8_SPEEDUP = 2.0
+MIN_KERAS_SPEEDUP = 20.0
+MAX_PREPROCESS_SHARE = 0.20
+
+
+def _batch(models, scans, n: int) -> np.ndarray:
+    spec = models[Precision.INT8].spec
+    return make_batch([load_gray(p) for p in scans[:n]], spec.input_size, spec.resize_policy)
+
+
+def _infer(model, images: np.ndarray):
+    return lambda: model.session.run([PROBABILITIES], {INPUT_NAME: images})
+
+
+def test_preprocess_batch(benchmark, models, scans):
+    """Decode + letterbox + stack 16 real-size scans, one thread."""
+    spec = models[Precision.INT8].spec
+    batch = benchmark(
+        lambda: make_batch([load_gray(p) for p in scans[:16]], spec.input_size, spec.resize_policy)
+    )
+    assert batch.shape == (16, spec.input_size, spec.input_size, 1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.INT8], ids=lambda p: p.value)
+def test_inference(benchmark, models, scans, precision, batch_size):
+    images = _batch(models, scans, batch_size)
+    benchmark.extra_info["images_per_call"] = batch_size
+    (probs,) = benchmark(_infer(models[precision], images))
+    assert probs.shape == (batch_size, len(models[precision].spec.class_names))
+
+
+def test_classify_folder(benchmark, scans):
+    """End to end over 32 files: decode in the thread pool, batches of 16, INT8, one thread."""
+    path = model_path(Precision.INT8)
+    with Classifier.from_path(path, threads=1, batch_size=16) as classifier:
+        benchmark.extra_info["images_per_call"] = len(scans)
+        results = benchmark(classifier.classify, scans)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+
+
+def test_cold_process(benchmark, scans):
+    """``edge-classify one.png`` in a fresh interpreter: imports, model load, one image."""
+    command = [
+        sys.executable,
+        "-m",
+        "edge_runtime.cli",
+        str(scans[0]),
+        "--model",
+        str(model_path(Precision.INT8)),
+        "--quiet",
+    ]
+    done = benchmark.pedantic(
+        lambda: subprocess.run(command, capture_output=True, text=True), rounds=5, warmup_rounds=1
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_keras_predict(benchmark, keras_model, models, scans):
+    images = _batch(models, scans, 1)
+    out = benchmark(lambda: keras_model.predict(images, verbose=0))
+    assert out["probabilities"].shape[0] == 1
+
+
+def test_openvino_fp32(benchmark, models, scans):
+    """OpenVINO on the same FP32 ONNX file: the strongest CPU engine to compare with."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO not installed (pip install openvino)")
+    core = ov.Core()
+    compiled = core.compile_model(
+        str(model_path(Precision.FP32)),
+        "CPU",
+        {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"},
+    )
+    request = compiled.create_infer_request()
+    images = _batch(models, scans, 1)
+    benchmark(lambda: request.infer({INPUT_NAME: images}))
+    probs = request.get_tensor(PROBABILITIES).data
+    np.testing.assert_allclose(probs, _infer(models[Precision.FP32], images)()[0], atol=1e-2)
+
+
+def test_gate_int8_at_least_twice_as_fast_as_fp32(models, scans, ratio_log):
+    images = _batch(models, scans, 1)
+    t = interleaved(
+        {p.value: _infer(models[p], images) for p in (Precision.FP32, Precision.INT8)},
+        rounds=200,
+        warmup=10,
+    )
+    ratio = t["fp32"].median / t["int8"].median
+    ratio_log["int8_speedup_vs_fp32"] = _entry(ratio, MIN_INT8_SPEEDUP, t)
+    assert ratio >= MIN_INT8_SPEEDUP, (
+        f"INT8 is {ratio:.2f}x faster than FP32 (batch 1, one thread; medians "
+        f"{t['fp32'].median * 1e3:.2f} vs {t['int8'].median * 1e3:.2f} ms); the gate is "
+        f">= {MIN_INT8_SPEEDUP}x"
+    )
+
+
+def test_gate_runtime_at_least_20x_faster_than_keras(keras_model, models, scans, ratio_log):
+    """One scan file in, one result out (decode, resize, INT8) vs Keras predict on the
+    already preprocessed image: the device's per-scan case."""
+    images = _batch(models, scans, 1)
+    with Classifier.from_path(model_path(Precision.INT8), threads=1, batch_size=1) as clf:
+        t = interleaved(
+            {
+                "runtime": lambda: clf.classify(scans[:1]),
+                "keras": lambda: keras_model.predict(images, verbose=0),
+            },
+            rounds=30,
+        )
+    ratio = t["keras"].median / t["runtime"].median
+    ratio_log["runtime_speedup_vs_keras_predict"] = _entry(ratio, MIN_KERAS_SPEEDUP, t)
+    assert ratio >= MIN_KERAS_SPEEDUP, (
+        f"the runtime is {ratio:.1f}x faster than Keras predict; the gate is >= "
+        f"{MIN_KERAS_SPEEDUP}x"
+    )
+
+
+def test_gate_preprocessing_share(models, scans, ratio_log):
+    """What decoding and resizing add to classifying a folder, as a share of the total:
+    (end to end - inference alone) / end to end, INT8, batches of 16, one inference thread,
+    decoding in the runtime's thread pool."""
+    images = _batch(models, scans, len(scans))
+    model = models[Precision.INT8]
+
+    def inference_only():
+        for i in range(0, len(images), 16):
+            model.session.run([PROBABILITIES], {INPUT_NAME: images[i : i + 16]})
+
+    with Classifier.from_path(model_path(Precision.INT8), threads=1, batch_size=16) as clf:
+        t = interleaved(
+            {"end_to_end": lambda: clf.classify(scans), "inference": inference_only}, rounds=15
+        )
+    share = max(0.0, 1.0 - t["inference"].median / t["end_to_end"].median)
+    ratio_log["preprocessing_share_of_end_to_end"] = _entry(share, MAX_PREPROCESS_SHARE, t)
+    assert share <= MAX_PREPROCESS_SHARE, (
+        f"preprocessing adds {share:.0%} to end-to-end time ({len(scans)} scans: "
+        f"{t['end_to_end'].median * 1e3:.1f} ms end to end vs {t['inference'].median * 1e3:.1f} "
+        f"ms inference); the gate is <= {MAX_PREPROCESS_SHARE:.0%}"
+    )
+
+
+def _entry(value: float, gate: float, timings) -> dict:
+    return {
+        "value": round(value, 3),
+        "gate": gate,
+        **{f"{name}_median_ms": round(x.median * 1e3, 3) for name, x in timings.items()},
+    }

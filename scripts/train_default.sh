@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Retrain the bundled default model end to end: train -> export -> bundle into edge_runtime.
+# usage: scripts/train_default.sh [DATA_ROOT] [RUN_DIR]
+#   DATA_ROOT holds busi/Dataset_BUSI_with_GT and busbra/ (default ../shared/data);
+#   RUN_DIR is the run folder (default runs/default). Seed fixed; logs to RUN_DIR/train.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${1:-../shared/data}"
+RUN="${2:-runs/default}"
+mkdir -p "$RUN"
+start=$(date +%s)
+edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN" \
+    --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 3 --epochs 15 \
+    --batch-size 32 --seed 0 2>&1 | tee "$RUN/train.log"
+edge-export "$RUN" --output "$RUN/export" --name default 2>&1 | tee "$RUN/export.log"
+python -m export.bundle "$RUN" --data-root "$DATA"
+echo "retrained the default model in $(( ($(date +%s) - start) / 60 )) min"

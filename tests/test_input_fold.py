@@ -1,0 +1,78 @@
+"""Folding the input normalization into the first INT8 convolution is exact and removes the
+float ops on the full-size input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_runtime.contract import INPUT_NAME
+from export.input_fold import fold_input_scaling
+from export.quantize import QuantConfig, quantize_int8
+
+MEAN, STD = 127.0, 128.0
+
+
+def _scaled_conv_model(path) -> None:
+    """uint8 NHWC image -> (x - 127) / 128 -> Reshape to NCHW -> 3x3 conv (pads) -> output."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w")
+    inits = [
+        weight,
+        numpy_helper.from_array(np.array(MEAN, np.float32), "mean"),
+        numpy_helper.from_array(np.array(1 / STD, np.float32), "inv_std"),
+        numpy_helper.from_array(np.array([-1, 1, 16, 16], np.int64), "nchw"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["f", "mean"], ["centred"]),
+        helper.make_node("Mul", ["centred", "inv_std"], ["scaled"]),
+        helper.make_node("Reshape", ["scaled", "nchw"], ["x"]),
+        helper.make_node("Conv", ["x", "w"], ["out"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _run(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {INPUT_NAME: images})[0]
+
+
+def test_fold_is_exact_and_removes_float_scaling(tmp_path):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _scaled_conv_model(fp32)
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    quantize_int8(fp32, int8, images, QuantConfig())
+    before = _run(int8, images)
+
+    assert fold_input_scaling(int8, MEAN, STD)
+
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert not {"Cast", "Sub", "Mul"} & set(ops), ops
+    after = _run(int8, images)
+    reference = _run(fp32, images)
+    # the folded input is exact, so it is at least as close to FP32 as the calibrated one
+    assert np.abs(after - reference).max() <= np.abs(before - reference).max() + 1e-6
+
+
+@pytest.mark.parametrize("mean", [127.5, -1.0, 300.0])
+def test_non_integer_or_out_of_range_mean_is_not_folded(tmp_path, mean):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _scaled_conv_model(fp32)
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 1), dtype=np.uint8)
+    quantize_int8(fp32, int8, images, QuantConfig())
+    original = int8.read_bytes()
+    assert not fold_input_scaling(int8, mean, STD)
+    assert int8.read_bytes() == original
