@@ -10,7 +10,8 @@ RUN="${2:-runs/default}"
 mkdir -p "$RUN"
 start=$(date +%s)
 edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN" \
-    --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 3 --epochs 15 \
+    --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 4 --epochs 12 \
+    --learning-rate 0.001 \
     --batch-size 32 --seed 0 2>&1 | tee "$RUN/train.log"
 edge-export "$RUN" --output "$RUN/export" --name default 2>&1 | tee "$RUN/export.log"
 python -m export.bundle "$RUN" --data-root "$DATA"

@@ -33,12 +33,19 @@ class FitConfig:
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-    """Balanced weights ``n / (K * count_k)``; classes without samples get weight 0."""
+def class_weights(labels: np.ndarray, num_classes: int, power: float = 0.5) -> dict[int, float]:
+    """Inverse-frequency weights tempered by ``power``: ``(n / (K * count_k)) ** power``,
+    rescaled so that the average weight per training image is 1. Classes without samples get 0.
+
+    ``power=1`` is fully balanced. With BUS-BRA added, normals are 4% of the images and full
+    balancing (weight ~8) made the model call too many scans normal; the square root keeps
+    minority classes heard without drowning the others.
+    """
     counts = np.bincount(labels, minlength=num_classes).astype(float)
     present = counts > 0
     weights = np.zeros(num_classes)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
+    weights[present] = (counts.sum() / (present.sum() * counts[present])) ** power
+    weights *= counts.sum() / float(np.dot(weights, counts))
     return {k: float(w) for k, w in enumerate(weights)}
 
 
