@@ -90,5 +90,3 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-
-

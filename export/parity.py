@@ -82,25 +82,25 @@ def fp32_gate(keras_probs: np.ndarray, onnx_probs: np.ndarray, labels=None) -> P
     )
 
 
-def int8_gate(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels=None) -> ParityReport:
-    """INT8 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
+def reduced_precision_gate(
+    precision: str, fp32_probs: np.ndarray, probs: np.ndarray, labels=None
+) -> ParityReport:
+    """INT8 or FP16 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
     return compare(
-        "onnx-int8 vs onnx-fp32",
+        f"onnx-{precision} vs onnx-fp32",
         fp32_probs,
-        int8_probs,
+        probs,
         labels,
         min_agreement=MIN_TOP1_AGREEMENT,
         max_accuracy_drop=MAX_ACCURACY_DROP,
     )
+
+
+def int8_gate(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels=None) -> ParityReport:
+    """INT8 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
+    return reduced_precision_gate("int8", fp32_probs, int8_probs, labels)
 
 
 def fp16_gate(fp32_probs: np.ndarray, fp16_probs: np.ndarray, labels=None) -> ParityReport:
-    """FP16 vs FP32: the INT8 gate's thresholds (top-1 agreement >= 99%, drop <= 1 point)."""
-    return compare(
-        "onnx-fp16 vs onnx-fp32",
-        fp32_probs,
-        fp16_probs,
-        labels,
-        min_agreement=MIN_TOP1_AGREEMENT,
-        max_accuracy_drop=MAX_ACCURACY_DROP,
-    )
+    """FP16 vs FP32: the INT8 gate's thresholds."""
+    return reduced_precision_gate("fp16", fp32_probs, fp16_probs, labels)
