@@ -1,8 +1,6 @@
 """Benchmark fixtures: the bundled models, real-size scans, and the ratio log.
 
-The models are the bundled default pair (``edge_runtime/models/default-{fp32,int8}.onnx``), or
-the pair named by ``EDGE_CLASSIFY_BENCH_MODELS=DIR/NAME`` (``NAME-fp32.onnx``/``NAME-int8.onnx``).
-A missing model fails loudly: a benchmark that measures nothing is a defect.
+Which models are measured is decided once, in :func:`model_files`, and written into the report.
 """
 
 from __future__ import annotations
@@ -22,30 +20,39 @@ from edge_runtime.session import LoadedModel, Provider, open_model
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"))
 BUSI_ROOT = SHARED / "data" / "busi" / "Dataset_BUSI_with_GT"
-N_SCANS = 32
+N_SCANS = 64
+PRECISIONS = (Precision.FP32, Precision.INT8)
 _ratios: dict[str, dict[str, float]] = {}
 
 
-def model_path(precision: Precision) -> Path:
-    """The benchmarked model of one precision; fails the test when it is missing."""
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> dict[Precision, Path]:
+    """The FP32 and INT8 files to benchmark, in this order of preference:
+    ``EDGE_CLASSIFY_BENCH_MODELS=DIR/NAME`` (``NAME-fp32.onnx``/``NAME-int8.onnx``); the bundled
+    default pair; else an EfficientNet-Lite0 pair exported here with the project's own code
+    (ImageNet backbone, untrained 3-class head: right for speed, meaningless for accuracy).
+    A named pair that does not exist fails loudly."""
     chosen = os.environ.get("EDGE_CLASSIFY_BENCH_MODELS")
-    path = Path(f"{chosen}-{precision.value}.onnx") if chosen else None
+    if chosen:
+        files = {p: Path(f"{chosen}-{p.value}.onnx") for p in PRECISIONS}
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            pytest.fail(f"no model to benchmark: {', '.join(missing)} missing", pytrace=False)
+        return files
     try:
-        path = path or default_model_path(precision)
-    except FileNotFoundError as exc:
-        pytest.fail(f"no model to benchmark: {exc}", pytrace=False)
-    if not path.is_file():
-        pytest.fail(f"no model to benchmark: {path} does not exist", pytrace=False)
-    return path
+        return {p: default_model_path(p) for p in PRECISIONS}
+    except FileNotFoundError:
+        pass
+    pytest.importorskip("tf2onnx", reason="no bundled model and no export extra to build one")
+    from benchmarks.speed_model import export_speed_model
+
+    return export_speed_model(tmp_path_factory.mktemp("speed-model"))
 
 
 @pytest.fixture(scope="session")
-def models() -> dict[Precision, LoadedModel]:
+def models(model_files) -> dict[Precision, LoadedModel]:
     """FP32 and INT8 sessions, CPU, one intra-op thread (pinned: 2-core timings are erratic)."""
-    return {
-        p: open_model(model_path(p), provider=Provider.CPU, threads=1)
-        for p in (Precision.FP32, Precision.INT8)
-    }
+    return {p: open_model(model_files[p], provider=Provider.CPU, threads=1) for p in PRECISIONS}
 
 
 @pytest.fixture(scope="session")
