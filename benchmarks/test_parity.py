@@ -62,9 +62,10 @@ def test_int8_matches_fp32_on_real_heldout_scans(models, heldout):
     assert report.top1_agreement >= MIN_TOP1_AGREEMENT
 
 
-def test_keras_matches_onnx_fp32(models, heldout, keras_model):
+def test_keras_matches_onnx_fp32(models, heldout, request):
     if not os.environ.get("EDGE_CLASSIFY_KERAS_MODEL"):
         pytest.skip("set EDGE_CLASSIFY_KERAS_MODEL to the run's model.keras to compare with Keras")
+    keras_model = request.getfixturevalue("keras_model")
     images, labels = heldout
     keras_probs = keras_model.predict(images, batch_size=32, verbose=0)["probabilities"]
     report = fp32_gate(keras_probs, _probabilities(models[Precision.FP32], images), labels)

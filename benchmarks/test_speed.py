@@ -1,8 +1,9 @@
 """Latency benchmarks (pytest-benchmark) and the ratio gates of DESIGN.md section 7.
 
 Gates compare two sides measured interleaved in one run, never absolute times: INT8 >= 2x faster
-than FP32; the runtime >= 10x faster than Keras ``predict`` (DESIGN.md's budget; issue 6's 20x
-stays a strict-xfail target until reached); preprocessing adds <= 20% to end-to-end time.
+than FP32; preprocessing adds <= 20% to end-to-end time. The comparison with Keras lives in
+``test_vs_keras.py``, which sorts last: TensorFlow's thread pools keep spinning after it runs and
+would slow every measurement taken after them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from edge_runtime.decode import load_gray
 from edge_runtime.preprocess import make_batch
 
 MIN_INT8_SPEEDUP = 2.0
-MIN_KERAS_SPEEDUP = 20.0  # issue 6's target
-DESIGN_KERAS_SPEEDUP = 10.0  # DESIGN.md section 7's budget
-KERAS_SCANS = 16
 BATCH = 4  # on one thread, batch 4 runs as fast per image as 16 and fills the pipeline sooner
 MAX_PREPROCESS_SHARE = 0.20
 
@@ -82,12 +80,6 @@ def test_cold_process(benchmark, model_files, scans):
     assert done.returncode == 0, done.stderr
 
 
-def test_keras_predict(benchmark, keras_model, models, scans):
-    images = _batch(models, scans, 1)
-    out = benchmark(lambda: keras_model.predict(images, verbose=0))
-    assert out["probabilities"].shape[0] == 1
-
-
 def test_openvino_fp32(benchmark, model_files, models, scans):
     """OpenVINO on the same FP32 ONNX file, kept in f32 (its default on this CPU is bf16):
     the strongest CPU engine to compare with."""
@@ -123,54 +115,6 @@ def test_gate_int8_at_least_twice_as_fast_as_fp32(models, scans, ratio_log):
         f"{t['fp32'].median * 1e3:.2f} vs {t['int8'].median * 1e3:.2f} ms); the gate is "
         f">= {MIN_INT8_SPEEDUP}x"
     )
-
-
-def _keras_vs_runtime(keras_model, model_files, models, scans, ratio_log) -> float:
-    """Per scan, both end to end from the file: Keras decodes and letterboxes with the same
-    function and calls ``predict`` once per scan (how a Keras app handles arriving files); the
-    runtime classifies the folder. Measured once per session, interleaved."""
-    if "runtime_speedup_vs_keras_predict" not in ratio_log:
-        spec = models[Precision.INT8].spec
-        folder = scans[:KERAS_SCANS]
-
-        def keras_per_scan():
-            for path in folder:
-                image = make_batch([load_gray(path)], spec.input_size, spec.resize_policy)
-                keras_model.predict(image, verbose=0)
-
-        with Classifier.from_path(model_files[Precision.INT8], threads=1, batch_size=4) as clf:
-            t = interleaved(
-                {"runtime": lambda: clf.classify(folder), "keras": keras_per_scan},
-                rounds=5,
-                warmup=1,
-            )
-        ratio = t["keras"].median / t["runtime"].median
-        ratio_log["runtime_speedup_vs_keras_predict"] = _entry(ratio, MIN_KERAS_SPEEDUP, t)
-    return ratio_log["runtime_speedup_vs_keras_predict"]["value"]
-
-
-def test_gate_runtime_at_least_10x_faster_than_keras(
-    keras_model, model_files, models, scans, ratio_log
-):
-    """DESIGN.md section 7's budget; fails the build below it."""
-    ratio = _keras_vs_runtime(keras_model, model_files, models, scans, ratio_log)
-    assert ratio >= DESIGN_KERAS_SPEEDUP, (
-        f"the runtime is {ratio:.1f}x faster than Keras predict per scan; the budget is >= "
-        f"{DESIGN_KERAS_SPEEDUP}x"
-    )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6's 20x target is not reached on this CPU (about 13x measured: Keras predict "
-    "~65 ms per scan vs ~5 ms end to end); strict, so reaching it turns this into a failure "
-    "that asks to make 20x the hard gate",
-)
-def test_target_runtime_at_least_20x_faster_than_keras(
-    keras_model, model_files, models, scans, ratio_log
-):
-    ratio = _keras_vs_runtime(keras_model, model_files, models, scans, ratio_log)
-    assert ratio >= MIN_KERAS_SPEEDUP, f"measured {ratio:.1f}x; the target is {MIN_KERAS_SPEEDUP}x"
 
 
 def test_gate_preprocessing_share(model_files, models, scans, ratio_log):
