@@ -51,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-images", type=int, default=256, help="training images used for calibration"
     )
     parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        metavar="F",
+        help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images "
+        "(default 0.99; recorded in the model card's parity results)",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images (default 0.01)",
+    )
+    parser.add_argument(
         "--fp16",
         action="store_true",
         help="also write <name>-fp16.onnx for GPU providers (checked against FP32 like INT8)",
@@ -74,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_calibration_images=args.calibration_images,
         ),
         fp16=args.fp16,
+        min_agreement=args.min_agreement,
+        max_accuracy_drop=args.max_accuracy_drop,
     )
     try:
         result = export_run(options)

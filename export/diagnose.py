@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 INTEGER_CONVS = frozenset({"QLinearConv", "ConvInteger", "NhwcQLinearConv"})
 FLOAT_CONVS = frozenset({"Conv", "FusedConv"})
+EXACT_DB = 60.0  # above this SQNR a tensor is as good as exact; its "drop" means nothing
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,16 @@ class TensorError:
     producer: str
     qdq_sqnr_db: float
     model_sqnr_db: float | None
+    drop_db: float | None = None
 
     def summary(self) -> str:
         """One line for a report."""
         model = "n/a" if self.model_sqnr_db is None else f"{self.model_sqnr_db:6.1f} dB"
+        drop = "n/a" if self.drop_db is None else f"{self.drop_db:5.1f} dB"
         return (
-            f"{self.name} ({self.producer}): SQNR at its QDQ {self.qdq_sqnr_db:6.1f} dB, "
-            f"float vs INT8 model {model}"
+            f"{self.name} ({self.producer}): float vs INT8 model {model}, lost here {drop} "
+            f"(SQNR at its own QDQ {self.qdq_sqnr_db:.1f} dB; low for ReLU6 outputs, whose clip "
+            "is folded into the quantization range)"
         )
 
 
@@ -96,8 +100,9 @@ def rank_quantization_error(
         top: how many of each to return.
 
     Returns:
-        ``(activations, weights)``: the ``top`` activations with the lowest SQNR at their own
-        QDQ pair, and the ``top`` ``(weight name, SQNR dB)`` pairs with the lowest SQNR.
+        ``(activations, weights)``: the ``top`` activations whose producing node loses the
+        most float-vs-INT8 SQNR (output vs its best input), and the ``top``
+        ``(weight name, SQNR dB)`` pairs with the lowest SQNR.
     """
     with tempfile.TemporaryDirectory(prefix=".diagnose-") as tmp:
         float_aug, qdq_aug = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
@@ -107,29 +112,43 @@ def rank_quantization_error(
         qdq_acts = collect_activations(str(qdq_aug), _Images(images))
     matched = create_activation_matching(qdq_acts, float_acts)
     errors = compute_activation_error(matched)
-    producers = {
-        out: f"{node.op_type} {node.name}".strip()
+    nodes = {
+        out: node
         for node in onnx.load(str(float_path), load_external_data=False).graph.node
         for out in node.output
     }
-    ranked = sorted(
-        (
-            TensorError(
-                name=name,
-                producer=producers.get(name, "graph input"),
-                qdq_sqnr_db=err["qdq_err"],
-                model_sqnr_db=err.get("xmodel_err"),
-            )
-            for name, err in errors.items()
-        ),
-        key=lambda e: e.qdq_sqnr_db,
-    )
+    model_sqnr = {name: err.get("xmodel_err") for name, err in errors.items()}
+    found = [
+        TensorError(
+            name=name,
+            producer=f"{nodes[name].op_type} {nodes[name].name}".strip()
+            if name in nodes
+            else "graph input",
+            qdq_sqnr_db=err["qdq_err"],
+            model_sqnr_db=model_sqnr[name],
+            drop_db=_drop(name, nodes, model_sqnr),
+        )
+        for name, err in errors.items()
+    ]
+    ranked = sorted(found, key=lambda e: -(e.drop_db or 0.0))
     weights = {
         name: _sqnr_db(pair["float"], pair["dequantized"])
         for name, pair in create_weight_matching(str(float_path), str(qdq_path)).items()
     }
     worst_weights = sorted(weights.items(), key=lambda item: item[1])[:top]
     return ranked[:top], worst_weights
+
+
+def _drop(name: str, nodes: dict, model_sqnr: dict) -> float | None:
+    """How much the float-vs-INT8 SQNR falls from a node's best-measured input to its output:
+    the error that node adds, rather than all the error accumulated up to it."""
+    own = model_sqnr.get(name)
+    node = nodes.get(name)
+    inputs = [model_sqnr.get(i) for i in node.input] if node is not None else []
+    inputs = [v for v in inputs if v is not None]
+    if own is None or own >= EXACT_DB or not inputs:
+        return None
+    return max(inputs) - own
 
 
 def _sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:

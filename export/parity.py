@@ -83,24 +83,34 @@ def fp32_gate(keras_probs: np.ndarray, onnx_probs: np.ndarray, labels=None) -> P
 
 
 def reduced_precision_gate(
-    precision: str, fp32_probs: np.ndarray, probs: np.ndarray, labels=None
+    precision: str,
+    fp32_probs: np.ndarray,
+    probs: np.ndarray,
+    labels=None,
+    *,
+    min_agreement: float = MIN_TOP1_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
 ) -> ParityReport:
-    """INT8 or FP16 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
+    """INT8 or FP16 vs FP32: by default top-1 agreement >= 99% and accuracy drop <= 1 point."""
     return compare(
         f"onnx-{precision} vs onnx-fp32",
         fp32_probs,
         probs,
         labels,
-        min_agreement=MIN_TOP1_AGREEMENT,
-        max_accuracy_drop=MAX_ACCURACY_DROP,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
     )
 
 
-def int8_gate(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels=None) -> ParityReport:
+def int8_gate(
+    fp32_probs: np.ndarray, int8_probs: np.ndarray, labels=None, **thresholds
+) -> ParityReport:
     """INT8 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
-    return reduced_precision_gate("int8", fp32_probs, int8_probs, labels)
+    return reduced_precision_gate("int8", fp32_probs, int8_probs, labels, **thresholds)
 
 
-def fp16_gate(fp32_probs: np.ndarray, fp16_probs: np.ndarray, labels=None) -> ParityReport:
+def fp16_gate(
+    fp32_probs: np.ndarray, fp16_probs: np.ndarray, labels=None, **thresholds
+) -> ParityReport:
     """FP16 vs FP32: the INT8 gate's thresholds."""
-    return reduced_precision_gate("fp16", fp32_probs, fp16_probs, labels)
+    return reduced_precision_gate("fp16", fp32_probs, fp16_probs, labels, **thresholds)

@@ -20,7 +20,14 @@ from export.convert import keras_to_onnx, write_metadata
 from export.diagnose import count_convs, rank_quantization_error
 from export.fp16 import to_fp16
 from export.input_fold import fold_input_scaling
-from export.parity import ParityReport, fp16_gate, fp32_gate, int8_gate
+from export.parity import (
+    MAX_ACCURACY_DROP,
+    MIN_TOP1_AGREEMENT,
+    ParityReport,
+    fp16_gate,
+    fp32_gate,
+    int8_gate,
+)
 from export.quantize import QuantConfig, quantize_int8
 from training.backbones import Backbone, pixel_scaling
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
@@ -49,6 +56,8 @@ class ExportOptions:
     quantization: QuantConfig = field(default_factory=QuantConfig)
     max_parity_images: int = 512
     fp16: bool = False
+    min_agreement: float = MIN_TOP1_AGREEMENT
+    max_accuracy_drop: float = MAX_ACCURACY_DROP
 
 
 @dataclass(frozen=True)
@@ -101,14 +110,30 @@ def export_run(options: ExportOptions) -> ExportResult:
         folded = channels == 1 and fold_input_scaling(int8, mean, std)
         quant_settings = {**quant_settings, "input_scaling_folded": bool(folded)}
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
-        reports.append(int8_gate(fp32_probs, _onnx_probabilities(int8, held_out), labels))
+        reports.append(
+            int8_gate(
+                fp32_probs,
+                _onnx_probabilities(int8, held_out),
+                labels,
+                min_agreement=options.min_agreement,
+                max_accuracy_drop=options.max_accuracy_drop,
+            )
+        )
         candidates = [fp32, int8]
         if options.fp16:
             fp16 = _step(
                 "convert to FP16", to_fp16, fp32, tmp / model_file_name(options.name, "fp16")
             )
             write_metadata(fp16, _spec(info, Precision.FP16, {}))
-            reports.append(fp16_gate(fp32_probs, _onnx_probabilities(fp16, held_out), labels))
+            reports.append(
+                fp16_gate(
+                    fp32_probs,
+                    _onnx_probabilities(fp16, held_out),
+                    labels,
+                    min_agreement=options.min_agreement,
+                    max_accuracy_drop=options.max_accuracy_drop,
+                )
+            )
             candidates.append(fp16)
         for report in reports:
             log.info("%s", report.summary())
@@ -141,7 +166,7 @@ def _diagnose(prepared: Path, int8: Path, images: np.ndarray, n_images: int = 8)
         return [f"(could not rank layers by quantization error: {exc})"]
     return [
         "",
-        f"Worst activations by SQNR at their own quantize/dequantize ({n_images} images):",
+        f"Worst activations: where the float-vs-INT8 SQNR falls most ({n_images} images):",
         *(f"  {e.summary()}" for e in activations),
         "Worst weights by SQNR:",
         *(f"  {name}: {sqnr:.1f} dB" for name, sqnr in weights),

@@ -75,6 +75,7 @@ def make_run_folder(
         patience=epochs,
         seed=seed,
         augment=None,
+        label_smoothing=0.0,
     )
     fit(model, (images[train], labels[train]), (images[val], labels[val]), config, pretrained=False)
     model.save(run / MODEL_FILE)

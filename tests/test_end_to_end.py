@@ -45,7 +45,15 @@ def exported(tmp_path_factory):
         )
         == 0
     )
-    assert export_main([str(run), "--output", str(run / "export")]) == 0
+    # a tiny synthetic CNN flips ~1 borderline image in 100 under INT8: gate it at 0.95 here
+    # (the default 0.99 gate has its own test in test_export.py)
+    out = str(run / "export")
+    assert (
+        export_main(
+            [str(run), "--output", out, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]
+        )
+        == 0
+    )
     return data, run, run / "export"
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 
-import cv2
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from edge_runtime.card import verify_against_card
 from edge_runtime.contract import Precision
@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A small CNN trained briefly on synthetic scans, as an edge-train run folder."""
-    return make_run_folder(tmp_path_factory.mktemp("export") / "run", size=64)
+    return make_run_folder(
+        tmp_path_factory.mktemp("export") / "run", size=64, per_class=100, epochs=40
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,12 @@ def exported(run, tmp_path_factory):
     from export.cli import main
 
     out = tmp_path_factory.mktemp("exported")
-    assert main([str(run), "--output", str(out), "--name", "synth", "--fp16"]) == 0
+    # A tiny CNN on 64 px synthetic scans flips about 1 borderline image in 100 under INT8
+    # (seen 0.967-1.0 agreement over runs); the round trip checks the pipeline, the default 0.99
+    # gate is checked by test_broken_quantization_trips_the_int8_gate.
+    args = [str(run), "--output", str(out), "--name", "synth", "--fp16", "--min-agreement", "0.95"]
+    args += ["--max-accuracy-drop", "0.05"]
+    assert main(args) == 0
     return out
 
 
@@ -74,31 +81,43 @@ def test_int8_model_is_smaller_than_fp32(exported):
     assert int8 < 0.5 * fp32
 
 
-def test_blank_calibration_trips_the_int8_gate(run, tmp_path):
-    """Calibrating on one blank (uniform mid-gray) image squashes every activation range to a
-    constant: the gate must refuse the result. (An all-black image happens to clip less in
-    small CNNs, where zero input leaves ReLU ranges near their real ones.)"""
+def _scramble_weight_scales(path) -> None:
+    """Break a QDQ model the way a wrong calibration or export bug would: every per-channel
+    weight scale is off by a random factor between 1/5 and 5, so features come out garbled."""
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        if tensor.name.endswith("_scale") and len(tensor.dims) == 1 and tensor.dims[0] > 1:
+            values = numpy_helper.to_array(tensor)
+            factors = np.exp(rng.uniform(-np.log(5), np.log(5), values.shape))
+            tensor.CopyFrom(
+                numpy_helper.from_array((values * factors).astype(values.dtype), tensor.name)
+            )
+    onnx.save(model, str(path))
+
+
+def test_broken_quantization_trips_the_int8_gate(run, tmp_path, monkeypatch):
+    """A deliberately broken INT8 model must be refused, with the worst layers named.
+
+    (A calibration set of one blank image was tried first: on these small CNNs it tripped the
+    gate on some seeds and not on others, so it could not make a test that always fails.)"""
+    from export import pipeline
     from export.cli import main
 
-    broken = tmp_path / "broken-run"
-    shutil.copytree(run, broken)
-    blank = tmp_path / "blank.png"
-    cv2.imwrite(str(blank), np.full((64, 64), 128, np.uint8))
-    manifest = broken / "split.csv"
-    with open(manifest, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] != "train"]
-    rows.append({"path": str(blank), "label": "normal", "split": "train"})
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
+    real = pipeline.quantize_int8
 
+    def broken(*args, **kwargs):
+        path = real(*args, **kwargs)
+        _scramble_weight_scales(path)
+        return path
+
+    monkeypatch.setattr(pipeline, "quantize_int8", broken)
     out = tmp_path / "out"
-    assert main([str(broken), "--output", str(out), "--name", "bad"]) == 1
+    assert main([str(run), "--output", str(out), "--name", "bad"]) == 1
     assert not list(out.glob("*.onnx")), "a model that failed its gate was written"
     report = (out / "bad.parity-failed.txt").read_text()
     assert "onnx-int8 vs onnx-fp32" in report and "FAIL" in report
-    assert "Worst activations" in report
+    assert "Worst activations" in report and "Conv" in report
 
 
 def test_missing_run_folder_is_a_usage_error(tmp_path, capsys):
