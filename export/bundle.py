@@ -20,7 +20,13 @@ from pathlib import Path
 from edge_runtime.classifier import MODELS_DIR
 from edge_runtime.contract import ContractError
 from edge_runtime.session import Provider, open_model
-from training.runfolder import METRICS_FILE, PLOTS_DIR, SPLIT_FILE
+from training.runfolder import (
+    CV_METRICS_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    SOURCE_METRICS_FILE,
+    SPLIT_FILE,
+)
 
 NAME = "default"
 DOCS_DIR = Path(__file__).resolve().parents[1] / "docs" / "default-model"
@@ -58,7 +64,7 @@ def bundle(run_dir: Path, data_root: Path, models_dir: Path = MODELS_DIR) -> lis
         if path.is_file():
             shutil.copy2(path, DOCS_DIR / path.name)
             written.append(DOCS_DIR / path.name)
-    for extra in ("cv_metrics.json", "source_metrics.json"):
+    for extra in (CV_METRICS_FILE, SOURCE_METRICS_FILE):
         if (run_dir / extra).is_file():
             shutil.copy2(run_dir / extra, DOCS_DIR / extra)
             written.append(DOCS_DIR / extra)

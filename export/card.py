@@ -29,8 +29,13 @@ def build_card(
     files: Sequence[Path],
     reports: Sequence[ParityReport],
     quantization: Mapping[str, Any],
+    run_reports: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the card as a JSON-serializable dict (files listed with SHA-256 and size)."""
+    """Assemble the card as a JSON-serializable dict (files listed with SHA-256 and size).
+
+    ``run_reports`` holds the run's optional ``by_source`` and ``cross_validation`` results
+    (:func:`training.runfolder.read_reports`); they are copied in as they are.
+    """
     return {
         "name": name,
         "model_version": info.model_version,
@@ -55,6 +60,7 @@ def build_card(
             "abstain_threshold": info.abstain_threshold,
         },
         "evaluation": info.test_metrics,
+        **dict(run_reports or {}),
         "quantization": dict(quantization),
         "parity": [
             {
@@ -82,7 +88,7 @@ def write_card(card: Mapping[str, Any], directory: Path) -> tuple[Path, Path]:
 
 
 def render_markdown(card: Mapping[str, Any]) -> str:
-    """A human-readable model card."""
+    """A human-readable model card: every metric with its interval, confusion matrix, sources."""
     metrics = card.get("evaluation") or {}
     lines = [
         f"# Model card: {card['name']} ({card['model_version']})",
@@ -94,20 +100,21 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"{card['input']['resize_policy']} resize",
         f"- Backbone: {card['backbone']}",
         f"- Training data: {', '.join(card['training']['sources']) or 'unspecified'} "
-        f"(fingerprint {card['training']['data_fingerprint'][:16]})",
+        f"(fingerprint {card['training']['data_fingerprint'][:16]}, "
+        f"seed {card['training']['seed']})",
         f"- Calibration temperature {card['calibration']['temperature']:.3f}, abstain below "
         f"{card['calibration']['abstain_threshold']:.2f}",
         "",
-        "## Evaluation (held-out test split)",
+        f"## Evaluation (held-out test split, {metrics.get('n', '?')} images)",
+        "",
+        *_metric_lines(metrics),
+        *_per_class_table(metrics),
+        *_confusion_table(metrics, card["classes"]),
+        *_source_lines(card.get("by_source")),
+        *_cv_lines(card.get("cross_validation")),
+        "## Parity gates",
         "",
     ]
-    for key in ("n", "accuracy", "macro_f1", "positive_auc", "ece"):
-        if metrics.get(key) is not None:
-            value = metrics[key]
-            lines.append(
-                f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}"
-            )
-    lines += ["", "## Parity gates", ""]
     lines += [
         f"- {p['check']}: {p['images']} images, max |dp| {p['max_abs_diff']:.2e}, top-1 "
         f"agreement {p['top1_agreement']:.4f}: {'pass' if p['passed'] else 'FAIL'}"
@@ -126,3 +133,113 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     lines += [f"| {name} | {f['bytes']} | `{f['sha256']}` |" for name, f in card["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+_SCALARS = (
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("malignant_sensitivity", "malignant sensitivity"),
+    ("malignant_auc", "malignant ROC AUC (one vs rest)"),
+    ("positive_auc", "ROC AUC"),
+    ("ece", "expected calibration error"),
+    ("nll", "negative log-likelihood"),
+    ("brier", "Brier score"),
+    ("jitter_stability", "top-1 unchanged under +-2 gray levels of pixel noise"),
+)
+
+
+def _metric_lines(metrics: Mapping[str, Any]) -> list[str]:
+    intervals = metrics.get("ci95") or {}
+    values = dict(metrics)
+    malignant = (metrics.get("per_class") or {}).get("malignant")
+    if malignant:
+        values["malignant_sensitivity"] = malignant["sensitivity"]
+    lines = []
+    for key, label in _SCALARS:
+        if values.get(key) is None:
+            continue
+        ci = intervals.get(key)
+        suffix = f" (95% bootstrap CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+        lines.append(f"- {label}: {values[key]:.3f}{suffix}")
+    return [*lines, ""]
+
+
+def _per_class_table(metrics: Mapping[str, Any]) -> list[str]:
+    per_class = metrics.get("per_class") or {}
+    if not per_class:
+        return []
+    lines = [
+        "| class | sensitivity | specificity | precision | F1 | images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in per_class.items():
+        lines.append(
+            f"| {name} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
+            f"{m['precision']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        )
+    return [*lines, ""]
+
+
+def _confusion_table(metrics: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
+    matrix = metrics.get("confusion_matrix")
+    if not matrix:
+        return []
+    lines = [
+        "Confusion matrix (rows: true class, columns: predicted):",
+        "",
+        "| | " + " | ".join(classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
+    ]
+    lines += [
+        f"| {c} | " + " | ".join(map(str, row)) + " |"
+        for c, row in zip(classes, matrix, strict=True)
+    ]
+    return [*lines, ""]
+
+
+def _source_lines(by_source: Mapping[str, Any] | None) -> list[str]:
+    if not by_source:
+        return []
+    lines = [
+        "## By source (test split)",
+        "",
+        "| source | images | accuracy | macro-F1 |",
+        "|---|---|---|---|",
+    ]
+    for name, m in (by_source.get("by_source") or {}).items():
+        lines.append(
+            f"| {name} | {m.get('n')} | {_num(m.get('accuracy'))} | {_num(m.get('macro_f1'))} |"
+        )
+    devices = by_source.get("benign_vs_malignant_auc_by_device") or {}
+    if devices:
+        lines += ["", "Benign-vs-malignant ROC AUC by scanner:", ""]
+        lines += [f"- {device}: {_num(auc)}" for device, auc in devices.items()]
+    return [*lines, ""]
+
+
+def _cv_lines(cv: Mapping[str, Any] | None) -> list[str]:
+    if not cv:
+        return []
+    summary = cv.get("summary") or {}
+    stats = summary.get("metrics") or {}
+    lines = [
+        f"## Grouped cross-validation ({cv.get('folds')} folds, {summary.get('n')} images)",
+        "",
+    ]
+    for key, label in _SCALARS:
+        s = stats.get(key)
+        if s and s.get("mean") is not None:
+            ci = s.get("ci95") or [None, None]
+            lines.append(f"- {label}: {s['mean']:.3f} (95% CI {_num(ci[0])}-{_num(ci[1])})")
+    malignant = (summary.get("per_class") or {}).get("malignant", {}).get("sensitivity")
+    if malignant and malignant.get("mean") is not None:
+        ci = malignant.get("ci95") or [None, None]
+        lines.append(
+            f"- malignant sensitivity: {malignant['mean']:.3f} (95% CI {_num(ci[0])}-{_num(ci[1])})"
+        )
+    return [*lines, ""]
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

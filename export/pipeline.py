@@ -29,8 +29,9 @@ from export.parity import (
     int8_gate,
 )
 from export.quantize import QuantConfig, quantize_int8
+from training.augment import jitter_gray_levels
 from training.backbones import Backbone, pixel_scaling
-from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
+from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo, read_reports
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             lines = [r.summary() for r in reports]
             if not reports[1].passed:
                 lines += _diagnose(prepared, int8, held_out)
+                lines.append(_jitter_line(fp32, held_out, fp32_probs, options.min_agreement))
             report_path.write_text("\n".join(lines) + "\n")
             raise ParityError(reports, report_path)
         files = []
@@ -150,7 +152,9 @@ def export_run(options: ExportOptions) -> ExportResult:
             shutil.move(path, target)
             files.append(target)
             log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
-    card = build_card(options.name, info, files, reports, quant_settings)
+    card = build_card(
+        options.name, info, files, reports, quant_settings, read_reports(options.run_dir)
+    )
     card_path, _ = write_card(card, output)
     log.info("wrote %s", card_path)
     return ExportResult(tuple(files), card_path, tuple(reports))
@@ -172,6 +176,20 @@ def _diagnose(prepared: Path, int8: Path, images: np.ndarray, n_images: int = 8)
         *(f"  {name}: {sqnr:.1f} dB" for name, sqnr in weights),
         f"Convolutions run as integer kernels: {convs.int8} of {convs.total} ({convs.op_types}).",
     ]
+
+
+def _jitter_line(fp32: Path, images: np.ndarray, fp32_probs: np.ndarray, gate: float) -> str:
+    """How often the FP32 model itself changes its answer under +-1 gray level of noise.
+
+    INT8 rounding perturbs the network about as much; a model that flips here more often than
+    the gate allows cannot pass it however it is quantized: retrain it (pixel-noise augmentation).
+    """
+    jittered = jitter_gray_levels(images, 1, seed=0)
+    same = float(np.mean(_onnx_probabilities(fp32, jittered).argmax(1) == fp32_probs.argmax(1)))
+    line = f"FP32 model under +-1 gray level of pixel noise: top-1 unchanged on {same:.4f}"
+    if same < gate:
+        line += " (the FP32 model itself is this fragile: retrain it, e.g. with noise augmentation)"
+    return line
 
 
 def _spec(info: RunInfo, precision: Precision, quantization: dict) -> ModelSpec:

@@ -118,3 +118,31 @@ def test_export_writes_a_card_that_the_runtime_verifies(exported):
     assert card["not_a_medical_device"] is True
     assert all(p["passed"] for p in card["parity"])
     assert verify_against_card(export / "model-int8.onnx")
+
+
+def test_cross_validation_only_reports_folds_per_source_and_trains_no_final_model(tmp_path):
+    from training.cli import main as train_main
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=20, seed=2)
+    run = tmp_path / "cv"
+    args = [str(data), "--output", str(run), "--backbone", "small-cnn", "--weights", "none"]
+    args += ["--image-size", "32", "--frozen-epochs", "0", "--epochs", "1", "--batch-size", "16"]
+    args += ["--learning-rate", "0.003", "--folds", "2", "--cv-only"]
+    assert train_main(args) == 0
+    report = json.loads((run / "cv_metrics.json").read_text())
+    assert report["folds"] == 2 and len(report["per_fold"]) == 2
+    assert report["summary"]["n"] == 60  # every image is tested exactly once
+    assert report["summary"]["metrics"]["accuracy"]["n"] == 2
+    assert report["by_source"][data.name]["n"] == 60
+    assert not (run / "model.keras").exists(), "--cv-only must not train the final model"
+    for k in (0, 1):
+        assert (run / "cv" / f"fold{k}" / "split.csv").is_file()
+
+
+def test_cv_only_without_folds_is_a_usage_error(tmp_path, capsys):
+    from training.cli import main as train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([str(tmp_path), "--output", str(tmp_path / "o"), "--cv-only"])
+    assert exit_info.value.code == 2
+    assert "--cv-only needs --folds" in capsys.readouterr().err

@@ -118,6 +118,7 @@ def test_broken_quantization_trips_the_int8_gate(run, tmp_path, monkeypatch):
     report = (out / "bad.parity-failed.txt").read_text()
     assert "onnx-int8 vs onnx-fp32" in report and "FAIL" in report
     assert "Worst activations" in report and "Conv" in report
+    assert "FP32 model under +-1 gray level of pixel noise: top-1 unchanged on" in report
 
 
 def test_missing_run_folder_is_a_usage_error(tmp_path, capsys):

@@ -18,3 +18,24 @@ def test_class_weights_are_tempered_and_average_one():
         assert weights[2] == 0.0
     assert full[0] / full[1] == pytest.approx(9.0)
     assert half[0] / half[1] == pytest.approx(3.0)
+
+
+def test_freeze_batch_norm_reaches_nested_models_and_spares_other_layers():
+    keras = pytest.importorskip("keras")
+    from training.fit import _freeze_batch_norm
+
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4), keras.layers.BatchNormalization()]
+    )
+    outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.BatchNormalization()])
+    _freeze_batch_norm(outer)
+    norms = [layer for model in (outer, inner) for layer in model.layers]
+    assert all(
+        not layer.trainable for layer in norms if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert inner.layers[0].trainable  # the Dense layer still learns
+    before = [w.numpy().copy() for w in inner.layers[1].non_trainable_weights]
+    outer(np.random.default_rng(0).normal(5.0, 3.0, (16, 4)).astype("float32"), training=True)
+    after = [w.numpy() for w in inner.layers[1].non_trainable_weights]
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)  # moving statistics untouched in training mode

@@ -1,8 +1,10 @@
 """Training-time augmentation, vectorized in the tf.data graph (never applied at evaluation).
 
 Geometry: horizontal flip, small rotation, scaling. Intensity, as a scanner's knobs would change
-it: overall gain, contrast and gamma. Vertical flips are left out: they put the skin line at the
-bottom, which no probe produces.
+it: overall gain, contrast and gamma. Pixel noise of a few gray levels, so that the model's answer
+does not hang on differences no reader could see (without it, a fine-tuned EfficientNet-Lite0
+changed 8.6% of its test predictions under +-1 gray level of noise, and INT8 rounding flipped as
+many). Vertical flips are left out: they put the skin line at the bottom, which no probe produces.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -20,6 +23,7 @@ class AugmentConfig:
     gain: float = 0.25  # multiplicative brightness, +-
     contrast: float = 0.25  # +-
     gamma: float = 0.3  # log-uniform around 1
+    noise: float = 0.03  # largest per-image std of additive Gaussian pixel noise (1 = full scale)
     flip: bool = True
 
 
@@ -49,6 +53,18 @@ def make_augmenter(config: AugmentConfig, seed: int):
         contrast = 1.0 + generator.uniform(shape, -config.contrast, config.contrast)
         x = (x - mean) * contrast + mean
         x = x * (1.0 + generator.uniform(shape, -config.gain, config.gain))
+        sigma = generator.uniform(shape, 0.0, config.noise)
+        x = x + sigma * generator.normal(tf.shape(x))
         return tf.cast(tf.clip_by_value(x * 255.0 + 0.5, 0.0, 255.0), tf.uint8)
 
     return augment
+
+
+def jitter_gray_levels(images: np.ndarray, amplitude: int, seed: int) -> np.ndarray:
+    """``images`` (uint8) with independent uniform noise of +-``amplitude`` gray levels per pixel.
+
+    A probe of stability: a sound model gives the same answer on the jittered copy.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-amplitude, amplitude + 1, size=images.shape, dtype=np.int16)
+    return np.clip(images.astype(np.int16) + noise, 0, 255).astype(np.uint8)

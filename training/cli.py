@@ -14,6 +14,7 @@ examples:
        edge-train data/Dataset_BUSI_with_GT data/busbra --output runs/lite0
   2. 5-fold grouped cross-validation first, then the final model:
        edge-train data/Dataset_BUSI_with_GT --folds 5 --output runs/cv
+     (add --cv-only to stop after the folds: cv_metrics.json, per source and per scanner)
   3. a quick smoke run on any <root>/<class>/*.png tree:
        edge-train my_scans --backbone small-cnn --weights none --image-size 96 --epochs 10 \\
            --output runs/smoke
@@ -65,12 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="run K-fold grouped cross-validation before the final model",
     )
+    parser.add_argument(
+        "--cv-only",
+        action="store_true",
+        help="with --folds: write the cross-validation results (cv_metrics.json) and stop, "
+        "without training the final model",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cv_only and args.folds < 2:
+        parser.error("--cv-only needs --folds K with K >= 2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from training.backbones import Backbone
     from training.fit import FitConfig
@@ -83,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights=None if args.weights.lower() == "none" else args.weights,
         input_size=args.image_size,
         folds=args.folds,
+        final_model=not args.cv_only,
         seed=args.seed,
         fit=FitConfig(
             epochs_frozen=args.frozen_epochs,
@@ -97,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"edge-train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"Next: edge-export {args.output} --output {args.output / 'export'}")
+    if args.cv_only:
+        print(f"Cross-validation results: {args.output / 'cv_metrics.json'}")
+    else:
+        print(f"Next: edge-export {args.output} --output {args.output / 'export'}")
     return 0
 
 

@@ -29,6 +29,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     patience: int = 6
+    freeze_batch_norm: bool = True
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
@@ -122,6 +123,8 @@ def fit(
         trainer, "frozen", rate, config.epochs_frozen, train_ds, val_ds, weights, config, rows
     )
     backbone.trainable = True
+    if config.freeze_batch_norm:
+        _freeze_batch_norm(backbone)
     _run_stage(
         trainer,
         "finetune",
@@ -134,6 +137,20 @@ def fit(
         rows,
     )
     return rows
+
+
+def _freeze_batch_norm(model: keras.Model) -> None:
+    """Keep every batch norm of ``model`` in inference mode with its statistics fixed.
+
+    Fine-tuning on a few thousand gray scans re-estimates them from small batches; with them
+    fixed, the ImageNet statistics stay and only the weights adapt (Keras' transfer-learning
+    guide does the same).
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+        elif isinstance(layer, keras.Model):
+            _freeze_batch_norm(layer)
 
 
 def _compile(model: keras.Model, rate, config: FitConfig) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.contract import ResizePolicy
+from training.augment import jitter_gray_levels
 from training.backbones import Backbone
 from training.data import load_images
 from training.datasets import discover_all, fingerprint
@@ -29,6 +30,7 @@ from training.metrics import (
 from training.model import build_classifier
 from training.plots import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
 from training.runfolder import (
+    CV_METRICS_FILE,
     HISTORY_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -41,6 +43,7 @@ from training.splits import stratified_group_kfold, stratified_group_split, writ
 
 log = logging.getLogger(__name__)
 DEFAULT_CLASS_ORDER = ("normal", "benign", "malignant")
+JITTER_GRAY_LEVELS = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     folds: int = 0
+    final_model: bool = True
     seed: int = 0
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -73,13 +77,17 @@ class _Prepared:
     sources: tuple[str, ...]
 
 
-def train(config: TrainConfig) -> RunInfo:
-    """Run the whole pipeline and write the run folder; returns what was written to run.json."""
+def train(config: TrainConfig) -> RunInfo | None:
+    """Run the whole pipeline and write the run folder; returns what was written to run.json
+    (None when only cross-validation was asked for: ``final_model=False``)."""
     start = time.perf_counter()
     config.output.mkdir(parents=True, exist_ok=True)
     data = _prepare(config)
     if config.folds > 1:
         _cross_validate(config, data)
+    if not config.final_model:
+        log.info("cross-validation finished in %.1f min", (time.perf_counter() - start) / 60)
+        return None
     splits = _holdout_split(config, data)
     _write_split(config.output / SPLIT_FILE, data, splits)
     info = _train_and_report(config, data, splits, config.output)
@@ -173,6 +181,7 @@ def _train_and_report(
     y_test = data.labels[part["test"]]
     metrics = evaluate(y_test, test_probs, data.class_names)
     metrics["temperature"] = temperature
+    metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
     by_source = _per_source_metrics(y_test, test_probs, data.class_names, test_samples)
@@ -203,6 +212,20 @@ def _train_and_report(
     )
     info.write(run_dir)
     return info
+
+
+def _jitter_stability(model, images: np.ndarray, seed: int) -> float:
+    """Share of test predictions unchanged when every pixel moves by up to +-2 gray levels.
+
+    No reader can see such a change; a model that flips on it will also flip under INT8
+    rounding, and its export fails the parity gate.
+    """
+    if len(images) == 0:
+        return float("nan")
+    clean = model.predict(images, batch_size=64, verbose=0)["probabilities"].argmax(1)
+    jittered = jitter_gray_levels(images, JITTER_GRAY_LEVELS, seed)
+    noisy = model.predict(jittered, batch_size=64, verbose=0)["probabilities"].argmax(1)
+    return float(np.mean(clean == noisy))
 
 
 def _per_source_metrics(
@@ -239,7 +262,7 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
     folds = np.array(
         stratified_group_kfold(data.labels, data.groups, n_splits=config.folds, seed=config.seed)
     )
-    results = []
+    results, by_source = [], []
     for k in range(config.folds):
         fold_dir = config.output / "cv" / f"fold{k}"
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -259,11 +282,20 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
         _write_split(fold_dir / SPLIT_FILE, data, splits)
         log.info("cross-validation fold %d/%d", k + 1, config.folds)
         results.append(_train_and_report(config, data, splits, fold_dir).test_metrics)
-    summary = summarize_folds(results)
-    (config.output / "cv_metrics.json").write_text(
-        json.dumps({"folds": config.folds, "summary": summary, "per_fold": results}, indent=2)
-        + "\n"
-    )
+        by_source.append(json.loads((fold_dir / SOURCE_METRICS_FILE).read_text()))
+    report = {
+        "folds": config.folds,
+        "summary": summarize_folds(results),
+        "by_source": {
+            source: summarize_folds([fold["by_source"].get(source, {}) for fold in by_source])
+            for source in data.sources
+        },
+        "benign_vs_malignant_auc_by_device": summarize_folds(
+            [fold.get("benign_vs_malignant_auc_by_device", {}) for fold in by_source]
+        )["metrics"],
+        "per_fold": results,
+    }
+    (config.output / CV_METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _write_split(path: Path, data: _Prepared, splits: np.ndarray) -> None:

@@ -12,6 +12,7 @@ RUN_FILE = "run.json"
 SPLIT_FILE = "split.csv"
 HISTORY_FILE = "history.csv"
 SOURCE_METRICS_FILE = "source_metrics.json"
+CV_METRICS_FILE = "cv_metrics.json"
 METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
 
@@ -60,3 +61,13 @@ class RunInfo:
             return cls(**data)
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{path}: unreadable run description: {exc}") from exc
+
+
+def read_reports(run_dir: Path) -> dict[str, Any]:
+    """The run's optional reports: ``by_source`` and ``cross_validation`` where written."""
+    reports = {}
+    for key, name in (("by_source", SOURCE_METRICS_FILE), ("cross_validation", CV_METRICS_FILE)):
+        path = Path(run_dir) / name
+        if path.is_file():
+            reports[key] = json.loads(path.read_text())
+    return reports

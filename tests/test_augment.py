@@ -1,0 +1,45 @@
+"""Training augmentation and the gray-level jitter probe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _flat_batch(value: int = 128, n: int = 8, size: int = 32) -> np.ndarray:
+    return np.full((n, size, size, 1), value, np.uint8)
+
+
+def _intensity_only(**changes):
+    from training.augment import AugmentConfig
+
+    base = dict(rotation_deg=0.0, zoom=0.0, gain=0.0, contrast=0.0, gamma=0.0, flip=False)
+    return AugmentConfig(**{**base, **changes})
+
+
+def test_augmenter_adds_pixel_noise_only_when_asked():
+    pytest.importorskip("tensorflow")
+    from training.augment import make_augmenter
+
+    images = _flat_batch()
+    quiet = np.asarray(make_augmenter(_intensity_only(noise=0.0), seed=0)(images))
+    noisy = np.asarray(make_augmenter(_intensity_only(noise=0.05), seed=0)(images))
+    assert quiet.dtype == np.uint8 and quiet.shape == images.shape
+    np.testing.assert_array_equal(quiet, images)
+    per_image_std = noisy.reshape(len(noisy), -1).std(axis=1)
+    assert per_image_std.max() > 2.0  # up to 0.05 * 255 ~ 13 gray levels
+    assert per_image_std.max() < 0.05 * 255 * 1.2
+    assert abs(float(noisy.mean()) - 128) < 2  # zero-mean noise
+
+
+def test_jitter_moves_each_pixel_at_most_the_amplitude_and_is_seeded():
+    pytest.importorskip("tensorflow")
+    from training.augment import jitter_gray_levels
+
+    images = np.array([[0, 1, 128, 254, 255]], np.uint8).repeat(50, axis=0)
+    jittered = jitter_gray_levels(images, 2, seed=3)
+    assert jittered.dtype == np.uint8
+    assert np.abs(jittered.astype(int) - images).max() == 2
+    assert jittered.min() == 0 and jittered.max() == 255  # clipped, never wrapped
+    np.testing.assert_array_equal(jittered, jitter_gray_levels(images, 2, seed=3))
+    assert not np.array_equal(jittered, jitter_gray_levels(images, 2, seed=4))

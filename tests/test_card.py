@@ -1,0 +1,58 @@
+"""The model card: every metric with its interval, the confusion matrix, sources and CV."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from export.card import build_card, render_markdown, write_card
+from export.parity import reduced_precision_gate
+from training.metrics import evaluate, summarize_folds
+from training.runfolder import RunInfo
+
+CLASSES = ("normal", "benign", "malignant")
+
+
+def _metrics(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, 60)
+    probs = rng.dirichlet(np.ones(3), 60)
+    probs[np.arange(60), labels] += 1.0  # mostly right
+    return evaluate(labels, probs / probs.sum(1, keepdims=True), CLASSES, n_boot=50)
+
+
+def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path):
+    metrics = _metrics(0)
+    metrics["jitter_stability"] = 0.97
+    info = RunInfo(
+        CLASSES, 224, "letterbox", "efficientnet-lite0", 0, "f" * 64, test_metrics=metrics
+    )
+    model = tmp_path / "m-int8.onnx"
+    model.write_bytes(b"not really a model")
+    probs = np.eye(3)[[0, 1, 2, 1]]
+    gate = reduced_precision_gate("onnx-int8 vs onnx-fp32", probs, probs, np.array([0, 1, 2, 1]))
+    reports = {
+        "by_source": {
+            "by_source": {"busi": {"n": 30, "accuracy": 0.8, "macro_f1": 0.7}},
+            "benign_vs_malignant_auc_by_device": {"busbra:GE Logiq 5": 0.93},
+        },
+        "cross_validation": {
+            "folds": 3,
+            "summary": summarize_folds([_metrics(s) for s in (1, 2, 3)]),
+        },
+    }
+    card = build_card("m", info, [model], [gate], {"format": "QDQ"}, reports)
+    json_path, md_path = write_card(card, tmp_path)
+    assert json.loads(json_path.read_text())["cross_validation"]["folds"] == 3
+    text = md_path.read_text()
+    assert text == render_markdown(card)
+    low, high = metrics["ci95"]["accuracy"]
+    assert f"- accuracy: {metrics['accuracy']:.3f} (95% bootstrap CI {low:.3f}-{high:.3f})" in text
+    assert "top-1 unchanged under +-2 gray levels of pixel noise: 0.970" in text
+    row = metrics["confusion_matrix"][2]
+    assert f"| malignant | {row[0]} | {row[1]} | {row[2]} |" in text
+    assert "| busi | 30 | 0.800 | 0.700 |" in text
+    assert "- busbra:GE Logiq 5: 0.930" in text
+    assert "## Grouped cross-validation (3 folds, 180 images)" in text
+    assert "Not a medical device" in text
