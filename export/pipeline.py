@@ -97,6 +97,16 @@ def export_run(options: ExportOptions) -> ExportResult:
         keras_probs = keras_model.predict(held_out, batch_size=32, verbose=0)["probabilities"]
         fp32_probs = _onnx_probabilities(fp32, held_out)
         reports = [fp32_gate(keras_probs, fp32_probs, labels)]
+
+        def against_fp32(gate, path: Path) -> ParityReport:
+            return gate(
+                fp32_probs,
+                _onnx_probabilities(path, held_out),
+                labels,
+                min_agreement=options.min_agreement,
+                max_accuracy_drop=options.max_accuracy_drop,
+            )
+
         prepared = tmp / "prepared-fp32.onnx"
         int8 = _step(
             "quantize to INT8",
@@ -111,30 +121,14 @@ def export_run(options: ExportOptions) -> ExportResult:
         folded = channels == 1 and fold_input_scaling(int8, mean, std)
         quant_settings = {**quant_settings, "input_scaling_folded": bool(folded)}
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
-        reports.append(
-            int8_gate(
-                fp32_probs,
-                _onnx_probabilities(int8, held_out),
-                labels,
-                min_agreement=options.min_agreement,
-                max_accuracy_drop=options.max_accuracy_drop,
-            )
-        )
+        reports.append(against_fp32(int8_gate, int8))
         candidates = [fp32, int8]
         if options.fp16:
             fp16 = _step(
                 "convert to FP16", to_fp16, fp32, tmp / model_file_name(options.name, "fp16")
             )
             write_metadata(fp16, _spec(info, Precision.FP16, {}))
-            reports.append(
-                fp16_gate(
-                    fp32_probs,
-                    _onnx_probabilities(fp16, held_out),
-                    labels,
-                    min_agreement=options.min_agreement,
-                    max_accuracy_drop=options.max_accuracy_drop,
-                )
-            )
+            reports.append(against_fp32(fp16_gate, fp16))
             candidates.append(fp16)
         for report in reports:
             log.info("%s", report.summary())
