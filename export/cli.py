@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-images", type=int, default=256, help="training images used for calibration"
     )
     parser.add_argument(
+        "--float-convs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the first N convolutions in float in the INT8 model (default 0); early "
+        "rounding errors grow through the network, so this can lift INT8-FP32 agreement",
+    )
+    parser.add_argument(
         "--min-agreement",
         type=float,
         default=0.99,
@@ -87,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             activations=IntType(args.activations),
             calibration=Calibration(args.calibration),
             max_calibration_images=args.calibration_images,
+            float_convs=args.float_convs,
         ),
         fp16=args.fp16,
         min_agreement=args.min_agreement,

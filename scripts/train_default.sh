@@ -11,7 +11,7 @@ mkdir -p "$RUN"
 start=$(date +%s)
 edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN" \
     --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 4 --epochs 12 \
-    --learning-rate 0.001 \
+    --learning-rate 0.001 --pixel-noise 0.03 \
     --batch-size 32 --seed 0 2>&1 | tee "$RUN/train.log"
 edge-export "$RUN" --output "$RUN/export" --name default 2>&1 | tee "$RUN/export.log"
 python -m export.bundle "$RUN" --data-root "$DATA"

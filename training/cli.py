@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage-1 learning rate (default: pick by a short search)",
     )
     parser.add_argument(
+        "--pixel-noise",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="largest std of the Gaussian pixel noise added in training, as a fraction of full "
+        "scale (default 0.03; it makes the model, and so its INT8 export, stable)",
+    )
+    parser.add_argument(
         "--folds",
         type=int,
         default=0,
@@ -82,10 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cv_only and args.folds < 2:
         parser.error("--cv-only needs --folds K with K >= 2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from training.augment import AugmentConfig
     from training.backbones import Backbone
     from training.fit import FitConfig
     from training.run import TrainConfig, train
 
+    noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
@@ -101,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
+            augment=AugmentConfig(**noise),
         ),
     )
     try:

@@ -1,0 +1,70 @@
+"""INT8 quantization settings: convolutions kept in float stay float, the rest are quantized."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_runtime.contract import INPUT_NAME
+from export.input_fold import fold_input_scaling
+from export.quantize import QuantConfig, quantize_int8
+
+
+def _two_conv_model(path) -> None:
+    """uint8 NCHW-ready image -> float -> conv1 -> relu -> conv2 -> output."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(2, 4, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([-1, 1, 16, 16], np.int64), "nchw"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "nchw"], ["x"]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["out"], pads=[1, 1, 1, 1], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 2, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def _quantized_weights(path) -> set[str]:
+    """Names of the convolutions whose weight arrives through a DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized}
+
+
+@pytest.mark.parametrize(("float_convs", "quantized"), [(0, {"conv1", "conv2"}), (1, {"conv2"})])
+def test_first_convolutions_can_stay_float(tmp_path, float_convs, quantized):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _two_conv_model(fp32)
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    quantize_int8(fp32, int8, images, QuantConfig(float_convs=float_convs))
+    assert _quantized_weights(int8) == quantized
+
+
+def test_a_float_first_convolution_is_not_folded(tmp_path):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _two_conv_model(fp32)
+    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 1), dtype=np.uint8)
+    quantize_int8(fp32, int8, images, QuantConfig(float_convs=1))
+    original = int8.read_bytes()
+    assert not fold_input_scaling(int8, 0.0, 1.0)
+    assert int8.read_bytes() == original
+
+
+def test_negative_float_convs_is_refused():
+    with pytest.raises(ValueError, match="float_convs"):
+        QuantConfig(float_convs=-1)
