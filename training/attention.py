@@ -1,0 +1,185 @@
+"""Does the model look at the lesion? Class-activation mass inside the lesion masks of test scans.
+
+Shortcuts such as calipers, burned-in text or one scanner's frame sit outside the lesion: a model
+that leans on them puts its activation there. For every held-out benign or malignant scan with a
+lesion mask this measures the share of the predicted class's activation map (mapped back onto the
+scan, as the runtime's heatmaps are) that falls on the lesion, against the share of the scan the
+lesion covers (what an activation spread evenly would score).
+
+examples:
+  python -m training.attention runs/lite0
+  python -m training.attention runs/lite0 --split val --json attention-val.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_runtime.contract import CAM, PROBABILITIES, ResizePolicy
+from edge_runtime.decode import InputError, load_gray
+from edge_runtime.heatmap import cam_to_heatmap
+from edge_runtime.preprocess import make_batch
+from training.datasets import Sample
+from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
+from training.splits import read_manifest
+
+log = logging.getLogger(__name__)
+ATTENTION_FILE = "attention.json"
+
+
+@dataclass(frozen=True)
+class LesionAttention:
+    """One scan: where the model's evidence lies compared with the lesion."""
+
+    path: str
+    source: str
+    label: str
+    predicted: str
+    in_lesion: float  # share of the activation map's mass on lesion pixels
+    lesion_area: float  # share of the scan the lesion covers (an even map's score)
+
+
+def mass_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of ``heatmap``'s mass on the pixels where ``mask`` is set (0 for an empty map)."""
+    total = float(heatmap.sum(dtype=np.float64))
+    if total <= 0.0:
+        return 0.0
+    return float(heatmap[mask].sum(dtype=np.float64)) / total
+
+
+def load_lesion_mask(paths: Sequence[Path], shape: tuple[int, int]) -> np.ndarray:
+    """Union of a scan's mask files as a boolean ``[H, W]`` at the scan's own size.
+
+    Raises:
+        InputError: a mask file cannot be decoded.
+    """
+    union = np.zeros(shape, bool)
+    for path in paths:
+        mask = load_gray(path)
+        if mask.shape != shape:
+            mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        union |= mask > 127
+    return union
+
+
+def measure(
+    model,
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    input_size: int,
+    policy: ResizePolicy,
+) -> list[LesionAttention]:
+    """Measure every sample that has a non-empty lesion mask; unreadable files are skipped
+    with a warning naming the file.
+
+    ``model`` is the Keras classifier (its ``predict`` returns ``probabilities`` and ``cam``).
+    """
+    rows = []
+    for sample in samples:
+        try:
+            gray = load_gray(sample.path)
+            lesion = load_lesion_mask(sample.masks, gray.shape)
+        except InputError as exc:
+            log.warning("%s: skipped: %s", exc.path, exc.reason)
+            continue
+        if not lesion.any():
+            continue
+        outputs = model.predict(make_batch([gray], input_size, policy), verbose=0)
+        predicted = int(np.argmax(outputs[PROBABILITIES][0]))
+        heat = cam_to_heatmap(outputs[CAM][0, ..., predicted], gray.shape, input_size, policy)
+        rows.append(
+            LesionAttention(
+                path=str(sample.path),
+                source=sample.source,
+                label=sample.label,
+                predicted=class_names[predicted],
+                in_lesion=mass_in_mask(heat, lesion),
+                lesion_area=float(lesion.mean()),
+            )
+        )
+    return rows
+
+
+def summarize(rows: Sequence[LesionAttention]) -> dict[str, dict[str, float]]:
+    """Per source and overall: scans, mean share of activation on the lesion, mean lesion area,
+    and the share of scans whose activation favours the lesion over an even spread."""
+    groups: dict[str, list[LesionAttention]] = {"all": list(rows)}
+    for row in rows:
+        groups.setdefault(row.source, []).append(row)
+    return {
+        name: {
+            "n": len(group),
+            "mean_in_lesion": float(np.mean([r.in_lesion for r in group])),
+            "mean_lesion_area": float(np.mean([r.lesion_area for r in group])),
+            "share_above_even": float(np.mean([r.in_lesion > r.lesion_area for r in group])),
+        }
+        for name, group in groups.items()
+        if group
+    }
+
+
+def split_samples(run_dir: Path, split: str) -> list[Sample]:
+    """The scans of one split of a run, with their masks, from its ``split.csv``.
+
+    Raises:
+        ValueError: the split has no rows (DatasetError, for an unreadable manifest, is one).
+    """
+    manifest = read_manifest(run_dir / SPLIT_FILE)
+    samples = [
+        s for s, part in zip(manifest.samples, manifest.splits, strict=True) if part == split
+    ]
+    if not samples:
+        raise ValueError(f"{run_dir / SPLIT_FILE}: no rows in split {split!r}")
+    return samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.attention",
+        description="Share of the model's activation on the lesion, on a run's held-out scans.",
+        epilog="examples:" + __doc__.split("examples:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
+    parser.add_argument("--split", default="test", help="which split to measure (default test)")
+    parser.add_argument(
+        "--json", type=Path, help=f"where to write (default RUN_DIR/{ATTENTION_FILE})"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        info = RunInfo.read(args.run_dir)
+        samples = split_samples(args.run_dir, args.split)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"attention: error: {exc}", file=sys.stderr)
+        return 2
+    from training.model import load_classifier
+
+    model = load_classifier(args.run_dir / MODEL_FILE)
+    policy = ResizePolicy(info.resize_policy)
+    rows = measure(model, samples, info.class_names, info.input_size, policy)
+    summary = summarize(rows)
+    target = args.json or args.run_dir / ATTENTION_FILE
+    report = {"split": args.split, "summary": summary, "scans": [asdict(r) for r in rows]}
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    for name, s in summary.items():
+        print(
+            f"{name}: {s['n']} scans, {s['mean_in_lesion']:.3f} of the activation on the lesion "
+            f"(lesion covers {s['mean_lesion_area']:.3f} of the scan); above an even spread on "
+            f"{s['share_above_even']:.3f} of scans"
+        )
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
