@@ -1,0 +1,103 @@
+"""Burned-in marks: finding them, painting them out, and the with/without comparison."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.contract import ResizePolicy
+from training.datasets import Sample
+from training.marks import (
+    MARKED_MIN_PIXELS,
+    MarkCheck,
+    find_marks,
+    measure,
+    remove_marks,
+    summarize,
+)
+from training.synthetic import synthetic_scan
+
+CLASSES = ("normal", "benign", "malignant")
+
+
+def _scan(seed: int = 0) -> np.ndarray:
+    """A synthetic scan with its speckle smoothed to the grain of real scans (the generator's
+    is pixel by pixel, far rougher than any probe's)."""
+    scan = synthetic_scan("benign", np.random.default_rng(seed), size=(300, 400))
+    return cv2.GaussianBlur(scan, (0, 0), 2)
+
+
+def _marked(scan: np.ndarray) -> np.ndarray:
+    """``scan`` with what a sonographer leaves: two calipers, a dotted line and a label."""
+    out = scan.copy()
+    for x, y in ((120, 100), (260, 110)):
+        cv2.drawMarker(out, (x, y), 255, cv2.MARKER_CROSS, 11, 1)
+    for x in range(126, 255, 4):
+        out[104, x] = 255
+    cv2.putText(out, "RT UOQ", (30, 260), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 1, cv2.LINE_AA)
+    return out
+
+
+def test_marks_are_found_on_a_marked_scan_and_not_on_its_clean_original():
+    scan = _scan()
+    assert find_marks(scan).sum() < MARKED_MIN_PIXELS
+    assert find_marks(_marked(scan)).sum() >= MARKED_MIN_PIXELS
+
+
+def test_removal_paints_the_marks_out_and_leaves_the_rest_alone():
+    scan = _scan(1)
+    marked = _marked(scan)
+    drawn = marked != scan
+    cleaned = remove_marks(marked, find_marks(marked))
+    error_before = np.abs(marked.astype(int) - scan)[drawn].mean()
+    error_after = np.abs(cleaned.astype(int) - scan)[drawn].mean()
+    assert error_after < 0.3 * error_before
+    far = cv2.dilate(drawn.astype(np.uint8), np.ones((15, 15), np.uint8)) == 0
+    np.testing.assert_array_equal(cleaned[far], scan[far])
+
+
+class _MarkReader:
+    """Stands in for the Keras classifier: calls a scan malignant when it holds pure white."""
+
+    def predict(self, batch, verbose=0):
+        white = (batch.reshape(len(batch), -1) >= 250).any(axis=1)
+        probs = np.where(white[:, None], [[0.1, 0.2, 0.7]], [[0.1, 0.7, 0.2]])
+        return {"probabilities": probs.astype(np.float32)}
+
+
+def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path):
+    plain, background = np.minimum(_scan(2), 240), np.minimum(_scan(3), 240)
+    cv2.imwrite(str(tmp_path / "plain.png"), plain)
+    cv2.imwrite(str(tmp_path / "marked.png"), _marked(background))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    samples = [
+        Sample(tmp_path / f"{name}.png", "benign", "s") for name in ("plain", "marked", "broken")
+    ]
+    rows = measure(_MarkReader(), samples, CLASSES, 400, ResizePolicy.LETTERBOX)  # no resampling
+    assert [r.path for r in rows] == [str(samples[0].path), str(samples[1].path)]
+    plain_row, marked_row = rows
+    assert not plain_row.marked and plain_row.predicted == plain_row.predicted_unmarked == "benign"
+    assert marked_row.marked
+    assert (marked_row.predicted, marked_row.predicted_unmarked) == ("malignant", "benign")
+
+
+def test_summary_splits_marked_from_unmarked_per_source():
+    many, few = MARKED_MIN_PIXELS, 0
+    rows = [
+        MarkCheck("a", "x", "benign", few, "benign", "benign"),
+        MarkCheck("b", "x", "benign", many, "malignant", "benign"),
+        MarkCheck("c", "y", "malignant", many, "malignant", "malignant"),
+    ]
+    summary = summarize(rows)
+    assert summary["x"] == {
+        "n_unmarked": 1,
+        "n_marked": 1,
+        "accuracy_unmarked": 1.0,
+        "accuracy_marked": 0.0,
+        "accuracy_marked_removed": 1.0,
+        "changed_by_removal": 1,
+    }
+    assert summary["y"]["accuracy_unmarked"] is None
+    assert summary["all"]["n_marked"] == 2
+    assert summary["all"]["accuracy_marked"] == pytest.approx(0.5)
