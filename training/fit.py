@@ -189,6 +189,7 @@ def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, ro
         epochs=epochs,
         class_weight=weights,
         callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
         verbose=0,
     )
 
@@ -201,7 +202,13 @@ def _search_learning_rate(model, train_ds, val_ds, weights, config: FitConfig) -
     for rate in config.lr_candidates:
         model.set_weights(start)
         _compile(model, rate, config)
-        model.fit(_one_hot(train_ds, num_classes), epochs=1, class_weight=weights, verbose=0)
+        model.fit(
+            _one_hot(train_ds, num_classes),
+            epochs=1,
+            class_weight=weights,
+            shuffle=False,
+            verbose=0,
+        )
         losses[rate] = float(model.evaluate(_one_hot(val_ds, num_classes), verbose=0)[0])
         log.info("learning-rate search: %.2g -> val loss %.4f", rate, losses[rate])
     model.set_weights(start)
