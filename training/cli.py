@@ -69,13 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         "scale (default 0.03; it makes the model, and so its INT8 export, stable)",
     )
     parser.add_argument(
-        "--stability-weight",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="weight of the stability-training term, KL(p(x) || p(x + noise)) (default 0: off)",
-    )
-    parser.add_argument(
         "--folds",
         type=int,
         default=0,
@@ -119,7 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             learning_rate=args.learning_rate,
             seed=args.seed,
             augment=AugmentConfig(**noise),
-            stability_weight=args.stability_weight,
         ),
     )
     try:

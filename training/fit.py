@@ -30,8 +30,6 @@ class FitConfig:
     label_smoothing: float = 0.05
     patience: int = 6
     freeze_batch_norm: bool = True
-    stability_weight: float = 0.0  # > 0: stability training (training.stability)
-    stability_noise: float = 2.0  # gray levels of the noisy copy's Gaussian noise
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
 
@@ -94,12 +92,6 @@ def fit(
     keras.utils.set_random_seed(config.seed)
     num_classes = model.get_layer("probabilities").output.shape[-1]
     trainer = probabilities_model(model)
-    if config.stability_weight > 0:
-        from training.stability import StabilityTrainer
-
-        trainer = StabilityTrainer(
-            trainer, config.stability_weight, config.stability_noise, seed=config.seed
-        )
     weights = class_weights(train[1], num_classes)
     train_ds = make_dataset(
         *train,
