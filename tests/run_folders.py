@@ -34,8 +34,8 @@ def make_run_folder(
     """Train a small classifier on synthetic scans and write a run folder at ``path``.
 
     Writes ``path/data/<class>/*.png`` (the scans), ``model.keras``, ``split.csv`` (columns
-    ``path,label,split``; 50% train, 20% val, 30% test per class) and ``run.json`` with the test
-    accuracy, as ``edge-train`` would.
+    ``path,label,split,group``, one group per scan; 50% train, 20% val, 30% test per class)
+    and ``run.json`` with the test accuracy, as ``edge-train`` would.
 
     Args:
         path: the run folder to create.
@@ -84,9 +84,10 @@ def make_run_folder(
     accuracy = float(np.mean(probs.argmax(1) == labels[test]))
     with open(run / SPLIT_FILE, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
+        writer.writerow(["path", "label", "split", "group"])
         writer.writerows(
-            [str(p), CLASSES[k], s] for p, k, s in zip(paths, labels, splits, strict=True)
+            [str(p), CLASSES[k], s, Path(p).stem]
+            for p, k, s in zip(paths, labels, splits, strict=True)
         )
     RunInfo(
         class_names=CLASSES,

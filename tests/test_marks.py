@@ -101,3 +101,24 @@ def test_summary_splits_marked_from_unmarked_per_source():
     assert summary["y"]["accuracy_unmarked"] is None
     assert summary["all"]["n_marked"] == 2
     assert summary["all"]["accuracy_marked"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_cli_pools_run_folders_and_reports_a_missing_one(tmp_path, capsys):
+    import csv
+    import json
+
+    from tests.run_folders import make_run_folder
+    from training.marks import main
+
+    run = make_run_folder(tmp_path / "run", size=64, per_class=12, epochs=2)
+    with open(run / "split.csv", newline="") as handle:
+        n_test = sum(row["split"] == "test" for row in csv.DictReader(handle))
+    assert main([str(run), str(run), "--json", str(tmp_path / "pooled.json")]) == 0
+    report = json.loads((tmp_path / "pooled.json").read_text())
+    assert (
+        report["summary"]["all"]["n_marked"] + report["summary"]["all"]["n_unmarked"] == 2 * n_test
+    )
+    assert "wrote" in capsys.readouterr().out
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "marks: error" in capsys.readouterr().err

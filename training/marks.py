@@ -6,9 +6,12 @@ the marks (thin strokes much brighter than their surroundings), paints them out 
 inpainting, and compares the predictions: on scans without marks, on marked scans as they are,
 and on the same scans with their marks removed.
 
+Several run folders are pooled: the folds of a cross-validation hold every scan out once.
+
 examples:
   python -m training.marks runs/lite0
   python -m training.marks runs/lite0 --split val --json marks-val.json
+  python -m training.marks runs/cv/cv/fold*          # every scan, each by the fold that held it out
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -115,11 +119,14 @@ def measure(
 
 
 def summarize(rows: Sequence[MarkCheck]) -> dict[str, dict[str, float | int | None]]:
-    """Per source and overall: accuracy on unmarked scans, on marked scans as they are and with
-    their marks removed, and how many marked scans changed their answer."""
+    """Overall, per source and per source and class (``"busi/normal"``): accuracy on unmarked
+    scans, on marked scans as they are and with their marks removed, and how many marked scans
+    changed their answer."""
     groups: dict[str, list[MarkCheck]] = {"all": list(rows)}
     for row in rows:
         groups.setdefault(row.source, []).append(row)
+    for row in rows:
+        groups.setdefault(f"{row.source}/{row.label}", []).append(row)
 
     def accuracy(group: list[MarkCheck], field: str) -> float | None:
         if not group:
@@ -152,27 +159,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="examples:" + __doc__.split("examples:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
+    parser.add_argument(
+        "run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="edge-train run folders"
+    )
     parser.add_argument("--split", default="test", help="which split to measure (default test)")
-    parser.add_argument("--json", type=Path, help=f"where to write (default RUN_DIR/{MARKS_FILE})")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help=f"where to write (default RUN_DIR/{MARKS_FILE}; for several, in their parent)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        info = RunInfo.read(args.run_dir)
-        samples = split_samples(args.run_dir, args.split)
+        runs = [(RunInfo.read(d), split_samples(d, args.split)) for d in args.run_dirs]
     except (FileNotFoundError, ValueError) as exc:
         print(f"marks: error: {exc}", file=sys.stderr)
         return 2
     from training.model import load_classifier
 
-    model = load_classifier(args.run_dir / MODEL_FILE)
-    rows = measure(
-        model, samples, info.class_names, info.input_size, ResizePolicy(info.resize_policy)
-    )
+    rows = []
+    for run_dir, (info, samples) in zip(args.run_dirs, runs, strict=True):
+        model = load_classifier(run_dir / MODEL_FILE)
+        policy = ResizePolicy(info.resize_policy)
+        rows += measure(model, samples, info.class_names, info.input_size, policy)
     summary = summarize(rows)
-    target = args.json or args.run_dir / MARKS_FILE
+    home = args.run_dirs[0] if len(args.run_dirs) == 1 else Path(os.path.commonpath(args.run_dirs))
+    target = args.json or home / MARKS_FILE
     report = {
         "split": args.split,
+        "runs": [str(d) for d in args.run_dirs],
         "marked_min_pixels": MARKED_MIN_PIXELS,
         "summary": summary,
         "scans": [asdict(r) | {"marked": r.marked} for r in rows],
