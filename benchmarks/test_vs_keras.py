@@ -28,7 +28,9 @@ def test_keras_predict(benchmark, keras_model, models, scans):
 def _keras_vs_runtime(keras_model, model_files, models, scans, ratio_log) -> float:
     """Per scan, both end to end from the file: Keras decodes and letterboxes with the same
     function and calls ``predict`` once per scan (how a Keras app handles arriving files); the
-    runtime classifies the folder. Measured once per session, interleaved."""
+    runtime classifies the folder. Both sides run as they ship, on the whole machine: TensorFlow
+    and onnxruntime each with their default thread pools (one thread per core). Measured once
+    per session, interleaved."""
     if "runtime_speedup_vs_keras_predict" not in ratio_log:
         spec = models[Precision.INT8].spec
         folder = scans[:KERAS_SCANS]
@@ -38,7 +40,7 @@ def _keras_vs_runtime(keras_model, model_files, models, scans, ratio_log) -> flo
                 image = make_batch([load_gray(path)], spec.input_size, spec.resize_policy)
                 keras_model.predict(image, verbose=0)
 
-        with Classifier.from_path(model_files[Precision.INT8], threads=1, batch_size=BATCH) as clf:
+        with Classifier.from_path(model_files[Precision.INT8], batch_size=BATCH) as clf:
             t = interleaved(
                 {"runtime": lambda: clf.classify(folder), "keras": keras_per_scan},
                 rounds=5,
