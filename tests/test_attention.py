@@ -82,3 +82,19 @@ def test_summary_per_source_and_overall():
     assert summary["x"]["mean_in_lesion"] == pytest.approx(0.275)
     assert summary["x"]["share_above_even"] == pytest.approx(0.5)
     assert summary["y"]["mean_lesion_area"] == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_report_and_names_a_missing_run(tmp_path, capsys):
+    import json
+
+    from tests.run_folders import make_run_folder
+    from training.attention import main
+
+    run = make_run_folder(tmp_path / "run", size=64, per_class=12, epochs=2)
+    assert main([str(run)]) == 0
+    report = json.loads((run / "attention.json").read_text())
+    assert report["runs"] == [str(run)] and report["split"] == "test"
+    assert "wrote" in capsys.readouterr().out
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "attention: error" in capsys.readouterr().err

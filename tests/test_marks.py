@@ -83,11 +83,11 @@ def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path):
 
 
 def test_summary_splits_marked_from_unmarked_per_source():
-    many, few = MARKED_MIN_PIXELS, 0
+    many = MARKED_MIN_PIXELS
     rows = [
-        MarkCheck("a", "x", "benign", few, "benign", "benign"),
-        MarkCheck("b", "x", "benign", many, "malignant", "benign"),
-        MarkCheck("c", "y", "malignant", many, "malignant", "malignant"),
+        MarkCheck("a", "x", "benign", 0, False, "benign", "benign"),
+        MarkCheck("b", "x", "benign", many, True, "malignant", "benign"),
+        MarkCheck("c", "y", "malignant", many, True, "malignant", "malignant"),
     ]
     summary = summarize(rows)
     assert summary["x"] == {

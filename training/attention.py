@@ -9,16 +9,15 @@ lesion covers (what an activation spread evenly would score).
 examples:
   python -m training.attention runs/lite0
   python -m training.attention runs/lite0 --split val --json attention-val.json
+  python -m training.attention runs/cv/cv/fold*    # every scan, by the fold that held it out
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -28,9 +27,8 @@ from edge_runtime.contract import CAM, PROBABILITIES, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.heatmap import cam_to_heatmap
 from edge_runtime.preprocess import make_batch
+from training.checks import run_check
 from training.datasets import Sample
-from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
-from training.splits import read_manifest
 
 log = logging.getLogger(__name__)
 ATTENTION_FILE = "attention.json"
@@ -127,58 +125,24 @@ def summarize(rows: Sequence[LesionAttention]) -> dict[str, dict[str, float]]:
     }
 
 
-def split_samples(run_dir: Path, split: str) -> list[Sample]:
-    """The scans of one split of a run, with their masks, from its ``split.csv``.
-
-    Raises:
-        ValueError: the split has no rows (DatasetError, for an unreadable manifest, is one).
-    """
-    manifest = read_manifest(run_dir / SPLIT_FILE)
-    samples = [
-        s for s, part in zip(manifest.samples, manifest.splits, strict=True) if part == split
-    ]
-    if not samples:
-        raise ValueError(f"{run_dir / SPLIT_FILE}: no rows in split {split!r}")
-    return samples
+def _describe(s: dict) -> str:
+    return (
+        f"{s['n']} scans, {s['mean_in_lesion']:.3f} of the activation on the lesion (lesion "
+        f"covers {s['mean_lesion_area']:.3f} of the scan); above an even spread on "
+        f"{s['share_above_even']:.3f} of scans"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.attention",
-        description="Share of the model's activation on the lesion, on a run's held-out scans.",
-        epilog="examples:" + __doc__.split("examples:")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    return run_check(
+        argv,
+        module="training.attention",
+        doc=__doc__,
+        file_name=ATTENTION_FILE,
+        measure=measure,
+        summarize=summarize,
+        describe=_describe,
     )
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
-    parser.add_argument("--split", default="test", help="which split to measure (default test)")
-    parser.add_argument(
-        "--json", type=Path, help=f"where to write (default RUN_DIR/{ATTENTION_FILE})"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        info = RunInfo.read(args.run_dir)
-        samples = split_samples(args.run_dir, args.split)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"attention: error: {exc}", file=sys.stderr)
-        return 2
-    from training.model import load_classifier
-
-    model = load_classifier(args.run_dir / MODEL_FILE)
-    policy = ResizePolicy(info.resize_policy)
-    rows = measure(model, samples, info.class_names, info.input_size, policy)
-    summary = summarize(rows)
-    target = args.json or args.run_dir / ATTENTION_FILE
-    report = {"split": args.split, "summary": summary, "scans": [asdict(r) for r in rows]}
-    target.write_text(json.dumps(report, indent=2) + "\n")
-    for name, s in summary.items():
-        print(
-            f"{name}: {s['n']} scans, {s['mean_in_lesion']:.3f} of the activation on the lesion "
-            f"(lesion covers {s['mean_lesion_area']:.3f} of the scan); above an even spread on "
-            f"{s['share_above_even']:.3f} of scans"
-        )
-    print(f"wrote {target}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,14 +16,10 @@ examples:
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -31,9 +27,8 @@ import numpy as np
 from edge_runtime.contract import PROBABILITIES, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.preprocess import make_batch
-from training.attention import split_samples
+from training.checks import run_check
 from training.datasets import Sample
-from training.runfolder import MODEL_FILE, RunInfo
 
 log = logging.getLogger(__name__)
 MARKS_FILE = "marks.json"
@@ -54,12 +49,9 @@ class MarkCheck:
     source: str
     label: str
     mark_pixels: int
+    marked: bool  # mark_pixels >= MARKED_MIN_PIXELS
     predicted: str  # on the scan as it is
     predicted_unmarked: str  # after the marks were painted out
-
-    @property
-    def marked(self) -> bool:
-        return self.mark_pixels >= MARKED_MIN_PIXELS
 
 
 def find_marks(gray: np.ndarray) -> np.ndarray:
@@ -111,6 +103,7 @@ def measure(
                 source=sample.source,
                 label=sample.label,
                 mark_pixels=int(marks.sum()),
+                marked=bool(marks.sum() >= MARKED_MIN_PIXELS),
                 predicted=class_names[int(as_is)],
                 predicted_unmarked=class_names[int(unmarked)],
             )
@@ -152,56 +145,25 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.marks",
-        description="Accuracy with and without burned-in marks, on a run's held-out scans.",
-        epilog="examples:" + __doc__.split("examples:")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _describe(s: dict) -> str:
+    return (
+        f"unmarked {s['n_unmarked']} scans, accuracy {_fmt(s['accuracy_unmarked'])}; marked "
+        f"{s['n_marked']} scans, accuracy {_fmt(s['accuracy_marked'])} as they are, "
+        f"{_fmt(s['accuracy_marked_removed'])} with the marks removed "
+        f"({s['changed_by_removal']} answers changed)"
     )
-    parser.add_argument(
-        "run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="edge-train run folders"
-    )
-    parser.add_argument("--split", default="test", help="which split to measure (default test)")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        help=f"where to write (default RUN_DIR/{MARKS_FILE}; for several, in their parent)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        runs = [(RunInfo.read(d), split_samples(d, args.split)) for d in args.run_dirs]
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"marks: error: {exc}", file=sys.stderr)
-        return 2
-    from training.model import load_classifier
 
-    rows = []
-    for run_dir, (info, samples) in zip(args.run_dirs, runs, strict=True):
-        model = load_classifier(run_dir / MODEL_FILE)
-        policy = ResizePolicy(info.resize_policy)
-        rows += measure(model, samples, info.class_names, info.input_size, policy)
-    summary = summarize(rows)
-    home = args.run_dirs[0] if len(args.run_dirs) == 1 else Path(os.path.commonpath(args.run_dirs))
-    target = args.json or home / MARKS_FILE
-    report = {
-        "split": args.split,
-        "runs": [str(d) for d in args.run_dirs],
-        "marked_min_pixels": MARKED_MIN_PIXELS,
-        "summary": summary,
-        "scans": [asdict(r) | {"marked": r.marked} for r in rows],
-    }
-    target.write_text(json.dumps(report, indent=2) + "\n")
-    for name, s in summary.items():
-        print(
-            f"{name}: unmarked {s['n_unmarked']} scans, accuracy {_fmt(s['accuracy_unmarked'])}; "
-            f"marked {s['n_marked']} scans, accuracy {_fmt(s['accuracy_marked'])} as they are, "
-            f"{_fmt(s['accuracy_marked_removed'])} with the marks removed "
-            f"({s['changed_by_removal']} answers changed)"
-        )
-    print(f"wrote {target}")
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_check(
+        argv,
+        module="training.marks",
+        doc=__doc__,
+        file_name=MARKS_FILE,
+        measure=measure,
+        summarize=summarize,
+        describe=_describe,
+    )
 
 
 if __name__ == "__main__":
