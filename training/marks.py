@@ -115,11 +115,11 @@ def summarize(rows: Sequence[MarkCheck]) -> dict[str, dict[str, float | int | No
     """Overall, per source and per source and class (``"busi/normal"``): accuracy on unmarked
     scans, on marked scans as they are and with their marks removed, and how many marked scans
     changed their answer."""
-    groups: dict[str, list[MarkCheck]] = {"all": list(rows)}
+    groups: dict[str, list[MarkCheck]] = {}
     for row in rows:
         groups.setdefault(row.source, []).append(row)
-    for row in rows:
         groups.setdefault(f"{row.source}/{row.label}", []).append(row)
+    groups = {"all": list(rows)} | dict(sorted(groups.items()))
 
     def accuracy(group: list[MarkCheck], field: str) -> float | None:
         if not group:
