@@ -213,8 +213,12 @@ def _source_lines(by_source: Mapping[str, Any] | None) -> list[str]:
         )
     devices = by_source.get("benign_vs_malignant_auc_by_device") or {}
     if devices:
-        lines += ["", "Benign-vs-malignant ROC AUC by scanner:", ""]
-        lines += [f"- {device}: {_num(auc)}" for device, auc in devices.items()]
+        lines += ["", "Benign-vs-malignant ROC AUC by scanner (95% bootstrap CI):", ""]
+        lines += [
+            f"- {device}: {_num(e.get('auc'))} ({_interval(e.get('ci95'))}; {e.get('n')} scans, "
+            f"{e.get('n_positive')} malignant)"
+            for device, e in devices.items()
+        ]
     return [*lines, ""]
 
 
@@ -238,7 +242,33 @@ def _cv_lines(cv: Mapping[str, Any] | None) -> list[str]:
         lines.append(
             f"- malignant sensitivity: {malignant['mean']:.3f} (95% CI {_num(ci[0])}-{_num(ci[1])})"
         )
+    sources = cv.get("by_source") or {}
+    if sources:
+        lines += ["", "| source | images | accuracy | macro-F1 |", "|---|---|---|---|"]
+        for name, s in sources.items():
+            m = s.get("metrics") or {}
+            lines.append(
+                f"| {name} | {s.get('n')} | {_mean_ci(m.get('accuracy'))} | "
+                f"{_mean_ci(m.get('macro_f1'))} |"
+            )
+    devices = cv.get("benign_vs_malignant_auc_by_device") or {}
+    if devices:
+        lines += ["", "Benign-vs-malignant ROC AUC by scanner, mean over folds (95% CI):", ""]
+        lines += [
+            f"- {device}: {_mean_ci(s)}; {s.get('scans')} scans" for device, s in devices.items()
+        ]
     return [*lines, ""]
+
+
+def _mean_ci(stats: Mapping[str, Any] | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    return f"{stats['mean']:.3f} ({_interval(stats.get('ci95'))})"
+
+
+def _interval(ci: Sequence[float | None] | None) -> str:
+    low, high = ci or (None, None)
+    return f"{_num(low)}-{_num(high)}"
 
 
 def _num(value: Any) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 from export.card import build_card, render_markdown, write_card
 from export.parity import reduced_precision_gate
 from training.metrics import evaluate, summarize_folds
+from training.run import cross_validation_report
 from training.runfolder import RunInfo
 
 CLASSES = ("normal", "benign", "malignant")
@@ -32,15 +33,22 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     model.write_bytes(b"not really a model")
     probs = np.eye(3)[[0, 1, 2, 1]]
     gate = reduced_precision_gate("onnx-int8 vs onnx-fp32", probs, probs, np.array([0, 1, 2, 1]))
+    device = {"auc": 0.93, "ci95": [0.88, 0.97], "n": 120, "n_positive": 40}
+    by_source = {
+        "by_source": {"busi": {"n": 30, "accuracy": 0.8, "macro_f1": 0.7}},
+        "benign_vs_malignant_auc_by_device": {"busbra:GE Logiq 5": device},
+    }
+    folds = [_metrics(s) for s in (1, 2, 3)]
+    fold_sources = [
+        {
+            "by_source": {"busi": folds[k]},
+            "benign_vs_malignant_auc_by_device": {"busbra:GE Logiq 5": {**device, "auc": auc}},
+        }
+        for k, auc in enumerate((0.90, 0.92, 0.94))
+    ]
     reports = {
-        "by_source": {
-            "by_source": {"busi": {"n": 30, "accuracy": 0.8, "macro_f1": 0.7}},
-            "benign_vs_malignant_auc_by_device": {"busbra:GE Logiq 5": 0.93},
-        },
-        "cross_validation": {
-            "folds": 3,
-            "summary": summarize_folds([_metrics(s) for s in (1, 2, 3)]),
-        },
+        "by_source": by_source,
+        "cross_validation": cross_validation_report(folds, fold_sources, ["busi"]),
     }
     card = build_card("m", info, [model], [gate], {"format": "QDQ"}, reports)
     json_path, md_path = write_card(card, tmp_path)
@@ -53,6 +61,12 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     row = metrics["confusion_matrix"][2]
     assert f"| malignant | {row[0]} | {row[1]} | {row[2]} |" in text
     assert "| busi | 30 | 0.800 | 0.700 |" in text
-    assert "- busbra:GE Logiq 5: 0.930" in text
+    assert "- busbra:GE Logiq 5: 0.930 (0.880-0.970; 120 scans, 40 malignant)" in text
     assert "## Grouped cross-validation (3 folds, 180 images)" in text
+    busi = summarize_folds(folds)["metrics"]["accuracy"]
+    assert f"| busi | 180 | {busi['mean']:.3f} (" in text
+    low, high = cross_validation_report(folds, fold_sources, ["busi"])[
+        "benign_vs_malignant_auc_by_device"
+    ]["busbra:GE Logiq 5"]["ci95"]
+    assert f"- busbra:GE Logiq 5: 0.920 ({low:.3f}-{high:.3f}); 360 scans" in text
     assert "Not a medical device" in text

@@ -283,19 +283,37 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
         log.info("cross-validation fold %d/%d", k + 1, config.folds)
         results.append(_train_and_report(config, data, splits, fold_dir).test_metrics)
         by_source.append(json.loads((fold_dir / SOURCE_METRICS_FILE).read_text()))
-    report = {
-        "folds": config.folds,
+    report = cross_validation_report(results, by_source, data.sources)
+    (config.output / CV_METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cross_validation_report(
+    results: Sequence[dict], by_source: Sequence[dict], sources: Sequence[str]
+) -> dict:
+    """``cv_metrics.json``: the folds' test metrics summarized overall, per source and, for
+    benign vs malignant, per scanner (mean AUC with its t-interval, and the lesion scans
+    behind it over all folds).
+
+    Args:
+        results: each fold's ``metrics.json``.
+        by_source: each fold's ``source_metrics.json``.
+        sources: the data sources.
+    """
+    devices = [fold.get("benign_vs_malignant_auc_by_device", {}) for fold in by_source]
+    device_auc = summarize_folds([{d: e["auc"] for d, e in fold.items()} for fold in devices])
+    return {
+        "folds": len(results),
         "summary": summarize_folds(results),
         "by_source": {
             source: summarize_folds([fold["by_source"].get(source, {}) for fold in by_source])
-            for source in data.sources
+            for source in sources
         },
-        "benign_vs_malignant_auc_by_device": summarize_folds(
-            [fold.get("benign_vs_malignant_auc_by_device", {}) for fold in by_source]
-        )["metrics"],
-        "per_fold": results,
+        "benign_vs_malignant_auc_by_device": {
+            device: {**stats, "scans": sum(fold[device]["n"] for fold in devices if device in fold)}
+            for device, stats in device_auc["metrics"].items()
+        },
+        "per_fold": list(results),
     }
-    (config.output / CV_METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _write_split(path: Path, data: _Prepared, splits: np.ndarray) -> None:
