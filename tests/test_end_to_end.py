@@ -121,13 +121,14 @@ def test_export_writes_a_card_that_the_runtime_verifies(exported):
 
 
 def test_cross_validation_only_reports_folds_per_source_and_trains_no_final_model(tmp_path):
+    """Also trains with unmarked copies (--unmark), which loads every scan a second time."""
     from training.cli import main as train_main
 
     data = write_synthetic_dataset(tmp_path / "data", per_class=20, seed=2)
     run = tmp_path / "cv"
     args = [str(data), "--output", str(run), "--backbone", "small-cnn", "--weights", "none"]
     args += ["--image-size", "32", "--frozen-epochs", "0", "--epochs", "1", "--batch-size", "16"]
-    args += ["--learning-rate", "0.003", "--folds", "2", "--cv-only"]
+    args += ["--learning-rate", "0.003", "--folds", "2", "--cv-only", "--unmark", "0.5"]
     assert train_main(args) == 0
     report = json.loads((run / "cv_metrics.json").read_text())
     assert report["folds"] == 2 and len(report["per_fold"]) == 2
@@ -146,3 +147,12 @@ def test_cv_only_without_folds_is_a_usage_error(tmp_path, capsys):
         train_main([str(tmp_path), "--output", str(tmp_path / "o"), "--cv-only"])
     assert exit_info.value.code == 2
     assert "--cv-only needs --folds" in capsys.readouterr().err
+
+
+def test_unmark_outside_zero_to_one_is_a_usage_error(tmp_path, capsys):
+    from training.cli import main as train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([str(tmp_path), "--output", str(tmp_path / "o"), "--unmark", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--unmark is a probability" in capsys.readouterr().err

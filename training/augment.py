@@ -25,6 +25,7 @@ class AugmentConfig:
     gamma: float = 0.3  # log-uniform around 1
     noise: float = 0.03  # largest per-image std of additive Gaussian pixel noise (1 = full scale)
     flip: bool = True
+    unmark: float = 0.0  # chance of showing a scan with its burned-in marks painted out
 
 
 def make_augmenter(config: AugmentConfig, seed: int):

@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "scale (default 0.03; it makes the model, and so its INT8 export, stable)",
     )
     parser.add_argument(
+        "--unmark",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance that a training scan is shown with its burned-in calipers and text painted "
+        "out (python -m training.marks), so that the model cannot lean on them (default 0)",
+    )
+    parser.add_argument(
         "--folds",
         type=int,
         default=0,
@@ -96,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.run import TrainConfig, train
 
     noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
+    if not 0.0 <= args.unmark <= 1.0:
+        parser.error(f"--unmark is a probability in [0, 1]. Got {args.unmark} instead.")
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
@@ -111,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
-            augment=AugmentConfig(**noise),
+            augment=AugmentConfig(**noise, unmark=args.unmark),
         ),
     )
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +24,12 @@ def load_images(
     policy: ResizePolicy = ResizePolicy.LETTERBOX,
     *,
     workers: int = 4,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decode and fit every file once, exactly as the device will.
+
+    ``transform``, if given, changes each decoded scan at its own resolution before it is fitted
+    (``training.marks.paint_out_marks`` for the unmarked copies).
 
     Returns:
         ``(images, failures)``: uint8 ``[N, size, size, 1]`` (a failed file leaves a black image
@@ -36,7 +40,10 @@ def load_images(
 
     def one(index: int) -> None:
         try:
-            images[index, :, :, 0] = fit_to_square(load_gray(paths[index]), size, policy)
+            gray = load_gray(paths[index])
+            if transform is not None:
+                gray = transform(gray)
+            images[index, :, :, 0] = fit_to_square(gray, size, policy)
         except InputError as exc:
             failures.append((exc.path, exc.reason))
 
@@ -56,12 +63,27 @@ def make_dataset(
     seed: int,
     augment: AugmentConfig | None = None,
     sample_weights: np.ndarray | None = None,
+    unmarked: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """A batched tf.data pipeline over in-memory arrays; augmented and shuffled when training."""
+    """A batched tf.data pipeline over in-memory arrays; augmented and shuffled when training.
+
+    ``unmarked``: the same scans with their burned-in marks painted out; while training, each
+    scan is drawn from it with probability ``augment.unmark``, so that the marks tell the model
+    nothing about the label.
+    """
     tensors = (images, labels) if sample_weights is None else (images, labels, sample_weights)
-    ds = tf.data.Dataset.from_tensor_slices(tensors)
+    swap = training and augment is not None and augment.unmark > 0 and unmarked is not None
+    ds = tf.data.Dataset.from_tensor_slices((unmarked, *tensors) if swap else tensors)
     if training:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    if swap:
+        chance = float(augment.unmark)
+        ds = ds.map(
+            lambda clean, x, *rest: (
+                tf.where(tf.random.uniform([], seed=seed) < chance, clean, x),
+                *rest,
+            )
+        )
     ds = ds.batch(batch_size)
     if training and augment is not None:
         augmenter = make_augmenter(augment, seed)

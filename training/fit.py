@@ -81,8 +81,12 @@ def fit(
     config: FitConfig,
     *,
     pretrained: bool = True,
+    train_unmarked: np.ndarray | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on uint8 images and integer labels; returns per-epoch rows.
+
+    ``train_unmarked``: the training scans with their marks painted out, drawn from with
+    probability ``config.augment.unmark`` (see ``make_dataset``).
 
     With a pretrained backbone, stage 1 trains the head on the frozen backbone and stage 2
     fine-tunes everything at a lower rate; a backbone trained from scratch gets one stage of the
@@ -99,6 +103,7 @@ def fit(
         training=True,
         seed=config.seed,
         augment=config.augment,
+        unmarked=train_unmarked,
     )
     val_ds = make_dataset(*val, batch_size=config.batch_size, training=False, seed=config.seed)
     backbone = model.get_layer("backbone")

@@ -78,6 +78,12 @@ def remove_marks(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
     return cv2.inpaint(gray, grown, 3, cv2.INPAINT_TELEA)
 
 
+def paint_out_marks(gray: np.ndarray) -> np.ndarray:
+    """``gray`` with whatever marks :func:`find_marks` sees painted out."""
+    marks = find_marks(gray)
+    return remove_marks(gray, marks) if marks.any() else gray
+
+
 def measure(
     model,
     samples: Sequence[Sample],

@@ -19,6 +19,7 @@ from training.data import load_images
 from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
 from training.fit import FitConfig, fit
+from training.marks import paint_out_marks
 from training.metrics import (
     apply_temperature,
     binary_auc,
@@ -73,6 +74,7 @@ class _Prepared:
     excluded: np.ndarray
     images: np.ndarray
     samples: Sequence
+    unmarked: np.ndarray | None  # the images with their marks painted out, when training asks
     fingerprint: str
     sources: tuple[str, ...]
 
@@ -112,6 +114,16 @@ def _prepare(config: TrainConfig) -> _Prepared:
         bad = {path for path, _ in failures}
         keep = [i for i, s in enumerate(samples) if str(s.path) not in bad]
         samples, images = [samples[i] for i in keep], images[keep]
+    unmarked = None
+    if config.fit.augment is not None and config.fit.augment.unmark > 0:
+        start = time.perf_counter()
+        unmarked, _ = load_images(
+            [s.path for s in samples],
+            config.input_size,
+            config.resize_policy,
+            transform=paint_out_marks,
+        )
+        log.info("painted out burned-in marks in %.1f s", time.perf_counter() - start)
     report = group_duplicates(samples)
     (config.output / "duplicates.csv").write_text(report.to_csv())
     conflicted = set(report.conflicts)
@@ -132,6 +144,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
         excluded=excluded,
         images=images,
         samples=samples,
+        unmarked=unmarked,
         fingerprint=fingerprint(samples),
         sources=tuple(sorted({s.source for s in samples})),
     )
@@ -169,6 +182,7 @@ def _train_and_report(
         (data.images[part["val"]], data.labels[part["val"]]),
         config.fit,
         pretrained=config.weights is not None,
+        train_unmarked=None if data.unmarked is None else data.unmarked[part["train"]],
     )
     model.save(run_dir / MODEL_FILE)
     _write_history(run_dir / HISTORY_FILE, rows)
