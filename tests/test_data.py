@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ def _batches(unmark: float, training: bool = True) -> np.ndarray:
         batch_size=16,
         training=training,
         seed=0,
-        augment=AugmentConfig(**{**NO_CHANGE.__dict__, "unmark": unmark}),
+        augment=replace(NO_CHANGE, unmark=unmark),
         unmarked=unmarked,
     )
     return np.concatenate([x.numpy() for x, _ in ds])
