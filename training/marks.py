@@ -36,8 +36,8 @@ STROKE_WIDTH = 5  # marks are thinner than this (pixels): a white top-hat of thi
 STROKE_CONTRAST = 100  # gray levels above the top-hat's opening
 STROKE_MIN_GRAY = 200
 RIM_CONTRAST = 40  # fainter stroke pixels joined to a mark are painted out with it
-# Scans with at least this many stroke pixels count as marked. Chosen on 40 BUSI scans labelled
-# by eye (16 with calipers or text): it misplaced two of them.
+# Scans with at least this many stroke pixels count as marked. Chosen on 38 BUSI scans labelled
+# by eye (18 with calipers or text): it misplaced two of them.
 MARKED_MIN_PIXELS = 130
 
 
