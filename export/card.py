@@ -234,13 +234,12 @@ def _cv_lines(cv: Mapping[str, Any] | None) -> list[str]:
     for key, label in _SCALARS:
         s = stats.get(key)
         if s and s.get("mean") is not None:
-            ci = s.get("ci95") or [None, None]
-            lines.append(f"- {label}: {s['mean']:.3f} (95% CI {_num(ci[0])}-{_num(ci[1])})")
+            lines.append(f"- {label}: {s['mean']:.3f} (95% CI {_interval(s.get('ci95'))})")
     malignant = (summary.get("per_class") or {}).get("malignant", {}).get("sensitivity")
     if malignant and malignant.get("mean") is not None:
-        ci = malignant.get("ci95") or [None, None]
         lines.append(
-            f"- malignant sensitivity: {malignant['mean']:.3f} (95% CI {_num(ci[0])}-{_num(ci[1])})"
+            f"- malignant sensitivity: {malignant['mean']:.3f} "
+            f"(95% CI {_interval(malignant.get('ci95'))})"
         )
     sources = cv.get("by_source") or {}
     if sources:

@@ -54,12 +54,16 @@ class MarkCheck:
     predicted_unmarked: str  # after the marks were painted out
 
 
+def _strokes(gray: np.ndarray) -> np.ndarray:
+    """White top-hat: how much brighter each pixel is than anything ``STROKE_WIDTH`` wide."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_WIDTH, STROKE_WIDTH))
+    return cv2.morphologyEx(gray, cv2.MORPH_TOPHAT, kernel)
+
+
 def find_marks(gray: np.ndarray) -> np.ndarray:
     """Boolean ``[H, W]`` mask of thin bright strokes: the pixels of calipers, dotted
     measurement lines and burned-in text (and, rarely, a fleck of bright speckle)."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_WIDTH, STROKE_WIDTH))
-    tophat = cv2.morphologyEx(gray, cv2.MORPH_TOPHAT, kernel)
-    return (tophat > STROKE_CONTRAST) & (gray >= STROKE_MIN_GRAY)
+    return (_strokes(gray) > STROKE_CONTRAST) & (gray >= STROKE_MIN_GRAY)
 
 
 def remove_marks(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
@@ -69,8 +73,7 @@ def remove_marks(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
     mark pixel, grown by one pixel: the parts of a caliper that cross bright tissue and the
     anti-aliased rims of text.
     """
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_WIDTH, STROKE_WIDTH))
-    faint = cv2.morphologyEx(gray, cv2.MORPH_TOPHAT, kernel) > RIM_CONTRAST
+    faint = _strokes(gray) > RIM_CONTRAST
     _, labels = cv2.connectedComponents((faint | marks).astype(np.uint8), connectivity=8)
     touched = np.unique(labels[marks])
     paint = np.isin(labels, touched[touched > 0]).astype(np.uint8)
