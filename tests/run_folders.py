@@ -35,7 +35,7 @@ def make_run_folder(
 
     Writes ``path/data/<class>/*.png`` (the scans), ``model.keras``, ``split.csv`` (columns
     ``path,label,split,group``, one group per scan; 50% train, 20% val, 30% test per class)
-    and ``run.json`` with the test accuracy, as ``edge-train`` would.
+    and ``run.json`` with the test accuracy, as ``edge-train`` would (kernels on the INT8 grid).
 
     Args:
         path: the run folder to create.
@@ -51,6 +51,7 @@ def make_run_folder(
     from training.backbones import Backbone
     from training.data import load_images
     from training.fit import FitConfig, fit
+    from training.int8_grid import snap_to_int8_grid
     from training.model import build_classifier
 
     run = Path(path)
@@ -78,6 +79,7 @@ def make_run_folder(
         label_smoothing=0.0,
     )
     fit(model, (images[train], labels[train]), (images[val], labels[val]), config, pretrained=False)
+    snap_to_int8_grid(model)
     model.save(run / MODEL_FILE)
 
     probs = model.predict(images[test], batch_size=64, verbose=0)["probabilities"]
@@ -99,6 +101,7 @@ def make_run_folder(
         temperature=1.0,
         abstain_threshold=0.5,
         sources=("synthetic",),
+        int8_grid=True,
         test_metrics={"n": int(test.sum()), "accuracy": accuracy},
     ).write(run)
     return run

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "out (python -m training.marks), so that the model cannot lean on them (default 0)",
     )
     parser.add_argument(
+        "--no-int8-grid",
+        dest="int8_grid",
+        action="store_false",
+        help="keep the trained kernels as they are; by default they are rounded to the INT8 "
+        "grid that edge-export uses, so the FP32 and INT8 exports share their weights exactly",
+    )
+    parser.add_argument(
         "--folds",
         type=int,
         default=0,
@@ -115,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folds=args.folds,
         final_model=not args.cv_only,
         seed=args.seed,
+        int8_grid=args.int8_grid,
         fit=FitConfig(
             epochs_frozen=args.frozen_epochs,
             epochs_finetune=args.epochs,

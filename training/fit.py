@@ -11,7 +11,7 @@ import numpy as np
 
 from training.augment import AugmentConfig
 from training.data import make_dataset
-from training.model import probabilities_model
+from training.model import nested_layers, probabilities_model
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +151,9 @@ def _freeze_batch_norm(model: keras.Model) -> None:
     fixed, the ImageNet statistics stay and only the weights adapt (Keras' transfer-learning
     guide does the same).
     """
-    for layer in model.layers:
+    for layer in nested_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-        elif isinstance(layer, keras.Model):
-            _freeze_batch_norm(layer)
 
 
 def _compile(model: keras.Model, rate, config: FitConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -43,3 +44,11 @@ def probabilities_model(model: keras.Model) -> keras.Model:
 def load_classifier(path: str | Path) -> keras.Model:
     """Load a saved classifier (custom layers are registered on import of this module)."""
     return keras.models.load_model(path, compile=False)
+
+
+def nested_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """Every layer of ``model``, descending into nested models (the backbone)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from nested_layers(layer)

@@ -19,6 +19,7 @@ from training.data import load_images
 from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
 from training.fit import FitConfig, fit
+from training.int8_grid import snap_to_int8_grid
 from training.marks import paint_out_marks
 from training.metrics import (
     apply_temperature,
@@ -62,6 +63,7 @@ class TrainConfig:
     folds: int = 0
     final_model: bool = True
     seed: int = 0
+    int8_grid: bool = True
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -184,6 +186,8 @@ def _train_and_report(
         pretrained=config.weights is not None,
         train_unmarked=None if data.unmarked is None else data.unmarked[part["train"]],
     )
+    if config.int8_grid:
+        log.info("snapped %d kernels to the INT8 weight grid", snap_to_int8_grid(model))
     model.save(run_dir / MODEL_FILE)
     _write_history(run_dir / HISTORY_FILE, rows)
 
@@ -222,6 +226,7 @@ def _train_and_report(
         data_fingerprint=data.fingerprint,
         temperature=temperature,
         sources=data.sources,
+        int8_grid=config.int8_grid,
         test_metrics=metrics,
     )
     info.write(run_dir)

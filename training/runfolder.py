@@ -31,6 +31,7 @@ class RunInfo:
     abstain_threshold: float = 0.0
     model_version: str = "0.1.0"
     sources: tuple[str, ...] = ()
+    int8_grid: bool = False  # kernels snapped to export's INT8 weight grid (training.int8_grid)
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> Path:
