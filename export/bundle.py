@@ -33,7 +33,9 @@ DOCS_DIR = Path(__file__).resolve().parents[1] / "docs" / "default-model"
 MAX_INT8_BYTES = 5 * 1024 * 1024
 
 
-def bundle(run_dir: Path, data_root: Path, models_dir: Path = MODELS_DIR) -> list[Path]:
+def bundle(
+    run_dir: Path, data_root: Path, models_dir: Path = MODELS_DIR, docs_dir: Path = DOCS_DIR
+) -> list[Path]:
     """Copy the model pair, card, held-out list and reports; returns the files written.
 
     Raises:
@@ -48,6 +50,7 @@ def bundle(run_dir: Path, data_root: Path, models_dir: Path = MODELS_DIR) -> lis
             raise FileNotFoundError(f"{path}: missing; run `edge-export {run_dir} --name {NAME}`")
     if files[1].stat().st_size > MAX_INT8_BYTES:
         raise ValueError(f"{files[1]}: {files[1].stat().st_size:,} bytes, over the 5 MB budget")
+    models_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
         target = models_dir / path.name
@@ -59,15 +62,12 @@ def bundle(run_dir: Path, data_root: Path, models_dir: Path = MODELS_DIR) -> lis
         except ContractError as exc:
             raise ValueError(f"{path}: bundled model fails the contract: {exc}") from exc
     written.append(_write_heldout(run_dir / SPLIT_FILE, data_root, models_dir))
-    DOCS_DIR.mkdir(parents=True, exist_ok=True)
-    for path in [*sorted((run_dir / PLOTS_DIR).glob("*.png")), run_dir / METRICS_FILE]:
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    reports = [run_dir / name for name in (METRICS_FILE, CV_METRICS_FILE, SOURCE_METRICS_FILE)]
+    for path in [*sorted((run_dir / PLOTS_DIR).glob("*.png")), *reports]:
         if path.is_file():
-            shutil.copy2(path, DOCS_DIR / path.name)
-            written.append(DOCS_DIR / path.name)
-    for extra in (CV_METRICS_FILE, SOURCE_METRICS_FILE):
-        if (run_dir / extra).is_file():
-            shutil.copy2(run_dir / extra, DOCS_DIR / extra)
-            written.append(DOCS_DIR / extra)
+            shutil.copy2(path, docs_dir / path.name)
+            written.append(docs_dir / path.name)
     return written
 
 

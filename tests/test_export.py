@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -119,6 +120,40 @@ def test_broken_quantization_trips_the_int8_gate(run, tmp_path, monkeypatch):
     assert "onnx-int8 vs onnx-fp32" in report and "FAIL" in report
     assert "Worst activations" in report and "Conv" in report
     assert "FP32 model under +-1 gray level of pixel noise: top-1 unchanged on" in report
+
+
+def test_bundle_ships_the_pair_the_card_and_the_heldout_list(run, tmp_path):
+    import csv
+
+    from export.bundle import bundle
+    from export.cli import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("data"))  # split.csv points at run
+    args = [str(copy), "--output", str(copy / "export"), "--name", "default"]
+    assert main([*args, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]) == 0
+    (copy / "metrics.json").write_text("{}\n")  # edge-train writes it; make_run_folder does not
+    models, docs = tmp_path / "models", tmp_path / "docs"
+    written = bundle(copy, data_root=run, models_dir=models, docs_dir=docs)
+    assert sorted(p.name for p in models.iterdir()) == [
+        "default-fp32.onnx",
+        "default-int8.onnx",
+        "default.card.json",
+        "default.card.md",
+        "default.heldout.csv",
+    ]
+    assert docs / "metrics.json" in written
+    for precision in ("fp32", "int8"):
+        verify_against_card(models / f"default-{precision}.onnx")
+    with open(copy / "split.csv", newline="") as handle:
+        tests = [r for r in csv.DictReader(handle) if r["split"] == "test"]
+    with open(models / "default.heldout.csv", newline="") as handle:
+        heldout = list(csv.DictReader(handle))
+    assert [(run / r["path"]).resolve() for r in heldout] == [
+        Path(r["path"]).resolve() for r in tests
+    ]
+    with pytest.raises(ValueError, match="is not under"):
+        bundle(copy, data_root=tmp_path / "elsewhere", models_dir=models, docs_dir=docs)
 
 
 def test_missing_run_folder_is_a_usage_error(tmp_path, capsys):
