@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Retrain the bundled default model end to end: train -> export -> bundle into edge_runtime.
+# Retrain the bundled default model end to end: grouped 3-fold cross-validation and the final
+# model (train) -> export -> bundle into edge_runtime.
 # usage: scripts/train_default.sh [DATA_ROOT] [RUN_DIR]
 #   DATA_ROOT holds busi/Dataset_BUSI_with_GT and busbra/ (default ../shared/data);
 #   RUN_DIR is the run folder (default runs/default). Seed fixed; logs to RUN_DIR/train.log.
@@ -12,7 +13,7 @@ start=$(date +%s)
 edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN" \
     --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 4 --epochs 12 \
     --learning-rate 0.001 --pixel-noise 0.03 \
-    --batch-size 32 --seed 0 2>&1 | tee "$RUN/train.log"
-edge-export "$RUN" --output "$RUN/export" --name default 2>&1 | tee "$RUN/export.log"
+    --batch-size 32 --folds 3 --seed 0 2>&1 | tee "$RUN/train.log"
+edge-export "$RUN" --output "$RUN/export" --name default --calibration percentile 2>&1 | tee "$RUN/export.log"
 python -m export.bundle "$RUN" --data-root "$DATA"
 echo "retrained the default model in $(( ($(date +%s) - start) / 60 )) min"

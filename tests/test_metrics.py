@@ -225,7 +225,7 @@ def test_evaluate_subsets_skips_empty_masks():
         evaluate_subsets(y, probs, NAMES, {"bad": np.arange(100)})
 
 
-def test_summarize_folds_gives_t_intervals_and_pools_the_confusion_matrix():
+def test_summarize_folds_gives_t_intervals_cut_to_the_metric_range_and_pools_the_matrix():
     folds = []
     for i, acc in enumerate([0.70, 0.80, 0.90]):
         y = np.array(Y)
@@ -239,8 +239,10 @@ def test_summarize_folds_gives_t_intervals_and_pools_the_confusion_matrix():
     assert acc["mean"] == pytest.approx(0.8)
     assert acc["std"] == pytest.approx(0.1)
     half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, df=2)
-    assert acc["ci95"] == pytest.approx([0.8 - half, 0.8 + half], rel=1e-5)
-    assert s["metrics"]["temperature"]["mean"] == pytest.approx(2.0)
+    assert acc["ci95"] == pytest.approx([0.8 - half, 1.0], rel=1e-5)  # cut where accuracy ends
+    temperature = s["metrics"]["temperature"]
+    assert temperature["mean"] == pytest.approx(2.0)
+    assert temperature["ci95"] == pytest.approx([0.0, 2.0 + 4.302653 / math.sqrt(3)], rel=1e-5)
     assert "n" not in s["metrics"]
     assert s["per_class"]["malignant"]["sensitivity"]["mean"] == pytest.approx(0.75)
     assert s["per_class"]["malignant"]["sensitivity"]["std"] == pytest.approx(0.0)

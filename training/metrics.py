@@ -501,7 +501,13 @@ def _t975(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
-def _stats(values: Sequence[float | None]) -> dict:
+# Fold-summarized metrics that can exceed 1 (the rest are rates, AUCs or errors in [0, 1]).
+_UNBOUNDED_ABOVE_ONE = frozenset({"nll", "brier", "temperature"})
+
+
+def _stats(values: Sequence[float | None], upper: float | None = 1.0) -> dict:
+    """Mean, sd and t-interval; the interval is cut to [0, ``upper``], where the metric lives
+    (with 3 folds an unclipped interval of an AUC near 1 runs past 1)."""
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
@@ -510,7 +516,8 @@ def _stats(values: Sequence[float | None]) -> dict:
         return {"mean": mean, "std": None, "ci95": None, "n": 1}
     sd = float(v.std(ddof=1))
     half = _t975(v.size - 1) * sd / math.sqrt(v.size)
-    return {"mean": mean, "std": sd, "ci95": [mean - half, mean + half], "n": int(v.size)}
+    high = mean + half if upper is None else min(mean + half, upper)
+    return {"mean": mean, "std": sd, "ci95": [max(mean - half, 0.0), high], "n": int(v.size)}
 
 
 def _is_scalar(x: object) -> bool:
@@ -527,7 +534,8 @@ def summarize_folds(fold_metrics: Sequence[Mapping]) -> dict:
     Returns:
         ``folds``; ``n`` (test images over all folds); ``metrics`` ``{name: {mean, std, ci95, n}}``
         for every top-level scalar, the interval being mean ± t(0.975, k-1)·sd/√k over the k folds
-        where it is defined; ``per_class`` ``{class: {sensitivity, specificity, precision, f1:
+        where it is defined, cut to [0, 1] (to [0, inf) for ``nll``, ``brier`` and
+        ``temperature``); ``per_class`` ``{class: {sensitivity, specificity, precision, f1:
         {mean, std, ci95, n}}}``; ``roc_auc`` likewise per class; ``confusion_matrix`` summed.
     """
     folds = list(fold_metrics)
@@ -539,7 +547,10 @@ def summarize_folds(fold_metrics: Sequence[Mapping]) -> dict:
     summary: dict = {
         "folds": len(folds),
         "n": int(sum(f.get("n", 0) for f in folds)),
-        "metrics": {key: _stats([f.get(key) for f in folds]) for key in scalar_keys},
+        "metrics": {
+            key: _stats([f.get(key) for f in folds], None if key in _UNBOUNDED_ABOVE_ONE else 1.0)
+            for key in scalar_keys
+        },
     }
     classes = list(dict.fromkeys(c for f in folds for c in f.get("per_class", {})))
     summary["per_class"] = {
