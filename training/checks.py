@@ -1,5 +1,6 @@
-"""The frame the held-out checks share (``training.attention``, ``training.marks``): read run
-folders, measure each run's model on its own held-out scans, pool, summarize, write JSON, print.
+"""The frame the held-out checks share (``training.attention``, ``training.marks``,
+``training.identity``): read run folders, measure each run's model on its own held-out scans,
+pool, summarize, write JSON, print.
 
 Several run folders are pooled: the folds of a cross-validation hold every scan out once.
 """
@@ -49,7 +50,8 @@ def run_check(
     summarize: Callable[[list], dict[str, dict]],
     describe: Callable[[dict], str],
 ) -> int:
-    """The command line of a held-out check; returns its exit status (2: unusable run folder).
+    """The command line of a held-out check; returns its exit status (2: an unusable run
+    folder, or held-out scans the check cannot use).
 
     Args:
         argv: the arguments (None: ``sys.argv``).
@@ -90,7 +92,11 @@ def run_check(
     for run_dir, info, samples in runs:
         model = load_classifier(run_dir / MODEL_FILE)
         policy = ResizePolicy(info.resize_policy)
-        rows += measure(model, samples, info.class_names, info.input_size, policy)
+        try:
+            rows += measure(model, samples, info.class_names, info.input_size, policy)
+        except ValueError as exc:  # the run's scans do not allow the check
+            print(f"{name}: error: {run_dir}: {exc}", file=sys.stderr)
+            return 2
     summary = summarize(rows)
     home = args.run_dirs[0] if len(args.run_dirs) == 1 else Path(os.path.commonpath(args.run_dirs))
     target = args.json or home / file_name
