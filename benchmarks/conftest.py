@@ -26,12 +26,10 @@ _ratios: dict[str, dict[str, float]] = {}
 
 
 @pytest.fixture(scope="session")
-def model_files(tmp_path_factory) -> dict[Precision, Path]:
-    """The FP32 and INT8 files to benchmark, in this order of preference:
-    ``EDGE_CLASSIFY_BENCH_MODELS=DIR/NAME`` (``NAME-fp32.onnx``/``NAME-int8.onnx``); the bundled
-    default pair; else an EfficientNet-Lite0 pair exported here with the project's own code
-    (ImageNet backbone, untrained 3-class head: right for speed, meaningless for accuracy).
-    A named pair that does not exist fails loudly."""
+def model_files() -> dict[Precision, Path]:
+    """The FP32 and INT8 files to benchmark: ``EDGE_CLASSIFY_BENCH_MODELS=DIR/NAME``
+    (``NAME-fp32.onnx``/``NAME-int8.onnx``), else the bundled default pair. A pair that does not
+    exist fails loudly."""
     chosen = os.environ.get("EDGE_CLASSIFY_BENCH_MODELS")
     if chosen:
         files = {p: Path(f"{chosen}-{p.value}.onnx") for p in PRECISIONS}
@@ -41,12 +39,8 @@ def model_files(tmp_path_factory) -> dict[Precision, Path]:
         return files
     try:
         return {p: default_model_path(p) for p in PRECISIONS}
-    except FileNotFoundError:
-        pass
-    pytest.importorskip("tf2onnx", reason="no bundled model and no export extra to build one")
-    from benchmarks.speed_model import export_speed_model
-
-    return export_speed_model(tmp_path_factory.mktemp("speed-model"))
+    except FileNotFoundError as exc:
+        pytest.fail(f"no model to benchmark: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
