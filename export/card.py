@@ -20,6 +20,9 @@ LIMITATIONS = (
     "Trained on public datasets from a few scanners and sites; performance on other scanners, "
     "presets, populations and image pipelines is unknown until measured there. Burned-in text, "
     "calipers and Doppler colour can act as shortcuts. BUS-BRA has no normal class.",
+    "Shortcut checks on held-out scans: `python -m training.marks` (burned-in calipers and text), "
+    "`python -m training.attention` (activation on the lesion) and `python -m training.identity` "
+    "(which dataset the features reveal). Run them on your own scans before relying on the model.",
 )
 
 
@@ -54,6 +57,7 @@ def build_card(
             "sources": list(info.sources),
             "data_fingerprint": info.data_fingerprint,
             "seed": info.seed,
+            "int8_grid": info.int8_grid,
         },
         "calibration": {
             "temperature": info.temperature,
@@ -117,11 +121,13 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     lines += [
         f"- {p['check']}: {p['images']} images, max |dp| {p['max_abs_diff']:.2e}, top-1 "
-        f"agreement {p['top1_agreement']:.4f}: {'pass' if p['passed'] else 'FAIL'}"
+        f"agreement {p['top1_agreement']:.4f}, accuracy {p['reference_accuracy']:.3f} -> "
+        f"{p['candidate_accuracy']:.3f}: {'pass' if p['passed'] else 'FAIL'}"
         for p in card["parity"]
     ]
     lines += [
         "",
+        *_quantization_lines(card),
         "## Limitations",
         "",
         *[f"- {item}" for item in card["limitations"]],
@@ -133,6 +139,33 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     lines += [f"| {name} | {f['bytes']} | `{f['sha256']}` |" for name, f in card["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _quantization_lines(card: Mapping[str, Any]) -> list[str]:
+    q = card.get("quantization") or {}
+    if not q:
+        return []
+    calibration = q.get("calibration", "?")
+    if "percentile" in q:
+        calibration += f" {q['percentile']}"
+    grid = card["training"].get("int8_grid")
+    return [
+        "## INT8 quantization",
+        "",
+        f"- {q.get('format', 'QDQ')}, activations {q.get('activations')}, weights "
+        f"{q.get('weights')}{' per channel' if q.get('per_channel') else ''}, "
+        f"{calibration} calibration on {q.get('max_calibration_images')} training images, "
+        f"first {q.get('float_convs', 0)} convolutions in float, "
+        f"onnxruntime {q.get('onnxruntime')}",
+        "- Kernels rounded to the INT8 weight grid in training: "
+        + (
+            "yes (FP32 and INT8 share their weights, but for the few channels whose step "
+            "onnxruntime widens so that their bias fits in int32)"
+            if grid
+            else "no"
+        ),
+        "",
+    ]
 
 
 _SCALARS = (

@@ -8,6 +8,7 @@ import numpy as np
 
 from export.card import build_card, render_markdown, write_card
 from export.parity import reduced_precision_gate
+from export.quantize import Calibration, QuantConfig
 from training.metrics import evaluate, summarize_folds
 from training.run import cross_validation_report
 from training.runfolder import RunInfo
@@ -27,7 +28,14 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     metrics = _metrics(0)
     metrics["jitter_stability"] = 0.97
     info = RunInfo(
-        CLASSES, 224, "letterbox", "efficientnet-lite0", 0, "f" * 64, test_metrics=metrics
+        CLASSES,
+        224,
+        "letterbox",
+        "efficientnet-lite0",
+        0,
+        "f" * 64,
+        int8_grid=True,
+        test_metrics=metrics,
     )
     model = tmp_path / "m-int8.onnx"
     model.write_bytes(b"not really a model")
@@ -50,7 +58,8 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
         "by_source": by_source,
         "cross_validation": cross_validation_report(folds, fold_sources, ["busi"]),
     }
-    card = build_card("m", info, [model], [gate], {"format": "QDQ"}, reports)
+    quantization = QuantConfig(calibration=Calibration.PERCENTILE).describe()
+    card = build_card("m", info, [model], [gate], quantization, reports)
     json_path, md_path = write_card(card, tmp_path)
     assert json.loads(json_path.read_text())["cross_validation"]["folds"] == 3
     text = md_path.read_text()
@@ -70,3 +79,6 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     ]["busbra:GE Logiq 5"]["ci95"]
     assert f"- busbra:GE Logiq 5: 0.920 ({low:.3f}-{high:.3f}); 360 scans" in text
     assert "Not a medical device" in text
+    assert "top-1 agreement 1.0000, accuracy 1.000 -> 1.000: pass" in text
+    assert "weights int8 per channel, percentile 99.999 calibration on 256 training images" in text
+    assert "Kernels rounded to the INT8 weight grid in training: yes" in text
