@@ -244,15 +244,24 @@ def _source_lines(by_source: Mapping[str, Any] | None) -> list[str]:
         lines.append(
             f"| {name} | {m.get('n')} | {_num(m.get('accuracy'))} | {_num(m.get('macro_f1'))} |"
         )
-    devices = by_source.get("benign_vs_malignant_auc_by_device") or {}
-    if devices:
-        lines += ["", "Benign-vs-malignant ROC AUC by scanner (95% bootstrap CI):", ""]
-        lines += [
+    heading = "Benign-vs-malignant ROC AUC by scanner (95% bootstrap CI):"
+    lines += _device_auc_lines(by_source.get("benign_vs_malignant_auc_by_device"), heading)
+    return [*lines, ""]
+
+
+def _device_auc_lines(devices: Mapping[str, Any] | None, heading: str) -> list[str]:
+    if not devices:
+        return []
+    return [
+        "",
+        heading,
+        "",
+        *(
             f"- {device}: {_num(e.get('auc'))} ({_interval(e.get('ci95'))}; {e.get('n')} scans, "
             f"{e.get('n_positive')} malignant)"
             for device, e in devices.items()
-        ]
-    return [*lines, ""]
+        ),
+    ]
 
 
 def _cv_lines(cv: Mapping[str, Any] | None) -> list[str]:
@@ -283,8 +292,15 @@ def _cv_lines(cv: Mapping[str, Any] | None) -> list[str]:
                 f"| {name} | {s.get('n')} | {_mean_ci(m.get('accuracy'))} | "
                 f"{_mean_ci(m.get('macro_f1'))} |"
             )
+    pooled = cv.get("benign_vs_malignant_auc_by_device_pooled")
     devices = cv.get("benign_vs_malignant_auc_by_device") or {}
-    if devices:
+    if pooled:
+        heading = (
+            "Benign-vs-malignant ROC AUC by scanner, all folds' held-out predictions pooled "
+            "(95% bootstrap CI):"
+        )
+        lines += _device_auc_lines(pooled, heading)
+    elif devices:
         lines += ["", "Benign-vs-malignant ROC AUC by scanner, mean over folds (95% CI):", ""]
         lines += [
             f"- {device}: {_mean_ci(s)}; {s.get('scans')} scans" for device, s in devices.items()

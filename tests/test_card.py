@@ -82,3 +82,42 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     assert "top-1 agreement 1.0000, accuracy 1.000 -> 1.000: pass" in text
     assert "weights int8 per channel, percentile 99.999 calibration on 256 training images" in text
     assert "Kernels rounded to the INT8 weight grid in training: yes" in text
+
+
+def test_pooled_per_scanner_auc_comes_from_the_folds_predictions(tmp_path):
+    from training.runfolder import HeldOutPredictions
+
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(3):
+        labels = rng.choice(["benign", "malignant"], 40)
+        malignant = (labels == "malignant") * 0.3 + rng.uniform(0, 0.7, 40)  # AUC below 1
+        probs = np.stack([np.zeros(40), 1 - malignant, malignant], axis=1)
+        predictions = HeldOutPredictions(
+            [f"f{k}-{i}.png" for i in range(40)],
+            ["busbra"] * 40,
+            ["GE Logiq 5"] * 20 + ["Toshiba"] * 20,
+            list(labels),
+            probs,
+            CLASSES,
+        )
+        files.append(predictions.write(tmp_path / f"fold{k}.csv"))
+    pooled = HeldOutPredictions.read(files)
+    assert len(pooled.paths) == 120 and pooled.class_names == CLASSES
+    np.testing.assert_allclose(pooled.probabilities[80:], probs, atol=1e-6)  # the last fold
+    folds = [_metrics(s) for s in (1, 2, 3)]
+    fold_sources = [{"by_source": {"busbra": f}} for f in folds]
+    report = cross_validation_report(folds, fold_sources, ["busbra"], pooled)
+    aucs = report["benign_vs_malignant_auc_by_device_pooled"]
+    assert sorted(aucs) == ["busbra:GE Logiq 5", "busbra:Toshiba"]
+    assert aucs["busbra:Toshiba"]["n"] == 60
+    assert 0.5 < aucs["busbra:Toshiba"]["auc"] < 1.0
+    info = RunInfo(CLASSES, 224, "letterbox", "efficientnet-lite0", 0, "f" * 64)
+    card = build_card("m", info, [], [], {}, {"cross_validation": report})
+    text = render_markdown(card)
+    assert "all folds' held-out predictions pooled (95% bootstrap CI)" in text
+    low, high = aucs["busbra:Toshiba"]["ci95"]
+    assert (
+        f"- busbra:Toshiba: {aucs['busbra:Toshiba']['auc']:.3f} ({low:.3f}-{high:.3f}; 60 scans"
+        in text
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 
 from training.synthetic import CLASSES, write_synthetic_dataset
@@ -138,6 +139,12 @@ def test_cross_validation_only_reports_folds_per_source_and_trains_no_final_mode
     assert not (run / "model.keras").exists(), "--cv-only must not train the final model"
     for k in (0, 1):
         assert (run / "cv" / f"fold{k}" / "split.csv").is_file()
+    from training.runfolder import HeldOutPredictions
+
+    pooled = HeldOutPredictions.read([run / "cv" / f"fold{k}" / "predictions.csv" for k in (0, 1)])
+    assert sorted(pooled.paths) == sorted(str(p) for p in data.glob("*/*.png"))  # each once
+    np.testing.assert_allclose(pooled.probabilities.sum(1), 1.0, atol=1e-4)
+    assert report["benign_vs_malignant_auc_by_device_pooled"] == {}  # no scanner names here
 
 
 def test_cv_only_without_folds_is_a_usage_error(tmp_path, capsys):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
@@ -14,6 +18,7 @@ HISTORY_FILE = "history.csv"
 SOURCE_METRICS_FILE = "source_metrics.json"
 CV_METRICS_FILE = "cv_metrics.json"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
 PLOTS_DIR = "plots"
 
 
@@ -72,3 +77,52 @@ def read_reports(run_dir: Path) -> dict[str, Any]:
         if path.is_file():
             reports[key] = json.loads(path.read_text())
     return reports
+
+
+@dataclass(frozen=True)
+class HeldOutPredictions:
+    """A run's calibrated probabilities on its test scans (``predictions.csv``)."""
+
+    paths: list[str]
+    sources: list[str]
+    devices: list[str]  # the scanner where the dataset names it, else ""
+    labels: list[str]
+    probabilities: np.ndarray  # [N, K], temperature-scaled
+    class_names: tuple[str, ...]
+
+    def write(self, path: Path) -> Path:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "source", "device", "label", *self.class_names])
+            for row in zip(
+                self.paths, self.sources, self.devices, self.labels, self.probabilities, strict=True
+            ):
+                writer.writerow([*row[:4], *(f"{p:.6f}" for p in row[4])])
+        return path
+
+    @classmethod
+    def read(cls, paths: Sequence[Path]) -> HeldOutPredictions:
+        """Read one or several ``predictions.csv`` (e.g. the folds of a cross-validation) as one.
+
+        Raises:
+            ValueError: the files name different classes.
+        """
+        rows, class_names = [], None
+        for path in paths:
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                names = tuple((reader.fieldnames or [])[4:])
+                if class_names is not None and names != class_names:
+                    raise ValueError(f"{path}: classes {names}, expected {class_names}")
+                class_names = names
+                rows += list(reader)
+        return cls(
+            paths=[r["path"] for r in rows],
+            sources=[r["source"] for r in rows],
+            devices=[r["device"] for r in rows],
+            labels=[r["label"] for r in rows],
+            probabilities=np.array(
+                [[float(r[c]) for c in class_names or ()] for r in rows], dtype=np.float64
+            ).reshape(len(rows), len(class_names or ())),
+            class_names=class_names or (),
+        )
