@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default="model", help="file name stem (default: model)")
     parser.add_argument(
         "--calibration",
-        choices=[c.value for c in Calibration],
+        choices=[*(c.value for c in Calibration), "auto"],
         default=Calibration.MINMAX.value,
-        help="INT8 calibration method",
+        help="INT8 calibration method; auto: try MinMax and Percentile 99.99/99.999/99.9999 and "
+        "keep the one whose INT8 model agrees best with FP32 on the validation split (the gate "
+        "is then measured on the test split)",
     )
     parser.add_argument(
         "--activations",
@@ -87,19 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from export.pipeline import ExportOptions, ParityError, export_run
     from export.quantize import Calibration, IntType, QuantConfig
 
+    auto = args.calibration == "auto"
     options = ExportOptions(
         run_dir=args.run_dir,
         output_dir=args.output,
         name=args.name,
         quantization=QuantConfig(
             activations=IntType(args.activations),
-            calibration=Calibration(args.calibration),
+            calibration=Calibration.MINMAX if auto else Calibration(args.calibration),
             max_calibration_images=args.calibration_images,
             float_convs=args.float_convs,
         ),
         fp16=args.fp16,
         min_agreement=args.min_agreement,
         max_accuracy_drop=args.max_accuracy_drop,
+        choose_calibration=auto,
     )
     try:
         result = export_run(options)

@@ -28,7 +28,12 @@ from export.parity import (
     fp32_gate,
     int8_gate,
 )
-from export.quantize import QuantConfig, quantize_int8
+from export.quantize import (
+    QuantConfig,
+    calibration_candidates,
+    calibration_name,
+    quantize_int8,
+)
 from training.augment import jitter_gray_levels
 from training.backbones import Backbone, pixel_scaling
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo, read_reports
@@ -59,6 +64,7 @@ class ExportOptions:
     fp16: bool = False
     min_agreement: float = MIN_TOP1_AGREEMENT
     max_accuracy_drop: float = MAX_ACCURACY_DROP
+    choose_calibration: bool = False  # pick among calibration_candidates on the val split
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,10 @@ def export_run(options: ExportOptions) -> ExportResult:
                 max_accuracy_drop=options.max_accuracy_drop,
             )
 
+        quant_config = options.quantization
+        if options.choose_calibration:
+            quant_config, flips = _choose_calibration(options, info, fp32, calibration, tmp)
+            quant_settings = {**quant_config.describe(), "validation_flips_by_calibration": flips}
         prepared = tmp / "prepared-fp32.onnx"
         int8 = _step(
             "quantize to INT8",
@@ -114,12 +124,11 @@ def export_run(options: ExportOptions) -> ExportResult:
             fp32,
             tmp / model_file_name(options.name, "int8"),
             calibration,
-            options.quantization,
+            quant_config,
             prepared_path=prepared,
         )
-        mean, std, channels = pixel_scaling(Backbone(info.backbone))
-        folded = channels == 1 and fold_input_scaling(int8, mean, std)
-        quant_settings = {**quant_settings, "input_scaling_folded": bool(folded)}
+        folded = _fold_input(int8, info)
+        quant_settings = {**quant_settings, "input_scaling_folded": folded}
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
         reports.append(against_fp32(int8_gate, int8))
         candidates = [fp32, int8]
@@ -152,6 +161,40 @@ def export_run(options: ExportOptions) -> ExportResult:
     card_path, _ = write_card(card, output)
     log.info("wrote %s", card_path)
     return ExportResult(tuple(files), card_path, tuple(reports))
+
+
+def _fold_input(int8: Path, info: RunInfo) -> bool:
+    mean, std, channels = pixel_scaling(Backbone(info.backbone))
+    return bool(channels == 1 and fold_input_scaling(int8, mean, std))
+
+
+def _choose_calibration(
+    options: ExportOptions, info: RunInfo, fp32: Path, calibration: np.ndarray, tmp: Path
+) -> tuple[QuantConfig, dict[str, int]]:
+    """The calibration whose INT8 model changes fewest top-1 answers of FP32 on the validation
+    split (never on the test split, which the gate is measured on); ties go to the earlier of
+    :func:`export.quantize.calibration_candidates`. Returns it and the flips of each."""
+    val, _ = _split_images(options, info, "val")
+    reference = _onnx_probabilities(fp32, val).argmax(1)
+    flips: dict[str, int] = {}
+    best = None
+    for k, candidate in enumerate(calibration_candidates(options.quantization)):
+        path = quantize_int8(fp32, tmp / f"calibration-{k}.onnx", calibration, candidate)
+        _fold_input(path, info)
+        write_metadata(path, _spec(info, Precision.INT8, {}))
+        name = calibration_name(candidate)
+        flips[name] = int(np.sum(_onnx_probabilities(path, val).argmax(1) != reference))
+        log.info(
+            "calibration %s: %d of %d validation answers differ from FP32",
+            name,
+            flips[name],
+            len(val),
+        )
+        if best is None or flips[name] < flips[calibration_name(best)]:
+            best = candidate
+        path.unlink()
+    log.info("chose calibration %s on the validation split", calibration_name(best))
+    return best, flips
 
 
 def _diagnose(prepared: Path, int8: Path, images: np.ndarray, n_images: int = 8) -> list[str]:
@@ -218,8 +261,40 @@ def _onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
 
 def _images_for(options: ExportOptions, info: RunInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibration images (train split) and held-out images with labels (test, else val)."""
-    from training.data import load_images
+    rows = _manifest_rows(options)
+    if not rows.get("train") or not (rows.get("test") or rows.get("val")):
+        raise ValueError(
+            f"{options.run_dir / SPLIT_FILE}: needs 'train' rows and 'test' or 'val' rows."
+        )
+    held_split = "test" if rows.get("test") else "val"
+    train = rows["train"]
+    spread = train[:: max(1, len(train) // options.quantization.max_calibration_images)]
+    calibration, _ = _load(spread, info)
+    images, labels = _split_images(options, info, held_split)
+    return calibration, images, labels
 
+
+def _split_images(
+    options: ExportOptions, info: RunInfo, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images (at most ``max_parity_images``) and labels, preprocessed.
+
+    Raises:
+        ValueError: the split has no rows, or some of its images cannot be read.
+    """
+    rows = _manifest_rows(options).get(split, [])[: options.max_parity_images]
+    if not rows:
+        raise ValueError(f"{options.run_dir / SPLIT_FILE}: no {split!r} rows")
+    images, failures = _load(rows, info)
+    if failures:
+        raise ValueError(
+            f"{options.run_dir / SPLIT_FILE}: {len(failures)} {split} images could not be read, "
+            f"e.g. {failures[0][0]}: {failures[0][1]}"
+        )
+    return images, np.array([info.class_names.index(r["label"]) for r in rows])
+
+
+def _manifest_rows(options: ExportOptions) -> dict[str, list[dict]]:
     manifest = options.run_dir / SPLIT_FILE
     if not manifest.is_file():
         raise ValueError(
@@ -231,22 +306,13 @@ def _images_for(options: ExportOptions, info: RunInfo) -> tuple[np.ndarray, np.n
     by_split: dict[str, list[dict]] = {}
     for row in rows:
         by_split.setdefault(row.get("split", ""), []).append(row)
-    held = by_split.get("test") or by_split.get("val")
-    if not by_split.get("train") or not held:
-        raise ValueError(f"{manifest}: needs 'train' rows and 'test' or 'val' rows.")
-    held = held[: options.max_parity_images]
-    policy = ResizePolicy(info.resize_policy)
-    train = by_split["train"]
-    spread = train[:: max(1, len(train) // options.quantization.max_calibration_images)]
-    calibration, _ = load_images([r["path"] for r in spread], info.input_size, policy)
-    images, failures = load_images([r["path"] for r in held], info.input_size, policy)
-    if failures:
-        raise ValueError(
-            f"{manifest}: {len(failures)} held-out images could not be read, e.g. "
-            f"{failures[0][0]}: {failures[0][1]}"
-        )
-    labels = np.array([info.class_names.index(r["label"]) for r in held])
-    return calibration, images, labels
+    return by_split
+
+
+def _load(rows: list[dict], info: RunInfo) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    from training.data import load_images
+
+    return load_images([r["path"] for r in rows], info.input_size, ResizePolicy(info.resize_policy))
 
 
 def _writable_dir(path: Path) -> Path:

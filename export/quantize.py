@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -118,6 +118,24 @@ class QuantConfig:
         }
 
 
+AUTO_PERCENTILES = (99.99, 99.999, 99.9999)
+
+
+def calibration_candidates(base: QuantConfig) -> list[QuantConfig]:
+    """What ``edge-export --calibration auto`` tries, in order of preference on ties: MinMax,
+    then Percentile at each of :data:`AUTO_PERCENTILES`; everything else as in ``base``."""
+    return [replace(base, calibration=Calibration.MINMAX)] + [
+        replace(base, calibration=Calibration.PERCENTILE, percentile=p) for p in AUTO_PERCENTILES
+    ]
+
+
+def calibration_name(config: QuantConfig) -> str:
+    """``minmax``, ``entropy`` or ``percentile 99.999``."""
+    if config.calibration is Calibration.PERCENTILE:
+        return f"percentile {config.percentile:g}"
+    return config.calibration.value
+
+
 class _BatchReader(CalibrationDataReader):
     """Feeds uint8 batches to onnxruntime's calibrator; returns None when exhausted."""
 
@@ -167,7 +185,11 @@ def quantize_int8(
     if len(images) == 0:
         raise ValueError("Quantization needs at least one calibration image. Got none.")
     images = images[: config.max_calibration_images]
-    batches = (images[i : i + config.batch_size] for i in range(0, len(images), config.batch_size))
+    # Equal batches: onnxruntime's histogram calibrators (percentile, entropy) stack the batches'
+    # outputs and fail on a shorter last batch, so the few images past the last full one go.
+    size = min(config.batch_size, len(images))
+    images = images[: len(images) - len(images) % size]
+    batches = (images[i : i + size] for i in range(0, len(images), size))
     extra: dict[str, object] = {"CalibMovingAverage": False}
     if config.calibration is Calibration.PERCENTILE:
         extra["CalibPercentile"] = config.percentile

@@ -14,6 +14,6 @@ edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN" \
     --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 4 --epochs 12 \
     --learning-rate 0.001 --pixel-noise 0.03 \
     --batch-size 32 --folds 3 --seed 0 2>&1 | tee "$RUN/train.log"
-edge-export "$RUN" --output "$RUN/export" --name default --calibration percentile 2>&1 | tee "$RUN/export.log"
+edge-export "$RUN" --output "$RUN/export" --name default --calibration auto 2>&1 | tee "$RUN/export.log"
 python -m export.bundle "$RUN" --data-root "$DATA"
 echo "retrained the default model in $(( ($(date +%s) - start) / 60 )) min"

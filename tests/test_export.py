@@ -156,6 +156,38 @@ def test_bundle_ships_the_pair_the_card_and_the_heldout_list(run, tmp_path):
         bundle(copy, data_root=tmp_path / "elsewhere", models_dir=models, docs_dir=docs)
 
 
+def test_auto_calibration_is_chosen_on_the_validation_split(run, tmp_path, monkeypatch):
+    from export import pipeline
+    from export.cli import main
+
+    seen = []
+    real = pipeline._split_images
+
+    def spy(options, info, split):
+        seen.append(split)
+        return real(options, info, split)
+
+    monkeypatch.setattr(pipeline, "_split_images", spy)
+    out = tmp_path / "out"
+    args = [str(run), "--output", str(out), "--name", "auto", "--calibration", "auto"]
+    assert main([*args, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]) == 0
+    assert seen == ["test", "val"]  # the gate's held-out images, then the choice's
+    quantization = json.loads((out / "auto.card.json").read_text())["quantization"]
+    flips = quantization["validation_flips_by_calibration"]
+    assert list(flips) == [
+        "minmax",
+        "percentile 99.99",
+        "percentile 99.999",
+        "percentile 99.9999",
+    ]
+    chosen = min(flips, key=flips.get)  # the first of the fewest
+    assert quantization["calibration"] == chosen.split()[0]
+    if chosen != "minmax":
+        assert quantization["percentile"] == float(chosen.split()[1])
+    model = open_model(out / "auto-int8.onnx", provider=Provider.CPU)
+    assert model.spec.quantization["validation_flips_by_calibration"] == flips
+
+
 def test_missing_run_folder_is_a_usage_error(tmp_path, capsys):
     from export.cli import main
 
