@@ -3,17 +3,19 @@
 # model (train) -> export -> bundle into edge_runtime.
 # usage: scripts/train_default.sh [DATA_ROOT] [RUN_DIR]
 #   DATA_ROOT holds busi/Dataset_BUSI_with_GT and busbra/ (default ../shared/data);
-#   RUN_DIR is the run folder (default runs/default). Seed fixed; logs to RUN_DIR/train.log.
+#   RUN_DIR is the run folder (default runs/default). Seed 0 unless SEED is set in the
+#   environment; logs to RUN_DIR/train.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data}"
 RUN="${2:-runs/default}"
+SEED="${SEED:-0}"
 mkdir -p "$RUN"
 start=$(date +%s)
 edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN" \
     --backbone efficientnet-lite0 --image-size 224 --frozen-epochs 4 --epochs 12 \
     --learning-rate 0.001 --pixel-noise 0.03 \
-    --batch-size 32 --folds 3 --seed 0 2>&1 | tee "$RUN/train.log"
+    --batch-size 32 --folds 3 --seed "$SEED" 2>&1 | tee "$RUN/train.log"
 edge-export "$RUN" --output "$RUN/export" --name default --calibration auto 2>&1 | tee "$RUN/export.log"
 python -m export.bundle "$RUN" --data-root "$DATA"
 echo "retrained the default model in $(( ($(date +%s) - start) / 60 )) min"
