@@ -176,25 +176,23 @@ def _choose_calibration(
     :func:`export.quantize.calibration_candidates`. Returns it and the flips of each."""
     val, _ = _split_images(options, info, "val")
     reference = _onnx_probabilities(fp32, val).argmax(1)
+    candidates = {calibration_name(c): c for c in calibration_candidates(options.quantization)}
     flips: dict[str, int] = {}
-    best = None
-    for k, candidate in enumerate(calibration_candidates(options.quantization)):
+    for k, (name, candidate) in enumerate(candidates.items()):
         path = quantize_int8(fp32, tmp / f"calibration-{k}.onnx", calibration, candidate)
         _fold_input(path, info)
         write_metadata(path, _spec(info, Precision.INT8, {}))
-        name = calibration_name(candidate)
         flips[name] = int(np.sum(_onnx_probabilities(path, val).argmax(1) != reference))
+        path.unlink()
         log.info(
             "calibration %s: %d of %d validation answers differ from FP32",
             name,
             flips[name],
             len(val),
         )
-        if best is None or flips[name] < flips[calibration_name(best)]:
-            best = candidate
-        path.unlink()
-    log.info("chose calibration %s on the validation split", calibration_name(best))
-    return best, flips
+    best = min(flips, key=flips.get)  # the first of the fewest
+    log.info("chose calibration %s on the validation split", best)
+    return candidates[best], flips
 
 
 def _diagnose(prepared: Path, int8: Path, images: np.ndarray, n_images: int = 8) -> list[str]:

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="int8_grid",
         action="store_false",
         help="keep the trained kernels as they are; by default they are rounded to the INT8 "
-        "grid that edge-export uses, so the FP32 and INT8 exports share their weights exactly",
+        "grid that edge-export uses, so the FP32 and INT8 exports share their weights",
     )
     parser.add_argument(
         "--folds",

@@ -95,9 +95,11 @@ def measure(
             continue
         kept.append(sample)
     batch = np.stack(images)
-    pooled = keras.Model(model.input, model.get_layer("head").input)
-    features = pooled.predict(batch, batch_size=32, verbose=0).mean(axis=(1, 2))
-    predicted = model.predict(batch, batch_size=32, verbose=0)[PROBABILITIES].argmax(1)
+    both = keras.Model(
+        model.input, [model.get_layer("head").input, model.get_layer(PROBABILITIES).output]
+    )
+    feature_maps, probabilities = both.predict(batch, batch_size=32, verbose=0)
+    features, predicted = feature_maps.mean(axis=(1, 2)), probabilities.argmax(1)
     pixels = np.stack(
         [
             cv2.resize(image, (PIXEL_SIDE, PIXEL_SIDE), interpolation=cv2.INTER_AREA)

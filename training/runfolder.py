@@ -107,22 +107,24 @@ class HeldOutPredictions:
         Raises:
             ValueError: the files name different classes.
         """
-        rows, class_names = [], None
-        for path in paths:
+        rows: list[dict] = []
+        class_names: tuple[str, ...] = ()
+        for k, path in enumerate(paths):
             with open(path, newline="") as handle:
                 reader = csv.DictReader(handle)
                 names = tuple((reader.fieldnames or [])[4:])
-                if class_names is not None and names != class_names:
+                if k and names != class_names:
                     raise ValueError(f"{path}: classes {names}, expected {class_names}")
                 class_names = names
                 rows += list(reader)
+        probabilities = [[float(r[c]) for c in class_names] for r in rows]
         return cls(
             paths=[r["path"] for r in rows],
             sources=[r["source"] for r in rows],
             devices=[r["device"] for r in rows],
             labels=[r["label"] for r in rows],
-            probabilities=np.array(
-                [[float(r[c]) for c in class_names or ()] for r in rows], dtype=np.float64
-            ).reshape(len(rows), len(class_names or ())),
-            class_names=class_names or (),
+            probabilities=np.array(probabilities, dtype=np.float64).reshape(
+                len(rows), len(class_names)
+            ),
+            class_names=class_names,
         )
