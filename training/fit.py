@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from training.augment import AugmentConfig
 from training.data import make_dataset
+from training.label_sets import LabelSetCrossEntropy, accuracy, targets
 from training.model import nested_layers, probabilities_model
 
 log = logging.getLogger(__name__)
@@ -82,35 +84,52 @@ def fit(
     *,
     pretrained: bool = True,
     train_unmarked: np.ndarray | None = None,
+    allowed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on uint8 images and integer labels; returns per-epoch rows.
 
     ``train_unmarked``: the training scans with their marks painted out, drawn from with
     probability ``config.augment.unmark`` (see ``make_dataset``).
+    ``allowed``: ``[N, C]`` masks of the classes each train and val scan's source labels
+    (``training.label_sets``); None means every class for every scan.
 
     With a pretrained backbone, stage 1 trains the head on the frozen backbone and stage 2
     fine-tunes everything at a lower rate; a backbone trained from scratch gets one stage of the
     same total length at the searched rate. Stages use cosine decay, stop early on validation loss
     and restore the best weights.
+
+    Deterministic: TensorFlow's op determinism is switched on, so the same weights, data and
+    config give the same model bit for bit (on the same machine and library versions).
     """
+    tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     num_classes = model.get_layer("probabilities").output.shape[-1]
     trainer = probabilities_model(model)
+    if allowed is None:
+        allowed = tuple(np.ones((len(part[1]), num_classes), np.float32) for part in (train, val))
     weights = class_weights(train[1], num_classes)
     train_ds = make_dataset(
-        *train,
+        train[0],
+        targets(train[1], allowed[0]),
         batch_size=config.batch_size,
         training=True,
         seed=config.seed,
         augment=config.augment,
+        sample_weights=np.array([weights[k] for k in train[1]], np.float32),
         unmarked=train_unmarked,
     )
-    val_ds = make_dataset(*val, batch_size=config.batch_size, training=False, seed=config.seed)
+    val_ds = make_dataset(
+        val[0],
+        targets(val[1], allowed[1]),
+        batch_size=config.batch_size,
+        training=False,
+        seed=config.seed,
+    )
     backbone = model.get_layer("backbone")
     rows: list[dict] = []
 
     backbone.trainable = not pretrained
-    rate = config.learning_rate or _search_learning_rate(trainer, train_ds, val_ds, weights, config)
+    rate = config.learning_rate or _search_learning_rate(trainer, train_ds, val_ds, config)
     if not pretrained:
         _run_stage(
             trainer,
@@ -119,13 +138,12 @@ def fit(
             config.epochs_frozen + config.epochs_finetune,
             train_ds,
             val_ds,
-            weights,
             config,
             rows,
         )
         return rows
     _run_stage(
-        trainer, "frozen", rate, config.epochs_frozen, train_ds, val_ds, weights, config, rows
+        trainer, "frozen", rate, config.epochs_frozen, train_ds, val_ds, config, rows
     )
     backbone.trainable = True
     if config.freeze_batch_norm:
@@ -137,7 +155,6 @@ def fit(
         config.epochs_finetune,
         train_ds,
         val_ds,
-        weights,
         config,
         rows,
     )
@@ -159,18 +176,17 @@ def _freeze_batch_norm(model: keras.Model) -> None:
 def _compile(model: keras.Model, rate, config: FitConfig) -> None:
     model.compile(
         optimizer=keras.optimizers.AdamW(rate, weight_decay=config.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
+        loss=LabelSetCrossEntropy(label_smoothing=config.label_smoothing),
+        metrics=[accuracy],
     )
 
 
-def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, rows) -> None:
+def _run_stage(model, stage, rate, epochs, train_ds, val_ds, config, rows) -> None:
     if epochs <= 0:
         return
     steps = epochs * int(train_ds.cardinality())
     schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps), alpha=0.05)
     _compile(model, schedule, config)
-    num_classes = model.output.shape[-1]
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience, restore_best_weights=True
@@ -179,36 +195,25 @@ def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, ro
     ]
     log.info("stage %s: %d epochs at learning rate %.2g", stage, epochs, rate)
     model.fit(
-        _one_hot(train_ds, num_classes),
-        validation_data=_one_hot(val_ds, num_classes),
+        train_ds,
+        validation_data=val_ds,
         epochs=epochs,
-        class_weight=weights,
         callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=0,
     )
 
 
-def _search_learning_rate(model, train_ds, val_ds, weights, config: FitConfig) -> float:
+def _search_learning_rate(model, train_ds, val_ds, config: FitConfig) -> float:
     """One frozen-backbone epoch per candidate from the same start; lowest validation loss wins."""
     start = model.get_weights()
-    num_classes = model.output.shape[-1]
     losses = {}
     for rate in config.lr_candidates:
         model.set_weights(start)
         _compile(model, rate, config)
-        model.fit(
-            _one_hot(train_ds, num_classes),
-            epochs=1,
-            class_weight=weights,
-            shuffle=False,
-            verbose=0,
-        )
-        losses[rate] = float(model.evaluate(_one_hot(val_ds, num_classes), verbose=0)[0])
+        model.fit(train_ds, epochs=1, shuffle=False, verbose=0)
+        losses[rate] = float(model.evaluate(val_ds, verbose=0)[0])
         log.info("learning-rate search: %.2g -> val loss %.4f", rate, losses[rate])
     model.set_weights(start)
     return min(losses, key=losses.get)
 
-
-def _one_hot(ds, num_classes: int):
-    return ds.map(lambda x, y, *rest: (x, keras.ops.one_hot(y, num_classes), *rest))
