@@ -84,12 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
         "grid that edge-export uses, so the FP32 and INT8 exports share their weights",
     )
     parser.add_argument(
-        "--source-label-sets",
-        action="store_true",
-        help="renormalize each scan's softmax loss over the classes its source labels (BUS-BRA: "
-        "benign and malignant), so that no source teaches 'not normal' by its look alone",
-    )
-    parser.add_argument(
         "--folds",
         type=int,
         default=0,
@@ -129,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         final_model=not args.cv_only,
         seed=args.seed,
         int8_grid=args.int8_grid,
-        source_label_sets=args.source_label_sets,
         fit=FitConfig(
             epochs_frozen=args.frozen_epochs,
             epochs_finetune=args.epochs,

@@ -12,7 +12,6 @@ import tensorflow as tf
 
 from training.augment import AugmentConfig
 from training.data import make_dataset
-from training.label_sets import LabelSetCrossEntropy, accuracy, targets
 from training.model import nested_layers, probabilities_model
 
 log = logging.getLogger(__name__)
@@ -84,14 +83,11 @@ def fit(
     *,
     pretrained: bool = True,
     train_unmarked: np.ndarray | None = None,
-    allowed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on uint8 images and integer labels; returns per-epoch rows.
 
     ``train_unmarked``: the training scans with their marks painted out, drawn from with
     probability ``config.augment.unmark`` (see ``make_dataset``).
-    ``allowed``: ``[N, C]`` masks of the classes each train and val scan's source labels
-    (``training.label_sets``); None means every class for every scan.
 
     With a pretrained backbone, stage 1 trains the head on the frozen backbone and stage 2
     fine-tunes everything at a lower rate; a backbone trained from scratch gets one stage of the
@@ -105,31 +101,21 @@ def fit(
     keras.utils.set_random_seed(config.seed)
     num_classes = model.get_layer("probabilities").output.shape[-1]
     trainer = probabilities_model(model)
-    if allowed is None:
-        allowed = tuple(np.ones((len(part[1]), num_classes), np.float32) for part in (train, val))
     weights = class_weights(train[1], num_classes)
     train_ds = make_dataset(
-        train[0],
-        targets(train[1], allowed[0]),
+        *train,
         batch_size=config.batch_size,
         training=True,
         seed=config.seed,
         augment=config.augment,
-        sample_weights=np.array([weights[k] for k in train[1]], np.float32),
         unmarked=train_unmarked,
     )
-    val_ds = make_dataset(
-        val[0],
-        targets(val[1], allowed[1]),
-        batch_size=config.batch_size,
-        training=False,
-        seed=config.seed,
-    )
+    val_ds = make_dataset(*val, batch_size=config.batch_size, training=False, seed=config.seed)
     backbone = model.get_layer("backbone")
     rows: list[dict] = []
 
     backbone.trainable = not pretrained
-    rate = config.learning_rate or _search_learning_rate(trainer, train_ds, val_ds, config)
+    rate = config.learning_rate or _search_learning_rate(trainer, train_ds, val_ds, weights, config)
     if not pretrained:
         _run_stage(
             trainer,
@@ -138,12 +124,13 @@ def fit(
             config.epochs_frozen + config.epochs_finetune,
             train_ds,
             val_ds,
+            weights,
             config,
             rows,
         )
         return rows
     _run_stage(
-        trainer, "frozen", rate, config.epochs_frozen, train_ds, val_ds, config, rows
+        trainer, "frozen", rate, config.epochs_frozen, train_ds, val_ds, weights, config, rows
     )
     backbone.trainable = True
     if config.freeze_batch_norm:
@@ -155,6 +142,7 @@ def fit(
         config.epochs_finetune,
         train_ds,
         val_ds,
+        weights,
         config,
         rows,
     )
@@ -176,17 +164,18 @@ def _freeze_batch_norm(model: keras.Model) -> None:
 def _compile(model: keras.Model, rate, config: FitConfig) -> None:
     model.compile(
         optimizer=keras.optimizers.AdamW(rate, weight_decay=config.weight_decay),
-        loss=LabelSetCrossEntropy(label_smoothing=config.label_smoothing),
-        metrics=[accuracy],
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
     )
 
 
-def _run_stage(model, stage, rate, epochs, train_ds, val_ds, config, rows) -> None:
+def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, rows) -> None:
     if epochs <= 0:
         return
     steps = epochs * int(train_ds.cardinality())
     schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps), alpha=0.05)
     _compile(model, schedule, config)
+    num_classes = model.output.shape[-1]
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience, restore_best_weights=True
@@ -195,25 +184,36 @@ def _run_stage(model, stage, rate, epochs, train_ds, val_ds, config, rows) -> No
     ]
     log.info("stage %s: %d epochs at learning rate %.2g", stage, epochs, rate)
     model.fit(
-        train_ds,
-        validation_data=val_ds,
+        _one_hot(train_ds, num_classes),
+        validation_data=_one_hot(val_ds, num_classes),
         epochs=epochs,
+        class_weight=weights,
         callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=0,
     )
 
 
-def _search_learning_rate(model, train_ds, val_ds, config: FitConfig) -> float:
+def _search_learning_rate(model, train_ds, val_ds, weights, config: FitConfig) -> float:
     """One frozen-backbone epoch per candidate from the same start; lowest validation loss wins."""
     start = model.get_weights()
+    num_classes = model.output.shape[-1]
     losses = {}
     for rate in config.lr_candidates:
         model.set_weights(start)
         _compile(model, rate, config)
-        model.fit(train_ds, epochs=1, shuffle=False, verbose=0)
-        losses[rate] = float(model.evaluate(val_ds, verbose=0)[0])
+        model.fit(
+            _one_hot(train_ds, num_classes),
+            epochs=1,
+            class_weight=weights,
+            shuffle=False,
+            verbose=0,
+        )
+        losses[rate] = float(model.evaluate(_one_hot(val_ds, num_classes), verbose=0)[0])
         log.info("learning-rate search: %.2g -> val loss %.4f", rate, losses[rate])
     model.set_weights(start)
     return min(losses, key=losses.get)
 
+
+def _one_hot(ds, num_classes: int):
+    return ds.map(lambda x, y, *rest: (x, keras.ops.one_hot(y, num_classes), *rest))

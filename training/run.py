@@ -21,7 +21,6 @@ from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
 from training.fit import FitConfig, fit
 from training.int8_grid import snap_to_int8_grid
-from training.label_sets import allowed_classes, source_label_sets
 from training.marks import paint_out_marks
 from training.metrics import (
     apply_temperature,
@@ -68,7 +67,6 @@ class TrainConfig:
     final_model: bool = True
     seed: int = 0
     int8_grid: bool = True
-    source_label_sets: bool = False
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -184,9 +182,6 @@ def _train_and_report(
         input_size=config.input_size,
         weights=config.weights,
     )
-    label_sets, allowed = {}, None
-    if config.source_label_sets:
-        label_sets, allowed = _label_sets(data, part)
     rows = fit(
         model,
         (data.images[part["train"]], data.labels[part["train"]]),
@@ -194,7 +189,6 @@ def _train_and_report(
         config.fit,
         pretrained=config.weights is not None,
         train_unmarked=None if data.unmarked is None else data.unmarked[part["train"]],
-        allowed=allowed,
     )
     if config.int8_grid:
         log.info("snapped %d kernels to the INT8 weight grid", snap_to_int8_grid(model))
@@ -245,24 +239,10 @@ def _train_and_report(
         temperature=temperature,
         sources=data.sources,
         int8_grid=config.int8_grid,
-        label_sets=label_sets,
         test_metrics=metrics,
     )
     info.write(run_dir)
     return info
-
-
-def _label_sets(
-    data: _Prepared, part: dict[str, np.ndarray]
-) -> tuple[dict[str, list[str]], tuple[np.ndarray, np.ndarray]]:
-    """Each source's classes, read from its training scans, and the train and val masks."""
-    sources = np.array([s.source for s in data.samples])
-    num_classes = len(data.class_names)
-    sets = source_label_sets(sources[part["train"]], data.labels[part["train"]], num_classes)
-    named = {str(src): [data.class_names[k] for k in np.flatnonzero(m)] for src, m in sets.items()}
-    log.info("per-source label sets: %s", named)
-    allowed = tuple(allowed_classes(sources[part[k]], sets, num_classes) for k in ("train", "val"))
-    return named, allowed
 
 
 def _jitter_stability(model, images: np.ndarray, seed: int) -> float:

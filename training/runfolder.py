@@ -37,7 +37,6 @@ class RunInfo:
     model_version: str = "0.1.0"
     sources: tuple[str, ...] = ()
     int8_grid: bool = False  # kernels snapped to export's INT8 weight grid (training.int8_grid)
-    label_sets: dict[str, list[str]] = field(default_factory=dict)  # training.label_sets, if used
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> Path:
