@@ -19,10 +19,12 @@ INTENDED_USE = (
 LIMITATIONS = (
     "Trained on public datasets from a few scanners and sites; performance on other scanners, "
     "presets, populations and image pipelines is unknown until measured there. Burned-in text, "
-    "calipers and Doppler colour can act as shortcuts. BUS-BRA has no normal class.",
+    "calipers and Doppler colour can act as shortcuts. BUS-BRA has no normal class, so the model "
+    "may call a scan abnormal for looking like BUS-BRA rather than for its lesion.",
     "Shortcut checks on held-out scans: `python -m training.marks` (burned-in calipers and text), "
-    "`python -m training.attention` (activation on the lesion) and `python -m training.identity` "
-    "(which dataset the features reveal). Run them on your own scans before relying on the model.",
+    "`python -m training.attention` (activation on the lesion), `python -m training.identity` "
+    "(which dataset the features reveal) and `python -m training.lesionfree` (lesion-free tissue "
+    "called normal, per source). Run them on your own scans before relying on the model.",
 )
 
 

@@ -1,6 +1,6 @@
 """The frame the held-out checks share (``training.attention``, ``training.marks``,
-``training.identity``): read run folders, measure each run's model on its own held-out scans,
-pool, summarize, write JSON, print.
+``training.identity``, ``training.lesionfree``): read run folders, measure each run's model on
+its own held-out scans, pool, summarize, write JSON, print.
 
 Several run folders are pooled: the folds of a cross-validation hold every scan out once.
 """

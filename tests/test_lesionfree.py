@@ -1,0 +1,83 @@
+"""Lesion-free strips beside the lesion: the source-shortcut check of training.lesionfree."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.contract import ResizePolicy
+from training.datasets import Sample
+from training.lesionfree import LesionFreeView, free_side, measure, mirrored, summarize
+
+CLASSES = ("normal", "benign", "malignant")
+
+
+def _mask(width: int, first: int, last: int) -> np.ndarray:
+    mask = np.zeros((50, width), bool)
+    mask[20:30, first : last + 1] = True
+    return mask
+
+
+def test_the_free_side_is_the_wider_side_beside_the_widened_lesion_box():
+    assert free_side(_mask(100, 10, 29)) == slice(35, 100)  # box widened by 5: columns 5..34
+    assert free_side(_mask(100, 60, 79)) == slice(0, 55)
+    assert free_side(_mask(100, 30, 69)) is None  # 25 free columns a side: too narrow
+
+
+def test_the_free_side_is_mirrored_onto_the_lesions_half_at_the_scans_width():
+    gray = np.tile(np.arange(10, dtype=np.uint8), (3, 1))
+    np.testing.assert_array_equal(mirrored(gray, slice(6, 10))[0], [9, 8, 7, 6, 6, 7, 8, 9])
+    np.testing.assert_array_equal(mirrored(gray, slice(0, 7))[0], [0, 1, 2, 3, 4, 5, 6, 6, 5, 4])
+
+
+class _LesionReader:
+    """Stands in for the Keras classifier: 'malignant' where a bright lesion shows, else normal."""
+
+    def predict(self, batch, verbose=0):
+        bright = batch.reshape(len(batch), -1).max(axis=1) > 200
+        probs = np.where(bright[:, None], [[0.1, 0.2, 0.7]], [[0.8, 0.1, 0.1]])
+        return {"probabilities": probs.astype(np.float32)}
+
+
+def test_measure_views_lesion_free_tissue_and_normals_and_skips_unreadable_and_too_wide(tmp_path):
+    scan = np.full((64, 128), 80, np.uint8)
+    scan[20:40, 8:24] = 255
+    narrow, wide = np.zeros((64, 128), np.uint8), np.zeros((64, 128), np.uint8)
+    narrow[20:40, 8:24] = 255
+    wide[20:40, 20:110] = 255
+    cv2.imwrite(str(tmp_path / "scan.png"), scan)
+    cv2.imwrite(str(tmp_path / "plain.png"), np.full((64, 128), 80, np.uint8))
+    for name, mask in (("narrow", narrow), ("wide", wide)):
+        cv2.imwrite(str(tmp_path / f"{name}_mask.png"), mask)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    samples = [
+        Sample(tmp_path / "scan.png", "malignant", "s", masks=(tmp_path / "narrow_mask.png",)),
+        Sample(tmp_path / "scan.png", "benign", "s", masks=(tmp_path / "wide_mask.png",)),
+        Sample(tmp_path / "plain.png", "normal", "s"),
+        Sample(tmp_path / "broken.png", "benign", "s", masks=(tmp_path / "narrow_mask.png",)),
+    ]
+    rows = measure(_LesionReader(), samples, CLASSES, 32, ResizePolicy.LETTERBOX)
+    assert [(r.label, r.predicted) for r in rows] == [("malignant", "normal"), ("normal", "normal")]
+    assert rows[0].free_width == pytest.approx((128 - 30) / 128)
+    assert rows[1].free_width == pytest.approx(0.5)
+
+
+def test_a_model_without_a_normal_class_cannot_be_checked():
+    with pytest.raises(ValueError, match="no 'normal' class"):
+        measure(_LesionReader(), [], ("benign", "malignant"), 32, ResizePolicy.LETTERBOX)
+
+
+def test_summary_per_source_with_normal_controls_apart():
+    rows = [
+        LesionFreeView("a", "x", "benign", 0.5, "normal", 0.8),
+        LesionFreeView("b", "x", "malignant", 0.4, "benign", 0.3),
+        LesionFreeView("c", "x", "normal", 0.5, "normal", 0.9),
+        LesionFreeView("d", "y", "benign", 0.6, "benign", 0.1),
+    ]
+    summary = summarize(rows)
+    assert list(summary) == ["x lesion scans", "x normal scans (control)", "y lesion scans"]
+    assert summary["x lesion scans"]["n"] == 2
+    assert summary["x lesion scans"]["called_normal"] == pytest.approx(0.5)
+    assert summary["x lesion scans"]["mean_p_normal"] == pytest.approx(0.55)
+    assert summary["y lesion scans"]["called_normal"] == 0.0

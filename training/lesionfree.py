@@ -1,0 +1,153 @@
+"""Does the model need the lesion to call a scan abnormal? Lesion-free views of held-out scans.
+
+Only BUSI has normal scans, so a model could learn "looks like BUS-BRA, so not normal" instead
+of reading the lesion. This asks it directly. From every held-out benign or malignant scan with a
+lesion mask it takes the wider side beside the lesion (its box widened by a margin) and mirrors
+that side onto the lesion's half, so the view is lesion-free tissue of the same scanner at about
+the scan's width; a bare strip would not do, as a narrow strip of a normal scan is not called
+normal either. BUSI's normal scans get the same treatment (their right half, mirrored) as the
+control. A model that reads the lesion calls the lesion-free views normal about as often as the
+normal controls, whatever their source; one that reads the source calls them abnormal anyway.
+
+examples:
+  python -m training.lesionfree runs/lite0
+  python -m training.lesionfree runs/cv/cv/fold*    # every scan, by the fold that held it out
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.contract import PROBABILITIES, ResizePolicy
+from edge_runtime.decode import InputError, load_gray
+from edge_runtime.preprocess import make_batch
+from training.attention import load_lesion_mask
+from training.checks import run_check
+from training.datasets import Sample
+
+log = logging.getLogger(__name__)
+LESIONFREE_FILE = "lesionfree.json"
+MARGIN = 0.05  # of the scan's width, added to each side of the lesion's box
+MIN_FREE = 0.4  # of the scan's width: narrower lesion-free sides are not tested
+
+
+@dataclass(frozen=True)
+class LesionFreeView:
+    """One scan: what the model says on lesion-free tissue of it (all of a normal scan's)."""
+
+    path: str
+    source: str
+    label: str
+    free_width: float  # share of the scan's width the view is mirrored from
+    predicted: str
+    p_normal: float
+
+
+def free_side(lesion: np.ndarray) -> slice | None:
+    """Columns of the wider side beside the lesion's box (widened by :data:`MARGIN`); None when
+    it is narrower than :data:`MIN_FREE` of the scan."""
+    width = lesion.shape[1]
+    columns = np.flatnonzero(lesion.any(axis=0))
+    margin = round(MARGIN * width)
+    left, right = max(0, columns[0] - margin), min(width, columns[-1] + 1 + margin)
+    if max(left, width - right) < MIN_FREE * width:
+        return None
+    return slice(0, left) if left >= width - right else slice(right, width)
+
+
+def mirrored(gray: np.ndarray, side: slice) -> np.ndarray:
+    """The ``side`` columns with their mirror image on the other side, at most the scan's width."""
+    strip = gray[:, side]
+    width = gray.shape[1]
+    if side.start == 0:
+        return np.ascontiguousarray(np.concatenate([strip, strip[:, ::-1]], axis=1)[:, :width])
+    return np.ascontiguousarray(np.concatenate([strip[:, ::-1], strip], axis=1)[:, -width:])
+
+
+def measure(
+    model,
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    input_size: int,
+    policy: ResizePolicy,
+) -> list[LesionFreeView]:
+    """Measure every lesion scan with a mask wide enough to leave a lesion-free strip.
+
+    Raises:
+        ValueError: the model has no ``normal`` class to answer with.
+    """
+    if "normal" not in class_names:
+        raise ValueError(f"the model has no 'normal' class (classes: {list(class_names)})")
+    normal = list(class_names).index("normal")
+    rows = []
+    for sample in samples:
+        try:
+            gray = load_gray(sample.path)
+            if sample.label == "normal":
+                side = slice(gray.shape[1] // 2, gray.shape[1])
+            else:
+                lesion = load_lesion_mask(sample.masks, gray.shape)
+                side = free_side(lesion) if lesion.any() else None
+        except InputError as exc:
+            log.warning("%s: skipped: %s", exc.path, exc.reason)
+            continue
+        if side is None:
+            continue
+        view = make_batch([mirrored(gray, side)], input_size, policy)
+        probs = model.predict(view, verbose=0)[PROBABILITIES][0]
+        rows.append(
+            LesionFreeView(
+                path=str(sample.path),
+                source=sample.source,
+                label=sample.label,
+                free_width=(side.stop - side.start) / gray.shape[1],
+                predicted=class_names[int(np.argmax(probs))],
+                p_normal=float(probs[normal]),
+            )
+        )
+    return rows
+
+
+def summarize(rows: Sequence[LesionFreeView]) -> dict[str, dict[str, float]]:
+    """Per source, lesion scans and normal controls apart: scans, the share of views called
+    normal, and their mean probability of normal."""
+    groups: dict[str, list[LesionFreeView]] = {}
+    for row in rows:
+        kind = "normal scans (control)" if row.label == "normal" else "lesion scans"
+        groups.setdefault(f"{row.source} {kind}", []).append(row)
+    return {
+        name: {
+            "n": len(group),
+            "called_normal": float(np.mean([r.predicted == "normal" for r in group])),
+            "mean_p_normal": float(np.mean([r.p_normal for r in group])),
+        }
+        for name, group in sorted(groups.items())
+    }
+
+
+def _describe(s: dict) -> str:
+    return (
+        f"{s['n']} lesion-free views, {s['called_normal']:.3f} called normal "
+        f"(mean P(normal) {s['mean_p_normal']:.3f})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_check(
+        argv,
+        module="training.lesionfree",
+        doc=__doc__,
+        file_name=LESIONFREE_FILE,
+        measure=measure,
+        summarize=summarize,
+        describe=_describe,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
