@@ -76,7 +76,8 @@ def measure(
     input_size: int,
     policy: ResizePolicy,
 ) -> list[LesionFreeView]:
-    """Measure every lesion scan with a mask wide enough to leave a lesion-free strip.
+    """Measure every normal scan, and every lesion scan whose mask leaves room for a lesion-free
+    view; unreadable files are skipped with a warning naming the file.
 
     Raises:
         ValueError: the model has no ``normal`` class to answer with.
