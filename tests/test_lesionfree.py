@@ -34,7 +34,7 @@ def test_the_free_side_is_mirrored_onto_the_lesions_half_at_the_scans_width():
 class _LesionReader:
     """Stands in for the Keras classifier: 'malignant' where a bright lesion shows, else normal."""
 
-    def predict(self, batch, verbose=0):
+    def predict(self, batch, batch_size=None, verbose=0):
         bright = batch.reshape(len(batch), -1).max(axis=1) > 200
         probs = np.where(bright[:, None], [[0.1, 0.2, 0.7]], [[0.8, 0.1, 0.1]])
         return {"probabilities": probs.astype(np.float32)}

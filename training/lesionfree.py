@@ -85,7 +85,7 @@ def measure(
     if "normal" not in class_names:
         raise ValueError(f"the model has no 'normal' class (classes: {list(class_names)})")
     normal = list(class_names).index("normal")
-    rows = []
+    kept, views = [], []
     for sample in samples:
         try:
             gray = load_gray(sample.path)
@@ -97,21 +97,23 @@ def measure(
         except InputError as exc:
             log.warning("%s: skipped: %s", exc.path, exc.reason)
             continue
-        if side is None:
-            continue
-        view = make_batch([mirrored(gray, side)], input_size, policy)
-        probs = model.predict(view, verbose=0)[PROBABILITIES][0]
-        rows.append(
-            LesionFreeView(
-                path=str(sample.path),
-                source=sample.source,
-                label=sample.label,
-                free_width=(side.stop - side.start) / gray.shape[1],
-                predicted=class_names[int(np.argmax(probs))],
-                p_normal=float(probs[normal]),
-            )
+        if side is not None:
+            kept.append((sample, (side.stop - side.start) / gray.shape[1]))
+            views.append(make_batch([mirrored(gray, side)], input_size, policy))
+    if not views:
+        return []
+    probs = model.predict(np.concatenate(views), batch_size=64, verbose=0)[PROBABILITIES]
+    return [
+        LesionFreeView(
+            path=str(sample.path),
+            source=sample.source,
+            label=sample.label,
+            free_width=free_width,
+            predicted=class_names[int(np.argmax(p))],
+            p_normal=float(p[normal]),
         )
-    return rows
+        for (sample, free_width), p in zip(kept, probs, strict=True)
+    ]
 
 
 def summarize(rows: Sequence[LesionFreeView]) -> dict[str, dict[str, float]]:
