@@ -69,3 +69,55 @@ def test_one_seed_gives_the_same_model_bit_for_bit():
     first = train_once(0)
     np.testing.assert_array_equal(train_once(0), first)
     assert np.abs(train_once(1) - first).max() > 1e-3  # and the seed does matter
+
+
+def test_stability_penalty_is_kl_between_clean_and_jittered_answers_without_dropout():
+    keras = pytest.importorskip("keras")
+    from training.backbones import Backbone
+    from training.fit import StabilityTrainer
+    from training.model import build_classifier, probabilities_model
+
+    keras.utils.set_random_seed(0)
+    model = probabilities_model(
+        build_classifier(3, backbone=Backbone("small-cnn"), input_size=32, weights=None)
+    )
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 1), dtype=np.uint8)
+    trainer = StabilityTrainer(model, weight=10.0, gray_levels=8, seed=0)
+
+    np.testing.assert_array_equal(trainer(images), model(images))
+    assert float(trainer.stability_penalty(images)) > 0.0  # jittered copies answer differently
+    # Without noise there is nothing to pay: neither side goes through dropout, although the
+    # model has dropout and the training-mode answers of two calls differ.
+    assert np.abs(model(images, training=True) - model(images, training=True)).max() > 0
+    noiseless = StabilityTrainer(model, weight=10.0, gray_levels=0, seed=0)
+    assert float(noiseless.stability_penalty(images)) == 0.0
+
+
+def test_stability_training_is_deterministic_and_changes_the_model():
+    keras = pytest.importorskip("keras")
+    from training.backbones import Backbone
+    from training.fit import FitConfig, fit
+    from training.model import build_classifier
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 32, 32, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 48)
+
+    def train_once(stability: float) -> np.ndarray:
+        keras.utils.set_random_seed(0)
+        model = build_classifier(3, backbone=Backbone("small-cnn"), input_size=32, weights=None)
+        config = FitConfig(
+            epochs_frozen=0,
+            epochs_finetune=1,
+            batch_size=16,
+            learning_rate=3e-3,
+            stability_weight=stability,
+            stability_gray_levels=16,
+        )
+        fit(model, (images[:32], labels[:32]), (images[32:], labels[32:]), config, pretrained=False)
+        return np.concatenate([w.ravel() for w in model.get_weights()])
+
+    stable = train_once(100.0)
+    np.testing.assert_array_equal(train_once(100.0), stable)
+    # The same wrapped pipeline with a negligible weight: only the penalty's gradient differs.
+    assert np.abs(train_once(1e-9) - stable).max() > 1e-4
