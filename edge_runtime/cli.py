@@ -106,7 +106,8 @@ def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int 
     parser.add_argument(
         "--model",
         default=None,
-        help="ONNX model file, or 'int8' / 'fp32' for the bundled pair (default: bundled int8)",
+        help="ONNX model file, or 'int8' / 'fp32' for the bundled pair (default: the bundled "
+        "INT8 model; FP32 where onnxruntime's CUDA provider runs it, which has no INT8 kernels)",
     )
     parser.add_argument(
         "--threads",

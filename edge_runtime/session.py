@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class Provider(str, Enum):
-    """Execution provider request. AUTO takes the best installed: TensorRT, CUDA, then CPU."""
+    """Execution provider request. AUTO takes the best installed: TensorRT (when its libraries
+    load), CUDA, then CPU."""
 
     AUTO = "auto"
     CPU = "cpu"
@@ -30,6 +35,13 @@ _ORT_NAMES = {
     Provider.CUDA: "CUDAExecutionProvider",
     Provider.CPU: "CPUExecutionProvider",
 }
+
+
+# onnxruntime and onnxruntime-gpu install the same package: with both, the CPU build can win.
+_GPU_INSTALL_HINT = (
+    "For CUDA/TensorRT, replace onnxruntime with onnxruntime-gpu: "
+    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+)
 
 
 @dataclass(frozen=True)
@@ -51,15 +63,52 @@ def choose_providers(provider: Provider) -> list[str]:
     available = set(ort.get_available_providers())
     if provider is Provider.AUTO:
         order = [Provider.TENSORRT, Provider.CUDA, Provider.CPU]
+        if not tensorrt_loadable():
+            order.remove(Provider.TENSORRT)
         return [_ORT_NAMES[p] for p in order if _ORT_NAMES[p] in available]
     name = _ORT_NAMES[provider]
     if name not in available:
         raise ValueError(
             f"The provider {provider.value!r} is not available in this onnxruntime build "
-            f"(available: {sorted(available)}). Install edge-classify[gpu] for CUDA/TensorRT, "
-            "or pass --provider cpu."
+            f"(available: {sorted(available)}). {_GPU_INSTALL_HINT}, or pass --provider cpu."
         )
     return [name] if provider is Provider.CPU else [name, _ORT_NAMES[Provider.CPU]]
+
+
+def tensorrt_loadable() -> bool:
+    """Whether TensorRT's runtime library (nvinfer) is found on the library path and loads.
+
+    onnxruntime-gpu lists its TensorRT provider whether or not TensorRT is installed; without
+    it, every session that asks for TensorRT first fails, prints a banner on stdout and retries
+    on CUDA. AUTO skips TensorRT then (a TensorRT installed only as Python wheels is not found
+    here: ask for it with ``Provider.TENSORRT``).
+    """
+    for name in ("nvinfer", "nvinfer_10"):
+        found = ctypes.util.find_library(name)
+        if found:
+            try:
+                ctypes.CDLL(found)
+            except OSError:
+                continue
+            return True
+    return False
+
+
+def _create_session(
+    path: Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """An onnxruntime session whose fallback banner goes to the log, not to stdout.
+
+    When a provider fails to start, onnxruntime prints "EP Error ... Falling back" with
+    ``print``, which would land in the middle of results written to stdout (JSON lines, CSV).
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    for line in printed.getvalue().splitlines():
+        if text := line.strip(" *"):
+            log.warning("onnxruntime: %s", text)
+    return session
 
 
 def open_model(
@@ -93,7 +142,7 @@ def open_model(
     options.log_severity_level = 3
     wanted = choose_providers(provider)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        session = _create_session(path, options, wanted)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise ContractError(f"{path}: onnxruntime could not load it as a model: {exc}") from exc
     used = tuple(session.get_providers())

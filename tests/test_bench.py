@@ -27,7 +27,18 @@ def bench(*argv) -> tuple[int, str, str]:
 
 def test_json_report_has_the_machine_the_model_and_a_timing_per_batch_size(model):
     status, out, err = bench(
-        "--model", model, "--batch-sizes", "1,4", "--runs", "5", "--warmup", "1", "--format", "json"
+        "--model",
+        model,
+        "--provider",
+        "cpu",
+        "--batch-sizes",
+        "1,4",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--format",
+        "json",
     )
     assert status == 0, err
     report = json.loads(out)
@@ -45,7 +56,7 @@ def test_json_report_has_the_machine_the_model_and_a_timing_per_batch_size(model
 
 
 def test_table_report_names_provider_cpu_and_batch_rows(model):
-    status, out, _ = bench("--model", model, "--runs", "3", "--warmup", "0")
+    status, out, _ = bench("--model", model, "--provider", "cpu", "--runs", "3", "--warmup", "0")
     assert status == 0
     assert "CPUExecutionProvider" in out and cpu_name() in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]

@@ -1,0 +1,97 @@
+"""Provider choice: what AUTO asks for, what a GPU host is told, and stdout kept clean."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge_runtime import session
+from edge_runtime.bench import synthetic_scans
+from edge_runtime.classifier import Classifier, ClassifierOptions, default_precision
+from edge_runtime.contract import Precision
+from edge_runtime.preprocess import make_batch
+from edge_runtime.session import Provider, choose_providers, open_model
+from tests.onnx_models import make_contract_model
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+@pytest.fixture
+def gpu_build(monkeypatch):
+    """onnxruntime-gpu as installed: it lists TensorRT and CUDA whatever the machine has."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+
+
+def test_auto_asks_for_tensorrt_only_when_its_library_loads(gpu_build, monkeypatch):
+    monkeypatch.setattr(session, "tensorrt_loadable", lambda: False)
+    assert choose_providers(Provider.AUTO) == [CUDA, CPU]
+    monkeypatch.setattr(session, "tensorrt_loadable", lambda: True)
+    assert choose_providers(Provider.AUTO) == [TRT, CUDA, CPU]
+    assert choose_providers(Provider.TENSORRT) == [TRT, CPU]  # asked by name: always tried
+
+
+def test_missing_gpu_provider_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    with pytest.raises(ValueError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
+        choose_providers(Provider.CUDA)
+
+
+def test_onnxruntime_fallback_banner_goes_to_the_log_not_stdout(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    real = ort.InferenceSession
+
+    def falling_back(*args, **kwargs):  # what onnxruntime prints when a provider fails
+        print("*************** EP Error ***************")
+        print("EP Error libnvinfer.so.10: cannot open shared object file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", falling_back)
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.session"):
+        open_model(make_contract_model(tmp_path / "m.onnx"), provider=Provider.CPU)
+    assert capsys.readouterr().out == ""
+    assert "libnvinfer.so.10" in caplog.text and "*****" not in caplog.text
+
+
+def test_bundled_default_is_fp32_on_cuda_and_int8_elsewhere():
+    assert default_precision(CUDA) is Precision.FP32
+    assert default_precision(CPU) is Precision.INT8
+    assert default_precision(TRT) is Precision.INT8
+
+
+def test_bundled_default_follows_the_provider_that_actually_runs_it(monkeypatch):
+    # CUDA is asked for first, but this machine's onnxruntime runs everything on the CPU:
+    # the FP32 model chosen for CUDA is swapped for INT8.
+    import edge_runtime.classifier as classifier
+
+    monkeypatch.setattr(classifier, "choose_providers", lambda provider: [CUDA, CPU])
+    with Classifier.from_options(ClassifierOptions()) as clf:
+        assert clf.spec.precision is Precision.INT8
+
+
+cuda_only = pytest.mark.skipif(
+    CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu and an NVIDIA GPU"
+)
+
+
+@cuda_only
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_bundled_models_give_the_same_answers_on_cuda_as_on_cpu(precision):
+    from edge_runtime.classifier import default_model_path
+
+    path = default_model_path(precision)
+    cpu, cuda = open_model(path, provider=Provider.CPU), open_model(path, provider=Provider.CUDA)
+    assert cuda.providers[0] == CUDA
+    batch = make_batch(synthetic_scans(64), cpu.spec.input_size, cpu.spec.resize_policy)
+    on_cpu, on_cuda = (m.session.run(["probabilities"], {"image": batch})[0] for m in (cpu, cuda))
+    assert np.mean(on_cpu.argmax(1) == on_cuda.argmax(1)) >= 0.98
+    assert np.abs(on_cpu - on_cuda).max() < (0.01 if precision == "fp32" else 0.1)
+
+
+@cuda_only
+def test_default_classifier_on_cuda_is_the_fp32_model():
+    with Classifier.from_options(ClassifierOptions(provider=Provider.CUDA)) as clf:
+        assert clf.spec.precision is Precision.FP32
