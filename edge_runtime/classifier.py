@@ -112,9 +112,9 @@ def default_precision(provider_name: str) -> Precision:
     """The bundled model to run on an onnxruntime provider: FP32 on CUDA, INT8 elsewhere.
 
     onnxruntime's CUDA provider has no INT8 convolution kernels and runs the INT8 model's
-    convolutions in float between (de)quantize steps: on an H200 (onnxruntime-gpu 1.31.1) the
-    bundled INT8 model took 2.3 ms per scan and the FP32 model 1.0 ms. The CPU provider and
-    TensorRT run INT8 as integer arithmetic.
+    convolutions in float between (de)quantize steps: on an H200 (onnxruntime-gpu 1.31.1, batch
+    1, two runs) the bundled INT8 model took 2.3-2.9 ms per scan and the FP32 model 1.0-1.1 ms.
+    The CPU provider and TensorRT run INT8 as integer arithmetic.
     """
     return Precision.FP32 if provider_name == "CUDAExecutionProvider" else Precision.INT8
 

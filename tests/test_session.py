@@ -63,11 +63,15 @@ def test_bundled_default_is_fp32_on_cuda_and_int8_elsewhere():
 
 
 def test_bundled_default_follows_the_provider_that_actually_runs_it(monkeypatch):
-    # CUDA is asked for first, but this machine's onnxruntime runs everything on the CPU:
-    # the FP32 model chosen for CUDA is swapped for INT8.
+    # CUDA is asked for first, but the session starts on the CPU (as when the GPU or its
+    # libraries are missing): the FP32 model chosen for CUDA is swapped for INT8.
     import edge_runtime.classifier as classifier
 
+    def cpu_only(path, *, provider, threads):
+        return open_model(path, provider=Provider.CPU, threads=threads)
+
     monkeypatch.setattr(classifier, "choose_providers", lambda provider: [CUDA, CPU])
+    monkeypatch.setattr(classifier, "open_model", cpu_only)
     with Classifier.from_options(ClassifierOptions()) as clf:
         assert clf.spec.precision is Precision.INT8
 
