@@ -69,15 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
         "scale (default 0.03; it makes the model, and so its INT8 export, stable)",
     )
     parser.add_argument(
-        "--stability",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="weight of the stability term: each batch also runs with +-2 gray levels of pixel "
-        "noise and W * KL(clean || noisy) is added to the loss, so that the answer does not "
-        "move under noise no reader could see (default 0: off)",
-    )
-    parser.add_argument(
         "--unmark",
         type=float,
         default=0.0,
@@ -120,8 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.run import TrainConfig, train
 
     noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
-    if args.stability < 0:
-        parser.error(f"--stability is a weight >= 0. Got {args.stability} instead.")
     if not 0.0 <= args.unmark <= 1.0:
         parser.error(f"--unmark is a probability in [0, 1]. Got {args.unmark} instead.")
     config = TrainConfig(
@@ -141,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             learning_rate=args.learning_rate,
             seed=args.seed,
             augment=AugmentConfig(**noise, unmark=args.unmark),
-            stability_weight=args.stability,
         ),
     )
     try:

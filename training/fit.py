@@ -33,8 +33,6 @@ class FitConfig:
     freeze_batch_norm: bool = True
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
-    stability_weight: float = 0.0  # weight of the stability term (0: off); StabilityTrainer
-    stability_gray_levels: int = 2
 
 
 def class_weights(labels: np.ndarray, num_classes: int, power: float = 0.5) -> dict[int, float]:
@@ -103,10 +101,6 @@ def fit(
     keras.utils.set_random_seed(config.seed)
     num_classes = model.get_layer("probabilities").output.shape[-1]
     trainer = probabilities_model(model)
-    if config.stability_weight > 0:
-        trainer = StabilityTrainer(
-            trainer, config.stability_weight, config.stability_gray_levels, config.seed
-        )
     weights = class_weights(train[1], num_classes)
     train_ds = make_dataset(
         *train,
@@ -155,46 +149,6 @@ def fit(
     return rows
 
 
-def jitter_batch(images, levels: int, seed_generator):
-    """uint8 ``images`` with independent uniform noise of +-``levels`` gray levels per pixel."""
-    noise = keras.random.randint(keras.ops.shape(images), -levels, levels + 1, seed=seed_generator)
-    jittered = keras.ops.clip(keras.ops.cast(images, "int32") + noise, 0, 255)
-    return keras.ops.cast(jittered, images.dtype)
-
-
-class StabilityTrainer(keras.Model):
-    """Trains ``model`` (uint8 image -> probabilities) with a stability term (Zheng et al.,
-    CVPR 2016): ``weight * KL(p(x) || p(x + noise))`` is added to the loss, with +-``gray_levels``
-    of uniform pixel noise and the clean answer held fixed.
-
-    Both sides of the term run in inference mode (no dropout), so it measures the deployed
-    model's sensitivity, not the gap between two dropout masks; the usual loss stays on the
-    training-mode answer. Pixel-noise augmentation alone taught the model to be right under
-    noise, not to keep its answer: +-1 gray level still moved probabilities by up to 0.2.
-    Training this trains ``model``, whose layers it shares.
-    """
-
-    def __init__(self, model: keras.Model, weight: float, gray_levels: int, seed: int) -> None:
-        super().__init__(name=f"{model.name}_stability")
-        self.inner, self.weight, self.gray_levels = model, weight, gray_levels
-        self.jitter_seed = keras.random.SeedGenerator(seed)
-
-    def call(self, images, training=None):
-        return self.inner(images, training=training)
-
-    def stability_penalty(self, images):
-        """``weight`` times the mean KL divergence from the clean to the jittered answer."""
-        clean = keras.ops.stop_gradient(self.inner(images, training=False))
-        noisy = self.inner(jitter_batch(images, self.gray_levels, self.jitter_seed), training=False)
-        eps = keras.config.epsilon()
-        kl = keras.ops.sum(clean * (keras.ops.log(clean + eps) - keras.ops.log(noisy + eps)), -1)
-        return self.weight * keras.ops.mean(kl)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = super().compute_loss(x, y, y_pred, sample_weight, training)
-        return loss + self.stability_penalty(x) if training else loss
-
-
 def _freeze_batch_norm(model: keras.Model) -> None:
     """Keep every batch norm of ``model`` in inference mode with its statistics fixed.
 
@@ -221,7 +175,7 @@ def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, ro
     steps = epochs * int(train_ds.cardinality())
     schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps), alpha=0.05)
     _compile(model, schedule, config)
-    num_classes = len(weights)  # one class weight per class
+    num_classes = model.output.shape[-1]
     callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=config.patience, restore_best_weights=True
@@ -243,7 +197,7 @@ def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, ro
 def _search_learning_rate(model, train_ds, val_ds, weights, config: FitConfig) -> float:
     """One frozen-backbone epoch per candidate from the same start; lowest validation loss wins."""
     start = model.get_weights()
-    num_classes = len(weights)
+    num_classes = model.output.shape[-1]
     losses = {}
     for rate in config.lr_candidates:
         model.set_weights(start)
