@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import io
 import logging
 import os
@@ -63,9 +64,10 @@ def choose_providers(provider: Provider) -> list[str]:
     available = set(ort.get_available_providers())
     if provider is Provider.AUTO:
         order = [Provider.TENSORRT, Provider.CUDA, Provider.CPU]
-        if not tensorrt_loadable():
-            order.remove(Provider.TENSORRT)
-        return [_ORT_NAMES[p] for p in order if _ORT_NAMES[p] in available]
+        names = [_ORT_NAMES[p] for p in order if _ORT_NAMES[p] in available]
+        if names[0] == _ORT_NAMES[Provider.TENSORRT] and not tensorrt_loadable():
+            names.pop(0)  # probed only where a GPU build lists it: CPU-only hosts pay nothing
+        return names
     name = _ORT_NAMES[provider]
     if name not in available:
         raise ValueError(
@@ -75,13 +77,15 @@ def choose_providers(provider: Provider) -> list[str]:
     return [name] if provider is Provider.CPU else [name, _ORT_NAMES[Provider.CPU]]
 
 
+@functools.cache
 def tensorrt_loadable() -> bool:
     """Whether TensorRT's runtime library (nvinfer) is found on the library path and loads.
 
     onnxruntime-gpu lists its TensorRT provider whether or not TensorRT is installed; without
     it, every session that asks for TensorRT first fails, prints a banner on stdout and retries
     on CUDA. AUTO skips TensorRT then (a TensorRT installed only as Python wheels is not found
-    here: ask for it with ``Provider.TENSORRT``).
+    here: ask for it with ``Provider.TENSORRT``). Probed once per process: ``find_library``
+    may run ``ldconfig``.
     """
     for name in ("nvinfer", "nvinfer_10"):
         found = ctypes.util.find_library(name)
