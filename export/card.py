@@ -60,6 +60,7 @@ def build_card(
             "data_fingerprint": info.data_fingerprint,
             "seed": info.seed,
             "int8_grid": info.int8_grid,
+            "lesion_free_normals": info.lesion_free_normals,
         },
         "calibration": {
             "temperature": info.temperature,
@@ -107,7 +108,12 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"- Backbone: {card['backbone']}",
         f"- Training data: {', '.join(card['training']['sources']) or 'unspecified'} "
         f"(fingerprint {card['training']['data_fingerprint'][:16]}, "
-        f"seed {card['training']['seed']})",
+        f"seed {card['training']['seed']})"
+        + (
+            "; plus mirrored lesion-free views of lesion scans as normal (--lesion-free-normals)"
+            if card["training"].get("lesion_free_normals")
+            else ""
+        ),
         f"- Calibration temperature {card['calibration']['temperature']:.3f}, abstain below "
         f"{card['calibration']['abstain_threshold']:.2f}",
         "",

@@ -163,3 +163,17 @@ def test_unmark_outside_zero_to_one_is_a_usage_error(tmp_path, capsys):
         train_main([str(tmp_path), "--output", str(tmp_path / "o"), "--unmark", "1.5"])
     assert exit_info.value.code == 2
     assert "--unmark is a probability" in capsys.readouterr().err
+
+
+def test_lesion_free_normals_without_a_normal_class_is_an_error_naming_the_classes(
+    tmp_path, capsys
+):
+    import shutil
+
+    from training.cli import main as train_main
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=2, seed=3)
+    shutil.rmtree(data / "normal")
+    args = [str(data), "--output", str(tmp_path / "o"), "--lesion-free-normals"]
+    assert train_main(args) == 2
+    assert "no normal class (classes: ['benign', 'malignant'])" in capsys.readouterr().err

@@ -8,7 +8,16 @@ import pytest
 
 from edge_runtime.contract import ResizePolicy
 from training.datasets import Sample
-from training.lesionfree import LesionFreeView, free_side, measure, mirrored, summarize
+from training.lesionfree import (
+    LESION_FREE,
+    LESION_SIDE,
+    LesionFreeView,
+    free_side,
+    measure,
+    mirrored,
+    summarize,
+    training_views,
+)
 
 CLASSES = ("normal", "benign", "malignant")
 
@@ -40,7 +49,9 @@ class _LesionReader:
         return {"probabilities": probs.astype(np.float32)}
 
 
-def test_measure_views_lesion_free_tissue_and_normals_and_skips_unreadable_and_too_wide(tmp_path):
+def _scans(tmp_path) -> list[Sample]:
+    """A scan with a bright lesion at its left edge, masked narrowly and too widely; a plain
+    normal scan; an unreadable file."""
     scan = np.full((64, 128), 80, np.uint8)
     scan[20:40, 8:24] = 255
     narrow, wide = np.zeros((64, 128), np.uint8), np.zeros((64, 128), np.uint8)
@@ -51,16 +62,34 @@ def test_measure_views_lesion_free_tissue_and_normals_and_skips_unreadable_and_t
     for name, mask in (("narrow", narrow), ("wide", wide)):
         cv2.imwrite(str(tmp_path / f"{name}_mask.png"), mask)
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    samples = [
+    return [
         Sample(tmp_path / "scan.png", "malignant", "s", masks=(tmp_path / "narrow_mask.png",)),
         Sample(tmp_path / "scan.png", "benign", "s", masks=(tmp_path / "wide_mask.png",)),
         Sample(tmp_path / "plain.png", "normal", "s"),
         Sample(tmp_path / "broken.png", "benign", "s", masks=(tmp_path / "narrow_mask.png",)),
     ]
-    rows = measure(_LesionReader(), samples, CLASSES, 32, ResizePolicy.LETTERBOX)
-    assert [(r.label, r.predicted) for r in rows] == [("malignant", "normal"), ("normal", "normal")]
-    assert rows[0].free_width == pytest.approx((128 - 30) / 128)
-    assert rows[1].free_width == pytest.approx(0.5)
+
+
+def test_measure_views_both_sides_of_lesion_scans_and_normals_skipping_unreadable_and_too_wide(
+    tmp_path, caplog
+):
+    rows = measure(_LesionReader(), _scans(tmp_path), CLASSES, 32, ResizePolicy.LETTERBOX)
+    assert [(r.label, r.view, r.predicted) for r in rows] == [
+        ("malignant", LESION_FREE, "normal"),
+        ("malignant", LESION_SIDE, "malignant"),  # the seam control still shows the lesion
+        ("normal", LESION_FREE, "normal"),
+    ]
+    assert rows[0].free_width == rows[1].free_width == pytest.approx((128 - 30) / 128)
+    assert rows[2].free_width == pytest.approx(0.5)
+    assert "broken.png: skipped" in caplog.text
+
+
+def test_training_views_label_the_free_side_normal_and_the_lesion_side_by_its_class(tmp_path):
+    views = training_views(_scans(tmp_path), 32, ResizePolicy.LETTERBOX)
+    assert [(index, label) for index, _, label in views] == [(0, "normal"), (0, "malignant")]
+    free, lesion = (image for _, image, _ in views)
+    assert free.shape == lesion.shape == (32, 32, 1) and free.dtype == np.uint8
+    assert free.max() < 200 < lesion.max()  # the lesion is on its own side only
 
 
 def test_a_model_without_a_normal_class_cannot_be_checked():
@@ -70,13 +99,24 @@ def test_a_model_without_a_normal_class_cannot_be_checked():
 
 def test_summary_per_source_with_normal_controls_apart():
     rows = [
-        LesionFreeView("a", "x", "benign", 0.5, "normal", 0.8),
-        LesionFreeView("b", "x", "malignant", 0.4, "benign", 0.3),
-        LesionFreeView("c", "x", "normal", 0.5, "normal", 0.9),
-        LesionFreeView("d", "y", "benign", 0.6, "benign", 0.1),
+        LesionFreeView("a", "x", "benign", 0.5, LESION_FREE, "normal", 0.8),
+        LesionFreeView("a", "x", "benign", 0.5, LESION_SIDE, "benign", 0.2),
+        LesionFreeView("b", "x", "malignant", 0.4, LESION_FREE, "benign", 0.3),
+        LesionFreeView("c", "x", "normal", 0.5, LESION_FREE, "normal", 0.9),
+        LesionFreeView("d", "y", "benign", 0.6, LESION_FREE, "benign", 0.1),
     ]
     summary = summarize(rows)
-    assert list(summary) == ["x lesion scans", "x normal scans (control)", "y lesion scans"]
+    assert list(summary) == [
+        "x lesion scans",
+        "x lesion side (seam control)",
+        "x normal scans (control)",
+        "y lesion scans",
+    ]
+    assert summary["x lesion side (seam control)"] == {
+        "n": 1,
+        "called_normal": 0.0,
+        "mean_p_normal": pytest.approx(0.2),
+    }
     assert summary["x lesion scans"]["n"] == 2
     assert summary["x lesion scans"]["called_normal"] == pytest.approx(0.5)
     assert summary["x lesion scans"]["mean_p_normal"] == pytest.approx(0.55)

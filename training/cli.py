@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "out (python -m training.marks), so that the model cannot lean on them (default 0)",
     )
     parser.add_argument(
+        "--lesion-free-normals",
+        action="store_true",
+        help="also train on both sides of each masked lesion scan mirrored (python -m "
+        "training.lesionfree): the lesion-free side as normal, the lesion side as its class; "
+        "for sources without normal scans, so that their look does not mean 'not normal'",
+    )
+    parser.add_argument(
         "--no-int8-grid",
         dest="int8_grid",
         action="store_false",
@@ -123,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         final_model=not args.cv_only,
         seed=args.seed,
         int8_grid=args.int8_grid,
+        lesion_free_normals=args.lesion_free_normals,
         fit=FitConfig(
             epochs_frozen=args.frozen_epochs,
             epochs_finetune=args.epochs,

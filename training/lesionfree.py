@@ -8,6 +8,9 @@ the scan's width; a bare strip would not do, as a narrow strip of a normal scan 
 normal either. BUSI's normal scans get the same treatment (their right half, mirrored) as the
 control. A model that reads the lesion calls the lesion-free views normal about as often as the
 normal controls, whatever their source; one that reads the source calls them abnormal anyway.
+The lesion side of each scan, mirrored the same way, is the seam control: a model that has
+learned "a mirrored view is normal" (one trained with ``edge-train --lesion-free-normals``,
+which adds both kinds of view of its training scans) calls those normal too.
 
 examples:
   python -m training.lesionfree runs/lite0
@@ -43,9 +46,13 @@ class LesionFreeView:
     path: str
     source: str
     label: str
-    free_width: float  # share of the scan's width the view is mirrored from
+    free_width: float  # share of the scan's width the lesion-free view is mirrored from
+    view: str  # LESION_FREE, or LESION_SIDE: the seam control
     predicted: str
     p_normal: float
+
+
+LESION_FREE, LESION_SIDE = "lesion-free", "lesion side"
 
 
 def free_side(lesion: np.ndarray) -> slice | None:
@@ -69,6 +76,31 @@ def mirrored(gray: np.ndarray, side: slice) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([strip[:, ::-1], strip], axis=1)[:, -width:])
 
 
+def lesion_side(lesion: np.ndarray, free: slice) -> slice:
+    """The columns that :func:`free_side` leaves: the scan's edge through the lesion."""
+    return slice(free.stop, lesion.shape[1]) if free.start == 0 else slice(0, free.start)
+
+
+def lesion_scan_views(sample: Sample) -> tuple[float, dict[str, np.ndarray]]:
+    """Read a lesion scan and its masks; return the free side's share of the scan's width and
+    ``{LESION_FREE: ..., LESION_SIDE: ...}``, each side mirrored (``(0.0, {})`` when the lesion
+    leaves no room, :func:`free_side`).
+
+    Raises:
+        InputError: the scan or a mask cannot be decoded.
+    """
+    gray = load_gray(sample.path)
+    lesion = load_lesion_mask(sample.masks, gray.shape)
+    free = free_side(lesion) if lesion.any() else None
+    if free is None:
+        return 0.0, {}
+    views = {
+        LESION_FREE: mirrored(gray, free),
+        LESION_SIDE: mirrored(gray, lesion_side(lesion, free)),
+    }
+    return (free.stop - free.start) / gray.shape[1], views
+
+
 def measure(
     model,
     samples: Sequence[Sample],
@@ -76,8 +108,9 @@ def measure(
     input_size: int,
     policy: ResizePolicy,
 ) -> list[LesionFreeView]:
-    """Measure every normal scan, and every lesion scan whose mask leaves room for a lesion-free
-    view; unreadable files are skipped with a warning naming the file.
+    """Measure every normal scan, and both mirrored views (:func:`lesion_scan_views`) of every
+    lesion scan whose mask leaves room; unreadable files are skipped with a warning naming the
+    file.
 
     Raises:
         ValueError: the model has no ``normal`` class to answer with.
@@ -88,18 +121,19 @@ def measure(
     kept, views = [], []
     for sample in samples:
         try:
-            gray = load_gray(sample.path)
             if sample.label == "normal":
-                side = slice(gray.shape[1] // 2, gray.shape[1])
+                gray = load_gray(sample.path)
+                width = gray.shape[1]
+                free_width = (width - width // 2) / width
+                made = {LESION_FREE: mirrored(gray, slice(width // 2, width))}
             else:
-                lesion = load_lesion_mask(sample.masks, gray.shape)
-                side = free_side(lesion) if lesion.any() else None
+                free_width, made = lesion_scan_views(sample)
         except InputError as exc:
             log.warning("%s: skipped: %s", exc.path, exc.reason)
             continue
-        if side is not None:
-            kept.append((sample, (side.stop - side.start) / gray.shape[1]))
-            views.append(make_batch([mirrored(gray, side)], input_size, policy))
+        for view, image in made.items():
+            kept.append((sample, free_width, view))
+            views.append(make_batch([image], input_size, policy))
     if not views:
         return []
     probs = model.predict(np.concatenate(views), batch_size=64, verbose=0)[PROBABILITIES]
@@ -109,11 +143,37 @@ def measure(
             source=sample.source,
             label=sample.label,
             free_width=free_width,
+            view=view,
             predicted=class_names[int(np.argmax(p))],
             p_normal=float(p[normal]),
         )
-        for (sample, free_width), p in zip(kept, probs, strict=True)
+        for (sample, free_width, view), p in zip(kept, probs, strict=True)
     ]
+
+
+def training_views(
+    samples: Sequence[Sample], input_size: int, policy: ResizePolicy
+) -> list[tuple[int, np.ndarray, str]]:
+    """Both mirrored views of every lesion scan with room beside its lesion, for training:
+    ``(index into samples, preprocessed image [S, S, 1], label)``.
+
+    The lesion-free side is labelled ``normal``: lesion-free tissue from the scanners of sources
+    that have no normal scans. The lesion side keeps the scan's label, so that a mirror seam says
+    nothing about the class. Unreadable files are skipped with a warning naming the file.
+    """
+    out = []
+    for index, sample in enumerate(samples):
+        if sample.label == "normal" or not sample.masks:
+            continue
+        try:
+            _, made = lesion_scan_views(sample)
+        except InputError as exc:
+            log.warning("%s: skipped: %s", exc.path, exc.reason)
+            continue
+        for view, image in made.items():
+            label = "normal" if view == LESION_FREE else sample.label
+            out.append((index, make_batch([image], input_size, policy)[0], label))
+    return out
 
 
 def summarize(rows: Sequence[LesionFreeView]) -> dict[str, dict[str, float]]:
@@ -121,7 +181,10 @@ def summarize(rows: Sequence[LesionFreeView]) -> dict[str, dict[str, float]]:
     normal, and their mean probability of normal."""
     groups: dict[str, list[LesionFreeView]] = {}
     for row in rows:
-        kind = "normal scans (control)" if row.label == "normal" else "lesion scans"
+        if row.label == "normal":
+            kind = "normal scans (control)"
+        else:
+            kind = "lesion scans" if row.view == LESION_FREE else "lesion side (seam control)"
         groups.setdefault(f"{row.source} {kind}", []).append(row)
     return {
         name: {
@@ -135,7 +198,7 @@ def summarize(rows: Sequence[LesionFreeView]) -> dict[str, dict[str, float]]:
 
 def _describe(s: dict) -> str:
     return (
-        f"{s['n']} lesion-free views, {s['called_normal']:.3f} called normal "
+        f"{s['n']} views, {s['called_normal']:.3f} called normal "
         f"(mean P(normal) {s['mean_p_normal']:.3f})"
     )
 

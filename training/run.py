@@ -21,6 +21,7 @@ from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
 from training.fit import FitConfig, fit
 from training.int8_grid import snap_to_int8_grid
+from training.lesionfree import training_views
 from training.marks import paint_out_marks
 from training.metrics import (
     apply_temperature,
@@ -67,6 +68,7 @@ class TrainConfig:
     final_model: bool = True
     seed: int = 0
     int8_grid: bool = True
+    lesion_free_normals: bool = False
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -80,6 +82,7 @@ class _Prepared:
     images: np.ndarray
     samples: Sequence
     unmarked: np.ndarray | None  # the images with their marks painted out, when training asks
+    views: list[tuple[int, np.ndarray, str]]  # extra training views (training.lesionfree)
     fingerprint: str
     sources: tuple[str, ...]
 
@@ -129,6 +132,15 @@ def _prepare(config: TrainConfig) -> _Prepared:
             transform=paint_out_marks,
         )
         log.info("painted out burned-in marks in %.1f s", time.perf_counter() - start)
+    views = []
+    if config.lesion_free_normals:
+        if "normal" not in class_names:
+            raise ValueError(
+                "--lesion-free-normals labels lesion-free views 'normal', but the data has no "
+                f"normal class (classes: {list(class_names)})"
+            )
+        views = training_views(samples, config.input_size, config.resize_policy)
+        log.info("%d mirrored views of lesion scans for training", len(views))
     report = group_duplicates(samples)
     (config.output / "duplicates.csv").write_text(report.to_csv())
     conflicted = set(report.conflicts)
@@ -150,6 +162,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
         images=images,
         samples=samples,
         unmarked=unmarked,
+        views=views,
         fingerprint=fingerprint(samples),
         sources=tuple(sorted({s.source for s in samples})),
     )
@@ -182,13 +195,14 @@ def _train_and_report(
         input_size=config.input_size,
         weights=config.weights,
     )
+    train_images, train_labels, train_unmarked = _training_arrays(data, part["train"])
     rows = fit(
         model,
-        (data.images[part["train"]], data.labels[part["train"]]),
+        (train_images, train_labels),
         (data.images[part["val"]], data.labels[part["val"]]),
         config.fit,
         pretrained=config.weights is not None,
-        train_unmarked=None if data.unmarked is None else data.unmarked[part["train"]],
+        train_unmarked=train_unmarked,
     )
     if config.int8_grid:
         log.info("snapped %d kernels to the INT8 weight grid", snap_to_int8_grid(model))
@@ -239,10 +253,30 @@ def _train_and_report(
         temperature=temperature,
         sources=data.sources,
         int8_grid=config.int8_grid,
+        lesion_free_normals=config.lesion_free_normals,
         test_metrics=metrics,
     )
     info.write(run_dir)
     return info
+
+
+def _training_arrays(
+    data: _Prepared, train: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The training split's images, labels and unmarked copies (None unless asked for), followed
+    by the extra views made from its scans, never from validation or test scans (a view stands
+    in for its own unmarked copy)."""
+    images, labels = data.images[train], data.labels[train]
+    unmarked = None if data.unmarked is None else data.unmarked[train]
+    extra = [(image, label) for index, image, label in data.views if train[index]]
+    if not extra:
+        return images, labels, unmarked
+    log.info("training on %d scans and %d mirrored views", int(train.sum()), len(extra))
+    views = np.stack([image for image, _ in extra])
+    labels = np.concatenate([labels, [data.class_names.index(label) for _, label in extra]])
+    if unmarked is not None:
+        unmarked = np.concatenate([unmarked, views])
+    return np.concatenate([images, views]), labels, unmarked
 
 
 def _jitter_stability(model, images: np.ndarray, seed: int) -> float:
