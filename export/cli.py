@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="keep the first N convolutions in float in the INT8 model (default 0); early "
-        "rounding errors grow through the network, so this can lift INT8-FP32 agreement",
+        help="keep the first N convolutions, and the residual sums among them, in float in the "
+        "INT8 model (default 0); early rounding errors grow through the network, so this can "
+        "lift INT8-FP32 agreement at some speed",
     )
     parser.add_argument(
         "--min-agreement",

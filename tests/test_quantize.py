@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.contract import INPUT_NAME
 from export.input_fold import fold_input_scaling
-from export.quantize import Calibration, QuantConfig, quantize_int8
+from export.quantize import Calibration, QuantConfig, float_prefix, quantize_int8
 
 
 def _two_conv_model(path) -> None:
@@ -53,6 +53,31 @@ def test_first_convolutions_can_stay_float(tmp_path, float_convs, quantized):
     images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
     quantize_int8(fp32, int8, images, QuantConfig(float_convs=float_convs))
     assert _quantized_weights(int8) == quantized
+
+
+def _residual_graph() -> onnx.GraphProto:
+    """conv1 -> conv2, then add(c1, c2) -> conv3 -> add(s, c3): names and wiring only."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c1", "c2"], ["s"], name="add1"),
+        helper.make_node("Conv", ["s", "w3"], ["c3"], name="conv3"),
+        helper.make_node("Add", ["s", "c3"], ["out"], name="add2"),
+    ]
+    return helper.make_graph(nodes, "g", [], [])
+
+
+@pytest.mark.parametrize(
+    ("convs", "kept"),
+    [
+        (0, []),
+        (1, ["conv1"]),
+        (2, ["conv1", "conv2", "add1"]),  # the sum of two float outputs stays float
+        (3, ["conv1", "conv2", "add1", "conv3", "add2"]),
+    ],
+)
+def test_the_float_prefix_takes_the_residual_sums_of_its_own_outputs(convs, kept):
+    assert float_prefix(_residual_graph(), convs) == kept
 
 
 def test_a_float_first_convolution_is_not_folded(tmp_path):
