@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,18 +119,7 @@ def measure(
         raise ValueError(f"the model has no 'normal' class (classes: {list(class_names)})")
     normal = list(class_names).index("normal")
     kept, views = [], []
-    for sample in samples:
-        try:
-            if sample.label == "normal":
-                gray = load_gray(sample.path)
-                width = gray.shape[1]
-                free_width = (width - width // 2) / width
-                made = {LESION_FREE: mirrored(gray, slice(width // 2, width))}
-            else:
-                free_width, made = lesion_scan_views(sample)
-        except InputError as exc:
-            log.warning("%s: skipped: %s", exc.path, exc.reason)
-            continue
+    for _, sample, free_width, made in _readable_views(enumerate(samples)):
         for view, image in made.items():
             kept.append((sample, free_width, view))
             views.append(make_batch([image], input_size, policy))
@@ -161,19 +150,35 @@ def training_views(
     that have no normal scans. The lesion side keeps the scan's label, so that a mirror seam says
     nothing about the class. Unreadable files are skipped with a warning naming the file.
     """
-    out = []
-    for index, sample in enumerate(samples):
-        if sample.label == "normal" or not sample.masks:
-            continue
+    lesion_scans = ((i, s) for i, s in enumerate(samples) if s.label != "normal" and s.masks)
+    return [
+        (
+            index,
+            make_batch([image], input_size, policy)[0],
+            "normal" if view == LESION_FREE else sample.label,
+        )
+        for index, sample, _, made in _readable_views(lesion_scans)
+        for view, image in made.items()
+    ]
+
+
+def _readable_views(
+    indexed: Iterable[tuple[int, Sample]],
+) -> Iterator[tuple[int, Sample, float, dict[str, np.ndarray]]]:
+    """``(index, sample, free width, views)`` per readable sample: a normal scan's right half
+    mirrored (the control), both sides of a lesion scan (:func:`lesion_scan_views`). Unreadable
+    files are skipped with a warning naming the file."""
+    for index, sample in indexed:
         try:
-            _, made = lesion_scan_views(sample)
+            if sample.label == "normal":
+                gray = load_gray(sample.path)
+                width = gray.shape[1]
+                made = {LESION_FREE: mirrored(gray, slice(width // 2, width))}
+                yield index, sample, (width - width // 2) / width, made
+            else:
+                yield index, sample, *lesion_scan_views(sample)
         except InputError as exc:
             log.warning("%s: skipped: %s", exc.path, exc.reason)
-            continue
-        for view, image in made.items():
-            label = "normal" if view == LESION_FREE else sample.label
-            out.append((index, make_batch([image], input_size, policy)[0], label))
-    return out
 
 
 def summarize(rows: Sequence[LesionFreeView]) -> dict[str, dict[str, float]]:
