@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -163,6 +165,29 @@ def test_unmark_outside_zero_to_one_is_a_usage_error(tmp_path, capsys):
         train_main([str(tmp_path), "--output", str(tmp_path / "o"), "--unmark", "1.5"])
     assert exit_info.value.code == 2
     assert "--unmark is a probability" in capsys.readouterr().err
+
+
+def test_lesion_free_normals_train_on_views_of_masked_training_scans_only(tmp_path, caplog):
+    from training.cli import main as train_main
+    from training.runfolder import RunInfo
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=4, masks=True)
+    run = tmp_path / "run"
+    args = [str(data), "--output", str(run), "--backbone", "small-cnn", "--weights", "none"]
+    args += ["--image-size", "32", "--frozen-epochs", "0", "--epochs", "1", "--batch-size", "8"]
+    args += ["--learning-rate", "0.003", "--lesion-free-normals"]
+    with caplog.at_level("INFO"):
+        assert train_main(args) == 0
+    made = int(re.search(r"(\d+) mirrored views of lesion scans for training", caplog.text)[1])
+    used = re.search(r"training on (\d+) scans and (\d+) mirrored views", caplog.text)
+    assert made > 0 and 0 < int(used[2]) < made  # views of held-out scans stay out
+    assert int(used[1]) == 36 - len(_held_out(run))
+    assert RunInfo.read(run).lesion_free_normals
+
+
+def _held_out(run) -> list[str]:
+    with open(run / "split.csv", newline="") as handle:
+        return [r["path"] for r in csv.DictReader(handle) if r["split"] != "train"]
 
 
 def test_lesion_free_normals_without_a_normal_class_is_an_error_naming_the_classes(

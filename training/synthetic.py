@@ -18,6 +18,13 @@ def synthetic_scan(
     label: str, rng: np.random.Generator, size: tuple[int, int] = (160, 200)
 ) -> np.ndarray:
     """One 2-D uint8 image of the given class (``normal``, ``benign`` or ``malignant``)."""
+    return synthetic_scan_and_mask(label, rng, size)[0]
+
+
+def synthetic_scan_and_mask(
+    label: str, rng: np.random.Generator, size: tuple[int, int] = (160, 200)
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`synthetic_scan` and its lesion mask (uint8, 255 on the lesion; all 0 if normal)."""
     h, w = size
     tissue = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 3)
     tissue = 0.35 + 0.5 * (tissue - tissue.min()) / (np.ptp(tissue) + 1e-6)
@@ -40,21 +47,34 @@ def synthetic_scan(
     image[lesion] *= 0.25
     speckle = rng.rayleigh(0.5, (h, w)).astype(np.float32)
     image = image * speckle
-    return np.clip(image * 255, 0, 255).astype(np.uint8)
+    return np.clip(image * 255, 0, 255).astype(np.uint8), lesion.astype(np.uint8) * 255
 
 
 def write_synthetic_dataset(
-    root: str | Path, per_class: int = 30, *, seed: int = 0, size: tuple[int, int] = (160, 200)
+    root: str | Path,
+    per_class: int = 30,
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (160, 200),
+    masks: bool = False,
 ) -> Path:
-    """Write ``root/<class>/synthetic-<class>-<i>.png`` for the three classes; returns ``root``."""
+    """Write ``root/<class>/synthetic-<class>-<i>.png`` for the three classes; returns ``root``.
+
+    With ``masks``, write BUSI's release layout instead: ``root/<class>/<class> (<i>).png`` with
+    its lesion mask beside it as ``<class> (<i>)_mask.png``.
+    """
     rng = np.random.default_rng(seed)
     root = Path(root)
     for label in CLASSES:
         folder = root / label
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            image = synthetic_scan(label, rng, size)
-            cv2.imwrite(str(folder / f"synthetic-{label}-{i:03d}.png"), image)
+            image, lesion = synthetic_scan_and_mask(label, rng, size)
+            if not masks:
+                cv2.imwrite(str(folder / f"synthetic-{label}-{i:03d}.png"), image)
+                continue
+            cv2.imwrite(str(folder / f"{label} ({i + 1}).png"), image)
+            cv2.imwrite(str(folder / f"{label} ({i + 1})_mask.png"), lesion)
     return root
 
 
