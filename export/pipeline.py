@@ -41,6 +41,12 @@ from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo, read_reports
 log = logging.getLogger(__name__)
 
 
+INT8_ADVICE = (
+    "To try: --calibration auto; --float-convs 11 (on one EfficientNet-Lite0 it halved the mean "
+    "INT8-FP32 probability change, at 1.9x instead of 2.3x FP32's single-thread speed)."
+)
+
+
 class ParityError(RuntimeError):
     """An exported model disagrees with its source; nothing was written."""
 
@@ -147,6 +153,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             if not reports[1].passed:
                 lines += _diagnose(prepared, int8, held_out)
                 lines.append(_jitter_line(fp32, held_out, fp32_probs, options.min_agreement))
+                lines.append(INT8_ADVICE)
             report_path.write_text("\n".join(lines) + "\n")
             raise ParityError(reports, report_path)
         files = []
@@ -214,23 +221,19 @@ def _diagnose(prepared: Path, int8: Path, images: np.ndarray, n_images: int = 8)
 
 
 def _jitter_line(fp32: Path, images: np.ndarray, fp32_probs: np.ndarray, gate: float) -> str:
-    """How often the FP32 model itself changes its answer under +-1 gray level of noise, and
-    what is known to help.
+    """How often the FP32 model itself changes its answer under +-1 gray level of noise.
 
     A rough guide, not a bound: on the EfficientNet-Lite0 models measured for the README, INT8
     flipped between half and twice as many answers as this noise did, and a model trained to be
     stable under it (stability training) still flipped. Keeping the first convolutions in float
-    halved the INT8 error there, at part of INT8's speed.
+    halved the INT8 error there, at part of INT8's speed (:data:`INT8_ADVICE`).
     """
     jittered = jitter_gray_levels(images, 1, seed=0)
     same = float(np.mean(_onnx_probabilities(fp32, jittered).argmax(1) == fp32_probs.argmax(1)))
     line = f"FP32 model under +-1 gray level of pixel noise: top-1 unchanged on {same:.4f}"
     if same < gate:
         line += " (the FP32 model itself is about as fragile as the gate is strict)"
-    return line + (
-        "\nTo try: --calibration auto; --float-convs 11 (on one EfficientNet-Lite0 it halved the "
-        "mean INT8-FP32 probability change, at 1.9x instead of 2.3x FP32's single-thread speed)."
-    )
+    return line
 
 
 def _spec(info: RunInfo, precision: Precision, quantization: dict) -> ModelSpec:

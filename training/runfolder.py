@@ -37,9 +37,7 @@ class RunInfo:
     model_version: str = "0.1.0"
     sources: tuple[str, ...] = ()
     int8_grid: bool = False  # kernels snapped to export's INT8 weight grid (training.int8_grid)
-    lesion_free_normals: bool = (
-        False  # mirrored lesion-scan views in training (--lesion-free-normals)
-    )
+    lesion_free_normals: bool = False  # trained on mirrored lesion-scan views too
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> Path:
