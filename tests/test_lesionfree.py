@@ -13,8 +13,10 @@ from training.lesionfree import (
     LESION_SIDE,
     LesionFreeView,
     free_side,
+    lesion_scan_views,
     measure,
     mirrored,
+    scan_aspect,
     summarize,
     training_views,
 )
@@ -38,6 +40,26 @@ def test_the_free_side_is_mirrored_onto_the_lesions_half_at_the_scans_width():
     gray = np.tile(np.arange(10, dtype=np.uint8), (3, 1))
     np.testing.assert_array_equal(mirrored(gray, slice(6, 10))[0], [9, 8, 7, 6, 6, 7, 8, 9])
     np.testing.assert_array_equal(mirrored(gray, slice(0, 7))[0], [0, 1, 2, 3, 4, 5, 6, 6, 5, 4])
+
+
+def test_a_view_narrower_than_its_scan_loses_its_deepest_rows_to_keep_the_scans_aspect():
+    view = np.arange(40 * 8, dtype=np.uint8).reshape(40, 8)
+    np.testing.assert_array_equal(scan_aspect(view, 10), view[:32])
+    assert scan_aspect(view, 8) is view
+
+
+def test_both_views_of_a_lesion_scan_have_the_scans_aspect_so_letterboxing_cannot_tell_them_apart(
+    tmp_path,
+):
+    scan, mask = np.full((60, 100), 80, np.uint8), np.zeros((60, 100), np.uint8)
+    mask[20:30, 40:50] = 255  # box widened by 5: columns 35..54; free side 55..99, 45 wide
+    cv2.imwrite(str(tmp_path / "scan.png"), scan)
+    cv2.imwrite(str(tmp_path / "scan_mask.png"), mask)
+    sample = Sample(tmp_path / "scan.png", "benign", "s", masks=(tmp_path / "scan_mask.png",))
+    free_width, views = lesion_scan_views(sample)
+    assert free_width == pytest.approx(0.45)
+    assert views[LESION_FREE].shape == (54, 90)  # mirrored to 90 columns: 60 * 90 / 100 rows
+    assert views[LESION_SIDE].shape == (60, 100)
 
 
 class _LesionReader:

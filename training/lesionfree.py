@@ -76,6 +76,15 @@ def mirrored(gray: np.ndarray, side: slice) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([strip[:, ::-1], strip], axis=1)[:, -width:])
 
 
+def scan_aspect(view: np.ndarray, scan_width: int) -> np.ndarray:
+    """``view`` with its deepest rows cut so that it has the scan's aspect ratio: a view narrower
+    than its scan would otherwise be letterboxed with wider side bands than any real scan of it,
+    a cue to which kind of view it is."""
+    height, width = view.shape[:2]
+    rows = round(height * width / scan_width)
+    return np.ascontiguousarray(view[:rows]) if rows < height else view
+
+
 def lesion_side(lesion: np.ndarray, free: slice) -> slice:
     """The columns that :func:`free_side` leaves: the scan's edge through the lesion."""
     return slice(free.stop, lesion.shape[1]) if free.start == 0 else slice(0, free.start)
@@ -83,8 +92,8 @@ def lesion_side(lesion: np.ndarray, free: slice) -> slice:
 
 def lesion_scan_views(sample: Sample) -> tuple[float, dict[str, np.ndarray]]:
     """Read a lesion scan and its masks; return the free side's share of the scan's width and
-    ``{LESION_FREE: ..., LESION_SIDE: ...}``, each side mirrored (``(0.0, {})`` when the lesion
-    leaves no room, :func:`free_side`).
+    ``{LESION_FREE: ..., LESION_SIDE: ...}``, each side mirrored and cut to the scan's aspect
+    ratio (:func:`scan_aspect`); ``(0.0, {})`` when the lesion leaves no room (:func:`free_side`).
 
     Raises:
         InputError: the scan or a mask cannot be decoded.
@@ -94,11 +103,12 @@ def lesion_scan_views(sample: Sample) -> tuple[float, dict[str, np.ndarray]]:
     free = free_side(lesion) if lesion.any() else None
     if free is None:
         return 0.0, {}
+    width = gray.shape[1]
     views = {
-        LESION_FREE: mirrored(gray, free),
-        LESION_SIDE: mirrored(gray, lesion_side(lesion, free)),
+        LESION_FREE: scan_aspect(mirrored(gray, free), width),
+        LESION_SIDE: scan_aspect(mirrored(gray, lesion_side(lesion, free)), width),
     }
-    return (free.stop - free.start) / gray.shape[1], views
+    return (free.stop - free.start) / width, views
 
 
 def measure(
