@@ -185,6 +185,27 @@ def test_lesion_free_normals_train_on_views_of_masked_training_scans_only(tmp_pa
     assert RunInfo.read(run).lesion_free_normals
 
 
+def test_lesion_free_normals_are_on_by_default_when_one_source_has_no_normal_scans(tmp_path):
+    from training.cli import main as train_main
+    from training.runfolder import RunInfo
+
+    with_normals = write_synthetic_dataset(tmp_path / "a", per_class=8, seed=5, masks=True)
+    other = write_synthetic_dataset(tmp_path / "other", per_class=8, seed=6, masks=True)
+    scans = [p.relative_to(other) for p in sorted(other.glob("[bm]*/*).png"))]
+    rows = ["path,label,masks"] + [  # a second source, listed without its normal scans
+        f"{p},{p.parent.name},{p.with_name(p.stem + '_mask.png')}" for p in scans
+    ]
+    (other / "lesions.csv").write_text("\n".join(rows) + "\n")
+    args = ["--backbone", "small-cnn", "--weights", "none", "--image-size", "32"]
+    args += ["--frozen-epochs", "0", "--epochs", "1", "--batch-size", "8"]
+    args += ["--learning-rate", "0.003"]
+    two_sources = [str(with_normals), str(other / "lesions.csv")]
+    assert train_main([*two_sources, "--output", str(tmp_path / "r1"), *args]) == 0
+    assert RunInfo.read(tmp_path / "r1").lesion_free_normals
+    assert train_main([str(with_normals), "--output", str(tmp_path / "r2"), *args]) == 0
+    assert not RunInfo.read(tmp_path / "r2").lesion_free_normals  # one source: nothing to fix
+
+
 def _held_out(run) -> list[str]:
     with open(run / "split.csv", newline="") as handle:
         return [r["path"] for r in csv.DictReader(handle) if r["split"] != "train"]

@@ -13,6 +13,7 @@ from training.lesionfree import (
     LESION_SIDE,
     LesionFreeView,
     free_side,
+    lesion_free_views_wanted,
     lesion_scan_views,
     measure,
     mirrored,
@@ -143,3 +144,19 @@ def test_summary_per_source_with_normal_controls_apart():
     assert summary["x lesion scans"]["called_normal"] == pytest.approx(0.5)
     assert summary["x lesion scans"]["mean_p_normal"] == pytest.approx(0.55)
     assert summary["y lesion scans"]["called_normal"] == 0.0
+
+
+def test_lesion_free_views_are_wanted_by_default_only_when_one_source_lacks_normal_scans():
+    def scans(*pairs):
+        return [Sample(f"{source}-{label}.png", label, source) for source, label in pairs]
+
+    mixed = scans(("busi", "normal"), ("busi", "benign"), ("busbra", "malignant"))
+    one_source = scans(("busi", "normal"), ("busi", "benign"))
+    no_normals = scans(("busbra", "benign"), ("busbra", "malignant"))
+    assert lesion_free_views_wanted(None, mixed)
+    assert not lesion_free_views_wanted(None, one_source)
+    assert not lesion_free_views_wanted(None, no_normals)
+    assert not lesion_free_views_wanted(False, mixed)
+    assert lesion_free_views_wanted(True, one_source)
+    with pytest.raises(ValueError, match=r"no normal class \(classes: \['benign', 'malignant'\]\)"):
+        lesion_free_views_wanted(True, no_normals)

@@ -78,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lesion-free-normals",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also train on both sides of each masked lesion scan mirrored (python -m "
-        "training.lesionfree): the lesion-free side as normal, the lesion side as its class; "
-        "for sources without normal scans, so that their look does not mean 'not normal'",
+        "training.lesionfree): the lesion-free side as normal, the lesion side as its class, "
+        "so that the look of a source without normal scans does not mean 'not normal' "
+        "(default: on when one source has normal scans and another has none)",
     )
     parser.add_argument(
         "--no-int8-grid",

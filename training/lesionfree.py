@@ -150,6 +150,30 @@ def measure(
     ]
 
 
+def lesion_free_views_wanted(asked: bool | None, samples: Sequence[Sample]) -> bool:
+    """Whether to train on lesion-free views: as ``asked``, or, when ``asked`` is None, whenever
+    one source has normal scans and another has none, the mix in which a model can learn
+    "this source is never normal".
+
+    Raises:
+        ValueError: asked for, but no scan is normal, so the views could not be labelled.
+    """
+    has_normals: dict[str, bool] = {}
+    for sample in samples:
+        has_normals[sample.source] = has_normals.get(sample.source, False) or (
+            sample.label == "normal"
+        )
+    if asked and not any(has_normals.values()):
+        classes = sorted({s.label for s in samples})
+        raise ValueError(
+            "--lesion-free-normals labels lesion-free views 'normal', but the data has no "
+            f"normal class (classes: {classes})"
+        )
+    if asked is None:
+        return any(has_normals.values()) and not all(has_normals.values())
+    return asked
+
+
 def training_views(
     samples: Sequence[Sample], input_size: int, policy: ResizePolicy
 ) -> list[tuple[int, np.ndarray, str]]:

@@ -21,7 +21,7 @@ from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
 from training.fit import FitConfig, fit
 from training.int8_grid import snap_to_int8_grid
-from training.lesionfree import training_views
+from training.lesionfree import lesion_free_views_wanted, training_views
 from training.marks import paint_out_marks
 from training.metrics import (
     apply_temperature,
@@ -68,7 +68,7 @@ class TrainConfig:
     final_model: bool = True
     seed: int = 0
     int8_grid: bool = True
-    lesion_free_normals: bool = False
+    lesion_free_normals: bool | None = None  # None: lesion_free_views_wanted decides
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -133,12 +133,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
         )
         log.info("painted out burned-in marks in %.1f s", time.perf_counter() - start)
     views = []
-    if config.lesion_free_normals:
-        if "normal" not in class_names:
-            raise ValueError(
-                "--lesion-free-normals labels lesion-free views 'normal', but the data has no "
-                f"normal class (classes: {list(class_names)})"
-            )
+    if lesion_free_views_wanted(config.lesion_free_normals, samples):
         views = training_views(samples, config.input_size, config.resize_policy)
         log.info("%d mirrored views of lesion scans for training", len(views))
     report = group_duplicates(samples)
@@ -253,7 +248,7 @@ def _train_and_report(
         temperature=temperature,
         sources=data.sources,
         int8_grid=config.int8_grid,
-        lesion_free_normals=config.lesion_free_normals,
+        lesion_free_normals=bool(data.views),
         test_metrics=metrics,
     )
     info.write(run_dir)
