@@ -135,7 +135,11 @@ def _prepare(config: TrainConfig) -> _Prepared:
     views = []
     if lesion_free_views_wanted(config.lesion_free_normals, samples):
         views = training_views(samples, config.input_size, config.resize_policy)
-        log.info("%d mirrored views of lesion scans for training", len(views))
+        log.info(
+            "%d mirrored views of lesion scans for training (training.lesionfree; "
+            "--no-lesion-free-normals leaves them out)",
+            len(views),
+        )
     report = group_duplicates(samples)
     (config.output / "duplicates.csv").write_text(report.to_csv())
     conflicted = set(report.conflicts)
