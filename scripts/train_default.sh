@@ -4,7 +4,8 @@
 # usage: scripts/train_default.sh [DATA_ROOT] [RUN_DIR]
 #   DATA_ROOT holds busi/Dataset_BUSI_with_GT and busbra/ (default ../shared/data);
 #   RUN_DIR is the run folder (default runs/default). Seed 0 unless SEED is set in the
-#   environment; logs to RUN_DIR/train.log.
+#   environment; logs to RUN_DIR/train.log. BUS-BRA has no normal scans, so edge-train adds
+#   mirrored lesion-free views as normals by itself (training.lesionfree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data}"
