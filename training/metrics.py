@@ -299,13 +299,15 @@ def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def _macro_f1(cm: np.ndarray) -> np.ndarray:
-    """Macro F1 of confusion matrices [..., K, K] over classes seen in truth or prediction.
+    """Macro F1 of confusion matrices [..., K, K] over the classes present in truth.
 
-    Matches ``sklearn.metrics.f1_score(average="macro")`` with its default labels.
+    A subset without some class (a source without normal scans) is scored on the classes it
+    has; its scans called that class still count, as misses of their own class. Matches
+    ``sklearn.metrics.f1_score(average="macro", labels=<classes present in truth>)``.
     """
     tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
     den = cm.sum(axis=-1) + cm.sum(axis=-2)  # 2tp + fp + fn
-    seen = den > 0
+    seen = cm.sum(axis=-1) > 0
     f1 = np.where(seen, 2 * tp / np.where(seen, den, 1), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return f1.sum(axis=-1) / seen.sum(axis=-1)
@@ -353,7 +355,7 @@ def evaluate(
         seed: seed of the bootstrap.
 
     Returns:
-        ``n``, ``accuracy``, ``macro_f1`` (over classes seen in truth or prediction, as sklearn),
+        ``n``, ``accuracy``, ``macro_f1`` (over the classes present in truth),
         ``balanced_accuracy`` (mean recall over classes present), ``per_class`` ``{name:
         {sensitivity, specificity, precision, f1, support}}``, ``confusion_matrix`` (rows = true),
         ``roc_auc`` ``{name: one-vs-rest AUC or None}``, ``malignant_auc`` (only when a class is
