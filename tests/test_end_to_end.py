@@ -204,6 +204,27 @@ def test_lesion_free_normals_are_on_by_default_when_one_source_has_no_normal_sca
     assert RunInfo.read(tmp_path / "r1").lesion_free_normals
     assert train_main([str(with_normals), "--output", str(tmp_path / "r2"), *args]) == 0
     assert not RunInfo.read(tmp_path / "r2").lesion_free_normals  # one source: nothing to fix
+    off = [*two_sources, "--no-lesion-free-normals", "--output", str(tmp_path / "r3"), *args]
+    assert train_main(off) == 0
+    assert not RunInfo.read(tmp_path / "r3").lesion_free_normals  # asked off
+
+
+def test_wanted_lesion_free_views_without_usable_masks_are_a_warning(tmp_path, caplog):
+    from training.cli import main as train_main
+    from training.runfolder import RunInfo
+
+    with_normals = write_synthetic_dataset(tmp_path / "a", per_class=6, seed=7)  # no masks
+    other = write_synthetic_dataset(tmp_path / "other", per_class=6, seed=8)
+    scans = sorted(other.glob("[bm]*/*.png"))
+    rows = ["path,label"] + [f"{p.relative_to(other)},{p.parent.name}" for p in scans]
+    (other / "lesions.csv").write_text("\n".join(rows) + "\n")
+    args = [str(with_normals), str(other / "lesions.csv"), "--output", str(tmp_path / "r")]
+    args += ["--backbone", "small-cnn", "--weights", "none", "--image-size", "32"]
+    args += ["--frozen-epochs", "0", "--epochs", "1", "--batch-size", "8"]
+    with caplog.at_level("WARNING"):
+        assert train_main([*args, "--learning-rate", "0.003"]) == 0
+    assert "no lesion-free views" in caplog.text
+    assert not RunInfo.read(tmp_path / "r").lesion_free_normals
 
 
 def _held_out(run) -> list[str]:

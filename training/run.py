@@ -135,6 +135,11 @@ def _prepare(config: TrainConfig) -> _Prepared:
     views = []
     if lesion_free_views_wanted(config.lesion_free_normals, samples):
         views = training_views(samples, config.input_size, config.resize_policy)
+        if not views:
+            log.warning(
+                "no lesion scan has a mask that leaves room beside its lesion, so no lesion-free "
+                "views: a source without normal scans may still come to mean 'not normal'"
+            )
         log.info(
             "%d mirrored views of lesion scans for training (training.lesionfree; "
             "--no-lesion-free-normals leaves them out)",
