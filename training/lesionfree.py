@@ -3,14 +3,14 @@
 Only BUSI has normal scans, so a model could learn "looks like BUS-BRA, so not normal" instead
 of reading the lesion. This asks it directly. From every held-out benign or malignant scan with a
 lesion mask it takes the wider side beside the lesion (its box widened by a margin) and mirrors
-that side onto the lesion's half, so the view is lesion-free tissue of the same scanner at about
-the scan's width; a bare strip would not do, as a narrow strip of a normal scan is not called
+that side onto the lesion's half, so the view is lesion-free tissue of the same scanner with the
+scan's aspect ratio; a bare strip would not do, as a narrow strip of a normal scan is not called
 normal either. BUSI's normal scans get the same treatment (their right half, mirrored) as the
 control. A model that reads the lesion calls the lesion-free views normal about as often as the
 normal controls, whatever their source; one that reads the source calls them abnormal anyway.
 The lesion side of each scan, mirrored the same way, is the seam control: a model that has
-learned "a mirrored view is normal" (one trained with ``edge-train --lesion-free-normals``,
-which adds both kinds of view of its training scans) calls those normal too.
+learned "a mirrored view is normal" (``edge-train`` adds both kinds of view of its training
+scans when one source lacks normal scans: :func:`training_views`) calls those normal too.
 
 examples:
   python -m training.lesionfree runs/lite0
@@ -158,19 +158,16 @@ def lesion_free_views_wanted(asked: bool | None, samples: Sequence[Sample]) -> b
     Raises:
         ValueError: asked for, but no scan is normal, so the views could not be labelled.
     """
-    has_normals: dict[str, bool] = {}
-    for sample in samples:
-        has_normals[sample.source] = has_normals.get(sample.source, False) or (
-            sample.label == "normal"
-        )
-    if asked and not any(has_normals.values()):
+    sources = {s.source for s in samples}
+    with_normals = {s.source for s in samples if s.label == "normal"}
+    if asked and not with_normals:
         classes = sorted({s.label for s in samples})
         raise ValueError(
             "--lesion-free-normals labels lesion-free views 'normal', but the data has no "
             f"normal class (classes: {classes})"
         )
     if asked is None:
-        return any(has_normals.values()) and not all(has_normals.values())
+        return bool(with_normals) and with_normals != sources
     return asked
 
 

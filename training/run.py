@@ -140,11 +140,12 @@ def _prepare(config: TrainConfig) -> _Prepared:
                 "no lesion scan has a mask that leaves room beside its lesion, so no lesion-free "
                 "views: a source without normal scans may still come to mean 'not normal'"
             )
-        log.info(
-            "%d mirrored views of lesion scans for training (training.lesionfree; "
-            "--no-lesion-free-normals leaves them out)",
-            len(views),
-        )
+        else:
+            log.info(
+                "%d mirrored views of lesion scans for training (training.lesionfree; "
+                "--no-lesion-free-normals leaves them out)",
+                len(views),
+            )
     report = group_duplicates(samples)
     (config.output / "duplicates.csv").write_text(report.to_csv())
     conflicted = set(report.conflicts)
