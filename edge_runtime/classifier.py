@@ -20,7 +20,14 @@ from edge_runtime.contract import CAM, INPUT_NAME, PROBABILITIES, ModelSpec, Pre
 from edge_runtime.decode import InputError, load_frames, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap
 from edge_runtime.preprocess import fit_to_square
-from edge_runtime.session import LoadedModel, Provider, choose_providers, open_model
+from edge_runtime.recheck import needs_recheck
+from edge_runtime.session import (
+    LoadedModel,
+    Provider,
+    choose_providers,
+    open_model,
+    open_recheck_model,
+)
 
 Source = str | os.PathLike[str] | np.ndarray
 MODELS_DIR = Path(__file__).parent / "models"
@@ -37,6 +44,7 @@ class ClassifierOptions:
     batch_size: int = 8
     decode_workers: int = max(1, min(4, os.cpu_count() or 1))
     abstain_below: float | None = None  # None: the model's own threshold
+    recheck: bool = True  # rerun in FP32 what an INT8 model is unsure of, if its metadata asks
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -73,6 +81,7 @@ class Result:
     error: str | None
     timing: Timing
     frame: int | None = None
+    rechecked: bool = False  # INT8 was unsure; these are the FP32 model's answers
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -144,8 +153,11 @@ class Classifier:
         ...         print(result.source, result.label, result.confidence)
     """
 
-    def __init__(self, model: LoadedModel, options: ClassifierOptions) -> None:
+    def __init__(
+        self, model: LoadedModel, options: ClassifierOptions, recheck: LoadedModel | None = None
+    ) -> None:
         self._model = model
+        self._recheck = recheck
         self._options = options
         self._pool = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="decode")
         self._abstain_below = (
@@ -163,7 +175,10 @@ class Classifier:
         fitting = default_precision(model.providers[0])
         if options.model_path is None and model.spec.precision is not fitting:
             model = open_(default_model_path(fitting))  # its first provider failed to start
-        return cls(model, options)
+        recheck = None
+        if options.recheck:
+            recheck = open_recheck_model(model, provider=options.provider, threads=options.threads)
+        return cls(model, options, recheck)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], **options) -> Classifier:
@@ -190,6 +205,11 @@ class Classifier:
     @property
     def abstain_below(self) -> float:
         return self._abstain_below
+
+    @property
+    def recheck_model_path(self) -> Path | None:
+        """The FP32 model that reruns the scans this INT8 model is unsure of, if any."""
+        return None if self._recheck is None else self._recheck.path
 
     def classify(self, sources: Iterable[Source], *, heatmaps: bool = False) -> list[Result]:
         """Classify files (paths) or 2-D / BGR arrays; one result per image or DICOM frame.
@@ -220,9 +240,20 @@ class Classifier:
         return [next(done) if item.error is None else self._failure(item) for item in pending]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run the raw model on a uint8 ``[N, S, S, 1]`` batch; returns (probabilities, cam)."""
-        probabilities, cam = self._model.session.run([PROBABILITIES, CAM], {INPUT_NAME: images})
+        """Run the model on a uint8 ``[N, S, S, 1]`` batch; returns uncalibrated (probabilities,
+        cam), with the FP32 model's rows where it rechecked INT8 (:attr:`recheck_model_path`)."""
+        probabilities, cam, _ = self._run_rechecked(images)
         return probabilities, cam
+
+    def _run_rechecked(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probabilities, cam = self._model.session.run([PROBABILITIES, CAM], {INPUT_NAME: images})
+        if self._recheck is None:
+            return probabilities, cam, np.zeros(len(images), dtype=bool)
+        redo = needs_recheck(probabilities, self._model.spec.recheck_margin)
+        if redo.any():
+            outputs = self._recheck.session.run([PROBABILITIES, CAM], {INPUT_NAME: images[redo]})
+            probabilities[redo], cam[redo] = outputs
+        return probabilities, cam, redo
 
     def close(self) -> None:
         """Stop the decode threads. The session is released with the object."""
@@ -284,7 +315,7 @@ class Classifier:
         images = np.stack([item.square for item in batch])[..., None]
         stack_ms = _ms_since(start)
         start = time.perf_counter()
-        probabilities, cam = self.run(images)
+        probabilities, cam, rechecked = self._run_rechecked(images)
         inference_ms = _ms_since(start) / len(batch)
         start = time.perf_counter()
         probabilities = _calibrate(probabilities, self._model.spec.temperature)
@@ -314,6 +345,7 @@ class Classifier:
                         0.0,
                     ),
                     frame=item.frame,
+                    rechecked=bool(rechecked[row]),
                     heatmap=heat,
                     image=item.original if heatmaps else None,
                 )

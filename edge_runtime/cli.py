@@ -123,6 +123,14 @@ def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int 
         default="auto",
         help="execution provider (default: auto = TensorRT, CUDA, then CPU)",
     )
+    parser.add_argument(
+        "--no-recheck",
+        dest="recheck",
+        action="store_false",
+        help="run an INT8 model alone: do not rerun in FP32 the scans it is unsure of (its "
+        "metadata names the FP32 file, which must lie beside it; see the model card for the "
+        "agreement with FP32 either way)",
+    )
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +340,7 @@ def _options(args: argparse.Namespace) -> ClassifierOptions:
         threads=args.threads,
         batch_size=getattr(args, "batch_size", 8),
         abstain_below=getattr(args, "abstain_below", None),
+        recheck=args.recheck,
     )
 
 
@@ -355,9 +364,12 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         counts = _run(classifier, files, writer, args, stderr)
     failed = counts["failed"] + len(problems)
     if not args.quiet:
+        rechecked = (
+            f" ({counts['rechecked']} rechecked in FP32)" if classifier.recheck_model_path else ""
+        )
         stderr.write(
-            f"edge-classify: {counts['ok']} classified, {counts['abstained']} abstained, "
-            f"{failed} failed\n"
+            f"edge-classify: {counts['ok']} classified{rechecked}, {counts['abstained']} "
+            f"abstained, {failed} failed\n"
         )
     if failed:
         return ExitStatus.PARTIAL
@@ -371,13 +383,14 @@ def _run(
     args: argparse.Namespace,
     stderr: TextIO,
 ) -> dict[str, int]:
-    counts = {"ok": 0, "failed": 0, "abstained": 0}
+    counts = {"ok": 0, "failed": 0, "abstained": 0, "rechecked": 0}
     show_progress = not args.quiet and stderr.isatty() and len(files) > 20
     stems = heatmap_stems(files) if args.heatmaps else None
     for done, result in enumerate(classifier.iter_classify(files, heatmaps=bool(args.heatmaps)), 1):
         writer.write(result)
         counts["ok" if result.ok else "failed"] += 1
         counts["abstained"] += int(result.abstained)
+        counts["rechecked"] += int(result.rechecked)
         if args.heatmaps and result.ok:
             write_heatmaps([result], args.heatmaps, stems=stems)
         if show_progress:

@@ -53,6 +53,8 @@ KEY_METRICS = "edge_classify.metrics"
 KEY_TEMPERATURE = "edge_classify.temperature"
 KEY_ABSTAIN_THRESHOLD = "edge_classify.abstain_threshold"
 KEY_QUANTIZATION = "edge_classify.quantization"
+KEY_RECHECK_MARGIN = "edge_classify.fp32_recheck_margin"
+KEY_RECHECK_MODEL = "edge_classify.fp32_recheck_model"
 KEY_PIXEL_FORMAT = "Image.BitmapPixelFormat"
 KEY_PIXEL_RANGE = "Image.NominalPixelRange"
 
@@ -76,6 +78,8 @@ class ModelSpec:
     training_data_fingerprint: str = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
     quantization: Mapping[str, Any] = field(default_factory=dict)
+    recheck_margin: float = 0.0  # rerun in FP32 the scans whose top-1 lead is below this
+    recheck_model: str = ""  # file name of that FP32 model, beside this one
 
     def to_metadata(self) -> dict[str, str]:
         """Serialize to ``metadata_props`` (string to string)."""
@@ -93,6 +97,8 @@ class ModelSpec:
             KEY_TEMPERATURE: repr(float(self.temperature)),
             KEY_ABSTAIN_THRESHOLD: repr(float(self.abstain_threshold)),
             KEY_QUANTIZATION: json.dumps(dict(self.quantization), sort_keys=True),
+            KEY_RECHECK_MARGIN: repr(float(self.recheck_margin)),
+            KEY_RECHECK_MODEL: self.recheck_model,
             KEY_PIXEL_FORMAT: PIXEL_FORMAT,
             KEY_PIXEL_RANGE: PIXEL_RANGE,
         }
@@ -134,6 +140,8 @@ class ModelSpec:
                 training_data_fingerprint=meta.get(KEY_DATA_FINGERPRINT, ""),
                 metrics=json.loads(meta.get(KEY_METRICS, "{}")),
                 quantization=json.loads(meta.get(KEY_QUANTIZATION, "{}")),
+                recheck_margin=float(meta.get(KEY_RECHECK_MARGIN, "0.0")),
+                recheck_model=meta.get(KEY_RECHECK_MODEL, ""),
             )
         except (ValueError, TypeError) as exc:
             raise ContractError(f"{source}: unreadable contract metadata: {exc}") from exc
@@ -150,7 +158,50 @@ class ModelSpec:
             raise ContractError(
                 f"{source}: abstain threshold must be in [0, 1]. Got {spec.abstain_threshold}."
             )
+        _check_recheck(spec, source)
         return spec
+
+
+def _check_recheck(spec: ModelSpec, source: str) -> None:
+    if not 0.0 <= spec.recheck_margin <= 1.0:
+        raise ContractError(
+            f"{source}: FP32 recheck margin must be in [0, 1]. Got {spec.recheck_margin}."
+        )
+    if spec.recheck_margin == 0.0:
+        return
+    if spec.precision is Precision.FP32:
+        raise ContractError(f"{source}: an FP32 model cannot ask for an FP32 recheck.")
+    name = spec.recheck_model
+    if not name or name != name.strip() or "/" in name or "\\" in name or name in {".", ".."}:
+        raise ContractError(
+            f"{source}: the FP32 recheck model must be a file name beside the model. "
+            f"Got {name!r} instead."
+        )
+
+
+def check_recheck_partner(spec: ModelSpec, partner: ModelSpec, *, source: str) -> None:
+    """Check that ``partner`` is the FP32 model that ``spec``'s INT8 answers are rechecked with.
+
+    Raises:
+        ContractError: naming the first field in which the two models differ.
+    """
+    if partner.precision is not Precision.FP32:
+        raise ContractError(
+            f"{source}: the FP32 recheck model must be FP32. Got {partner.precision.value}."
+        )
+    for name in (
+        "class_names",
+        "input_size",
+        "resize_policy",
+        "model_version",
+        "training_data_fingerprint",
+    ):
+        if getattr(partner, name) != getattr(spec, name):
+            raise ContractError(
+                f"{source}: is not the FP32 model of the INT8 model it should recheck: its "
+                f"{name} is {getattr(partner, name)!r}, the INT8 model's "
+                f"{getattr(spec, name)!r}."
+            )
 
 
 def _expect(meta: Mapping[str, str], key: str, value: str, source: str) -> None:

@@ -31,6 +31,7 @@ def result_record(result: Result) -> dict[str, Any]:
         "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
         "confidence": None if result.confidence is None else round(result.confidence, 6),
         "abstained": result.abstained,
+        "rechecked": result.rechecked,
         "error": result.error,
         "elapsed_ms": round(result.timing.total_ms, 3),
     }

@@ -16,7 +16,13 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edge_runtime.card import verify_against_card
-from edge_runtime.contract import ContractError, ModelSpec, TensorInfo, check_io
+from edge_runtime.contract import (
+    ContractError,
+    ModelSpec,
+    TensorInfo,
+    check_io,
+    check_recheck_partner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +163,41 @@ def open_model(
     return LoadedModel(session=session, spec=spec, path=path, providers=used)
 
 
+def open_recheck_model(
+    model: LoadedModel, *, provider: Provider = Provider.AUTO, threads: int | None = None
+) -> LoadedModel | None:
+    """Open the FP32 model that ``model``'s metadata names for rechecking the scans it is
+    unsure of (:mod:`edge_runtime.recheck`); None when it names none.
+
+    Raises:
+        FileNotFoundError: that FP32 model is not beside ``model``.
+        ContractError: it is not the FP32 model ``model`` was quantized from.
+    """
+    spec = model.spec
+    if spec.recheck_margin == 0.0:
+        return None
+    path = model.path.parent / spec.recheck_model
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model.path}: reruns in FP32 the scans whose top-1 lead is below "
+            f"{spec.recheck_margin:.3f}, with {path}, which is missing. Copy that file beside "
+            "the model (export wrote them together), or run the INT8 model alone with "
+            "--no-recheck, whose agreement with FP32 is in the model card."
+        )
+    partner = open_model(path, provider=provider, threads=threads)
+    check_recheck_partner(spec, partner.spec, source=str(path))
+    return partner
+
+
 def _infos(args) -> list[TensorInfo]:
     return [TensorInfo(a.name, a.type, tuple(a.shape)) for a in args]
 
 
-__all__ = ["ContractError", "LoadedModel", "Provider", "choose_providers", "open_model"]
+__all__ = [
+    "ContractError",
+    "LoadedModel",
+    "Provider",
+    "choose_providers",
+    "open_model",
+    "open_recheck_model",
+]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edge_runtime.classifier import MODELS_DIR
 from edge_runtime.contract import ContractError
-from edge_runtime.session import Provider, open_model
+from edge_runtime.session import Provider, open_model, open_recheck_model
 from training.runfolder import (
     CV_METRICS_FILE,
     METRICS_FILE,
@@ -58,7 +58,7 @@ def bundle(
         written.append(target)
     for path in written[:2]:
         try:
-            open_model(path, provider=Provider.CPU)
+            open_recheck_model(open_model(path, provider=Provider.CPU), provider=Provider.CPU)
         except ContractError as exc:
             raise ValueError(f"{path}: bundled model fails the contract: {exc}") from exc
     written.append(_write_heldout(run_dir / SPLIT_FILE, data_root, models_dir))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from edge_runtime.recheck import with_recheck
 
 MAX_PROBABILITY_DIFF = 1e-4
 MIN_TOP1_AGREEMENT = 0.99
 MAX_ACCURACY_DROP = 0.01
+# INT8 runs at ~0.43x FP32's time (README); rechecking at most a fifth of scans keeps INT8 with
+# its FP32 recheck >= 1.5x faster than FP32, and fails an INT8 model too broken to be useful.
+MAX_RECHECK_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,34 @@ def int8_gate(
 ) -> ParityReport:
     """INT8 vs FP32: top-1 agreement >= 99% and accuracy drop <= 1 point."""
     return reduced_precision_gate("int8", fp32_probs, int8_probs, labels, **thresholds)
+
+
+def int8_recheck_gate(
+    fp32_probs: np.ndarray,
+    int8_probs: np.ndarray,
+    margin: float,
+    labels=None,
+    *,
+    min_agreement: float = MIN_TOP1_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    max_recheck_fraction: float = MAX_RECHECK_FRACTION,
+) -> ParityReport:
+    """The INT8 gate on the answers the runtime gives: INT8, rerun in FP32 where its top-1 lead
+    is below ``margin`` (:mod:`edge_runtime.recheck`); and at most ``max_recheck_fraction``
+    of the scans rechecked."""
+    answers, redo = with_recheck(int8_probs, fp32_probs, margin)
+    report = compare(
+        f"onnx-int8, FP32 recheck of {int(redo.sum())} with lead < {margin:.3f}, vs onnx-fp32",
+        fp32_probs,
+        answers,
+        labels,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    if redo.mean() > max_recheck_fraction:
+        failure = f"FP32 recheck of {redo.mean():.1%} of scans > {max_recheck_fraction:.0%}"
+        report = replace(report, failures=(*report.failures, failure))
+    return report
 
 
 def fp16_gate(

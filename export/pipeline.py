@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_runtime.card import model_file_name
 from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
+from edge_runtime.recheck import recheck_margin, with_recheck
 from edge_runtime.session import Provider, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
@@ -27,6 +28,7 @@ from export.parity import (
     fp16_gate,
     fp32_gate,
     int8_gate,
+    int8_recheck_gate,
 )
 from export.quantize import (
     QuantConfig,
@@ -71,6 +73,7 @@ class ExportOptions:
     min_agreement: float = MIN_TOP1_AGREEMENT
     max_accuracy_drop: float = MAX_ACCURACY_DROP
     choose_calibration: bool = False  # pick among calibration_candidates on the val split
+    recheck: bool = True  # INT8 answers it is unsure of are rerun in FP32 (edge_runtime.recheck)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ def export_run(options: ExportOptions) -> ExportResult:
     info = RunInfo.read(options.run_dir)
     output = _writable_dir(options.output_dir)
     calibration, held_out, labels = _images_for(options, info)
+    val = _validation_images(options, info)
     from training.model import load_classifier
 
     keras_model = load_classifier(options.run_dir / MODEL_FILE)
@@ -119,9 +123,17 @@ def export_run(options: ExportOptions) -> ExportResult:
                 max_accuracy_drop=options.max_accuracy_drop,
             )
 
+        val_fp32_probs = None if val is None else _onnx_probabilities(fp32, val)
         quant_config = options.quantization
         if options.choose_calibration:
-            quant_config, flips = _choose_calibration(options, info, fp32, calibration, tmp)
+            if val is None:
+                raise ValueError(
+                    f"{options.run_dir / SPLIT_FILE}: --calibration auto needs 'val' rows apart "
+                    "from the 'test' rows the gate is measured on."
+                )
+            quant_config, flips = _choose_calibration(
+                info, fp32, calibration, val, val_fp32_probs, options.quantization, tmp
+            )
             quant_settings = {**quant_config.describe(), "validation_flips_by_calibration": flips}
         prepared = tmp / "prepared-fp32.onnx"
         int8 = _step(
@@ -136,7 +148,36 @@ def export_run(options: ExportOptions) -> ExportResult:
         folded = _fold_input(int8, info)
         quant_settings = {**quant_settings, "input_scaling_folded": folded}
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
-        reports.append(against_fp32(int8_gate, int8))
+        int8_probs = _onnx_probabilities(int8, held_out)
+        alone = int8_gate(
+            fp32_probs,
+            int8_probs,
+            labels,
+            min_agreement=options.min_agreement,
+            max_accuracy_drop=options.max_accuracy_drop,
+        )
+        margin = 0.0
+        if options.recheck and val is not None:
+            margin = recheck_margin(val_fp32_probs, _onnx_probabilities(int8, val))
+            checked = int8_recheck_gate(
+                fp32_probs,
+                int8_probs,
+                margin,
+                labels,
+                min_agreement=options.min_agreement,
+                max_accuracy_drop=options.max_accuracy_drop,
+            )
+            quant_settings = {
+                **quant_settings,
+                "fp32_recheck": _recheck_record(margin, len(val), fp32_probs, int8_probs, alone),
+            }
+            write_metadata(int8, _spec(info, Precision.INT8, quant_settings, margin, fp32.name))
+            log.info("%s (information: the runtime rechecks)", alone.summary())
+            reports.append(checked)
+        else:
+            if options.recheck:
+                log.warning("no validation split apart from the gate's: no FP32 recheck")
+            reports.append(alone)
         candidates = [fp32, int8]
         if options.fp16:
             fp16 = _step(
@@ -150,6 +191,8 @@ def export_run(options: ExportOptions) -> ExportResult:
         if not all(r.passed for r in reports):
             report_path = output / f"{options.name}.parity-failed.txt"
             lines = [r.summary() for r in reports]
+            if margin > 0:
+                lines.append(f"{alone.summary()} (information: the runtime rechecks)")
             if not reports[1].passed:
                 lines += _diagnose(prepared, int8, held_out)
                 lines.append(_jitter_line(fp32, held_out, fp32_probs, options.min_agreement))
@@ -175,15 +218,49 @@ def _fold_input(int8: Path, info: RunInfo) -> bool:
     return bool(channels == 1 and fold_input_scaling(int8, mean, std))
 
 
+def _recheck_record(
+    margin: float,
+    n_validation: int,
+    fp32_probs: np.ndarray,
+    int8_probs: np.ndarray,
+    alone: ParityReport,
+) -> dict[str, object]:
+    """What the model card says about the FP32 recheck: its margin and its cost and effect on
+    the gate's images."""
+    _, redo = with_recheck(int8_probs, fp32_probs, margin)
+    return {
+        "margin": round(margin, 6),
+        "margin_from_validation_images": n_validation,
+        "held_out_rechecked": int(redo.sum()),
+        "held_out_images": len(redo),
+        "int8_alone_top1_agreement": alone.top1_agreement,
+        "int8_alone_accuracy": alone.candidate_accuracy,
+    }
+
+
+def _validation_images(options: ExportOptions, info: RunInfo) -> np.ndarray | None:
+    """The validation split's images when it is apart from the held-out images the gate
+    uses (a run with a test split), else None."""
+    rows = _manifest_rows(options)
+    if not (rows.get("test") and rows.get("val")):
+        return None
+    return _split_images(options, info, "val")[0]
+
+
 def _choose_calibration(
-    options: ExportOptions, info: RunInfo, fp32: Path, calibration: np.ndarray, tmp: Path
+    info: RunInfo,
+    fp32: Path,
+    calibration: np.ndarray,
+    val: np.ndarray,
+    val_fp32_probs: np.ndarray,
+    base: QuantConfig,
+    tmp: Path,
 ) -> tuple[QuantConfig, dict[str, int]]:
     """The calibration whose INT8 model changes fewest top-1 answers of FP32 on the validation
     split (never on the test split, which the gate is measured on); ties go to the earlier of
     :func:`export.quantize.calibration_candidates`. Returns it and the flips of each."""
-    val, _ = _split_images(options, info, "val")
-    reference = _onnx_probabilities(fp32, val).argmax(1)
-    candidates = {calibration_name(c): c for c in calibration_candidates(options.quantization)}
+    reference = val_fp32_probs.argmax(1)
+    candidates = {calibration_name(c): c for c in calibration_candidates(base)}
     flips: dict[str, int] = {}
     for k, (name, candidate) in enumerate(candidates.items()):
         path = quantize_int8(fp32, tmp / f"calibration-{k}.onnx", calibration, candidate)
@@ -236,7 +313,13 @@ def _jitter_line(fp32: Path, images: np.ndarray, fp32_probs: np.ndarray, gate: f
     return line
 
 
-def _spec(info: RunInfo, precision: Precision, quantization: dict) -> ModelSpec:
+def _spec(
+    info: RunInfo,
+    precision: Precision,
+    quantization: dict,
+    recheck_margin: float = 0.0,
+    recheck_model: str = "",
+) -> ModelSpec:
     return ModelSpec(
         class_names=info.class_names,
         input_size=info.input_size,
@@ -253,6 +336,8 @@ def _spec(info: RunInfo, precision: Precision, quantization: dict) -> ModelSpec:
             if k in info.test_metrics
         },
         quantization=quantization,
+        recheck_margin=recheck_margin,
+        recheck_model=recheck_model,
     )
 
 

@@ -15,7 +15,16 @@ from edge_runtime.cli import ExitStatus, main
 from edge_runtime.output import heatmap_stems
 from tests.onnx_models import CLASSES, make_contract_model
 
-RECORD_KEYS = {"path", "label", "probabilities", "confidence", "abstained", "error", "elapsed_ms"}
+RECORD_KEYS = {
+    "path",
+    "label",
+    "probabilities",
+    "confidence",
+    "abstained",
+    "rechecked",
+    "error",
+    "elapsed_ms",
+}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from edge_runtime.card import verify_against_card
+from edge_runtime.classifier import Classifier
 from edge_runtime.contract import Precision
 from edge_runtime.session import Provider, open_model
 from tests.run_folders import make_run_folder
@@ -53,11 +54,33 @@ def test_export_writes_all_precisions_and_a_card(exported):
     card = json.loads((exported / "synth.card.json").read_text())
     assert card["not_a_medical_device"] is True
     assert all(check["passed"] for check in card["parity"])
-    assert {c["check"] for c in card["parity"]} == {
-        "onnx-fp32 vs keras",
-        "onnx-int8 vs onnx-fp32",
-        "onnx-fp16 vs onnx-fp32",
-    }
+    checks = [c["check"] for c in card["parity"]]
+    assert checks[0] == "onnx-fp32 vs keras" and checks[2] == "onnx-fp16 vs onnx-fp32"
+    assert checks[1].startswith("onnx-int8, FP32 recheck of ")
+
+
+def test_int8_model_names_its_fp32_recheck_and_the_card_reports_it(exported):
+    recheck = json.loads((exported / "synth.card.json").read_text())["quantization"]["fp32_recheck"]
+    spec = open_model(exported / "synth-int8.onnx", provider=Provider.CPU).spec
+    assert spec.recheck_model == "synth-fp32.onnx"
+    assert 0 < spec.recheck_margin == pytest.approx(recheck["margin"], abs=1e-6)
+    assert recheck["margin_from_validation_images"] > 0
+    assert 0 <= recheck["held_out_rechecked"] <= 0.2 * recheck["held_out_images"]
+    assert "FP32 recheck: the runtime reruns in FP32" in (exported / "synth.card.md").read_text()
+    with Classifier.from_path(exported / "synth-int8.onnx", provider=Provider.CPU) as clf:
+        assert clf.recheck_model_path == exported / "synth-fp32.onnx"
+
+
+def test_no_recheck_gates_and_writes_the_int8_model_alone(run, tmp_path):
+    from export.cli import main
+
+    out = tmp_path / "out"
+    args = [str(run), "--output", str(out), "--name", "alone", "--no-recheck"]
+    assert main([*args, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]) == 0
+    card = json.loads((out / "alone.card.json").read_text())
+    assert card["parity"][1]["check"] == "onnx-int8 vs onnx-fp32"
+    assert "fp32_recheck" not in card["quantization"]
+    assert open_model(out / "alone-int8.onnx", provider=Provider.CPU).spec.recheck_margin == 0.0
 
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.INT8, Precision.FP16])

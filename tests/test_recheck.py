@@ -1,0 +1,160 @@
+"""FP32 recheck of uncertain INT8 answers: the bound it rests on, the contract, the runtime."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.classifier import Classifier
+from edge_runtime.cli import main
+from edge_runtime.contract import ContractError, ModelSpec, Precision
+from edge_runtime.recheck import needs_recheck, recheck_margin, top1_lead, with_recheck
+from edge_runtime.session import Provider, open_model
+from export.parity import int8_recheck_gate
+from tests.onnx_models import CLASSES, make_contract_model
+
+FP32_SPEC = ModelSpec(class_names=CLASSES, input_size=64, model_version="7")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_lead_and_margin_on_known_rows():
+    fp32 = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    int8 = np.array([[0.45, 0.35, 0.2], [0.1, 0.12, 0.78]])
+    np.testing.assert_allclose(top1_lead(int8), [0.10, 0.66])
+    assert recheck_margin(fp32, int8) == pytest.approx(0.10)  # 2 * 0.05
+    assert recheck_margin(np.zeros((1, 3)), np.ones((1, 3))) == 1.0  # capped: recheck all
+    np.testing.assert_array_equal(needs_recheck(int8, 0.2), [True, False])
+    with pytest.raises(ValueError, match="one shape"):
+        recheck_margin(fp32, int8[:1])
+
+
+def test_no_flip_escapes_a_margin_as_large_as_the_changes():
+    """The bound the recheck rests on: where the margin covers twice every probability change,
+    the rechecked answers are FP32's top-1 on every row, although INT8 alone flips some."""
+    rng = np.random.default_rng(0)
+    fp32 = _softmax(rng.normal(0, 1.5, (20_000, 3)))
+    int8 = _softmax(np.log(fp32) + rng.normal(0, 0.08, fp32.shape))
+    margin = recheck_margin(fp32, int8)
+    answers, redo = with_recheck(int8, fp32, margin)
+    assert np.sum(int8.argmax(1) != fp32.argmax(1)) > 50
+    assert np.array_equal(answers.argmax(1), fp32.argmax(1))
+    assert 0 < redo.mean() < 0.5
+
+
+def test_recheck_gate_fails_when_too_much_is_rechecked():
+    rng = np.random.default_rng(1)
+    fp32 = _softmax(rng.normal(0, 1.0, (200, 3)))
+    int8 = _softmax(np.log(fp32) + rng.normal(0, 0.05, fp32.shape))
+    assert int8_recheck_gate(fp32, int8, recheck_margin(fp32, int8)).top1_agreement == 1.0
+    report = int8_recheck_gate(fp32, int8, 1.0)
+    assert not report.passed and "FP32 recheck of 100.0% of scans > 20%" in report.summary()
+
+
+def test_margin_and_partner_round_trip_through_metadata():
+    spec = replace(FP32_SPEC, precision=Precision.INT8, recheck_margin=0.25, recheck_model="a.onnx")
+    back = ModelSpec.from_metadata(spec.to_metadata())
+    assert (back.recheck_margin, back.recheck_model) == (0.25, "a.onnx")
+    assert ModelSpec.from_metadata(FP32_SPEC.to_metadata()).recheck_margin == 0.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"recheck_margin": 1.5, "recheck_model": "a.onnx"}, r"margin must be in \[0, 1\]"),
+        ({"recheck_margin": 0.2, "recheck_model": ""}, "must be a file name beside"),
+        ({"recheck_margin": 0.2, "recheck_model": "../a.onnx"}, "must be a file name beside"),
+        ({"recheck_margin": 0.2, "recheck_model": "a.onnx", "precision": Precision.FP32}, "FP32"),
+    ],
+)
+def test_bad_recheck_metadata_is_refused(changes, message):
+    spec = replace(FP32_SPEC, **{"precision": Precision.INT8, **changes})
+    with pytest.raises(ContractError, match=message):
+        ModelSpec.from_metadata(spec.to_metadata(), source="m.onnx")
+
+
+def _pair(folder: Path, margin: float, fp32_spec: ModelSpec = FP32_SPEC) -> Path:
+    """An "INT8" model and the "FP32" model it names, with different weights, so that it is
+    visible which of the two answered."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_contract_model(folder / "m-fp32.onnx", spec=fp32_spec, seed=1)
+    int8_spec = replace(
+        FP32_SPEC, precision=Precision.INT8, recheck_margin=margin, recheck_model="m-fp32.onnx"
+    )
+    return make_contract_model(folder / "m-int8.onnx", spec=int8_spec, seed=0)
+
+
+def _raw(path: Path, images: np.ndarray) -> np.ndarray:
+    return open_model(path, provider=Provider.CPU).session.run(
+        ["probabilities"], {"image": images}
+    )[0]
+
+
+def _images(n: int) -> np.ndarray:
+    rng = np.random.default_rng(2)
+    return rng.integers(0, 256, (n, 64, 64, 1), dtype=np.uint8)
+
+
+def test_runtime_answers_with_fp32_exactly_where_int8_leads_by_less_than_the_margin(tmp_path):
+    images = _images(64)
+    int8_path = _pair(tmp_path, margin=0.0)  # margin 0 only to read the raw answers below
+    int8, fp32 = _raw(int8_path, images), _raw(tmp_path / "m-fp32.onnx", images)
+    margin = float(np.median(top1_lead(int8)))  # about half the rows rechecked
+    int8_path = _pair(tmp_path / "pair", margin)
+    with Classifier.from_path(int8_path, provider=Provider.CPU, batch_size=16) as clf:
+        assert clf.recheck_model_path == tmp_path / "pair" / "m-fp32.onnx"
+        probabilities, _ = clf.run(images)
+        results = clf.classify(list(images[..., 0]))
+    redo = top1_lead(int8) < margin
+    assert 0 < redo.sum() < len(redo)
+    np.testing.assert_allclose(probabilities[redo], fp32[redo], rtol=1e-5)
+    np.testing.assert_allclose(probabilities[~redo], int8[~redo], rtol=1e-5)
+    assert [r.rechecked for r in results] == list(redo)
+
+
+def test_missing_partner_is_named_and_no_recheck_runs_int8_alone(tmp_path):
+    int8_path = _pair(tmp_path, margin=1.0)
+    (tmp_path / "m-fp32.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match=r"m-fp32\.onnx, which is missing.*--no-recheck"):
+        Classifier.from_path(int8_path, provider=Provider.CPU)
+    images = _images(8)
+    with Classifier.from_path(int8_path, provider=Provider.CPU, recheck=False) as clf:
+        assert clf.recheck_model_path is None
+        np.testing.assert_allclose(clf.run(images)[0], _raw(int8_path, images), rtol=1e-6)
+
+
+def test_a_partner_from_another_model_is_refused(tmp_path):
+    int8_path = _pair(tmp_path, margin=0.3, fp32_spec=replace(FP32_SPEC, model_version="8"))
+    with pytest.raises(ContractError, match="its model_version is '8', the INT8 model's '7'"):
+        Classifier.from_path(int8_path, provider=Provider.CPU)
+
+
+def test_cli_reports_rechecks_and_runs_alone_with_no_recheck(tmp_path):
+    int8_path = _pair(tmp_path, margin=1.0)
+    scan = tmp_path / "scan.png"
+    cv2.imwrite(str(scan), _images(1)[0, ..., 0])
+
+    def run(*extra: str) -> tuple[int, dict, str]:
+        out, err = io.StringIO(), io.StringIO()
+        status = main(
+            [str(scan), "--model", str(int8_path), "--format", "jsonl", *extra],
+            stdout=out,
+            stderr=err,
+        )
+        return status, json.loads(out.getvalue()), err.getvalue()
+
+    status, record, summary = run()
+    assert status == 0 and record["rechecked"] is True
+    assert "1 classified (1 rechecked in FP32)" in summary
+    status, record, summary = run("--no-recheck")
+    assert status == 0 and record["rechecked"] is False
+    assert "rechecked" not in summary
