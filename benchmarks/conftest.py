@@ -5,6 +5,7 @@ Which models are measured is decided once, in :func:`model_files`, and written i
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -13,8 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.classifier import default_model_path
+from edge_runtime.classifier import MODELS_DIR, default_model_path
 from edge_runtime.contract import Precision
+from edge_runtime.decode import load_gray
+from edge_runtime.preprocess import make_batch
 from edge_runtime.session import LoadedModel, Provider, open_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +25,7 @@ SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"
 BUSI_ROOT = SHARED / "data" / "busi" / "Dataset_BUSI_with_GT"
 N_SCANS = 64
 PRECISIONS = (Precision.FP32, Precision.INT8)
+HELDOUT = MODELS_DIR / "default.heldout.csv"
 _ratios: dict[str, dict[str, float]] = {}
 
 
@@ -98,3 +102,23 @@ def keras_model(models):
         input_size=spec.input_size,
         weights=None,
     )
+
+
+@pytest.fixture(scope="session")
+def heldout(models) -> tuple[np.ndarray, np.ndarray]:
+    """The bundled model's test scans, preprocessed, and their labels (needs ../shared)."""
+    if os.environ.get("EDGE_CLASSIFY_BENCH_MODELS"):
+        pytest.skip("held-out list belongs to the bundled model, not to EDGE_CLASSIFY_BENCH_MODELS")
+    if not HELDOUT.is_file():
+        pytest.skip(f"no bundled default model with its held-out list ({HELDOUT}) to check")
+    data = SHARED / "data"
+    if not data.is_dir():
+        pytest.skip(f"real held-out scans not found under {data} (put ../shared beside the repo)")
+    with open(HELDOUT, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    spec = models[Precision.FP32].spec
+    images = make_batch(
+        [load_gray(data / r["path"]) for r in rows], spec.input_size, spec.resize_policy
+    )
+    labels = np.array([spec.class_names.index(r["label"]) for r in rows])
+    return images, labels
