@@ -53,6 +53,8 @@ class BenchReport:
     cpu: str
     images: str  # "synthetic HxW" or the folder the scans came from
     batches: tuple[BatchTiming, ...]
+    recheck_model: str | None = None  # the FP32 model that reruns scans INT8 is unsure of
+    recheck_margin: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +163,10 @@ def benchmark(
         cpu=cpu_name(),
         images=scans_label or f"{len(scans)} scans",
         batches=tuple(timings),
+        recheck_model=None
+        if classifier.recheck_model_path is None
+        else str(classifier.recheck_model_path),
+        recheck_margin=spec.recheck_margin if classifier.recheck_model_path else 0.0,
     )
 
 
@@ -173,6 +179,14 @@ def format_table(report: BenchReport) -> str:
         f"onnxruntime {report.onnxruntime_version}",
         f"cpu       {report.cpu}",
         f"images    {report.images}",
+        *(
+            [
+                f"recheck   scans with INT8 top-1 lead < {report.recheck_margin:.3f} rerun by "
+                f"{report.recheck_model} (how many depends on the scans; --no-recheck: none)"
+            ]
+            if report.recheck_model
+            else []
+        ),
         "",
         f"{'batch':>5} {'runs':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>9} "
         f"{'pre ms':>8} {'post ms':>8} {'e2e img/s':>10}",

@@ -158,3 +158,13 @@ def test_cli_reports_rechecks_and_runs_alone_with_no_recheck(tmp_path):
     status, record, summary = run("--no-recheck")
     assert status == 0 and record["rechecked"] is False
     assert "rechecked" not in summary
+
+
+def test_bench_report_names_the_recheck(tmp_path):
+    from edge_runtime.bench import benchmark, format_table
+
+    int8_path = _pair(tmp_path, margin=0.4)
+    with Classifier.from_path(int8_path, provider=Provider.CPU) as clf:
+        report = benchmark(clf, batch_sizes=[1], runs=1, warmup=0)
+    assert report.recheck_model == str(tmp_path / "m-fp32.onnx") and report.recheck_margin == 0.4
+    assert "recheck   scans with INT8 top-1 lead < 0.400" in format_table(report)
