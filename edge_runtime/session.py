@@ -61,12 +61,13 @@ class LoadedModel:
     providers: tuple[str, ...]
 
 
-def choose_providers(provider: Provider) -> list[str]:
+def choose_providers(provider: Provider | str) -> list[str]:
     """onnxruntime provider names to try, in order, for the request.
 
     Raises:
         ValueError: a GPU provider was asked for explicitly but is not installed.
     """
+    provider = Provider(provider)  # a plain "cpu" from the Python API works too
     available = set(ort.get_available_providers())
     if provider is Provider.AUTO:
         order = [Provider.TENSORRT, Provider.CUDA, Provider.CPU]

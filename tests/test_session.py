@@ -33,6 +33,10 @@ def test_auto_asks_for_tensorrt_only_when_its_library_loads(gpu_build, monkeypat
     assert choose_providers(Provider.TENSORRT) == [TRT, CPU]  # asked by name: always tried
 
 
+def test_provider_given_as_a_string_is_the_same_request():
+    assert choose_providers("cpu") == choose_providers(Provider.CPU) == [CPU]
+
+
 def test_missing_gpu_provider_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     with pytest.raises(ValueError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
