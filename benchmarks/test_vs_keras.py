@@ -64,7 +64,7 @@ def test_gate_runtime_at_least_10x_faster_than_keras(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 6's 20x target is out of reach on this 2-core CPU (13.5-17x measured, both "
+    reason="issue 6's 20x target is out of reach on this 2-core CPU (12-17x measured, both "
     "sides on their default thread pools): a scan costs ~4 ms of INT8 inference plus ~3 ms of "
     "decoding and letterboxing on one core, so at best ~3.6 ms on two, against 65-90 ms for "
     "Keras predict; strict, so reaching it turns this into a failure that asks to make 20x the "
