@@ -149,31 +149,19 @@ def export_run(options: ExportOptions) -> ExportResult:
         quant_settings = {**quant_settings, "input_scaling_folded": folded}
         write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
         int8_probs = _onnx_probabilities(int8, held_out)
-        alone = int8_gate(
-            fp32_probs,
-            int8_probs,
-            labels,
-            min_agreement=options.min_agreement,
-            max_accuracy_drop=options.max_accuracy_drop,
-        )
+        thresholds = {
+            "min_agreement": options.min_agreement,
+            "max_accuracy_drop": options.max_accuracy_drop,
+        }
+        alone = int8_gate(fp32_probs, int8_probs, labels, **thresholds)
         margin = 0.0
         if options.recheck and val is not None:
             margin = recheck_margin(val_fp32_probs, _onnx_probabilities(int8, val))
-            checked = int8_recheck_gate(
-                fp32_probs,
-                int8_probs,
-                margin,
-                labels,
-                min_agreement=options.min_agreement,
-                max_accuracy_drop=options.max_accuracy_drop,
-            )
-            quant_settings = {
-                **quant_settings,
-                "fp32_recheck": _recheck_record(margin, len(val), fp32_probs, int8_probs, alone),
-            }
+            record = _recheck_record(margin, len(val), fp32_probs, int8_probs, alone)
+            quant_settings = {**quant_settings, "fp32_recheck": record}
             write_metadata(int8, _spec(info, Precision.INT8, quant_settings, margin, fp32.name))
             log.info("%s", _alone_line(alone))
-            reports.append(checked)
+            reports.append(int8_recheck_gate(fp32_probs, int8_probs, margin, labels, **thresholds))
         else:
             if options.recheck:
                 log.warning("no validation split apart from the gate's: no FP32 recheck")
