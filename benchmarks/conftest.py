@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.classifier import MODELS_DIR, default_model_path
-from edge_runtime.contract import Precision
+from edge_runtime.contract import INPUT_NAME, PROBABILITIES, Precision
 from edge_runtime.decode import load_gray
 from edge_runtime.preprocess import make_batch
 from edge_runtime.session import LoadedModel, Provider, open_model
@@ -122,3 +122,13 @@ def heldout(models) -> tuple[np.ndarray, np.ndarray]:
     )
     labels = np.array([spec.class_names.index(r["label"]) for r in rows])
     return images, labels
+
+
+def probabilities(model: LoadedModel, images: np.ndarray) -> np.ndarray:
+    """A model's probabilities for a uint8 batch, 32 images per run."""
+    return np.concatenate(
+        [
+            model.session.run([PROBABILITIES], {INPUT_NAME: images[i : i + 32]})[0]
+            for i in range(0, len(images), 32)
+        ]
+    )

@@ -12,28 +12,20 @@ import os
 import numpy as np
 import pytest
 
+from benchmarks.conftest import probabilities
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import INPUT_NAME, PROBABILITIES, Precision
+from edge_runtime.contract import Precision
 from edge_runtime.recheck import with_recheck
 from edge_runtime.session import Provider
 from export.parity import MIN_TOP1_AGREEMENT, compare, fp32_gate, int8_gate, int8_recheck_gate
-
-
-def _probabilities(model, images: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [
-            model.session.run([PROBABILITIES], {INPUT_NAME: images[i : i + 32]})[0]
-            for i in range(0, len(images), 32)
-        ]
-    )
 
 
 def test_int8_matches_fp32_on_real_heldout_scans(models, model_files, heldout):
     """The INT8 gate on the answers the runtime gives: INT8, with the FP32 recheck of the scans
     it is unsure of where its metadata asks for one (edge_runtime.recheck)."""
     images, labels = heldout
-    fp32 = _probabilities(models[Precision.FP32], images)
-    int8 = _probabilities(models[Precision.INT8], images)
+    fp32 = probabilities(models[Precision.FP32], images)
+    int8 = probabilities(models[Precision.INT8], images)
     margin = models[Precision.INT8].spec.recheck_margin
     if margin > 0:
         report = int8_recheck_gate(fp32, int8, margin, labels)
@@ -54,13 +46,13 @@ def test_keras_matches_onnx_fp32(models, heldout, request):
     keras_model = request.getfixturevalue("keras_model")
     images, labels = heldout
     keras_probs = keras_model.predict(images, batch_size=32, verbose=0)["probabilities"]
-    report = fp32_gate(keras_probs, _probabilities(models[Precision.FP32], images), labels)
+    report = fp32_gate(keras_probs, probabilities(models[Precision.FP32], images), labels)
     assert report.passed, report.summary()
 
 
 def test_parity_check_can_fail(models, heldout):
     """The comparison itself must be able to fail: shuffled predictions do not pass."""
     images, labels = heldout
-    probs = _probabilities(models[Precision.FP32], images)
+    probs = probabilities(models[Precision.FP32], images)
     shuffled = probs[np.random.default_rng(0).permutation(len(probs))]
     assert not compare("shuffled", probs, shuffled, labels, min_agreement=0.99).passed
