@@ -153,6 +153,7 @@ def benchmark(
                 else float("inf"),
             )
         )
+    recheck = classifier.recheck_model_path
     return BenchReport(
         model_path=str(classifier.model_path),
         precision=spec.precision.value,
@@ -163,10 +164,8 @@ def benchmark(
         cpu=cpu_name(),
         images=scans_label or f"{len(scans)} scans",
         batches=tuple(timings),
-        recheck_model=None
-        if classifier.recheck_model_path is None
-        else str(classifier.recheck_model_path),
-        recheck_margin=spec.recheck_margin if classifier.recheck_model_path else 0.0,
+        recheck_model=str(recheck) if recheck else None,
+        recheck_margin=spec.recheck_margin if recheck else 0.0,
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from edge_runtime.card import model_file_name
 from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
-from edge_runtime.recheck import recheck_margin, with_recheck
+from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
@@ -95,7 +95,8 @@ def export_run(options: ExportOptions) -> ExportResult:
     info = RunInfo.read(options.run_dir)
     output = _writable_dir(options.output_dir)
     calibration, held_out, labels = _images_for(options, info)
-    val = _validation_images(options, info)
+    needs_val = options.recheck or options.choose_calibration
+    val = _validation_images(options, info) if needs_val else None
     from training.model import load_classifier
 
     keras_model = load_classifier(options.run_dir / MODEL_FILE)
@@ -157,7 +158,7 @@ def export_run(options: ExportOptions) -> ExportResult:
         margin = 0.0
         if options.recheck and val is not None:
             margin = recheck_margin(val_fp32_probs, _onnx_probabilities(int8, val))
-            record = _recheck_record(margin, len(val), fp32_probs, int8_probs, alone)
+            record = _recheck_record(margin, len(val), int8_probs, alone)
             quant_settings = {**quant_settings, "fp32_recheck": record}
             write_metadata(int8, _spec(info, Precision.INT8, quant_settings, margin, fp32.name))
             log.info("%s", _alone_line(alone))
@@ -209,18 +210,16 @@ def _fold_input(int8: Path, info: RunInfo) -> bool:
 def _recheck_record(
     margin: float,
     n_validation: int,
-    fp32_probs: np.ndarray,
     int8_probs: np.ndarray,
     alone: ParityReport,
 ) -> dict[str, object]:
     """What the model card says about the FP32 recheck: its margin and its cost and effect on
     the gate's images."""
-    _, redo = with_recheck(int8_probs, fp32_probs, margin)
     return {
         "margin": round(margin, 6),
         "margin_from_validation_images": n_validation,
-        "held_out_rechecked": int(redo.sum()),
-        "held_out_images": len(redo),
+        "held_out_rechecked": int(needs_recheck(int8_probs, margin).sum()),
+        "held_out_images": len(int8_probs),
         "int8_alone_top1_agreement": alone.top1_agreement,
         "int8_alone_accuracy": alone.candidate_accuracy,
     }
