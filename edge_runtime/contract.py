@@ -5,7 +5,11 @@ drift apart. See DESIGN.md section 2.
 
 Input ``image``: uint8 ``[N, H, W, 1]`` (batch dynamic). Outputs ``probabilities``: float32
 ``[N, K]`` softmax in the order of ``class_names``; ``cam``: float32 ``[N, h, w, K]`` class
-activation maps. Metadata lives in ``metadata_props``.
+activation maps. Contract version 2 adds two optional outputs: ``lesion``, float32
+``[N, h, w, 1]``, the lesion probability per pixel of the square input at a stride the metadata
+states (with its decision threshold), and ``features``, float32 ``[N, D]``, the pooled embedding
+the classifier's last layer reads. Version 1 models (neither output) stay valid. Metadata lives in
+``metadata_props``.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"
+READABLE_CONTRACT_VERSIONS = frozenset({"1", "2"})
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
 CAM = "cam"
+LESION = "lesion"  # optional (v2): lesion probability per pixel, [N, h, w, 1]
+FEATURES = "features"  # optional (v2): pooled embedding the last layer reads, [N, D]
 
 
 class ResizePolicy(str, Enum):
@@ -55,6 +62,11 @@ KEY_ABSTAIN_THRESHOLD = "edge_classify.abstain_threshold"
 KEY_QUANTIZATION = "edge_classify.quantization"
 KEY_RECHECK_MARGIN = "edge_classify.fp32_recheck_margin"
 KEY_RECHECK_MODEL = "edge_classify.fp32_recheck_model"
+KEY_LESION_STRIDE = "edge_classify.lesion_stride"
+KEY_LESION_THRESHOLD = "edge_classify.lesion_threshold"
+KEY_MALIGNANT_THRESHOLD = "edge_classify.malignant_threshold"
+KEY_UNFAMILIAR = "edge_classify.unfamiliar"
+KEY_ADAPTATION = "edge_classify.adaptation"
 KEY_PIXEL_FORMAT = "Image.BitmapPixelFormat"
 KEY_PIXEL_RANGE = "Image.NominalPixelRange"
 
@@ -80,6 +92,13 @@ class ModelSpec:
     quantization: Mapping[str, Any] = field(default_factory=dict)
     recheck_margin: float = 0.0  # rerun in FP32 the scans whose top-1 lead is below this
     recheck_model: str = ""  # file name of that FP32 model, beside this one
+    # input pixels per pixel of the ``lesion`` output; 0: the model has no lesion output
+    lesion_stride: int = 0
+    lesion_threshold: float = 0.5  # a pixel is lesion when its probability is >= this
+    # call a scan malignant when P(malignant) >= this (after calibration); 0: plain top-1
+    malignant_threshold: float = 0.0
+    unfamiliar: Mapping[str, Any] = field(default_factory=dict)  # the unfamiliar-scan score
+    adaptation: Mapping[str, Any] = field(default_factory=dict)  # set by `edge-classify adapt`
 
     def to_metadata(self) -> dict[str, str]:
         """Serialize to ``metadata_props`` (string to string)."""
@@ -99,6 +118,11 @@ class ModelSpec:
             KEY_QUANTIZATION: json.dumps(dict(self.quantization), sort_keys=True),
             KEY_RECHECK_MARGIN: repr(float(self.recheck_margin)),
             KEY_RECHECK_MODEL: self.recheck_model,
+            KEY_LESION_STRIDE: str(int(self.lesion_stride)),
+            KEY_LESION_THRESHOLD: repr(float(self.lesion_threshold)),
+            KEY_MALIGNANT_THRESHOLD: repr(float(self.malignant_threshold)),
+            KEY_UNFAMILIAR: json.dumps(dict(self.unfamiliar), sort_keys=True),
+            KEY_ADAPTATION: json.dumps(dict(self.adaptation), sort_keys=True),
             KEY_PIXEL_FORMAT: PIXEL_FORMAT,
             KEY_PIXEL_RANGE: PIXEL_RANGE,
         }
@@ -117,10 +141,10 @@ class ModelSpec:
                 f"{source}: metadata lacks {', '.join(missing)}. Export the model with "
                 "`edge-export`, which writes the edge-classify contract metadata."
             )
-        if meta[KEY_CONTRACT_VERSION] != CONTRACT_VERSION:
+        if meta[KEY_CONTRACT_VERSION] not in READABLE_CONTRACT_VERSIONS:
             raise ContractError(
                 f"{source}: contract version {meta[KEY_CONTRACT_VERSION]!r} is not supported "
-                f"(this runtime reads version {CONTRACT_VERSION!r})."
+                f"(this runtime reads versions {sorted(READABLE_CONTRACT_VERSIONS)})."
             )
         _expect(meta, KEY_INPUT_LAYOUT, INPUT_LAYOUT, source)
         _expect(meta, KEY_PIXEL_FORMAT, PIXEL_FORMAT, source)
@@ -142,6 +166,11 @@ class ModelSpec:
                 quantization=json.loads(meta.get(KEY_QUANTIZATION, "{}")),
                 recheck_margin=float(meta.get(KEY_RECHECK_MARGIN, "0.0")),
                 recheck_model=meta.get(KEY_RECHECK_MODEL, ""),
+                lesion_stride=int(meta.get(KEY_LESION_STRIDE, "0")),
+                lesion_threshold=float(meta.get(KEY_LESION_THRESHOLD, "0.5")),
+                malignant_threshold=float(meta.get(KEY_MALIGNANT_THRESHOLD, "0.0")),
+                unfamiliar=json.loads(meta.get(KEY_UNFAMILIAR, "{}")),
+                adaptation=json.loads(meta.get(KEY_ADAPTATION, "{}")),
             )
         except (ValueError, TypeError) as exc:
             raise ContractError(f"{source}: unreadable contract metadata: {exc}") from exc
@@ -159,7 +188,35 @@ class ModelSpec:
                 f"{source}: abstain threshold must be in [0, 1]. Got {spec.abstain_threshold}."
             )
         _check_recheck(spec, source)
+        _check_thresholds(spec, source)
         return spec
+
+    @property
+    def has_lesion(self) -> bool:
+        """Whether the model has the optional ``lesion`` output (contract v2)."""
+        return self.lesion_stride > 0
+
+
+def _check_thresholds(spec: ModelSpec, source: str) -> None:
+    if spec.lesion_stride < 0 or spec.lesion_stride > spec.input_size:
+        raise ContractError(
+            f"{source}: lesion stride must be 0 (no lesion output) or 1..{spec.input_size}. "
+            f"Got {spec.lesion_stride} instead."
+        )
+    if not 0.0 < spec.lesion_threshold < 1.0:
+        raise ContractError(
+            f"{source}: lesion threshold must be in (0, 1). Got {spec.lesion_threshold} instead."
+        )
+    if not 0.0 <= spec.malignant_threshold < 1.0:
+        raise ContractError(
+            f"{source}: malignant threshold must be in [0, 1). Got {spec.malignant_threshold} "
+            "instead."
+        )
+    if spec.malignant_threshold > 0.0 and "malignant" not in spec.class_names:
+        raise ContractError(
+            f"{source}: a malignant threshold needs a 'malignant' class. Got classes "
+            f"{list(spec.class_names)} instead."
+        )
 
 
 def _check_recheck(spec: ModelSpec, source: str) -> None:
@@ -262,3 +319,29 @@ def check_io(
             raise ContractError(
                 f"{source}: output {name!r} has {out.shape[-1]} classes, metadata lists {k}."
             )
+    _check_optional_outputs(by_name, spec, source)
+
+
+def _check_optional_outputs(
+    by_name: Mapping[str, TensorInfo], spec: ModelSpec, source: str
+) -> None:
+    lesion = by_name.get(LESION)
+    if (lesion is None) == spec.has_lesion:
+        raise ContractError(
+            f"{source}: the metadata's lesion stride ({spec.lesion_stride}) and the outputs "
+            f"{sorted(by_name)} disagree: a model has a {LESION!r} output exactly when its "
+            f"{KEY_LESION_STRIDE} is above 0."
+        )
+    if lesion is not None and (
+        lesion.type != "tensor(float)" or len(lesion.shape) != 4 or lesion.shape[-1] != 1
+    ):
+        raise ContractError(
+            f"{source}: output {LESION!r} must be float32 [N, h, w, 1]. "
+            f"Got {lesion.type} {list(lesion.shape)} instead."
+        )
+    features = by_name.get(FEATURES)
+    if features is not None and (features.type != "tensor(float)" or len(features.shape) != 2):
+        raise ContractError(
+            f"{source}: output {FEATURES!r} must be float32 [N, D]. "
+            f"Got {features.type} {list(features.shape)} instead."
+        )

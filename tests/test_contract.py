@@ -25,6 +25,60 @@ def test_contract_metadata_round_trips():
     assert ModelSpec.from_metadata(spec.to_metadata()) == spec
 
 
+def test_contract_v2_metadata_round_trips():
+    spec = ModelSpec(
+        class_names=CLASSES,
+        input_size=224,
+        lesion_stride=4,
+        lesion_threshold=0.4,
+        malignant_threshold=0.2,
+        unfamiliar={"score": "feature_distance", "threshold": 3.5},
+        adaptation={"site": "clinic-a"},
+    )
+    assert ModelSpec.from_metadata(spec.to_metadata()) == spec
+
+
+def test_a_version_1_model_stays_valid(tmp_path):
+    path = make_contract_model(tmp_path / "m.onnx")
+    proto = onnx.load(path)
+    for prop in proto.metadata_props:
+        if prop.key == "edge_classify.contract_version":
+            prop.value = "1"
+    onnx.save(proto, path)
+    model = open_model(path)
+    assert not model.spec.has_lesion
+
+
+def test_open_model_accepts_lesion_and_features_outputs(tmp_path):
+    model = open_model(
+        make_contract_model(tmp_path / "m.onnx", lesion_stride=4, features=True),
+        provider=Provider.CPU,
+    )
+    assert model.spec.has_lesion and model.spec.lesion_stride == 4
+    assert {o.name for o in model.session.get_outputs()} >= {"lesion", "features"}
+
+
+def test_open_model_refuses_a_lesion_stride_without_a_lesion_output(tmp_path):
+    spec = ModelSpec(class_names=CLASSES, input_size=64, lesion_stride=4)
+    path = make_contract_model(tmp_path / "m.onnx", spec=spec)
+    with pytest.raises(ContractError, match="lesion stride .4. and the outputs"):
+        open_model(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lesion_threshold", 1.0, "lesion threshold must be in"),
+        ("malignant_threshold", -0.1, "malignant threshold must be in"),
+        ("lesion_stride", 1000, "lesion stride must be"),
+    ],
+)
+def test_contract_refuses_thresholds_out_of_range(field, value, message):
+    meta = ModelSpec(class_names=CLASSES, input_size=224, **{field: value}).to_metadata()
+    with pytest.raises(ContractError, match=message):
+        ModelSpec.from_metadata(meta)
+
+
 def test_open_model_accepts_a_conforming_model(tmp_path):
     model = open_model(make_contract_model(tmp_path / "m.onnx"), provider=Provider.CPU)
     assert model.spec.class_names == CLASSES
