@@ -61,7 +61,7 @@ def test_open_model_accepts_lesion_and_features_outputs(tmp_path):
 def test_open_model_refuses_a_lesion_stride_without_a_lesion_output(tmp_path):
     spec = ModelSpec(class_names=CLASSES, input_size=64, lesion_stride=4)
     path = make_contract_model(tmp_path / "m.onnx", spec=spec)
-    with pytest.raises(ContractError, match="lesion stride .4. and the outputs"):
+    with pytest.raises(ContractError, match=r"lesion stride .4. and the outputs"):
         open_model(path)
 
 
