@@ -78,6 +78,7 @@ def build_card(
                 "reference_accuracy": r.reference_accuracy,
                 "candidate_accuracy": r.candidate_accuracy,
                 "passed": r.passed,
+                "summary": r.summary(),
             }
             for r in reports
         ],
@@ -124,15 +125,12 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *_confusion_table(metrics, card["classes"]),
         *_source_lines(card.get("by_source")),
         *_cv_lines(card.get("cross_validation")),
+        *_lesion_lines(metrics.get("lesion"), "held-out test split"),
+        *_lesion_lines((card.get("cross_validation") or {}).get("lesion"), "cross-validation"),
         "## Parity gates",
         "",
     ]
-    lines += [
-        f"- {p['check']}: {p['images']} images, max |dp| {p['max_abs_diff']:.2e}, top-1 "
-        f"agreement {p['top1_agreement']:.4f}, accuracy {p['reference_accuracy']:.3f} -> "
-        f"{p['candidate_accuracy']:.3f}: {'pass' if p['passed'] else 'FAIL'}"
-        for p in card["parity"]
-    ]
+    lines += [f"- {p['summary']}" for p in card["parity"]]
     lines += [
         "",
         *_quantization_lines(card),
@@ -344,3 +342,34 @@ def _interval(ci: Sequence[float | None] | None) -> str:
 
 def _num(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
+    """The lesion head's measures (training.lesion_metrics.summarize), overall and per source."""
+    if not report:
+        return []
+
+    def cell(entry: Mapping[str, Any]) -> str:
+        if entry.get("mean") is None:
+            return "-"
+        low, high = entry["ci95"]
+        return f"{entry['mean']:.3f} ({low:.3f}-{high:.3f}; n {entry['n']})"
+
+    lines = [
+        f"## Lesion outlines ({where})",
+        "",
+        "Dice and IoU of the predicted outline (threshold, largest component) against the "
+        "radiologist's mask on lesion scans; the pointing game (the hottest point of the class "
+        "activation map, or of the lesion map, inside the mask dilated by 5% of the side); the "
+        "share of normal scans with any lesion pixel. Means with 95% bootstrap intervals.",
+        "",
+        "| scans | Dice | IoU | pointing (CAM) | pointing (lesion map) | normals with a lesion |",
+        "|---|---|---|---|---|---|",
+    ]
+    blocks = {"all": report["all"], **report.get("by_source", {}), **report.get("by_device", {})}
+    for name, b in blocks.items():
+        lines.append(
+            f"| {name} | {cell(b['dice'])} | {cell(b['iou'])} | {cell(b['pointing_cam'])} | "
+            f"{cell(b['pointing_lesion_map'])} | {cell(b['normal_with_lesion'])} |"
+        )
+    return [*lines, ""]

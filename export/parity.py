@@ -14,6 +14,7 @@ MAX_ACCURACY_DROP = 0.01
 # INT8 runs at ~0.43x FP32's time (README); rechecking at most a fifth of scans keeps INT8 with
 # its FP32 recheck >= 1.5x faster than FP32, and fails an INT8 model too broken to be useful.
 MAX_RECHECK_FRACTION = 0.2
+MIN_LESION_DICE = 0.95  # mean Dice between the reduced-precision and the FP32 lesion outlines
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,49 @@ def fp16_gate(
 ) -> ParityReport:
     """FP16 vs FP32: the INT8 gate's thresholds."""
     return reduced_precision_gate("fp16", fp32_probs, fp16_probs, labels, **thresholds)
+
+
+def lesion_gate(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    threshold: float,
+    *,
+    name: str = "onnx-int8 lesion vs onnx-fp32",
+    min_dice: float = MIN_LESION_DICE,
+) -> ParityReport:
+    """The lesion outlines of a candidate against the reference's, scan by scan: each lesion map
+    ``[N, h, w, 1]`` thresholded and cut to its largest component at the map's own resolution;
+    Dice per scan (1 where both find no lesion), mean >= ``min_dice``.
+
+    Reported as a :class:`ParityReport` whose ``top1_agreement`` holds the mean Dice and
+    ``max_abs_diff`` the largest change of one pixel's lesion probability.
+    """
+    from training.lesion_metrics import predicted_mask
+
+    if reference.shape != candidate.shape or len(reference) == 0:
+        raise ValueError(
+            f"{name}: need two non-empty lesion maps of one shape. Got {reference.shape} and "
+            f"{candidate.shape}."
+        )
+    side = reference.shape[1]
+    dice = []
+    for ref, cand in zip(reference[..., 0], candidate[..., 0], strict=True):
+        a, b = predicted_mask(ref, side, threshold), predicted_mask(cand, side, threshold)
+        total = a.sum() + b.sum()
+        dice.append(1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total)
+    mean = float(np.mean(dice))
+    failures = () if mean >= min_dice else (f"mean lesion Dice {mean:.4f} < {min_dice:.2f}",)
+    diff = float(np.max(np.abs(reference - candidate)))
+    return LesionParityReport(name, len(reference), diff, mean, None, None, failures)
+
+
+@dataclass(frozen=True)
+class LesionParityReport(ParityReport):
+    """:func:`lesion_gate`'s report: ``top1_agreement`` holds the mean Dice of the outlines."""
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        return (
+            f"{self.name}: {self.n} images, max |dp| {self.max_abs_diff:.2e}, mean Dice of the "
+            f"outlines {self.top1_agreement:.4f}: {verdict}"
+        )

@@ -29,6 +29,7 @@ from export.parity import (
     fp32_gate,
     int8_gate,
     int8_recheck_gate,
+    lesion_gate,
 )
 from export.quantize import (
     QuantConfig,
@@ -111,9 +112,21 @@ def export_run(options: ExportOptions) -> ExportResult:
             tmp / model_file_name(options.name, "fp32"),
         )
         write_metadata(fp32, _spec(info, Precision.FP32, {}))
-        keras_probs = keras_model.predict(held_out, batch_size=32, verbose=0)["probabilities"]
+        keras_outputs = keras_model.predict(held_out, batch_size=32, verbose=0)
         fp32_probs = _onnx_probabilities(fp32, held_out)
-        reports = [fp32_gate(keras_probs, fp32_probs, labels)]
+        reports = [fp32_gate(keras_outputs["probabilities"], fp32_probs, labels)]
+        fp32_lesion = None
+        if info.lesion_stride:
+            fp32_lesion = _onnx_output(fp32, held_out, "lesion")
+            reports.append(
+                lesion_gate(
+                    keras_outputs["lesion"],
+                    fp32_lesion,
+                    info.lesion_threshold,
+                    name="onnx-fp32 lesion vs keras",
+                    min_dice=0.99,
+                )
+            )
 
         def against_fp32(gate, path: Path) -> ParityReport:
             return gate(
@@ -167,6 +180,11 @@ def export_run(options: ExportOptions) -> ExportResult:
             if options.recheck:
                 log.warning("no validation split apart from the gate's: no FP32 recheck")
             reports.append(alone)
+        if fp32_lesion is not None:
+            int8_lesion = _onnx_output(int8, held_out, "lesion")
+            redo = needs_recheck(int8_probs, margin)  # the runtime's answers: FP32's where rerun
+            int8_lesion[redo] = fp32_lesion[redo]
+            reports.append(lesion_gate(fp32_lesion, int8_lesion, info.lesion_threshold))
         candidates = [fp32, int8]
         if options.fp16:
             fp16 = _step(
@@ -175,6 +193,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             write_metadata(fp16, _spec(info, Precision.FP16, {}))
             reports.append(against_fp32(fp16_gate, fp16))
             candidates.append(fp16)
+        int8_report = 2 if fp32_lesion is not None else 1
         for report in reports:
             log.info("%s", report.summary())
         if not all(r.passed for r in reports):
@@ -182,7 +201,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             lines = [r.summary() for r in reports]
             if margin > 0:
                 lines.append(_alone_line(alone))
-            if not reports[1].passed:
+            if not reports[int8_report].passed:
                 lines += _diagnose(prepared, int8, held_out)
                 lines.append(_jitter_line(fp32, held_out, fp32_probs, options.min_agreement))
                 lines.append(INT8_ADVICE)
@@ -334,14 +353,21 @@ def _spec(
         quantization=quantization,
         recheck_margin=recheck_margin,
         recheck_model=recheck_model,
+        lesion_stride=info.lesion_stride,
+        lesion_threshold=info.lesion_threshold,
     )
 
 
 def _onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     """Run through the runtime's own loader, which also validates the written contract."""
+    return _onnx_output(path, images, "probabilities")
+
+
+def _onnx_output(path: Path, images: np.ndarray, name: str) -> np.ndarray:
+    """One output of the model over ``images``, in batches of 32, through the runtime's loader."""
     model = open_model(path, provider=Provider.CPU)
     outputs = [
-        model.session.run(["probabilities"], {"image": images[i : i + 32]})[0]
+        model.session.run([name], {"image": images[i : i + 32]})[0]
         for i in range(0, len(images), 32)
     ]
     return np.concatenate(outputs)

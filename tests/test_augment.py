@@ -22,8 +22,8 @@ def test_augmenter_adds_pixel_noise_only_when_asked():
     from training.augment import make_augmenter
 
     images = _flat_batch()
-    quiet = np.asarray(make_augmenter(_intensity_only(noise=0.0), seed=0)(images))
-    noisy = np.asarray(make_augmenter(_intensity_only(noise=0.05), seed=0)(images))
+    quiet = np.asarray(make_augmenter(_intensity_only(noise=0.0), seed=0)(images)[0])
+    noisy = np.asarray(make_augmenter(_intensity_only(noise=0.05), seed=0)(images)[0])
     assert quiet.dtype == np.uint8 and quiet.shape == images.shape
     np.testing.assert_array_equal(quiet, images)
     per_image_std = noisy.reshape(len(noisy), -1).std(axis=1)

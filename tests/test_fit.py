@@ -46,7 +46,7 @@ def test_one_seed_gives_the_same_model_bit_for_bit():
     keras = pytest.importorskip("keras")
     from training.augment import AugmentConfig
     from training.backbones import Backbone
-    from training.fit import FitConfig, fit
+    from training.fit import FitConfig, TrainingArrays, fit
     from training.model import build_classifier
 
     rng = np.random.default_rng(0)
@@ -63,7 +63,13 @@ def test_one_seed_gives_the_same_model_bit_for_bit():
     def train_once(seed: int) -> np.ndarray:
         keras.utils.set_random_seed(seed)
         model = build_classifier(3, backbone=Backbone("small-cnn"), input_size=32, weights=None)
-        fit(model, (images[:48], labels[:48]), (images[48:], labels[48:]), config, pretrained=False)
+        fit(
+            model,
+            TrainingArrays(images[:48], labels[:48]),
+            TrainingArrays(images[48:], labels[48:]),
+            config,
+            pretrained=False,
+        )
         return np.concatenate([w.ravel() for w in model.get_weights()])
 
     first = train_once(0)

@@ -109,10 +109,14 @@ def test_measure_views_both_sides_of_lesion_scans_and_normals_skipping_unreadabl
 
 def test_training_views_label_the_free_side_normal_and_the_lesion_side_by_its_class(tmp_path):
     views = training_views(_scans(tmp_path), 32, ResizePolicy.LETTERBOX)
-    assert [(index, label) for index, _, label in views] == [(0, "normal"), (0, "malignant")]
-    free, lesion = (image for _, image, _ in views)
+    assert [(index, label) for index, _, label, _ in views] == [(0, "normal"), (0, "malignant")]
+    free, lesion = (image for _, image, _, _ in views)
     assert free.shape == lesion.shape == (32, 32, 1) and free.dtype == np.uint8
     assert free.max() < 200 < lesion.max()  # the lesion is on its own side only
+    free_mask, lesion_mask = (mask for *_, mask in views)
+    assert free_mask.max() == 0  # lesion-free tissue: an empty mask
+    assert lesion_mask.max() > 127  # the mirrored lesion side keeps its (mirrored) lesion
+    np.testing.assert_array_equal(lesion_mask > 127, lesion > 200)  # where the bright lesion is
 
 
 def test_a_model_without_a_normal_class_cannot_be_checked():

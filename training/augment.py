@@ -1,10 +1,13 @@
 """Training-time augmentation, vectorized in the tf.data graph (never applied at evaluation).
 
-Geometry: horizontal flip, small rotation, scaling. Intensity, as a scanner's knobs would change
+Geometry: horizontal flip, small rotation, scaling, applied to a scan and its lesion mask alike.
+Intensity, as a scanner's knobs would change
 it: overall gain, contrast and gamma. Pixel noise of a few gray levels, so that the model's answer
 does not hang on differences no reader could see (without it, a fine-tuned EfficientNet-Lite0
 changed 8.6% of its test predictions under +-1 gray level of noise, and INT8 rounding flipped as
 many). Vertical flips are left out: they put the skin line at the bottom, which no probe produces.
+Screen clutter (``training.clutter``): caliper crosses, dotted lines, text, body markers, rulers
+and logos painted on scans of every class alike, so that they say nothing about the label.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+
+from training.clutter import clutter_bank
+
+CLUTTER_BANK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -26,10 +33,18 @@ class AugmentConfig:
     noise: float = 0.03  # largest per-image std of additive Gaussian pixel noise (1 = full scale)
     flip: bool = True
     unmark: float = 0.0  # chance of showing a scan with its burned-in marks painted out
+    clutter: float = 0.0  # chance of painting synthetic screen clutter on a scan (any class)
 
 
-def make_augmenter(config: AugmentConfig, seed: int):
-    """A function mapping a uint8 batch ``[N, S, S, 1]`` to an augmented uint8 batch."""
+def make_augmenter(config: AugmentConfig, seed: int, size: int | None = None):
+    """A function ``augment(images, masks=None) -> (images, masks)`` on uint8 batches
+    ``[N, S, S, 1]``: the masks (if any) move with the images and keep their gray levels.
+
+    Args:
+        config: what to vary and by how much.
+        seed: the random streams' seed.
+        size: the scans' side ``S``; needed only when ``config.clutter`` > 0.
+    """
     geometry = keras.Sequential(
         [
             *([keras.layers.RandomFlip("horizontal", seed=seed)] if config.flip else []),
@@ -42,10 +57,20 @@ def make_augmenter(config: AugmentConfig, seed: int):
         ]
     )
     generator = tf.random.Generator.from_seed(seed)
+    bank = None
+    if config.clutter > 0:
+        if size is None:
+            raise ValueError("make_augmenter needs the scans' size to draw screen clutter")
+        bank = tuple(tf.constant(a) for a in clutter_bank(CLUTTER_BANK_SIZE, size, seed))
 
-    def augment(images: tf.Tensor) -> tf.Tensor:
+    def augment(images: tf.Tensor, masks: tf.Tensor | None = None):
         x = tf.cast(images, tf.float32) / 255.0
-        x = geometry(x, training=True)
+        if masks is not None:
+            both = geometry(tf.concat([x, tf.cast(masks, tf.float32) / 255.0], -1), training=True)
+            x, moved = both[..., :1], both[..., 1:]
+            masks = tf.cast(tf.clip_by_value(moved * 255.0 + 0.5, 0.0, 255.0), tf.uint8)
+        else:
+            x = geometry(x, training=True)
         n = tf.shape(x)[0]
         shape = tf.stack([n, 1, 1, 1])
         gamma = tf.exp(generator.uniform(shape, -config.gamma, config.gamma))
@@ -56,7 +81,13 @@ def make_augmenter(config: AugmentConfig, seed: int):
         x = x * (1.0 + generator.uniform(shape, -config.gain, config.gain))
         sigma = generator.uniform(shape, 0.0, config.noise)
         x = x + sigma * generator.normal(tf.shape(x))
-        return tf.cast(tf.clip_by_value(x * 255.0 + 0.5, 0.0, 255.0), tf.uint8)
+        out = tf.cast(tf.clip_by_value(x * 255.0 + 0.5, 0.0, 255.0), tf.uint8)
+        if bank is not None:
+            pick = generator.uniform([n], 0, CLUTTER_BANK_SIZE, dtype=tf.int32)
+            paint = tf.gather(bank[1], pick) > 0
+            chosen = generator.uniform(shape, 0.0, 1.0) < config.clutter
+            out = tf.where(paint & chosen, tf.gather(bank[0], pick), out)
+        return out, masks
 
     return augment
 

@@ -86,6 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on when one source has normal scans and another has none)",
     )
     parser.add_argument(
+        "--seg",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train a lesion segmentation head with the classifier on the lesion masks (Dice + "
+        "cross-entropy); normal scans and lesion-free views are taught an empty mask, lesion "
+        "scans without a mask only the class; the exported model gains the 'lesion' output "
+        "(default: on when any lesion scan has a mask)",
+    )
+    parser.add_argument(
+        "--seg-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="weight of the lesion mask loss beside the classification loss (default 1.0)",
+    )
+    parser.add_argument(
+        "--clutter",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance that a training scan, of any class, gets synthetic screen clutter painted "
+        "on (calipers, dotted lines, text, body markers, rulers, logos: training.clutter), so "
+        "that such marks say nothing about the label (default 0)",
+    )
+    parser.add_argument(
         "--no-int8-grid",
         dest="int8_grid",
         action="store_false",
@@ -120,8 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.run import TrainConfig, train
 
     noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
-    if not 0.0 <= args.unmark <= 1.0:
-        parser.error(f"--unmark is a probability in [0, 1]. Got {args.unmark} instead.")
+    for name in ("unmark", "clutter"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            parser.error(f"--{name} is a probability in [0, 1]. Got {value} instead.")
+    if args.seg_weight < 0:
+        parser.error(f"--seg-weight must be >= 0. Got {args.seg_weight} instead.")
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
@@ -133,13 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         int8_grid=args.int8_grid,
         lesion_free_normals=args.lesion_free_normals,
+        segmentation=args.seg,
         fit=FitConfig(
             epochs_frozen=args.frozen_epochs,
             epochs_finetune=args.epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
-            augment=AugmentConfig(**noise, unmark=args.unmark),
+            augment=AugmentConfig(**noise, unmark=args.unmark, clutter=args.clutter),
+            seg_weight=args.seg_weight,
         ),
     )
     try:

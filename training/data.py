@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from edge_runtime.contract import ResizePolicy
+from edge_runtime.contract import LESION, PROBABILITIES, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.preprocess import fit_to_square
 from training.augment import AugmentConfig, make_augmenter
+from training.segmentation import mask_targets
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,30 @@ def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
     *,
+    num_classes: int,
     batch_size: int,
     training: bool,
     seed: int,
     augment: AugmentConfig | None = None,
-    sample_weights: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    mask_known: np.ndarray | None = None,
     unmarked: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """A batched tf.data pipeline over in-memory arrays; augmented and shuffled when training.
+
+    Yields ``(images, targets)``: uint8 ``[B, S, S, 1]`` and ``{"probabilities": one-hot
+    [B, K]}``, plus, with ``masks`` (uint8 ``[N, S, S, 1]``) and ``mask_known`` (bool ``[N]``),
+    ``"lesion"``: the mask at the lesion output's stride with its weight
+    (:func:`training.segmentation.mask_targets`). Augmentation moves each mask with its scan.
 
     ``unmarked``: the same scans with their burned-in marks painted out; while training, each
     scan is drawn from it with probability ``augment.unmark``, so that the marks tell the model
     nothing about the label.
     """
-    tensors = (images, labels) if sample_weights is None else (images, labels, sample_weights)
+    segment = masks is not None
+    tensors: tuple = (images, labels)
+    if segment:
+        tensors += (masks, mask_known.astype(bool))
     swap = training and augment is not None and augment.unmark > 0 and unmarked is not None
     ds = tf.data.Dataset.from_tensor_slices((unmarked, *tensors) if swap else tensors)
     if training:
@@ -86,6 +97,20 @@ def make_dataset(
         )
     ds = ds.batch(batch_size)
     if training and augment is not None:
-        augmenter = make_augmenter(augment, seed)
-        ds = ds.map(lambda x, *rest: (augmenter(x), *rest), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        augmenter = make_augmenter(augment, seed, size=int(images.shape[1]))
+
+        def augmented(x, y, *mask):
+            if not mask:
+                return augmenter(x)[0], y
+            x, moved = augmenter(x, mask[0])
+            return x, y, moved, mask[1]
+
+        ds = ds.map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def targets(x, y, *mask):
+        out = {PROBABILITIES: tf.one_hot(y, num_classes)}
+        if mask:
+            out[LESION] = mask_targets(*mask)
+        return x, out
+
+    return ds.map(targets).prefetch(tf.data.AUTOTUNE)

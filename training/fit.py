@@ -1,4 +1,5 @@
-"""Two-stage transfer learning: a short learning-rate search, frozen backbone, then fine-tuning."""
+"""Two-stage transfer learning: a short learning-rate search, frozen backbone, then fine-tuning;
+the classifier and, where the model has one, the lesion segmentation head trained jointly."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from edge_runtime.contract import LESION, PROBABILITIES
 from training.augment import AugmentConfig
 from training.data import make_dataset
-from training.model import nested_layers, probabilities_model
+from training.model import has_lesion_output, nested_layers, training_model
+from training.segmentation import DiceBCELoss, WeightedCategoricalCrossentropy
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,32 @@ class FitConfig:
     freeze_batch_norm: bool = True
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    seg_weight: float = 1.0  # weight of the lesion mask loss beside the classification loss
+
+
+@dataclass(frozen=True)
+class TrainingArrays:
+    """One split in memory: uint8 scans ``[N, S, S, 1]``, integer labels ``[N]``, and
+    optionally their lesion masks (uint8 ``[N, S, S, 1]``) with bool ``mask_known`` ``[N]``, and
+    the scans with their burned-in marks painted out (``unmarked``, like ``images``)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None = None
+    mask_known: np.ndarray | None = None
+    unmarked: np.ndarray | None = None
+
+
+@dataclass
+class _Fitting:
+    """What every stage of one :func:`fit` shares."""
+
+    model: keras.Model
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    class_weights: list[float]
+    config: FitConfig
+    rows: list[dict]
 
 
 def class_weights(labels: np.ndarray, num_classes: int, power: float = 0.5) -> dict[int, float]:
@@ -67,7 +96,9 @@ class _EpochLog(keras.callbacks.Callback):
             "stage": self.stage,
             "seconds": round(time.perf_counter() - self._start, 2),
         }
-        row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+        row.update(
+            {_metric_name(k): float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+        )
         self.rows.append(row)
         metrics = "  ".join(
             f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "seconds"
@@ -75,78 +106,79 @@ class _EpochLog(keras.callbacks.Callback):
         log.info("epoch %d (%s)  %s  %.1fs", row["epoch"], self.stage, metrics, row["seconds"])
 
 
+def _metric_name(key: str) -> str:
+    """Keras prefixes the metrics of a model with dict outputs by the output's name: the
+    classifier's accuracy keeps its plain name (``accuracy``, ``val_accuracy``)."""
+    return key.replace(f"{PROBABILITIES}_accuracy", "accuracy")
+
+
 def fit(
     model: keras.Model,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    train: TrainingArrays,
+    val: TrainingArrays,
     config: FitConfig,
     *,
     pretrained: bool = True,
-    train_unmarked: np.ndarray | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place on uint8 images and integer labels; returns per-epoch rows.
+    """Train ``model`` in place; returns per-epoch rows.
 
-    ``train_unmarked``: the training scans with their marks painted out, drawn from with
-    probability ``config.augment.unmark`` (see ``make_dataset``).
+    The loss is class-weighted cross-entropy on ``probabilities`` plus, when the model has a
+    ``lesion`` output and ``train`` has masks, ``config.seg_weight`` times Dice + binary
+    cross-entropy on the masks (:class:`training.segmentation.DiceBCELoss`).
 
-    With a pretrained backbone, stage 1 trains the head on the frozen backbone and stage 2
+    With a pretrained backbone, stage 1 trains the heads on the frozen backbone and stage 2
     fine-tunes everything at a lower rate; a backbone trained from scratch gets one stage of the
     same total length at the searched rate. Stages use cosine decay, stop early on validation loss
     and restore the best weights.
 
     Deterministic: TensorFlow's op determinism is switched on, so the same weights, data and
     config give the same model bit for bit (on the same machine and library versions).
+
+    Raises:
+        ValueError: the model has a lesion output but ``train`` or ``val`` has no masks.
     """
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    num_classes = model.get_layer("probabilities").output.shape[-1]
-    trainer = probabilities_model(model)
-    weights = class_weights(train[1], num_classes)
-    train_ds = make_dataset(
-        *train,
-        batch_size=config.batch_size,
-        training=True,
-        seed=config.seed,
-        augment=config.augment,
-        unmarked=train_unmarked,
-    )
-    val_ds = make_dataset(*val, batch_size=config.batch_size, training=False, seed=config.seed)
-    backbone = model.get_layer("backbone")
-    rows: list[dict] = []
+    num_classes = model.get_layer(PROBABILITIES).output.shape[-1]
+    segment = has_lesion_output(model)
+    if segment and (train.masks is None or val.masks is None):
+        raise ValueError("The model has a lesion output: pass masks for training and validation.")
 
-    backbone.trainable = not pretrained
-    rate = config.learning_rate or _search_learning_rate(trainer, train_ds, val_ds, weights, config)
-    if not pretrained:
-        _run_stage(
-            trainer,
-            "full",
-            rate,
-            config.epochs_frozen + config.epochs_finetune,
-            train_ds,
-            val_ds,
-            weights,
-            config,
-            rows,
+    def dataset(arrays: TrainingArrays, training: bool) -> tf.data.Dataset:
+        return make_dataset(
+            arrays.images,
+            arrays.labels,
+            num_classes=num_classes,
+            batch_size=config.batch_size,
+            training=training,
+            seed=config.seed,
+            augment=config.augment if training else None,
+            masks=arrays.masks if segment else None,
+            mask_known=arrays.mask_known if segment else None,
+            unmarked=arrays.unmarked if training else None,
         )
-        return rows
-    _run_stage(
-        trainer, "frozen", rate, config.epochs_frozen, train_ds, val_ds, weights, config, rows
+
+    weights = class_weights(train.labels, num_classes)
+    run = _Fitting(
+        model=training_model(model),
+        train=dataset(train, True),
+        val=dataset(val, False),
+        class_weights=[weights[k] for k in range(num_classes)],
+        config=config,
+        rows=[],
     )
+    backbone = model.get_layer("backbone")
+    backbone.trainable = not pretrained
+    rate = config.learning_rate or _search_learning_rate(run)
+    if not pretrained:
+        _run_stage(run, "full", rate, config.epochs_frozen + config.epochs_finetune)
+        return run.rows
+    _run_stage(run, "frozen", rate, config.epochs_frozen)
     backbone.trainable = True
     if config.freeze_batch_norm:
         _freeze_batch_norm(backbone)
-    _run_stage(
-        trainer,
-        "finetune",
-        rate * config.finetune_lr_factor,
-        config.epochs_finetune,
-        train_ds,
-        val_ds,
-        weights,
-        config,
-        rows,
-    )
-    return rows
+    _run_stage(run, "finetune", rate * config.finetune_lr_factor, config.epochs_finetune)
+    return run.rows
 
 
 def _freeze_batch_norm(model: keras.Model) -> None:
@@ -161,59 +193,57 @@ def _freeze_batch_norm(model: keras.Model) -> None:
             layer.trainable = False
 
 
-def _compile(model: keras.Model, rate, config: FitConfig) -> None:
-    model.compile(
+def _compile(run: _Fitting, rate) -> None:
+    config = run.config
+    losses = {
+        PROBABILITIES: WeightedCategoricalCrossentropy(
+            run.class_weights, label_smoothing=config.label_smoothing
+        )
+    }
+    weights = {PROBABILITIES: 1.0}
+    if LESION in run.model.output:
+        losses[LESION] = DiceBCELoss()
+        weights[LESION] = config.seg_weight
+    run.model.compile(
         optimizer=keras.optimizers.AdamW(rate, weight_decay=config.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
+        loss=losses,
+        loss_weights=weights,
+        metrics={PROBABILITIES: ["accuracy"]},
     )
 
 
-def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, rows) -> None:
+def _run_stage(run: _Fitting, stage: str, rate: float, epochs: int) -> None:
     if epochs <= 0:
         return
-    steps = epochs * int(train_ds.cardinality())
+    steps = epochs * int(run.train.cardinality())
     schedule = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps), alpha=0.05)
-    _compile(model, schedule, config)
-    num_classes = model.output.shape[-1]
+    _compile(run, schedule)
     callbacks = [
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True
+            monitor="val_loss", patience=run.config.patience, restore_best_weights=True
         ),
-        _EpochLog(stage, rows),
+        _EpochLog(stage, run.rows),
     ]
     log.info("stage %s: %d epochs at learning rate %.2g", stage, epochs, rate)
-    model.fit(
-        _one_hot(train_ds, num_classes),
-        validation_data=_one_hot(val_ds, num_classes),
+    run.model.fit(
+        run.train,
+        validation_data=run.val,
         epochs=epochs,
-        class_weight=weights,
         callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=0,
     )
 
 
-def _search_learning_rate(model, train_ds, val_ds, weights, config: FitConfig) -> float:
+def _search_learning_rate(run: _Fitting) -> float:
     """One frozen-backbone epoch per candidate from the same start; lowest validation loss wins."""
-    start = model.get_weights()
-    num_classes = model.output.shape[-1]
+    start = run.model.get_weights()
     losses = {}
-    for rate in config.lr_candidates:
-        model.set_weights(start)
-        _compile(model, rate, config)
-        model.fit(
-            _one_hot(train_ds, num_classes),
-            epochs=1,
-            class_weight=weights,
-            shuffle=False,
-            verbose=0,
-        )
-        losses[rate] = float(model.evaluate(_one_hot(val_ds, num_classes), verbose=0)[0])
+    for rate in run.config.lr_candidates:
+        run.model.set_weights(start)
+        _compile(run, rate)
+        run.model.fit(run.train, epochs=1, shuffle=False, verbose=0)
+        losses[rate] = float(run.model.evaluate(run.val, verbose=0, return_dict=True)["loss"])
         log.info("learning-rate search: %.2g -> val loss %.4f", rate, losses[rate])
-    model.set_weights(start)
+    run.model.set_weights(start)
     return min(losses, key=losses.get)
-
-
-def _one_hot(ds, num_classes: int):
-    return ds.map(lambda x, y, *rest: (x, keras.ops.one_hot(y, num_classes), *rest))

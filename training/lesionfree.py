@@ -98,17 +98,25 @@ def lesion_scan_views(sample: Sample) -> tuple[float, dict[str, np.ndarray]]:
     Raises:
         InputError: the scan or a mask cannot be decoded.
     """
+    free_width, views, _ = _views_and_masks(sample)
+    return free_width, views
+
+
+def _views_and_masks(
+    sample: Sample,
+) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`lesion_scan_views` plus the lesion mask (0/255) mirrored alike for each view."""
     gray = load_gray(sample.path)
     lesion = load_lesion_mask(sample.masks, gray.shape)
     free = free_side(lesion) if lesion.any() else None
     if free is None:
-        return 0.0, {}
+        return 0.0, {}, {}
     width = gray.shape[1]
-    views = {
-        LESION_FREE: scan_aspect(mirrored(gray, free), width),
-        LESION_SIDE: scan_aspect(mirrored(gray, lesion_side(lesion, free)), width),
-    }
-    return (free.stop - free.start) / width, views
+    sides = {LESION_FREE: free, LESION_SIDE: lesion_side(lesion, free)}
+    mask = lesion.astype(np.uint8) * 255
+    views = {view: scan_aspect(mirrored(gray, side), width) for view, side in sides.items()}
+    masks = {view: scan_aspect(mirrored(mask, side), width) for view, side in sides.items()}
+    return (free.stop - free.start) / width, views, masks
 
 
 def measure(
@@ -173,24 +181,35 @@ def lesion_free_views_wanted(asked: bool | None, samples: Sequence[Sample]) -> b
 
 def training_views(
     samples: Sequence[Sample], input_size: int, policy: ResizePolicy
-) -> list[tuple[int, np.ndarray, str]]:
+) -> list[tuple[int, np.ndarray, str, np.ndarray]]:
     """Both mirrored views of every lesion scan with room beside its lesion, for training:
-    ``(index into samples, preprocessed image [S, S, 1], label)``.
+    ``(index into samples, preprocessed image [S, S, 1], label, its lesion mask [S, S, 1])``,
+    the mask (0-255, fitted like the image) mirrored with the view.
 
     The lesion-free side is labelled ``normal``: lesion-free tissue from the scanners of sources
-    that have no normal scans. The lesion side keeps the scan's label, so that a mirror seam says
-    nothing about the class. Unreadable files are skipped with a warning naming the file.
+    that have no normal scans; its mask is empty. The lesion side keeps the scan's label and its
+    mirrored lesion, so that a mirror seam says nothing about the class. Unreadable files are
+    skipped with a warning naming the file.
     """
-    lesion_scans = ((i, s) for i, s in enumerate(samples) if s.label != "normal" and s.masks)
-    return [
-        (
-            index,
-            make_batch([image], input_size, policy)[0],
-            "normal" if view == LESION_FREE else sample.label,
-        )
-        for index, sample, _, made in _readable_views(lesion_scans)
-        for view, image in made.items()
-    ]
+    made = []
+    for index, sample in enumerate(samples):
+        if sample.label == "normal" or not sample.masks:
+            continue
+        try:
+            _, views, masks = _views_and_masks(sample)
+        except InputError as exc:
+            log.warning("%s: skipped: %s", exc.path, exc.reason)
+            continue
+        for view, image in views.items():
+            made.append(
+                (
+                    index,
+                    make_batch([image], input_size, policy)[0],
+                    "normal" if view == LESION_FREE else sample.label,
+                    make_batch([masks[view]], input_size, policy)[0],
+                )
+            )
+    return made
 
 
 def _readable_views(

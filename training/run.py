@@ -19,7 +19,8 @@ from training.backbones import Backbone
 from training.data import load_images
 from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
-from training.fit import FitConfig, fit
+from training.fit import FitConfig, TrainingArrays, fit
+from training.lesion_metrics import read_scores, score_scans, summarize, to_rows
 from training.int8_grid import snap_to_int8_grid
 from training.lesionfree import lesion_free_views_wanted, training_views
 from training.marks import paint_out_marks
@@ -32,10 +33,17 @@ from training.metrics import (
     summarize_folds,
 )
 from training.model import build_classifier
-from training.plots import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
+from training.plots import (
+    plot_confusion_matrix,
+    plot_history,
+    plot_lesion_grid,
+    plot_reliability,
+    plot_roc,
+)
 from training.runfolder import (
     CV_METRICS_FILE,
     HISTORY_FILE,
+    LESION_FILE,
     METRICS_FILE,
     MODEL_FILE,
     PLOTS_DIR,
@@ -45,6 +53,7 @@ from training.runfolder import (
     HeldOutPredictions,
     RunInfo,
 )
+from training.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
 from training.splits import stratified_group_kfold, stratified_group_split, write_manifest
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     int8_grid: bool = True
     lesion_free_normals: bool | None = None  # None: lesion_free_views_wanted decides
+    segmentation: bool | None = None  # the lesion head; None: on when any lesion scan has a mask
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -82,7 +92,9 @@ class _Prepared:
     images: np.ndarray
     samples: Sequence
     unmarked: np.ndarray | None  # the images with their marks painted out, when training asks
-    views: list[tuple[int, np.ndarray, str]]  # extra training views (training.lesionfree)
+    views: list[tuple[int, np.ndarray, str, np.ndarray]]  # extra views (training.lesionfree)
+    masks: np.ndarray | None  # lesion masks fitted like the images; None without the lesion head
+    mask_known: np.ndarray | None
     fingerprint: str
     sources: tuple[str, ...]
 
@@ -146,6 +158,15 @@ def _prepare(config: TrainConfig) -> _Prepared:
                 "--no-lesion-free-normals leaves them out)",
                 len(views),
             )
+    masks = mask_known = None
+    if segmentation_wanted(config.segmentation, samples):
+        masks, mask_known = load_masks(samples, config.input_size, config.resize_policy)
+        log.info(
+            "lesion head on (--no-seg turns it off): %d of %d scans have a known mask "
+            "(normal scans: empty)",
+            int(mask_known.sum()),
+            len(samples),
+        )
     report = group_duplicates(samples)
     (config.output / "duplicates.csv").write_text(report.to_csv())
     conflicted = set(report.conflicts)
@@ -168,9 +189,27 @@ def _prepare(config: TrainConfig) -> _Prepared:
         samples=samples,
         unmarked=unmarked,
         views=views,
+        masks=masks,
+        mask_known=mask_known,
         fingerprint=fingerprint(samples),
         sources=tuple(sorted({s.source for s in samples})),
     )
+
+
+def segmentation_wanted(asked: bool | None, samples: Sequence) -> bool:
+    """Whether to train the lesion head: as ``asked``, or, when ``asked`` is None, whenever a
+    lesion scan has a mask.
+
+    Raises:
+        ValueError: asked for, but no lesion scan has a mask.
+    """
+    masked = any(s.masks for s in samples if s.label != "normal")
+    if asked and not masked:
+        raise ValueError(
+            "--seg trains the lesion head on lesion masks, but no benign or malignant scan has "
+            "a mask file (BUSI's <name>_mask.png, BUS-BRA's Masks/, or a manifest's mask column)"
+        )
+    return masked if asked is None else asked
 
 
 def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
@@ -194,37 +233,42 @@ def _train_and_report(
 
     part = {name: splits == name for name in ("train", "val", "test")}
     keras.utils.set_random_seed(config.seed)  # the head starts the same whatever ran before
+    segment = data.masks is not None
     model = build_classifier(
         len(data.class_names),
         backbone=config.backbone,
         input_size=config.input_size,
         weights=config.weights,
+        lesion=segment,
     )
-    train_images, train_labels, train_unmarked = _training_arrays(data, part["train"])
     rows = fit(
         model,
-        (train_images, train_labels),
-        (data.images[part["val"]], data.labels[part["val"]]),
+        _training_arrays(data, part["train"]),
+        _split_arrays(data, part["val"]),
         config.fit,
         pretrained=config.weights is not None,
-        train_unmarked=train_unmarked,
     )
     if config.int8_grid:
         log.info("snapped %d kernels to the INT8 weight grid", snap_to_int8_grid(model))
     model.save(run_dir / MODEL_FILE)
     _write_history(run_dir / HISTORY_FILE, rows)
 
-    def predict(mask: np.ndarray) -> np.ndarray:
-        return model.predict(data.images[mask], batch_size=64, verbose=0)["probabilities"]
+    def predict(mask: np.ndarray) -> dict[str, np.ndarray]:
+        return model.predict(data.images[mask], batch_size=64, verbose=0)
 
-    temperature = fit_temperature(predict(part["val"]), data.labels[part["val"]])
-    test_probs = apply_temperature(predict(part["test"]), temperature)
+    temperature = fit_temperature(predict(part["val"])["probabilities"], data.labels[part["val"]])
+    test_outputs = predict(part["test"])
+    test_probs = apply_temperature(test_outputs["probabilities"], temperature)
     y_test = data.labels[part["test"]]
     metrics = evaluate(y_test, test_probs, data.class_names)
     metrics["temperature"] = temperature
     metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
-    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
+    if segment:
+        metrics["lesion"] = _lesion_report(
+            data, part["test"], test_outputs, test_probs, test_samples, run_dir
+        )
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     by_source = _per_source_metrics(y_test, test_probs, data.class_names, test_samples)
     (run_dir / SOURCE_METRICS_FILE).write_text(json.dumps(by_source, indent=2) + "\n")
     HeldOutPredictions(
@@ -259,29 +303,95 @@ def _train_and_report(
         sources=data.sources,
         int8_grid=config.int8_grid,
         lesion_free_normals=bool(data.views),
+        lesion_stride=LESION_STRIDE if segment else 0,
+        lesion_threshold=LESION_THRESHOLD,
+        seg_weight=config.fit.seg_weight if segment else 0.0,
         test_metrics=metrics,
     )
     info.write(run_dir)
     return info
 
 
-def _training_arrays(
-    data: _Prepared, train: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The training split's images, labels and unmarked copies (None unless asked for), followed
-    by the extra views made from its scans, never from validation or test scans (a view stands
-    in for its own unmarked copy)."""
-    images, labels = data.images[train], data.labels[train]
+def _split_arrays(data: _Prepared, part: np.ndarray) -> TrainingArrays:
+    """One split's scans, labels and, with the lesion head, masks."""
+    return TrainingArrays(
+        images=data.images[part],
+        labels=data.labels[part],
+        masks=None if data.masks is None else data.masks[part],
+        mask_known=None if data.mask_known is None else data.mask_known[part],
+    )
+
+
+def _training_arrays(data: _Prepared, train: np.ndarray) -> TrainingArrays:
+    """The training split's arrays (:func:`_split_arrays`) and unmarked copies (None unless
+    asked for), followed by the extra views made from its scans, never from validation or test
+    scans (a view stands in for its own unmarked copy; its mask is known)."""
+    arrays = _split_arrays(data, train)
     unmarked = None if data.unmarked is None else data.unmarked[train]
-    extra = [(image, label) for index, image, label in data.views if train[index]]
+    extra = [view for view in data.views if train[view[0]]]
     if not extra:
-        return images, labels, unmarked
+        return TrainingArrays(**{**arrays.__dict__, "unmarked": unmarked})
     log.info("training on %d scans and %d mirrored views", int(train.sum()), len(extra))
-    views = np.stack([image for image, _ in extra])
-    labels = np.concatenate([labels, [data.class_names.index(label) for _, label in extra]])
-    if unmarked is not None:
-        unmarked = np.concatenate([unmarked, views])
-    return np.concatenate([images, views]), labels, unmarked
+    views = np.stack([image for _, image, _, _ in extra])
+    labels = [data.class_names.index(label) for _, _, label, _ in extra]
+    masks = mask_known = None
+    if arrays.masks is not None:
+        masks = np.concatenate([arrays.masks, np.stack([m for *_, m in extra])])
+        mask_known = np.concatenate([arrays.mask_known, np.ones(len(extra), bool)])
+    return TrainingArrays(
+        images=np.concatenate([arrays.images, views]),
+        labels=np.concatenate([arrays.labels, labels]),
+        masks=masks,
+        mask_known=mask_known,
+        unmarked=None if unmarked is None else np.concatenate([unmarked, views]),
+    )
+
+
+def _lesion_report(
+    data: _Prepared,
+    test: np.ndarray,
+    outputs: dict[str, np.ndarray],
+    probs: np.ndarray,
+    samples: Sequence,
+    run_dir: Path,
+) -> dict:
+    """Score the lesion head on the test scans: ``lesion.csv`` per scan, a plot of outlines,
+    and the summary that goes into ``metrics.json`` (training.lesion_metrics)."""
+    predicted = probs.argmax(axis=1)
+    cams = outputs["cam"][np.arange(len(predicted)), :, :, predicted]
+    scores = score_scans(
+        data.masks[test],
+        data.mask_known[test],
+        outputs["lesion"],
+        cams,
+        [s.label for s in samples],
+        [s.source for s in samples],
+        [s.attributes.get("device", "") for s in samples],
+        LESION_THRESHOLD,
+    )
+    rows = to_rows(scores, [str(s.path) for s in samples])
+    with open(run_dir / LESION_FILE, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["path"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (run_dir / PLOTS_DIR).mkdir(exist_ok=True)
+    plot_lesion_grid(
+        data.images[test],
+        data.masks[test],
+        outputs["lesion"],
+        [s.label for s in samples],
+        [d.dice for d in scores],
+        LESION_THRESHOLD,
+        run_dir / PLOTS_DIR / "lesions.png",
+    )
+    report = summarize(scores)
+    log.info(
+        "test lesions: Dice %s, pointing (CAM) %s, normal scans with a lesion %s",
+        report["all"]["dice"]["mean"],
+        report["all"]["pointing_cam"]["mean"],
+        report["all"]["normal_with_lesion"]["mean"],
+    )
+    return report
 
 
 def _jitter_stability(model, images: np.ndarray, seed: int) -> float:
@@ -375,6 +485,9 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
             [config.output / "cv" / f"fold{k}" / PREDICTIONS_FILE for k in range(config.folds)]
         ),
     )
+    lesion_files = [config.output / "cv" / f"fold{k}" / LESION_FILE for k in range(config.folds)]
+    if all(path.is_file() for path in lesion_files):
+        report["lesion"] = summarize(read_scores(lesion_files))
     (config.output / CV_METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -19,6 +19,7 @@ SOURCE_METRICS_FILE = "source_metrics.json"
 CV_METRICS_FILE = "cv_metrics.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
+LESION_FILE = "lesion.csv"
 PLOTS_DIR = "plots"
 
 
@@ -38,6 +39,9 @@ class RunInfo:
     sources: tuple[str, ...] = ()
     int8_grid: bool = False  # kernels snapped to export's INT8 weight grid (training.int8_grid)
     lesion_free_normals: bool = False  # trained on mirrored lesion-scan views too
+    lesion_stride: int = 0  # input pixels per pixel of the lesion output; 0: no lesion head
+    lesion_threshold: float = 0.5
+    seg_weight: float = 0.0
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> Path:

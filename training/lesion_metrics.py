@@ -1,0 +1,179 @@
+"""How well a model finds the lesion: Dice and IoU of its outline, empty outlines on normal
+scans, and the pointing game of its class activation map.
+
+Everything is measured in the model's square input (the letterboxed scan at the model's input
+side), where the true mask is fitted exactly like the scan; the lesion output is upsampled to it
+bilinearly, thresholded at the model's decision threshold, and cut to its largest connected
+component, as the runtime does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
+
+
+@dataclass(frozen=True)
+class LesionScore:
+    """One held-out scan. ``dice``/``iou`` are None where the scan has no known lesion mask."""
+
+    label: str
+    source: str
+    device: str
+    dice: float | None
+    iou: float | None
+    predicted_area: float  # share of the square called lesion (largest component)
+    max_probability: float  # the lesion map's largest value
+    cam_hit: bool | None  # the CAM's hottest point lies in the dilated true mask (lesion scans)
+    lesion_map_hit: bool | None  # the lesion map's hottest point does
+
+
+def predicted_mask(lesion_map: np.ndarray, size: int, threshold: float) -> np.ndarray:
+    """A lesion map ``[h, w]`` -> the bool ``[size, size]`` outline: bilinear upsampling,
+    threshold, largest 8-connected component (all False when nothing passes)."""
+    prob = cv2.resize(lesion_map.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    binary = (prob >= threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if count <= 1:
+        return np.zeros((size, size), bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == largest
+
+
+def score_scans(
+    true_masks: np.ndarray,
+    known: np.ndarray,
+    lesion_maps: np.ndarray,
+    cams: np.ndarray,
+    labels: Sequence[str],
+    sources: Sequence[str],
+    devices: Sequence[str],
+    threshold: float,
+) -> list[LesionScore]:
+    """Score every held-out scan.
+
+    Args:
+        true_masks: uint8 ``[N, S, S, 1]`` (> 127 is lesion), fitted like the scans.
+        known: bool ``[N]``: whether the true mask is known (normal scans: empty).
+        lesion_maps: the model's ``lesion`` output ``[N, h, w, 1]``.
+        cams: the class activation map of each scan's predicted class ``[N, h', w']``.
+        labels, sources, devices: per scan.
+        threshold: the lesion decision threshold.
+    """
+    size = true_masks.shape[1]
+    radius = max(1, round(POINTING_DILATION * size))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    scores = []
+    for i, label in enumerate(labels):
+        truth = true_masks[i, :, :, 0] > 127
+        guess = predicted_mask(lesion_maps[i, :, :, 0], size, threshold)
+        lesion = bool(known[i]) and truth.any()
+        dice = iou = cam_hit = map_hit = None
+        if lesion:
+            inter = float(np.logical_and(truth, guess).sum())
+            union = float(np.logical_or(truth, guess).sum())
+            dice = 2 * inter / (truth.sum() + guess.sum())
+            iou = inter / union
+            target = cv2.dilate(truth.astype(np.uint8), kernel) > 0
+            cam_hit = _hottest_in(cams[i], target)
+            map_hit = _hottest_in(lesion_maps[i, :, :, 0], target)
+        scores.append(
+            LesionScore(
+                label=label,
+                source=sources[i],
+                device=devices[i],
+                dice=dice,
+                iou=iou,
+                predicted_area=float(guess.mean()),
+                max_probability=float(lesion_maps[i].max()),
+                cam_hit=cam_hit,
+                lesion_map_hit=map_hit,
+            )
+        )
+    return scores
+
+
+def _hottest_in(heat: np.ndarray, target: np.ndarray) -> bool:
+    size = target.shape[0]
+    up = cv2.resize(heat.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    y, x = np.unravel_index(int(np.argmax(up)), up.shape)
+    return bool(target[y, x])
+
+
+def mean_with_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean and 95% percentile-bootstrap interval of ``values`` (``n`` scans)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "n": int(v.size)}
+
+
+def summarize(scores: Sequence[LesionScore]) -> dict:
+    """``metrics.json``'s ``lesion`` entry: overall, per source and per ``source:device``:
+    Dice and IoU on lesion scans (mean, bootstrap interval), the pointing game of the CAM and of
+    the lesion map (share of lesion scans hit), and on normal scans the share with any lesion
+    pixel."""
+
+    def block(rows: Sequence[LesionScore]) -> dict:
+        lesion = [r for r in rows if r.dice is not None]
+        normal = [r for r in rows if r.label == "normal"]
+        return {
+            "dice": mean_with_interval([r.dice for r in lesion]),
+            "iou": mean_with_interval([r.iou for r in lesion]),
+            "pointing_cam": mean_with_interval([float(r.cam_hit) for r in lesion]),
+            "pointing_lesion_map": mean_with_interval([float(r.lesion_map_hit) for r in lesion]),
+            "normal_with_lesion": mean_with_interval(
+                [float(r.predicted_area > 0) for r in normal]
+            ),
+        }
+
+    report = {"all": block(scores)}
+    report["by_source"] = {
+        s: block([r for r in scores if r.source == s]) for s in sorted({r.source for r in scores})
+    }
+    report["by_device"] = {
+        f"{s}:{d}": block([r for r in scores if (r.source, r.device) == (s, d)])
+        for s, d in sorted({(r.source, r.device) for r in scores})
+        if d
+    }
+    return report
+
+
+def to_rows(scores: Sequence[LesionScore], paths: Sequence[str]) -> list[Mapping]:
+    """Rows for ``lesion.csv``: the path and every field of each score."""
+    return [{"path": p, **asdict(s)} for p, s in zip(paths, scores, strict=True)]
+
+
+def read_scores(paths: Sequence) -> list[LesionScore]:
+    """Read ``lesion.csv`` files (e.g. every fold's) back into scores."""
+    import csv
+
+    def opt(value: str, kind):
+        return None if value in ("", "None") else kind(value)
+
+    scores = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                scores.append(
+                    LesionScore(
+                        label=row["label"],
+                        source=row["source"],
+                        device=row["device"],
+                        dice=opt(row["dice"], float),
+                        iou=opt(row["iou"], float),
+                        predicted_area=float(row["predicted_area"]),
+                        max_probability=float(row["max_probability"]),
+                        cam_hit=opt(row["cam_hit"], lambda v: v == "True"),
+                        lesion_map_hit=opt(row["lesion_map_hit"], lambda v: v == "True"),
+                    )
+                )
+    return scores
