@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --folds: write the cross-validation results (cv_metrics.json) and stop, "
         "without training the final model",
     )
+    parser.add_argument(
+        "--leave-scanner-out",
+        nargs="*",
+        metavar="SCANNER",
+        default=None,
+        help="the scanner-held-out protocol (training.protocol): for each scanner (every one when "
+        "none is named; names look like 'busi:GE LOGIQ E9' or 'busbra:GE Logiq 5 @10-12MHz'), "
+        "train on the others and test on it; writes protocol.json and protocol.md",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -136,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.cv_only and args.folds < 2:
-        parser.error("--cv-only needs --folds K with K >= 2")
+    if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
+        parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from training.augment import AugmentConfig
     from training.backbones import Backbone
@@ -163,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         int8_grid=args.int8_grid,
         lesion_free_normals=args.lesion_free_normals,
         segmentation=args.seg,
+        leave_scanner_out=()
+        if args.leave_scanner_out is None
+        else tuple(args.leave_scanner_out) or ("all",),
         fit=FitConfig(
             epochs_frozen=args.frozen_epochs,
             epochs_finetune=args.epochs,
@@ -178,9 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"edge-train: error: {exc}", file=sys.stderr)
         return 2
-    if args.cv_only:
+    if args.leave_scanner_out is not None:
+        print(f"Scanner-held-out protocol: {args.output / 'protocol.md'}")
+    if args.cv_only and args.folds > 1:
         print(f"Cross-validation results: {args.output / 'cv_metrics.json'}")
-    else:
+    if not args.cv_only:
         print(f"Next: edge-export {args.output} --output {args.output / 'export'}")
     return 0
 

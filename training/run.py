@@ -53,6 +53,7 @@ from training.runfolder import (
     HeldOutPredictions,
     RunInfo,
 )
+from training.protocol import choose_scanners, markdown_table, scanner_of, write_report
 from training.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
 from training.splits import stratified_group_kfold, stratified_group_split, write_manifest
 
@@ -79,6 +80,8 @@ class TrainConfig:
     int8_grid: bool = True
     lesion_free_normals: bool | None = None  # None: lesion_free_views_wanted decides
     segmentation: bool | None = None  # the lesion head; None: on when any lesion scan has a mask
+    # leave each of these scanners out in turn (training.protocol); () = none, ("all",) = every one
+    leave_scanner_out: tuple[str, ...] = ()
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -107,8 +110,10 @@ def train(config: TrainConfig) -> RunInfo | None:
     data = _prepare(config)
     if config.folds > 1:
         _cross_validate(config, data)
+    if config.leave_scanner_out:
+        _leave_scanners_out(config, data)
     if not config.final_model:
-        log.info("cross-validation finished in %.1f min", (time.perf_counter() - start) / 60)
+        log.info("evaluation finished in %.1f min", (time.perf_counter() - start) / 60)
         return None
     splits = _holdout_split(config, data)
     _write_split(config.output / SPLIT_FILE, data, splits)
@@ -533,6 +538,49 @@ def cross_validation_report(
             np.array(predictions.devices),
         )
     return report
+
+
+def _leave_scanners_out(config: TrainConfig, data: _Prepared) -> None:
+    """The scanner-held-out protocol (training.protocol): for each scanner, train on the others
+    (a grouped validation split of them for early stopping and temperature) and test on all of
+    its scans; a duplicate group that spans the left-out scanner and another is kept out of
+    training. Writes ``scanners/<scanner>/`` fold folders, ``protocol.json`` and ``protocol.md``.
+    """
+    asked = None if config.leave_scanner_out == ("all",) else config.leave_scanner_out
+    scanners = choose_scanners(data.samples, asked)
+    of = np.array([scanner_of(s) for s in data.samples])
+    folds = {}
+    for scanner in scanners:
+        held = of == scanner
+        leaked = {g for g, h in zip(data.groups, held, strict=True) if h}
+        rest = np.flatnonzero(~held & ~np.isin(data.groups, list(leaked)))
+        inner = np.array(
+            stratified_group_split(
+                data.labels[rest],
+                [data.groups[i] for i in rest],
+                val_fraction=config.val_fraction,
+                test_fraction=0.0,
+                seed=config.seed,
+            )
+        )
+        splits = np.full(len(data.labels), "excluded", dtype=object)
+        splits[rest] = inner
+        splits[held] = "test"
+        splits[data.excluded] = "excluded"
+        fold_dir = config.output / "scanners" / _folder_name(scanner)
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        _write_split(fold_dir / SPLIT_FILE, data, splits)
+        log.info(
+            "leave %s out: %d test scans, %d train/val scans", scanner, held.sum(), len(rest)
+        )
+        _train_and_report(config, data, splits, fold_dir)
+        folds[scanner] = fold_dir
+    report = write_report(config.output, folds)
+    log.info("scanner-held-out protocol:\n%s", markdown_table(report))
+
+
+def _folder_name(scanner: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in scanner)
 
 
 def _write_split(path: Path, data: _Prepared, splits: np.ndarray) -> None:

@@ -1,0 +1,141 @@
+"""The scanner-held-out protocol: leave one scanner out, train on the rest, test on it.
+
+Grouped cross-validation puts every source in every fold, and only BUSI has normal scans, so it
+cannot tell "no lesion" from "looks like BUSI". Leaving a whole scanner out can: with BUSI's
+LOGIQ E9 left out the model sees no real normal scan, exactly like a clinic's new scanner, and
+BUSI's normals say whether "normal" carries over. ``edge-train ... --leave-scanner-out`` runs it
+(every scanner, or those named) and writes ``protocol.json`` and ``protocol.md``.
+
+A scanner is ``<source>:<device>``: BUS-BRA names its device per scan (``Device`` in
+``bus_data.csv``), BUSI was recorded on one GE LOGIQ E9; other sources count as one scanner each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from training.datasets import Sample
+from training.lesion_metrics import read_scores
+from training.lesion_metrics import summarize as summarize_lesions
+from training.metrics import binary_auc
+from training.runfolder import LESION_FILE, PREDICTIONS_FILE, HeldOutPredictions
+
+PROTOCOL_FILE = "protocol.json"
+PROTOCOL_TABLE = "protocol.md"
+BUSI_SCANNER = "busi:GE LOGIQ E9"
+
+
+def scanner_of(sample: Sample) -> str:
+    """``<source>:<device>`` of a scan (:data:`BUSI_SCANNER` for BUSI)."""
+    if sample.source == "busi":
+        return BUSI_SCANNER
+    device = sample.attributes.get("device", "")
+    return f"{sample.source}:{device}" if device else sample.source
+
+
+def choose_scanners(samples: Sequence[Sample], asked: Sequence[str] | None) -> list[str]:
+    """The scanners to leave out: ``asked`` (each must exist), else every scanner.
+
+    Raises:
+        ValueError: an asked scanner is not in the data (the message lists those that are).
+    """
+    present = sorted({scanner_of(s) for s in samples})
+    if not asked:
+        return present
+    unknown = [name for name in asked if name not in present]
+    if unknown:
+        raise ValueError(
+            f"--leave-scanner-out names {unknown}, which the data does not have. "
+            f"Scanners in the data: {present}."
+        )
+    return list(asked)
+
+
+def scanner_metrics(predictions: HeldOutPredictions, lesions_file: Path | None) -> dict:
+    """What one left-out scanner's scans say: accuracy, malignant sensitivity, benign-vs-
+    malignant AUC of P(malignant | lesion), normal recall where it has normals, and, with the
+    lesion head, the same calls with "normal" decided by the mask head instead (a scan is normal
+    when no lesion pixel is found; otherwise the classifier's larger of benign and malignant)."""
+    names = list(predictions.class_names)
+    probs = predictions.probabilities
+    y = np.array([names.index(label) for label in predictions.labels])
+    report: dict = {"scans": len(y), **_calls(y, probs.argmax(axis=1), names)}
+    if {"benign", "malignant"} <= set(names):
+        benign, malignant = names.index("benign"), names.index("malignant")
+        lesion = np.isin(y, (benign, malignant))
+        score = probs[:, malignant] / np.clip(probs[:, benign] + probs[:, malignant], 1e-12, None)
+        report["malignant_auc"] = binary_auc(y[lesion] == malignant, score[lesion])
+    if lesions_file is not None and lesions_file.is_file() and "normal" in names:
+        scores = read_scores([lesions_file])
+        found = np.array([s.predicted_area > 0 for s in scores])
+        lesion_call = np.where(
+            probs[:, names.index("malignant")] >= probs[:, names.index("benign")],
+            names.index("malignant"),
+            names.index("benign"),
+        )
+        by_mask = np.where(found, lesion_call, names.index("normal"))
+        report["normal_by_mask_head"] = _calls(y, by_mask, names)
+        report["lesion"] = summarize_lesions(scores)["all"]
+    return report
+
+
+def _calls(y: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict:
+    out: dict = {"accuracy": float(np.mean(predicted == y)) if len(y) else None}
+    for name, key in (("malignant", "malignant_sensitivity"), ("normal", "normal_recall")):
+        if name in names and np.any(y == names.index(name)):
+            k = names.index(name)
+            out[key] = float(np.mean(predicted[y == k] == k))
+            out[f"{name}_scans"] = int(np.sum(y == k))
+    if "normal" in names:
+        lesion = y != names.index("normal")
+        out["lesion_scans_called_normal"] = int(np.sum(predicted[lesion] == names.index("normal")))
+    return out
+
+
+def write_report(output: Path, folds: Mapping[str, Path]) -> dict:
+    """Gather every left-out scanner's fold folder into ``protocol.json`` and ``protocol.md``.
+
+    Args:
+        output: the run folder.
+        folds: ``{scanner: fold folder}``, each holding ``predictions.csv`` (and ``lesion.csv``).
+    """
+    report = {
+        scanner: scanner_metrics(
+            HeldOutPredictions.read([folder / PREDICTIONS_FILE]), folder / LESION_FILE
+        )
+        for scanner, folder in folds.items()
+    }
+    (output / PROTOCOL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (output / PROTOCOL_TABLE).write_text(markdown_table(report))
+    return report
+
+
+def markdown_table(report: Mapping[str, Mapping]) -> str:
+    """One row per left-out scanner."""
+
+    def num(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| left-out scanner | scans | accuracy | malignant sensitivity | malignant AUC (95% CI) "
+        "| normal recall | normal recall, mask head decides | lesion Dice |",
+        "|---|---:|---|---|---|---|---|---|",
+    ]
+    for scanner, r in report.items():
+        auc = r.get("malignant_auc") or {}
+        auc_cell = "-"
+        if auc.get("auc") is not None:
+            ci = auc.get("ci95") or [None, None]
+            auc_cell = f"{auc['auc']:.3f} ({num(ci[0])}-{num(ci[1])})"
+        mask = r.get("normal_by_mask_head") or {}
+        dice = (r.get("lesion") or {}).get("dice") or {}
+        lines.append(
+            f"| {scanner} | {r['scans']} | {num(r.get('accuracy'))} | "
+            f"{num(r.get('malignant_sensitivity'))} | {auc_cell} | {num(r.get('normal_recall'))} "
+            f"| {num(mask.get('normal_recall'))} | {num(dice.get('mean'))} |"
+        )
+    return "\n".join(lines) + "\n"
