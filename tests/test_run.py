@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from training.run import _Prepared, _training_arrays
+from training.datasets import Sample
+from training.run import _Prepared, _training_arrays, segmentation_wanted
 
 CLASSES = ("normal", "benign", "malignant")
 
 
-def _prepared(views, unmarked: bool) -> _Prepared:
+def _prepared(views, unmarked: bool, masks: bool = False) -> _Prepared:
     images = np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1)
     return _Prepared(
         class_names=CLASSES,
@@ -21,6 +23,8 @@ def _prepared(views, unmarked: bool) -> _Prepared:
         samples=[],
         unmarked=images + 100 if unmarked else None,
         views=views,
+        masks=images + 200 if masks else None,
+        mask_known=np.array([True, False, True, True]) if masks else None,
         fingerprint="",
         sources=("s",),
     )
@@ -31,15 +35,38 @@ def _view(value: int) -> np.ndarray:
 
 
 def test_views_join_training_only_from_training_scans_and_stand_in_for_their_unmarked_copy():
-    views = [(0, _view(50), "normal"), (0, _view(51), "benign"), (2, _view(52), "normal")]
+    views = [
+        (0, _view(50), "normal", _view(0)),
+        (0, _view(51), "benign", _view(255)),
+        (2, _view(52), "normal", _view(0)),
+    ]
     train = np.array([True, True, False, False])  # scan 2 is validation or test
-    images, labels, unmarked = _training_arrays(_prepared(views, unmarked=True), train)
-    assert images.ravel().tolist() == [0, 1, 50, 51]
-    assert labels.tolist() == [1, 2, 0, 1]
-    assert unmarked.ravel().tolist() == [100, 101, 50, 51]
+    arrays = _training_arrays(_prepared(views, unmarked=True), train)
+    assert arrays.images.ravel().tolist() == [0, 1, 50, 51]
+    assert arrays.labels.tolist() == [1, 2, 0, 1]
+    assert arrays.unmarked.ravel().tolist() == [100, 101, 50, 51]
+    assert arrays.masks is None  # no lesion head
+
+
+def test_views_bring_their_masks_and_count_as_known():
+    views = [(0, _view(50), "normal", _view(0)), (1, _view(51), "malignant", _view(255))]
+    arrays = _training_arrays(_prepared(views, unmarked=False, masks=True), np.ones(4, bool))
+    assert arrays.masks.ravel().tolist() == [200, 201, 202, 203, 0, 255]
+    assert arrays.mask_known.tolist() == [True, False, True, True, True, True]
 
 
 def test_without_views_the_training_split_is_unchanged():
-    images, labels, unmarked = _training_arrays(_prepared([], unmarked=False), np.ones(4, bool))
-    assert images.ravel().tolist() == [0, 1, 2, 3] and labels.tolist() == [1, 2, 1, 0]
-    assert unmarked is None
+    arrays = _training_arrays(_prepared([], unmarked=False), np.ones(4, bool))
+    assert arrays.images.ravel().tolist() == [0, 1, 2, 3] and arrays.labels.tolist() == [1, 2, 1, 0]
+    assert arrays.unmarked is None
+
+
+def test_the_lesion_head_is_on_by_default_exactly_when_a_lesion_scan_has_a_mask(tmp_path):
+    masked = Sample(tmp_path / "a.png", "benign", "s", masks=(tmp_path / "a_mask.png",))
+    plain = Sample(tmp_path / "b.png", "malignant", "s")
+    normal = Sample(tmp_path / "c.png", "normal", "s", masks=(tmp_path / "c_mask.png",))
+    assert segmentation_wanted(None, [masked, plain])
+    assert not segmentation_wanted(None, [plain, normal])  # a normal scan's empty mask: no lesion
+    assert not segmentation_wanted(False, [masked])
+    with pytest.raises(ValueError, match="no benign or malignant scan has a mask"):
+        segmentation_wanted(True, [plain, normal])

@@ -130,9 +130,7 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
             "iou": mean_with_interval([r.iou for r in lesion]),
             "pointing_cam": mean_with_interval([float(r.cam_hit) for r in lesion]),
             "pointing_lesion_map": mean_with_interval([float(r.lesion_map_hit) for r in lesion]),
-            "normal_with_lesion": mean_with_interval(
-                [float(r.predicted_area > 0) for r in normal]
-            ),
+            "normal_with_lesion": mean_with_interval([float(r.predicted_area > 0) for r in normal]),
         }
 
     report = {"all": block(scores)}

@@ -20,8 +20,8 @@ from training.data import load_images
 from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
 from training.fit import FitConfig, TrainingArrays, fit
-from training.lesion_metrics import read_scores, score_scans, summarize, to_rows
 from training.int8_grid import snap_to_int8_grid
+from training.lesion_metrics import read_scores, score_scans, summarize, to_rows
 from training.lesionfree import lesion_free_views_wanted, training_views
 from training.marks import paint_out_marks
 from training.metrics import (
@@ -40,6 +40,7 @@ from training.plots import (
     plot_reliability,
     plot_roc,
 )
+from training.protocol import choose_scanners, markdown_table, scanner_of, write_report
 from training.runfolder import (
     CV_METRICS_FILE,
     HISTORY_FILE,
@@ -53,7 +54,6 @@ from training.runfolder import (
     HeldOutPredictions,
     RunInfo,
 )
-from training.protocol import choose_scanners, markdown_table, scanner_of, write_report
 from training.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
 from training.splits import stratified_group_kfold, stratified_group_split, write_manifest
 
@@ -570,9 +570,7 @@ def _leave_scanners_out(config: TrainConfig, data: _Prepared) -> None:
         fold_dir = config.output / "scanners" / _folder_name(scanner)
         fold_dir.mkdir(parents=True, exist_ok=True)
         _write_split(fold_dir / SPLIT_FILE, data, splits)
-        log.info(
-            "leave %s out: %d test scans, %d train/val scans", scanner, held.sum(), len(rest)
-        )
+        log.info("leave %s out: %d test scans, %d train/val scans", scanner, held.sum(), len(rest))
         _train_and_report(config, data, splits, fold_dir)
         folds[scanner] = fold_dir
     report = write_report(config.output, folds)

@@ -133,8 +133,8 @@ class DiceBCELoss(keras.losses.Loss):
         inter = ops.sum(target * pred, axis=(1, 2, 3))
         total = ops.sum(target, axis=(1, 2, 3)) + ops.sum(pred, axis=(1, 2, 3))
         dice = 1.0 - (2.0 * inter + 1.0) / (total + 1.0)
-        return (bce + dice) * w * ops.cast(ops.shape(w)[0], "float32") / ops.maximum(
-            ops.sum(w), 1.0
+        return (
+            (bce + dice) * w * ops.cast(ops.shape(w)[0], "float32") / ops.maximum(ops.sum(w), 1.0)
         )
 
 

@@ -1,0 +1,182 @@
+"""The lesion head: mask targets, the loss, augmentation that moves masks, clutter, measures."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.contract import ResizePolicy
+from training.clutter import clutter_bank, composite
+from training.datasets import Sample
+from training.lesion_metrics import predicted_mask, score_scans, summarize
+
+
+def _disc(size: int, centre: tuple[int, int], radius: int) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    cv2.circle(mask, centre, radius, 255, -1)
+    return mask
+
+
+def test_masks_are_known_for_normal_and_masked_lesion_scans_only(tmp_path, caplog):
+    pytest.importorskip("keras")
+    from training.segmentation import load_masks
+
+    scan = np.full((40, 80), 90, np.uint8)
+    cv2.imwrite(str(tmp_path / "scan.png"), scan)
+    mask = np.zeros((40, 80), np.uint8)
+    mask[10:20, 20:40] = 255
+    cv2.imwrite(str(tmp_path / "scan_mask.png"), mask)
+    (tmp_path / "bad_mask.png").write_bytes(b"not a png")
+    samples = [
+        Sample(tmp_path / "scan.png", "normal", "s"),
+        Sample(tmp_path / "scan.png", "benign", "s", masks=(tmp_path / "scan_mask.png",)),
+        Sample(tmp_path / "scan.png", "malignant", "s"),
+        Sample(tmp_path / "scan.png", "malignant", "s", masks=(tmp_path / "bad_mask.png",)),
+    ]
+    masks, known = load_masks(samples, 32, ResizePolicy.LETTERBOX)
+    assert known.tolist() == [True, True, False, False]
+    assert masks.shape == (4, 32, 32, 1) and masks[0].max() == 0
+    # letterboxed like the scan: 80 x 40 -> 32 x 16, centred rows 8..23; lesion rows 12..15
+    rows = np.flatnonzero(masks[1, :, :, 0].max(axis=1) > 127)
+    assert rows.min() >= 12 and rows.max() <= 16
+    assert "bad_mask.png: mask skipped" in caplog.text
+
+
+def test_dice_bce_ignores_scans_of_weight_zero_and_prefers_the_true_mask():
+    pytest.importorskip("keras")
+    from training.segmentation import DiceBCELoss
+
+    target = np.zeros((2, 8, 8, 1), np.float32)
+    target[:, 2:6, 2:6] = 1.0
+    weight = np.array([1.0, 0.0], np.float32).reshape(2, 1, 1, 1) * np.ones_like(target)
+    y_true = np.concatenate([target, weight], axis=-1)
+    loss = DiceBCELoss()
+    right = np.clip(target, 0.02, 0.98)
+    wrong = 1.0 - right
+    assert float(loss(y_true, right)) < 0.2 < float(loss(y_true, wrong))
+    mixed = np.concatenate([right[:1], wrong[1:]])  # the weight-0 scan is wrong: no matter
+    np.testing.assert_allclose(float(loss(y_true, mixed)), float(loss(y_true, right)), rtol=1e-5)
+
+
+def test_weighted_cross_entropy_weights_each_sample_by_its_true_class():
+    pytest.importorskip("keras")
+    from training.segmentation import WeightedCategoricalCrossentropy
+
+    y = np.eye(3, dtype=np.float32)
+    p = np.full((3, 3), 1 / 3, np.float32)
+    plain = np.asarray(WeightedCategoricalCrossentropy([1, 1, 1]).call(y, p))
+    weighted = np.asarray(WeightedCategoricalCrossentropy([0, 1, 2]).call(y, p))
+    np.testing.assert_allclose(weighted, plain * np.array([0, 1, 2]), rtol=1e-6)
+
+
+def test_augmentation_moves_each_mask_with_its_scan():
+    pytest.importorskip("tensorflow")
+    from training.augment import AugmentConfig, make_augmenter
+
+    images = np.zeros((8, 48, 48, 1), np.uint8)
+    masks = np.zeros_like(images)
+    for i in range(8):
+        disc = _disc(48, (12 + 3 * i, 20), 6)
+        images[i, :, :, 0], masks[i, :, :, 0] = disc, disc
+    config = AugmentConfig(gain=0, contrast=0, gamma=1e-6, noise=0.0, rotation_deg=20, zoom=0.2)
+    moved_images, moved_masks = make_augmenter(config, seed=3)(images, masks)
+    moved_images, moved_masks = np.asarray(moved_images), np.asarray(moved_masks)
+    assert not np.array_equal(moved_masks, masks)  # the geometry did move them
+    np.testing.assert_array_equal(moved_images > 127, moved_masks > 127)
+
+
+def test_clutter_is_painted_on_any_scan_with_its_own_coverage():
+    values, alpha = clutter_bank(16, 64, seed=1)
+    assert values.shape == alpha.shape == (16, 64, 64, 1)
+    covered = alpha.reshape(16, -1).mean(axis=1)
+    assert (covered > 0).mean() > 0.8 and covered.max() < 0.2  # marks, not a curtain
+    scans = np.full((16, 64, 64, 1), 40, np.uint8)
+    painted = composite(scans, values, alpha)
+    np.testing.assert_array_equal(painted[alpha == 0], 40)
+    np.testing.assert_array_equal(painted[alpha > 0], values[alpha > 0])
+
+
+def test_augmentation_paints_clutter_only_when_asked():
+    pytest.importorskip("tensorflow")
+    from training.augment import AugmentConfig, make_augmenter
+
+    scans = np.full((16, 64, 64, 1), 40, np.uint8)
+    quiet = AugmentConfig(gain=0, contrast=0, gamma=1e-6, noise=0, rotation_deg=0, zoom=0)
+    plain, _ = make_augmenter(quiet, seed=0, size=64)(scans)
+    assert np.asarray(plain).max() <= 41
+    cluttered, _ = make_augmenter(
+        AugmentConfig(**{**quiet.__dict__, "clutter": 1.0}), seed=0, size=64
+    )(scans)
+    assert (np.asarray(cluttered).reshape(16, -1).max(axis=1) > 100).mean() > 0.8
+
+
+def test_a_predicted_outline_keeps_only_its_largest_component():
+    lesion_map = np.zeros((16, 16), np.float32)
+    lesion_map[2:8, 2:8] = 0.9
+    lesion_map[12:14, 12:14] = 0.9
+    mask = predicted_mask(lesion_map, 64, 0.5)
+    assert mask.shape == (64, 64)
+    assert mask[20, 20] and not mask[52, 52]
+
+
+def test_scores_give_dice_pointing_and_empty_normals():
+    size = 64
+    truth = np.stack([_disc(size, (20, 20), 8), np.zeros((size, size), np.uint8)])[..., None]
+    maps = np.zeros((2, 16, 16, 1), np.float32)
+    maps[0, :, :, 0] = cv2.resize(truth[0, :, :, 0], (16, 16)) / 255.0  # the lesion itself
+    cams = np.zeros((2, 8, 8), np.float32)
+    cams[0, 7, 7] = 1.0  # the CAM points at the far corner: a miss
+    scores = score_scans(
+        truth,
+        np.array([True, True]),
+        maps,
+        cams,
+        ["benign", "normal"],
+        ["s", "s"],
+        ["d", "d"],
+        0.5,
+    )
+    assert scores[0].dice > 0.85 and scores[0].lesion_map_hit and scores[0].cam_hit is False
+    assert scores[1].dice is None and scores[1].predicted_area == 0.0
+    report = summarize(scores)
+    assert report["all"]["normal_with_lesion"]["mean"] == 0.0
+    assert report["by_device"]["s:d"]["dice"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_a_short_multitask_training_learns_the_lesion_of_fresh_synthetic_scans(tmp_path):
+    """The synthetic scans come with masks: the lesion head finds them on scans it never saw."""
+    pytest.importorskip("keras")
+    from training.backbones import Backbone
+    from training.data import load_images
+    from training.datasets import discover_all
+    from training.fit import FitConfig, TrainingArrays, fit
+    from training.model import build_classifier
+    from training.segmentation import load_masks
+    from training.synthetic import write_synthetic_dataset
+
+    def arrays(root, per_class, seed) -> TrainingArrays:
+        samples = list(
+            discover_all([write_synthetic_dataset(root, per_class, seed=seed, masks=True)]).samples
+        )
+        images, _ = load_images([s.path for s in samples], 64)
+        masks, known = load_masks(samples, 64, ResizePolicy.LETTERBOX)
+        labels = np.array([("normal", "benign", "malignant").index(s.label) for s in samples])
+        return TrainingArrays(images, labels, masks, known)
+
+    train, val = arrays(tmp_path / "train", 50, 1), arrays(tmp_path / "val", 8, 2)
+    fresh = arrays(tmp_path / "fresh", 10, 3)
+    model = build_classifier(
+        3, backbone=Backbone.SMALL_CNN, input_size=64, weights=None, lesion=True
+    )
+    config = FitConfig(epochs_frozen=0, epochs_finetune=25, batch_size=16, learning_rate=3e-3)
+    fit(model, train, val, config, pretrained=False)
+    maps = model.predict(fresh.images, verbose=0)["lesion"]
+    dice = []
+    for truth, lesion_map, label in zip(fresh.masks, maps, fresh.labels, strict=True):
+        if label == 0:
+            continue
+        a, b = truth[:, :, 0] > 127, predicted_mask(lesion_map[:, :, 0], 64, 0.5)
+        dice.append(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+    assert np.mean(dice) > 0.7
