@@ -22,6 +22,10 @@ RECORD_KEYS = {
     "confidence",
     "abstained",
     "rechecked",
+    "lesion_bbox",
+    "lesion_area_px",
+    "lesion_area_mm2",
+    "lesion_diameter_mm",
     "error",
     "elapsed_ms",
 }
@@ -151,7 +155,7 @@ def test_csv_output_file_has_a_column_per_class(tmp_path, model):
     assert status == 0 and out == ""
     rows = list(csv.DictReader(target.open(newline="")))
     assert [r["path"] for r in rows] == [str(p) for p in scans]
-    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "error"]
+    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "rechecked"]
     assert list(rows[0])[: len(expected)] == expected
     for row in rows:
         assert row["label"] in CLASSES
