@@ -226,3 +226,12 @@ def test_multiframe_dicom_gives_one_record_per_frame(tmp_path, model):
     assert {p.name for p in heat_dir.glob("*_heatmap.png")} == {
         f"cine_f{i}_heatmap.png" for i in range(3)
     }
+
+
+def test_masks_with_a_model_without_a_lesion_output_exits_2_before_classifying(tmp_path, model):
+    scan = write_scan(tmp_path / "a.png")
+    masks = tmp_path / "masks"
+    status, out, err = run(scan, "--model", model, "--format", "jsonl", "--masks", masks)
+    assert status == ExitStatus.USAGE == 2
+    assert f"{model}: this model has no lesion output" in err and "leave out --masks" in err
+    assert out == "" and not masks.exists()
