@@ -13,12 +13,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from edge_runtime.contract import CAM, INPUT_NAME, PROBABILITIES, ModelSpec, Precision
+from edge_runtime.contract import CAM, INPUT_NAME, LESION, PROBABILITIES, ModelSpec, Precision
 from edge_runtime.decode import InputError, load_frames, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap
+from edge_runtime.lesion import Lesion, find_lesion, require_lesion_output
 from edge_runtime.preprocess import fit_to_square
 from edge_runtime.recheck import needs_recheck
 from edge_runtime.session import (
@@ -71,7 +73,13 @@ class Timing:
 
 @dataclass(frozen=True)
 class Result:
-    """One classified image (or DICOM frame), or the reason it could not be classified."""
+    """One classified image (or DICOM frame), or the reason it could not be classified.
+
+    ``lesion`` is the largest lesion the model found (None when it found none, or has no lesion
+    output); ``lesion_mask`` its uint8 mask at the frame's size (255 inside, 0 outside), only when
+    asked for (``masks=True``, or ``heatmaps=True``, whose overlays outline it) and the model has
+    a lesion output.
+    """
 
     source: str
     label: str | None
@@ -82,8 +90,11 @@ class Result:
     timing: Timing
     frame: int | None = None
     rechecked: bool = False  # INT8 was unsure; these are the FP32 model's answers
+    pixel_spacing_mm: tuple[float, float] | None = None
+    lesion: Lesion | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    lesion_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +110,14 @@ class _Item:
     error: str | None = None
     decode_ms: float = 0.0
     preprocess_ms: float = 0.0
+    pixel_spacing_mm: tuple[float, float] | None = None
+
+
+class _Outputs(NamedTuple):
+    probabilities: np.ndarray  # [N, K]
+    cam: np.ndarray  # [N, h, w, K]
+    lesion: np.ndarray | None  # [N, h, w, 1]; None: the model has no lesion output
+    rechecked: np.ndarray  # bool [N]: rows that are the FP32 recheck model's
 
 
 def default_model_path(precision: Precision | str = Precision.INT8) -> Path:
@@ -211,49 +230,74 @@ class Classifier:
         """The FP32 model that reruns the scans this INT8 model is unsure of, if any."""
         return None if self._recheck is None else self._recheck.path
 
-    def classify(self, sources: Iterable[Source], *, heatmaps: bool = False) -> list[Result]:
+    def classify(
+        self, sources: Iterable[Source], *, heatmaps: bool = False, masks: bool = False
+    ) -> list[Result]:
         """Classify files (paths) or 2-D / BGR arrays; one result per image or DICOM frame.
 
         A bad input gives a result with ``error`` set; it never stops the others.
+
+        Args:
+            sources: paths or arrays.
+            heatmaps: attach ``heatmap`` and ``image`` (and, with a lesion output,
+                ``lesion_mask``) to each result.
+            masks: attach ``lesion_mask`` to each result.
+
+        Raises:
+            ValueError: ``masks`` with a model that has no lesion output.
         """
-        return list(self.iter_classify(sources, heatmaps=heatmaps))
+        return list(self.iter_classify(sources, heatmaps=heatmaps, masks=masks))
 
     def iter_classify(
-        self, sources: Iterable[Source], *, heatmaps: bool = False
+        self, sources: Iterable[Source], *, heatmaps: bool = False, masks: bool = False
     ) -> Iterator[Result]:
         """Like :meth:`classify`, yielding results in input order as each batch completes.
 
-        Failed inputs wait in the batch beside good ones, so the order is kept.
+        Failed inputs wait in the batch beside good ones, so the order is kept. A model without
+        a lesion output asked for ``masks`` is refused here, before any input is read.
         """
+        if masks:
+            require_lesion_output(self.spec, str(self.model_path), "leave out masks=True")
+        return self._iter_classify(sources, heatmaps, masks)
+
+    def _iter_classify(
+        self, sources: Iterable[Source], heatmaps: bool, masks: bool
+    ) -> Iterator[Result]:
         pending: list[_Item] = []
-        for items in self._decoded(sources, keep_original=heatmaps):
+        keep_original = heatmaps or self.spec.has_lesion  # the lesion is measured at its size
+        for items in self._decoded(sources, keep_original=keep_original):
             pending.extend(items)
             if sum(item.error is None for item in pending) >= self._options.batch_size:
-                yield from self._finish(pending, heatmaps)
+                yield from self._finish(pending, heatmaps, masks)
                 pending = []
         if pending:
-            yield from self._finish(pending, heatmaps)
+            yield from self._finish(pending, heatmaps, masks)
 
-    def _finish(self, pending: list[_Item], heatmaps: bool) -> list[Result]:
+    def _finish(self, pending: list[_Item], heatmaps: bool, masks: bool) -> list[Result]:
         good = [item for item in pending if item.error is None]
-        done = iter(self._run_batch(good, heatmaps) if good else [])
+        done = iter(self._run_batch(good, heatmaps, masks) if good else [])
         return [next(done) if item.error is None else self._failure(item) for item in pending]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the model on a uint8 ``[N, S, S, 1]`` batch; returns uncalibrated (probabilities,
         cam), with the FP32 model's rows where it rechecked INT8 (:attr:`recheck_model_path`)."""
-        probabilities, cam, _ = self._run_rechecked(images)
-        return probabilities, cam
+        outputs = self._run_rechecked(images)
+        return outputs.probabilities, outputs.cam
 
-    def _run_rechecked(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        probabilities, cam = self._model.session.run([PROBABILITIES, CAM], {INPUT_NAME: images})
-        if self._recheck is None:
-            return probabilities, cam, np.zeros(len(images), dtype=bool)
-        redo = needs_recheck(probabilities, self._model.spec.recheck_margin)
-        if redo.any():
-            outputs = self._recheck.session.run([PROBABILITIES, CAM], {INPUT_NAME: images[redo]})
-            probabilities[redo], cam[redo] = outputs
-        return probabilities, cam, redo
+    def _run_rechecked(self, images: np.ndarray) -> _Outputs:
+        """All outputs of the model, with the FP32 recheck model's rows (lesion too) where it
+        reran what INT8 was unsure of."""
+        names = [PROBABILITIES, CAM] + ([LESION] if self.spec.has_lesion else [])
+        outputs = self._model.session.run(names, {INPUT_NAME: images})
+        redo = np.zeros(len(images), dtype=bool)
+        if self._recheck is not None:
+            redo = needs_recheck(outputs[0], self._model.spec.recheck_margin)
+            if redo.any():
+                again = self._recheck.session.run(names, {INPUT_NAME: images[redo]})
+                for output, rerun in zip(outputs, again, strict=True):
+                    output[redo] = rerun
+        lesion = outputs[2] if self.spec.has_lesion else None
+        return _Outputs(outputs[0], outputs[1], lesion, redo)
 
     def close(self) -> None:
         """Stop the decode threads. The session is released with the object."""
@@ -310,25 +354,36 @@ class Classifier:
             )
         return items
 
-    def _run_batch(self, batch: Sequence[_Item], heatmaps: bool) -> list[Result]:
+    def _run_batch(self, batch: Sequence[_Item], heatmaps: bool, masks: bool) -> list[Result]:
         start = time.perf_counter()
         images = np.stack([item.square for item in batch])[..., None]
         stack_ms = _ms_since(start)
         start = time.perf_counter()
-        probabilities, cam, rechecked = self._run_rechecked(images)
+        outputs = self._run_rechecked(images)
+        cam, rechecked = outputs.cam, outputs.rechecked
         inference_ms = _ms_since(start) / len(batch)
         start = time.perf_counter()
-        probabilities = _calibrate(probabilities, self._model.spec.temperature)
-        names = self._model.spec.class_names
+        spec = self._model.spec
+        probabilities = _calibrate(outputs.probabilities, spec.temperature)
+        names = spec.class_names
         results = []
         for row, item in enumerate(batch):
             top = int(np.argmax(probabilities[row]))
             confidence = float(probabilities[row, top])
-            heat = None
+            heat = lesion = mask = None
             if heatmaps and item.original is not None:
-                spec = self._model.spec
                 heat = cam_to_heatmap(
                     cam[row, :, :, top], item.original.shape, spec.input_size, spec.resize_policy
+                )
+            if outputs.lesion is not None:
+                lesion, mask = find_lesion(
+                    outputs.lesion[row, :, :, 0],
+                    item.original.shape,
+                    input_size=spec.input_size,
+                    policy=spec.resize_policy,
+                    threshold=spec.lesion_threshold,
+                    pixel_spacing_mm=item.pixel_spacing_mm,
+                    with_mask=masks or heatmaps,
                 )
             results.append(
                 Result(
@@ -346,8 +401,11 @@ class Classifier:
                     ),
                     frame=item.frame,
                     rechecked=bool(rechecked[row]),
+                    pixel_spacing_mm=item.pixel_spacing_mm,
+                    lesion=lesion,
                     heatmap=heat,
                     image=item.original if heatmaps else None,
+                    lesion_mask=mask,
                 )
             )
         post_ms = _ms_since(start) / len(batch)

@@ -18,7 +18,14 @@ from typing import TextIO
 
 from edge_runtime.classifier import Classifier, ClassifierOptions
 from edge_runtime.contract import ContractError
-from edge_runtime.output import OutputFormat, ResultWriter, heatmap_stems, write_heatmaps
+from edge_runtime.lesion import require_lesion_output
+from edge_runtime.output import (
+    OutputFormat,
+    ResultWriter,
+    heatmap_stems,
+    write_heatmaps,
+    write_masks,
+)
 from edge_runtime.session import Provider
 from edge_runtime.sources import expand_sources
 
@@ -45,6 +52,8 @@ examples:
        edge-classify watch /data/incoming --output results.jsonl
   6. measure speed on this machine (see: edge-classify bench --help):
        edge-classify bench --model model-int8.onnx --batch-sizes 1,8
+  7. lesion masks (a model with a lesion output), box and size in the JSON lines:
+       edge-classify scans/ --model lesion-int8.onnx --masks masks/ --format jsonl
 
 "watch" and "bench" as the first word are subcommands; to classify a file or folder with one of
 those names, write it as a path: edge-classify ./watch
@@ -175,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write <name>_heatmap.png and <name>_overlay.png per scan into DIR "
         "(names shared by two inputs get a short hash of the path added)",
+    )
+    parser.add_argument(
+        "--masks",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write <name>_mask.png per scan into DIR: the lesion the model found, 255 inside, "
+        "0 outside, at the scan's size (needs a model with a lesion output)",
     )
     _add_abstain_option(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
@@ -359,8 +376,15 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     options = _options(args)
     with contextlib.ExitStack() as stack:
         classifier = stack.enter_context(Classifier.from_options(options))
+        if args.masks:
+            require_lesion_output(classifier.spec, str(classifier.model_path), "leave out --masks")
         out = stack.enter_context(open(args.output, "w", newline="")) if args.output else stdout
-        writer = ResultWriter(out, OutputFormat(args.format), classifier.spec.class_names)
+        writer = ResultWriter(
+            out,
+            OutputFormat(args.format),
+            classifier.spec.class_names,
+            lesion=classifier.spec.has_lesion,
+        )
         counts = _run(classifier, files, writer, args, stderr)
     failed = counts["failed"] + len(problems)
     if not args.quiet:
@@ -385,14 +409,17 @@ def _run(
 ) -> dict[str, int]:
     counts = {"ok": 0, "failed": 0, "abstained": 0, "rechecked": 0}
     show_progress = not args.quiet and stderr.isatty() and len(files) > 20
-    stems = heatmap_stems(files) if args.heatmaps else None
-    for done, result in enumerate(classifier.iter_classify(files, heatmaps=bool(args.heatmaps)), 1):
+    stems = heatmap_stems(files) if args.heatmaps or args.masks else None
+    results = classifier.iter_classify(files, heatmaps=bool(args.heatmaps), masks=bool(args.masks))
+    for done, result in enumerate(results, 1):
         writer.write(result)
         counts["ok" if result.ok else "failed"] += 1
         counts["abstained"] += int(result.abstained)
         counts["rechecked"] += int(result.rechecked)
         if args.heatmaps and result.ok:
             write_heatmaps([result], args.heatmaps, stems=stems)
+        if args.masks and result.ok:
+            write_masks([result], args.masks, stems=stems)
         if show_progress:
             stderr.write(f"\r{done}/{len(files)} images")
     if show_progress:

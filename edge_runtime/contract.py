@@ -252,6 +252,7 @@ def check_recheck_partner(spec: ModelSpec, partner: ModelSpec, *, source: str) -
         "resize_policy",
         "model_version",
         "training_data_fingerprint",
+        "lesion_stride",  # the rechecked rows replace the lesion rows too
     ):
         if getattr(partner, name) != getattr(spec, name):
             raise ContractError(

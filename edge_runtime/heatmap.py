@@ -34,8 +34,30 @@ def cam_to_heatmap(
     return np.clip(heat * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
 
 
-def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Blend a JET-coloured heatmap over the grayscale scan; returns BGR uint8."""
+OUTLINE_BGR = (255, 255, 255)  # white: stands out on every JET colour
+
+
+def overlay(
+    gray: np.ndarray,
+    heatmap: np.ndarray,
+    alpha: float = 0.4,
+    *,
+    lesion_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend a JET-coloured heatmap over the grayscale scan; returns BGR uint8.
+
+    Args:
+        gray: uint8 ``[H, W]`` scan.
+        heatmap: uint8 ``[H, W]`` from :func:`cam_to_heatmap`.
+        alpha: weight of the heatmap's colour.
+        lesion_mask: uint8 ``[H, W]``, non-zero on the lesion the model found: its outline is
+            drawn over the blend (about 1/300 of the scan's shorter side thick, at least 1 px).
+    """
     scan = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     colour = cv2.applyColorMap(heatmap, cv2.COLORMAP_JET)
-    return cv2.addWeighted(colour, alpha, scan, 1.0 - alpha, 0.0)
+    blend = cv2.addWeighted(colour, alpha, scan, 1.0 - alpha, 0.0)
+    if lesion_mask is not None:
+        contours, _ = cv2.findContours(lesion_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        thickness = max(1, round(min(gray.shape) / 300))
+        cv2.drawContours(blend, contours, -1, OUTLINE_BGR, thickness)
+    return blend

@@ -15,6 +15,7 @@ import cv2
 
 from edge_runtime.classifier import Result
 from edge_runtime.heatmap import overlay
+from edge_runtime.lesion import Lesion
 
 
 class OutputFormat(str, Enum):
@@ -23,8 +24,15 @@ class OutputFormat(str, Enum):
     CSV = "csv"
 
 
+LESION_FIELDS = ("lesion_bbox", "lesion_area_px", "lesion_area_mm2", "lesion_diameter_mm")
+
+
 def result_record(result: Result) -> dict[str, Any]:
-    """The JSON-lines shape of one result (``frame`` only for multi-frame inputs)."""
+    """The JSON-lines shape of one result (``frame`` only for multi-frame inputs).
+
+    The ``lesion_*`` fields are None where no lesion was found (or the model has no lesion
+    output); the mm ones also where the scan's pixel spacing is unknown.
+    """
     record: dict[str, Any] = {
         "path": result.source,
         "label": result.label,
@@ -32,6 +40,7 @@ def result_record(result: Result) -> dict[str, Any]:
         "confidence": None if result.confidence is None else round(result.confidence, 6),
         "abstained": result.abstained,
         "rechecked": result.rechecked,
+        **_lesion_fields(result.lesion),
         "error": result.error,
         "elapsed_ms": round(result.timing.total_ms, 3),
     }
@@ -40,11 +49,33 @@ def result_record(result: Result) -> dict[str, Any]:
     return record
 
 
-class ResultWriter:
-    """Streams results to ``stream`` in one format, flushing each record (safe to tail)."""
+def _lesion_fields(lesion: Lesion | None) -> dict[str, Any]:
+    if lesion is None:
+        return dict.fromkeys(LESION_FIELDS)
+    return {
+        "lesion_bbox": list(lesion.bbox),
+        "lesion_area_px": lesion.area_px,
+        "lesion_area_mm2": None if lesion.area_mm2 is None else round(lesion.area_mm2, 3),
+        "lesion_diameter_mm": None if lesion.diameter_mm is None else round(lesion.diameter_mm, 3),
+    }
 
-    def __init__(self, stream: TextIO, fmt: OutputFormat, class_names: Sequence[str]) -> None:
+
+class ResultWriter:
+    """Streams results to ``stream`` in one format, flushing each record (safe to tail).
+
+    ``lesion`` adds a lesion column to the table (the other formats always carry the fields).
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        fmt: OutputFormat,
+        class_names: Sequence[str],
+        *,
+        lesion: bool = False,
+    ) -> None:
         self._stream, self._format, self._classes = stream, fmt, list(class_names)
+        self._lesion = lesion
         self._csv: csv.writer | None = None
         if fmt is OutputFormat.CSV:
             self._csv = csv.writer(stream)
@@ -56,12 +87,15 @@ class ResultWriter:
                     *self._classes,
                     "confidence",
                     "abstained",
+                    "rechecked",
+                    *LESION_FIELDS,
                     "error",
                     "elapsed_ms",
                 ]
             )
         elif fmt is OutputFormat.TABLE:
-            stream.write(f"{'label':<10} {'conf':>6}  {'':1} path\n")
+            column = f"{'lesion':<{LESION_WIDTH}} " if lesion else ""
+            stream.write(f"{'label':<10} {'conf':>6}  {'':1} {column}path\n")
 
     def write(self, result: Result) -> None:
         record = result_record(result)
@@ -77,21 +111,44 @@ class ResultWriter:
                     *probs,
                     record["confidence"] if result.ok else "",
                     record["abstained"],
+                    record["rechecked"],
+                    *(_csv_cell(record[name]) for name in LESION_FIELDS),
                     record["error"] or "",
                     record["elapsed_ms"],
                 ]
             )
         else:
-            self._stream.write(_table_row(result) + "\n")
+            self._stream.write(_table_row(result, self._lesion) + "\n")
         self._stream.flush()
 
 
-def _table_row(result: Result) -> str:
+LESION_WIDTH = 13  # "123.4 mm", "1234x1234 px", "none"
+
+
+def _csv_cell(value: Any) -> Any:
+    """None -> empty; the box as ``[x, y, w, h]`` (JSON, like the JSON lines)."""
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, list) else value
+
+
+def _table_row(result: Result, lesion_column: bool) -> str:
     source = result.source if result.frame is None else f"{result.source} [frame {result.frame}]"
     if not result.ok:
-        return f"{'ERROR':<10} {'':>6}  {'':1} {source}: {result.error}"
+        blank = " " * (LESION_WIDTH + 1) if lesion_column else ""
+        return f"{'ERROR':<10} {'':>6}  {'':1} {blank}{source}: {result.error}"
     flag = "?" if result.abstained else ""
-    return f"{result.label:<10} {result.confidence:>6.3f}  {flag:1} {source}"
+    column = f"{_lesion_cell(result.lesion):<{LESION_WIDTH}} " if lesion_column else ""
+    return f"{result.label:<10} {result.confidence:>6.3f}  {flag:1} {column}{source}"
+
+
+def _lesion_cell(lesion: Lesion | None) -> str:
+    """Largest diameter where the spacing is known, else the box's size in pixels."""
+    if lesion is None:
+        return "none"
+    if lesion.diameter_mm is not None:
+        return f"{lesion.diameter_mm:.1f} mm"
+    return f"{lesion.bbox[2]}x{lesion.bbox[3]} px"
 
 
 def heatmap_stems(sources: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
@@ -141,14 +198,56 @@ def write_heatmaps(
     for result in results:
         if result.heatmap is None or result.image is None:
             continue
-        stem = stems.get(result.source) or Path(result.source).stem
-        if result.frame is not None:
-            stem += f"_f{result.frame}"
+        stem = _stem(result, stems)
         heat_path, overlay_path = (
             directory / f"{stem}_heatmap.png",
             directory / f"{stem}_overlay.png",
         )
         cv2.imwrite(str(heat_path), result.heatmap)
-        cv2.imwrite(str(overlay_path), overlay(result.image, result.heatmap))
+        blend = overlay(result.image, result.heatmap, lesion_mask=result.lesion_mask)
+        cv2.imwrite(str(overlay_path), blend)
         written += [heat_path, overlay_path]
     return written
+
+
+def write_masks(
+    results: Iterable[Result],
+    directory: Path,
+    *,
+    stems: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """``<stem>_mask.png`` per result: 8-bit gray at the scan's own size, 255 on the lesion the
+    model found, 0 elsewhere (all 0 when it found none).
+
+    Args:
+        results: results classified with ``masks=True``; failed ones (no mask) are skipped.
+        directory: created if missing.
+        stems: as for :func:`write_heatmaps` (multi-frame DICOM adds ``_f<frame>``).
+
+    Returns:
+        The files written.
+
+    Raises:
+        OSError: a mask could not be written.
+    """
+    results = list(results)
+    if stems is None:
+        stems = heatmap_stems(r.source for r in results)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for result in results:
+        if result.lesion_mask is None:
+            continue
+        path = directory / f"{_stem(result, stems)}_mask.png"
+        if not cv2.imwrite(str(path), result.lesion_mask):
+            raise OSError(
+                f"{path}: could not write the lesion mask. Check that {directory} is "
+                "writable and has space."
+            )
+        written.append(path)
+    return written
+
+
+def _stem(result: Result, stems: Mapping[str, str]) -> str:
+    stem = stems.get(result.source) or Path(result.source).stem
+    return stem if result.frame is None else f"{stem}_f{result.frame}"

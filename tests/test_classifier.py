@@ -60,3 +60,12 @@ def test_arrays_are_accepted(classifier):
     results = classifier.classify([gray, bgr])
     assert all(r.ok for r in results)
     assert results[0].probabilities == pytest.approx(results[1].probabilities)
+
+
+def test_a_model_without_a_lesion_output_classifies_and_refuses_masks(classifier, tmp_path):
+    assert not classifier.spec.has_lesion  # a contract v1 model
+    results = classifier.classify(_scans(tmp_path, 2), heatmaps=True)
+    assert all(r.ok and r.lesion is None and r.lesion_mask is None for r in results)
+    assert all(r.heatmap is not None for r in results)
+    with pytest.raises(ValueError, match=r"m\.onnx: this model has no lesion output.*masks=True"):
+        classifier.iter_classify(_scans(tmp_path, 1), masks=True)

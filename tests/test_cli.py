@@ -22,6 +22,10 @@ RECORD_KEYS = {
     "confidence",
     "abstained",
     "rechecked",
+    "lesion_bbox",
+    "lesion_area_px",
+    "lesion_area_mm2",
+    "lesion_diameter_mm",
     "error",
     "elapsed_ms",
 }
@@ -151,7 +155,7 @@ def test_csv_output_file_has_a_column_per_class(tmp_path, model):
     assert status == 0 and out == ""
     rows = list(csv.DictReader(target.open(newline="")))
     assert [r["path"] for r in rows] == [str(p) for p in scans]
-    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "error"]
+    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "rechecked"]
     assert list(rows[0])[: len(expected)] == expected
     for row in rows:
         assert row["label"] in CLASSES
@@ -222,3 +226,12 @@ def test_multiframe_dicom_gives_one_record_per_frame(tmp_path, model):
     assert {p.name for p in heat_dir.glob("*_heatmap.png")} == {
         f"cine_f{i}_heatmap.png" for i in range(3)
     }
+
+
+def test_masks_with_a_model_without_a_lesion_output_exits_2_before_classifying(tmp_path, model):
+    scan = write_scan(tmp_path / "a.png")
+    masks = tmp_path / "masks"
+    status, out, err = run(scan, "--model", model, "--format", "jsonl", "--masks", masks)
+    assert status == ExitStatus.USAGE == 2
+    assert f"{model}: this model has no lesion output" in err and "leave out --masks" in err
+    assert out == "" and not masks.exists()
