@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from edge_runtime.lesion import find_lesion
+
 POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
 
 
@@ -34,15 +36,13 @@ class LesionScore:
 
 
 def predicted_mask(lesion_map: np.ndarray, size: int, threshold: float) -> np.ndarray:
-    """A lesion map ``[h, w]`` -> the bool ``[size, size]`` outline: bilinear upsampling,
-    threshold, largest 8-connected component (all False when nothing passes)."""
-    prob = cv2.resize(lesion_map.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-    binary = (prob >= threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    if count <= 1:
-        return np.zeros((size, size), bool)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return labels == largest
+    """A lesion map ``[h, w]`` -> the bool ``[size, size]`` outline in the model's square input,
+    by the runtime's own post-processing (:func:`edge_runtime.lesion.find_lesion`: bilinear
+    upsampling, threshold, largest 8-connected component; all False when nothing passes)."""
+    _, mask = find_lesion(
+        lesion_map.astype(np.float32), (size, size), input_size=size, threshold=threshold
+    )
+    return mask > 0
 
 
 def score_scans(
