@@ -17,7 +17,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from edge_runtime.contract import CAM, INPUT_NAME, LESION, PROBABILITIES, ModelSpec, Precision
+from edge_runtime.contract import (
+    CAM,
+    FEATURES,
+    INPUT_NAME,
+    LESION,
+    PROBABILITIES,
+    ModelSpec,
+    Precision,
+)
+from edge_runtime.decision import decide, unfamiliar_scores
 from edge_runtime.decode import InputError, load_frames, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap
 from edge_runtime.lesion import Lesion, find_lesion, require_lesion_output
@@ -46,6 +55,8 @@ class ClassifierOptions:
     batch_size: int = 8
     decode_workers: int = max(1, min(4, os.cpu_count() or 1))
     abstain_below: float | None = None  # None: the model's own threshold
+    # call malignant when P(malignant) >= this; None: the model's own operating point (0: top-1)
+    malignant_threshold: float | None = None
     recheck: bool = True  # rerun in FP32 what an INT8 model is unsure of, if its metadata asks
 
     def __post_init__(self) -> None:
@@ -55,6 +66,10 @@ class ClassifierOptions:
             raise ValueError(f"decode_workers must be >= 1. Got {self.decode_workers} instead.")
         if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
             raise ValueError(f"abstain_below must be in [0, 1]. Got {self.abstain_below} instead.")
+        if self.malignant_threshold is not None and not 0.0 <= self.malignant_threshold < 1.0:
+            raise ValueError(
+                f"malignant_threshold must be in [0, 1). Got {self.malignant_threshold} instead."
+            )
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,7 @@ class Result:
     rechecked: bool = False  # INT8 was unsure; these are the FP32 model's answers
     pixel_spacing_mm: tuple[float, float] | None = None
     lesion: Lesion | None = None
+    unfamiliar: bool = False  # unlike the training scans (edge_runtime.decision); abstains
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     lesion_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -118,6 +134,7 @@ class _Outputs(NamedTuple):
     cam: np.ndarray  # [N, h, w, K]
     lesion: np.ndarray | None  # [N, h, w, 1]; None: the model has no lesion output
     rechecked: np.ndarray  # bool [N]: rows that are the FP32 recheck model's
+    features: np.ndarray | None  # [N, D], when the unfamiliar-scan score needs them
 
 
 def default_model_path(precision: Precision | str = Precision.INT8) -> Path:
@@ -182,6 +199,13 @@ class Classifier:
         self._abstain_below = (
             model.spec.abstain_threshold if options.abstain_below is None else options.abstain_below
         )
+        self._malignant_threshold = (
+            model.spec.malignant_threshold
+            if options.malignant_threshold is None
+            else options.malignant_threshold
+        )
+        outputs = {o.name for o in model.session.get_outputs()}
+        self._unfamiliar = FEATURES in outputs and "threshold" in model.spec.unfamiliar
 
     @classmethod
     def from_options(cls, options: ClassifierOptions) -> Classifier:
@@ -224,6 +248,11 @@ class Classifier:
     @property
     def abstain_below(self) -> float:
         return self._abstain_below
+
+    @property
+    def malignant_threshold(self) -> float:
+        """P(malignant) at or above which a scan is called malignant; 0: plain top-1."""
+        return self._malignant_threshold
 
     @property
     def recheck_model_path(self) -> Path | None:
@@ -288,6 +317,8 @@ class Classifier:
         """All outputs of the model, with the FP32 recheck model's rows (lesion too) where it
         reran what INT8 was unsure of."""
         names = [PROBABILITIES, CAM] + ([LESION] if self.spec.has_lesion else [])
+        if self._unfamiliar:
+            names.append(FEATURES)
         outputs = self._model.session.run(names, {INPUT_NAME: images})
         redo = np.zeros(len(images), dtype=bool)
         if self._recheck is not None:
@@ -296,8 +327,10 @@ class Classifier:
                 again = self._recheck.session.run(names, {INPUT_NAME: images[redo]})
                 for output, rerun in zip(outputs, again, strict=True):
                     output[redo] = rerun
-        lesion = outputs[2] if self.spec.has_lesion else None
-        return _Outputs(outputs[0], outputs[1], lesion, redo)
+        by_name = dict(zip(names, outputs, strict=True))
+        return _Outputs(
+            by_name[PROBABILITIES], by_name[CAM], by_name.get(LESION), redo, by_name.get(FEATURES)
+        )
 
     def close(self) -> None:
         """Stop the decode threads. The session is released with the object."""
@@ -366,9 +399,14 @@ class Classifier:
         spec = self._model.spec
         probabilities = _calibrate(outputs.probabilities, spec.temperature)
         names = spec.class_names
+        called = decide(probabilities, names, self._malignant_threshold)
+        unfamiliar = np.zeros(len(batch), bool)
+        if outputs.features is not None:
+            scores = unfamiliar_scores(outputs.features, spec.unfamiliar)
+            unfamiliar = scores > float(spec.unfamiliar["threshold"])
         results = []
         for row, item in enumerate(batch):
-            top = int(np.argmax(probabilities[row]))
+            top = int(called[row])
             confidence = float(probabilities[row, top])
             heat = lesion = mask = None
             if heatmaps and item.original is not None:
@@ -391,7 +429,7 @@ class Classifier:
                     label=names[top],
                     probabilities=dict(zip(names, map(float, probabilities[row]), strict=True)),
                     confidence=confidence,
-                    abstained=confidence < self._abstain_below,
+                    abstained=confidence < self._abstain_below or bool(unfamiliar[row]),
                     error=None,
                     timing=Timing(
                         item.decode_ms,
@@ -403,6 +441,7 @@ class Classifier:
                     rechecked=bool(rechecked[row]),
                     pixel_spacing_mm=item.pixel_spacing_mm,
                     lesion=lesion,
+                    unfamiliar=bool(unfamiliar[row]),
                     heatmap=heat,
                     image=item.original if heatmaps else None,
                     lesion_mask=mask,

@@ -208,6 +208,15 @@ def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
         help="mark results with confidence below P as abstained "
         "(default: the model's own threshold)",
     )
+    parser.add_argument(
+        "--malignant-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="call a scan malignant when P(malignant) >= P, else the likelier other class "
+        "(default: the model's own operating point, chosen on validation scans for malignant "
+        "sensitivity >= 0.90 where its card says so; 0: plain top-1)",
+    )
 
 
 def build_watch_parser() -> argparse.ArgumentParser:
@@ -357,6 +366,7 @@ def _options(args: argparse.Namespace) -> ClassifierOptions:
         threads=args.threads,
         batch_size=getattr(args, "batch_size", 8),
         abstain_below=getattr(args, "abstain_below", None),
+        malignant_threshold=getattr(args, "malignant_threshold", None),
         recheck=args.recheck,
     )
 

@@ -21,6 +21,7 @@ RECORD_KEYS = {
     "probabilities",
     "confidence",
     "abstained",
+    "unfamiliar",
     "rechecked",
     "lesion_bbox",
     "lesion_area_px",
@@ -155,7 +156,8 @@ def test_csv_output_file_has_a_column_per_class(tmp_path, model):
     assert status == 0 and out == ""
     rows = list(csv.DictReader(target.open(newline="")))
     assert [r["path"] for r in rows] == [str(p) for p in scans]
-    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "rechecked"]
+    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "unfamiliar"]
+    expected.append("rechecked")
     assert list(rows[0])[: len(expected)] == expected
     for row in rows:
         assert row["label"] in CLASSES

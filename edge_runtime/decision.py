@@ -1,0 +1,106 @@
+"""From calibrated probabilities to a call: the malignant operating point and the unfamiliar-scan
+flag, as the model's metadata states them (``edge-export`` chooses both on validation scans).
+
+Missing a cancer costs more than a second look, so a model may carry a malignant threshold below
+the top-1 rule's: a scan is called malignant when P(malignant) >= the threshold, otherwise the
+more probable of the other classes. A scan unlike anything the model was trained on is flagged
+``unfamiliar`` (and abstains) when the distance of its pooled features to the nearest training
+class mean, in units of the training features' spread, is above the threshold chosen on
+validation scans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+MALIGNANT = "malignant"
+UNFAMILIAR_METHOD = "nearest_class_mean_scaled_distance"
+
+
+def decide(
+    probabilities: np.ndarray, class_names: Sequence[str], malignant_threshold: float
+) -> np.ndarray:
+    """The called class per row of calibrated ``probabilities`` ``[N, K]``.
+
+    With ``malignant_threshold`` > 0: malignant where P(malignant) >= it, else the most probable
+    other class; with 0: plain top-1.
+
+    Returns:
+        int ``[N]`` indices into ``class_names``.
+    """
+    top = probabilities.argmax(axis=1)
+    if malignant_threshold <= 0 or MALIGNANT not in class_names:
+        return top
+    k = list(class_names).index(MALIGNANT)
+    others = probabilities.copy()
+    others[:, k] = -np.inf
+    return np.where(probabilities[:, k] >= malignant_threshold, k, others.argmax(axis=1))
+
+
+def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The reference the unfamiliar score measures against: each class's mean of the training
+    scans' pooled ``features`` ``[N, D]`` and the features' spread (the per-dimension standard
+    deviation around the class means, floored at 1% of its median)."""
+    means = np.stack(
+        [
+            features[labels == k].mean(axis=0) if np.any(labels == k) else features.mean(axis=0)
+            for k in range(num_classes)
+        ]
+    )
+    spread = (features - means[labels]).std(axis=0)
+    spread = np.maximum(spread, 0.01 * float(np.median(spread)) + 1e-12)
+    return {
+        "method": UNFAMILIAR_METHOD,
+        "means": np.round(means, 6).tolist(),
+        "scale": np.round(spread, 6).tolist(),
+    }
+
+
+def unfamiliar_scores(features: np.ndarray, stats: Mapping[str, Any]) -> np.ndarray:
+    """Root-mean-square scaled distance of each row of ``features`` ``[N, D]`` to the nearest
+    class mean of ``stats`` (:func:`unfamiliar_stats`); about 1 for typical training scans.
+
+    Raises:
+        ValueError: ``stats`` is not of this method or does not match the features' width.
+    """
+    if stats.get("method") != UNFAMILIAR_METHOD:
+        raise ValueError(
+            f"unfamiliar-scan metadata of method {stats.get('method')!r} is not supported "
+            f"(this runtime reads {UNFAMILIAR_METHOD!r})"
+        )
+    means = np.asarray(stats["means"], np.float32)
+    scale = np.asarray(stats["scale"], np.float32)
+    if means.shape[1] != features.shape[1] or scale.shape[0] != features.shape[1]:
+        raise ValueError(
+            f"unfamiliar-scan metadata is for {means.shape[1]} features; the model gives "
+            f"{features.shape[1]}"
+        )
+    scaled = (features[:, None, :] - means[None]) / scale
+    return np.sqrt(np.mean(scaled**2, axis=2)).min(axis=1)
+
+
+def malignant_operating_point(
+    p_malignant: np.ndarray, is_malignant: np.ndarray, min_sensitivity: float = 0.90
+) -> dict[str, float] | None:
+    """The largest threshold on P(malignant) whose sensitivity on these scans is at least
+    ``min_sensitivity``, with the sensitivity and specificity it gives there (malignant vs the
+    rest); None without malignant scans.
+    """
+    positives = np.sort(p_malignant[is_malignant])[::-1]
+    if positives.size == 0:
+        return None
+    needed = int(np.ceil(min_sensitivity * positives.size))
+    threshold = float(positives[needed - 1])
+    called = p_malignant >= threshold
+    negatives = ~is_malignant
+    return {
+        "threshold": threshold,
+        "min_sensitivity": float(min_sensitivity),
+        "sensitivity": float(np.mean(called[is_malignant])),
+        "specificity": float(np.mean(~called[negatives])) if negatives.any() else float("nan"),
+        "scans": int(len(p_malignant)),
+        "malignant_scans": int(positives.size),
+    }
