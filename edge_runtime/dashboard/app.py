@@ -8,9 +8,10 @@ records); uploads stay in memory and nothing is written to disk. The logic lives
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,10 @@ def _classify_inputs(classifier: Classifier) -> dict[str, Any]:
     new_uploads = [key for key in uploads if key not in results]
     todo = len(new_uploads) + sum(key not in results for key in pending)
     if todo:
-        scans = (
-            *(sc.Scan(key, uploads[key].name, data=uploads[key].getvalue()) for key in new_uploads),
-            *(scan for key, scan in pending.items() if key not in results),
-        )  # a generator: only the scans being classified hold a copy of their bytes
+        scans = itertools.chain(
+            (sc.Scan(key, uploads[key].name, data=uploads[key].getvalue()) for key in new_uploads),
+            [scan for key, scan in pending.items() if key not in results],
+        )  # lazy: only the chunk being classified holds a copy of its uploads' bytes
         _classify_with_progress(classifier, scans, todo)
     pending.clear()
     _show_failures(results)
@@ -116,7 +117,7 @@ def _folder_scans(folder: str) -> dict[str, sc.Scan]:
     }
 
 
-def _classify_with_progress(classifier: Classifier, scans: Any, total: int) -> None:
+def _classify_with_progress(classifier: Classifier, scans: Iterable[sc.Scan], total: int) -> None:
     """Classify, storing each chunk's results as it completes (a rerun keeps what is done)."""
     results = _results()
     bar = st.progress(0.0, text=f"Classifying {total} scans...")
@@ -320,9 +321,7 @@ def _model_sidebar(classifier: Classifier) -> None:
 def _model_view(classifier: Classifier) -> None:
     """Which model runs, where, and its card (data, metrics with intervals, limits)."""
     facts = sc.model_facts(classifier)
-    st.table(
-        pd.DataFrame({"value": list(facts.values())}, index=pd.Index(list(facts), name="model"))
-    )
+    st.table(pd.DataFrame({"value": list(facts.values())}, index=pd.Index(list(facts), name="")))
     card = sc.model_card(classifier.model_path)
     if card is None:
         st.info(f"No model card beside {classifier.model_path}.")
