@@ -29,7 +29,7 @@ from edge_runtime.output import (
 from edge_runtime.session import Provider
 from edge_runtime.sources import expand_sources
 
-SUBCOMMANDS = ("watch", "bench")
+SUBCOMMANDS = ("watch", "bench", "dashboard")
 
 
 class ExitStatus(IntEnum):
@@ -54,9 +54,11 @@ examples:
        edge-classify bench --model model-int8.onnx --batch-sizes 1,8
   7. lesion masks (a model with a lesion output), box and size in the JSON lines:
        edge-classify scans/ --model lesion-int8.onnx --masks masks/ --format jsonl
+  8. a page to classify scans by hand, in a browser (see: edge-classify dashboard --help):
+       edge-classify dashboard
 
-"watch" and "bench" as the first word are subcommands; to classify a file or folder with one of
-those names, write it as a path: edge-classify ./watch
+"watch", "bench" and "dashboard" as the first word are subcommands; to classify a file or folder
+with one of those names, write it as a path: edge-classify ./watch
 
 exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage or model error.
 Not a medical device: every result needs review by a qualified clinician.
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-classify",
         description="Classify breast-ultrasound scans (normal / benign / malignant) with an "
         "edge-classify ONNX model. Subcommands: watch (a folder, as scans arrive), "
-        "bench (speed on this machine).",
+        "bench (speed on this machine), dashboard (a page in the browser).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -302,6 +304,60 @@ def build_bench_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DASHBOARD_EXAMPLES = """\
+examples:
+  1. the bundled model, on this machine only, at http://127.0.0.1:8501:
+       edge-classify dashboard
+  2. your own model, another port:
+       edge-classify dashboard --model export/model-int8.onnx --port 8600
+  3. reachable from other machines on the network (anyone who reaches it can upload scans and
+     read folders on this host):
+       edge-classify dashboard --host 0.0.0.0
+
+Upload scans (PNG, JPEG, BMP, TIFF, DICOM) or name a folder on this host; see each scan's label,
+calibrated probabilities, flags and heatmap, a batch table with CSV / JSON-lines downloads, and
+the model card. Uploads stay in memory; nothing is written to disk and no usage statistics are
+sent. Needs the dashboard extra: pip install 'edge-classify[dashboard]'. Ctrl-C stops it.
+
+exit status: 0 stopped cleanly, 2 usage or model error, or the dashboard extra is missing,
+130 stopped by Ctrl-C.
+"""
+
+
+def build_dashboard_parser() -> argparse.ArgumentParser:
+    """The parser of ``edge-classify dashboard``."""
+    parser = _Parser(
+        prog="edge-classify dashboard",
+        description="Serve a Streamlit page to classify scans in a browser.",
+        epilog=DASHBOARD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="ONNX model file, or 'int8' / 'fp32' for the bundled pair (default: the bundled "
+        "model that suits the provider, as for edge-classify PATH)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument("--port", type=_port, default=8501, help="port (default 8501)")
+    _add_common_options(parser)
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535. Got {text!r} instead.")
+    return port
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -319,14 +375,19 @@ def main(
 ) -> int:
     """Entry point; returns an :class:`ExitStatus`. Streams can be injected for tests.
 
-    ``watch`` or ``bench`` as the first argument selects that subcommand; anything else is
-    ``edge-classify PATH...``.
+    ``watch``, ``bench`` or ``dashboard`` as the first argument selects that subcommand; anything
+    else is ``edge-classify PATH...``.
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    builders = {None: build_parser, "watch": build_watch_parser, "bench": build_bench_parser}
-    bodies = {None: _classify, "watch": _watch, "bench": _bench}
+    builders = {
+        None: build_parser,
+        "watch": build_watch_parser,
+        "bench": build_bench_parser,
+        "dashboard": build_dashboard_parser,
+    }
+    bodies = {None: _classify, "watch": _watch, "bench": _bench, "dashboard": _dashboard}
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             args = builders[command]().parse_args(argv[1:] if command else argv)
@@ -522,6 +583,17 @@ def _bench(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
     else:
         stdout.write(format_table(report))
     return ExitStatus.SUCCESS
+
+
+def _dashboard(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from edge_runtime.dashboard import DASHBOARD_EXTRA_HINT, run_dashboard, streamlit_available
+
+    if not streamlit_available():
+        stderr.write(f"edge-classify: error: {DASHBOARD_EXTRA_HINT}\n")
+        return ExitStatus.USAGE
+    with Classifier.from_options(ClassifierOptions(model_path=args.model)):
+        pass  # a model that cannot be opened is a usage error here, not an error on the page
+    return run_dashboard(host=args.host, port=args.port, model=args.model, stderr=stderr)
 
 
 if __name__ == "__main__":

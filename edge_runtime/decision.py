@@ -101,6 +101,6 @@ def malignant_operating_point(
         "min_sensitivity": float(min_sensitivity),
         "sensitivity": float(np.mean(called[is_malignant])),
         "specificity": float(np.mean(~called[negatives])) if negatives.any() else float("nan"),
-        "scans": int(len(p_malignant)),
+        "scans": len(p_malignant),
         "malignant_scans": int(positives.size),
     }
