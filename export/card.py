@@ -35,6 +35,8 @@ def build_card(
     reports: Sequence[ParityReport],
     quantization: Mapping[str, Any],
     run_reports: Mapping[str, Any] | None = None,
+    *,
+    decision: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the card as a JSON-serializable dict (files listed with SHA-256 and size).
 
@@ -67,6 +69,7 @@ def build_card(
             "abstain_threshold": info.abstain_threshold,
         },
         "evaluation": info.test_metrics,
+        "decision": _decision_summary(decision or {}),
         **dict(run_reports or {}),
         "quantization": dict(quantization),
         "parity": [
@@ -125,6 +128,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *_confusion_table(metrics, card["classes"]),
         *_source_lines(card.get("by_source")),
         *_cv_lines(card.get("cross_validation")),
+        *_decision_lines(card.get("decision") or {}),
         *_lesion_lines(metrics.get("lesion"), "held-out test split"),
         *_lesion_lines((card.get("cross_validation") or {}).get("lesion"), "cross-validation"),
         "## Parity gates",
@@ -373,3 +377,47 @@ def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
             f"{cell(b['pointing_lesion_map'])} | {cell(b['normal_with_lesion'])} |"
         )
     return [*lines, ""]
+
+
+def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's view of export.decision's rules: the operating point whole, the unfamiliar
+    score without its reference vectors (they live in the model's metadata)."""
+    summary: dict[str, Any] = {}
+    if "malignant_operating_point" in decision:
+        summary["malignant_operating_point"] = dict(decision["malignant_operating_point"])
+    if "unfamiliar" in decision:
+        summary["unfamiliar"] = {
+            k: v for k, v in decision["unfamiliar"].items() if k not in ("means", "scale")
+        }
+    return summary
+
+
+def _decision_lines(decision: Mapping[str, Any]) -> list[str]:
+    lines = []
+    point = decision.get("malignant_operating_point")
+    if point:
+        lines += [
+            "## Operating point for cancer",
+            "",
+            f"A scan is called malignant when P(malignant) >= {point['threshold']:.4f} (after "
+            "calibration), chosen on the validation split for malignant sensitivity >= "
+            f"{point['min_sensitivity']:.2f}: there ({point['scans']} scans, "
+            f"{point['malignant_scans']} malignant) sensitivity {point['sensitivity']:.3f} and "
+            f"specificity {point['specificity']:.3f}, against {point['top1_sensitivity']:.3f} "
+            f"and {point['top1_specificity']:.3f} for plain top-1. "
+            "`--malignant-threshold P` overrides it (0: top-1).",
+            "",
+        ]
+    unfamiliar = decision.get("unfamiliar")
+    if unfamiliar:
+        lines += [
+            "## Unfamiliar scans",
+            "",
+            "A scan whose pooled features lie far from every training class's mean (root-mean-"
+            "square distance in units of the training spread) is flagged `unfamiliar` and "
+            f"abstains: threshold {unfamiliar['threshold']:.3f}, the "
+            f"{100 * unfamiliar['quantile']:.0f}th percentile of {unfamiliar['validation_scans']} "
+            "validation scans (so about 1% of scans like the training data are flagged).",
+            "",
+        ]
+    return lines

@@ -18,6 +18,7 @@ from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
+from export.decision import choose_operating_point, choose_unfamiliar
 from export.diagnose import count_convs, rank_quantization_error
 from export.fp16 import to_fp16
 from export.input_fold import fold_input_scaling
@@ -96,8 +97,7 @@ def export_run(options: ExportOptions) -> ExportResult:
     info = RunInfo.read(options.run_dir)
     output = _writable_dir(options.output_dir)
     calibration, held_out, labels = _images_for(options, info)
-    needs_val = options.recheck or options.choose_calibration
-    val = _validation_images(options, info) if needs_val else None
+    val, val_labels = _validation_images(options, info)
     from training.model import load_classifier
 
     keras_model = load_classifier(options.run_dir / MODEL_FILE)
@@ -112,6 +112,8 @@ def export_run(options: ExportOptions) -> ExportResult:
             tmp / model_file_name(options.name, "fp32"),
         )
         write_metadata(fp32, _spec(info, Precision.FP32, {}))
+        decision = _decision(info, fp32, options, val, val_labels)
+        write_metadata(fp32, _spec(info, Precision.FP32, {}, decision=decision))
         keras_outputs = keras_model.predict(held_out, batch_size=32, verbose=0)
         fp32_probs = _onnx_probabilities(fp32, held_out)
         reports = [fp32_gate(keras_outputs["probabilities"], fp32_probs, labels)]
@@ -161,7 +163,7 @@ def export_run(options: ExportOptions) -> ExportResult:
         )
         folded = _fold_input(int8, info)
         quant_settings = {**quant_settings, "input_scaling_folded": folded}
-        write_metadata(int8, _spec(info, Precision.INT8, quant_settings))
+        write_metadata(int8, _spec(info, Precision.INT8, quant_settings, decision=decision))
         int8_probs = _onnx_probabilities(int8, held_out)
         thresholds = {
             "min_agreement": options.min_agreement,
@@ -173,7 +175,10 @@ def export_run(options: ExportOptions) -> ExportResult:
             margin = recheck_margin(val_fp32_probs, _onnx_probabilities(int8, val))
             record = _recheck_record(margin, len(val), int8_probs, alone)
             quant_settings = {**quant_settings, "fp32_recheck": record}
-            write_metadata(int8, _spec(info, Precision.INT8, quant_settings, margin, fp32.name))
+            write_metadata(
+                int8,
+                _spec(info, Precision.INT8, quant_settings, margin, fp32.name, decision=decision),
+            )
             log.info("%s", _alone_line(alone))
             reports.append(int8_recheck_gate(fp32_probs, int8_probs, margin, labels, **thresholds))
         else:
@@ -190,7 +195,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             fp16 = _step(
                 "convert to FP16", to_fp16, fp32, tmp / model_file_name(options.name, "fp16")
             )
-            write_metadata(fp16, _spec(info, Precision.FP16, {}))
+            write_metadata(fp16, _spec(info, Precision.FP16, {}, decision=decision))
             reports.append(against_fp32(fp16_gate, fp16))
             candidates.append(fp16)
         int8_report = 2 if fp32_lesion is not None else 1
@@ -214,7 +219,13 @@ def export_run(options: ExportOptions) -> ExportResult:
             files.append(target)
             log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
     card = build_card(
-        options.name, info, files, reports, quant_settings, read_reports(options.run_dir)
+        options.name,
+        info,
+        files,
+        reports,
+        quant_settings,
+        read_reports(options.run_dir),
+        decision=decision,
     )
     card_path, _ = write_card(card, output)
     log.info("wrote %s", card_path)
@@ -253,13 +264,48 @@ def _alone_line(alone: ParityReport) -> str:
     )
 
 
-def _validation_images(options: ExportOptions, info: RunInfo) -> np.ndarray | None:
-    """The validation split's images when it is apart from the held-out images the gate
-    uses (a run with a test split), else None."""
+def _validation_images(
+    options: ExportOptions, info: RunInfo
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The validation split's images and labels when it is apart from the held-out images the
+    gate uses (a run with a test split), else ``(None, None)``."""
     rows = _manifest_rows(options)
     if not (rows.get("test") and rows.get("val")):
-        return None
-    return _split_images(options, info, "val")[0]
+        return None, None
+    return _split_images(options, info, "val")
+
+
+def _decision(
+    info: RunInfo,
+    fp32: Path,
+    options: ExportOptions,
+    val: np.ndarray | None,
+    val_labels: np.ndarray | None,
+) -> dict:
+    """The malignant operating point and, where the model has a ``features`` output, the
+    unfamiliar-scan threshold, both from the validation split (export.decision); empty
+    without a validation split apart from the gate's."""
+    if val is None:
+        log.warning("no validation split apart from the gate's: no operating point")
+        return {}
+    decision: dict = {}
+    point = choose_operating_point(info, _onnx_probabilities(fp32, val), val_labels)
+    if point is not None:
+        decision["malignant_operating_point"] = point
+    if "features" in {
+        o.name for o in open_model(fp32, provider=Provider.CPU).session.get_outputs()
+    }:
+        rows = _manifest_rows(options)["train"][: options.max_parity_images]
+        train, failures = _load(rows, info)
+        keep = [i for i, r in enumerate(rows) if r["path"] not in {p for p, _ in failures}]
+        decision["unfamiliar"] = choose_unfamiliar(
+            lambda images: _onnx_output(fp32, images, "features"),
+            train[keep],
+            np.array([info.class_names.index(rows[i]["label"]) for i in keep]),
+            val,
+            len(info.class_names),
+        )
+    return decision
 
 
 def _choose_calibration(
@@ -334,6 +380,8 @@ def _spec(
     quantization: dict,
     recheck_margin: float = 0.0,
     recheck_model: str = "",
+    *,
+    decision: dict | None = None,
 ) -> ModelSpec:
     return ModelSpec(
         class_names=info.class_names,
@@ -355,6 +403,10 @@ def _spec(
         recheck_model=recheck_model,
         lesion_stride=info.lesion_stride,
         lesion_threshold=info.lesion_threshold,
+        malignant_threshold=((decision or {}).get("malignant_operating_point") or {}).get(
+            "threshold", 0.0
+        ),
+        unfamiliar=(decision or {}).get("unfamiliar", {}),
     )
 
 

@@ -1,0 +1,88 @@
+"""The call rules an exported model carries, chosen on the run's validation split: the malignant
+operating point and the unfamiliar-scan threshold (applied by ``edge_runtime.decision``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from edge_runtime.decision import (
+    malignant_operating_point,
+    unfamiliar_scores,
+    unfamiliar_stats,
+)
+from training.metrics import apply_temperature
+from training.runfolder import RunInfo
+
+log = logging.getLogger(__name__)
+MIN_MALIGNANT_SENSITIVITY = 0.90
+MIN_MALIGNANT_VALIDATION_SCANS = 10  # fewer: no operating point, plain top-1
+UNFAMILIAR_QUANTILE = 0.99  # the score above which 1% of validation scans fall
+
+
+def choose_operating_point(
+    info: RunInfo, val_probs: np.ndarray, val_labels: np.ndarray
+) -> dict | None:
+    """The malignant threshold for sensitivity >= 0.90 on the validation scans (their FP32
+    probabilities, calibrated with the run's temperature as the runtime does), with the
+    specificity it costs there; None without a malignant class or with fewer than
+    :data:`MIN_MALIGNANT_VALIDATION_SCANS` malignant validation scans."""
+    if "malignant" not in info.class_names:
+        return None
+    k = info.class_names.index("malignant")
+    malignant = val_labels == k
+    if malignant.sum() < MIN_MALIGNANT_VALIDATION_SCANS:
+        log.warning(
+            "only %d malignant validation scans: no malignant operating point (plain top-1)",
+            int(malignant.sum()),
+        )
+        return None
+    p = apply_temperature(val_probs, info.temperature)
+    point = malignant_operating_point(p[:, k], malignant, MIN_MALIGNANT_SENSITIVITY)
+    top1 = p.argmax(axis=1) == k
+    point["top1_sensitivity"] = float(np.mean(top1[malignant]))
+    point["top1_specificity"] = float(np.mean(~top1[~malignant]))
+    point["threshold"] = min(point["threshold"], 0.999999)
+    log.info(
+        "malignant operating point %.4f on %d validation scans: sensitivity %.3f, specificity "
+        "%.3f (top-1: %.3f, %.3f)",
+        point["threshold"],
+        point["scans"],
+        point["sensitivity"],
+        point["specificity"],
+        point["top1_sensitivity"],
+        point["top1_specificity"],
+    )
+    return point
+
+
+def choose_unfamiliar(
+    features_of: Callable[[np.ndarray], np.ndarray],
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    num_classes: int,
+) -> dict:
+    """The unfamiliar-scan reference (class means and spread of the training scans' pooled
+    features) and its threshold: the 99th percentile of the validation scans' scores, so that
+    about 1% of scans like the training data are flagged."""
+    stats = unfamiliar_stats(features_of(train_images), train_labels, num_classes)
+    scores = unfamiliar_scores(features_of(val_images), stats)
+    threshold = float(np.quantile(scores, UNFAMILIAR_QUANTILE))
+    log.info(
+        "unfamiliar-scan threshold %.3f (the %.0fth percentile of %d validation scans' scores, "
+        "from %d training scans)",
+        threshold,
+        100 * UNFAMILIAR_QUANTILE,
+        len(scores),
+        len(train_images),
+    )
+    return {
+        **stats,
+        "threshold": round(threshold, 6),
+        "quantile": UNFAMILIAR_QUANTILE,
+        "validation_scans": len(scores),
+        "training_scans": len(train_images),
+    }
