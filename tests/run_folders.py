@@ -50,7 +50,7 @@ def make_run_folder(
     """
     from training.backbones import Backbone
     from training.data import load_images
-    from training.fit import FitConfig, fit
+    from training.fit import FitConfig, TrainingArrays, fit
     from training.int8_grid import snap_to_int8_grid
     from training.model import build_classifier
 
@@ -78,7 +78,13 @@ def make_run_folder(
         augment=None,
         label_smoothing=0.0,
     )
-    fit(model, (images[train], labels[train]), (images[val], labels[val]), config, pretrained=False)
+    fit(
+        model,
+        TrainingArrays(images[train], labels[train]),
+        TrainingArrays(images[val], labels[val]),
+        config,
+        pretrained=False,
+    )
     snap_to_int8_grid(model)
     model.save(run / MODEL_FILE)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -69,6 +70,27 @@ def test_int8_model_names_its_fp32_recheck_and_the_card_reports_it(exported):
     assert "FP32 recheck: the runtime reruns in FP32" in (exported / "synth.card.md").read_text()
     with Classifier.from_path(exported / "synth-int8.onnx", provider=Provider.CPU) as clf:
         assert clf.recheck_model_path == exported / "synth-fp32.onnx"
+
+
+def test_export_chooses_the_operating_point_and_unfamiliar_threshold_on_validation(run, exported):
+    card = json.loads((exported / "synth.card.json").read_text())
+    point = card["decision"]["malignant_operating_point"]
+    assert point["sensitivity"] >= 0.9 and point["malignant_scans"] >= 10
+    assert "means" not in card["decision"]["unfamiliar"]  # the vectors live in the metadata
+    for precision in ("fp32", "int8"):
+        spec = open_model(exported / f"synth-{precision}.onnx", provider=Provider.CPU).spec
+        assert spec.malignant_threshold == pytest.approx(point["threshold"])
+        assert spec.unfamiliar["threshold"] == card["decision"]["unfamiliar"]["threshold"]
+    assert "## Operating point for cancer" in (exported / "synth.card.md").read_text()
+    with open(run / "split.csv", newline="") as handle:
+        test = [r["path"] for r in csv.DictReader(handle) if r["split"] == "test"]
+    with Classifier.from_path(exported / "synth-int8.onnx", provider=Provider.CPU) as clf:
+        assert clf.malignant_threshold == pytest.approx(point["threshold"])
+        results = clf.classify(test)
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+        (static,) = clf.classify([noise])
+    assert sum(r.unfamiliar for r in results) <= 0.1 * len(results)  # like the training scans
+    assert static.unfamiliar and static.abstained  # TV static is nothing the model has seen
 
 
 def test_no_recheck_gates_and_writes_the_int8_model_alone(run, tmp_path):

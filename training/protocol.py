@@ -104,9 +104,12 @@ def write_report(output: Path, folds: Mapping[str, Path]) -> dict:
         folds: ``{scanner: fold folder}``, each holding ``predictions.csv`` (and ``lesion.csv``).
     """
     report = {
-        scanner: scanner_metrics(
-            HeldOutPredictions.read([folder / PREDICTIONS_FILE]), folder / LESION_FILE
-        )
+        scanner: {
+            **scanner_metrics(
+                HeldOutPredictions.read([folder / PREDICTIONS_FILE]), folder / LESION_FILE
+            ),
+            "unfamiliar": unfamiliar_report(folder),
+        }
         for scanner, folder in folds.items()
     }
     (output / PROTOCOL_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -122,8 +125,9 @@ def markdown_table(report: Mapping[str, Mapping]) -> str:
 
     lines = [
         "| left-out scanner | scans | accuracy | malignant sensitivity | malignant AUC (95% CI) "
-        "| normal recall | normal recall, mask head decides | lesion Dice |",
-        "|---|---:|---|---|---|---|---|---|",
+        "| normal recall | normal recall, mask head decides | lesion Dice "
+        "| flagged unfamiliar | accuracy flagged / unflagged |",
+        "|---|---:|---|---|---|---|---|---|---|---|",
     ]
     for scanner, r in report.items():
         auc = r.get("malignant_auc") or {}
@@ -133,9 +137,89 @@ def markdown_table(report: Mapping[str, Mapping]) -> str:
             auc_cell = f"{auc['auc']:.3f} ({num(ci[0])}-{num(ci[1])})"
         mask = r.get("normal_by_mask_head") or {}
         dice = (r.get("lesion") or {}).get("dice") or {}
+        unfamiliar = r.get("unfamiliar") or {}
         lines.append(
             f"| {scanner} | {r['scans']} | {num(r.get('accuracy'))} | "
             f"{num(r.get('malignant_sensitivity'))} | {auc_cell} | {num(r.get('normal_recall'))} "
-            f"| {num(mask.get('normal_recall'))} | {num(dice.get('mean'))} |"
+            f"| {num(mask.get('normal_recall'))} | {num(dice.get('mean'))} "
+            f"| {num(unfamiliar.get('flagged_share'))} "
+            f"| {num(unfamiliar.get('accuracy_flagged'))} / "
+            f"{num(unfamiliar.get('accuracy_unflagged'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def unfamiliar_report(fold: Path, max_reference: int = 512) -> dict:
+    """How often the fold's held-out scans are flagged unfamiliar, by the rule ``edge-export``
+    writes into a model (export.decision: class means and spread of up to ``max_reference``
+    training scans' pooled features, threshold at the 99th percentile of the validation scans'
+    scores), and the accuracy of the flagged and unflagged ones; computed from the fold's
+    ``model.keras`` and ``split.csv``."""
+    import csv
+
+    from edge_runtime.contract import FEATURES
+    from edge_runtime.decision import unfamiliar_scores, unfamiliar_stats
+    from training.data import load_images
+    from training.model import load_classifier
+    from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
+
+    info = RunInfo.read(fold)
+    model = load_classifier(fold / MODEL_FILE)
+    with open(fold / SPLIT_FILE, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    train = by_split["train"][:: max(1, len(by_split["train"]) // max_reference)]
+
+    def outputs(part: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        images, _ = load_images([r["path"] for r in part], info.input_size)
+        out = model.predict(images, batch_size=64, verbose=0)
+        labels = np.array([info.class_names.index(r["label"]) for r in part])
+        return out[FEATURES], out["probabilities"], labels
+
+    f_train, _, y_train = outputs(train)
+    stats = unfamiliar_stats(f_train, y_train, len(info.class_names))
+    f_val, _, _ = outputs(by_split["val"])
+    threshold = float(np.quantile(unfamiliar_scores(f_val, stats), 0.99))
+    f_test, p_test, y_test = outputs(by_split["test"])
+    flagged = unfamiliar_scores(f_test, stats) > threshold
+    right = p_test.argmax(axis=1) == y_test
+    return {
+        "threshold": threshold,
+        "flagged_share": float(flagged.mean()),
+        "flagged": int(flagged.sum()),
+        "accuracy_flagged": float(right[flagged].mean()) if flagged.any() else None,
+        "accuracy_unflagged": float(right[~flagged].mean()) if (~flagged).any() else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.protocol RUN_DIR``: (re)write the protocol report of a run made with
+    ``edge-train --leave-scanner-out`` from its ``scanners/*`` fold folders."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog="python -m training.protocol", description=main.__doc__)
+    parser.add_argument("run", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from training.runfolder import RunInfo
+
+    folds = {}
+    for folder in sorted((args.run / "scanners").glob("*")):
+        rows = HeldOutPredictions.read([folder / PREDICTIONS_FILE])
+        devices = sorted(
+            {f"{s}:{d}" if d else s for s, d in zip(rows.sources, rows.devices, strict=True)}
+        )
+        name = BUSI_SCANNER if rows.sources and rows.sources[0] == "busi" else devices[0]
+        RunInfo.read(folder)  # a fold folder, or a clear error
+        folds[name] = folder
+    if not folds:
+        parser.error(f"{args.run}: no scanners/* fold folders (run edge-train --leave-scanner-out)")
+    print(markdown_table(write_report(args.run, folds)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
