@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import cv2
 
 from edge_runtime.classifier import Result
+from edge_runtime.decode import display_path
 from edge_runtime.heatmap import overlay
 
 
@@ -26,7 +27,7 @@ class OutputFormat(str, Enum):
 def result_record(result: Result) -> dict[str, Any]:
     """The JSON-lines shape of one result (``frame`` only for multi-frame inputs)."""
     record: dict[str, Any] = {
-        "path": result.source,
+        "path": display_path(result.source),  # names that are not UTF-8 shown escaped
         "label": result.label,
         "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
         "confidence": None if result.confidence is None else round(result.confidence, 6),
@@ -87,7 +88,8 @@ class ResultWriter:
 
 
 def _table_row(result: Result) -> str:
-    source = result.source if result.frame is None else f"{result.source} [frame {result.frame}]"
+    name = display_path(result.source)
+    source = name if result.frame is None else f"{name} [frame {result.frame}]"
     if not result.ok:
         return f"{'ERROR':<10} {'':>6}  {'':1} {source}: {result.error}"
     flag = "?" if result.abstained else ""
@@ -110,7 +112,7 @@ def heatmap_stems(sources: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
     for name in names:
         stem = Path(name).stem
         if owners[stem.lower()] > 1:
-            stem += "_" + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
+            stem += "_" + hashlib.sha1(os.fsencode(os.path.abspath(name))).hexdigest()[:8]
         stems[name] = stem
     return stems
 
@@ -148,7 +150,16 @@ def write_heatmaps(
             directory / f"{stem}_heatmap.png",
             directory / f"{stem}_overlay.png",
         )
-        cv2.imwrite(str(heat_path), result.heatmap)
-        cv2.imwrite(str(overlay_path), overlay(result.image, result.heatmap))
+        _write_png(heat_path, result.heatmap)
+        _write_png(overlay_path, overlay(result.image, result.heatmap))
         written += [heat_path, overlay_path]
     return written
+
+
+def _write_png(path: Path, image) -> None:
+    """Encode in memory and write with Python, which keeps any file name the system allows
+    (``cv2.imwrite`` cannot take a name that is not UTF-8)."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{display_path(path)}: OpenCV could not encode the image as PNG")
+    path.write_bytes(data.tobytes())

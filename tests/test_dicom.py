@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.decode import InputError, load_frames
+from edge_runtime.decode import InputError, load_frames, open_scan
 
 pydicom = pytest.importorskip("pydicom", minversion="3.0")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -77,12 +77,14 @@ def test_monochrome2_8bit_decodes_to_the_stored_values(tmp_path: Path) -> None:
     np.testing.assert_array_equal(frame, image)
 
 
-def test_monochrome2_16bit_is_scaled_by_its_actual_range(tmp_path: Path) -> None:
+def test_16bit_without_window_is_scaled_by_its_bits_stored_not_its_own_range(
+    tmp_path: Path,
+) -> None:
     image = np.linspace(1000, 3000, 16 * 24).astype(np.uint16).reshape(16, 24)
-    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24, bits=16)
+    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24, bits=16, BitsStored=12)
     (frame,) = load_frames(path)
     assert frame.dtype == np.uint8 and frame.shape == (16, 24)
-    assert frame.min() == 0 and frame.max() == 255
+    np.testing.assert_allclose(frame, image * 255.0 / 4095.0, atol=0.51)
     assert np.all(np.diff(frame.ravel().astype(int)) >= 0)  # order kept
 
 
@@ -195,12 +197,30 @@ def test_huge_declared_geometry_is_refused_before_decoding(tmp_path: Path, monke
         load_frames(path)
 
 
-def test_many_declared_frames_are_refused_before_decoding(tmp_path: Path) -> None:
+def test_a_frame_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
     path = make_dicom(
-        tmp_path / "bomb.dcm", np.zeros(16, np.uint8), rows=1024, columns=1024, frames=1000
+        tmp_path / "bomb.dcm", np.zeros(16, np.uint8), rows=9000, columns=9000, frames=2
     )
-    with pytest.raises(InputError, match=r"1024 x 1024 pixels x 1000 frames, over the"):
+    with pytest.raises(InputError, match=r"9000 x 9000 pixels a frame, over the"):
+        open_scan(path)
+
+
+def test_a_long_cine_is_not_a_bomb_its_frames_are_read_a_few_at_a_time(tmp_path: Path) -> None:
+    """300 frames of 640 x 480 (a 10-second clip): the limit guards one frame, not the file."""
+    frames = np.arange(300, dtype=np.uint8)[:, None, None] * np.ones((1, 480, 640), np.uint8)
+    path = make_dicom(tmp_path / "cine.dcm", frames, rows=480, columns=640, frames=300)
+    scan = open_scan(path)
+    assert scan.count == 300
+    some = scan.read(297, 300)
+    assert [int(f[0, 0]) for f in some] == [297 % 256, 298 % 256, 299 % 256]
+    assert all(f.shape == (480, 640) for f in some)
+
+
+def test_declared_frames_missing_from_the_data_are_reported(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "short.dcm", np.zeros(16, np.uint8), rows=64, columns=64, frames=9)
+    with pytest.raises(InputError, match="could not be decoded") as info:
         load_frames(path)
+    assert str(info.value).startswith(f"{path}: ")
 
 
 def test_missing_pixel_data_is_reported(tmp_path: Path) -> None:
