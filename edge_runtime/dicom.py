@@ -15,6 +15,7 @@ read as bare datasets, their transfer syntax taken from the encoding pydicom fin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zlib
@@ -300,6 +301,7 @@ def _frame_reader(
     path: str | os.PathLike[str], opener: Callable[[], BinaryIO], ds: Any, syntax: Any
 ) -> Callable[[int, int], list[np.ndarray]]:
     """A function decoding frames ``start .. stop`` from the file, reading only those frames."""
+    from pydicom import dcmread
     from pydicom.pixels import get_decoder, iter_pixels
 
     preferred = _PREFERRED_PLUGIN.get(str(syntax), "")
@@ -316,14 +318,23 @@ def _frame_reader(
             )
             return list(frames)
 
+    def decode_loaded(start: int, stop: int) -> list[np.ndarray]:
+        """From the whole dataset as dcmread reads it: for files whose encoding differs from
+        what their File Meta says (pydicom's reader corrects that, its frame reader does not)."""
+        with opener() as handle:
+            whole = dcmread(handle, force=True)
+        whole.file_meta.TransferSyntaxUID = syntax
+        return list(iter_pixels(whole, indices=range(start, stop)))
+
     def read(start: int, stop: int) -> list[np.ndarray]:
         try:
             try:
                 return decode(start, stop, preferred)
             except Exception:
-                if not preferred:
-                    raise
-                return decode(start, stop, "")  # every installed plug-in, pydicom's order
+                if preferred:
+                    with contextlib.suppress(Exception):
+                        return decode(start, stop, "")  # every plug-in, pydicom's order
+                return decode_loaded(start, stop)
         except Exception as exc:  # corrupt, truncated, or rejected by every plugin
             which = f"frames {start + 1}-{stop}" if stop - start > 1 else f"frame {start + 1}"
             raise InputError(
