@@ -1,22 +1,27 @@
 """The Classifier task: files or arrays in, typed results out.
 
-Decoding and resizing run in a thread pool (OpenCV releases the GIL) a few batches ahead of
-inference; each batch is one contiguous uint8 array fed to onnxruntime.
+Decoding and resizing run in a thread pool (OpenCV and pydicom's decoders release the GIL) a few
+batches ahead of inference, on every core; each batch is one contiguous uint8 array fed to
+onnxruntime. A file of many frames (a cine, a multi-page TIFF) is decoded one batch of frames at a
+time, so memory follows ``batch_size``, never the length of the file. Messages decoders print
+while reading a file are logged under its name (:mod:`edge_runtime.capture`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from edge_runtime.capture import collecting, private_stderr
 from edge_runtime.contract import (
     CAM,
     FEATURES,
@@ -27,12 +32,13 @@ from edge_runtime.contract import (
     Precision,
 )
 from edge_runtime.decision import decide, unfamiliar_scores
-from edge_runtime.decode import InputError, load_frames, to_gray_uint8
+from edge_runtime.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap
 from edge_runtime.lesion import Lesion, find_lesion, require_lesion_output
 from edge_runtime.preprocess import fit_to_square
 from edge_runtime.recheck import needs_recheck
 from edge_runtime.session import (
+    LazyModel,
     LoadedModel,
     Provider,
     choose_providers,
@@ -42,6 +48,15 @@ from edge_runtime.session import (
 
 Source = str | os.PathLike[str] | np.ndarray
 MODELS_DIR = Path(__file__).parent / "models"
+MIN_SIDE = 32  # pixels; a smaller image cannot hold a scan
+log = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,7 @@ class ClassifierOptions:
     provider: Provider = Provider.AUTO
     threads: int | None = None
     batch_size: int = 8
-    decode_workers: int = max(1, min(4, os.cpu_count() or 1))
+    decode_workers: int = field(default_factory=lambda: min(8, usable_cores()))
     abstain_below: float | None = None  # None: the model's own threshold
     # call malignant when P(malignant) >= this; None: the model's own operating point (0: top-1)
     malignant_threshold: float | None = None
@@ -105,7 +120,7 @@ class Result:
     timing: Timing
     frame: int | None = None
     rechecked: bool = False  # INT8 was unsure; these are the FP32 model's answers
-    pixel_spacing_mm: tuple[float, float] | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) of the classified frame
     lesion: Lesion | None = None
     unfamiliar: bool = False  # unlike the training scans (edge_runtime.decision); abstains
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -127,6 +142,15 @@ class _Item:
     decode_ms: float = 0.0
     preprocess_ms: float = 0.0
     pixel_spacing_mm: tuple[float, float] | None = None
+    notes: tuple[str, ...] = ()  # what decoders printed or warned while reading the file
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Decoded items of one file, and the decoding of its next frames, if any are left."""
+
+    items: list[_Item]
+    rest: tuple[Scan, int] | None = None  # (scan, first frame not yet decoded)
 
 
 class _Outputs(NamedTuple):
@@ -190,12 +214,17 @@ class Classifier:
     """
 
     def __init__(
-        self, model: LoadedModel, options: ClassifierOptions, recheck: LoadedModel | None = None
+        self,
+        model: LoadedModel,
+        options: ClassifierOptions,
+        recheck: LoadedModel | LazyModel | None = None,
     ) -> None:
         self._model = model
         self._recheck = recheck
         self._options = options
-        self._pool = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="decode")
+        self._pool = ThreadPoolExecutor(
+            options.decode_workers, thread_name_prefix="decode", initializer=private_stderr
+        )
         self._abstain_below = (
             model.spec.abstain_threshold if options.abstain_below is None else options.abstain_below
         )
@@ -282,8 +311,9 @@ class Classifier:
     ) -> Iterator[Result]:
         """Like :meth:`classify`, yielding results in input order as each batch completes.
 
-        Failed inputs wait in the batch beside good ones, so the order is kept. A model without
-        a lesion output asked for ``masks`` is refused here, before any input is read.
+        Failed inputs wait in the batch beside good ones, so the order is kept; every batch
+        holds at most ``batch_size`` images, whatever one file holds. A model without a lesion
+        output asked for ``masks`` is refused here, before any input is read.
         """
         if masks:
             require_lesion_output(self.spec, str(self.model_path), "leave out masks=True")
@@ -292,13 +322,14 @@ class Classifier:
     def _iter_classify(
         self, sources: Iterable[Source], heatmaps: bool, masks: bool
     ) -> Iterator[Result]:
+        size = self._options.batch_size
         pending: list[_Item] = []
         keep_original = heatmaps or self.spec.has_lesion  # the lesion is measured at its size
         for items in self._decoded(sources, keep_original=keep_original):
             pending.extend(items)
-            if sum(item.error is None for item in pending) >= self._options.batch_size:
-                yield from self._finish(pending, heatmaps, masks)
-                pending = []
+            while (cut := _batch_end(pending, size)) is not None:
+                yield from self._finish(pending[:cut], heatmaps, masks)
+                pending = pending[cut:]
         if pending:
             yield from self._finish(pending, heatmaps, masks)
 
@@ -343,46 +374,132 @@ class Classifier:
         self.close()
 
     def _decoded(self, sources: Iterable[Source], keep_original: bool) -> Iterator[list[_Item]]:
-        window: deque[Future[list[_Item]]] = deque()
-        ahead = self._options.batch_size * 2 + self._options.decode_workers
-        for source in sources:
-            window.append(self._pool.submit(self._decode, source, keep_original))
-            if len(window) >= ahead:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
+        """Items in input order, decoded in the pool: about two batches of frames ahead of the
+        model, one batch of frames per task (a long file is read in several, one after the
+        other)."""
+        size = self._options.batch_size
+        budget = size * 2 + self._options.decode_workers
+        window: deque[tuple[Future[_Chunk], int]] = deque()
+        in_flight = 0
+        remaining = iter(sources)
+        exhausted = False
+        while True:
+            while not exhausted and in_flight < budget:
+                source = next(remaining, _END)
+                if source is _END:
+                    exhausted = True
+                    break
+                window.append((self._pool.submit(self._decode, source, keep_original), 1))
+                in_flight += 1
+            if not window:
+                return
+            future, weight = window.popleft()
+            in_flight -= weight
+            chunk = future.result()
+            if chunk.rest is not None:  # the file's next frames come before the next file
+                scan, start = chunk.rest
+                task = self._pool.submit(self._decode_frames, scan, start, keep_original)
+                window.appendleft((task, size))
+                in_flight += size
+            for item in chunk.items:
+                for message in item.notes:
+                    where = "" if item.frame is None else f" [frame {item.frame}]"
+                    log.warning("%s%s: %s", display_path(item.source), where, message)
+            yield chunk.items
 
-    def _decode(self, source: Source, keep_original: bool) -> list[_Item]:
-        name = "<array>" if isinstance(source, np.ndarray) else str(source)
+    def _decode(self, source: Source, keep_original: bool) -> _Chunk:
+        """Open one source and decode its first batch of frames (a task of the pool)."""
+        name = "<array>" if isinstance(source, np.ndarray) else os.fspath(source)
+        if isinstance(name, bytes):
+            name = os.fsdecode(name)
         start = time.perf_counter()
-        try:
-            if isinstance(source, np.ndarray):
-                frames = [to_gray_uint8(source, name)]
+        with collecting() as notes:
+            try:
+                if isinstance(source, np.ndarray):
+                    frames, scan = [to_gray_uint8(source, name)], None
+                else:
+                    scan = open_scan(source)
+                    frames = scan.read(0, self._options.batch_size)
+            except InputError as exc:
+                failure = _Item(name, None, error=exc.reason, decode_ms=_ms_since(start))
+            except Exception as exc:  # a decoder bug must cost one input, never the batch
+                reason = f"could not be decoded ({type(exc).__name__}: {exc})"
+                failure = _Item(name, None, error=reason, decode_ms=_ms_since(start))
             else:
-                frames = load_frames(source)
-            return self._squares(name, frames, keep_original, _ms_since(start) / len(frames))
-        except InputError as exc:
-            return [_Item(name, None, error=exc.reason, decode_ms=_ms_since(start))]
-        except Exception as exc:  # a decoder bug must cost one input, never the batch
-            reason = f"could not be decoded ({type(exc).__name__}: {exc})"
-            return [_Item(name, None, error=reason, decode_ms=_ms_since(start))]
+                failure = None
+        if failure is not None:
+            return _Chunk([replace(failure, notes=tuple(notes))])
+        count = 1 if scan is None else scan.count
+        spacing = None if scan is None else scan.pixel_spacing_mm
+        decode_ms = _ms_since(start) / len(frames)
+        items = self._squares(name, frames, 0, count, keep_original, decode_ms, spacing)
+        items[0] = replace(items[0], notes=tuple(notes))
+        rest = (scan, len(frames)) if scan is not None and len(frames) < count else None
+        return _Chunk(items, rest)
+
+    def _decode_frames(self, scan: Scan, start: int, keep_original: bool) -> _Chunk:
+        """Decode the next batch of a multi-frame file's frames (a task of the pool)."""
+        begin = time.perf_counter()
+        stop = min(start + self._options.batch_size, scan.count)
+        with collecting() as notes:
+            try:
+                frames = scan.read(start, stop)
+            except InputError as exc:
+                error = exc.reason
+            except Exception as exc:  # a decoder bug: the file's other frames are kept
+                error = f"could not be decoded ({type(exc).__name__}: {exc})"
+            else:
+                error = None
+        if error is not None:  # the frames left are not tried: one record says why
+            item = _Item(scan.path, start, error=error, decode_ms=_ms_since(begin))
+            return _Chunk([replace(item, notes=tuple(notes))])
+        decode_ms = _ms_since(begin) / len(frames)
+        items = self._squares(
+            scan.path, frames, start, scan.count, keep_original, decode_ms, scan.pixel_spacing_mm
+        )
+        if notes:
+            items[0] = replace(items[0], notes=tuple(notes))
+        return _Chunk(items, (scan, stop) if stop < scan.count else None)
 
     def _squares(
-        self, name: str, frames: list[np.ndarray], keep_original: bool, decode_ms: float
+        self,
+        name: str,
+        frames: list[np.ndarray],
+        first: int,
+        count: int,
+        keep_original: bool,
+        decode_ms: float,
+        spacing: tuple[float, float] | None = None,
     ) -> list[_Item]:
+        """Fit each frame into the model's square; frames too small to hold a scan fail."""
         spec = self._model.spec
         items = []
-        for index, frame in enumerate(frames):
+        for index, frame in enumerate(frames, first):
             begin = time.perf_counter()
-            square = fit_to_square(frame, spec.input_size, spec.resize_policy)
+            number = index if count > 1 else None
+            height, width = frame.shape
+            if min(height, width) < MIN_SIDE:
+                reason = (
+                    f"image is {width} x {height} pixels, too small to hold a scan (each side "
+                    f"must be at least {MIN_SIDE} pixels)"
+                )
+                items.append(_Item(name, number, error=reason, decode_ms=decode_ms))
+                continue
+            try:
+                square = fit_to_square(frame, spec.input_size, spec.resize_policy)
+            except Exception as exc:  # a bug here must cost one frame, never the batch
+                reason = f"could not be resized ({type(exc).__name__}: {exc})"
+                items.append(_Item(name, number, error=reason, decode_ms=decode_ms))
+                continue
             items.append(
                 _Item(
                     name,
-                    index if len(frames) > 1 else None,
+                    number,
                     square=square,
                     original=frame if keep_original else None,
                     decode_ms=decode_ms,
                     preprocess_ms=_ms_since(begin),
+                    pixel_spacing_mm=spacing,
                 )
             )
         return items
@@ -461,6 +578,32 @@ class Classifier:
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
         )
+
+
+_END = object()
+
+
+def failure_result(source: str, reason: str) -> Result:
+    """The record of an input that gave no image (a path that does not exist, say)."""
+    return Result(
+        source=source,
+        label=None,
+        probabilities={},
+        confidence=None,
+        abstained=False,
+        error=reason,
+        timing=Timing(),
+    )
+
+
+def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
+    """The length of the prefix of ``pending`` that holds ``size`` good items, or None."""
+    good = 0
+    for index, item in enumerate(pending):
+        good += item.error is None
+        if good == size:
+            return index + 1
+    return None
 
 
 def _calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:

@@ -16,8 +16,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.classifier import Classifier, ClassifierOptions
+from edge_runtime.classifier import Classifier, ClassifierOptions, failure_result
 from edge_runtime.contract import ContractError
+from edge_runtime.decode import display_path
 from edge_runtime.lesion import require_lesion_output
 from edge_runtime.output import (
     OutputFormat,
@@ -437,7 +438,7 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     for item, reason in problems:
         hint = difflib.get_close_matches(str(item), SUBCOMMANDS, n=1)
         hint_text = f" (did you mean the subcommand '{hint[0]}'?)" if hint else ""
-        stderr.write(f"edge-classify: {item}: {reason}{hint_text}\n")
+        stderr.write(f"edge-classify: {display_path(item)}: {reason}{hint_text}\n")
     if not files:
         stderr.write(
             "edge-classify: error: no scans to classify. Pass image or DICOM files, folders "
@@ -449,13 +450,19 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         classifier = stack.enter_context(Classifier.from_options(options))
         if args.masks:
             require_lesion_output(classifier.spec, str(classifier.model_path), "leave out --masks")
-        out = stack.enter_context(open(args.output, "w", newline="")) if args.output else stdout
+        out = (
+            stack.enter_context(open(args.output, "w", newline="", encoding="utf-8"))
+            if args.output
+            else stdout
+        )
         writer = ResultWriter(
             out,
             OutputFormat(args.format),
             classifier.spec.class_names,
             lesion=classifier.spec.has_lesion,
         )
+        for item, reason in problems:  # every input accounted for in the output too
+            writer.write(failure_result(item, reason))
         counts = _run(classifier, files, writer, args, stderr)
     failed = counts["failed"] + len(problems)
     if not args.quiet:

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import cv2
 
 from edge_runtime.classifier import Result
+from edge_runtime.decode import display_path
 from edge_runtime.heatmap import overlay
 from edge_runtime.lesion import Lesion
 
@@ -34,7 +35,7 @@ def result_record(result: Result) -> dict[str, Any]:
     output); the mm ones also where the scan's pixel spacing is unknown.
     """
     record: dict[str, Any] = {
-        "path": result.source,
+        "path": display_path(result.source),  # names that are not UTF-8 shown escaped
         "label": result.label,
         "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
         "confidence": None if result.confidence is None else round(result.confidence, 6),
@@ -136,7 +137,8 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _table_row(result: Result, lesion_column: bool) -> str:
-    source = result.source if result.frame is None else f"{result.source} [frame {result.frame}]"
+    name = display_path(result.source)
+    source = name if result.frame is None else f"{name} [frame {result.frame}]"
     if not result.ok:
         blank = " " * (LESION_WIDTH + 1) if lesion_column else ""
         return f"{'ERROR':<10} {'':>6}  {'':1} {blank}{source}: {result.error}"
@@ -170,7 +172,7 @@ def heatmap_stems(sources: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
     for name in names:
         stem = Path(name).stem
         if owners[stem.lower()] > 1:
-            stem += "_" + hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
+            stem += "_" + hashlib.sha1(os.fsencode(os.path.abspath(name))).hexdigest()[:8]
         stems[name] = stem
     return stems
 
@@ -206,9 +208,10 @@ def write_heatmaps(
             directory / f"{stem}_heatmap.png",
             directory / f"{stem}_overlay.png",
         )
-        cv2.imwrite(str(heat_path), result.heatmap)
-        blend = overlay(result.image, result.heatmap, lesion_mask=result.lesion_mask)
-        cv2.imwrite(str(overlay_path), blend)
+        _write_png(heat_path, result.heatmap)
+        _write_png(
+            overlay_path, overlay(result.image, result.heatmap, lesion_mask=result.lesion_mask)
+        )
         written += [heat_path, overlay_path]
     return written
 
@@ -242,11 +245,13 @@ def write_masks(
         if result.lesion_mask is None:
             continue
         path = directory / f"{_stem(result, stems)}_mask.png"
-        if not cv2.imwrite(str(path), result.lesion_mask):
+        try:
+            _write_png(path, result.lesion_mask)
+        except OSError as exc:
             raise OSError(
-                f"{path}: could not write the lesion mask. Check that {directory} is "
-                "writable and has space."
-            )
+                f"{display_path(path)}: could not write the lesion mask ({exc}). Check that "
+                f"{display_path(directory)} is writable and has space."
+            ) from exc
         written.append(path)
     return written
 
@@ -254,3 +259,12 @@ def write_masks(
 def _stem(result: Result, stems: Mapping[str, str]) -> str:
     stem = stems.get(result.source) or Path(result.source).stem
     return stem if result.frame is None else f"{stem}_f{result.frame}"
+
+
+def _write_png(path: Path, image) -> None:
+    """Encode in memory and write with Python, which keeps any file name the system allows
+    (``cv2.imwrite`` cannot take a name that is not UTF-8)."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{display_path(path)}: OpenCV could not encode the image as PNG")
+    path.write_bytes(data.tobytes())

@@ -9,6 +9,8 @@ import functools
 import io
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -23,6 +25,7 @@ from edge_runtime.contract import (
     check_io,
     check_recheck_partner,
 )
+from edge_runtime.onnx_meta import MetadataError, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +167,61 @@ def open_model(
     return LoadedModel(session=session, spec=spec, path=path, providers=used)
 
 
+class LazyModel:
+    """A model whose contract was checked from its metadata and whose session opens on first
+    use of :attr:`session` (then it is checked in full, as :func:`open_model` does).
+
+    The FP32 partner of an INT8 model is needed only for the scans INT8 is unsure of: a run of
+    one confident scan never pays for its session.
+    """
+
+    def __init__(
+        self, path: Path, spec: ModelSpec, check: Callable[[LoadedModel], None], **open_options
+    ) -> None:
+        self.path = path
+        self.spec = spec
+        self._check = check
+        self._options = open_options
+        self._loaded: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def opened(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self.load().session
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self.load().providers
+
+    def load(self) -> LoadedModel:
+        """Open the session now (once), check it, and return it.
+
+        Raises:
+            FileNotFoundError, ContractError: as :func:`open_model`.
+        """
+        with self._lock:
+            if self._loaded is None:
+                loaded = open_model(self.path, **self._options)
+                self._check(loaded)
+                self._loaded = loaded
+        return self._loaded
+
+
 def open_recheck_model(
     model: LoadedModel, *, provider: Provider = Provider.AUTO, threads: int | None = None
-) -> LoadedModel | None:
-    """Open the FP32 model that ``model``'s metadata names for rechecking the scans it is
-    unsure of (:mod:`edge_runtime.recheck`); None when it names none.
+) -> LazyModel | None:
+    """The FP32 model that ``model``'s metadata names for rechecking the scans it is unsure of
+    (:mod:`edge_runtime.recheck`), checked now from its metadata and opened on first use; None
+    when it names none.
 
     Raises:
         FileNotFoundError: that FP32 model is not beside ``model``.
-        ContractError: it is not the FP32 model ``model`` was quantized from.
+        ContractError: it is not an edge-classify model, or not the FP32 model ``model`` was
+            quantized from.
     """
     spec = model.spec
     if spec.recheck_margin == 0.0:
@@ -185,9 +234,17 @@ def open_recheck_model(
             "the model (export wrote them together), or run the INT8 model alone with "
             "--no-recheck, whose agreement with FP32 is in the model card."
         )
-    partner = open_model(path, provider=provider, threads=threads)
-    check_recheck_partner(spec, partner.spec, source=str(path))
-    return partner
+    try:
+        metadata = read_metadata(path)
+    except (OSError, MetadataError) as exc:
+        raise ContractError(f"{path}: not an ONNX model ({exc})") from exc
+    partner = ModelSpec.from_metadata(metadata, source=str(path))
+    check_recheck_partner(spec, partner, source=str(path))
+
+    def check(loaded: LoadedModel) -> None:
+        check_recheck_partner(spec, loaded.spec, source=str(path))
+
+    return LazyModel(path, partner, check, provider=provider, threads=threads)
 
 
 def _infos(args) -> list[TensorInfo]:
@@ -196,6 +253,7 @@ def _infos(args) -> list[TensorInfo]:
 
 __all__ = [
     "ContractError",
+    "LazyModel",
     "LoadedModel",
     "Provider",
     "choose_providers",

@@ -1,8 +1,11 @@
 """Turn the CLI's PATH arguments (files, folders, glob patterns) into a list of files.
 
 A file named explicitly is taken as given, whatever its extension: decoding reports what is wrong
-with it. Folders are walked recursively in sorted order for image and DICOM files; an argument
-that yields nothing becomes a ``(argument, reason)`` problem rather than an exception.
+with it. Folders are walked recursively in sorted order; globs are expanded sorted. Wherever files
+are found (folders, globs, links to either, ``edge-classify watch``) one predicate,
+:func:`is_scan_file`, says which are scans, and each file is taken once however many links,
+globs or spellings reach it (compared by real path). An argument that yields nothing becomes an
+``(argument, reason)`` problem rather than an exception.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from edge_runtime.decode import DICOM_MAGIC, DICOM_SUFFIXES, IMAGE_SUFFIXES
+from edge_runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, SNIFF_BYTES, sniff
 
 SCAN_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 _GLOB_CHARS = frozenset("*?[")
 _SKIPPED_NAMES = frozenset({"dicomdir"})  # a DICOM media index, never an image
+_SNIFFED_SCANS = frozenset({"png", "jpeg", "tiff", "dicom"})  # "BM" alone is too weak a sign
 
 
 def expand_sources(items: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -41,27 +45,32 @@ def expand_sources(items: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
         if reason:
             problems.append((item, reason))
         for path in found:
-            key = os.path.normcase(os.path.abspath(path))
+            key = real_key(path)
             if key not in seen:
                 seen.add(key)
                 files.append(path)
     return files, problems
 
 
-def is_scan_file(path: Path) -> bool:
-    """Whether a file found in a folder or by a pattern looks like a scan.
+def real_key(path: str | os.PathLike[str]) -> str:
+    """What identifies a file however it is reached: its real path (links resolved)."""
+    return os.path.normcase(os.path.realpath(path))
 
-    True for an image or DICOM suffix (any case), and for a file with no suffix (or an all-digit
-    one, as in UID-named DICOM files) that has ``DICM`` at byte 128.
+
+def is_scan_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a file found in a folder, by a pattern or by ``watch`` is a scan.
+
+    False for hidden names and DICOMDIR (a media index). True for an image or DICOM suffix (any
+    case); any other name is a scan when its first bytes are a PNG, JPEG, TIFF or DICOM file
+    (``DICM`` at byte 128, or a bare dataset), as storage nodes name DICOM files ``IMG0001``,
+    ``1.2.840...`` or ``US.1.2.840...``.
     """
-    if path.name.startswith(".") or path.name.lower() in _SKIPPED_NAMES:
+    name = os.path.basename(path)
+    if name.startswith(".") or name.lower() in _SKIPPED_NAMES:
         return False
-    suffix = path.suffix.lower()
-    if suffix in SCAN_SUFFIXES:
+    if os.path.splitext(name)[1].lower() in SCAN_SUFFIXES:
         return True
-    if suffix and not suffix[1:].isdigit():
-        return False
-    return _has_dicom_magic(path)
+    return _sniffed_kind(path) in _SNIFFED_SCANS
 
 
 def _expand_one(item: str) -> tuple[list[Path], str | None]:
@@ -91,7 +100,14 @@ def _expand_pattern(pattern: str) -> tuple[list[Path], str | None]:
 
 
 def _walk(folder: Path) -> Iterator[Path]:
-    for root, dirs, names in os.walk(folder):
+    """Scan files under ``folder``, sorted, following links to folders once each (no cycles)."""
+    visited: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        key = real_key(root)
+        if key in visited:
+            dirs[:] = []
+            continue
+        visited.add(key)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = Path(root) / name
@@ -99,9 +115,9 @@ def _walk(folder: Path) -> Iterator[Path]:
                 yield path
 
 
-def _has_dicom_magic(path: Path) -> bool:
+def _sniffed_kind(path: str | os.PathLike[str]) -> str | None:
     try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:] == DICOM_MAGIC
+        with open(path, "rb") as handle:
+            return sniff(handle.read(SNIFF_BYTES))
     except OSError:
-        return False
+        return None

@@ -7,6 +7,13 @@ fsync'ed, and only then is the state file (processed ``path, size, mtime_ns``) r
 atomically. On start both the state file and the output itself are read, so a crash between the
 two writes neither duplicates nor loses a record; a half-written last line is cut off and its
 file classified again.
+
+Which files are scans is decided as everywhere else (:func:`edge_runtime.sources.is_scan_file`:
+suffix, or the first bytes, so DICOM files named ``IMG0001`` or by a bare UID are seen), links to
+folders are followed once, and a file reached under two names is classified once. A file that
+fails to decode (a copy that stalled past ``settle``, say) is not recorded at once: if it changes
+it is tried again, so it ends with one record, its final one. Its error is recorded once it has
+stayed unchanged for ``error_hold_s``, or when the watcher stops.
 """
 
 from __future__ import annotations
@@ -20,13 +27,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.classifier import Classifier
-from edge_runtime.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from edge_runtime.classifier import Classifier, Result
+from edge_runtime.decode import display_path
 from edge_runtime.output import result_record
+from edge_runtime.sources import is_scan_file, real_key
 
 log = logging.getLogger(__name__)
 
-WATCH_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 STATE_VERSION = 1
 
 
@@ -41,6 +48,7 @@ class WatchOptions:
     settle_s: float = 2.0
     max_batch_files: int = 64
     once: bool = False
+    error_hold_s: float | None = None  # None: 10 x settle, at least 30 s
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
@@ -49,6 +57,13 @@ class WatchOptions:
             raise ValueError(f"settle must be >= 0 seconds. Got {self.settle_s} instead.")
         if self.max_batch_files < 1:
             raise ValueError(f"max_batch_files must be >= 1. Got {self.max_batch_files} instead.")
+        if self.error_hold_s is not None and self.error_hold_s < 0:
+            raise ValueError(f"error_hold_s must be >= 0. Got {self.error_hold_s} instead.")
+
+    @property
+    def hold_s(self) -> float:
+        """How long a file that failed must stay unchanged before its error is recorded."""
+        return max(10 * self.settle_s, 30.0) if self.error_hold_s is None else self.error_hold_s
 
     @property
     def state_path(self) -> Path:
@@ -73,27 +88,58 @@ class _Stat:
     mtime_ns: int
 
 
-def scan(directory: Path) -> Iterator[tuple[str, _Stat]]:
-    """Every scan file under ``directory`` (recursively, hidden entries skipped), with its stat."""
+@dataclass(frozen=True)
+class _Held:
+    """A file whose every record is an error, waiting to change or to be written."""
+
+    stat: _Stat
+    results: list[Result]
+    since: float
+
+
+def scan(
+    directory: Path, known: dict[str, tuple[_Stat, bool]] | None = None
+) -> Iterator[tuple[str, _Stat]]:
+    """Every scan file under ``directory`` with its stat: recursive, sorted, hidden entries
+    skipped, links to folders followed once, each real file once (its first name).
+
+    Args:
+        directory: the folder.
+        known: path -> (stat, is a scan) from earlier polls, updated here, so that a file whose
+            name says nothing is read (sniffed) again only when it changes.
+    """
+    known = {} if known is None else known
+    folders, files = set(), set()
     stack = [str(directory)]
     while stack:
         folder = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:  # vanished or unreadable sub-folder: try again next poll
-            log.debug("%s: cannot list: %s", folder, exc)
+            log.debug("%s: cannot list: %s", display_path(folder), exc)
             continue
-        for entry in sorted(entries, key=lambda e: e.name):
+        if real_key(folder) in folders:
+            continue
+        folders.add(real_key(folder))
+        below = []
+        for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.is_file() and Path(entry.name).suffix.lower() in WATCH_SUFFIXES:
+                if entry.is_dir():
+                    below.append(entry.path)
+                elif entry.is_file():
                     st = entry.stat()
-                    yield entry.path, _Stat(st.st_size, st.st_mtime_ns)
+                    stat = _Stat(st.st_size, st.st_mtime_ns)
+                    seen = known.get(entry.path)
+                    if seen is None or seen[0] != stat:
+                        seen = known[entry.path] = (stat, is_scan_file(entry.path))
+                    if seen[1] and real_key(entry.path) not in files:
+                        files.add(real_key(entry.path))
+                        yield entry.path, stat
             except OSError:  # deleted between listing and stat
                 continue
+        stack.extend(reversed(below))
 
 
 class Watcher:
@@ -126,8 +172,11 @@ class Watcher:
         self._directory = Path(os.path.abspath(options.directory))
         self._clock = clock
         self._lock = _lock(options.state_path)
+        # keys: display_path(path), the form records carry (names that are not UTF-8 escaped)
         self._processed: dict[str, _Stat | None] = {}
         self._pending: dict[str, tuple[_Stat, float]] = {}  # path -> (stat, first seen)
+        self._failed: dict[str, _Held] = {}  # path -> records of a failure not yet written
+        self._known: dict[str, tuple[_Stat, bool]] = {}  # path -> (stat, is a scan)
         try:
             self._load()
         except BaseException:
@@ -170,6 +219,7 @@ class Watcher:
                 delay = min(delay, max(self._options.settle_s / 4, 0.05))
             if stop.wait(delay):
                 break
+        self._commit_failures(list(self._failed))  # the last state of each failed file
         return WatchSummary(
             files=self._counts["files"],
             records=self._counts["records"],
@@ -181,14 +231,22 @@ class Watcher:
 
     def _poll(self, count_skipped: bool) -> tuple[list[tuple[str, _Stat]], int]:
         now, settle = self._clock(), self._options.settle_s
-        ready, seen = [], set()
-        for path, stat in scan(self._directory):
+        ready, seen, expired = [], set(), []
+        for path, stat in scan(self._directory, self._known):
+            key = display_path(path)
             seen.add(path)
-            if path in self._processed:
-                known = self._processed[path]
+            if key in self._processed:
+                known = self._processed[key]
                 if known is None or known == stat:
                     self._skipped_at_start += int(count_skipped)
                     continue
+            held = self._failed.get(key)
+            if held is not None:
+                if held.stat == stat:
+                    if now - held.since >= self._options.hold_s:
+                        expired.append(key)
+                    continue
+                del self._failed[key]  # it changed: try again once it settles
             previous = self._pending.get(path)
             if previous is None or previous[0] != stat:
                 self._pending[path] = (stat, now)
@@ -199,28 +257,55 @@ class Watcher:
         for path in list(self._pending):
             if path not in seen:  # deleted before it settled
                 del self._pending[path]
+        for path in list(self._known):
+            if path not in seen and not os.path.lexists(path):
+                del self._known[path]
+        self._commit_failures(expired)
         waiting = len(self._pending) - len(ready)
+        if not self._options.once:
+            waiting += len(self._failed)
         return sorted(ready), waiting
 
     def _process(self, batch: list[tuple[str, _Stat]]) -> None:
+        by_path: dict[str, list[Result]] = {path: [] for path, _ in batch}
+        for result in self._classifier.iter_classify(list(by_path)):
+            by_path.setdefault(result.source, []).append(result)
+        now, written = self._clock(), []
+        for path, stat in batch:
+            self._pending.pop(path, None)
+            results = by_path.get(path, [])
+            if results and not any(r.ok for r in results):  # recorded once it stops changing
+                self._failed[display_path(path)] = _Held(stat, results, now)
+            else:
+                written.append((display_path(path), stat, results))
+        self._append(written)
+
+    def _commit_failures(self, keys: list[str]) -> None:
+        held = [(key, self._failed.pop(key)) for key in keys if key in self._failed]
+        self._append([(key, h.stat, h.results) for key, h in held])
+
+    def _append(self, done: list[tuple[str, _Stat, list[Result]]]) -> None:
+        """Append the records of finished files (fsync'ed), then remember them in the state."""
+        if not done:
+            return
         lines = []
-        for result in self._classifier.iter_classify([path for path, _ in batch]):
-            lines.append(json.dumps(result_record(result)) + "\n")
-            self._counts["records"] += 1
-            self._counts["failed"] += int(not result.ok)
-            self._counts["abstained"] += int(result.abstained)
+        for _, _, results in done:
+            for result in results:
+                lines.append(json.dumps(result_record(result)) + "\n")
+                self._counts["records"] += 1
+                self._counts["failed"] += int(not result.ok)
+                self._counts["abstained"] += int(result.abstained)
         data = "".join(lines).encode()
         with open(self._options.output, "ab", buffering=0) as out:
             view = memoryview(data)
             while view:
                 view = view[out.write(view) :]
             os.fsync(out.fileno())
-        for path, stat in batch:
-            self._processed[path] = stat
-            self._pending.pop(path, None)
-        self._counts["files"] += len(batch)
+        for key, stat, _ in done:
+            self._processed[key] = stat
+        self._counts["files"] += len(done)
         self._save()
-        log.info("%d files classified (%d in this session)", len(batch), self._counts["files"])
+        log.info("%d files classified (%d in this session)", len(done), self._counts["files"])
 
     def _load(self) -> None:
         state_path = self._options.state_path

@@ -89,7 +89,10 @@ def test_a_missing_input_among_good_ones_exits_1(tmp_path, model):
     scan = write_scan(tmp_path / "a.png")
     status, out, err = run(scan, tmp_path / "nope.png", "--model", model, "--format", "jsonl")
     assert status == ExitStatus.PARTIAL
-    assert [r["path"] for r in jsonl(out)] == [str(scan)]
+    records = {r["path"]: r for r in jsonl(out)}
+    assert set(records) == {str(scan), str(tmp_path / "nope.png")}  # its own record
+    assert records[str(tmp_path / "nope.png")]["error"] == "no such file or folder"
+    assert records[str(scan)]["error"] is None
     assert "nope.png" in err
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.decode import InputError, load_frames
+from edge_runtime.decode import InputError, load_frames, open_scan
 
 pydicom = pytest.importorskip("pydicom", minversion="3.0")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -77,12 +77,14 @@ def test_monochrome2_8bit_decodes_to_the_stored_values(tmp_path: Path) -> None:
     np.testing.assert_array_equal(frame, image)
 
 
-def test_monochrome2_16bit_is_scaled_by_its_actual_range(tmp_path: Path) -> None:
+def test_16bit_without_window_is_scaled_by_its_bits_stored_not_its_own_range(
+    tmp_path: Path,
+) -> None:
     image = np.linspace(1000, 3000, 16 * 24).astype(np.uint16).reshape(16, 24)
-    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24, bits=16)
+    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=24, bits=16, BitsStored=12)
     (frame,) = load_frames(path)
     assert frame.dtype == np.uint8 and frame.shape == (16, 24)
-    assert frame.min() == 0 and frame.max() == 255
+    np.testing.assert_allclose(frame, image * 255.0 / 4095.0, atol=0.51)
     assert np.all(np.diff(frame.ravel().astype(int)) >= 0)  # order kept
 
 
@@ -195,12 +197,30 @@ def test_huge_declared_geometry_is_refused_before_decoding(tmp_path: Path, monke
         load_frames(path)
 
 
-def test_many_declared_frames_are_refused_before_decoding(tmp_path: Path) -> None:
+def test_a_frame_over_the_pixel_limit_is_refused_before_decoding(tmp_path: Path) -> None:
     path = make_dicom(
-        tmp_path / "bomb.dcm", np.zeros(16, np.uint8), rows=1024, columns=1024, frames=1000
+        tmp_path / "bomb.dcm", np.zeros(16, np.uint8), rows=9000, columns=9000, frames=2
     )
-    with pytest.raises(InputError, match=r"1024 x 1024 pixels x 1000 frames, over the"):
+    with pytest.raises(InputError, match=r"9000 x 9000 pixels a frame, over the"):
+        open_scan(path)
+
+
+def test_a_long_cine_is_not_a_bomb_its_frames_are_read_a_few_at_a_time(tmp_path: Path) -> None:
+    """300 frames of 640 x 480 (a 10-second clip): the limit guards one frame, not the file."""
+    frames = np.arange(300, dtype=np.uint8)[:, None, None] * np.ones((1, 480, 640), np.uint8)
+    path = make_dicom(tmp_path / "cine.dcm", frames, rows=480, columns=640, frames=300)
+    scan = open_scan(path)
+    assert scan.count == 300
+    some = scan.read(297, 300)
+    assert [int(f[0, 0]) for f in some] == [297 % 256, 298 % 256, 299 % 256]
+    assert all(f.shape == (480, 640) for f in some)
+
+
+def test_declared_frames_missing_from_the_data_are_reported(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "short.dcm", np.zeros(16, np.uint8), rows=64, columns=64, frames=9)
+    with pytest.raises(InputError, match="could not be decoded") as info:
         load_frames(path)
+    assert str(info.value).startswith(f"{path}: ")
 
 
 def test_missing_pixel_data_is_reported(tmp_path: Path) -> None:
@@ -243,3 +263,182 @@ def test_missing_pydicom_gives_the_install_hint(
     monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(InputError, match=r"pip install 'edge-classify\[dicom\]'"):
         load_frames(path)
+
+
+# --- pydicom's pixel pipeline -----------------------------------------------------------------
+
+
+def pipeline(ds_path: Path) -> np.ndarray:
+    """What pydicom's own functions give, mapped from their output range to 0..255."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(ds_path)
+    return apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_window_functions_follow_pydicom(tmp_path: Path, function: str) -> None:
+    image = np.linspace(0, 4095, 32 * 40).astype(np.uint16).reshape(32, 40)
+    path = make_dicom(
+        tmp_path / "a.dcm",
+        image,
+        rows=32,
+        columns=40,
+        bits=16,
+        BitsStored=12,
+        WindowCenter=2000,
+        WindowWidth=1500,
+        VOILUTFunction=function,
+    )
+    (frame,) = load_frames(path)
+    expected = pipeline(path) * 255.0 / 4095.0  # the window's output range is the stored range
+    assert np.abs(frame - expected).max() <= 1.0
+    assert frame.min() <= 2 and frame.max() >= 250  # SIGMOID only nears its ends
+
+
+def test_voi_lut_sequence_is_applied_and_scaled_by_its_entry_bits(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 10]  # 256 entries from value 0, 10-bit output
+    lut.LUTData = [min(1023, 4 * i) for i in range(256)]
+    lut["LUTData"].VR = "US"
+    image = np.arange(0, 256, dtype=np.uint16).reshape(16, 16) * np.uint16(1)
+    path = make_dicom(tmp_path / "a.dcm", image, rows=16, columns=16, bits=16, VOILUTSequence=[lut])
+    (frame,) = load_frames(path)
+    expected = np.minimum(1023, 4 * image) * 255.0 / 1023.0
+    assert np.abs(frame - expected).max() <= 1.0
+
+
+def test_rescale_is_applied_before_the_window(tmp_path: Path) -> None:
+    image = np.array([[0, 1000, 2000, 3000]], np.uint16)
+    path = make_dicom(
+        tmp_path / "a.dcm",
+        image,
+        rows=1,
+        columns=4,
+        bits=16,
+        BitsStored=12,
+        RescaleSlope=1,
+        RescaleIntercept=-1000,
+        WindowCenter=1000,
+        WindowWidth=2000,
+    )
+    (frame,) = load_frames(path)
+    assert frame[0, 0] == 0 and frame[0, 1] <= 1 and abs(int(frame[0, 2]) - 128) <= 2
+    assert frame[0, 3] == 255
+
+
+def test_a_dataset_without_file_meta_is_read(tmp_path: Path) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    image = gray_ramp(40, 48)
+    path = make_dicom(tmp_path / "a.dcm", image, rows=40, columns=48)
+    ds = pydicom.dcmread(path)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    bare = tmp_path / "OLD0001"  # no preamble, no 'DICM', no File Meta: implicit VR LE
+    bare.write_bytes(buffer.getvalue())
+    assert bare.read_bytes()[128:132] != b"DICM"
+    (frame,) = load_frames(bare)
+    np.testing.assert_array_equal(frame, image)
+
+
+def test_deflated_data_with_padding_after_the_stream_is_read(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    image = gray_ramp(40, 48)
+    path = make_dicom(
+        tmp_path / "a.dcm", image, rows=40, columns=48, syntax=DeflatedExplicitVRLittleEndian
+    )
+    path.write_bytes(path.read_bytes() + b"\x00")  # as some writers pad to an even length
+    (frame,) = load_frames(path)
+    np.testing.assert_array_equal(frame, image)
+
+
+def test_a_deflate_bomb_is_refused_before_it_fills_memory(tmp_path: Path, monkeypatch) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    import edge_runtime.dicom as dicom
+
+    frames = np.zeros((50, 256, 256), np.uint8)
+    path = make_dicom(
+        tmp_path / "bomb.dcm",
+        frames,
+        rows=256,
+        columns=256,
+        frames=50,
+        syntax=DeflatedExplicitVRLittleEndian,
+    )
+    monkeypatch.setattr(dicom, "MAX_FILE_BYTES", 1_000_000)  # 3.3 MB inflated
+    with pytest.raises(InputError, match="inflate past 1,000,000 bytes"):
+        load_frames(path)
+
+
+# --- ultrasound regions -----------------------------------------------------------------------
+
+
+def us_region(
+    x0: int, y0: int, x1: int, y1: int, *, fmt: int = 1, units: int = 3, delta=(0.02, 0.03)
+):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.RegionSpatialFormat = fmt
+    item.RegionDataType = 1
+    item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
+    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
+    item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = units
+    item.PhysicalDeltaX, item.PhysicalDeltaY = delta
+    return item
+
+
+def test_the_tissue_region_is_cropped_and_its_spacing_carried_in_mm(tmp_path: Path) -> None:
+    from edge_runtime.decode import open_scan
+
+    screen = np.full((120, 160), 200, np.uint8)  # screen chrome around the image
+    screen[20:100, 30:130] = gray_ramp(80, 100)
+    regions = [us_region(30, 20, 129, 99), us_region(0, 110, 159, 119, fmt=3, units=4)]
+    path = make_dicom(
+        tmp_path / "us.dcm",
+        screen,
+        rows=120,
+        columns=160,
+        SequenceOfUltrasoundRegions=regions,
+        PixelSpacing=[0.5, 0.5],
+    )
+    scan = open_scan(path)
+    (frame,) = scan.read()
+    np.testing.assert_array_equal(frame, gray_ramp(80, 100))
+    assert scan.pixel_spacing_mm == pytest.approx((0.3, 0.2))  # (row = Y, column = X), cm -> mm
+
+
+def test_without_regions_the_spacing_is_pixel_spacing_and_reaches_the_result(
+    tmp_path: Path,
+) -> None:
+    from edge_runtime.classifier import Classifier
+    from tests.onnx_models import make_contract_model
+
+    path = make_dicom(
+        tmp_path / "a.dcm", gray_ramp(40, 48), rows=40, columns=48, PixelSpacing=[0.25, 0.3]
+    )
+    with Classifier.from_path(make_contract_model(tmp_path / "m.onnx")) as clf:
+        (result,) = clf.classify([path])
+    assert result.ok and result.pixel_spacing_mm == pytest.approx((0.25, 0.3))
+    assert result.image is None
+
+
+def test_a_region_outside_the_frame_is_ignored(tmp_path: Path) -> None:
+    from edge_runtime.decode import open_scan
+
+    path = make_dicom(
+        tmp_path / "a.dcm",
+        gray_ramp(40, 48),
+        rows=40,
+        columns=48,
+        SequenceOfUltrasoundRegions=[us_region(10, 10, 400, 300)],
+    )
+    scan = open_scan(path)
+    assert scan.read()[0].shape == (40, 48) and scan.pixel_spacing_mm is None

@@ -128,3 +128,24 @@ def test_is_scan_file_checks_suffix_and_content(tree: Path) -> None:
     assert not is_scan_file(tree / "README")
     assert not is_scan_file(tree / "notes.txt")
     assert not is_scan_file(tree / "DICOMDIR")
+
+
+def test_a_file_reached_through_links_and_globs_is_taken_once(tmp_path: Path) -> None:
+    root = tmp_path / "scans"
+    touch(root / "a.png")
+    (root / "same.png").symlink_to(root / "a.png")
+    (root / "again").symlink_to(root)  # a cycle
+    touch(tmp_path / "elsewhere" / "b.png")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # a folder reached by a link
+    files, problems = expand_sources([str(root), str(root / "*.png"), str(root / "linked")])
+    assert problems == []
+    assert names(files, root) == ["a.png", "linked/b.png"]
+
+
+def test_content_decides_for_names_that_say_nothing(tmp_path: Path) -> None:
+    png = touch(tmp_path / "export_0001", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    raw = touch(tmp_path / "US.1.2.3.99", DICOM_HEAD)
+    bare = touch(tmp_path / "OLD0001", b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + b"\x00" * 64)
+    text = touch(tmp_path / "notes.v2", b"BM but only text")
+    assert is_scan_file(png) and is_scan_file(raw) and is_scan_file(bare)
+    assert not is_scan_file(text)

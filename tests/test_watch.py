@@ -230,3 +230,61 @@ def test_sigterm_also_stops_cleanly(tmp_path, model):
     finally:
         process.kill()
     assert process.returncode == 0 and "stopped by signal" in err
+
+
+def test_a_file_that_fails_then_changes_ends_with_one_record_its_final_one(tmp_path, model):
+    folder, output = tmp_path / "in", tmp_path / "out.jsonl"
+    good = write_scan(tmp_path / "whole.png", shape=(60, 80))
+    scan = folder / "copy.png"
+    folder.mkdir()
+    scan.write_bytes(good.read_bytes()[:100])  # a copy that stalled past --settle
+    now = [time.time() + 10]
+    options = WatchOptions(folder, output, settle_s=5.0, error_hold_s=60.0)
+    with (
+        Classifier.from_path(model) as classifier,
+        Watcher(classifier, options, clock=lambda: now[0]) as watcher,
+    ):
+        ready, _ = watcher._poll(count_skipped=False)
+        watcher._process(ready)  # fails: held, not written
+        assert records(output) == []
+        scan.write_bytes(good.read_bytes())  # the copy resumes and completes
+        os.utime(scan, (now[0], now[0]))
+        now[0] += 2.0
+        assert watcher._poll(count_skipped=False)[0] == []  # changed: settles again first
+        now[0] += 4.0
+        ready, _ = watcher._poll(count_skipped=False)
+        watcher._process(ready)
+    (record,) = records(output)
+    assert record["error"] is None and record["label"]
+
+
+def test_a_file_that_stays_broken_is_recorded_once_after_the_hold(tmp_path, model):
+    folder, output = tmp_path / "in", tmp_path / "out.jsonl"
+    folder.mkdir()
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    now = [time.time() + 10]
+    options = WatchOptions(folder, output, settle_s=0.0, error_hold_s=30.0)
+    with (
+        Classifier.from_path(model) as classifier,
+        Watcher(classifier, options, clock=lambda: now[0]) as watcher,
+    ):
+        watcher._process(watcher._poll(count_skipped=False)[0])
+        now[0] += 10
+        watcher._poll(count_skipped=False)
+        assert records(output) == []
+        now[0] += 30
+        watcher._poll(count_skipped=False)
+        now[0] += 100
+        watcher._poll(count_skipped=False)
+    (record,) = records(output)
+    assert record["label"] is None and "empty image" in record["error"]
+
+
+def test_watch_takes_a_file_reached_by_two_names_once(tmp_path, model):
+    folder, output = tmp_path / "in", tmp_path / "out.jsonl"
+    write_scan(folder / "a.png")
+    (folder / "b.png").symlink_to(folder / "a.png")
+    (folder / "loop").symlink_to(folder)  # a link back up: walked once, no cycle
+    status, err = watch_once(folder, output, model)
+    assert status == 0, err
+    assert [Path(r["path"]).name for r in records(output)] == ["a.png"]

@@ -1,0 +1,87 @@
+"""Where the tissue is in an ultrasound DICOM frame, and how large its pixels are.
+
+Ultrasound screens carry text, rulers, body markers and colour bars around the image. A file with
+a Sequence of Ultrasound Regions (0018,6011) says where each region lies and what it shows; the
+runtime classifies the tissue region (Region Spatial Format 1, a 2-D image) and takes its pixel
+size from Physical Delta X/Y, which are in centimetres when Physical Units X/Y Direction is 3.
+Without regions, Pixel Spacing (0028,0030) gives the spacing, and the whole frame is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SPATIAL_FORMAT_2D = 1
+UNITS_CM = 3
+
+
+@dataclass(frozen=True)
+class Region:
+    """A crop of the frame, in pixels, inclusive bounds as DICOM states them.
+
+    Attributes:
+        x0, y0, x1, y1: Region Location Min X0 / Min Y0 / Max X1 / Max Y1.
+        pixel_spacing_mm: (row, column) spacing in mm, or None when the region's units are not
+            centimetres (a Doppler or M-mode axis in seconds, for instance).
+    """
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    pixel_spacing_mm: tuple[float, float] | None
+
+    @property
+    def area(self) -> int:
+        return (self.x1 - self.x0 + 1) * (self.y1 - self.y0 + 1)
+
+
+def tissue_region(ds: Any, rows: int, columns: int) -> Region | None:
+    """The largest 2-D region of the Sequence of Ultrasound Regions that lies inside the frame.
+
+    Args:
+        ds: a pydicom dataset (header only is enough).
+        rows, columns: the frame's size, to drop regions that do not fit it.
+
+    Returns:
+        The region, or None when the file has no usable 2-D region.
+    """
+    regions = []
+    for item in ds.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if int(item.get("RegionSpatialFormat") or 0) != SPATIAL_FORMAT_2D:
+                continue
+            x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
+            x1, y1 = int(item.RegionLocationMaxX1), int(item.RegionLocationMaxY1)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if not (0 <= x0 < x1 < columns and 0 <= y0 < y1 < rows):
+            log.debug("ultrasound region (%d, %d)-(%d, %d) outside the frame", x0, y0, x1, y1)
+            continue
+        regions.append(Region(x0, y0, x1, y1, _region_spacing(item)))
+    return max(regions, key=lambda r: r.area, default=None)
+
+
+def pixel_spacing(ds: Any) -> tuple[float, float] | None:
+    """Pixel Spacing (0028,0030) as (row, column) mm, or None when absent or not positive."""
+    value = ds.get("PixelSpacing")
+    try:
+        row, column = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (row, column) if row > 0 and column > 0 else None
+
+
+def _region_spacing(item: Any) -> tuple[float, float] | None:
+    try:
+        units = int(item.PhysicalUnitsXDirection), int(item.PhysicalUnitsYDirection)
+        delta_x, delta_y = abs(float(item.PhysicalDeltaX)), abs(float(item.PhysicalDeltaY))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if units != (UNITS_CM, UNITS_CM) or delta_x <= 0 or delta_y <= 0:
+        return None
+    return delta_y * 10.0, delta_x * 10.0
