@@ -333,6 +333,16 @@ class Classifier:
         if pending:
             yield from self._finish(pending, heatmaps, masks)
 
+    def iter_squares(
+        self, sources: Iterable[Source]
+    ) -> Iterator[tuple[str, int | None, np.ndarray | None, str | None]]:
+        """Decode and fit each input into the model's square input exactly as :meth:`classify`
+        does, in input order: ``(source, frame, uint8 [S, S] or None, error or None)`` per image
+        or DICOM frame. For callers that run other outputs (``edge-classify adapt``)."""
+        for items in self._decoded(sources, keep_original=False):
+            for item in items:
+                yield item.source, item.frame, item.square, item.error
+
     def _finish(self, pending: list[_Item], heatmaps: bool, masks: bool) -> list[Result]:
         good = [item for item in pending if item.error is None]
         done = iter(self._run_batch(good, heatmaps, masks) if good else [])

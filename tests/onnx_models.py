@@ -101,3 +101,94 @@ def make_contract_model(
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, path)
     return path
+
+
+# Dark-fraction thresholds of :func:`make_head_model`'s features (gray level / 255).
+HEAD_THRESHOLDS = (0.04, 0.07, 0.1, 0.14, 0.18, 0.24, 0.3, 0.4)
+
+
+def head_feature_count() -> int:
+    """D of :func:`make_head_model`: three box shapes times the thresholds."""
+    return 3 * len(HEAD_THRESHOLDS)
+
+
+def make_head_model(
+    path: Path,
+    kernel: np.ndarray,
+    bias: np.ndarray,
+    *,
+    size: int = 64,
+    spec: ModelSpec | None = None,
+    features: bool = False,
+) -> Path:
+    """A fixed hand-built backbone with a real last layer, laid out as tf2onnx writes the
+    bundled models: pooled ``GlobalAveragePool -> Squeeze``, ``MatMul(kernel) + bias ->
+    Softmax`` and ``cam = MatMul(NHWC map, kernel)``.
+
+    The feature map is, per pixel (stride 2), how much darker the mean of a 7x7, a wide 3x11 and
+    a tall 11x3 box is than each of :data:`HEAD_THRESHOLDS` (``relu(t - mean)``, piecewise
+    linear, so INT8 rounding is not amplified); pooled, these measure the dark area of the scan,
+    which carries the synthetic classes (no lesion, a wide oval, a tall mass). ``kernel`` is
+    ``[D, K]`` with ``D = head_feature_count()``.
+    """
+    spec = spec or ModelSpec(class_names=CLASSES, input_size=size)
+    d = head_feature_count()
+    k = len(spec.class_names)
+    if kernel.shape != (d, k) or bias.shape != (k,):
+        raise ValueError(f"kernel must be [{d}, {k}] and bias [{k}]")
+    boxes = np.zeros((3, 1, 11, 11), np.float32)
+    boxes[0, 0, 2:9, 2:9] = 1 / 49
+    boxes[1, 0, 4:7, :] = 1 / 33
+    boxes[2, 0, :, 4:7] = 1 / 33
+    steep = 10.0  # features in tenths of the full gray range
+    spread = np.zeros((d, 3, 1, 1), np.float32)
+    offsets = np.zeros(d, np.float32)
+    for box in range(3):
+        for j, threshold in enumerate(HEAD_THRESHOLDS):
+            spread[box * len(HEAD_THRESHOLDS) + j, box] = -steep
+            offsets[box * len(HEAD_THRESHOLDS) + j] = threshold * steep
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "scale"], ["xs"]),
+        helper.make_node("Transpose", ["xs"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "boxes"], ["means"], strides=[2, 2], pads=[5] * 4),
+        helper.make_node("Conv", ["means", "spread", "offsets"], ["dark_logit"]),
+        helper.make_node("Relu", ["dark_logit"], ["fmap"]),
+        helper.make_node("GlobalAveragePool", ["fmap"], ["gap"]),
+        helper.make_node("Squeeze", ["gap", "squeeze_axes"], ["pooled"]),
+        helper.make_node("MatMul", ["pooled", "kernel"], ["matmul"]),
+        helper.make_node("Add", ["matmul", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("Transpose", ["fmap"], ["fmap_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["fmap_nhwc", "kernel"], ["cam"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(1 / 255.0, np.float32), "scale"),
+        numpy_helper.from_array(boxes, "boxes"),
+        numpy_helper.from_array(spread, "spread"),
+        numpy_helper.from_array(offsets, "offsets"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "squeeze_axes"),
+        numpy_helper.from_array(kernel.astype(np.float32), "kernel"),
+        numpy_helper.from_array(bias.astype(np.float32), "bias"),
+    ]
+    h = size // 2
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", k]),
+        helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", h, h, k]),
+    ]
+    if features:
+        nodes.append(helper.make_node("Identity", ["pooled"], ["features"]))
+        outputs.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", d]))
+    graph = helper.make_graph(
+        nodes,
+        "head_test",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 1])],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in spec.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+    return path

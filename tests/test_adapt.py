@@ -1,0 +1,361 @@
+"""`edge-classify adapt`: a parent that fails on a synthetic "new scanner" recovers from 10 scans
+per class; refusals write nothing; the record round-trips; INT8 stays within the parity gate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edge_runtime.adapt_fit import (
+    Head,
+    balanced_weights,
+    choose_threshold,
+    fit_head,
+    fit_with_strength,
+)
+from edge_runtime.adapt_graph import find_head, read_head, with_head
+from edge_runtime.adapt_site import read_site
+from edge_runtime.card import file_sha256, verify_against_card
+from edge_runtime.classifier import Classifier, default_model_path
+from edge_runtime.cli import main
+from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
+from edge_runtime.preprocess import fit_to_square
+from edge_runtime.recheck import recheck_margin
+from tests.onnx_models import CLASSES, head_feature_count, make_head_model
+from training.synthetic import synthetic_scan
+
+SIZE = 64
+
+
+def new_scanner(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another maker's screen: darker gain, softer and stronger speckle, text and a side bar."""
+    x = image.astype(np.float32) / 255
+    x = 0.55 * cv2.GaussianBlur(x, (0, 0), 1.0)
+    x *= 1 + 0.3 * (rng.rayleigh(0.5, x.shape).astype(np.float32) / 0.627 - 1)
+    out = np.clip(x * 255, 0, 255).astype(np.uint8)
+    cv2.putText(out, "LOGIQ 7L", (5, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 230, 1)
+    cv2.rectangle(out, (out.shape[1] - 20, 0), (out.shape[1] - 1, out.shape[0] - 1), 180, -1)
+    return out
+
+
+def scans(per_class: int, seed: int, shifted: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for c, name in enumerate(CLASSES):
+        for _ in range(per_class):
+            image = synthetic_scan(name, rng, (192, 192))
+            images.append(new_scanner(image, rng) if shifted else image)
+            labels.append(c)
+    return images, np.array(labels)
+
+
+def write_site(root: Path, images: list[np.ndarray], labels: np.ndarray) -> Path:
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"scan-{i:03d}.png"), image)
+    return root
+
+
+def pooled(model: Path, images: list[np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(str(model))
+    batch = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in images])[..., None]
+    return session.run(["features"], {"image": batch})[0]
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory) -> dict[str, Path]:
+    """A parent pair fitted on the ordinary synthetic scanner: FP32, and INT8 (QDQ, quantized
+    by export's own code) with the FP32 model as its recheck partner. Neither has `features`."""
+    from export.quantize import QuantConfig, quantize_int8
+
+    root = tmp_path_factory.mktemp("parents")
+    d = head_feature_count()
+    zero = Head(np.zeros((d, 3), np.float32), np.zeros(3, np.float32))
+    probe = make_head_model(root / "probe.onnx", zero.kernel, zero.bias, size=SIZE, features=True)
+    images, labels = scans(40, seed=1, shifted=False)
+    head = fit_with_strength(pooled(probe, images), labels, zero, 0.01)
+    fp32 = root / "parent-fp32.onnx"
+    spec = ModelSpec(class_names=CLASSES, input_size=SIZE, model_version="1.0", temperature=0.9)
+    make_head_model(fp32, head.kernel, head.bias, size=SIZE, spec=spec)
+    squares = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in images])[..., None]
+    # Calibrated on darker scans too: ranges calibrated on the source alone clip the new
+    # scanner's (darker, so larger) features, and adapt then refuses the INT8 model (tested).
+    darker = np.stack(
+        [fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in scans(8, 9, True)[0]]
+    )
+    calibration = np.concatenate([squares, darker[..., None]])
+    int8 = quantize_int8(
+        fp32, root / "parent-int8.onnx", calibration, QuantConfig(batch_size=8, float_convs=2)
+    )
+    probabilities = {
+        p: ort.InferenceSession(str(p)).run(["probabilities"], {"image": squares})[0]
+        for p in (fp32, int8)
+    }
+    margin = recheck_margin(probabilities[fp32], probabilities[int8])
+    int8_spec = ModelSpec(
+        class_names=CLASSES,
+        input_size=SIZE,
+        model_version="1.0",
+        temperature=0.9,
+        precision=Precision.INT8,
+        recheck_margin=max(margin, 0.01),
+        recheck_model=fp32.name,
+    )
+    proto = onnx.load(str(int8))
+    del proto.metadata_props[:]
+    for key, value in int8_spec.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(int8))
+    return {"fp32": fp32, "int8": int8}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    images, labels = scans(10, seed=2, shifted=True)
+    return write_site(tmp_path_factory.mktemp("site") / "clinic", images, labels)
+
+
+@pytest.fixture(scope="module")
+def new_scans() -> tuple[list[np.ndarray], np.ndarray]:
+    return scans(30, seed=3, shifted=True)
+
+
+@pytest.fixture(scope="module")
+def adapted_fp32(parents, site, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adapted") / "clinic-fp32.onnx"
+    code = main(["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)])
+    assert code == 0
+    return out
+
+
+def accuracy(model: Path, images, labels) -> float:
+    with Classifier.from_path(model, provider="cpu") as clf:
+        predicted = [CLASSES.index(r.label) for r in clf.classify(images)]
+    return float(np.mean(np.array(predicted) == labels))
+
+
+def test_adapt_recovers_a_parent_that_fails_on_a_new_scanner(parents, adapted_fp32, new_scans):
+    out = adapted_fp32
+    before = accuracy(parents["fp32"], *new_scans)
+    after = accuracy(out, *new_scans)
+    assert before < 0.5, before  # the parent calls the new scanner's scans wrongly
+    assert after >= 0.8, (before, after)
+    record = ModelSpec.from_metadata(
+        ort.InferenceSession(str(out)).get_modelmeta().custom_metadata_map
+    ).adaptation
+    cv = record["cross_validation"]
+    assert cv["after"]["accuracy"]["value"] > cv["before"]["accuracy"]["value"] + 0.3
+    low, high = cv["difference"]["accuracy"]["ci95"]
+    assert low <= cv["difference"]["accuracy"]["value"] <= high
+
+
+def test_adapted_int8_passes_the_contract_and_the_parity_gate_with_its_partner(
+    parents, site, new_scans, tmp_path
+):
+    from export.parity import int8_recheck_gate
+
+    out = tmp_path / "clinic-int8.onnx"
+    assert main(["adapt", str(site), "--model", str(parents["int8"]), "--output", str(out)]) == 0
+    partner = tmp_path / "clinic-fp32.onnx"
+    assert partner.is_file() and (tmp_path / "clinic.card.json").is_file()
+    with Classifier.from_path(out, provider="cpu") as clf:  # opens and checks the partner too
+        assert clf.recheck_model_path == partner
+        spec = clf.spec
+    assert spec.precision is Precision.INT8 and spec.recheck_model == partner.name
+    images, labels = new_scans
+    squares = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in images])[..., None]
+    run = {
+        p: ort.InferenceSession(str(p)).run(["probabilities"], {"image": squares})[0]
+        for p in (out, partner)
+    }
+    report = int8_recheck_gate(run[partner], run[out], spec.recheck_margin, labels)
+    assert report.passed, report.summary()
+    assert accuracy(out, images, labels) >= 0.8
+
+
+def test_metadata_and_card_record_the_site_and_parent_and_readapting_starts_from_it(
+    parents, site, adapted_fp32, tmp_path
+):
+    first = adapted_fp32
+    spec = ModelSpec.from_metadata(
+        ort.InferenceSession(str(first)).get_modelmeta().custom_metadata_map
+    )
+    record = spec.adaptation
+    assert record["site"] == "clinic"
+    assert record["scans_per_class"] == {"normal": 10, "benign": 10, "malignant": 10}
+    assert record["parent"]["sha256"] == file_sha256(parents["fp32"])
+    assert record["parent_metrics_apply"] is False
+    assert spec.model_version.startswith("1.0+adapted.")
+    assert spec.metrics["evaluated_on"].startswith("site")
+    assert verify_against_card(first)  # the card lists the file's SHA-256
+    card = json.loads((first.parent / "clinic.card.json").read_text())
+    assert card["parent_metrics_apply"] is False
+    assert "do not apply" in (first.parent / "clinic.card.md").read_text()
+
+    second = tmp_path / "b" / "again-fp32.onnx"
+    assert main(["adapt", str(site), "--model", str(first), "--output", str(second)]) == 0
+    again = ModelSpec.from_metadata(
+        ort.InferenceSession(str(second)).get_modelmeta().custom_metadata_map
+    ).adaptation
+    assert again["parent"]["sha256"] == file_sha256(parents["fp32"])  # the parent, not `first`
+    assert again["parent"]["file"] == parents["fp32"].name
+    assert again["parent"]["head"] == record["parent"]["head"]
+    assert again["cross_validation"]["before"] == record["cross_validation"]["before"]
+
+
+def test_too_few_scans_of_a_class_refuses_and_writes_nothing(parents, tmp_path, capsys):
+    images, labels = scans(10, seed=4, shifted=True)
+    keep = np.r_[np.where(labels != 2)[0], np.where(labels == 2)[0][:4]]
+    site = write_site(tmp_path / "site", [images[i] for i in keep], labels[keep])
+    out = tmp_path / "out" / "m-int8.onnx"
+    code = main(["adapt", str(site), "--model", str(parents["int8"]), "--output", str(out)])
+    assert code == 1
+    assert "'malignant': 4" in capsys.readouterr().err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_an_adaptation_that_is_not_better_refuses_with_the_numbers(parents, tmp_path, capsys):
+    # every scan the same blank frame: no layer can tell the classes apart
+    blank = [np.full((160, 200), 90, np.uint8)] * 18
+    site = write_site(tmp_path / "site", blank, np.repeat([0, 1, 2], 6))
+    out = tmp_path / "out" / "m-fp32.onnx"
+    code = main(["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "not better" in err and "balanced_accuracy" in err and "recall_malignant" in err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_adapt_refuses_to_overwrite_its_parent(parents, site, capsys):
+    code = main(["adapt", str(site), "--model", str(parents["fp32"]), "--output",
+                 str(parents["fp32"])])  # fmt: skip
+    assert code == 2
+    assert "never modified" in capsys.readouterr().err
+
+
+def test_adapt_runs_on_the_base_install_without_tensorflow(parents, tmp_path):
+    images, labels = scans(5, seed=5, shifted=True)
+    site = write_site(tmp_path / "site", images, labels)
+    out = tmp_path / "m-fp32.onnx"
+    code = textwrap.dedent(f"""
+        import sys
+        from edge_runtime.cli import main
+        rc = main(["adapt", {str(site)!r}, "--model", {str(parents["fp32"])!r},
+                   "--output", {str(out)!r}, "--quiet"])
+        loaded = sorted(m for m in sys.modules
+                        if m.split('.')[0] in {{"tensorflow", "keras", "training", "export"}})
+        print(rc, ','.join(loaded))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() in (["0"], ["1"]), done.stdout  # adapted, or refused: it ran
+    assert out.is_file()
+
+
+def test_fit_head_without_pull_matches_scikit_learn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = rng.integers(0, 3, 60)
+    x[np.arange(60), y] += 1.5
+    lam = 0.1
+    zero = Head(np.zeros((5, 3), np.float32), np.zeros(3, np.float32))
+    mine = fit_head(x, y, zero, weight_penalty=lam, bias_penalty=0.0)
+    # sklearn: 0.5 ||W||^2 + C sum_i w_i CE_i; ours: sum_i w_i CE_i / sum w + lam/2 ||W||^2
+    ref = LogisticRegression(C=1 / (lam * balanced_weights(y, 3).sum()), class_weight="balanced",
+                             tol=1e-10, max_iter=10_000).fit(x, y)  # fmt: skip
+    # softmax logits are defined up to a constant per row: compare centred
+    assert np.allclose(mine.kernel - mine.kernel.mean(1, keepdims=True), ref.coef_.T, atol=1e-3)
+    assert np.allclose(mine.bias - mine.bias.mean(), ref.intercept_ - ref.intercept_.mean(),
+                       atol=1e-3)  # fmt: skip
+
+
+def test_a_strong_pull_keeps_the_parent_and_a_weak_one_fits_the_scans():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 4))
+    y = np.repeat([0, 1, 2], 10)
+    x[np.arange(30), y] += 3
+    parent = Head(rng.normal(size=(4, 3)).astype(np.float32), np.zeros(3, np.float32))
+    kept = fit_with_strength(x, y, parent, 1e6)
+    assert np.allclose(kept.kernel, parent.kernel, atol=1e-4)
+    free = fit_with_strength(x, y, parent, 1e-4)
+    assert np.mean(free.logits(x).argmax(1) == y) == 1.0
+
+
+def test_choose_threshold_meets_the_sensitivity_target():
+    p = np.linspace(0.05, 0.95, 20)
+    malignant = np.arange(20) >= 10
+    threshold = choose_threshold(p, malignant, 0.9)
+    assert np.mean(p[malignant] >= threshold) >= 0.9
+    assert np.mean(p[malignant] >= np.nextafter(threshold, 1)) < 0.9
+
+
+def test_manifest_reads_groups_and_reports_bad_labels(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    manifest = tmp_path / "site.csv"
+    manifest.write_text("path,label,group\na.png,normal,p1\nb.png,Benign,p1\nc.png,malignant,\n")
+    site = read_site(manifest, CLASSES)
+    assert [(s.path.name, s.label, s.group) for s in site] == [
+        ("a.png", 0, "p1"),
+        ("b.png", 1, "p1"),
+        ("c.png", 2, str(tmp_path / "c.png")),
+    ]
+    manifest.write_text("a.png,cyst\n")
+    with pytest.raises(ValueError, match=r"line 1: label 'cyst' is not one of"):
+        read_site(manifest, CLASSES)
+    folder = tmp_path / "f"
+    (folder / "lesion").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"sub-folders \['lesion'\] are not classes"):
+        read_site(folder, CLASSES)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_bundled_models_last_layer_is_found_and_replaced(precision):
+    path = default_model_path(precision)
+    proto = onnx.load(str(path))
+    where = find_head(proto, source=str(path))
+    parent = read_head(proto, where)
+    assert parent.kernel.shape == (1280, 3)
+    rng = np.random.default_rng(0)
+    head = Head(parent.kernel * 1.5 + 0.01, parent.bias + np.float32(0.5))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    adapted = ort.InferenceSession(with_head(proto, where, head, meta).SerializeToString())
+    images = rng.integers(0, 255, (2, 224, 224, 1), dtype=np.uint8)
+    features, probabilities = adapted.run(["features", "probabilities"], {"image": images})
+    logits = head.logits(features)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assert np.abs(expected - probabilities).max() < (1e-5 if precision == "fp32" else 3e-3)
+
+
+def test_adapt_reads_dicom_scans_and_counts_a_multiframe_file_once(parents, tmp_path, capsys):
+    pytest.importorskip("pydicom", minversion="3.0")
+    from tests.test_dicom import make_dicom
+
+    images, labels = scans(6, seed=6, shifted=True)
+    root = tmp_path / "site"
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        if label != 2:
+            cv2.imwrite(str(folder / f"scan-{i}.png"), image)
+            continue
+        frames = 2 if i % 2 else None  # every other malignant scan is a two-frame cine
+        pixels = np.stack([image, image]) if frames else image
+        rows, columns = image.shape
+        make_dicom(folder / f"scan-{i}.dcm", pixels, rows=rows, columns=columns, frames=frames)
+    out = tmp_path / "out" / "m-fp32.onnx"
+    code = main(["adapt", str(root), "--model", str(parents["fp32"]), "--output", str(out)])
+    assert code in (0, 1)  # adapted or refused on the numbers: both report the scans read
+    assert "{'normal': 6, 'benign': 6, 'malignant': 6} scans" in capsys.readouterr().err
