@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,6 +148,101 @@ def test_two_uploads_show_a_row_each_with_label_images_and_the_banner(monkeypatc
     assert len(at.image) == 2  # the scan on view and its heatmap overlay
     assert "Not a medical device" in banner_text(at)  # still there after the upload
     assert not at.error
+
+
+# a bright square scan, with a dark disc where the lesion model sees "the lesion"
+SCAN_SIDE, BLOB = 128, ((80, 48), 20)  # centre (x, y) and radius in pixels
+
+
+def bright_scan(blob: bool) -> bytes:
+    scan = np.full((SCAN_SIDE, SCAN_SIDE), 220, np.uint8)
+    if blob:
+        cv2.circle(scan, BLOB[0], BLOB[1], 20, thickness=-1)
+    return cv2.imencode(".png", scan)[1].tobytes()
+
+
+@pytest.fixture(scope="module")
+def lesion_model(tmp_path_factory) -> Path:
+    """A tiny model with a lesion output (dark pixels) and the unfamiliar-scan score, whose one
+    familiar scan is the plain bright one (its features are the only 'training' class means)."""
+    from edge_runtime.classifier import Classifier
+    from edge_runtime.contract import ModelSpec
+    from edge_runtime.decision import unfamiliar_stats
+
+    folder = tmp_path_factory.mktemp("lesion-model")
+    plain = make_contract_model(folder / "plain.onnx", lesion_stride=4, features=True)
+    with Classifier.from_path(plain) as classifier:
+        bright = np.full((1, 64, 64, 1), 220, np.uint8)
+        [features] = classifier._model.session.run(["features"], {"image": bright})
+    stats = unfamiliar_stats(
+        np.repeat(features, 4, axis=0) + 1e-3 * np.arange(4)[:, None], np.array([0, 1, 2, 0]), 3
+    )
+    spec = ModelSpec(
+        class_names=CLASSES,
+        input_size=64,
+        lesion_stride=4,
+        lesion_threshold=0.5,
+        unfamiliar={**stats, "threshold": 3.0},
+    )
+    return make_contract_model(folder / "lesion.onnx", spec=spec, lesion_stride=4, features=True)
+
+
+def view(at, index: int):
+    """Put the ``index``-th scan classified (in upload order) on view."""
+    at.selectbox(key="scan_on_view").select_index(index)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+@needs_streamlit
+def test_a_lesion_model_outlines_the_lesion_with_its_size_or_says_none_was_found(
+    monkeypatch, lesion_model
+):
+    at = upload(
+        open_app(monkeypatch, lesion_model),
+        [("blob.png", bright_scan(True)), ("plain.png", bright_scan(False))],
+    )
+    view(at, 0)
+    captions = [c for image in at.image for c in image.captions]
+    assert "Lesion outline: blob.png" in captions
+    outlined = next(i for i in at.image if "Lesion outline: blob.png" in i.captions)
+    assert outlined.value  # an image was sent to the page
+    (x, y), radius = BLOB
+    text = " ".join(m.value for m in at.markdown)
+    box = re.search(r"box x (\d+), y (\d+), (\d+) x (\d+) px; area ([\d,]+) px", text)
+    assert box, text
+    bx, by, bw, bh, area = (int(v.replace(",", "")) for v in box.groups())
+    assert abs(bx - (x - radius)) <= 4 and abs(by - (y - radius)) <= 4
+    assert abs(bw - 2 * radius) <= 8 and abs(bh - 2 * radius) <= 8
+    assert 0.7 < area / (np.pi * radius**2) < 1.3
+    assert "size in mm unknown" in text  # a PNG carries no pixel spacing
+    assert ":orange-badge[unfamiliar]" in text  # unlike the model's one familiar (plain) scan
+    assert not any("No lesion found" in i.value for i in at.info)
+
+    view(at, 1)
+    assert any(i.value.startswith("No lesion found") for i in at.info)
+    assert not any("Lesion outline" in c for image in at.image for c in image.captions)
+    assert ":gray-badge[not unfamiliar]" in " ".join(m.value for m in at.markdown)
+
+    table = batch_table(at)
+    assert list(table["file"]) == ["blob.png", "plain.png"]
+    assert list(table["unfamiliar"]) == [True, False]
+    assert list(table["lesion_bbox"][0]) == [bx, by, bw, bh]
+    assert list(table["lesion_area_px"].isna()) == [False, True]
+    assert table["lesion_area_px"][0] == area
+    assert table[["lesion_area_mm2", "lesion_diameter_mm"]].isna().all().all()
+    assert {m.label: m.value for m in at.metric}["unfamiliar"] == "1"
+
+
+def test_lesion_size_gives_pixels_and_mm_where_known():
+    from edge_runtime.dashboard.scans import lesion_size
+    from edge_runtime.lesion import Lesion
+
+    known = lesion_size(Lesion((40, 30, 41, 39), 1264, 28.44, 7.06))
+    assert known == "box x 40, y 30, 41 x 39 px; area 1,264 px (28.4 mm²); largest diameter 7.1 mm"
+    unknown = lesion_size(Lesion((0, 0, 3, 2), 5, None, None))
+    assert unknown.endswith("area 5 px; size in mm unknown (the scan gives no pixel spacing)")
 
 
 @needs_streamlit

@@ -174,7 +174,7 @@ def _scan_view(classifier: Classifier, uploads: Mapping[str, Any]) -> None:
         caption=f"Heatmap: where the model saw evidence for {explained.label}",
         width="stretch",
     )
-    _lesion_outline(result)
+    _lesion_outline(classifier, explained)
 
 
 def _scan_title(scan_results: Sequence[Result]) -> str:
@@ -239,13 +239,32 @@ def _frame_on_view(key: str, uploads: Mapping[str, Any], index: int) -> Any:
     return cached[1][index]
 
 
-def _lesion_outline(result: Result) -> None:
-    """Where the lesion outline and its size go (issue 8, the lesion branch).
+def _lesion_outline(classifier: Classifier, explained: Result) -> None:
+    """The lesion the model found in the frame on view: the scan outlined, its box and size.
 
-    The runtime's Result carries no lesion yet; until it does, this says so and draws nothing.
+    ``explained`` is the frame classified with heatmaps, which carries the lesion mask; the
+    outline is the runtime's own (:func:`~edge_runtime.heatmap.overlay` with no heatmap colour).
     """
-    if getattr(result, "lesion", None) is None:
-        st.caption("Lesion outline and size: this runtime gives none yet.")
+    spec = classifier.spec
+    if not spec.has_lesion:
+        st.caption("Lesion outline and size: this model has no lesion output.")
+        return
+    facts, outline_column, _ = st.columns([1, 1, 1])
+    facts.subheader("Lesion")
+    lesion = explained.lesion
+    if lesion is None or explained.lesion_mask is None:
+        facts.info(
+            f"No lesion found: no pixel reached the model's lesion threshold "
+            f"({spec.lesion_threshold:.2f})."
+        )
+        return
+    facts.markdown(sc.lesion_size(lesion))
+    outline_column.image(
+        overlay(explained.image, explained.heatmap, alpha=0.0, lesion_mask=explained.lesion_mask),
+        channels="BGR",
+        caption=f"Lesion outline: {explained.source}",
+        width="stretch",
+    )
 
 
 def _batch_view(classifier: Classifier) -> None:
@@ -273,12 +292,14 @@ def _batch_view(classifier: Classifier) -> None:
     name_part = name_col.text_input("File name contains", placeholder="any file", key="name_filter")
     shown = [r for r in all_results if _matches(r, labels, wanted_flags, name_part)]
     st.dataframe(
-        pd.DataFrame(sc.table_rows(shown, class_names)),
+        pd.DataFrame(sc.table_rows(shown, class_names, lesion=classifier.spec.has_lesion)),
         hide_index=True,
         width="stretch",
         column_config={
             "confidence": st.column_config.NumberColumn(format="%.3f"),
             **{name: st.column_config.NumberColumn(format="%.3f") for name in class_names},
+            "lesion_area_mm2": st.column_config.NumberColumn(format="%.1f"),
+            "lesion_diameter_mm": st.column_config.NumberColumn(format="%.1f"),
         },
         key="batch_table",
     )

@@ -26,7 +26,8 @@ import numpy as np
 from edge_runtime.card import card_path_for
 from edge_runtime.classifier import Classifier, Result, Timing
 from edge_runtime.decode import InputError, decode_gray, is_dicom, load_frames
-from edge_runtime.output import OutputFormat, ResultWriter
+from edge_runtime.lesion import Lesion
+from edge_runtime.output import LESION_FIELDS, OutputFormat, ResultWriter, result_record
 
 FAILED = "failed"  # the label column of a scan that could not be classified
 _DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -172,10 +173,14 @@ def flag_names() -> tuple[str, ...]:
     )
 
 
-def table_rows(results: Iterable[Result], class_names: Sequence[str]) -> list[dict[str, Any]]:
+def table_rows(
+    results: Iterable[Result], class_names: Sequence[str], *, lesion: bool = False
+) -> list[dict[str, Any]]:
     """One row per result for the batch table: file, label, confidence, flags, probabilities.
 
-    ``frame`` (after ``file``) only when some result is a frame of a multi-frame scan.
+    ``frame`` (after ``file``) only when some result is a frame of a multi-frame scan; with
+    ``lesion`` (a model with a lesion output), the records' ``lesion_*`` fields, as
+    :func:`~edge_runtime.output.result_record` gives them, after the probabilities.
     """
     results = list(results)
     frames = any(result.frame is not None for result in results)
@@ -188,9 +193,28 @@ def table_rows(results: Iterable[Result], class_names: Sequence[str]) -> list[di
         row["confidence"] = result.confidence
         row.update({name: bool(getattr(result, name, False)) for name in flag_names()})
         row.update({name: result.probabilities.get(name) for name in class_names})
+        if lesion:
+            record = result_record(result)
+            row.update({name: record[name] for name in LESION_FIELDS})
         row["error"] = result.error or ""
         rows.append(row)
     return rows
+
+
+def lesion_size(lesion: Lesion) -> str:
+    """The lesion's box and size in words: always in pixels, in mm where the spacing is known.
+
+    Example: ``"box x 40, y 30, 41 x 39 px; area 1,264 px (28.4 mm²); largest diameter 7.1 mm"``.
+    """
+    x, y, width, height = lesion.bbox
+    area = f"area {lesion.area_px:,} px"
+    if lesion.area_mm2 is not None:
+        area += f" ({lesion.area_mm2:,.1f} mm²)"
+    if lesion.diameter_mm is not None:
+        diameter = f"largest diameter {lesion.diameter_mm:.1f} mm"
+    else:
+        diameter = "size in mm unknown (the scan gives no pixel spacing)"
+    return f"box x {x}, y {y}, {width} x {height} px; {area}; {diameter}"
 
 
 def label_counts(results: Iterable[Result], class_names: Sequence[str]) -> dict[str, int]:
