@@ -60,8 +60,8 @@ examples:
   9. fit the model to your scanner from labelled scans (see: edge-classify adapt --help):
        edge-classify adapt site-scans/ --output clinic-int8.onnx
 
-"watch", "bench", "dashboard" and "adapt" as the first word are subcommands; to classify a file or folder
-with one of those names, write it as a path: edge-classify ./watch
+"watch", "bench", "dashboard" and "adapt" as the first word are subcommands; to classify a
+file or folder with one of those names, write it as a path: edge-classify ./watch
 
 exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage or model error.
 Not a medical device: every result needs review by a qualified clinician.
