@@ -125,7 +125,9 @@ def find_lesion(
         return None, mask
     (y0, y1), (x0, x1) = rows, cols
     probability = grid.warp(lesion_map, x0, y0, x1 - x0, y1 - y0)
-    binary = cv2.compare(probability, float(threshold), cv2.CMP_GE)
+    # NumPy, not cv2.compare: OpenCV reads an array of 4 or fewer values beside a scalar as a
+    # second array of another size and raises (a lesion map that is hot on one cell does this)
+    binary = (probability >= threshold).astype(np.uint8)
     count, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
     if count <= 1:
         return None, mask
@@ -133,8 +135,8 @@ def find_lesion(
     sizes = np.bincount(labels.ravel(), minlength=count)
     best = 1 + int(np.argmax(sizes[1:]))
     area = int(sizes[best])
-    x, y, w, h = cv2.boundingRect(cv2.compare(labels, best, cv2.CMP_EQ))
-    inside = cv2.compare(labels[y : y + h, x : x + w], best, cv2.CMP_EQ)
+    x, y, w, h = cv2.boundingRect((labels == best).astype(np.uint8))
+    inside = (labels[y : y + h, x : x + w] == best).astype(np.uint8) * 255
     if mask is not None:
         mask[y0 + y : y0 + y + h, x0 + x : x0 + x + w] = inside
     area_mm2 = diameter_mm = None

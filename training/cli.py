@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "none is named; names look like 'busi:GE LOGIQ E9' or 'busbra:GE Logiq 5 @10-12MHz'), "
         "train on the others and test on it; writes protocol.json and protocol.md",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report again on the models the --output run already saved (its "
+        "final model and scanner-held-out folds), with the same data and options",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -186,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     try:
+        if args.report_only:
+            from training.run import report_saved
+
+            report_saved(config)
+            return 0
         train(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"edge-train: error: {exc}", file=sys.stderr)

@@ -102,6 +102,56 @@ class _Prepared:
     sources: tuple[str, ...]
 
 
+def report_saved(config: TrainConfig) -> list[RunInfo]:
+    """Report again on the models a run already trained and saved (its final model and its
+    ``scanners/*`` protocol folds, each with ``model.keras``, ``split.csv`` and
+    ``history.csv``), without training: for a run whose reporting failed or changed."""
+    from training.model import load_classifier
+
+    data = _prepare(config)
+    index = {str(path): i for i, path in enumerate(data.paths)}
+    folders = [config.output] if (config.output / MODEL_FILE).is_file() else []
+    folders += sorted(
+        p for p in (config.output / "scanners").glob("*") if (p / MODEL_FILE).is_file()
+    )
+    if not folders:
+        raise FileNotFoundError(f"{config.output}: no saved model to report on ({MODEL_FILE})")
+    infos = []
+    for folder in folders:
+        splits = np.full(len(data.paths), "excluded", dtype=object)
+        with open(folder / SPLIT_FILE, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["path"] in index:
+                    splits[index[row["path"]]] = row["split"]
+        with open(folder / HISTORY_FILE, newline="") as handle:
+            rows = [
+                {k: (v if k == "stage" else float(v)) for k, v in r.items() if v != ""}
+                for r in csv.DictReader(handle)
+            ]
+        log.info("reporting again on %s", folder)
+        model = load_classifier(folder / MODEL_FILE)
+        infos.append(_report(config, data, splits, folder, model, rows))
+    protocol = {
+        scanner_of(data.samples[int(np.flatnonzero(_test_rows(f, index))[0])]): f
+        for f in folders
+        if f.parent.name == "scanners"
+    }
+    if protocol:
+        log.info(
+            "scanner-held-out protocol:\n%s", markdown_table(write_report(config.output, protocol))
+        )
+    return infos
+
+
+def _test_rows(folder: Path, index: dict[str, int]) -> np.ndarray:
+    test = np.zeros(len(index), bool)
+    with open(folder / SPLIT_FILE, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] == "test" and row["path"] in index:
+                test[index[row["path"]]] = True
+    return test
+
+
 def train(config: TrainConfig) -> RunInfo | None:
     """Run the whole pipeline and write the run folder; returns what was written to run.json
     (None when only cross-validation was asked for: ``final_model=False``)."""
@@ -235,7 +285,8 @@ def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
 def _train_and_report(
     config: TrainConfig, data: _Prepared, splits: np.ndarray, run_dir: Path
 ) -> RunInfo:
-
+    """Train on ``splits``' train rows (validation for early stopping), save the model and its
+    history, then :func:`_report` on it."""
     part = {name: splits == name for name in ("train", "val", "test")}
     keras.utils.set_random_seed(config.seed)  # the head starts the same whatever ran before
     segment = data.masks is not None
@@ -257,6 +308,21 @@ def _train_and_report(
         log.info("snapped %d kernels to the INT8 weight grid", snap_to_int8_grid(model))
     model.save(run_dir / MODEL_FILE)
     _write_history(run_dir / HISTORY_FILE, rows)
+    return _report(config, data, splits, run_dir, model, rows)
+
+
+def _report(
+    config: TrainConfig,
+    data: _Prepared,
+    splits: np.ndarray,
+    run_dir: Path,
+    model: keras.Model,
+    rows: list[dict],
+) -> RunInfo:
+    """Calibrate on the validation rows, evaluate on the test rows, and write the run folder's
+    reports, plots and ``run.json``."""
+    part = {name: splits == name for name in ("train", "val", "test")}
+    segment = data.masks is not None
 
     def predict(mask: np.ndarray) -> dict[str, np.ndarray]:
         return model.predict(data.images[mask], batch_size=64, verbose=0)
