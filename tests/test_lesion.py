@@ -363,3 +363,17 @@ def test_the_partner_must_have_the_same_lesion_output(tmp_path):
     )
     with pytest.raises(ContractError, match="its lesion_stride is 0, the INT8 model's 4"):
         Classifier.from_path(int8, provider=Provider.CPU)
+
+
+def test_a_lesion_of_one_pixel_is_found_not_a_crash():
+    """OpenCV compares a 1 x 1 array with a scalar as two arrays of different sizes and raises;
+    a lesion map hot on one pixel once stopped a whole training report that way."""
+    from edge_runtime.lesion import find_lesion
+
+    lesion_map = np.zeros((3, 3), np.float32)
+    lesion_map[1, 1] = 1.0
+    lesion, mask = find_lesion(lesion_map, (3, 3), input_size=3, threshold=0.5)
+    assert lesion.bbox == (1, 1, 1, 1) and lesion.area_px == 1
+    assert mask[1, 1] == 255 and mask.sum() == 255
+    single, _ = find_lesion(np.full((1, 1), 0.9, np.float32), (1, 1), input_size=1)
+    assert single.area_px == 1
