@@ -9,9 +9,12 @@ import os
 # any submodule imports onnxruntime (onnxruntime.disable_telemetry_events() does not stop it).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from edge_runtime.classifier import Classifier, ClassifierOptions, Result, Timing
 from edge_runtime.contract import (
     CAM,
+    FEATURES,
     INPUT_NAME,
+    LESION,
     PROBABILITIES,
     ContractError,
     ModelSpec,
@@ -19,18 +22,32 @@ from edge_runtime.contract import (
     ResizePolicy,
 )
 from edge_runtime.decode import InputError, decode_gray, load_gray
+from edge_runtime.lesion import Lesion, find_lesion
 from edge_runtime.preprocess import fit_to_square, make_batch
+from edge_runtime.session import Provider
+from edge_runtime.watch import Watcher, WatchOptions
 
 __all__ = [
     "CAM",
+    "FEATURES",
     "INPUT_NAME",
+    "LESION",
     "PROBABILITIES",
+    "Classifier",
+    "ClassifierOptions",
     "ContractError",
     "InputError",
+    "Lesion",
     "ModelSpec",
     "Precision",
+    "Provider",
     "ResizePolicy",
+    "Result",
+    "Timing",
+    "WatchOptions",
+    "Watcher",
     "decode_gray",
+    "find_lesion",
     "fit_to_square",
     "load_gray",
     "make_batch",
