@@ -29,11 +29,12 @@ from edge_runtime.contract import (
     LESION,
     PROBABILITIES,
     ModelSpec,
+    NormalRule,
     Precision,
 )
 from edge_runtime.decision import decide, unfamiliar_scores
 from edge_runtime.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
-from edge_runtime.heatmap import cam_to_heatmap
+from edge_runtime.heatmap import cam_to_heatmap, lesion_heatmap
 from edge_runtime.lesion import Lesion, find_lesion, require_lesion_output
 from edge_runtime.preprocess import fit_to_square
 from edge_runtime.recheck import needs_recheck
@@ -526,29 +527,49 @@ class Classifier:
         spec = self._model.spec
         probabilities = _calibrate(outputs.probabilities, spec.temperature)
         names = spec.class_names
-        called = decide(probabilities, names, self._malignant_threshold)
         unfamiliar = np.zeros(len(batch), bool)
         if outputs.features is not None:
             scores = unfamiliar_scores(outputs.features, spec.unfamiliar)
             unfamiliar = scores > float(spec.unfamiliar["threshold"])
+        found = [
+            find_lesion(
+                outputs.lesion[row, :, :, 0],
+                item.original.shape,
+                input_size=spec.input_size,
+                policy=spec.resize_policy,
+                threshold=spec.lesion_threshold,
+                pixel_spacing_mm=item.pixel_spacing_mm,
+                with_mask=masks or heatmaps,
+            )
+            if outputs.lesion is not None
+            else (None, None)
+            for row, item in enumerate(batch)
+        ]
+        lesion_found = None
+        if spec.normal_rule is NormalRule.LESION_HEAD:
+            lesion_found = np.array([lesion is not None for lesion, _ in found])
+        called = decide(probabilities, names, self._malignant_threshold, lesion_found)
         results = []
         for row, item in enumerate(batch):
             top = int(called[row])
             confidence = float(probabilities[row, top])
-            heat = lesion = mask = None
+            lesion, mask = found[row]
+            heat = None
             if heatmaps and item.original is not None:
-                heat = cam_to_heatmap(
-                    cam[row, :, :, top], item.original.shape, spec.input_size, spec.resize_policy
-                )
-            if outputs.lesion is not None:
-                lesion, mask = find_lesion(
-                    outputs.lesion[row, :, :, 0],
-                    item.original.shape,
-                    input_size=spec.input_size,
-                    policy=spec.resize_policy,
-                    threshold=spec.lesion_threshold,
-                    pixel_spacing_mm=item.pixel_spacing_mm,
-                    with_mask=masks or heatmaps,
+                heat = (
+                    lesion_heatmap(
+                        outputs.lesion[row, :, :, 0],
+                        item.original.shape,
+                        spec.input_size,
+                        spec.resize_policy,
+                    )
+                    if outputs.lesion is not None
+                    else cam_to_heatmap(
+                        cam[row, :, :, top],
+                        item.original.shape,
+                        spec.input_size,
+                        spec.resize_policy,
+                    )
                 )
             results.append(
                 Result(

@@ -42,6 +42,13 @@ class Precision(str, Enum):
     INT8 = "int8"
 
 
+class NormalRule(str, Enum):
+    """How a model with a normal class calls a scan normal."""
+
+    CLASSIFIER = "classifier"  # the classifier's call
+    LESION_HEAD = "lesion_head"  # normal exactly when the lesion output finds no lesion
+
+
 class ContractError(ValueError):
     """A model file does not meet the edge-classify contract."""
 
@@ -67,6 +74,7 @@ KEY_LESION_THRESHOLD = "edge_classify.lesion_threshold"
 KEY_MALIGNANT_THRESHOLD = "edge_classify.malignant_threshold"
 KEY_UNFAMILIAR = "edge_classify.unfamiliar"
 KEY_ADAPTATION = "edge_classify.adaptation"
+KEY_NORMAL_RULE = "edge_classify.normal_rule"
 KEY_PIXEL_FORMAT = "Image.BitmapPixelFormat"
 KEY_PIXEL_RANGE = "Image.NominalPixelRange"
 
@@ -99,6 +107,7 @@ class ModelSpec:
     malignant_threshold: float = 0.0
     unfamiliar: Mapping[str, Any] = field(default_factory=dict)  # the unfamiliar-scan score
     adaptation: Mapping[str, Any] = field(default_factory=dict)  # set by `edge-classify adapt`
+    normal_rule: NormalRule = NormalRule.CLASSIFIER
 
     def to_metadata(self) -> dict[str, str]:
         """Serialize to ``metadata_props`` (string to string)."""
@@ -123,6 +132,7 @@ class ModelSpec:
             KEY_MALIGNANT_THRESHOLD: repr(float(self.malignant_threshold)),
             KEY_UNFAMILIAR: json.dumps(dict(self.unfamiliar), sort_keys=True),
             KEY_ADAPTATION: json.dumps(dict(self.adaptation), sort_keys=True),
+            KEY_NORMAL_RULE: self.normal_rule.value,
             KEY_PIXEL_FORMAT: PIXEL_FORMAT,
             KEY_PIXEL_RANGE: PIXEL_RANGE,
         }
@@ -171,6 +181,7 @@ class ModelSpec:
                 malignant_threshold=float(meta.get(KEY_MALIGNANT_THRESHOLD, "0.0")),
                 unfamiliar=json.loads(meta.get(KEY_UNFAMILIAR, "{}")),
                 adaptation=json.loads(meta.get(KEY_ADAPTATION, "{}")),
+                normal_rule=NormalRule(meta.get(KEY_NORMAL_RULE, NormalRule.CLASSIFIER.value)),
             )
         except (ValueError, TypeError) as exc:
             raise ContractError(f"{source}: unreadable contract metadata: {exc}") from exc
@@ -211,6 +222,12 @@ def _check_thresholds(spec: ModelSpec, source: str) -> None:
         raise ContractError(
             f"{source}: malignant threshold must be in [0, 1). Got {spec.malignant_threshold} "
             "instead."
+        )
+    if spec.normal_rule is NormalRule.LESION_HEAD and not (
+        spec.has_lesion and "normal" in spec.class_names
+    ):
+        raise ContractError(
+            f"{source}: the lesion_head normal rule needs a lesion output and a 'normal' class."
         )
     if spec.malignant_threshold > 0.0 and "malignant" not in spec.class_names:
         raise ContractError(

@@ -17,27 +17,41 @@ from typing import Any
 import numpy as np
 
 MALIGNANT = "malignant"
+NORMAL = "normal"
 UNFAMILIAR_METHOD = "nearest_class_mean_scaled_distance"
 
 
 def decide(
-    probabilities: np.ndarray, class_names: Sequence[str], malignant_threshold: float
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    malignant_threshold: float,
+    lesion_found: np.ndarray | None = None,
 ) -> np.ndarray:
     """The called class per row of calibrated ``probabilities`` ``[N, K]``.
 
-    With ``malignant_threshold`` > 0: malignant where P(malignant) >= it, else the most probable
-    other class; with 0: plain top-1.
+    With ``lesion_found`` (bool ``[N]``, the lesion output's verdict; the model's normal rule
+    ``lesion_head``): normal exactly where no lesion was found, elsewhere the call among the
+    other classes. With ``malignant_threshold`` > 0: malignant where P(malignant) >= it, else
+    the most probable other class; with 0: plain top-1.
 
     Returns:
         int ``[N]`` indices into ``class_names``.
     """
-    top = probabilities.argmax(axis=1)
-    if malignant_threshold <= 0 or MALIGNANT not in class_names:
+    p = probabilities.copy()
+    names = list(class_names)
+    normal = names.index(NORMAL) if NORMAL in names else None
+    if lesion_found is not None and normal is not None:
+        p[:, normal] = np.where(lesion_found, -np.inf, np.inf)
+    top = p.argmax(axis=1)
+    if malignant_threshold <= 0 or MALIGNANT not in names:
         return top
-    k = list(class_names).index(MALIGNANT)
-    others = probabilities.copy()
+    k = names.index(MALIGNANT)
+    others = p.copy()
     others[:, k] = -np.inf
-    return np.where(probabilities[:, k] >= malignant_threshold, k, others.argmax(axis=1))
+    malignant = probabilities[:, k] >= malignant_threshold
+    if lesion_found is not None and normal is not None:
+        malignant &= lesion_found
+    return np.where(malignant, k, others.argmax(axis=1))
 
 
 def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:

@@ -9,6 +9,21 @@ from edge_runtime.contract import ResizePolicy
 from edge_runtime.preprocess import letterbox_box
 
 
+def lesion_heatmap(
+    lesion_map: np.ndarray, original_shape: tuple[int, int], input_size: int, policy: ResizePolicy
+) -> np.ndarray:
+    """The heatmap of a model with a ``lesion`` output: its lesion probability at every pixel of
+    the original scan (``edge_runtime.lesion.lesion_probability``), as uint8 ``[H, W]``,
+    255 = probability 1. Unlike a class activation map it is not scaled to its own peak, so a
+    scan without a lesion stays dark; on held-out lesion scans its hottest point lies on the
+    lesion far more often than the CAM's (docs/lesion-outlines.md).
+    """
+    from edge_runtime.lesion import lesion_probability
+
+    probability = lesion_probability(lesion_map, original_shape, input_size, policy)
+    return np.clip(probability * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def cam_to_heatmap(
     cam: np.ndarray, original_shape: tuple[int, int], input_size: int, policy: ResizePolicy
 ) -> np.ndarray:

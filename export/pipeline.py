@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.card import model_file_name
-from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
+from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, open_model
 from export.card import build_card, write_card
@@ -407,6 +407,10 @@ def _spec(
             "threshold", 0.0
         ),
         unfamiliar=(decision or {}).get("unfamiliar", {}),
+        # chosen by the scanner-held-out protocol (docs/prereg/2026-12-02-lesion-recipe.md)
+        normal_rule=NormalRule.LESION_HEAD
+        if info.lesion_stride and "normal" in info.class_names
+        else NormalRule.CLASSIFIER,
     )
 
 

@@ -90,3 +90,21 @@ def test_the_classifier_applies_the_models_operating_point_and_an_override(tmp_p
     assert plain.label == top
     with pytest.raises(ValueError, match="malignant_threshold must be in"):
         Classifier.from_path(model, malignant_threshold=1.0)
+
+
+def test_the_lesion_head_rule_calls_normal_exactly_when_no_lesion_is_found():
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.6, 0.1, 0.3], [0.2, 0.5, 0.3]])
+    found = np.array([True, False, True, False])
+    np.testing.assert_array_equal(decide(p, CLASSES, 0.0, found), [1, 0, 2, 0])
+    # the malignant threshold applies to scans with a lesion only
+    np.testing.assert_array_equal(decide(p, CLASSES, 0.05, found), [2, 0, 2, 0])
+
+
+def test_a_lesion_model_shows_its_lesion_probability_as_the_heatmap(tmp_path):
+    model = make_contract_model(tmp_path / "m.onnx", lesion_stride=4)
+    image = np.full((64, 96), 220, np.uint8)
+    cv2.circle(image, (30, 30), 10, 20, -1)
+    with Classifier.from_path(model) as clf:
+        (result,) = clf.classify([image], heatmaps=True)
+    assert result.heatmap.shape == image.shape
+    assert result.heatmap[30, 30] > 200 and result.heatmap[5, 90] < 30  # dark on bright tissue
