@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import keras
@@ -33,6 +34,10 @@ class FitConfig:
     freeze_batch_norm: bool = True
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    # stage name -> extra callbacks for that stage's fit (training.distributed.stage_callbacks)
+    extra_callbacks: Callable[[str], list[keras.callbacks.Callback]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 def class_weights(labels: np.ndarray, num_classes: int, power: float = 0.5) -> dict[int, float]:
@@ -182,6 +187,8 @@ def _run_stage(model, stage, rate, epochs, train_ds, val_ds, weights, config, ro
         ),
         _EpochLog(stage, rows),
     ]
+    if config.extra_callbacks is not None:
+        callbacks += config.extra_callbacks(stage)
     log.info("stage %s: %d epochs at learning rate %.2g", stage, epochs, rate)
     model.fit(
         _one_hot(train_ds, num_classes),
