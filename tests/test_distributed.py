@@ -94,20 +94,20 @@ def test_two_workers_on_loopback_train_one_model_that_the_chief_alone_writes(tmp
             *("--distributed", "--workers", workers, "--worker-index", str(index)),
         ]
 
+    log_paths = [tmp_path / f"worker-{index}.log" for index in (0, 1)]
     processes = [
         subprocess.Popen(
-            command(index), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command(index), env=env, stdout=path.open("w"), stderr=subprocess.STDOUT, text=True
         )
-        for index in (0, 1)
+        for index, path in enumerate(log_paths)
     ]
-    logs = []
-    for process in processes:
-        try:
-            logs.append(process.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
+    try:
+        for process in processes:
+            process.wait(timeout=600)
+    finally:
+        for process in processes:
+            process.kill()
+    logs = [path.read_text() for path in log_paths]
     for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, log[-3000:]
     assert "worker-0 of 2: 2 replicas in sync" in logs[0]
