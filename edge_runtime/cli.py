@@ -11,12 +11,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.classifier import Classifier, ClassifierOptions, failure_result
+from edge_runtime.classifier import Classifier, ClassifierOptions, Result, failure_result
 from edge_runtime.contract import ContractError
 from edge_runtime.decode import display_path
 from edge_runtime.lesion import require_lesion_output
@@ -59,6 +59,8 @@ examples:
        edge-classify dashboard
   9. fit the model to your scanner from labelled scans (see: edge-classify adapt --help):
        edge-classify adapt site-scans/ --output clinic-int8.onnx
+ 10. an archive on 8 Ray workers (a local cluster; --ray-address joins a running one):
+       edge-classify /archive/2019 --engine ray --workers 8 --format jsonl --output 2019.jsonl
 
 "watch", "bench", "dashboard" and "adapt" as the first word are subcommands; to classify a
 file or folder with one of those names, write it as a path: edge-classify ./watch
@@ -201,8 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_abstain_option(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    _add_engine_options(parser)
     _add_common_options(parser)
     return parser
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "engine", "archives on a Ray cluster (the ray extra; see docs/scale-out.md)"
+    )
+    group.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: a pool of Ray workers, results in input order",
+    )
+    group.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=None,
+        help="with --engine ray: join this running cluster (as printed by `ray start --head`); "
+        "default: start a local one for this run",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --engine ray: classifying workers, one CPU each (default: one per CPU)",
+    )
 
 
 def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
@@ -473,7 +502,18 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         )
         for item, reason in problems:  # every input accounted for in the output too
             writer.write(failure_result(item, reason))
-        counts = _run(classifier, files, writer, args, stderr)
+        results = None
+        if args.engine == "ray":
+            if args.masks:
+                raise ValueError("--masks is not supported with --engine ray yet; run it locally")
+            results = _ray_results(stack, classifier, files, options, args)
+        elif args.ray_address is not None or args.workers is not None:
+            raise ValueError("--ray-address and --workers need --engine ray")
+        try:
+            counts = _run(classifier, files, writer, args, stderr, results)
+        except KeyboardInterrupt:  # the ExitStack has shut down a local Ray cluster
+            stderr.write("edge-classify: interrupted\n")
+            return 130
     failed = counts["failed"] + len(problems)
     if not args.quiet:
         rechecked = (
@@ -488,17 +528,36 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     return ExitStatus.SUCCESS
 
 
+def _ray_results(stack, classifier, files, options, args) -> Iterator[Result]:
+    """``--engine ray``: results from a Ray cluster joined (or started) for this run."""
+    from edge_runtime.ray_engine import RayOptions, classify_on_ray, ray_cluster
+
+    ray_options = RayOptions(address=args.ray_address, workers=args.workers)
+    try:
+        workers = stack.enter_context(ray_cluster(ray_options))
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    heatmaps = bool(args.heatmaps)
+    return classify_on_ray(
+        classifier, files, options, ray_options, workers=workers, heatmaps=heatmaps
+    )
+
+
 def _run(
     classifier: Classifier,
     files: list[Path],
     writer: ResultWriter,
     args: argparse.Namespace,
     stderr: TextIO,
+    results: Iterator[Result] | None = None,
 ) -> dict[str, int]:
     counts = {"ok": 0, "failed": 0, "abstained": 0, "rechecked": 0}
     show_progress = not args.quiet and stderr.isatty() and len(files) > 20
     stems = heatmap_stems(files) if args.heatmaps or args.masks else None
-    results = classifier.iter_classify(files, heatmaps=bool(args.heatmaps), masks=bool(args.masks))
+    if results is None:
+        results = classifier.iter_classify(
+            files, heatmaps=bool(args.heatmaps), masks=bool(args.masks)
+        )
     for done, result in enumerate(results, 1):
         writer.write(result)
         counts["ok" if result.ok else "failed"] += 1

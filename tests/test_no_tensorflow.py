@@ -8,7 +8,7 @@ import textwrap
 
 from tests.onnx_models import make_contract_model
 
-FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "training", "export")
+FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "training", "export", "ray")
 
 
 def test_runtime_classifies_in_a_fresh_interpreter_without_tensorflow(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,6 +20,10 @@ examples:
   3. a quick smoke run on any <root>/<class>/*.png tree:
        edge-train my_scans --backbone small-cnn --weights none --image-size 96 --epochs 10 \\
            --output runs/smoke
+
+  4. two machines train one model (run on each, with its own --worker-index; see README):
+       edge-train data/Dataset_BUSI_with_GT --output runs/lite0 --distributed \\
+           --workers 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
 
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group]). The run folder gets model.keras, run.json, split.csv, history.csv,
@@ -145,6 +151,37 @@ def build_parser() -> argparse.ArgumentParser:
         "final model and scanner-held-out folds), with the same data and options",
     )
     parser.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group(
+        "multi-worker training", "one model trained by several machines (training.distributed)"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="train with tf.distribute.MultiWorkerMirroredStrategy: run the same command on "
+        "every worker; the cluster comes from TF_CONFIG or --workers/--worker-index; the chief "
+        "alone writes --output; --batch-size is the global batch",
+    )
+    group.add_argument(
+        "--workers",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="with --distributed: every worker's address, in the same order on every worker",
+    )
+    group.add_argument(
+        "--worker-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="with --workers: this worker's position in that list (0 is the chief)",
+    )
+    group.add_argument(
+        "--backup-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --distributed: per-epoch backups for resuming after a worker fails "
+        "(default: <output>.backup; deleted when the run completes)",
+    )
     return parser
 
 
@@ -153,9 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
+    cluster = None
+    if args.distributed:
+        from training.distributed import cluster_from
+
+        try:
+            cluster = cluster_from(args.workers, args.worker_index)
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.workers or args.worker_index is not None or args.backup_dir:
+        parser.error("--workers, --worker-index and --backup-dir need --distributed")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from training.augment import AugmentConfig
     from training.backbones import Backbone
+    from training.distributed import stage_callbacks, start
     from training.fit import FitConfig
     from training.run import TrainConfig, train
 
@@ -189,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             augment=AugmentConfig(**noise, unmark=args.unmark, clutter=args.clutter),
             seg_weight=args.seg_weight,
+            extra_callbacks=None if cluster is None else stage_callbacks,
         ),
     )
     try:
@@ -197,10 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             report_saved(config)
             return 0
-        train(config)
+        with contextlib.ExitStack() as stack:
+            if cluster is not None:
+                output = stack.enter_context(start(cluster, args.output, args.backup_dir))
+                config = dataclasses.replace(config, output=output)
+            train(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"edge-train: error: {exc}", file=sys.stderr)
         return 2
+    if cluster is not None and not cluster.is_chief:
+        print(f"{cluster.name} done; the chief wrote the run folder")
+        return 0
     if args.leave_scanner_out is not None:
         print(f"Scanner-held-out protocol: {args.output / 'protocol.md'}")
     if args.cv_only and args.folds > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import keras
@@ -37,6 +38,10 @@ class FitConfig:
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     seg_weight: float = 1.0  # weight of the lesion mask loss beside the classification loss
+    # stage name -> extra callbacks for that stage's fit (training.distributed.stage_callbacks)
+    extra_callbacks: Callable[[str], list[keras.callbacks.Callback]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,8 @@ def _run_stage(run: _Fitting, stage: str, rate: float, epochs: int) -> None:
         ),
         _EpochLog(stage, run.rows),
     ]
+    if run.config.extra_callbacks is not None:
+        callbacks += run.config.extra_callbacks(stage)
     log.info("stage %s: %d epochs at learning rate %.2g", stage, epochs, rate)
     run.model.fit(
         run.train,

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from edge_runtime.contract import ResizePolicy
+from training import distributed
 from training.augment import jitter_gray_levels
 from training.backbones import Backbone
 from training.data import load_images
@@ -290,20 +291,21 @@ def _train_and_report(
     part = {name: splits == name for name in ("train", "val", "test")}
     keras.utils.set_random_seed(config.seed)  # the head starts the same whatever ran before
     segment = data.masks is not None
-    model = build_classifier(
+    model = distributed.in_scope(build_classifier)(  # edge-train --distributed
         len(data.class_names),
         backbone=config.backbone,
         input_size=config.input_size,
         weights=config.weights,
         lesion=segment,
     )
-    rows = fit(
+    rows = distributed.in_scope(fit)(
         model,
         _training_arrays(data, part["train"]),
         _split_arrays(data, part["val"]),
         config.fit,
         pretrained=config.weights is not None,
     )
+    model = distributed.local_copy(model)  # evaluate on this worker alone
     if config.int8_grid:
         log.info("snapped %d kernels to the INT8 weight grid", snap_to_int8_grid(model))
     model.save(run_dir / MODEL_FILE)
