@@ -79,7 +79,7 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     ]["busbra:GE Logiq 5"]["ci95"]
     assert f"- busbra:GE Logiq 5: 0.920 ({low:.3f}-{high:.3f}); 360 scans" in text
     assert "Not a medical device" in text
-    assert "top-1 agreement 1.0000, accuracy 1.000 -> 1.000: pass" in text
+    assert "top-1 agreement 1.0000, accuracy 1.0000 -> 1.0000: PASS" in text
     assert "weights int8 per channel, percentile 99.999 calibration on 256 training images" in text
     assert "Kernels rounded to the INT8 weight grid in training: yes" in text
 
