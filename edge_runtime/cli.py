@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from enum import IntEnum
 from pathlib import Path
 from typing import TextIO
 
@@ -21,14 +20,9 @@ from edge_runtime.contract import ContractError
 from edge_runtime.output import OutputFormat, ResultWriter, heatmap_stems, write_heatmaps
 from edge_runtime.session import Provider
 from edge_runtime.sources import expand_sources
+from edge_runtime.status import ExitStatus
 
 SUBCOMMANDS = ("watch", "bench")
-
-
-class ExitStatus(IntEnum):
-    SUCCESS = 0  # every input classified
-    PARTIAL = 1  # some inputs failed (each has its own error record)
-    USAGE = 2  # bad arguments or an unusable model: nothing was classified
 
 
 EXAMPLES = """\
@@ -313,6 +307,8 @@ def main(
         if stdout is sys.__stdout__:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
         return ExitStatus.PARTIAL
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
     except (ContractError, ValueError, OSError) as exc:
         if args.traceback:
             raise

@@ -129,8 +129,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     lines += [
         f"- {p['check']}: {p['images']} images, max |dp| {p['max_abs_diff']:.2e}, top-1 "
-        f"agreement {p['top1_agreement']:.4f}, accuracy {p['reference_accuracy']:.3f} -> "
-        f"{p['candidate_accuracy']:.3f}: {'pass' if p['passed'] else 'FAIL'}"
+        f"agreement {p['top1_agreement']:.4f}, accuracy {_num(p['reference_accuracy'])} -> "
+        f"{_num(p['candidate_accuracy'])}: {'pass' if p['passed'] else 'FAIL'}"
         for p in card["parity"]
     ]
     lines += [
@@ -191,6 +191,12 @@ def _recheck_lines(recheck: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+UNDEFINED_NOTE = (
+    "n/a: undefined on this test split (no precision for a class the model never predicted, no "
+    "sensitivity for a class with no test images); a model that never predicts a class has "
+    "not learned it."
+)
+
 _SCALARS = (
     ("accuracy", "accuracy"),
     ("macro_f1", "macro-F1"),
@@ -213,10 +219,13 @@ def _metric_lines(metrics: Mapping[str, Any]) -> list[str]:
         values["malignant_sensitivity"] = malignant["sensitivity"]
     lines = []
     for key, label in _SCALARS:
-        if values.get(key) is None:
+        if key not in values:
+            continue
+        if values[key] is None:
+            lines.append(f"- {label}: n/a (undefined on this test split)")
             continue
         ci = intervals.get(key)
-        suffix = f" (95% bootstrap CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+        suffix = f" (95% bootstrap CI {_interval(ci)})" if ci else ""
         lines.append(f"- {label}: {values[key]:.3f}{suffix}")
     return [*lines, ""]
 
@@ -231,9 +240,11 @@ def _per_class_table(metrics: Mapping[str, Any]) -> list[str]:
     ]
     for name, m in per_class.items():
         lines.append(
-            f"| {name} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
-            f"{m['precision']:.3f} | {m['f1']:.3f} | {m['support']} |"
+            f"| {name} | {_num(m.get('sensitivity'))} | {_num(m.get('specificity'))} | "
+            f"{_num(m.get('precision'))} | {_num(m.get('f1'))} | {m.get('support')} |"
         )
+    if any(v is None for m in per_class.values() for v in m.values()):
+        lines += ["", UNDEFINED_NOTE]
     return [*lines, ""]
 
 

@@ -14,6 +14,7 @@ MAX_ACCURACY_DROP = 0.01
 # INT8 runs at ~0.43x FP32's time (README); rechecking at most a fifth of scans keeps INT8 with
 # its FP32 recheck >= 1.5x faster than FP32, and fails an INT8 model too broken to be useful.
 MAX_RECHECK_FRACTION = 0.2
+THIN_EVIDENCE_IMAGES = 100  # below this, one changed answer moves agreement by more than 1%
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,15 @@ def fp16_gate(
 ) -> ParityReport:
     """FP16 vs FP32: the INT8 gate's thresholds."""
     return reduced_precision_gate("fp16", fp32_probs, fp16_probs, labels, **thresholds)
+
+
+def thin_evidence(report: ParityReport) -> str | None:
+    """A warning when ``report`` rests on fewer than :data:`THIN_EVIDENCE_IMAGES` images, else
+    None: on a handful of images a PASS proves little."""
+    if report.n >= THIN_EVIDENCE_IMAGES:
+        return None
+    return (
+        f"{report.name}: only {report.n} held-out images, so one changed answer moves top-1 "
+        f"agreement by {1 / report.n:.1%}: the verdict is thin evidence. Gate on more held-out "
+        "scans (a larger test split) before trusting this model."
+    )

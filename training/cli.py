@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
+
+from edge_runtime.status import ExitStatus
+from training.console import command_logging, import_tensorflow, run_command
+
+LOG_FILE = "train.log"
 
 EXAMPLES = """\
 examples:
@@ -21,7 +28,8 @@ examples:
 
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group]). The run folder gets model.keras, run.json, split.csv, history.csv,
-metrics.json, duplicates.csv and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
+metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
+included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
 
@@ -105,23 +113,61 @@ def build_parser() -> argparse.ArgumentParser:
         "without training the final model",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full Python traceback on an error"
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """``edge-train``; returns an :class:`~edge_runtime.status.ExitStatus`.
+
+    Arguments and DATA paths are checked before TensorFlow loads. A run that fails before it
+    has trained anything removes the run folder it made.
+    """
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+            _check(parser, args)
+    except SystemExit as exit_:
+        return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
+    missing = [path for path in args.data if not path.exists()]
+    if missing:
+        stderr.write(
+            f"edge-train: error: {missing[0]}: no such file or folder. DATA is a dataset folder "
+            "(BUSI, BUS-BRA or <root>/<class>/*) or a CSV manifest (path,label[,group]).\n"
+        )
+        return ExitStatus.USAGE
+    made_output = not args.output.exists()
+    with command_logging(stderr, args.output / LOG_FILE):
+        status = run_command(
+            "edge-train", lambda: _train(args, stdout), stderr=stderr, traceback=args.traceback
+        )
+    if status != ExitStatus.SUCCESS and made_output and not any(args.output.rglob("*.keras")):
+        shutil.rmtree(args.output, ignore_errors=True)
+        stderr.write(f"edge-train: removed {args.output}: nothing was trained\n")
+    return status
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cv_only and args.folds < 2:
         parser.error("--cv-only needs --folds K with K >= 2")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not 0.0 <= args.unmark <= 1.0:
+        parser.error(f"--unmark is a probability in [0, 1]. Got {args.unmark} instead.")
+
+
+def _train(args: argparse.Namespace, stdout: TextIO) -> int:
+    import_tensorflow()
     from training.augment import AugmentConfig
     from training.backbones import Backbone
     from training.fit import FitConfig
     from training.run import TrainConfig, train
 
     noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
-    if not 0.0 <= args.unmark <= 1.0:
-        parser.error(f"--unmark is a probability in [0, 1]. Got {args.unmark} instead.")
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
@@ -142,16 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             augment=AugmentConfig(**noise, unmark=args.unmark),
         ),
     )
-    try:
-        train(config)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"edge-train: error: {exc}", file=sys.stderr)
-        return 2
+    train(config)
     if args.cv_only:
-        print(f"Cross-validation results: {args.output / 'cv_metrics.json'}")
+        print(f"Cross-validation results: {args.output / 'cv_metrics.json'}", file=stdout)
     else:
-        print(f"Next: edge-export {args.output} --output {args.output / 'export'}")
-    return 0
+        print(f"Next: edge-export {args.output} --output {args.output / 'export'}", file=stdout)
+    return ExitStatus.SUCCESS
 
 
 if __name__ == "__main__":

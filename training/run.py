@@ -19,6 +19,7 @@ from training.backbones import Backbone
 from training.data import load_images
 from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
+from training.diagnostics import check_run, log_warnings
 from training.fit import FitConfig, fit
 from training.int8_grid import snap_to_int8_grid
 from training.lesionfree import lesion_free_views_wanted, training_views
@@ -223,6 +224,7 @@ def _train_and_report(
     metrics = evaluate(y_test, test_probs, data.class_names)
     metrics["temperature"] = temperature
     metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
+    log_warnings(check_run(rows, metrics, data.labels, splits, data.class_names), str(run_dir))
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
     by_source = _per_source_metrics(y_test, test_probs, data.class_names, test_samples)
