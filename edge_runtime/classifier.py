@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.calibration import apply_temperature as _calibrate
 from edge_runtime.contract import CAM, INPUT_NAME, PROBABILITIES, ModelSpec, Precision
 from edge_runtime.decode import InputError, load_frames, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap
@@ -364,16 +365,6 @@ class Classifier:
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
         )
-
-
-def _calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature scaling from probabilities: softmax(log p / T) == softmax(logits / T)."""
-    if temperature == 1.0:
-        return probabilities
-    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def _with_postprocess(result: Result, post_ms: float) -> Result:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,7 +10,13 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.status import ExitStatus
-from training.console import command_logging, import_tensorflow, run_command
+from training.console import (
+    add_traceback_option,
+    command_logging,
+    import_tensorflow,
+    parse_args,
+    run_command,
+)
 
 EXAMPLES = """\
 examples:
@@ -104,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write <name>-fp16.onnx for GPU providers (checked against FP32 like INT8)",
     )
-    parser.add_argument(
-        "--traceback", action="store_true", help="show the full Python traceback on an error"
-    )
+    add_traceback_option(parser)
     return parser
 
 
@@ -116,11 +119,9 @@ def main(
     """``edge-export``; returns an :class:`~edge_runtime.status.ExitStatus`: ``GATE_FAILED`` (1)
     when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
+    args = parse_args(build_parser(), argv, stdout, stderr)
+    if isinstance(args, ExitStatus):
+        return args
     with command_logging(stderr):
         return run_command(
             "edge-export",

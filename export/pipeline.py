@@ -15,7 +15,7 @@ import numpy as np
 from edge_runtime.card import model_file_name
 from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
 from edge_runtime.recheck import needs_recheck, recheck_margin
-from edge_runtime.session import Provider, open_model
+from edge_runtime.session import Provider, batch_probabilities, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.diagnose import count_convs, rank_quantization_error
@@ -354,12 +354,7 @@ def _spec(
 
 def _onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     """Run through the runtime's own loader, which also validates the written contract."""
-    model = open_model(path, provider=Provider.CPU)
-    outputs = [
-        model.session.run(["probabilities"], {"image": images[i : i + 32]})[0]
-        for i in range(0, len(images), 32)
-    ]
-    return np.concatenate(outputs)
+    return batch_probabilities(open_model(path, provider=Provider.CPU).session, images)
 
 
 def _images_for(options: ExportOptions, info: RunInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -283,3 +283,13 @@ def test_the_vectorised_bootstrap_is_sklearn_on_each_resample():
             y[index], pred[index], labels=np.unique(y[index]), average="macro", zero_division=0
         )
         assert float(_macro_f1(cm)) == pytest.approx(expected)
+
+
+def test_training_and_the_runtime_scale_by_one_temperature_function():
+    from edge_runtime.calibration import apply_temperature as runtime
+
+    _, probs = _random_case(n=50)
+    probs32 = probs.astype(np.float32)
+    for t in (0.5, 0.76, 2.0):
+        np.testing.assert_allclose(runtime(probs32, t), apply_temperature(probs32, t), atol=1e-6)
+    assert runtime(probs32, 1.0) is probs32  # the runtime skips T == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import sys
 from collections.abc import Sequence
@@ -11,7 +10,13 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.status import ExitStatus
-from training.console import command_logging, import_tensorflow, run_command
+from training.console import (
+    add_traceback_option,
+    command_logging,
+    import_tensorflow,
+    parse_args,
+    run_command,
+)
 
 LOG_FILE = "train.log"
 
@@ -113,9 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "without training the final model",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--traceback", action="store_true", help="show the full Python traceback on an error"
-    )
+    add_traceback_option(parser)
     return parser
 
 
@@ -129,12 +132,9 @@ def main(
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     parser = build_parser()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(argv)
-            _check(parser, args)
-    except SystemExit as exit_:
-        return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
+    args = parse_args(parser, argv, stdout, stderr, lambda a: _check(parser, a))
+    if isinstance(args, ExitStatus):
+        return args
     missing = [path for path in args.data if not path.exists()]
     if missing:
         stderr.write(

@@ -8,13 +8,14 @@ lazily, so that ``--help`` and a wrong path answer before it loads.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import sys
 import tempfile
 import traceback as tb
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -103,6 +104,33 @@ def import_tensorflow() -> None:
 
         absl_logging.use_python_logging(quiet=True)
     log.debug("TF_CPP_MIN_LOG_LEVEL=%s", os.environ["TF_CPP_MIN_LOG_LEVEL"])
+
+
+def add_traceback_option(parser: argparse.ArgumentParser) -> None:
+    """``--traceback``: errors show their Python stack (for bug reports)."""
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full Python traceback on an error"
+    )
+
+
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    stdout: TextIO,
+    stderr: TextIO,
+    check: Callable[[argparse.Namespace], None] | None = None,
+) -> argparse.Namespace | ExitStatus:
+    """The parsed arguments, or the status to exit with (``--help``: SUCCESS; a usage error,
+    also one ``check`` raises with ``parser.error``: USAGE), with argparse's text on the
+    given streams."""
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+            if check is not None:
+                check(args)
+    except SystemExit as exit_:
+        return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
+    return args
 
 
 def run_command(

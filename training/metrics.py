@@ -27,6 +27,9 @@ from scipy import stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
+from edge_runtime.calibration import PROBABILITY_FLOOR
+from edge_runtime.calibration import apply_temperature as runtime_temperature
+
 __all__ = [
     "apply_temperature",
     "binary_auc",
@@ -38,7 +41,6 @@ __all__ = [
     "summarize_folds",
 ]
 
-EPS = 1e-12
 ECE_BINS = 15
 N_BOOT = 1000
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -100,7 +102,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale softmax probabilities by a temperature: ``softmax(log(p) / T)``.
+    """Rescale softmax probabilities by a temperature: ``softmax(log(p) / T)``, exactly as the
+    runtime does (:func:`edge_runtime.calibration.apply_temperature`).
 
     The arg-max of every row is unchanged; ``T > 1`` softens, ``T < 1`` sharpens.
 
@@ -122,7 +125,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.size == 0:
         return probs.copy()
-    return np.exp(_log_softmax(np.log(np.clip(probs, EPS, 1.0)) / temperature))
+    return runtime_temperature(probs / probs.sum(axis=1, keepdims=True), temperature)
 
 
 def _nll_at(log_p: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -151,7 +154,7 @@ def fit_temperature(
     y, probs = _check(val_labels, val_probs, "fit_temperature")
     if len(y) == 0:
         return 1.0
-    log_p = np.log(np.clip(probs, EPS, 1.0))
+    log_p = np.log(np.clip(probs, PROBABILITY_FLOOR, 1.0))
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     grid = np.linspace(lo, hi, 61)
     losses = [_nll_at(log_p, y, math.exp(g)) for g in grid]
