@@ -56,7 +56,8 @@ def readme_path(tmp_path_factory):
         for argv in readme_commands():
             if argv[:2] == ["pip", "install"]:
                 continue  # the environment running this test is that install
-            assert _run_readme_line(argv, stderr) == 0, (argv, stderr.getvalue()[-3000:])
+            if _run_readme_line(argv, stderr) != 0:
+                pytest.fail(f"{shlex.join(argv)} failed:\n{stderr.getvalue()[-4000:]}")
     return root, stderr.getvalue()
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from edge_runtime.contract import ResizePolicy
@@ -57,15 +57,7 @@ class HeldOutCheck:
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """Run the check on the run folders in ``argv``; returns the exit status."""
-        return run_check(
-            argv,
-            module=self.module,
-            doc=self.doc,
-            file_name=self.file_name,
-            measure=self.measure,
-            summarize=self.summarize,
-            describe=self.describe,
-        )
+        return run_check(argv, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def run_check(
