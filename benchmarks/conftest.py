@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from edge_runtime.classifier import MODELS_DIR, default_model_path
-from edge_runtime.contract import INPUT_NAME, PROBABILITIES, Precision
+from edge_runtime.contract import Precision
 from edge_runtime.decode import load_gray
 from edge_runtime.preprocess import make_batch
-from edge_runtime.session import LoadedModel, Provider, open_model
+from edge_runtime.session import LoadedModel, Provider, batch_probabilities, open_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"))
@@ -126,9 +126,4 @@ def heldout(models) -> tuple[np.ndarray, np.ndarray]:
 
 def probabilities(model: LoadedModel, images: np.ndarray) -> np.ndarray:
     """A model's probabilities for a uint8 batch, 32 images per run."""
-    return np.concatenate(
-        [
-            model.session.run([PROBABILITIES], {INPUT_NAME: images[i : i + 32]})[0]
-            for i in range(0, len(images), 32)
-        ]
-    )
+    return batch_probabilities(model.session, images)

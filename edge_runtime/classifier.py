@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edge_runtime.calibration import apply_temperature as _calibrate
 from edge_runtime.capture import collecting, private_stderr
 from edge_runtime.contract import (
     CAM,
@@ -635,16 +636,6 @@ def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
         if good == size:
             return index + 1
     return None
-
-
-def _calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature scaling from probabilities: softmax(log p / T) == softmax(logits / T)."""
-    if temperature == 1.0:
-        return probabilities
-    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def _with_postprocess(result: Result, post_ms: float) -> Result:

@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from enum import IntEnum
 from pathlib import Path
 from typing import TextIO
 
@@ -29,14 +28,9 @@ from edge_runtime.output import (
 )
 from edge_runtime.session import Provider
 from edge_runtime.sources import expand_sources
+from edge_runtime.status import ExitStatus
 
 SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt")
-
-
-class ExitStatus(IntEnum):
-    SUCCESS = 0  # every input classified
-    PARTIAL = 1  # some inputs failed (each has its own error record)
-    USAGE = 2  # bad arguments or an unusable model: nothing was classified
 
 
 EXAMPLES = """\
@@ -440,6 +434,8 @@ def main(
         if stdout is sys.__stdout__:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
         return ExitStatus.PARTIAL
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
     except (ContractError, ValueError, OSError) as exc:
         if args.traceback:
             raise

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from edge_runtime.card import verify_against_card
 from edge_runtime.contract import (
+    INPUT_NAME,
+    PROBABILITIES,
     ContractError,
     ModelSpec,
     TensorInfo,
@@ -260,3 +263,16 @@ __all__ = [
     "open_model",
     "open_recheck_model",
 ]
+
+
+def batch_probabilities(
+    session: ort.InferenceSession, images: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
+    """The uncalibrated ``probabilities`` ``[N, K]`` of a uint8 batch ``[N, S, S, 1]``, run
+    ``batch_size`` images at a time (memory stays bounded for any N)."""
+    return np.concatenate(
+        [
+            session.run([PROBABILITIES], {INPUT_NAME: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )

@@ -193,6 +193,12 @@ def _recheck_lines(recheck: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+UNDEFINED_NOTE = (
+    "n/a: undefined on this test split (no precision for a class the model never predicted, no "
+    "sensitivity for a class with no test images); a model that never predicts a class has "
+    "not learned it."
+)
+
 _SCALARS = (
     ("accuracy", "accuracy"),
     ("macro_f1", "macro-F1"),
@@ -215,10 +221,13 @@ def _metric_lines(metrics: Mapping[str, Any]) -> list[str]:
         values["malignant_sensitivity"] = malignant["sensitivity"]
     lines = []
     for key, label in _SCALARS:
-        if values.get(key) is None:
+        if key not in values:
+            continue
+        if values[key] is None:
+            lines.append(f"- {label}: n/a (undefined on this test split)")
             continue
         ci = intervals.get(key)
-        suffix = f" (95% bootstrap CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+        suffix = f" (95% bootstrap CI {_interval(ci)})" if ci else ""
         lines.append(f"- {label}: {values[key]:.3f}{suffix}")
     return [*lines, ""]
 
@@ -233,9 +242,11 @@ def _per_class_table(metrics: Mapping[str, Any]) -> list[str]:
     ]
     for name, m in per_class.items():
         lines.append(
-            f"| {name} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
-            f"{m['precision']:.3f} | {m['f1']:.3f} | {m['support']} |"
+            f"| {name} | {_num(m.get('sensitivity'))} | {_num(m.get('specificity'))} | "
+            f"{_num(m.get('precision'))} | {_num(m.get('f1'))} | {m.get('support')} |"
         )
+    if any(v is None for m in per_class.values() for v in m.values()):
+        lines += ["", UNDEFINED_NOTE]
     return [*lines, ""]
 
 

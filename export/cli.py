@@ -7,6 +7,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
+
+from edge_runtime.status import ExitStatus
+from training.console import (
+    add_traceback_option,
+    command_logging,
+    import_tensorflow,
+    parse_args,
+    run_command,
+)
 
 EXAMPLES = """\
 examples:
@@ -24,7 +34,12 @@ exits with status 1. Next: edge-classify SCANS --model OUTPUT/<name>-int8.onnx
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.quantize import Calibration, IntType
+    """The parser; its defaults are :class:`export.quantize.QuantConfig`'s and the parity
+    gates' (:mod:`export.parity`), the ones :class:`export.pipeline.ExportOptions` uses."""
+    from export.parity import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT
+    from export.quantize import Calibration, IntType, QuantConfig
+
+    defaults = QuantConfig()
 
     parser = argparse.ArgumentParser(
         prog="edge-export",
@@ -38,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibration",
         choices=[*(c.value for c in Calibration), "auto"],
-        default=Calibration.MINMAX.value,
+        default=defaults.calibration.value,
         help="INT8 calibration method; auto: try MinMax and Percentile 99.99/99.999/99.9999 and "
         "keep the one whose INT8 model agrees best with FP32 on the validation split (the gate "
         "is then measured on the test split)",
@@ -46,35 +61,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--activations",
         choices=[t.value for t in IntType],
-        default=IntType.U8.value,
-        help="INT8 activation type (default uint8)",
+        default=defaults.activations.value,
+        help=f"INT8 activation type (default {defaults.activations.value})",
     )
     parser.add_argument(
-        "--calibration-images", type=int, default=256, help="training images used for calibration"
+        "--calibration-images",
+        type=int,
+        default=defaults.max_calibration_images,
+        help=f"training images used for calibration (default {defaults.max_calibration_images})",
     )
     parser.add_argument(
         "--float-convs",
         type=int,
-        default=0,
+        default=defaults.float_convs,
         metavar="N",
         help="keep the first N convolutions, and the residual sums among them, in float in the "
-        "INT8 model (default 0); early rounding errors grow through the network, so this can "
-        "lift INT8-FP32 agreement at some speed",
+        f"INT8 model (default {defaults.float_convs}); early rounding errors grow through the "
+        "network, so this can lift INT8-FP32 agreement at some speed",
     )
     parser.add_argument(
         "--min-agreement",
         type=float,
-        default=0.99,
+        default=MIN_TOP1_AGREEMENT,
         metavar="F",
         help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images "
-        "(default 0.99; recorded in the model card's parity results)",
+        f"(default {MIN_TOP1_AGREEMENT}; recorded in the model card's parity results)",
     )
     parser.add_argument(
         "--max-accuracy-drop",
         type=float,
-        default=0.01,
+        default=MAX_ACCURACY_DROP,
         metavar="F",
-        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images (default 0.01)",
+        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images "
+        f"(default {MAX_ACCURACY_DROP})",
     )
     parser.add_argument(
         "--no-recheck",
@@ -90,12 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write <name>-fp16.onnx for GPU providers (checked against FP32 like INT8)",
     )
+    add_traceback_option(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """``edge-export``; returns an :class:`~edge_runtime.status.ExitStatus`: ``GATE_FAILED`` (1)
+    when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    args = parse_args(build_parser(), argv, stdout, stderr)
+    if isinstance(args, ExitStatus):
+        return args
+    with command_logging(stderr):
+        return run_command(
+            "edge-export",
+            lambda: _export(args, stdout, stderr),
+            stderr=stderr,
+            traceback=args.traceback,
+        )
+
+
+def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from training.runfolder import RunInfo
+
+    RunInfo.read(args.run_dir)  # a wrong path fails here, before TensorFlow loads
+    import_tensorflow()
     from export.pipeline import ExportOptions, ParityError, export_run
     from export.quantize import Calibration, IntType, QuantConfig
 
@@ -106,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name=args.name,
         quantization=QuantConfig(
             activations=IntType(args.activations),
-            calibration=Calibration.MINMAX if auto else Calibration(args.calibration),
+            calibration=QuantConfig().calibration if auto else Calibration(args.calibration),
             max_calibration_images=args.calibration_images,
             float_convs=args.float_convs,
         ),
@@ -119,13 +159,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export_run(options)
     except ParityError as exc:
-        print(f"edge-export: {exc}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError, PermissionError) as exc:
-        print(f"edge-export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Next: edge-classify SCANS --model {result.files[-1]}")
-    return 0
+        _warn_thin(exc.reports)
+        stderr.write(f"edge-export: {exc}\n")
+        return ExitStatus.GATE_FAILED
+    _warn_thin(result.reports)
+    int8 = next(path for path in result.files if path.name.endswith("-int8.onnx"))
+    print(f"Next: edge-classify SCANS --model {int8}", file=stdout)
+    return ExitStatus.SUCCESS
+
+
+def _warn_thin(reports) -> None:
+    from export.parity import thin_evidence
+
+    for note in filter(None, map(thin_evidence, reports)):
+        logging.getLogger("export").warning("%s", note)
 
 
 if __name__ == "__main__":

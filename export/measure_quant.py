@@ -34,6 +34,7 @@ import onnxruntime as ort
 from edge_runtime.contract import INPUT_NAME, PROBABILITIES, ModelSpec, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.preprocess import make_batch
+from edge_runtime.session import batch_probabilities
 from export.diagnose import ConvCount, count_convs
 from export.quantize import Calibration, IntType, QuantConfig, quantize_int8
 
@@ -205,12 +206,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _predict(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [
-            session.run([PROBABILITIES], {INPUT_NAME: images[i : i + 16]})[0]
-            for i in range(0, len(images), 16)
-        ]
-    )
+    return batch_probabilities(session, images, batch_size=16)
 
 
 def _interleaved_latency(

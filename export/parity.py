@@ -15,6 +15,7 @@ MAX_ACCURACY_DROP = 0.01
 # its FP32 recheck >= 1.5x faster than FP32, and fails an INT8 model too broken to be useful.
 MAX_RECHECK_FRACTION = 0.2
 MIN_LESION_DICE = 0.95  # mean Dice between the reduced-precision and the FP32 lesion outlines
+THIN_EVIDENCE_IMAGES = 100  # below this, one changed answer moves agreement by more than 1%
 
 
 @dataclass(frozen=True)
@@ -194,3 +195,15 @@ class LesionParityReport(ParityReport):
             f"{self.name}: {self.n} images, max |dp| {self.max_abs_diff:.2e}, mean Dice of the "
             f"outlines {self.top1_agreement:.4f}: {verdict}"
         )
+
+
+def thin_evidence(report: ParityReport) -> str | None:
+    """A warning when ``report`` rests on fewer than :data:`THIN_EVIDENCE_IMAGES` images, else
+    None: on a handful of images a PASS proves little."""
+    if report.n >= THIN_EVIDENCE_IMAGES:
+        return None
+    return (
+        f"{report.name}: only {report.n} held-out images, so one changed answer moves top-1 "
+        f"agreement by {1 / report.n:.1%}: the verdict is thin evidence. Gate on more held-out "
+        "scans (a larger test split) before trusting this model."
+    )

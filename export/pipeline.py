@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import shutil
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,7 +15,7 @@ import numpy as np
 from edge_runtime.card import model_file_name
 from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.recheck import needs_recheck, recheck_margin
-from edge_runtime.session import Provider, open_model
+from edge_runtime.session import Provider, batch_probabilities, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.decision import choose_operating_point, choose_unfamiliar
@@ -95,14 +95,15 @@ def export_run(options: ExportOptions) -> ExportResult:
         ParityError: a parity gate failed; a report is written, no model is.
     """
     info = RunInfo.read(options.run_dir)
-    output = _writable_dir(options.output_dir)
+    output = Path(options.output_dir)
+    staging_parent = _writable_dir(output.parent)
     calibration, held_out, labels = _images_for(options, info)
     val, val_labels = _validation_images(options, info)
     from training.model import load_classifier
 
     keras_model = load_classifier(options.run_dir / MODEL_FILE)
     quant_settings = options.quantization.describe()
-    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
+    with tempfile.TemporaryDirectory(dir=staging_parent, prefix=f".{output.name}.export-") as tmp:
         tmp = Path(tmp)
         fp32 = _step(
             "convert to ONNX FP32",
@@ -202,7 +203,7 @@ def export_run(options: ExportOptions) -> ExportResult:
         for report in reports:
             log.info("%s", report.summary())
         if not all(r.passed for r in reports):
-            report_path = output / f"{options.name}.parity-failed.txt"
+            report_path = _writable_dir(output) / _failure_report_name(options.name)
             lines = [r.summary() for r in reports]
             if margin > 0:
                 lines.append(_alone_line(alone))
@@ -212,24 +213,38 @@ def export_run(options: ExportOptions) -> ExportResult:
                 lines.append(INT8_ADVICE)
             report_path.write_text("\n".join(lines) + "\n")
             raise ParityError(reports, report_path)
-        files = []
-        for path in candidates:
-            target = output / path.name
-            shutil.move(path, target)
-            files.append(target)
-            log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
-    card = build_card(
-        options.name,
-        info,
-        files,
-        reports,
-        quant_settings,
-        read_reports(options.run_dir),
-        decision=decision,
-    )
-    card_path, _ = write_card(card, output)
-    log.info("wrote %s", card_path)
-    return ExportResult(tuple(files), card_path, tuple(reports))
+        card = build_card(
+            options.name,
+            info,
+            candidates,
+            reports,
+            quant_settings,
+            read_reports(options.run_dir),
+            decision=decision,
+        )
+        card_json, card_md = write_card(card, tmp)
+        _publish([card_json, card_md, *candidates], _writable_dir(output), options.name)
+    files = tuple(output / path.name for path in candidates)
+    return ExportResult(files, output / card_json.name, tuple(reports))
+
+
+def _failure_report_name(name: str) -> str:
+    return f"{name}.parity-failed.txt"
+
+
+def _publish(staged: list[Path], output: Path, name: str) -> None:
+    """Move the finished files from the staging folder into ``output``, the INT8 model last,
+    once every one of them has been written: a failure before this leaves no model there.
+
+    Staging sits beside ``output`` (same file system), so each move is a rename. A report of an
+    earlier failed export of ``name`` is removed, since it no longer describes these files.
+    """
+    int8 = model_file_name(name, Precision.INT8.value)
+    for path in sorted(staged, key=lambda p: p.name == int8):
+        target = output / path.name
+        os.replace(path, target)
+        log.info("wrote %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    (output / _failure_report_name(name)).unlink(missing_ok=True)
 
 
 def _fold_input(int8: Path, info: RunInfo) -> bool:
@@ -416,7 +431,7 @@ def _spec(
 
 def _onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     """Run through the runtime's own loader, which also validates the written contract."""
-    return _onnx_output(path, images, "probabilities")
+    return batch_probabilities(open_model(path, provider=Provider.CPU).session, images)
 
 
 def _onnx_output(path: Path, images: np.ndarray, name: str) -> np.ndarray:

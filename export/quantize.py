@@ -53,11 +53,8 @@ _ORT_CALIBRATION = {
 class QuantConfig:
     """INT8 settings, translated into onnxruntime's arguments in one place.
 
-    The defaults were chosen by measurement (``python -m export.measure_quant``) on an
-    EfficientNet-Lite0 classifier at 224 px on an AVX-512 VNNI x86 CPU: uint8 activations with
-    int8 per-channel weights (U8S8) ran every convolution as an integer kernel and beat FP32, while
-    int8 activations (S8S8) were slower. MinMax calibration agreed with FP32 as well as Percentile
-    and Entropy and is fastest to calibrate. See docs/ or the export report for the table.
+    The defaults were chosen by measurement (``python -m export.measure_quant``; the numbers are
+    in docs/experiments.md, "Quantization settings").
 
     Attributes:
         activations: activation type; uint8 is the fast one on x86.
@@ -66,10 +63,7 @@ class QuantConfig:
         calibration: how activation ranges are chosen.
         percentile: the percentile kept by ``Calibration.PERCENTILE``.
         float_convs: the first this many convolutions, and the residual additions among them,
-            stay in float. Rounding errors made early are amplified by every later layer; on a
-            fine-tuned EfficientNet-Lite0 keeping the first 3 in float cut INT8-vs-FP32
-            disagreements from 8 to 5 of 373 held-out scans at no measurable cost in latency,
-            and on another the first 11 halved the mean probability change (``float_prefix``).
+            stay in float: rounding errors made early are amplified by every later layer.
         max_calibration_images: at most this many training images are used for calibration.
         batch_size: calibration batch size.
     """

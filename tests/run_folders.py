@@ -77,6 +77,7 @@ def make_run_folder(
         seed=seed,
         augment=None,
         label_smoothing=0.0,
+        min_steps_per_epoch=0,  # its schedule is set in epochs of this size
     )
     fit(
         model,

@@ -121,3 +121,17 @@ def test_pooled_per_scanner_auc_comes_from_the_folds_predictions(tmp_path):
         f"- busbra:Toshiba: {aucs['busbra:Toshiba']['auc']:.3f} ({low:.3f}-{high:.3f}; 60 scans"
         in text
     )
+
+
+def test_card_of_a_model_that_never_predicts_a_class_says_n_a_instead_of_crashing(tmp_path):
+    labels = np.array([0, 1, 2] * 4)
+    probs = np.tile([0.2, 0.5, 0.3], (12, 1))  # a chance model: always benign
+    metrics = evaluate(labels, probs, CLASSES, n_boot=20)
+    assert metrics["per_class"]["normal"]["precision"] is None
+    info = RunInfo(CLASSES, 64, "letterbox", "small-cnn", 0, "f" * 64, test_metrics=metrics)
+    model = tmp_path / "m-int8.onnx"
+    model.write_bytes(b"not really a model")
+    gate = reduced_precision_gate("onnx-int8 vs onnx-fp32", probs, probs, labels)
+    text = render_markdown(build_card("m", info, [model], [gate], {}))
+    assert "| normal | 0.000 | 1.000 | n/a | 0.000 | 4 |" in text
+    assert "n/a: undefined on this test split" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -39,7 +40,9 @@ def exported(run, tmp_path_factory):
     # gate is checked by test_broken_quantization_trips_the_int8_gate.
     args = [str(run), "--output", str(out), "--name", "synth", "--fp16", "--min-agreement", "0.95"]
     args += ["--max-accuracy-drop", "0.05"]
-    assert main(args) == 0
+    stdout = io.StringIO()
+    assert main(args, stdout=stdout) == 0
+    assert stdout.getvalue() == f"Next: edge-classify SCANS --model {out / 'synth-int8.onnx'}\n"
     return out
 
 

@@ -261,3 +261,35 @@ def test_summarize_folds_ignores_undefined_values_and_handles_one_fold():
     assert s["metrics"]["malignant_auc"] == {"mean": 0.9, "std": None, "ci95": None, "n": 1}
     assert s["metrics"]["accuracy"]["n"] == 2
     assert s["confusion_matrix"] is None
+
+
+def test_the_vectorised_bootstrap_is_sklearn_on_each_resample():
+    """One AUC and one F1 definition: each bootstrap row equals sklearn on that resample."""
+    from training.metrics import _macro_f1, _resample_counts, _weighted_auc
+
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random(80), 1)  # ties
+    positive = rng.random(80) < 0.4
+    counts = _resample_counts(80, 5, seed=0)
+    for row, auc in zip(counts, _weighted_auc(scores, positive, counts), strict=True):
+        assert auc == pytest.approx(roc_auc_score(positive, scores, sample_weight=row))
+    y, probs = _random_case(n=90)
+    pred = probs.argmax(1)
+    for row in _resample_counts(90, 3, seed=1):
+        index = np.repeat(np.arange(90), row)
+        cm = np.zeros((3, 3))
+        np.add.at(cm, (y[index], pred[index]), 1)
+        expected = f1_score(
+            y[index], pred[index], labels=np.unique(y[index]), average="macro", zero_division=0
+        )
+        assert float(_macro_f1(cm)) == pytest.approx(expected)
+
+
+def test_training_and_the_runtime_scale_by_one_temperature_function():
+    from edge_runtime.calibration import apply_temperature as runtime
+
+    _, probs = _random_case(n=50)
+    probs32 = probs.astype(np.float32)
+    for t in (0.5, 0.76, 2.0):
+        np.testing.assert_allclose(runtime(probs32, t), apply_temperature(probs32, t), atol=1e-6)
+    assert runtime(probs32, 1.0) is probs32  # the runtime skips T == 1

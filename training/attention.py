@@ -27,7 +27,7 @@ from edge_runtime.contract import CAM, PROBABILITIES, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.heatmap import cam_to_heatmap
 from edge_runtime.preprocess import make_batch
-from training.checks import run_check
+from training.checks import HeldOutCheck
 from training.datasets import Sample
 
 log = logging.getLogger(__name__)
@@ -133,16 +133,9 @@ def _describe(s: dict) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_check(
-        argv,
-        module="training.attention",
-        doc=__doc__,
-        file_name=ATTENTION_FILE,
-        measure=measure,
-        summarize=summarize,
-        describe=_describe,
-    )
+main = HeldOutCheck(
+    "training.attention", __doc__, ATTENTION_FILE, measure, summarize, _describe
+).main
 
 
 if __name__ == "__main__":

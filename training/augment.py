@@ -3,9 +3,9 @@
 Geometry: horizontal flip, small rotation, scaling, applied to a scan and its lesion mask alike.
 Intensity, as a scanner's knobs would change
 it: overall gain, contrast and gamma. Pixel noise of a few gray levels, so that the model's answer
-does not hang on differences no reader could see (without it, a fine-tuned EfficientNet-Lite0
-changed 8.6% of its test predictions under +-1 gray level of noise, and INT8 rounding flipped as
-many). Vertical flips are left out: they put the skin line at the bottom, which no probe produces.
+does not hang on differences no reader could see, nor on INT8 rounding (docs/experiments.md,
+"Quantization settings"). Vertical flips are left out: they put the skin line at the bottom,
+which no probe produces.
 Screen clutter (``training.clutter``): caliper crosses, dotted lines, text, body markers, rulers
 and logos painted on scans of every class alike, so that they say nothing about the label.
 """

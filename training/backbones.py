@@ -1,12 +1,17 @@
-"""Feature extractors the classifier can sit on, each with the pixel scaling it expects."""
+"""Feature extractors the classifier can sit on, each with the pixel scaling it expects.
+
+Keras is imported where a backbone is built, so that the CLI can list the choices (``--help``)
+without loading TensorFlow.
+"""
 
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-from keras import layers
+if TYPE_CHECKING:
+    import keras
 
 
 class Backbone(str, Enum):
@@ -44,6 +49,8 @@ def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | No
     Raises:
         ValueError: weights asked for that cannot be had here.
     """
+    import keras
+
     channels = pixel_scaling(backbone)[2]
     inputs = keras.Input((input_size, input_size, channels), name="scaled_image")
     if backbone is Backbone.SMALL_CNN:
@@ -62,6 +69,8 @@ def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | No
 
 
 def _small_cnn(x):
+    from keras import layers
+
     for i, filters in enumerate((16, 32, 64, 96)):
         x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
@@ -75,6 +84,8 @@ def _keras_application(backbone: Backbone, inputs, weights: str | Path | None):
             f"The weights file for {backbone.value} was not found: {weights}. Pass an existing "
             "Keras .h5/.weights.h5 file or weights=None."
         )
+    import keras
+
     weights_arg = None if weights is None else str(weights)
     try:
         if backbone is Backbone.MOBILENET_V2:

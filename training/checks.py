@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from edge_runtime.contract import ResizePolicy
@@ -38,6 +38,26 @@ def split_samples(run_dir: Path, split: str) -> list[Sample]:
     if not samples:
         raise ValueError(f"{run_dir / SPLIT_FILE}: no rows in split {split!r}")
     return samples
+
+
+@dataclass(frozen=True)
+class HeldOutCheck:
+    """One held-out check's command line: ``main = HeldOutCheck(...).main`` in its module.
+
+    Attributes are :func:`run_check`'s arguments (``module`` is the program name, ``doc`` the
+    module docstring).
+    """
+
+    module: str
+    doc: str
+    file_name: str
+    measure: Measure
+    summarize: Callable[[list], dict[str, dict]]
+    describe: Callable[[dict], str]
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """Run the check on the run folders in ``argv``; returns the exit status."""
+        return run_check(argv, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def run_check(

@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
+
+from edge_runtime.status import ExitStatus
+from training.console import (
+    add_traceback_option,
+    command_logging,
+    import_tensorflow,
+    parse_args,
+    run_command,
+)
+
+LOG_FILE = "train.log"
 
 EXAMPLES = """\
 examples:
@@ -27,7 +39,8 @@ examples:
 
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group]). The run folder gets model.keras, run.json, split.csv, history.csv,
-metrics.json, duplicates.csv and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
+metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
+included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
 
@@ -182,38 +195,72 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --distributed: per-epoch backups for resuming after a worker fails "
         "(default: <output>.backup; deleted when the run completes)",
     )
+    add_traceback_option(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """``edge-train``; returns an :class:`~edge_runtime.status.ExitStatus`.
+
+    Arguments and DATA paths are checked before TensorFlow loads. A run that fails before it
+    has trained anything removes the run folder it made.
+    """
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, stdout, stderr, lambda a: _check(parser, a))
+    if isinstance(args, ExitStatus):
+        return args
+    missing = [path for path in args.data if not path.exists()]
+    if missing:
+        stderr.write(
+            f"edge-train: error: {missing[0]}: no such file or folder. DATA is a dataset folder "
+            "(BUSI, BUS-BRA or <root>/<class>/*) or a CSV manifest (path,label[,group]).\n"
+        )
+        return ExitStatus.USAGE
+    made_output = not args.output.exists()
+    with command_logging(stderr, args.output / LOG_FILE):
+        status = run_command(
+            "edge-train", lambda: _train(args, stdout), stderr=stderr, traceback=args.traceback
+        )
+    if status != ExitStatus.SUCCESS and made_output and not any(args.output.rglob("*.keras")):
+        shutil.rmtree(args.output, ignore_errors=True)
+        stderr.write(f"edge-train: removed {args.output}: nothing was trained\n")
+    return status
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
-    cluster = None
-    if args.distributed:
-        from training.distributed import cluster_from
-
-        try:
-            cluster = cluster_from(args.workers, args.worker_index)
-        except ValueError as exc:
-            parser.error(str(exc))
-    elif args.workers or args.worker_index is not None or args.backup_dir:
-        parser.error("--workers, --worker-index and --backup-dir need --distributed")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from training.augment import AugmentConfig
-    from training.backbones import Backbone
-    from training.distributed import stage_callbacks, start
-    from training.fit import FitConfig
-    from training.run import TrainConfig, train
-
-    noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
     for name in ("unmark", "clutter"):
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
             parser.error(f"--{name} is a probability in [0, 1]. Got {value} instead.")
     if args.seg_weight < 0:
         parser.error(f"--seg-weight must be >= 0. Got {args.seg_weight} instead.")
+    args.cluster = None
+    if args.distributed:
+        from training.distributed import cluster_from
+
+        try:
+            args.cluster = cluster_from(args.workers, args.worker_index)
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.workers or args.worker_index is not None or args.backup_dir:
+        parser.error("--workers, --worker-index and --backup-dir need --distributed")
+
+
+def _train(args: argparse.Namespace, stdout: TextIO) -> int:
+    import_tensorflow()
+    from training.augment import AugmentConfig
+    from training.backbones import Backbone
+    from training.distributed import stage_callbacks, start
+    from training.fit import FitConfig
+    from training.run import TrainConfig, report_saved, train
+
+    cluster = args.cluster
+    noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
@@ -240,30 +287,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra_callbacks=None if cluster is None else stage_callbacks,
         ),
     )
-    try:
-        if args.report_only:
-            from training.run import report_saved
-
-            report_saved(config)
-            return 0
-        with contextlib.ExitStack() as stack:
-            if cluster is not None:
-                output = stack.enter_context(start(cluster, args.output, args.backup_dir))
-                config = dataclasses.replace(config, output=output)
-            train(config)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"edge-train: error: {exc}", file=sys.stderr)
-        return 2
+    if args.report_only:
+        report_saved(config)
+        return ExitStatus.SUCCESS
+    with contextlib.ExitStack() as stack:
+        if cluster is not None:
+            output = stack.enter_context(start(cluster, args.output, args.backup_dir))
+            config = dataclasses.replace(config, output=output)
+        train(config)
     if cluster is not None and not cluster.is_chief:
-        print(f"{cluster.name} done; the chief wrote the run folder")
-        return 0
+        print(f"{cluster.name} done; the chief wrote the run folder", file=stdout)
+        return ExitStatus.SUCCESS
     if args.leave_scanner_out is not None:
-        print(f"Scanner-held-out protocol: {args.output / 'protocol.md'}")
+        print(f"Scanner-held-out protocol: {args.output / 'protocol.md'}", file=stdout)
     if args.cv_only and args.folds > 1:
-        print(f"Cross-validation results: {args.output / 'cv_metrics.json'}")
+        print(f"Cross-validation results: {args.output / 'cv_metrics.json'}", file=stdout)
     if not args.cv_only:
-        print(f"Next: edge-export {args.output} --output {args.output / 'export'}")
-    return 0
+        print(f"Next: edge-export {args.output} --output {args.output / 'export'}", file=stdout)
+    return ExitStatus.SUCCESS
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def make_dataset(
     masks: np.ndarray | None = None,
     mask_known: np.ndarray | None = None,
     unmarked: np.ndarray | None = None,
+    min_batches: int = 0,
 ) -> tf.data.Dataset:
     """A batched tf.data pipeline over in-memory arrays; augmented and shuffled when training.
 
@@ -78,6 +79,9 @@ def make_dataset(
     ``unmarked``: the same scans with their burned-in marks painted out; while training, each
     scan is drawn from it with probability ``augment.unmark``, so that the marks tell the model
     nothing about the label.
+
+    ``min_batches``: when training, pass over the images as many times (each in a new order) as
+    it takes for one iteration of the dataset, an epoch, to hold at least this many batches.
     """
     segment = masks is not None
     tensors: tuple = (images, labels)
@@ -95,6 +99,9 @@ def make_dataset(
                 *rest,
             )
         )
+    passes = (max(0, min_batches - 1) * batch_size) // max(1, len(images)) + 1  # the fewest
+    if training and passes > 1:
+        ds = ds.repeat(passes)
     ds = ds.batch(batch_size)
     if training and augment is not None:
         augmenter = make_augmenter(augment, seed, size=int(images.shape[1]))

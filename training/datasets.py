@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_runtime.card import file_sha256
 from edge_runtime.decode import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 
     Content-based, so it does not depend on where the data lives, nor on the sample order.
     """
-    rows = sorted(f"{s.path.name}\t{s.label}\t{_file_digest(s.path)}" for s in samples)
+    rows = sorted(f"{s.path.name}\t{s.label}\t{file_sha256(s.path)}" for s in samples)
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
@@ -320,11 +321,3 @@ def _discover_manifest(table: Path) -> list[Sample]:
             "paths are relative to the CSV's folder: fix them or remove the rows"
         )
     return samples
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Training schedule. ``learning_rate`` None means: pick it with a short search."""
+    """Training schedule. ``learning_rate`` None means: pick it with a short search.
+
+    ``min_steps_per_epoch``: an epoch passes over the training images as often as it takes to
+    make this many optimizer steps (a few hundred images at batch 32 are 4 steps otherwise, and
+    early stopping's patience and the from-scratch batch-norm statistics are counted in epochs).
+    """
 
     epochs_frozen: int = 4
     epochs_finetune: int = 20
@@ -34,6 +39,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     patience: int = 6
+    min_steps_per_epoch: int = 20
     freeze_batch_norm: bool = True
     seed: int = 0
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
@@ -161,6 +167,7 @@ def fit(
             masks=arrays.masks if segment else None,
             mask_known=arrays.mask_known if segment else None,
             unmarked=arrays.unmarked if training else None,
+            min_batches=config.min_steps_per_epoch if training else 0,
         )
 
     weights = class_weights(train.labels, num_classes)

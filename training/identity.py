@@ -28,7 +28,7 @@ import numpy as np
 from edge_runtime.contract import PROBABILITIES, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.preprocess import make_batch
-from training.checks import run_check
+from training.checks import HeldOutCheck
 from training.datasets import Sample
 
 log = logging.getLogger(__name__)
@@ -155,16 +155,7 @@ def _describe(s: dict) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_check(
-        argv,
-        module="training.identity",
-        doc=__doc__,
-        file_name=IDENTITY_FILE,
-        measure=measure,
-        summarize=summarize,
-        describe=_describe,
-    )
+main = HeldOutCheck("training.identity", __doc__, IDENTITY_FILE, measure, summarize, _describe).main
 
 
 if __name__ == "__main__":

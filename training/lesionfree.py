@@ -30,7 +30,7 @@ from edge_runtime.contract import PROBABILITIES, ResizePolicy
 from edge_runtime.decode import InputError, load_gray
 from edge_runtime.preprocess import make_batch
 from training.attention import load_lesion_mask
-from training.checks import run_check
+from training.checks import HeldOutCheck
 from training.datasets import Sample
 
 log = logging.getLogger(__name__)
@@ -258,16 +258,9 @@ def _describe(s: dict) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_check(
-        argv,
-        module="training.lesionfree",
-        doc=__doc__,
-        file_name=LESIONFREE_FILE,
-        measure=measure,
-        summarize=summarize,
-        describe=_describe,
-    )
+main = HeldOutCheck(
+    "training.lesionfree", __doc__, LESIONFREE_FILE, measure, summarize, _describe
+).main
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Everything returned is plain Python (``dict``, ``list``, ``float``, ``int``, ``N
 can be written with ``json.dumps`` as is; an undefined value (a class absent from the test set,
 an AUC with one class only) is ``None``, never ``NaN``. Imports no TensorFlow.
 
+Point metrics come from scikit-learn (``confusion_matrix``, ``f1_score``, ``roc_auc_score``,
+``log_loss``, ``calibration_curve``) and fold intervals from ``scipy.stats.t``. The bootstrap
+is vectorised: every resample is a row of sample multiplicities, so one sort of the scores and
+one matrix product serve all of them (``_weighted_auc`` is ``roc_auc_score`` with those
+multiplicities as ``sample_weight``, for all rows at once).
+
 Example:
     >>> t = fit_temperature(val_probs, val_labels)
     >>> names = ["normal", "benign", "malignant"]
@@ -17,6 +23,12 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
+
+from edge_runtime.calibration import PROBABILITY_FLOOR
+from edge_runtime.calibration import apply_temperature as runtime_temperature
 
 __all__ = [
     "apply_temperature",
@@ -29,7 +41,6 @@ __all__ = [
     "summarize_folds",
 ]
 
-EPS = 1e-12
 ECE_BINS = 15
 N_BOOT = 1000
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -91,7 +102,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale softmax probabilities by a temperature: ``softmax(log(p) / T)``.
+    """Rescale softmax probabilities by a temperature: ``softmax(log(p) / T)``, exactly as the
+    runtime does (:func:`edge_runtime.calibration.apply_temperature`).
 
     The arg-max of every row is unchanged; ``T > 1`` softens, ``T < 1`` sharpens.
 
@@ -113,7 +125,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.size == 0:
         return probs.copy()
-    return np.exp(_log_softmax(np.log(np.clip(probs, EPS, 1.0)) / temperature))
+    return runtime_temperature(probs / probs.sum(axis=1, keepdims=True), temperature)
 
 
 def _nll_at(log_p: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -142,7 +154,7 @@ def fit_temperature(
     y, probs = _check(val_labels, val_probs, "fit_temperature")
     if len(y) == 0:
         return 1.0
-    log_p = np.log(np.clip(probs, EPS, 1.0))
+    log_p = np.log(np.clip(probs, PROBABILITY_FLOOR, 1.0))
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     grid = np.linspace(lo, hi, 61)
     losses = [_nll_at(log_p, y, math.exp(g)) for g in grid]
@@ -184,11 +196,12 @@ def reliability_curve(
     conf = probs.max(axis=1) if len(y) else np.zeros(0)
     correct = (probs.argmax(axis=1) == y) if len(y) else np.zeros(0, bool)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    bins = np.searchsorted(edges[1:-1], conf)  # calibration_curve's own binning
     count = np.bincount(bins, minlength=n_bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(bins, weights=conf, minlength=n_bins) / count
-        accuracy = np.bincount(bins, weights=correct.astype(float), minlength=n_bins) / count
+    confidence, accuracy = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    if len(y):
+        used = count > 0
+        accuracy[used], confidence[used] = calibration_curve(correct, conf, n_bins=n_bins)
     return {"edges": edges, "count": count, "confidence": confidence, "accuracy": accuracy}
 
 
@@ -233,9 +246,10 @@ def _weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray)
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    if len(scores) == 0:
+    """ROC AUC, or None unless both classes are present."""
+    if positive.all() or not positive.any():
         return None
-    return _float(_weighted_auc(scores, positive, np.ones((1, len(scores))))[0])
+    return _float(roc_auc_score(positive, scores))
 
 
 def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -294,15 +308,12 @@ def binary_auc(
 # --------------------------------------------------------------------------- evaluate
 
 
-def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-
-
 def _macro_f1(cm: np.ndarray) -> np.ndarray:
-    """Macro F1 of confusion matrices [..., K, K] over the classes present in truth.
+    """Macro F1 of confusion matrices [..., K, K] over the classes present in truth, for the
+    bootstrap's resampled matrices (the point value is ``f1_score``'s; a test checks they agree).
 
     A subset without some class (a source without normal scans) is scored on the classes it
-    has; its scans called that class still count, as misses of their own class. Matches
+    has; its scans called that class still count, as misses of their own class, as with
     ``sklearn.metrics.f1_score(average="macro", labels=<classes present in truth>)``.
     """
     tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
@@ -378,7 +389,7 @@ def evaluate(
     if n == 0:
         return _empty_metrics(names)
     pred = probs.argmax(axis=1)
-    cm = _confusion(y, pred, k)
+    cm = confusion_matrix(y, pred, labels=np.arange(k))
     tp = np.diag(cm)
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)
@@ -397,18 +408,18 @@ def evaluate(
         per_class[c]["sensitivity"] for c in names if per_class[c]["sensitivity"] is not None
     ]
     roc_auc = {name: _auc(probs[:, i], y == i) for i, name in enumerate(names)}
-    p_true = np.clip(probs[np.arange(n), y], EPS, 1.0)
     onehot = np.eye(k)[y]
+    present = np.unique(y)
     out = {
         "n": n,
         "accuracy": float((pred == y).mean()),
-        "macro_f1": _float(_macro_f1(cm)),
+        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
         "balanced_accuracy": float(np.mean(recalls)),
         "per_class": per_class,
         "confusion_matrix": cm.astype(int).tolist(),
         "roc_auc": roc_auc,
         "ece": expected_calibration_error(probs, y),
-        "nll": float(-np.log(p_true).mean()),
+        "nll": float(log_loss(y, probs / probs.sum(axis=1, keepdims=True), labels=np.arange(k))),
         "brier": float(((probs - onehot) ** 2).sum(axis=1).mean()),
     }
     m = names.index(MALIGNANT) if MALIGNANT in names else None
@@ -493,16 +504,6 @@ def evaluate_subsets(
 # --------------------------------------------------------------------------- folds
 
 
-def _t975(df: int) -> float:
-    try:
-        from scipy.stats import t
-    except ImportError:  # pragma: no cover - scipy ships with scikit-learn
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
-        table.update({9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042})
-        return table.get(df, table[max(d for d in table if d <= df)])
-    return float(t.ppf(0.975, df))
-
-
 # Fold-summarized metrics that can exceed 1 (the rest are rates, AUCs or errors in [0, 1]).
 _UNBOUNDED_ABOVE_ONE = frozenset({"nll", "brier", "temperature"})
 
@@ -517,7 +518,7 @@ def _stats(values: Sequence[float | None], upper: float | None = 1.0) -> dict:
     if v.size == 1:
         return {"mean": mean, "std": None, "ci95": None, "n": 1}
     sd = float(v.std(ddof=1))
-    half = _t975(v.size - 1) * sd / math.sqrt(v.size)
+    half = float(stats.t.ppf(0.975, v.size - 1)) * sd / math.sqrt(v.size)
     high = mean + half if upper is None else min(mean + half, upper)
     return {"mean": mean, "std": sd, "ci95": [max(mean - half, 0.0), high], "n": int(v.size)}
 

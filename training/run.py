@@ -20,6 +20,7 @@ from training.backbones import Backbone
 from training.data import load_images
 from training.datasets import discover_all, fingerprint
 from training.dedup import group_duplicates
+from training.diagnostics import check_run, log_warnings
 from training.fit import FitConfig, TrainingArrays, fit
 from training.int8_grid import snap_to_int8_grid
 from training.lesion_metrics import read_scores, score_scans, summarize, to_rows
@@ -336,6 +337,7 @@ def _report(
     metrics = evaluate(y_test, test_probs, data.class_names)
     metrics["temperature"] = temperature
     metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
+    log_warnings(check_run(rows, metrics, data.labels, splits, data.class_names), str(run_dir))
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
     if segment:
         metrics["lesion"] = _lesion_report(

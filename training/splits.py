@@ -1,8 +1,9 @@
 """Group-aware, stratified train/val/test splits and k folds, and the split manifest CSV.
 
-Whole groups (duplicates, patients) are assigned, so no group ever crosses a split or fold; each
-group is stratified by its majority label, so class proportions stay close to the whole set.
-Deterministic for a given seed.
+Whole groups (duplicates, patients) are assigned, so no group ever crosses a split or fold. The
+train/val/test split stratifies each group by its majority label; the folds are scikit-learn's
+``StratifiedGroupKFold``. Class proportions stay close to the whole set; deterministic for a
+given seed.
 """
 
 from __future__ import annotations
@@ -82,18 +83,32 @@ def stratified_group_kfold(
     n_splits: int,
     seed: int,
 ) -> list[int]:
-    """Assign each sample a fold index in ``range(n_splits)``, whole groups at a time.
+    """Assign each sample a fold index in ``range(n_splits)``, whole groups at a time, with
+    scikit-learn's ``StratifiedGroupKFold`` (shuffled with ``seed``): each fold's test part is
+    the fold.
 
     Raises:
         ValueError: ``n_splits`` below 2 or above the number of groups, or mismatched lengths.
     """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(labels)
+    if len(labels) != len(groups):
+        raise ValueError(
+            f"stratified_group_kfold needs one group per label. Got {len(labels)} labels and "
+            f"{len(groups)} groups instead."
+        )
     count = len(set(groups))
     if not 2 <= n_splits <= count:
         raise ValueError(
             "The 'n_splits' parameter of stratified_group_kfold must be between 2 and the number "
             f"of groups ({count}). Got {n_splits!r} instead."
         )
-    return _assign(labels, groups, [1.0 / n_splits] * n_splits, seed, "stratified_group_kfold")
+    folds = np.zeros(len(labels), int)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, list(groups))):
+        folds[test] = k
+    return folds.tolist()
 
 
 def write_manifest(
