@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.card import card_path_for
-from edge_runtime.classifier import Classifier, ClassifierOptions, Result, Timing
+from edge_runtime.classifier import Classifier, ClassifierOptions, Result, failure_result
 from edge_runtime.decode import MAX_FILE_BYTES, InputError, decode_gray, is_dicom
 
 log = logging.getLogger(__name__)
@@ -281,13 +281,4 @@ def _readable(name: str) -> bool:
         return False
 
 
-def _failure(source: str, reason: str) -> Result:
-    return Result(
-        source=source,
-        label=None,
-        probabilities={},
-        confidence=None,
-        abstained=False,
-        error=reason,
-        timing=Timing(),
-    )
+_failure = failure_result
