@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks.conftest import probabilities
+from benchmarks.conftest import NO_VNNI, probabilities
 from edge_runtime.classifier import Classifier
 from edge_runtime.contract import Precision
 from edge_runtime.recheck import with_recheck
@@ -20,6 +20,7 @@ from edge_runtime.session import Provider
 from export.parity import MIN_TOP1_AGREEMENT, compare, fp32_gate, int8_gate, int8_recheck_gate
 
 
+@NO_VNNI
 def test_int8_matches_fp32_on_real_heldout_scans(models, model_files, heldout):
     """The INT8 gate on the answers the runtime gives: INT8, with the FP32 recheck of the scans
     it is unsure of where its metadata asks for one (edge_runtime.recheck)."""

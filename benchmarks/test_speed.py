@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.conftest import probabilities
+from benchmarks.conftest import NO_VNNI, probabilities
 from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier
 from edge_runtime.contract import INPUT_NAME, PROBABILITIES, Precision
@@ -104,6 +104,7 @@ def test_openvino_fp32(benchmark, model_files, models, scans):
     np.testing.assert_allclose(probs, _infer(models[Precision.FP32], images)()[0], atol=1e-2)
 
 
+@NO_VNNI
 def test_gate_int8_at_least_twice_as_fast_as_fp32(models, scans, ratio_log):
     images = _batch(models, scans, 1)
     t = interleaved(
@@ -116,6 +117,7 @@ def test_gate_int8_at_least_twice_as_fast_as_fp32(models, scans, ratio_log):
     )
 
 
+@NO_VNNI
 def test_gate_int8_with_its_fp32_recheck_faster_than_fp32(model_files, models, heldout, ratio_log):
     """INT8 plus the FP32 reruns of the scans it is unsure of, one scan at a time over the
     bundled model's real held-out scans (how often it rechecks depends on the scans), one
