@@ -118,7 +118,7 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
     )
     if not folders:
         raise FileNotFoundError(f"{config.output}: no saved model to report on ({MODEL_FILE})")
-    infos = []
+    infos, protocol = [], {}
     for folder in folders:
         splits = np.full(len(data.paths), "excluded", dtype=object)
         with open(folder / SPLIT_FILE, newline="") as handle:
@@ -133,25 +133,13 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
         log.info("reporting again on %s", folder)
         model = load_classifier(folder / MODEL_FILE)
         infos.append(_report(config, data, splits, folder, model, rows))
-    protocol = {
-        scanner_of(data.samples[int(np.flatnonzero(_test_rows(f, index))[0])]): f
-        for f in folders
-        if f.parent.name == "scanners"
-    }
+        if folder.parent.name == "scanners":  # a fold's test rows are one scanner's scans
+            protocol[scanner_of(data.samples[int(np.flatnonzero(splits == "test")[0])])] = folder
     if protocol:
         log.info(
             "scanner-held-out protocol:\n%s", markdown_table(write_report(config.output, protocol))
         )
     return infos
-
-
-def _test_rows(folder: Path, index: dict[str, int]) -> np.ndarray:
-    test = np.zeros(len(index), bool)
-    with open(folder / SPLIT_FILE, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["split"] == "test" and row["path"] in index:
-                test[index[row["path"]]] = True
-    return test
 
 
 def train(config: TrainConfig) -> RunInfo | None:
