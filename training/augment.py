@@ -6,6 +6,8 @@ it: overall gain, contrast and gamma. Pixel noise of a few gray levels, so that 
 does not hang on differences no reader could see, nor on INT8 rounding (docs/experiments.md,
 "Quantization settings"). Vertical flips are left out: they put the skin line at the bottom,
 which no probe produces.
+Scanner style (``training.scanner_style``): speckle, time-gain compensation, dynamic range,
+resolution and blur, as another scanner or setup would render the same tissue.
 Screen clutter (``training.clutter``): caliper crosses, dotted lines, text, body markers, rulers
 and logos painted on scans of every class alike, so that they say nothing about the label.
 """
@@ -19,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.clutter import clutter_bank
+from training.scanner_style import ScannerStyle, apply_scanner_style
 
 CLUTTER_BANK_SIZE = 256
 
@@ -34,6 +37,7 @@ class AugmentConfig:
     flip: bool = True
     unmark: float = 0.0  # chance of showing a scan with its burned-in marks painted out
     clutter: float = 0.0  # chance of painting synthetic screen clutter on a scan (any class)
+    scanner_style: float = 0.0  # chance of each scanner-style effect (training.scanner_style)
 
 
 def make_augmenter(config: AugmentConfig, seed: int, size: int | None = None):
@@ -57,6 +61,7 @@ def make_augmenter(config: AugmentConfig, seed: int, size: int | None = None):
         ]
     )
     generator = tf.random.Generator.from_seed(seed)
+    style = ScannerStyle(chance=config.scanner_style)
     bank = None
     if config.clutter > 0:
         if size is None:
@@ -71,6 +76,7 @@ def make_augmenter(config: AugmentConfig, seed: int, size: int | None = None):
             masks = tf.cast(tf.clip_by_value(moved * 255.0 + 0.5, 0.0, 255.0), tf.uint8)
         else:
             x = geometry(x, training=True)
+        x = apply_scanner_style(x, style, generator)
         n = tf.shape(x)[0]
         shape = tf.stack([n, 1, 1, 1])
         gamma = tf.exp(generator.uniform(shape, -config.gamma, config.gamma))

@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         "that such marks say nothing about the label (default 0)",
     )
     parser.add_argument(
+        "--scanner-style",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="chance of each scanner-style effect on a training scan (speckle, time-gain "
+        "compensation, dynamic range, resolution, blur: training.scanner_style), so that how a "
+        "scanner renders tissue says nothing about the label (default 0)",
+    )
+    parser.add_argument(
         "--no-int8-grid",
         dest="int8_grid",
         action="store_false",
@@ -233,10 +242,11 @@ def main(
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
-    for name in ("unmark", "clutter"):
+    for name in ("unmark", "clutter", "scanner_style"):
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
-            parser.error(f"--{name} is a probability in [0, 1]. Got {value} instead.")
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} is a probability in [0, 1]. Got {value} instead.")
     if args.seg_weight < 0:
         parser.error(f"--seg-weight must be >= 0. Got {args.seg_weight} instead.")
     args.cluster = None
@@ -282,7 +292,12 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
-            augment=AugmentConfig(**noise, unmark=args.unmark, clutter=args.clutter),
+            augment=AugmentConfig(
+                **noise,
+                unmark=args.unmark,
+                clutter=args.clutter,
+                scanner_style=args.scanner_style,
+            ),
             seg_weight=args.seg_weight,
             extra_callbacks=None if cluster is None else stage_callbacks,
         ),

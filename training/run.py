@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
@@ -369,6 +369,7 @@ def _report(
         lesion_stride=LESION_STRIDE if segment else 0,
         lesion_threshold=LESION_THRESHOLD,
         seg_weight=config.fit.seg_weight if segment else 0.0,
+        augment={} if config.fit.augment is None else asdict(config.fit.augment),
         test_metrics=metrics,
     )
     info.write(run_dir)

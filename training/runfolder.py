@@ -42,6 +42,7 @@ class RunInfo:
     lesion_stride: int = 0  # input pixels per pixel of the lesion output; 0: no lesion head
     lesion_threshold: float = 0.5
     seg_weight: float = 0.0
+    augment: dict[str, Any] = field(default_factory=dict)  # training.augment.AugmentConfig
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> Path:
