@@ -66,7 +66,15 @@ class _MarkReader:
         return {"probabilities": probs.astype(np.float32)}
 
 
-def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path):
+def _white_block_bank(count, size, seed):
+    values = np.zeros((count, size, size, 1), np.uint8)
+    alpha = np.zeros_like(values)
+    values[:, :20, :20], alpha[:, :20, :20] = 255, 1
+    return values, alpha
+
+
+def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path, monkeypatch):
+    monkeypatch.setattr("training.marks.clutter_bank", _white_block_bank)
     plain, background = np.minimum(_scan(2), 240), np.minimum(_scan(3), 240)
     cv2.imwrite(str(tmp_path / "plain.png"), plain)
     cv2.imwrite(str(tmp_path / "marked.png"), _marked(background))
@@ -80,14 +88,29 @@ def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path):
     assert not plain_row.marked and plain_row.predicted == plain_row.predicted_unmarked == "benign"
     assert marked_row.marked
     assert (marked_row.predicted, marked_row.predicted_unmarked) == ("malignant", "benign")
+    # a pure white overlay: the white-reader calls both cluttered scans malignant
+    assert [r.predicted_cluttered for r in rows] == ["malignant", "malignant"]
+
+
+def test_add_clutter_paints_only_the_overlay_and_keeps_the_size():
+    from training.clutter import clutter_bank
+    from training.marks import add_clutter
+
+    values, alpha = clutter_bank(4, 64, seed=1)
+    gray = np.full((90, 120), 40, np.uint8)
+    out = add_clutter(gray, values[0, ..., 0], alpha[0, ..., 0])
+    assert out.shape == gray.shape and out.dtype == np.uint8
+    changed = out != gray
+    assert 0 < changed.mean() < 0.3
+    np.testing.assert_array_equal(out[~changed], 40)
 
 
 def test_summary_splits_marked_from_unmarked_per_source():
     many = MARKED_MIN_PIXELS
     rows = [
-        MarkCheck("a", "x", "benign", 0, False, "benign", "benign"),
-        MarkCheck("b", "x", "benign", many, True, "malignant", "benign"),
-        MarkCheck("c", "y", "malignant", many, True, "malignant", "malignant"),
+        MarkCheck("a", "x", "benign", 0, False, "benign", "benign", "malignant"),
+        MarkCheck("b", "x", "benign", many, True, "malignant", "benign", "malignant"),
+        MarkCheck("c", "y", "malignant", many, True, "malignant", "malignant", "malignant"),
     ]
     summary = summarize(rows)
     assert summary["x"] == {
@@ -97,6 +120,8 @@ def test_summary_splits_marked_from_unmarked_per_source():
         "accuracy_marked": 0.0,
         "accuracy_marked_removed": 1.0,
         "changed_by_removal": 1,
+        "accuracy_cluttered": 0.0,
+        "changed_by_clutter": 1,
     }
     assert summary["y"]["accuracy_unmarked"] is None
     assert summary["all"]["n_marked"] == 2
