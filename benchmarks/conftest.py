@@ -16,6 +16,7 @@ import pytest
 
 from edge_runtime.classifier import MODELS_DIR, default_model_path
 from edge_runtime.contract import Precision
+from edge_runtime.cpu import int8_saturates
 from edge_runtime.decode import load_gray
 from edge_runtime.preprocess import make_batch
 from edge_runtime.session import LoadedModel, Provider, batch_probabilities, open_model
@@ -29,23 +30,8 @@ HELDOUT = MODELS_DIR / "default.heldout.csv"
 _ratios: dict[str, dict[str, float]] = {}
 
 
-def x86_without_vnni() -> bool:
-    """Whether this is an x86 CPU without VNNI (AVX512-VNNI, AVX-VNNI or AMX), read from
-    /proc/cpuinfo. On such CPUs (seen here: an AVX2-only AMD EPYC) onnxruntime runs the U8S8
-    INT8 convolutions through 16-bit intermediate sums that saturate: the bundled INT8 model then
-    disagreed with FP32 on 2.7% of its held-out scans after the recheck (1.0 on VNNI CPUs) and ran
-    1.6x FP32's speed instead of 2.2x. Its INT8 gates are for the CPUs it was gated on."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if " avx2" not in flags:
-        return False  # not x86, or no flags to read: no claim either way
-    return not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
-
-
 NO_VNNI = pytest.mark.skipif(
-    x86_without_vnni(),
+    int8_saturates(),
     reason="this x86 CPU has no VNNI: onnxruntime's U8S8 INT8 kernels saturate on it (measured "
     "on an AVX2-only AMD EPYC: INT8+recheck agreement 0.973, 1.58x FP32), so the INT8 gates, "
     "set on VNNI CPUs, do not apply; docs/benchmark-gates.md",

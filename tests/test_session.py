@@ -62,8 +62,31 @@ def test_onnxruntime_fallback_banner_goes_to_the_log_not_stdout(
 
 def test_bundled_default_is_fp32_on_cuda_and_int8_elsewhere():
     assert default_precision(CUDA) is Precision.FP32
-    assert default_precision(CPU) is Precision.INT8
+    assert default_precision(CPU, saturating_cpu=False) is Precision.INT8
     assert default_precision(TRT) is Precision.INT8
+
+
+def test_bundled_default_is_fp32_on_an_x86_cpu_whose_int8_kernels_saturate():
+    assert default_precision(CPU, saturating_cpu=True) is Precision.FP32
+    assert default_precision(TRT, saturating_cpu=True) is Precision.INT8  # not onnxruntime's MLAS
+
+
+@pytest.mark.parametrize(
+    ("flags", "saturates"),
+    [
+        ("fpu sse2 avx avx2 fma", True),  # AVX2 only, as on Zen 2/3 or Skylake client
+        ("fpu avx2 avx512f avx512_vnni", False),
+        ("fpu avx2 avx_vnni", False),
+        ("fp asimd asimddp", False),  # ARM: no x86 flags, no claim
+    ],
+)
+def test_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, saturates):
+    from edge_runtime.cpu import int8_saturates
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert int8_saturates(cpuinfo) is saturates
+    assert int8_saturates(tmp_path / "missing") is False
 
 
 def test_bundled_default_follows_the_provider_that_actually_runs_it(monkeypatch):
@@ -75,6 +98,7 @@ def test_bundled_default_follows_the_provider_that_actually_runs_it(monkeypatch)
         return open_model(path, provider=Provider.CPU, threads=threads)
 
     monkeypatch.setattr(classifier, "choose_providers", lambda provider: [CUDA, CPU])
+    monkeypatch.setattr(classifier, "int8_saturates", lambda: False)
     monkeypatch.setattr(classifier, "open_model", cpu_only)
     with Classifier.from_options(ClassifierOptions()) as clf:
         assert clf.spec.precision is Precision.INT8
