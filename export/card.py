@@ -9,6 +9,7 @@ from typing import Any
 
 from edge_runtime.card import CARD_SUFFIX, file_sha256
 from export.parity import ParityReport
+from training.protocol import markdown_table
 from training.runfolder import RunInfo
 
 INTENDED_USE = (
@@ -40,8 +41,9 @@ def build_card(
 ) -> dict[str, Any]:
     """Assemble the card as a JSON-serializable dict (files listed with SHA-256 and size).
 
-    ``run_reports`` holds the run's optional ``by_source`` and ``cross_validation`` results
-    (:func:`training.runfolder.read_reports`); they are copied in as they are.
+    ``run_reports`` holds the run's optional ``by_source``, ``cross_validation`` and
+    ``protocol`` results (:func:`training.runfolder.read_reports`); they are copied in as they
+    are.
     """
     return {
         "name": name,
@@ -128,6 +130,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *_confusion_table(metrics, card["classes"]),
         *_source_lines(card.get("by_source")),
         *_cv_lines(card.get("cross_validation")),
+        *_protocol_lines(card.get("protocol")),
         *_decision_lines(card.get("decision") or {}),
         *_lesion_lines(metrics.get("lesion"), "held-out test split"),
         *_lesion_lines((card.get("cross_validation") or {}).get("lesion"), "cross-validation"),
@@ -149,6 +152,28 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     lines += [f"| {name} | {f['bytes']} | `{f['sha256']}` |" for name, f in card["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _protocol_lines(protocol: Mapping[str, Any] | None) -> list[str]:
+    """The scanner-held-out protocol's table, and in plain words what it means for normals."""
+    if not protocol:
+        return []
+    lines = [
+        "## On a scanner it never saw (leave one scanner out, train on the rest, test on it)",
+        "",
+        markdown_table(protocol),
+    ]
+    for scanner, row in protocol.items():
+        recall, sensitivity = row.get("normal_recall"), row.get("malignant_sensitivity")
+        if recall is None or sensitivity is None:
+            continue
+        lines.append(
+            f"With {scanner} left out of training, the same recipe called {recall:.0%} of that "
+            f"scanner's normal scans normal and {sensitivity:.0%} of its cancers malignant (top-1 "
+            "answers). Expect a new scanner's normal scans to be called lesions often: label a "
+            "few of your own scans and run `edge-classify adapt`."
+        )
+    return [*lines, ""]
 
 
 def _quantization_lines(card: Mapping[str, Any]) -> list[str]:

@@ -135,3 +135,28 @@ def test_card_of_a_model_that_never_predicts_a_class_says_n_a_instead_of_crashin
     text = render_markdown(build_card("m", info, [model], [gate], {}))
     assert "| normal | 0.000 | 1.000 | n/a | 0.000 | 4 |" in text
     assert "n/a: undefined on this test split" in text
+
+
+def test_card_carries_the_scanner_held_out_protocol_from_the_run_folder(tmp_path):
+    import json
+
+    from training.runfolder import PROTOCOL_FILE, read_reports
+
+    protocol = {
+        "busi:GE LOGIQ E9": {
+            "scans": 612,
+            "accuracy": 0.72,
+            "malignant_sensitivity": 0.74,
+            "normal_recall": 0.23,
+            "malignant_auc": {"auc": 0.897, "ci95": [0.867, 0.927]},
+        },
+        "busbra:Toshiba": {"scans": 300, "accuracy": 0.8, "malignant_sensitivity": 0.9},
+    }
+    (tmp_path / PROTOCOL_FILE).write_text(json.dumps(protocol))
+    reports = read_reports(tmp_path)
+    assert reports == {"protocol": protocol}
+    info = RunInfo(CLASSES, 160, "letterbox", "efficientnet-lite0", 0, "f" * 64)
+    text = render_markdown(build_card("m", info, [], [], {}, reports))
+    assert "| busi:GE LOGIQ E9 | 612 | 0.720 | 0.740 | 0.897 (0.867-0.927) | 0.230 |" in text
+    assert "called 23% of that scanner's normal scans normal and 74% of its cancers" in text
+    assert text.count("left out of training") == 1  # no normal scans, no sentence for Toshiba

@@ -22,10 +22,14 @@ from training.datasets import Sample
 from training.lesion_metrics import read_scores
 from training.lesion_metrics import summarize as summarize_lesions
 from training.metrics import binary_auc
-from training.runfolder import LESION_FILE, PREDICTIONS_FILE, HeldOutPredictions
+from training.runfolder import (
+    LESION_FILE,
+    PREDICTIONS_FILE,
+    PROTOCOL_FILE,
+    PROTOCOL_TABLE,
+    HeldOutPredictions,
+)
 
-PROTOCOL_FILE = "protocol.json"
-PROTOCOL_TABLE = "protocol.md"
 BUSI_SCANNER = "busi:GE LOGIQ E9"
 
 

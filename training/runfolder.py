@@ -20,6 +20,8 @@ CV_METRICS_FILE = "cv_metrics.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 LESION_FILE = "lesion.csv"
+PROTOCOL_FILE = "protocol.json"  # the scanner-held-out protocol (training.protocol)
+PROTOCOL_TABLE = "protocol.md"
 PLOTS_DIR = "plots"
 
 
@@ -76,9 +78,14 @@ class RunInfo:
 
 
 def read_reports(run_dir: Path) -> dict[str, Any]:
-    """The run's optional reports: ``by_source`` and ``cross_validation`` where written."""
+    """The run's optional reports: ``by_source``, ``cross_validation`` and ``protocol`` (the
+    scanner-held-out folds) where written."""
     reports = {}
-    for key, name in (("by_source", SOURCE_METRICS_FILE), ("cross_validation", CV_METRICS_FILE)):
+    for key, name in (
+        ("by_source", SOURCE_METRICS_FILE),
+        ("cross_validation", CV_METRICS_FILE),
+        ("protocol", PROTOCOL_FILE),
+    ):
         path = Path(run_dir) / name
         if path.is_file():
             reports[key] = json.loads(path.read_text())
