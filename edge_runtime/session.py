@@ -21,9 +21,11 @@ import onnxruntime as ort
 from edge_runtime.card import verify_against_card
 from edge_runtime.contract import (
     INPUT_NAME,
+    KEY_PRECISION,
     PROBABILITIES,
     ContractError,
     ModelSpec,
+    Precision,
     TensorInfo,
     check_io,
     check_recheck_partner,
@@ -129,7 +131,11 @@ def _create_session(
 
 
 def open_model(
-    path: str | os.PathLike[str], *, provider: Provider = Provider.AUTO, threads: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    provider: Provider = Provider.AUTO,
+    threads: int | None = None,
+    exact_int8: bool = False,
 ) -> LoadedModel:
     """Open an ONNX model, check the contract, and report the providers actually in use.
 
@@ -137,6 +143,11 @@ def open_model(
         path: the .onnx file.
         provider: which execution provider to prefer.
         threads: intra-op threads (None: onnxruntime's default, one per core).
+        exact_int8: for an INT8 (QDQ) model, turn graph optimizations off so that onnxruntime
+            runs each DequantizeLinear -> op -> QuantizeLinear as written, in float: the
+            arithmetic that exact integer kernels (VNNI, ARM dot products) compute, without the
+            16-bit saturation of x86 CPUs without VNNI (:func:`edge_runtime.cpu.int8_saturates`).
+            Slower; for judging an INT8 model on such a host, not for serving.
 
     Raises:
         FileNotFoundError: no such file.
@@ -151,6 +162,8 @@ def open_model(
         log.debug("%s: SHA-256 matches its model card", path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if exact_int8 and _precision_of(path) == Precision.INT8.value:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1. Got {threads} instead.")
@@ -168,6 +181,14 @@ def open_model(
     spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
     check_io(_infos(session.get_inputs()), _infos(session.get_outputs()), spec, source=str(path))
     return LoadedModel(session=session, spec=spec, path=path, providers=used)
+
+
+def _precision_of(path: Path) -> str | None:
+    """The ``precision`` the model's metadata states, read without opening a session."""
+    try:
+        return read_metadata(path).get(KEY_PRECISION)
+    except MetadataError:
+        return None
 
 
 class LazyModel:

@@ -106,3 +106,39 @@ def test_histogram_calibration_takes_a_count_that_is_no_multiple_of_the_batch(
     images = np.random.default_rng(1).integers(0, 256, (21, 16, 16, 1), dtype=np.uint8)
     quantize_int8(fp32, int8, images, QuantConfig(calibration=calibration, batch_size=8))
     assert _quantized_weights(int8) == {"conv1", "conv2"}
+
+
+def _int8_contract_model(tmp_path):
+    from edge_runtime.contract import ModelSpec, Precision
+    from tests.onnx_models import CLASSES, make_contract_model
+
+    fp32 = make_contract_model(tmp_path / "m-fp32.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 1), dtype=np.uint8)
+    int8 = quantize_int8(fp32, tmp_path / "m-int8.onnx", images, QuantConfig(batch_size=8))
+    proto = onnx.load(str(int8))
+    del proto.metadata_props[:]
+    spec = ModelSpec(class_names=CLASSES, input_size=64, precision=Precision.INT8)
+    for key, value in spec.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(int8))
+    return fp32, int8, images
+
+
+def test_exact_int8_runs_the_qdq_graph_as_written_and_only_for_int8_models(tmp_path):
+    import onnxruntime as ort
+
+    from edge_runtime.session import Provider, open_model
+
+    fp32, int8, images = _int8_contract_model(tmp_path)
+
+    def level(path, exact):
+        model = open_model(path, provider=Provider.CPU, exact_int8=exact)
+        return model.session.get_session_options().graph_optimization_level, model
+
+    assert level(int8, False)[0] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    exact_level, exact = level(int8, True)
+    assert exact_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert level(fp32, True)[0] == ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # float: no change
+    reference = open_model(fp32, provider=Provider.CPU).session.run(None, {"image": images})[0]
+    emulated = exact.session.run(None, {"image": images})[0]
+    assert np.abs(emulated - reference).max() < 0.05  # 8-bit rounding, nothing worse
