@@ -682,11 +682,11 @@ Label at least 5 scans per class (10 or more per class recommended), from as man
 you can. The backbone runs once over them; only the last layer is refitted, pulled towards the
 parent's. Grouped cross-validation on your scans estimates accuracy, normal recall and malignant
 sensitivity before and after, with 95% intervals. Nothing is written unless the adapted layer is
-better (balanced accuracy higher, its gain's 95% interval above 0; accuracy not lower;
-malignant sensitivity not lower than --max-sensitivity-drop allows). The parent model is never
-modified. The adapted model, an INT8 one's FP32 partner (<name>-fp32.onnx) and a card
-(<name>.card.json/.md) are written beside --output; the parent's published metrics do not apply
-to them.
+better by the cross-validation's point estimates (balanced accuracy higher, accuracy not lower,
+malignant sensitivity not lower than --max-sensitivity-drop allows; the intervals are reported,
+not required above 0). The parent model is never modified. The adapted model, an INT8 one's
+FP32 partner (<name>-fp32.onnx) and a card (<name>.card.json/.md) are written beside --output;
+the parent's published metrics do not apply to them.
 
 exit status: 0 adapted model written, 1 refused (the numbers say why; nothing written),
 2 usage or model error.

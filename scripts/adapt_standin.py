@@ -5,8 +5,10 @@ duplicate groups. Only honest for a model trained with BUSI held out.
 
 Runs ``edge-classify adapt``'s own code (``edge_runtime.adapt.adapt``) on a manifest of
 ``per-class`` scans from distinct duplicate groups (training/dedup.py; label-conflicted groups
-left out), then scores the parent and the adapted model's last layer on every scan of the other
-groups, from the FP32 partner's pooled features (equal to running the adapted FP32 file).
+left out), then scores the parent as it runs (its threshold and, for a lesion model, its lesion
+head's "normal") and the adapted model's last layer on every scan of the other groups, from the
+FP32 partner's pooled features (equal to running the adapted FP32 file), with confusion matrices
+(rows: true class, columns: called class).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from edge_runtime.adapt import (
     adapt,
 )
 from edge_runtime.adapt_eval import compare
+from edge_runtime.adapt_fit import softmax
 from edge_runtime.adapt_graph import find_head, read_head
 from edge_runtime.adapt_site import SiteScan
+from edge_runtime.decision import decide
 from edge_runtime.session import Provider
 from training.datasets import discover
 from training.dedup import group_duplicates
@@ -54,7 +58,7 @@ def main() -> None:
     partner = _load_partner(main_model) or main_model
     options = AdaptOptions(site=Path("."), output=Path("x.onnx"), provider=Provider.CPU)
     with tempfile.TemporaryDirectory() as tmp:
-        features, kept, _ = _site_features(partner, None, scans, Path(tmp), options)
+        features, kept, _, lesion_found = _site_features(partner, None, scans, Path(tmp), options)
     x = features[partner.path]
     labels = np.array([s.label for s in kept])
     groups = np.array([s.group for s in kept])
@@ -87,8 +91,16 @@ def main() -> None:
 
             proto = onnx.load(str(fp32))
             head = read_head(proto, find_head(proto))
-        before = partner.head.logits(x[test]).argmax(1)
-        after = head.logits(x[test]).argmax(1)
+        spec = partner.spec
+        parent_p = softmax(partner.head.logits(x[test]), spec.temperature)
+        found = None if lesion_found is None else lesion_found[test]
+        before = decide(parent_p, classes, spec.malignant_threshold, found)
+        adapted = done.record
+        after = decide(
+            softmax(head.logits(x[test]), adapted["temperature"]["value"]),
+            classes,
+            adapted["malignant_threshold"]["value"],
+        )
         numbers = compare(labels[test], before, after, groups[test], classes)
         cv = done.record["cross_validation"]
         print(
@@ -101,6 +113,10 @@ def main() -> None:
                 f"  test {key:17} {b['value']:.3f} -> {a['value']:.3f}  difference "
                 f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
             )
+        for name, called in (("parent", before), ("adapted", after)):
+            matrix = np.zeros((len(classes), len(classes)), int)
+            np.add.at(matrix, (labels[test], called), 1)
+            print(f"  {name} confusion {matrix.tolist()}")
 
 
 if __name__ == "__main__":

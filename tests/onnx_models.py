@@ -65,21 +65,8 @@ def make_contract_model(
     ]
     if lesion_stride:
         s = lesion_stride
-        nodes += [
-            # dark = sigmoid((64 - x) / 8) per pixel, then averaged over stride blocks
-            helper.make_node("Sub", ["dark_at", "x"], ["dark_diff"]),
-            helper.make_node("Mul", ["dark_diff", "dark_gain"], ["dark_logit"]),
-            helper.make_node("Sigmoid", ["dark_logit"], ["dark"]),
-            helper.make_node("Transpose", ["dark"], ["dark_nchw"], perm=[0, 3, 1, 2]),
-            helper.make_node(
-                "AveragePool", ["dark_nchw"], ["lesion_nchw"], kernel_shape=[s, s], strides=[s, s]
-            ),
-            helper.make_node("Transpose", ["lesion_nchw"], ["lesion"], perm=[0, 2, 3, 1]),
-        ]
-        inits += [
-            numpy_helper.from_array(np.array(64.0, np.float32), "dark_at"),
-            numpy_helper.from_array(np.array(1 / 8.0, np.float32), "dark_gain"),
-        ]
+        nodes += _lesion_nodes(s)
+        inits += _lesion_inits()
         graph_outputs.append(
             helper.make_tensor_value_info(
                 "lesion", TensorProto.FLOAT, ["N", size // s, size // s, 1]
@@ -103,6 +90,32 @@ def make_contract_model(
     return path
 
 
+def _lesion_nodes(stride: int) -> list:
+    """``lesion``: dark = sigmoid((64 - x) / 8) per pixel of the float image ``x`` (NHWC),
+    averaged over stride x stride blocks."""
+    return [
+        helper.make_node("Sub", ["dark_at", "x"], ["dark_diff"]),
+        helper.make_node("Mul", ["dark_diff", "dark_gain"], ["lesion_logit"]),
+        helper.make_node("Sigmoid", ["lesion_logit"], ["dark"]),
+        helper.make_node("Transpose", ["dark"], ["dark_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node(
+            "AveragePool",
+            ["dark_nchw"],
+            ["lesion_nchw"],
+            kernel_shape=[stride, stride],
+            strides=[stride, stride],
+        ),
+        helper.make_node("Transpose", ["lesion_nchw"], ["lesion"], perm=[0, 2, 3, 1]),
+    ]
+
+
+def _lesion_inits() -> list:
+    return [
+        numpy_helper.from_array(np.array(64.0, np.float32), "dark_at"),
+        numpy_helper.from_array(np.array(1 / 8.0, np.float32), "dark_gain"),
+    ]
+
+
 # Dark-fraction thresholds of :func:`make_head_model`'s features (gray level / 255).
 HEAD_THRESHOLDS = (0.04, 0.07, 0.1, 0.14, 0.18, 0.24, 0.3, 0.4)
 
@@ -120,6 +133,7 @@ def make_head_model(
     size: int = 64,
     spec: ModelSpec | None = None,
     features: bool = False,
+    lesion_stride: int = 0,
 ) -> Path:
     """A fixed hand-built backbone with a real last layer, laid out as tf2onnx writes the
     bundled models: pooled ``GlobalAveragePool -> Squeeze``, ``MatMul(kernel) + bias ->
@@ -129,7 +143,8 @@ def make_head_model(
     a tall 11x3 box is than each of :data:`HEAD_THRESHOLDS` (``relu(t - mean)``, piecewise
     linear, so INT8 rounding is not amplified); pooled, these measure the dark area of the scan,
     which carries the synthetic classes (no lesion, a wide oval, a tall mass). ``kernel`` is
-    ``[D, K]`` with ``D = head_feature_count()``.
+    ``[D, K]`` with ``D = head_feature_count()``. ``lesion_stride`` > 0 adds the v2 ``lesion``
+    output of :func:`make_contract_model` (dark pixels; ``spec`` says its stride).
     """
     spec = spec or ModelSpec(class_names=CLASSES, input_size=size)
     d = head_feature_count()
@@ -179,6 +194,12 @@ def make_head_model(
     if features:
         nodes.append(helper.make_node("Identity", ["pooled"], ["features"]))
         outputs.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", d]))
+    if lesion_stride:
+        nodes, inits = nodes + _lesion_nodes(lesion_stride), inits + _lesion_inits()
+        side = size // lesion_stride
+        outputs.append(
+            helper.make_tensor_value_info("lesion", TensorProto.FLOAT, ["N", side, side, 1])
+        )
     graph = helper.make_graph(
         nodes,
         "head_test",

@@ -22,12 +22,12 @@ from edge_runtime.adapt_fit import (
     fit_head,
     fit_with_strength,
 )
-from edge_runtime.adapt_graph import find_head, read_head, with_head
+from edge_runtime.adapt_graph import find_head, read_head, with_features, with_head
 from edge_runtime.adapt_site import read_site
 from edge_runtime.card import file_sha256, verify_against_card
 from edge_runtime.classifier import Classifier, default_model_path
 from edge_runtime.cli import main
-from edge_runtime.contract import ModelSpec, Precision, ResizePolicy
+from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.preprocess import fit_to_square
 from edge_runtime.recheck import recheck_margin
 from tests.onnx_models import CLASSES, head_feature_count, make_head_model
@@ -88,14 +88,10 @@ def parents(tmp_path_factory) -> dict[str, Path]:
     spec = ModelSpec(class_names=CLASSES, input_size=SIZE, model_version="1.0", temperature=0.9)
     make_head_model(fp32, head.kernel, head.bias, size=SIZE, spec=spec)
     squares = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in images])[..., None]
-    # Calibrated on darker scans too: ranges calibrated on the source alone clip the new
-    # scanner's (darker, so larger) features, and adapt then refuses the INT8 model (tested).
-    darker = np.stack(
-        [fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in scans(8, 9, True)[0]]
-    )
-    calibration = np.concatenate([squares, darker[..., None]])
+    # Calibrated on the source scanner alone, as a real parent is: the new scanner's (darker, so
+    # larger) pooled features go past its ranges, which adapt widens (adapt_quant).
     int8 = quantize_int8(
-        fp32, root / "parent-int8.onnx", calibration, QuantConfig(batch_size=8, float_convs=2)
+        fp32, root / "parent-int8.onnx", squares, QuantConfig(batch_size=8, float_convs=2)
     )
     probabilities = {
         p: ort.InferenceSession(str(p)).run(["probabilities"], {"image": squares})[0]
@@ -181,6 +177,77 @@ def test_adapted_int8_passes_the_contract_and_the_parity_gate_with_its_partner(
     report = int8_recheck_gate(run[partner], run[out], spec.recheck_margin, labels)
     assert report.passed, report.summary()
     assert accuracy(out, images, labels) >= 0.8
+    widened = spec.adaptation["int8_ranges_widened"]
+    assert widened["count"] >= 1 and "pooled" in widened["tensors"], widened
+    assert spec.adaptation["int8"]["rechecked_fraction"] <= 0.2
+
+
+def test_widening_int8_ranges_stops_the_clipping_of_a_new_scanners_features(parents, site):
+    from edge_runtime.adapt_quant import widen_ranges
+
+    proto = onnx.load(str(parents["int8"]))
+    where = find_head(proto)
+    fp32 = onnx.load(str(parents["fp32"]))
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(site.rglob("*.png"))]
+    batch = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in images])[..., None]
+
+    def features(model) -> np.ndarray:
+        graph = with_features(model, find_head(model))
+        return ort.InferenceSession(graph.SerializeToString()).run(["features"], {"image": batch})[
+            0
+        ]
+
+    reference = features(fp32)
+    widened, changes = widen_ranges(with_features(proto, where), [batch[:16], batch[16:]])
+    error_before = np.abs(features(proto) - reference).max()
+    error_after = np.abs(features(widened) - reference).max()
+    pooled = {c.tensor: c for c in changes}["pooled"]  # (and the parent's logits)
+    assert pooled.after[1] >= reference.max() > pooled.before[1]
+    assert error_after < 0.25 * error_before, (error_before, error_after)
+    source = scans(5, seed=8, shifted=False)[0]
+    inside = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in source])[..., None]
+    nudged = {c.tensor: c for c in widen_ranges(proto, [inside])[1]}.get("pooled")
+    if nudged is not None:  # the parent's own scanner: at most a nudge (the new one: +47%)
+        assert nudged.after[1] < 1.05 * nudged.before[1], nudged
+
+
+def test_adapting_a_lesion_model_lets_the_refitted_layer_call_normal(
+    parents, site, new_scans, tmp_path
+):
+    from tests.onnx_models import make_head_model
+
+    proto = onnx.load(str(parents["fp32"]))
+    head = read_head(proto, find_head(proto))
+    spec = ModelSpec(
+        class_names=CLASSES,
+        input_size=SIZE,
+        model_version="1.0",
+        temperature=0.9,
+        lesion_stride=4,
+        lesion_threshold=0.5,
+        normal_rule=NormalRule.LESION_HEAD,
+    )
+    parent = make_head_model(tmp_path / "lesion-fp32.onnx", head.kernel, head.bias, size=SIZE,
+                             spec=spec, lesion_stride=4)  # fmt: skip
+    out = tmp_path / "clinic-fp32.onnx"
+    assert main(["adapt", str(site), "--model", str(parent), "--output", str(out)]) == 0
+    adapted = ModelSpec.from_metadata(
+        ort.InferenceSession(str(out)).get_modelmeta().custom_metadata_map
+    )
+    assert adapted.normal_rule is NormalRule.CLASSIFIER
+    assert adapted.adaptation["normal_rule"]["parent"] == "lesion_head"
+    # "before" is the parent as it runs: its lesion head (dark everywhere on the new scanner)
+    with Classifier.from_path(parent, provider="cpu") as clf:
+        called = [r.label for r in clf.classify(sorted(site.rglob("*.png")))]
+    site_labels = [p.parent.name for p in sorted(site.rglob("*.png"))]
+    normal = [c for c, y in zip(called, site_labels, strict=True) if y == "normal"]
+    before = adapted.adaptation["cross_validation"]["before"]["recall_normal"]["value"]
+    assert before == pytest.approx(np.mean([c == "normal" for c in normal]))
+    images, labels = new_scans
+    with Classifier.from_path(out, provider="cpu") as clf:
+        predicted = np.array([CLASSES.index(r.label) for r in clf.classify(images)])
+    assert np.mean(predicted[labels == 0] == 0) >= 0.7  # the lesion rule would call them lesions
+    assert np.mean(predicted == labels) >= 0.8
 
 
 def test_metadata_and_card_record_the_site_and_parent_and_readapting_starts_from_it(
@@ -359,3 +426,25 @@ def test_adapt_reads_dicom_scans_and_counts_a_multiframe_file_once(parents, tmp_
     code = main(["adapt", str(root), "--model", str(parents["fp32"]), "--output", str(out)])
     assert code in (0, 1)  # adapted or refused on the numbers: both report the scans read
     assert "{'normal': 6, 'benign': 6, 'malignant': 6} scans" in capsys.readouterr().err
+
+
+def test_the_refusal_rule_takes_a_point_gain_and_bounds_malignant_sensitivity():
+    from edge_runtime.adapt import _refusal
+    from edge_runtime.adapt_eval import compare
+
+    labels = np.repeat([0, 1, 2], 10)
+    groups = np.arange(30).astype(str)
+    before = labels.copy()
+    before[:4] = 1  # the parent calls 4 normal scans benign
+    gained = before.copy()
+    gained[0] = 0  # one more normal scan right: a gain whose interval reaches 0
+    numbers = compare(labels, before, gained, groups, CLASSES)
+    assert numbers["difference"]["balanced_accuracy"]["ci95"][0] <= 0
+    assert _refusal(numbers, 2, CLASSES, 0.0) == ""
+    lost = gained.copy()
+    lost[1], lost[25] = 0, 1  # a second normal scan right, but a malignant one missed
+    reason = _refusal(compare(labels, before, lost, groups, CLASSES), 2, CLASSES, 0.0)
+    assert reason.startswith("malignant sensitivity 1.000 -> 0.900"), reason  # the only reason
+    assert _refusal(compare(labels, before, lost, groups, CLASSES), 2, CLASSES, 0.1) == ""
+    reason = _refusal(compare(labels, before, before, groups, CLASSES), 2, CLASSES, 0.0)
+    assert "not above 0" in reason
