@@ -436,11 +436,11 @@ def test_a_scan_on_view_gets_the_same_answer_with_its_heatmap(model):
     assert overlay(again.image, again.heatmap).shape == (120, 160, 3)
 
 
-def test_flags_come_from_the_result_dataclass():
-    from edge_runtime.classifier import Result
+def test_flags_come_from_the_classification_dataclass():
+    from edge_runtime.classifier import Classification
     from edge_runtime.dashboard.scans import flag_names
 
-    booleans = [f.name for f in dataclasses.fields(Result) if f.type in ("bool", bool)]
+    booleans = [f.name for f in dataclasses.fields(Classification) if f.type in ("bool", bool)]
     assert "abstained" in flag_names() and "rechecked" in flag_names()
     assert list(flag_names()) == booleans
 
