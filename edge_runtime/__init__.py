@@ -9,7 +9,14 @@ import os
 # any submodule imports onnxruntime (onnxruntime.disable_telemetry_events() does not stop it).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from edge_runtime.classifier import Classifier, ClassifierOptions, Result, Timing
+from edge_runtime.classifier import (
+    Classification,
+    Classifier,
+    ClassifierOptions,
+    Failure,
+    Result,
+    Timing,
+)
 from edge_runtime.contract import (
     CAM,
     FEATURES,
@@ -25,6 +32,7 @@ from edge_runtime.decode import InputError, decode_gray, load_gray
 from edge_runtime.lesion import Lesion, find_lesion
 from edge_runtime.preprocess import fit_to_square, make_batch
 from edge_runtime.session import Provider
+from edge_runtime.summary import FileSummary, summarize, with_summaries
 from edge_runtime.watch import Watcher, WatchOptions
 
 __all__ = [
@@ -33,9 +41,12 @@ __all__ = [
     "INPUT_NAME",
     "LESION",
     "PROBABILITIES",
+    "Classification",
     "Classifier",
     "ClassifierOptions",
     "ContractError",
+    "Failure",
+    "FileSummary",
     "InputError",
     "Lesion",
     "ModelSpec",
@@ -51,4 +62,6 @@ __all__ = [
     "fit_to_square",
     "load_gray",
     "make_batch",
+    "summarize",
+    "with_summaries",
 ]

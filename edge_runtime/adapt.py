@@ -311,11 +311,12 @@ def _fit_and_judge(
     options: AdaptOptions,
     lesion_found: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    from edge_runtime.adapt_eval import choose_strength, compare, cross_validate
+    from edge_runtime.adapt_eval import SiteFeatures, choose_strength, compare, cross_validate
 
     spec, classes = parent.spec, parent.spec.class_names
     malignant = classes.index("malignant") if "malignant" in classes else None
-    cv = cross_validate(x, labels, groups, parent.head, seed=options.seed)
+    site = SiteFeatures(x, labels, groups)
+    cv = cross_validate(site, parent.head, seed=options.seed)
     temperature = fit_temperature(cv.logits, labels)
     oof = softmax(cv.logits, temperature)
     n_malignant = int((labels == malignant).sum()) if malignant is not None else 0
@@ -340,7 +341,7 @@ def _fit_and_judge(
     after = decide(oof, malignant, threshold)
     numbers = compare(labels, before, after, groups, classes, seed=options.seed)
     refusal = _refusal(numbers, malignant, classes, options.max_sensitivity_drop)
-    strength = choose_strength(x, labels, groups, parent.head, seed=options.seed)
+    strength = choose_strength(site, parent.head, seed=options.seed)
     head = fit_with_strength(x, labels, parent.head, strength)
     record = {
         "cross_validation": {

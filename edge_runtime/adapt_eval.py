@@ -45,49 +45,54 @@ def _splits(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int):
     return list(splitter.split(np.zeros(len(labels)), labels, groups))
 
 
+@dataclass(frozen=True)
+class SiteFeatures:
+    """The site's labelled scans as the last layer sees them.
+
+    Attributes:
+        features: ``[N, D]`` the model's ``features`` output per scan.
+        labels: ``[N]`` class indices.
+        groups: ``[N]`` patient (or file) groups: a group never spans a fold's two parts.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+
+    def take(self, index: np.ndarray) -> SiteFeatures:
+        return SiteFeatures(self.features[index], self.labels[index], self.groups[index])
+
+
 def choose_strength(
-    features: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
-    parent: Head,
-    *,
-    strengths: Sequence[float] = STRENGTHS,
-    seed: int = 0,
+    site: SiteFeatures, parent: Head, *, strengths: Sequence[float] = STRENGTHS, seed: int = 0
 ) -> float:
     """The strength with the lowest class-balanced out-of-fold log-loss (grouped CV)."""
     k = parent.bias.shape[0]
-    folds = min(INNER_FOLDS, n_folds(labels, groups, k))
+    folds = min(INNER_FOLDS, n_folds(site.labels, site.groups, k))
     ordered = sorted(strengths, reverse=True)  # strong to weak: each fit starts from the last
-    logits = np.zeros((len(ordered), len(labels), k))
-    for train, test in _splits(labels, groups, folds, seed):
-        head = parent
+    logits = np.zeros((len(ordered), len(site.labels), k))
+    for train, test in _splits(site.labels, site.groups, folds, seed):
+        head, part = parent, site.take(train)
         for i, strength in enumerate(ordered):
-            head = fit_with_strength(features[train], labels[train], parent, strength, start=head)
-            logits[i, test] = head.logits(features[test])
-    losses = [weighted_log_loss(row, labels) for row in logits]
+            head = fit_with_strength(part.features, part.labels, parent, strength, start=head)
+            logits[i, test] = head.logits(site.features[test])
+    losses = [weighted_log_loss(row, site.labels) for row in logits]
     return float(ordered[int(np.argmin(losses))])
 
 
 def cross_validate(
-    features: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
-    parent: Head,
-    *,
-    strengths: Sequence[float] = STRENGTHS,
-    seed: int = 0,
+    site: SiteFeatures, parent: Head, *, strengths: Sequence[float] = STRENGTHS, seed: int = 0
 ) -> CrossValidation:
     """Out-of-fold logits of the adapted layer (strength chosen inside each fold)."""
     k = parent.bias.shape[0]
-    folds = n_folds(labels, groups, k)
-    logits = np.zeros((len(labels), k))
+    folds = n_folds(site.labels, site.groups, k)
+    logits = np.zeros((len(site.labels), k))
     chosen = []
-    for train, test in _splits(labels, groups, folds, seed):
-        strength = choose_strength(
-            features[train], labels[train], groups[train], parent, strengths=strengths, seed=seed
-        )
-        head = fit_with_strength(features[train], labels[train], parent, strength)
-        logits[test] = head.logits(features[test])
+    for train, test in _splits(site.labels, site.groups, folds, seed):
+        part = site.take(train)
+        strength = choose_strength(part, parent, strengths=strengths, seed=seed)
+        head = fit_with_strength(part.features, part.labels, parent, strength)
+        logits[test] = head.logits(site.features[test])
         chosen.append(strength)
     return CrossValidation(logits, folds, tuple(chosen))
 

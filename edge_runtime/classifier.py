@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -104,35 +104,73 @@ class Timing:
         return self.decode_ms + self.preprocess_ms + self.inference_ms + self.postprocess_ms
 
 
-@dataclass(frozen=True)
-class Result:
-    """One classified image (or DICOM frame), or the reason it could not be classified.
+@dataclass(frozen=True, kw_only=True)
+class Classification:
+    """One classified image (or DICOM frame, or TIFF page).
 
-    ``lesion`` is the largest lesion the model found (None when it found none, or has no lesion
-    output); ``lesion_mask`` its uint8 mask at the frame's size (255 inside, 0 outside), only when
-    asked for (``masks=True``, or ``heatmaps=True``, whose overlays outline it) and the model has
-    a lesion output.
+    ``source``, ``frame`` and ``timing`` are shared with :class:`Failure`; ``ok`` (True) and
+    ``error`` (None) tell the two apart (or ``isinstance``).
+
+    Attributes:
+        source: the input's path (``"<array>"`` for an array).
+        label: the call (top-1, or the model's malignant operating point or lesion rule).
+        probabilities: class name -> calibrated probability, summing to 1.
+        confidence: the called class's probability.
+        abstained: below the abstain threshold, or ``unfamiliar``: a flag for review.
+        timing: per-stage milliseconds of this image.
+        frame: index within a multi-frame file; None for a single image.
+        rechecked: INT8 was unsure; these are the FP32 model's answers.
+        pixel_spacing_mm: (row, column) spacing of the classified frame, where the file gives it.
+        lesion: the largest lesion the model found (None when it found none, or has no lesion
+            output).
+        unfamiliar: unlike the training scans (:mod:`edge_runtime.decision`); abstains.
+        heatmap: uint8 ``[H, W]`` at the frame's size, with ``heatmaps=True``.
+        image: the decoded uint8 ``[H, W]`` frame, with ``heatmaps=True``.
+        lesion_mask: uint8 ``[H, W]`` (255 inside the lesion, 0 outside), with ``masks=True`` or
+            ``heatmaps=True`` (whose overlays outline it) and a model with a lesion output.
     """
 
+    ok: ClassVar[Literal[True]] = True
+    error: ClassVar[None] = None
+
     source: str
-    label: str | None
+    label: str
     probabilities: Mapping[str, float]
-    confidence: float | None
+    confidence: float
     abstained: bool
-    error: str | None
     timing: Timing
     frame: int | None = None
-    rechecked: bool = False  # INT8 was unsure; these are the FP32 model's answers
-    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) of the classified frame
+    rechecked: bool = False
+    pixel_spacing_mm: tuple[float, float] | None = None
     lesion: Lesion | None = None
-    unfamiliar: bool = False  # unlike the training scans (edge_runtime.decision); abstains
+    unfamiliar: bool = False
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     lesion_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """An input (or frame) that could not be classified, and why.
+
+    Attributes:
+        source: the input's path (``"<array>"`` for an array).
+        error: the reason, e.g. ``"file is empty (0 bytes)"``.
+        timing: the milliseconds spent before it failed (decoding, usually).
+        frame: the frame it failed at, in a multi-frame file (the frames after it are not
+            tried when its decoding fails); None for the whole input.
+    """
+
+    ok: ClassVar[Literal[False]] = False
+
+    source: str
+    error: str
+    timing: Timing = Timing()
+    frame: int | None = None
+
+
+Result: TypeAlias = Classification | Failure
+"""What :meth:`Classifier.classify` gives per image: check ``result.ok`` (or ``isinstance``)."""
 
 
 @dataclass
@@ -222,7 +260,10 @@ class Classifier:
     Example:
         >>> with Classifier.from_path("model-int8.onnx") as clf:  # doctest: +SKIP
         ...     for result in clf.classify(["scan1.png", "scan2.dcm"]):
-        ...         print(result.source, result.label, result.confidence)
+        ...         if result.ok:
+        ...             print(result.source, result.label, result.confidence)
+        ...         else:
+        ...             print(result.source, "failed:", result.error)
     """
 
     def __init__(
@@ -316,7 +357,8 @@ class Classifier:
     ) -> list[Result]:
         """Classify files (paths) or 2-D / BGR arrays; one result per image or DICOM frame.
 
-        A bad input gives a result with ``error`` set; it never stops the others.
+        A bad input gives a :class:`Failure` with its ``error``; it never stops the others,
+        which are :class:`Classification` results.
 
         Args:
             sources: paths or arrays.
@@ -537,7 +579,9 @@ class Classifier:
             )
         return items
 
-    def _run_batch(self, batch: Sequence[_Item], heatmaps: bool, masks: bool) -> list[Result]:
+    def _run_batch(
+        self, batch: Sequence[_Item], heatmaps: bool, masks: bool
+    ) -> list[Classification]:
         start = time.perf_counter()
         images = np.stack([item.square for item in batch])[..., None]
         stack_ms = _ms_since(start)
@@ -594,13 +638,12 @@ class Classifier:
                     )
                 )
             results.append(
-                Result(
+                Classification(
                     source=item.source,
                     label=names[top],
                     probabilities=dict(zip(names, map(float, probabilities[row]), strict=True)),
                     confidence=confidence,
                     abstained=confidence < self._abstain_below or bool(unfamiliar[row]),
-                    error=None,
                     timing=Timing(
                         item.decode_ms,
                         item.preprocess_ms + stack_ms / len(batch),
@@ -620,13 +663,9 @@ class Classifier:
         post_ms = _ms_since(start) / len(batch)
         return [_with_postprocess(r, post_ms) for r in results]
 
-    def _failure(self, item: _Item) -> Result:
-        return Result(
+    def _failure(self, item: _Item) -> Failure:
+        return Failure(
             source=item.source,
-            label=None,
-            probabilities={},
-            confidence=None,
-            abstained=False,
             error=item.error,
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
@@ -634,19 +673,6 @@ class Classifier:
 
 
 _END = object()
-
-
-def failure_result(source: str, reason: str) -> Result:
-    """The record of an input that gave no image (a path that does not exist, say)."""
-    return Result(
-        source=source,
-        label=None,
-        probabilities={},
-        confidence=None,
-        abstained=False,
-        error=reason,
-        timing=Timing(),
-    )
 
 
 def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
@@ -659,10 +685,8 @@ def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
     return None
 
 
-def _with_postprocess(result: Result, post_ms: float) -> Result:
-    t = result.timing
-    timing = Timing(t.decode_ms, t.preprocess_ms, t.inference_ms, post_ms)
-    return Result(**{**result.__dict__, "timing": timing})
+def _with_postprocess(result: Classification, post_ms: float) -> Classification:
+    return replace(result, timing=replace(result.timing, postprocess_ms=post_ms))
 
 
 def _ms_since(start: float) -> float:

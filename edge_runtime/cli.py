@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.classifier import Classifier, ClassifierOptions, Result, failure_result
+from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.contract import ContractError
 from edge_runtime.decode import display_path
 from edge_runtime.lesion import require_lesion_output
@@ -29,6 +29,7 @@ from edge_runtime.output import (
 from edge_runtime.session import Provider
 from edge_runtime.sources import expand_sources
 from edge_runtime.status import ExitStatus
+from edge_runtime.summary import FileSummary, with_summaries
 
 SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt")
 
@@ -78,6 +79,16 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _command_parser(prog: str, description: str, epilog: str) -> _Parser:
+    """A parser whose epilog (the numbered examples) keeps its line breaks."""
+    return _Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 WATCH_EXAMPLES = """\
 examples:
   1. classify every scan that arrives in a folder (Ctrl-C stops after the current batch):
@@ -112,13 +123,21 @@ separately; latency is the inference time of one batch. Synthetic 480x640 scans 
 """
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int | None) -> None:
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
         help="ONNX model file, or 'int8' / 'fp32' for the bundled pair (default: the bundled "
         "INT8 model; FP32 where onnxruntime's CUDA provider runs it, which has no INT8 kernels)",
     )
+
+
+def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int | None) -> None:
+    _add_model_option(parser)
     parser.add_argument(
         "--threads",
         type=int,
@@ -154,14 +173,13 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify PATH...`` (the subcommands have their own)."""
-    parser = _Parser(
-        prog="edge-classify",
-        description="Classify breast-ultrasound scans (normal / benign / malignant) with an "
+    parser = _command_parser(
+        "edge-classify",
+        "Classify breast-ultrasound scans (normal / benign / malignant) with an "
         "edge-classify ONNX model. Subcommands: watch (a folder, as scans arrive), "
         "bench (speed on this machine), dashboard (a page in the browser), adapt (fit the "
         "model to your scanner).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EXAMPLES,
     )
     parser.add_argument(
         "paths",
@@ -196,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "0 outside, at the scan's size (needs a model with a lesion output)",
     )
     _add_abstain_option(parser)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    _add_batch_size_option(parser)
     _add_engine_options(parser)
     _add_common_options(parser)
     return parser
@@ -250,12 +268,11 @@ def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
 
 def build_watch_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify watch``."""
-    parser = _Parser(
-        prog="edge-classify watch",
-        description="Classify scans as they appear in a folder (searched recursively), one "
+    parser = _command_parser(
+        "edge-classify watch",
+        "Classify scans as they appear in a folder (searched recursively), one "
         "JSON line each, exactly once across restarts.",
-        epilog=WATCH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        WATCH_EXAMPLES,
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="the folder to watch")
     parser.add_argument(
@@ -286,7 +303,7 @@ def build_watch_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--once", action="store_true", help="classify what is there (once settled), then exit"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    _add_batch_size_option(parser)
     _add_abstain_option(parser)
     _add_common_options(parser)
     return parser
@@ -294,11 +311,10 @@ def build_watch_parser() -> argparse.ArgumentParser:
 
 def build_bench_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify bench``."""
-    parser = _Parser(
-        prog="edge-classify bench",
-        description="Measure a model's latency and throughput on this machine.",
-        epilog=BENCH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = _command_parser(
+        "edge-classify bench",
+        "Measure a model's latency and throughput on this machine.",
+        BENCH_EXAMPLES,
     )
     _add_model_options(parser, threads_default=1)
     parser.add_argument(
@@ -353,18 +369,12 @@ exit status: 0 stopped cleanly, 2 usage or model error, or the dashboard extra i
 
 def build_dashboard_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify dashboard``."""
-    parser = _Parser(
-        prog="edge-classify dashboard",
-        description="Serve a Streamlit page to classify scans in a browser.",
-        epilog=DASHBOARD_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = _command_parser(
+        "edge-classify dashboard",
+        "Serve a Streamlit page to classify scans in a browser.",
+        DASHBOARD_EXAMPLES,
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="ONNX model file, or 'int8' / 'fp32' for the bundled pair (default: the bundled "
-        "model that suits the provider, as for edge-classify PATH)",
-    )
+    _add_model_option(parser)
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -497,7 +507,7 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
             lesion=classifier.spec.has_lesion,
         )
         for item, reason in problems:  # every input accounted for in the output too
-            writer.write(failure_result(item, reason))
+            writer.write(Failure(source=item, error=reason))
         results = None
         if args.engine == "ray":
             if args.masks:
@@ -554,15 +564,20 @@ def _run(
         results = classifier.iter_classify(
             files, heatmaps=bool(args.heatmaps), masks=bool(args.masks)
         )
-    for done, result in enumerate(results, 1):
+    done = 0
+    for result in with_summaries(results):
         writer.write(result)
+        if isinstance(result, FileSummary):
+            continue
+        done += 1
         counts["ok" if result.ok else "failed"] += 1
-        counts["abstained"] += int(result.abstained)
-        counts["rechecked"] += int(result.rechecked)
-        if args.heatmaps and result.ok:
-            write_heatmaps([result], args.heatmaps, stems=stems)
-        if args.masks and result.ok:
-            write_masks([result], args.masks, stems=stems)
+        if isinstance(result, Classification):
+            counts["abstained"] += int(result.abstained)
+            counts["rechecked"] += int(result.rechecked)
+            if args.heatmaps:
+                write_heatmaps([result], args.heatmaps, stems=stems)
+            if args.masks:
+                write_masks([result], args.masks, stems=stems)
         if show_progress:
             stderr.write(f"\r{done}/{len(files)} images")
     if show_progress:
@@ -695,11 +710,10 @@ exit status: 0 adapted model written, 1 refused (the numbers say why; nothing wr
 
 def build_adapt_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify adapt``."""
-    parser = _Parser(
-        prog="edge-classify adapt",
-        description="Refit a model's last layer on your own labelled scans (site adaptation).",
-        epilog=ADAPT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = _command_parser(
+        "edge-classify adapt",
+        "Refit a model's last layer on your own labelled scans (site adaptation).",
+        ADAPT_EXAMPLES,
     )
     parser.add_argument(
         "site",
@@ -726,7 +740,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
         help="refuse when cross-validated malignant sensitivity falls by more than D (default 0)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    _add_batch_size_option(parser)
     _add_common_options(parser)
     return parser
 

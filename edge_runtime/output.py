@@ -6,17 +6,19 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
 
 import cv2
+import numpy as np
 
-from edge_runtime.classifier import Result
+from edge_runtime.classifier import Classification, Failure, Result
 from edge_runtime.decode import display_path
 from edge_runtime.heatmap import overlay
 from edge_runtime.lesion import Lesion
+from edge_runtime.summary import FileSummary
 
 
 class OutputFormat(str, Enum):
@@ -26,29 +28,56 @@ class OutputFormat(str, Enum):
 
 
 LESION_FIELDS = ("lesion_bbox", "lesion_area_px", "lesion_area_mm2", "lesion_diameter_mm")
+SUMMARY_FIELDS = ("frames", "failed_frames")  # only a multi-frame file's summary has them
 
 
-def result_record(result: Result) -> dict[str, Any]:
+def result_record(result: Result | FileSummary) -> dict[str, Any]:
     """The JSON-lines shape of one result (``frame`` only for multi-frame inputs).
 
     The ``lesion_*`` fields are None where no lesion was found (or the model has no lesion
-    output); the mm ones also where the scan's pixel spacing is unknown.
+    output); the mm ones also where the scan's pixel spacing is unknown. A failure has no label,
+    probabilities or confidence, and its flags are false. A :class:`FileSummary` gives its most
+    suspicious frame's fields (``frame`` is that frame's index, None when no frame was
+    classified), its own ``error`` and summed ``elapsed_ms``, and ``frames``/``failed_frames``,
+    which only summaries have.
     """
+    answer = result.most_suspicious if isinstance(result, FileSummary) else result
     record: dict[str, Any] = {
         "path": display_path(result.source),  # names that are not UTF-8 shown escaped
+        **_answer_fields(answer),
+        "error": result.error,
+        "elapsed_ms": round(result.timing.total_ms, 3),
+    }
+    if isinstance(result, FileSummary):
+        record["frame"] = None if answer is None else answer.frame
+        record["frames"] = result.frames
+        record["failed_frames"] = result.failed_frames
+    elif result.frame is not None:
+        record["frame"] = result.frame
+    return record
+
+
+def _answer_fields(result: Classification | Failure | None) -> dict[str, Any]:
+    """label ... lesion_*: a classification's, or a failure's (none, and false flags)."""
+    if not isinstance(result, Classification):
+        return {
+            "label": None,
+            "probabilities": {},
+            "confidence": None,
+            "abstained": False,
+            "unfamiliar": False,
+            "rechecked": False,
+            **_lesion_fields(None),
+        }
+    return {
         "label": result.label,
         "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
-        "confidence": None if result.confidence is None else round(result.confidence, 6),
+        "confidence": round(result.confidence, 6),
         "abstained": result.abstained,
         "unfamiliar": result.unfamiliar,
         "rechecked": result.rechecked,
         **_lesion_fields(result.lesion),
-        "error": result.error,
-        "elapsed_ms": round(result.timing.total_ms, 3),
     }
-    if result.frame is not None:
-        record["frame"] = result.frame
-    return record
 
 
 def _lesion_fields(lesion: Lesion | None) -> dict[str, Any]:
@@ -94,13 +123,15 @@ class ResultWriter:
                     *LESION_FIELDS,
                     "error",
                     "elapsed_ms",
+                    *SUMMARY_FIELDS,
                 ]
             )
         elif fmt is OutputFormat.TABLE:
             column = f"{'lesion':<{LESION_WIDTH}} " if lesion else ""
             stream.write(f"{'label':<10} {'conf':>6}  {'':1} {column}path\n")
 
-    def write(self, result: Result) -> None:
+    def write(self, result: Result | FileSummary) -> None:
+        """Write one record: a result, or a multi-frame file's summary."""
         record = result_record(result)
         if self._format is OutputFormat.JSONL:
             self._stream.write(json.dumps(record) + "\n")
@@ -109,16 +140,17 @@ class ResultWriter:
             self._csv.writerow(
                 [
                     record["path"],
-                    record.get("frame", ""),
+                    _csv_cell(record.get("frame")),
                     record["label"] or "",
                     *probs,
-                    record["confidence"] if result.ok else "",
+                    _csv_cell(record["confidence"]),
                     record["abstained"],
                     record["unfamiliar"],
                     record["rechecked"],
                     *(_csv_cell(record[name]) for name in LESION_FIELDS),
                     record["error"] or "",
                     record["elapsed_ms"],
+                    *(_csv_cell(record.get(name)) for name in SUMMARY_FIELDS),
                 ]
             )
         else:
@@ -136,15 +168,21 @@ def _csv_cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list) else value
 
 
-def _table_row(result: Result, lesion_column: bool) -> str:
+def _table_row(result: Result | FileSummary, lesion_column: bool) -> str:
     name = display_path(result.source)
-    source = name if result.frame is None else f"{name} [frame {result.frame}]"
-    if not result.ok:
+    answer: Result | None = result
+    if isinstance(result, FileSummary):
+        answer = result.most_suspicious
+        where = "" if answer is None else f"frame {answer.frame} of "
+        source = f"{name} [file: {where}{result.frames} frames, {result.failed_frames} failed]"
+    else:
+        source = name if result.frame is None else f"{name} [frame {result.frame}]"
+    if not isinstance(answer, Classification):
         blank = " " * (LESION_WIDTH + 1) if lesion_column else ""
         return f"{'ERROR':<10} {'':>6}  {'':1} {blank}{source}: {result.error}"
-    flag = "?" if result.abstained else ""
-    column = f"{_lesion_cell(result.lesion):<{LESION_WIDTH}} " if lesion_column else ""
-    return f"{result.label:<10} {result.confidence:>6.3f}  {flag:1} {column}{source}"
+    flag = "?" if answer.abstained else ""
+    column = f"{_lesion_cell(answer.lesion):<{LESION_WIDTH}} " if lesion_column else ""
+    return f"{answer.label:<10} {answer.confidence:>6.3f}  {flag:1} {column}{source}"
 
 
 def _lesion_cell(lesion: Lesion | None) -> str:
@@ -186,7 +224,7 @@ def write_heatmaps(
     """``<stem>_heatmap.png`` (gray, original size) and ``<stem>_overlay.png`` per result.
 
     Args:
-        results: results classified with ``heatmaps=True``; others are skipped.
+        results: results classified with ``heatmaps=True``; others (failures too) are skipped.
         directory: created if missing.
         stems: source -> stem from :func:`heatmap_stems` over every input of the run (pass it
             when writing results one at a time); default: computed from ``results`` alone.
@@ -194,26 +232,17 @@ def write_heatmaps(
 
     Returns:
         The files written.
+
+    Raises:
+        OSError: a file could not be written.
     """
-    results = list(results)
-    if stems is None:
-        stems = heatmap_stems(r.source for r in results)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for result in results:
-        if result.heatmap is None or result.image is None:
-            continue
-        stem = _stem(result, stems)
-        heat_path, overlay_path = (
-            directory / f"{stem}_heatmap.png",
-            directory / f"{stem}_overlay.png",
-        )
-        _write_png(heat_path, result.heatmap)
-        _write_png(
-            overlay_path, overlay(result.image, result.heatmap, lesion_mask=result.lesion_mask)
-        )
-        written += [heat_path, overlay_path]
-    return written
+
+    def images(result: Classification) -> Iterator[tuple[str, np.ndarray]]:
+        if result.heatmap is not None and result.image is not None:
+            yield "heatmap", result.heatmap
+            yield "overlay", overlay(result.image, result.heatmap, lesion_mask=result.lesion_mask)
+
+    return _write_images(results, directory, stems, images, "heatmap")
 
 
 def write_masks(
@@ -236,23 +265,40 @@ def write_masks(
     Raises:
         OSError: a mask could not be written.
     """
+
+    def images(result: Classification) -> Iterator[tuple[str, np.ndarray]]:
+        if result.lesion_mask is not None:
+            yield "mask", result.lesion_mask
+
+    return _write_images(results, directory, stems, images, "lesion mask")
+
+
+def _write_images(
+    results: Iterable[Result],
+    directory: Path,
+    stems: Mapping[str, str] | None,
+    images: Callable[[Classification], Iterable[tuple[str, np.ndarray]]],
+    what: str,
+) -> list[Path]:
+    """``<stem>_<kind>.png`` for each ``(kind, image)`` that ``images`` gives per classification."""
     results = list(results)
     if stems is None:
         stems = heatmap_stems(r.source for r in results)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for result in results:
-        if result.lesion_mask is None:
+        if not isinstance(result, Classification):
             continue
-        path = directory / f"{_stem(result, stems)}_mask.png"
-        try:
-            _write_png(path, result.lesion_mask)
-        except OSError as exc:
-            raise OSError(
-                f"{display_path(path)}: could not write the lesion mask ({exc}). Check that "
-                f"{display_path(directory)} is writable and has space."
-            ) from exc
-        written.append(path)
+        for kind, image in images(result):
+            path = directory / f"{_stem(result, stems)}_{kind}.png"
+            try:
+                _write_png(path, image)
+            except OSError as exc:
+                raise OSError(
+                    f"{display_path(path)}: could not write the {what} ({exc}). Check that "
+                    f"{display_path(directory)} is writable and has space."
+                ) from exc
+            written.append(path)
     return written
 
 
@@ -261,10 +307,10 @@ def _stem(result: Result, stems: Mapping[str, str]) -> str:
     return stem if result.frame is None else f"{stem}_f{result.frame}"
 
 
-def _write_png(path: Path, image) -> None:
+def _write_png(path: Path, image: np.ndarray) -> None:
     """Encode in memory and write with Python, which keeps any file name the system allows
     (``cv2.imwrite`` cannot take a name that is not UTF-8)."""
     ok, data = cv2.imencode(".png", image)
     if not ok:
-        raise OSError(f"{display_path(path)}: OpenCV could not encode the image as PNG")
+        raise OSError("OpenCV could not encode the image as PNG")
     path.write_bytes(data.tobytes())

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.card import card_path_for
-from edge_runtime.classifier import Classifier, ClassifierOptions, Result, failure_result
+from edge_runtime.classifier import Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.decode import MAX_FILE_BYTES, InputError, decode_gray, is_dicom
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def classify_on_ray(
             got = next(stream, None)
             if got is None:
                 reason = "was not returned by the Ray workers (it vanished before it was read?)"
-                pending[key].append([_failure(name, reason)])
+                pending[key].append([Failure(source=name, error=reason)])
                 break
             pending[got[0]].append(got[1])
         for result in pending[key].popleft():  # one entry per input: exactly one record each
@@ -222,11 +222,11 @@ class _ClassifyWorker:
         decoded = [
             _frames(path, bytes(data)) for path, data in zip(paths, batch["bytes"], strict=True)
         ]
-        frames = [frame for item in decoded if not isinstance(item, Result) for frame in item]
+        frames = [frame for item in decoded if not isinstance(item, Failure) for frame in item]
         done = iter(self._classifier.classify(frames, heatmaps=self._heatmaps))
         out = []
         for path, item in zip(paths, decoded, strict=True):
-            if isinstance(item, Result):
+            if isinstance(item, Failure):
                 out.append([item])
                 continue
             multi = len(item) > 1
@@ -245,8 +245,8 @@ class _ClassifyWorker:
         shutil.rmtree(getattr(self, "_folder", ""), ignore_errors=True)
 
 
-def _frames(path: str, data: bytes) -> list[np.ndarray] | Result:
-    """Frames decoded from a file's bytes by the runtime's decoders, or its error result."""
+def _frames(path: str, data: bytes) -> list[np.ndarray] | Failure:
+    """Frames decoded from a file's bytes by the runtime's decoders, or its failure."""
     try:
         if not data:
             raise InputError(path, "file is empty (0 bytes)")
@@ -256,9 +256,9 @@ def _frames(path: str, data: bytes) -> list[np.ndarray] | Result:
             return load_dicom_frames(path, data)
         return [decode_gray(data, path)]
     except InputError as exc:
-        return _failure(path, exc.reason)
+        return Failure(source=path, error=exc.reason)
     except Exception as exc:  # a decoder bug must cost one input, never the actor
-        return _failure(path, f"could not be decoded ({type(exc).__name__}: {exc})")
+        return Failure(source=path, error=f"could not be decoded ({type(exc).__name__}: {exc})")
 
 
 def _model_files(classifier: Classifier) -> dict[str, bytes]:
@@ -279,6 +279,3 @@ def _readable(name: str) -> bool:
         )
     except OSError:
         return False
-
-
-_failure = failure_result

@@ -31,6 +31,7 @@ from edge_runtime.classifier import Classifier, Result
 from edge_runtime.decode import display_path
 from edge_runtime.output import result_record
 from edge_runtime.sources import is_scan_file, real_key
+from edge_runtime.summary import FileSummary, with_summaries
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class WatchSummary:
     """What one watch session did."""
 
     files: int  # files classified in this session
-    records: int  # records appended (one per image or DICOM frame)
+    records: int  # records appended, one per image or frame (multi-frame summaries not counted)
     failed: int  # records with an error
     abstained: int
     skipped: int  # files already processed before this session started
@@ -290,11 +291,13 @@ class Watcher:
             return
         lines = []
         for _, _, results in done:
-            for result in results:
+            for result in with_summaries(results):
                 lines.append(json.dumps(result_record(result)) + "\n")
+                if isinstance(result, FileSummary):
+                    continue
                 self._counts["records"] += 1
                 self._counts["failed"] += int(not result.ok)
-                self._counts["abstained"] += int(result.abstained)
+                self._counts["abstained"] += int(result.ok and result.abstained)
         data = "".join(lines).encode()
         with open(self._options.output, "ab", buffering=0) as out:
             view = memoryview(data)

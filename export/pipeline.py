@@ -85,6 +85,54 @@ class ExportResult:
     reports: tuple[ParityReport, ...]
 
 
+@dataclass(frozen=True)
+class _Images:
+    """What an export measures on, preprocessed as the runtime does.
+
+    Attributes:
+        calibration: training images for INT8 calibration.
+        held_out: the gates' images (the test split, else validation), with their ``labels``.
+        val: the validation split when it is apart from ``held_out`` (else None), with
+            ``val_labels``: the operating point, the recheck margin and auto calibration.
+    """
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    labels: np.ndarray
+    val: np.ndarray | None
+    val_labels: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """One export in its staging folder: what every step reads."""
+
+    options: ExportOptions
+    info: RunInfo
+    images: _Images
+    tmp: Path
+
+    def path(self, precision: Precision) -> Path:
+        return self.tmp / model_file_name(self.options.name, precision.value)
+
+
+@dataclass(frozen=True)
+class _Fp32:
+    path: Path
+    decision: dict
+    probabilities: np.ndarray  # [N, K] on the held-out images
+    lesion: np.ndarray | None  # [N, h, w, 1], for a model with a lesion output
+
+
+@dataclass(frozen=True)
+class _Int8:
+    path: Path
+    prepared: Path  # the pre-processed FP32 model it was quantized from (for diagnosis)
+    settings: dict  # the card's quantization record
+    margin: float  # the FP32 recheck margin; 0: no recheck
+    alone: ParityReport  # INT8 without its recheck, for information
+
+
 def export_run(options: ExportOptions) -> ExportResult:
     """Export a run folder to ``<name>-fp32.onnx``, ``<name>-int8.onnx`` (and optionally
     ``<name>-fp16.onnx``) and a model card.
@@ -97,135 +145,162 @@ def export_run(options: ExportOptions) -> ExportResult:
     info = RunInfo.read(options.run_dir)
     output = Path(options.output_dir)
     staging_parent = _writable_dir(output.parent)
-    calibration, held_out, labels = _images_for(options, info)
-    val, val_labels = _validation_images(options, info)
+    images = _Images(*_images_for(options, info), *_validation_images(options, info))
     from training.model import load_classifier
 
     keras_model = load_classifier(options.run_dir / MODEL_FILE)
-    quant_settings = options.quantization.describe()
     with tempfile.TemporaryDirectory(dir=staging_parent, prefix=f".{output.name}.export-") as tmp:
-        tmp = Path(tmp)
-        fp32 = _step(
-            "convert to ONNX FP32",
-            keras_to_onnx,
-            keras_model,
-            info.input_size,
-            tmp / model_file_name(options.name, "fp32"),
-        )
-        write_metadata(fp32, _spec(info, Precision.FP32, {}))
-        decision = _decision(info, fp32, options, val, val_labels)
-        write_metadata(fp32, _spec(info, Precision.FP32, {}, decision=decision))
-        keras_outputs = keras_model.predict(held_out, batch_size=32, verbose=0)
-        fp32_probs = _onnx_probabilities(fp32, held_out)
-        reports = [fp32_gate(keras_outputs["probabilities"], fp32_probs, labels)]
-        fp32_lesion = None
-        if info.lesion_stride:
-            fp32_lesion = _onnx_output(fp32, held_out, "lesion")
-            reports.append(
-                lesion_gate(
-                    keras_outputs["lesion"],
-                    fp32_lesion,
-                    info.lesion_threshold,
-                    name="onnx-fp32 lesion vs keras",
-                    min_dice=0.99,
-                )
-            )
-
-        def against_fp32(gate, path: Path) -> ParityReport:
-            return gate(
-                fp32_probs,
-                _onnx_probabilities(path, held_out),
-                labels,
-                min_agreement=options.min_agreement,
-                max_accuracy_drop=options.max_accuracy_drop,
-            )
-
-        val_fp32_probs = None if val is None else _onnx_probabilities(fp32, val)
-        quant_config = options.quantization
-        if options.choose_calibration:
-            if val is None:
-                raise ValueError(
-                    f"{options.run_dir / SPLIT_FILE}: --calibration auto needs 'val' rows apart "
-                    "from the 'test' rows the gate is measured on."
-                )
-            quant_config, flips = _choose_calibration(
-                info, fp32, calibration, val, val_fp32_probs, options.quantization, tmp
-            )
-            quant_settings = {**quant_config.describe(), "validation_flips_by_calibration": flips}
-        prepared = tmp / "prepared-fp32.onnx"
-        int8 = _step(
-            "quantize to INT8",
-            quantize_int8,
-            fp32,
-            tmp / model_file_name(options.name, "int8"),
-            calibration,
-            quant_config,
-            prepared_path=prepared,
-        )
-        folded = _fold_input(int8, info)
-        quant_settings = {**quant_settings, "input_scaling_folded": folded}
-        write_metadata(int8, _spec(info, Precision.INT8, quant_settings, decision=decision))
-        int8_probs = _onnx_probabilities(int8, held_out)
-        thresholds = {
-            "min_agreement": options.min_agreement,
-            "max_accuracy_drop": options.max_accuracy_drop,
-        }
-        alone = int8_gate(fp32_probs, int8_probs, labels, **thresholds)
-        margin = 0.0
-        if options.recheck and val is not None:
-            margin = recheck_margin(val_fp32_probs, _onnx_probabilities(int8, val))
-            record = _recheck_record(margin, len(val), int8_probs, alone)
-            quant_settings = {**quant_settings, "fp32_recheck": record}
-            write_metadata(
-                int8,
-                _spec(info, Precision.INT8, quant_settings, margin, fp32.name, decision=decision),
-            )
-            log.info("%s", _alone_line(alone))
-            reports.append(int8_recheck_gate(fp32_probs, int8_probs, margin, labels, **thresholds))
-        else:
-            if options.recheck:
-                log.warning("no validation split apart from the gate's: no FP32 recheck")
-            reports.append(alone)
-        if fp32_lesion is not None:
-            int8_lesion = _onnx_output(int8, held_out, "lesion")
-            redo = needs_recheck(int8_probs, margin)  # the runtime's answers: FP32's where rerun
-            int8_lesion[redo] = fp32_lesion[redo]
-            reports.append(lesion_gate(fp32_lesion, int8_lesion, info.lesion_threshold))
-        candidates = [fp32, int8]
+        staged = _Staged(options, info, images, Path(tmp))
+        reports: dict[str, ParityReport] = {}  # by role: fp32, fp32 lesion, int8, ...
+        fp32 = _export_fp32(staged, keras_model, reports)
+        int8 = _export_int8(staged, fp32, reports)
+        candidates = [fp32.path, int8.path]
         if options.fp16:
-            fp16 = _step(
-                "convert to FP16", to_fp16, fp32, tmp / model_file_name(options.name, "fp16")
-            )
-            write_metadata(fp16, _spec(info, Precision.FP16, {}, decision=decision))
-            reports.append(against_fp32(fp16_gate, fp16))
-            candidates.append(fp16)
-        int8_report = 2 if fp32_lesion is not None else 1
-        for report in reports:
+            candidates.append(_export_fp16(staged, fp32, reports))
+        for report in reports.values():
             log.info("%s", report.summary())
-        if not all(r.passed for r in reports):
-            report_path = _writable_dir(output) / _failure_report_name(options.name)
-            lines = [r.summary() for r in reports]
-            if margin > 0:
-                lines.append(_alone_line(alone))
-            if not reports[int8_report].passed:
-                lines += _diagnose(prepared, int8, held_out)
-                lines.append(_jitter_line(fp32, held_out, fp32_probs, options.min_agreement))
-                lines.append(INT8_ADVICE)
-            report_path.write_text("\n".join(lines) + "\n")
-            raise ParityError(reports, report_path)
+        if not all(r.passed for r in reports.values()):
+            _refuse(staged, fp32, int8, reports, output)
         card = build_card(
             options.name,
             info,
             candidates,
-            reports,
-            quant_settings,
+            list(reports.values()),
+            int8.settings,
             read_reports(options.run_dir),
-            decision=decision,
+            decision=fp32.decision,
         )
-        card_json, card_md = write_card(card, tmp)
+        card_json, card_md = write_card(card, staged.tmp)
         _publish([card_json, card_md, *candidates], _writable_dir(output), options.name)
     files = tuple(output / path.name for path in candidates)
-    return ExportResult(files, output / card_json.name, tuple(reports))
+    return ExportResult(files, output / card_json.name, tuple(reports.values()))
+
+
+def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport]) -> _Fp32:
+    """Convert, choose the decision thresholds on validation, and gate ONNX FP32 against Keras
+    (its probabilities, and its lesion output where the model has one)."""
+    info, images = staged.info, staged.images
+    path = _step(
+        "convert to ONNX FP32",
+        keras_to_onnx,
+        keras_model,
+        info.input_size,
+        staged.path(Precision.FP32),
+    )
+    write_metadata(path, _spec(info, Precision.FP32, {}))
+    decision = _decision(info, path, staged.options, images.val, images.val_labels)
+    write_metadata(path, _spec(info, Precision.FP32, {}, decision=decision))
+    keras_outputs = keras_model.predict(images.held_out, batch_size=32, verbose=0)
+    probabilities = _onnx_probabilities(path, images.held_out)
+    reports["fp32"] = fp32_gate(keras_outputs["probabilities"], probabilities, images.labels)
+    lesion = None
+    if info.lesion_stride:
+        lesion = _onnx_output(path, images.held_out, "lesion")
+        reports["fp32 lesion"] = lesion_gate(
+            keras_outputs["lesion"],
+            lesion,
+            info.lesion_threshold,
+            name="onnx-fp32 lesion vs keras",
+            min_dice=0.99,
+        )
+    return _Fp32(path, decision, probabilities, lesion)
+
+
+def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport]) -> _Int8:
+    """Quantize (with the calibration chosen on validation, if asked), fold the input scaling,
+    choose the FP32 recheck margin on validation, and gate INT8 (lesion too) against FP32."""
+    options, info, images = staged.options, staged.info, staged.images
+    val_fp32_probs = None if images.val is None else _onnx_probabilities(fp32.path, images.val)
+    config, settings = options.quantization, options.quantization.describe()
+    if options.choose_calibration:
+        if images.val is None:
+            raise ValueError(
+                f"{options.run_dir / SPLIT_FILE}: --calibration auto needs 'val' rows apart "
+                "from the 'test' rows the gate is measured on."
+            )
+        config, flips = _choose_calibration(
+            info, fp32.path, images.calibration, images.val, val_fp32_probs, config, staged.tmp
+        )
+        settings = {**config.describe(), "validation_flips_by_calibration": flips}
+    prepared = staged.tmp / "prepared-fp32.onnx"
+    path = _step(
+        "quantize to INT8",
+        quantize_int8,
+        fp32.path,
+        staged.path(Precision.INT8),
+        images.calibration,
+        config,
+        prepared_path=prepared,
+    )
+    settings = {**settings, "input_scaling_folded": _fold_input(path, info)}
+    write_metadata(path, _spec(info, Precision.INT8, settings, decision=fp32.decision))
+    probabilities = _onnx_probabilities(path, images.held_out)
+    thresholds = {
+        "min_agreement": options.min_agreement,
+        "max_accuracy_drop": options.max_accuracy_drop,
+    }
+    alone = int8_gate(fp32.probabilities, probabilities, images.labels, **thresholds)
+    margin = 0.0
+    if options.recheck and images.val is not None:
+        margin = recheck_margin(val_fp32_probs, _onnx_probabilities(path, images.val))
+        record = _recheck_record(margin, len(images.val), probabilities, alone)
+        settings = {**settings, "fp32_recheck": record}
+        spec = _spec(info, Precision.INT8, settings, margin, fp32.path.name, decision=fp32.decision)
+        write_metadata(path, spec)
+        log.info("%s", _alone_line(alone))
+        reports["int8"] = int8_recheck_gate(
+            fp32.probabilities, probabilities, margin, images.labels, **thresholds
+        )
+    else:
+        if options.recheck:
+            log.warning("no validation split apart from the gate's: no FP32 recheck")
+        reports["int8"] = alone
+    if fp32.lesion is not None:
+        lesion = _onnx_output(path, images.held_out, "lesion")
+        redo = needs_recheck(probabilities, margin)  # the runtime's answers: FP32's where rerun
+        lesion[redo] = fp32.lesion[redo]
+        reports["int8 lesion"] = lesion_gate(fp32.lesion, lesion, info.lesion_threshold)
+    return _Int8(path, prepared, settings, margin, alone)
+
+
+def _export_fp16(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport]) -> Path:
+    """Convert to FP16 and gate it against FP32."""
+    options = staged.options
+    path = _step("convert to FP16", to_fp16, fp32.path, staged.path(Precision.FP16))
+    write_metadata(path, _spec(staged.info, Precision.FP16, {}, decision=fp32.decision))
+    reports["fp16"] = fp16_gate(
+        fp32.probabilities,
+        _onnx_probabilities(path, staged.images.held_out),
+        staged.images.labels,
+        min_agreement=options.min_agreement,
+        max_accuracy_drop=options.max_accuracy_drop,
+    )
+    return path
+
+
+def _refuse(
+    staged: _Staged,
+    fp32: _Fp32,
+    int8: _Int8,
+    reports: dict[str, ParityReport],
+    output: Path,
+) -> None:
+    """Write the failure report (with a diagnosis when INT8 failed) and raise.
+
+    Raises:
+        ParityError: always.
+    """
+    options, held_out = staged.options, staged.images.held_out
+    report_path = _writable_dir(output) / _failure_report_name(options.name)
+    lines = [r.summary() for r in reports.values()]
+    if int8.margin > 0:
+        lines.append(_alone_line(int8.alone))
+    if not reports["int8"].passed:
+        lines += _diagnose(int8.prepared, int8.path, held_out)
+        lines.append(_jitter_line(fp32.path, held_out, fp32.probabilities, options.min_agreement))
+        lines.append(INT8_ADVICE)
+    report_path.write_text("\n".join(lines) + "\n")
+    raise ParityError(list(reports.values()), report_path)
 
 
 def _failure_report_name(name: str) -> str:

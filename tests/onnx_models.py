@@ -82,12 +82,7 @@ def make_contract_model(
         graph_outputs,
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    for key, value in spec.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, path)
-    return path
+    return _save(graph, spec, path)
 
 
 def _lesion_nodes(stride: int) -> list:
@@ -207,6 +202,11 @@ def make_head_model(
         outputs,
         inits,
     )
+    return _save(graph, spec, path)
+
+
+def _save(graph, spec: ModelSpec, path: Path) -> Path:
+    """Write ``graph`` as an opset-17 model carrying ``spec``'s metadata."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     for key, value in spec.to_metadata().items():

@@ -216,18 +216,19 @@ def test_heatmap_stems_depend_on_the_paths_not_their_order():
     assert all(forward[n].startswith("x_") for n in names[:2])
 
 
-def test_multiframe_dicom_gives_one_record_per_frame(tmp_path, model):
+def test_multiframe_dicom_gives_one_record_per_frame_then_its_summary(tmp_path, model):
     pytest.importorskip("pydicom", minversion="3.0")
     from tests.test_dicom import make_dicom
 
     stack = np.stack([np.full((32, 40), v, np.uint8) for v in (10, 120, 240)])
     path = make_dicom(tmp_path / "cine.dcm", stack, rows=32, columns=40, frames=3)
     heat_dir = tmp_path / "heat"
-    status, out, _ = run(path, "--model", model, "--format", "jsonl", "--heatmaps", heat_dir)
-    records = jsonl(out)
+    status, out, err = run(path, "--model", model, "--format", "jsonl", "--heatmaps", heat_dir)
+    *records, summary = jsonl(out)
     assert status == 0
     assert [r["frame"] for r in records] == [0, 1, 2]
     assert all(r["path"] == str(path) and set(r) == RECORD_KEYS | {"frame"} for r in records)
+    assert summary["frames"] == 3 and summary["failed_frames"] == 0 and "3 classified" in err
     assert {p.name for p in heat_dir.glob("*_heatmap.png")} == {
         f"cine_f{i}_heatmap.png" for i in range(3)
     }

@@ -391,13 +391,14 @@ def test_downloads_are_the_records_the_cli_writes(model, tmp_path, monkeypatch):
         scans = [Scan(name, name, data=data) for name, data in files.items()]
         results = [r for _, rs in classify_scans(classifier, scans) for r in rs]
     ours = [json.loads(line) for line in to_jsonl(results).splitlines()]
-    cli = [json.loads(line) for line in Path("jsonl").read_text().splitlines()]
+    *cli, cine_summary = [json.loads(line) for line in Path("jsonl").read_text().splitlines()]
+    assert cine_summary["path"] == "d.dcm" and cine_summary["frames"] == 2  # the CLI's, not ours
     for record in (*ours, *cli):
         assert record.pop("elapsed_ms") >= 0
     assert ours == cli and len(ours) == 5  # a.png, b.png, c.png (failed), d.dcm frames 0 and 1
     ours_csv = list(csv.reader(io.StringIO(to_csv(results, CLASSES))))
     with open("csv", newline="") as handle:
-        cli_csv = list(csv.reader(handle))
+        cli_csv = list(csv.reader(handle))[:-1]  # without the cine's summary row
     elapsed = cli_csv[0].index("elapsed_ms")
     assert ours_csv[0] == cli_csv[0]
     assert [r[:elapsed] for r in ours_csv] == [r[:elapsed] for r in cli_csv]
@@ -436,11 +437,11 @@ def test_a_scan_on_view_gets_the_same_answer_with_its_heatmap(model):
     assert overlay(again.image, again.heatmap).shape == (120, 160, 3)
 
 
-def test_flags_come_from_the_result_dataclass():
-    from edge_runtime.classifier import Result
+def test_flags_come_from_the_classification_dataclass():
+    from edge_runtime.classifier import Classification
     from edge_runtime.dashboard.scans import flag_names
 
-    booleans = [f.name for f in dataclasses.fields(Result) if f.type in ("bool", bool)]
+    booleans = [f.name for f in dataclasses.fields(Classification) if f.type in ("bool", bool)]
     assert "abstained" in flag_names() and "rechecked" in flag_names()
     assert list(flag_names()) == booleans
 

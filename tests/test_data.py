@@ -53,26 +53,22 @@ def test_about_half_the_scans_come_unmarked_at_one_half_and_none_outside_trainin
 def test_a_small_training_set_is_passed_over_until_an_epoch_has_the_minimum_of_batches():
     """126 images at batch 32 are 4 steps; the README's synthetic run needs 20 an epoch."""
     images = np.arange(126, dtype=np.uint8).reshape(126, 1, 1, 1)
-    ds = make_dataset(
-        images,
-        np.zeros(126, np.int64),
-        num_classes=3,
-        batch_size=32,
-        training=True,
-        seed=0,
-        min_batches=20,
-    )
+
+    def dataset(training: bool):
+        return make_dataset(
+            images,
+            np.zeros(126, np.int64),
+            num_classes=3,
+            batch_size=32,
+            training=training,
+            seed=0,
+            min_batches=20,
+        )
+
+    ds = dataset(training=True)
     seen = np.concatenate([x.numpy().ravel() for x, _ in ds])
     assert int(ds.cardinality()) == len(list(ds)) == 20  # 5 passes: the fewest that give 20
     assert len(seen) == 5 * 126 and np.array_equal(np.bincount(seen), np.full(126, 5))
     assert not np.array_equal(seen[:126], seen[126:252])  # each pass in a new order
-    evaluation = make_dataset(
-        images,
-        np.zeros(126, np.int64),
-        num_classes=3,
-        batch_size=32,
-        training=False,
-        seed=0,
-        min_batches=20,
-    )
+    evaluation = dataset(training=False)
     assert int(evaluation.cardinality()) == 4  # validation is never repeated

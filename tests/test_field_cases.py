@@ -124,9 +124,10 @@ def test_every_tiff_page_is_a_frame_with_its_own_record(tmp_path, model):
     assert len(frames) == 2 and frames[0].max() == 0
     np.testing.assert_array_equal(frames[1], scan)
     status, out, err = run(path, "--model", model, "--format", "jsonl")
-    records = [json.loads(line) for line in out.splitlines()]
+    *records, summary = [json.loads(line) for line in out.splitlines()]
     assert status == 0, err
     assert [r["frame"] for r in records] == [0, 1] and all(r["label"] for r in records)
+    assert summary["frames"] == 2 and summary["frame"] in (0, 1)  # the file's summary record
 
 
 # --- one predicate for "is this a scan" -------------------------------------------------------

@@ -33,12 +33,33 @@ from training.runfolder import (
 BUSI_SCANNER = "busi:GE LOGIQ E9"
 
 
-def scanner_of(sample: Sample) -> str:
-    """``<source>:<device>`` of a scan (:data:`BUSI_SCANNER` for BUSI)."""
-    if sample.source == "busi":
+def scanner_name(source: str, device: str = "") -> str:
+    """``<source>:<device>`` (:data:`BUSI_SCANNER` for BUSI; the source alone without a device)."""
+    if source == "busi":
         return BUSI_SCANNER
-    device = sample.attributes.get("device", "")
-    return f"{sample.source}:{device}" if device else sample.source
+    return f"{source}:{device}" if device else source
+
+
+def scanner_of(sample: Sample) -> str:
+    """The scanner of a scan (:func:`scanner_name` of its source and device)."""
+    return scanner_name(sample.source, sample.attributes.get("device", ""))
+
+
+def fold_scanner(predictions: HeldOutPredictions, where: Path) -> str:
+    """The scanner a protocol fold left out: the one scanner of its test scans.
+
+    Raises:
+        ValueError: ``where`` (the fold's predictions file) names no scanner, or several.
+    """
+    names = sorted(
+        {scanner_name(s, d) for s, d in zip(predictions.sources, predictions.devices, strict=True)}
+    )
+    if len(names) != 1:
+        raise ValueError(
+            f"{where}: a protocol fold's test scans come from one scanner. Got {len(names)} "
+            f"instead: {names}. Pass the run folder of edge-train --leave-scanner-out."
+        )
+    return names[0]
 
 
 def choose_scanners(samples: Sequence[Sample], asked: Sequence[str] | None) -> list[str]:
@@ -210,13 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     folds = {}
     for folder in sorted((args.run / "scanners").glob("*")):
-        rows = HeldOutPredictions.read([folder / PREDICTIONS_FILE])
-        devices = sorted(
-            {f"{s}:{d}" if d else s for s, d in zip(rows.sources, rows.devices, strict=True)}
-        )
-        name = BUSI_SCANNER if rows.sources and rows.sources[0] == "busi" else devices[0]
         RunInfo.read(folder)  # a fold folder, or a clear error
-        folds[name] = folder
+        predictions = folder / PREDICTIONS_FILE
+        try:
+            folds[fold_scanner(HeldOutPredictions.read([predictions]), predictions)] = folder
+        except ValueError as exc:
+            parser.error(str(exc))
     if not folds:
         parser.error(f"{args.run}: no scanners/* fold folders (run edge-train --leave-scanner-out)")
     print(markdown_table(write_report(args.run, folds)), end="")

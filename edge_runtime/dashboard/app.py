@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from edge_runtime.classifier import Classifier, ClassifierOptions, Result
+from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Result
 from edge_runtime.contract import ContractError
 from edge_runtime.dashboard import scans as sc
 from edge_runtime.decode import InputError
@@ -191,7 +191,7 @@ def _frame_caption(result: Result) -> str:
     return f"{result.source}{frame}"
 
 
-def _result_facts(result: Result, class_names: Sequence[str]) -> None:
+def _result_facts(result: Classification, class_names: Sequence[str]) -> None:
     st.metric("Label", result.label)
     st.metric("Confidence", f"{result.confidence:.3f}")
     st.markdown(" ".join(_flag_badge(result, name) for name in sc.flag_names()))
@@ -239,7 +239,7 @@ def _frame_on_view(key: str, uploads: Mapping[str, Any], index: int) -> Any:
     return cached[1][index]
 
 
-def _lesion_outline(classifier: Classifier, explained: Result) -> None:
+def _lesion_outline(classifier: Classifier, explained: Classification) -> None:
     """The lesion the model found in the frame on view: the scan outlined, its box and size.
 
     ``explained`` is the frame classified with heatmaps, which carries the lesion mask; the
@@ -322,7 +322,7 @@ def _batch_view(classifier: Classifier) -> None:
 
 
 def _matches(result: Result, labels: Sequence[str], flags: Sequence[str], name_part: str) -> bool:
-    label = result.label if result.ok else sc.FAILED
+    label = result.label if isinstance(result, Classification) else sc.FAILED
     return (
         (not labels or label in labels)
         and all(getattr(result, flag, False) for flag in flags)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.card import card_path_for
-from edge_runtime.classifier import Classifier, Result, Timing
+from edge_runtime.classifier import Classification, Classifier, Failure, Result, Timing
 from edge_runtime.decode import InputError, decode_gray, is_dicom, load_frames
 from edge_runtime.lesion import Lesion
 from edge_runtime.output import LESION_FIELDS, OutputFormat, ResultWriter, result_record
@@ -109,7 +109,7 @@ def _classify_chunk(
     done = []
     for scan, (frames, decode_ms, error) in zip(chunk, decoded, strict=True):
         if error is not None:
-            done.append((scan, [failed_result(scan.name, error, decode_ms)]))
+            done.append((scan, [Failure(source=scan.name, error=error, timing=Timing(decode_ms))]))
             continue
         many = len(frames) > 1
         done.append(
@@ -140,19 +140,6 @@ def _renamed(result: Result, name: str, frame: int | None, decode_ms: float) -> 
     return dataclasses.replace(result, source=name, frame=frame, timing=timing)
 
 
-def failed_result(name: str, reason: str, decode_ms: float = 0.0) -> Result:
-    """The result of a scan that could not be read, shaped like the runtime's own failures."""
-    return Result(
-        source=name,
-        label=None,
-        probabilities={},
-        confidence=None,
-        abstained=False,
-        error=reason,
-        timing=Timing(decode_ms=decode_ms),
-    )
-
-
 def explain(classifier: Classifier, frame: np.ndarray, name: str) -> Result:
     """Classify one frame again with its heatmap (``result.heatmap``, ``result.image``).
 
@@ -164,13 +151,12 @@ def explain(classifier: Classifier, frame: np.ndarray, name: str) -> Result:
 
 
 def flag_names() -> tuple[str, ...]:
-    """The yes/no fields of :class:`~edge_runtime.classifier.Result` (abstained, rechecked...).
+    """The yes/no fields of :class:`~edge_runtime.classifier.Classification` (abstained,
+    rechecked...); a failure has none of them set.
 
     Read from the dataclass, so a flag the runtime adds later shows up without a change here.
     """
-    return tuple(
-        f.name for f in dataclasses.fields(Result) if f.type in (bool, "bool", "bool | None")
-    )
+    return tuple(f.name for f in dataclasses.fields(Classification) if f.type in (bool, "bool"))
 
 
 def table_rows(
@@ -189,10 +175,12 @@ def table_rows(
         row: dict[str, Any] = {"file": result.source}
         if frames:
             row["frame"] = result.frame
-        row["label"] = result.label if result.ok else FAILED
-        row["confidence"] = result.confidence
-        row.update({name: bool(getattr(result, name, False)) for name in flag_names()})
-        row.update({name: result.probabilities.get(name) for name in class_names})
+        answer = result if isinstance(result, Classification) else None
+        row["label"] = FAILED if answer is None else answer.label
+        row["confidence"] = None if answer is None else answer.confidence
+        row.update({name: bool(getattr(answer, name, False)) for name in flag_names()})
+        probabilities = {} if answer is None else answer.probabilities
+        row.update({name: probabilities.get(name) for name in class_names})
         if lesion:
             record = result_record(result)
             row.update({name: record[name] for name in LESION_FIELDS})
@@ -219,7 +207,7 @@ def lesion_size(lesion: Lesion) -> str:
 
 def label_counts(results: Iterable[Result], class_names: Sequence[str]) -> dict[str, int]:
     """Results per label, every class listed (0 included), then ``failed``."""
-    counts = Counter(r.label if r.ok else FAILED for r in results)
+    counts = Counter(r.label if isinstance(r, Classification) else FAILED for r in results)
     return {name: counts.get(name, 0) for name in (*class_names, FAILED)}
 
 

@@ -1,0 +1,113 @@
+"""One summary per multi-frame file (a cine loop, a multi-page TIFF): its most suspicious frame.
+
+A cine gives one result per frame; a reader wants one answer per file as well. The summary names
+the frame with the highest P(malignant) (the highest confidence, for a model without a
+``malignant`` class), takes its label, probabilities and flags, and counts the file's frames and
+failed frames. :func:`with_summaries` adds a summary after each multi-frame file's results in a
+stream, which is how ``edge-classify`` and ``edge-classify watch`` write them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from edge_runtime.classifier import Classification, Result, Timing
+
+SUSPICIOUS_CLASS = "malignant"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileSummary:
+    """The answer for one multi-frame file.
+
+    Attributes:
+        source: the file.
+        frames: its frame records (a decoding that stopped midway is one failed record for the
+            frames it could not read).
+        failed_frames: how many of those are failures.
+        most_suspicious: the classified frame with the highest P(malignant) (the earliest on a
+            tie); None when no frame could be classified.
+        timing: the sum of the frames' timings.
+    """
+
+    source: str
+    frames: int
+    failed_frames: int
+    most_suspicious: Classification | None
+    timing: Timing
+
+    @property
+    def ok(self) -> bool:
+        """Whether some frame was classified."""
+        return self.most_suspicious is not None
+
+    @property
+    def error(self) -> str | None:
+        """Why the file has no answer, when no frame was classified."""
+        if self.most_suspicious is not None:
+            return None
+        return f"none of its {self.frames} frame records could be classified"
+
+
+def summarize(results: Sequence[Result]) -> FileSummary:
+    """The summary of one file's frame results.
+
+    Args:
+        results: the results of one file's frames, as :meth:`Classifier.classify` gives them.
+
+    Raises:
+        ValueError: ``results`` is empty or holds more than one file.
+    """
+    if not results:
+        raise ValueError("summarize needs the results of one file. Got no results instead.")
+    sources = {result.source for result in results}
+    if len(sources) > 1:
+        raise ValueError(
+            f"summarize needs the results of one file. Got {len(sources)} files instead: "
+            f"{sorted(sources)[:3]}. Pass each file's results separately, or use with_summaries."
+        )
+    classified = [result for result in results if isinstance(result, Classification)]
+    return FileSummary(
+        source=results[0].source,
+        frames=len(results),
+        failed_frames=len(results) - len(classified),
+        most_suspicious=max(classified, key=_suspicion, default=None),
+        timing=Timing(
+            sum(r.timing.decode_ms for r in results),
+            sum(r.timing.preprocess_ms for r in results),
+            sum(r.timing.inference_ms for r in results),
+            sum(r.timing.postprocess_ms for r in results),
+        ),
+    )
+
+
+def with_summaries(results: Iterable[Result]) -> Iterator[Result | FileSummary]:
+    """Each result, in order, with a :class:`FileSummary` after each multi-frame file's frames.
+
+    A multi-frame file's results are those in a row with its ``source`` and a ``frame`` index
+    (the classifier gives a file's frames together, in order); single images get no summary.
+    """
+    group: list[Result] = []
+    for result in results:
+        if group and not _same_file(group[-1], result):
+            yield summarize(group)
+            group = []
+        if result.frame is not None:
+            group.append(result)
+        yield result
+    if group:
+        yield summarize(group)
+
+
+def _same_file(previous: Result, result: Result) -> bool:
+    return (
+        result.frame is not None
+        and result.source == previous.source
+        and result.frame > previous.frame
+    )
+
+
+def _suspicion(result: Classification) -> float:
+    """P(malignant), or the confidence for a model without that class (max keeps the first)."""
+    return result.probabilities.get(SUSPICIOUS_CLASS, result.confidence)
