@@ -199,6 +199,11 @@ def _quantization_lines(card: Mapping[str, Any]) -> list[str]:
             if grid
             else "no"
         ),
+        *(
+            [f"- INT8 gates computed with {q['gate_arithmetic']}"]
+            if q.get("gate_arithmetic")
+            else []
+        ),
         *_recheck_lines(q.get("fp32_recheck")),
         "",
     ]

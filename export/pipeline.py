@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_runtime.card import model_file_name
 from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
+from edge_runtime.cpu import int8_saturates
 from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, batch_probabilities, open_model
 from export.card import build_card, write_card
@@ -43,6 +44,15 @@ from training.backbones import Backbone, pixel_scaling
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo, read_reports
 
 log = logging.getLogger(__name__)
+# INT8 gates judge the model as exact integer kernels (VNNI, ARM) compute it. On an x86 CPU
+# without VNNI onnxruntime's U8S8 kernels saturate (docs/experiments.md, "INT8 on x86 CPUs
+# without VNNI"), and the runtime serves FP32 there, so the gates run the QDQ graph in float.
+SATURATING_CPU = int8_saturates()
+GATE_ARITHMETIC = (
+    "QDQ run in float (this export host's INT8 kernels saturate)"
+    if SATURATING_CPU
+    else "onnxruntime's integer kernels"
+)
 
 
 INT8_ADVICE = (
@@ -232,7 +242,11 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
         config,
         prepared_path=prepared,
     )
-    settings = {**settings, "input_scaling_folded": _fold_input(path, info)}
+    settings = {
+        **settings,
+        "input_scaling_folded": _fold_input(path, info),
+        "gate_arithmetic": GATE_ARITHMETIC,
+    }
     write_metadata(path, _spec(info, Precision.INT8, settings, decision=fp32.decision))
     probabilities = _onnx_probabilities(path, images.held_out)
     thresholds = {
@@ -504,14 +518,19 @@ def _spec(
     )
 
 
+def _open(path: Path):
+    """The runtime's own loader (which also validates the written contract); an INT8 model runs
+    as written, in float, where this CPU's INT8 kernels saturate (:data:`GATE_ARITHMETIC`)."""
+    return open_model(path, provider=Provider.CPU, exact_int8=SATURATING_CPU)
+
+
 def _onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
-    """Run through the runtime's own loader, which also validates the written contract."""
-    return batch_probabilities(open_model(path, provider=Provider.CPU).session, images)
+    return batch_probabilities(_open(path).session, images)
 
 
 def _onnx_output(path: Path, images: np.ndarray, name: str) -> np.ndarray:
-    """One output of the model over ``images``, in batches of 32, through the runtime's loader."""
-    model = open_model(path, provider=Provider.CPU)
+    """One output of the model over ``images``, in batches of 32."""
+    model = _open(path)
     outputs = [
         model.session.run([name], {"image": images[i : i + 32]})[0]
         for i in range(0, len(images), 32)

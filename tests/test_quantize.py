@@ -142,3 +142,19 @@ def test_exact_int8_runs_the_qdq_graph_as_written_and_only_for_int8_models(tmp_p
     reference = open_model(fp32, provider=Provider.CPU).session.run(None, {"image": images})[0]
     emulated = exact.session.run(None, {"image": images})[0]
     assert np.abs(emulated - reference).max() < 0.05  # 8-bit rounding, nothing worse
+
+
+def test_export_gates_run_int8_exactly_where_the_cpu_saturates(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    import export.pipeline as pipeline
+
+    _, int8, _ = _int8_contract_model(tmp_path)
+
+    def level() -> ort.GraphOptimizationLevel:
+        return pipeline._open(int8).session.get_session_options().graph_optimization_level
+
+    monkeypatch.setattr(pipeline, "SATURATING_CPU", True)
+    assert level() == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    monkeypatch.setattr(pipeline, "SATURATING_CPU", False)
+    assert level() == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
