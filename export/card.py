@@ -38,6 +38,7 @@ def build_card(
     run_reports: Mapping[str, Any] | None = None,
     *,
     decision: Mapping[str, Any] | None = None,
+    runtime_calls: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the card as a JSON-serializable dict (files listed with SHA-256 and size).
 
@@ -72,6 +73,7 @@ def build_card(
         },
         "evaluation": info.test_metrics,
         "decision": _decision_summary(decision or {}),
+        "runtime_calls": dict(runtime_calls or {}),
         **dict(run_reports or {}),
         "quantization": dict(quantization),
         "parity": [
@@ -132,6 +134,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *_cv_lines(card.get("cross_validation")),
         *_protocol_lines(card.get("protocol")),
         *_decision_lines(card.get("decision") or {}),
+        *_runtime_call_lines(card.get("runtime_calls") or {}, card["classes"]),
         *_lesion_lines(metrics.get("lesion"), "held-out test split"),
         *_lesion_lines((card.get("cross_validation") or {}).get("lesion"), "cross-validation"),
         "## Parity gates",
@@ -431,6 +434,30 @@ def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:
             k: v for k, v in decision["unfamiliar"].items() if k not in ("means", "scale")
         }
     return summary
+
+
+def _runtime_call_lines(calls: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
+    """The held-out scans as the runtime calls them (export.decision.runtime_calls)."""
+    if not calls:
+        return []
+    rule = (
+        "normal exactly where the lesion head finds no lesion"
+        if calls["normal_rule"] == "lesion_head"
+        else "normal by the classifier"
+    )
+    recall = ", ".join(
+        f"{name} {'n/a' if value is None else f'{value:.3f}'}"
+        for name, value in calls["recall"].items()
+    )
+    return [
+        f"## As the runtime calls them (held-out test split, {calls['scans']} scans)",
+        "",
+        "The metrics above are the classifier's top-1. On the device a scan's `label` follows "
+        f"the model's rules: the malignant operating point above, and {rule}. So called, "
+        f"accuracy {calls['accuracy']:.3f}; recall {recall}.",
+        "",
+        *_confusion_table({"confusion_matrix": calls["confusion_matrix"]}, classes),
+    ]
 
 
 def _decision_lines(decision: Mapping[str, Any]) -> list[str]:

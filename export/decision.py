@@ -7,12 +7,15 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
+from sklearn.metrics import confusion_matrix
 
 from edge_runtime.decision import (
+    decide,
     malignant_operating_point,
     unfamiliar_scores,
     unfamiliar_stats,
 )
+from training.lesion_metrics import predicted_mask
 from training.metrics import apply_temperature
 from training.runfolder import RunInfo
 
@@ -85,4 +88,51 @@ def choose_unfamiliar(
         "quantile": UNFAMILIAR_QUANTILE,
         "validation_scans": len(scores),
         "training_scans": len(train_images),
+    }
+
+
+def runtime_calls(
+    info: RunInfo,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    malignant_threshold: float,
+    lesion_maps: np.ndarray | None = None,
+) -> dict:
+    """How the runtime calls the held-out scans, as against the top-1 metrics of training.
+
+    The runtime's own rule (:func:`edge_runtime.decision.decide`): the run's temperature, the
+    malignant operating point and, for a lesion model with a normal class, normal exactly where
+    the lesion head finds no lesion (the runtime's post-processing on the model's square).
+
+    Args:
+        info: the run.
+        probabilities: FP32 ``[N, K]`` uncalibrated, on the held-out scans.
+        labels: int ``[N]``.
+        malignant_threshold: 0 for plain top-1.
+        lesion_maps: ``[N, h, w, 1]`` lesion output, or None.
+
+    Returns:
+        ``scans``, ``accuracy``, ``recall`` per class (None where a class has no scan),
+        ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied.
+    """
+    found = None
+    if lesion_maps is not None and "normal" in info.class_names:
+        found = np.array(
+            [
+                predicted_mask(m[..., 0], info.input_size, info.lesion_threshold).any()
+                for m in lesion_maps
+            ]
+        )
+    calibrated = apply_temperature(probabilities, info.temperature)
+    called = decide(calibrated, info.class_names, malignant_threshold, found)
+    matrix = confusion_matrix(labels, called, labels=range(len(info.class_names)))
+    return {
+        "scans": len(labels),
+        "accuracy": float(np.mean(called == labels)),
+        "recall": {
+            name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
+            for i, name in enumerate(info.class_names)
+        },
+        "confusion_matrix": matrix.tolist(),
+        "normal_rule": "lesion_head" if found is not None else "classifier",
     }

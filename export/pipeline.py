@@ -19,7 +19,7 @@ from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, batch_probabilities, open_model
 from export.card import build_card, write_card
 from export.convert import keras_to_onnx, write_metadata
-from export.decision import choose_operating_point, choose_unfamiliar
+from export.decision import choose_operating_point, choose_unfamiliar, runtime_calls
 from export.diagnose import count_convs, rank_quantization_error
 from export.fp16 import to_fp16
 from export.input_fold import fold_input_scaling
@@ -171,6 +171,10 @@ def export_run(options: ExportOptions) -> ExportResult:
             log.info("%s", report.summary())
         if not all(r.passed for r in reports.values()):
             _refuse(staged, fp32, int8, reports, output)
+        point = fp32.decision.get("malignant_operating_point") or {}
+        calls = runtime_calls(
+            info, fp32.probabilities, images.labels, point.get("threshold", 0.0), fp32.lesion
+        )
         card = build_card(
             options.name,
             info,
@@ -179,6 +183,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             int8.settings,
             read_reports(options.run_dir),
             decision=fp32.decision,
+            runtime_calls=calls,
         )
         card_json, card_md = write_card(card, staged.tmp)
         _publish([card_json, card_md, *candidates], _writable_dir(output), options.name)

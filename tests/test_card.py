@@ -160,3 +160,23 @@ def test_card_carries_the_scanner_held_out_protocol_from_the_run_folder(tmp_path
     assert "| busi:GE LOGIQ E9 | 612 | 0.720 | 0.740 | 0.897 (0.867-0.927) | 0.230 |" in text
     assert "called 23% of that scanner's normal scans normal and 74% of its cancers" in text
     assert text.count("left out of training") == 1  # no normal scans, no sentence for Toshiba
+
+
+def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
+    from export.decision import runtime_calls
+
+    info = RunInfo(CLASSES, 16, "letterbox", "efficientnet-lite0", 0, "f" * 64, lesion_stride=4)
+    # rows: a normal scan the classifier calls benign but with no lesion pixel (normal by the
+    # lesion head); a malignant scan below top-1 but above the operating point; a benign scan
+    probabilities = np.array([[0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.8, 0.1]], np.float32)
+    labels = np.array([0, 2, 1])
+    maps = np.zeros((3, 4, 4, 1), np.float32)
+    maps[1:, 1:3, 1:3] = 0.9  # lesions on the two lesion scans
+    calls = runtime_calls(info, probabilities, labels, 0.25, maps)
+    assert calls["accuracy"] == 1.0 and calls["normal_rule"] == "lesion_head"
+    assert calls["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    top1 = runtime_calls(info, probabilities, labels, 0.0)  # no rules: the classifier's top-1
+    assert top1["recall"] == {"normal": 0.0, "benign": 1.0, "malignant": 0.0}
+    text = render_markdown(build_card("m", info, [], [], {}, runtime_calls=calls))
+    assert "As the runtime calls them (held-out test split, 3 scans)" in text
+    assert "normal exactly where the lesion head finds no lesion" in text
