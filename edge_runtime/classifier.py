@@ -142,6 +142,7 @@ class Result:
     timing: Timing
     frame: int | None = None
     rechecked: bool = False  # INT8 was unsure; these are the FP32 model's answers
+    region: int | None = None  # which tissue region of a dual view (edge_runtime.regions)
     pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) of the classified frame
     lesion: Lesion | None = None
     unfamiliar: bool = False  # unlike the training scans (edge_runtime.decision); abstains
@@ -165,6 +166,7 @@ class _Item:
     preprocess_ms: float = 0.0
     pixel_spacing_mm: tuple[float, float] | None = None
     notes: tuple[str, ...] = ()  # what decoders printed or warned while reading the file
+    region: int | None = None
 
 
 @dataclass(frozen=True)
@@ -483,12 +485,10 @@ class Classifier:
                 failure = None
         if failure is not None:
             return _Chunk([replace(failure, notes=tuple(notes))])
-        count = 1 if scan is None else scan.count
-        spacing = None if scan is None else scan.pixel_spacing_mm
         decode_ms = _ms_since(start) / len(frames)
-        items = self._squares(name, frames, 0, count, keep_original, decode_ms, spacing)
+        items = self._squares(name, frames, 0, scan, keep_original, decode_ms)
         items[0] = replace(items[0], notes=tuple(notes))
-        rest = (scan, len(frames)) if scan is not None and len(frames) < count else None
+        rest = (scan, len(frames)) if scan is not None and len(frames) < scan.count else None
         return _Chunk(items, rest)
 
     def _decode_frames(self, scan: Scan, start: int, keep_original: bool) -> _Chunk:
@@ -505,12 +505,11 @@ class Classifier:
             else:
                 error = None
         if error is not None:  # the frames left are not tried: one record says why
-            item = _Item(scan.path, start, error=error, decode_ms=_ms_since(begin))
+            frame, region, _ = scan.where(start)
+            item = _Item(scan.path, frame, error=error, decode_ms=_ms_since(begin), region=region)
             return _Chunk([replace(item, notes=tuple(notes))])
         decode_ms = _ms_since(begin) / len(frames)
-        items = self._squares(
-            scan.path, frames, start, scan.count, keep_original, decode_ms, scan.pixel_spacing_mm
-        )
+        items = self._squares(scan.path, frames, start, scan, keep_original, decode_ms)
         if notes:
             items[0] = replace(items[0], notes=tuple(notes))
         return _Chunk(items, (scan, stop) if stop < scan.count else None)
@@ -520,30 +519,30 @@ class Classifier:
         name: str,
         frames: list[np.ndarray],
         first: int,
-        count: int,
+        scan: Scan | None,
         keep_original: bool,
         decode_ms: float,
-        spacing: tuple[float, float] | None = None,
     ) -> list[_Item]:
-        """Fit each frame into the model's square; frames too small to hold a scan fail."""
+        """Fit each frame (image ``first``, ``first + 1``, ... of ``scan``; None: an array) into
+        the model's square; frames too small to hold a scan fail."""
         spec = self._model.spec
         items = []
         for index, frame in enumerate(frames, first):
             begin = time.perf_counter()
-            number = index if count > 1 else None
+            number, region, spacing = (None, None, None) if scan is None else scan.where(index)
             height, width = frame.shape
             if min(height, width) < MIN_SIDE:
                 reason = (
                     f"image is {width} x {height} pixels, too small to hold a scan (each side "
                     f"must be at least {MIN_SIDE} pixels)"
                 )
-                items.append(_Item(name, number, error=reason, decode_ms=decode_ms))
+                items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
                 continue
             try:
                 square = fit_to_square(frame, spec.input_size, spec.resize_policy)
             except Exception as exc:  # a bug here must cost one frame, never the batch
                 reason = f"could not be resized ({type(exc).__name__}: {exc})"
-                items.append(_Item(name, number, error=reason, decode_ms=decode_ms))
+                items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
                 continue
             items.append(
                 _Item(
@@ -554,6 +553,7 @@ class Classifier:
                     decode_ms=decode_ms,
                     preprocess_ms=_ms_since(begin),
                     pixel_spacing_mm=spacing,
+                    region=region,
                 )
             )
         return items
@@ -630,6 +630,7 @@ class Classifier:
                     ),
                     frame=item.frame,
                     rechecked=bool(rechecked[row]),
+                    region=item.region,
                     pixel_spacing_mm=item.pixel_spacing_mm,
                     lesion=lesion,
                     unfamiliar=bool(unfamiliar[row]),
@@ -651,6 +652,7 @@ class Classifier:
             error=item.error,
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
+            region=item.region,
         )
 
 

@@ -48,6 +48,8 @@ def result_record(result: Result) -> dict[str, Any]:
     }
     if result.frame is not None:
         record["frame"] = result.frame
+    if result.region is not None:
+        record["region"] = result.region
     return record
 
 
@@ -258,7 +260,8 @@ def write_masks(
 
 def _stem(result: Result, stems: Mapping[str, str]) -> str:
     stem = stems.get(result.source) or Path(result.source).stem
-    return stem if result.frame is None else f"{stem}_f{result.frame}"
+    stem = stem if result.frame is None else f"{stem}_f{result.frame}"
+    return stem if result.region is None else f"{stem}_r{result.region}"
 
 
 def _write_png(path: Path, image) -> None:
