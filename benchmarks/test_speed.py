@@ -8,6 +8,7 @@ would slow every measurement taken after them.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,43 @@ def test_cold_process(benchmark, model_files, scans):
         lambda: subprocess.run(command, capture_output=True, text=True), rounds=5, warmup_rounds=1
     )
     assert done.returncode == 0, done.stderr
+
+
+MAX_COLD_START_RATIO = 2.0
+
+
+def test_gate_cold_start_at_most_2x_library_imports(model_files, scans, ratio_log, tmp_path):
+    """``edge-classify one.png`` as a fresh process against ``python -c "import onnxruntime, cv2,
+    numpy"``, interleaved: what the runtime adds to its libraries' import (its own modules, the
+    session, one scan) is at most as much again. Bytecode is cached under ``tmp_path`` for both,
+    as an installed package has it (``PYTHONDONTWRITEBYTECODE`` would compile every module on
+    every start)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    classify = [sys.executable, "-m", "edge_runtime.cli", str(scans[0]), "--quiet"]
+    classify += ["--model", str(model_files[Precision.INT8])]
+    imports = [sys.executable, "-c", "import onnxruntime, cv2, numpy"]
+
+    def run(command):
+        def call():
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            assert done.returncode == 0, done.stderr
+
+        return call
+
+    t = interleaved({"cold_start": run(classify), "imports": run(imports)}, rounds=7, warmup=1)
+    ratio = t["cold_start"].median / t["imports"].median
+    ratio_log["cold_start_vs_library_imports"] = {
+        "value": round(ratio, 3),
+        "gate": MAX_COLD_START_RATIO,
+        "cold_start_s": round(t["cold_start"].median, 3),
+        "imports_s": round(t["imports"].median, 3),
+    }
+    assert ratio <= MAX_COLD_START_RATIO, (
+        f"edge-classify one.png took {t['cold_start'].median:.3f} s, {ratio:.2f} x the "
+        f"{t['imports'].median:.3f} s of importing onnxruntime, cv2 and numpy alone; the gate is "
+        f"<= {MAX_COLD_START_RATIO}"
+    )
 
 
 def test_openvino_fp32(benchmark, model_files, models, scans):

@@ -11,12 +11,14 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over the measured rounds."""
+    """Seconds per call over the measured rounds: wall-clock quartiles, and the median CPU
+    seconds the whole process used (every thread's), which other processes' load barely moves."""
 
     median: float
     q1: float
     q3: float
     rounds: int
+    cpu_median: float
 
 
 def interleaved(
@@ -31,17 +33,20 @@ def interleaved(
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    cpu: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             samples[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     return {
         name: Timing(
             median=float(np.median(values)),
             q1=float(np.percentile(values, 25)),
             q3=float(np.percentile(values, 75)),
             rounds=rounds,
+            cpu_median=float(np.median(cpu[name])),
         )
         for name, values in samples.items()
     }

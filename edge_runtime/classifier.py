@@ -2,9 +2,12 @@
 
 Decoding and resizing run in a thread pool (OpenCV and pydicom's decoders release the GIL) a few
 batches ahead of inference, on every core; each batch is one contiguous uint8 array fed to
-onnxruntime. A file of many frames (a cine, a multi-page TIFF) is decoded one batch of frames at a
-time, so memory follows ``batch_size``, never the length of the file. Messages decoders print
-while reading a file are logged under its name (:mod:`edge_runtime.capture`).
+onnxruntime. Batches run on one inference thread each, up to one batch per core at once
+(``ClassifierOptions.inference_workers``): on 2 shared cores, one intra-op thread per batch costs
+12 ms of CPU a scan and two cost 18 (bundled INT8 model), so batches side by side beat threads
+inside one batch. A file of many frames (a cine, a multi-page TIFF) is decoded one batch of
+frames at a time, so memory follows ``batch_size``, never the length of the file. Messages
+decoders print while reading a file are logged under its name (:mod:`edge_runtime.capture`).
 """
 
 from __future__ import annotations
@@ -65,23 +68,40 @@ def usable_cores() -> int:
 @dataclass(frozen=True)
 class ClassifierOptions:
     """How to open and run a model. ``model_path`` None means the bundled model that suits the
-    provider (:func:`default_precision`)."""
+    provider (:func:`default_precision`).
+
+    ``threads`` are onnxruntime's intra-op threads for one batch (None: 1);
+    ``inference_workers`` how many batches run at once, each on its own thread (None: as many as
+    ``decode_workers`` and the cores left after ``threads`` allow, at least 1).
+    """
 
     model_path: str | os.PathLike[str] | None = None
     provider: Provider = Provider.AUTO
     threads: int | None = None
     batch_size: int = 8
     decode_workers: int = field(default_factory=lambda: min(8, usable_cores()))
+    inference_workers: int | None = None
     abstain_below: float | None = None  # None: the model's own threshold
     # call malignant when P(malignant) >= this; None: the model's own operating point (0: top-1)
     malignant_threshold: float | None = None
     recheck: bool = True  # rerun in FP32 what an INT8 model is unsure of, if its metadata asks
+
+    @property
+    def batches_at_once(self) -> int:
+        """``inference_workers``, or what None stands for on this machine."""
+        if self.inference_workers is not None:
+            return self.inference_workers
+        return max(1, min(self.decode_workers, usable_cores() // (self.threads or 1)))
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1. Got {self.batch_size} instead.")
         if self.decode_workers < 1:
             raise ValueError(f"decode_workers must be >= 1. Got {self.decode_workers} instead.")
+        if self.inference_workers is not None and self.inference_workers < 1:
+            raise ValueError(
+                f"inference_workers must be >= 1 or None. Got {self.inference_workers} instead."
+            )
         if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
             raise ValueError(f"abstain_below must be in [0, 1]. Got {self.abstain_below} instead.")
         if self.malignant_threshold is not None and not 0.0 <= self.malignant_threshold < 1.0:
@@ -120,6 +140,7 @@ class Classification:
         timing: per-stage milliseconds of this image.
         frame: index within a multi-frame file; None for a single image.
         rechecked: INT8 was unsure; these are the FP32 model's answers.
+        region: which tissue region of a dual view (:mod:`edge_runtime.regions`); None for one.
         pixel_spacing_mm: (row, column) spacing of the classified frame, where the file gives it.
         lesion: the largest lesion the model found (None when it found none, or has no lesion
             output).
@@ -141,6 +162,7 @@ class Classification:
     timing: Timing
     frame: int | None = None
     rechecked: bool = False
+    region: int | None = None
     pixel_spacing_mm: tuple[float, float] | None = None
     lesion: Lesion | None = None
     unfamiliar: bool = False
@@ -159,6 +181,7 @@ class Failure:
         timing: the milliseconds spent before it failed (decoding, usually).
         frame: the frame it failed at, in a multi-frame file (the frames after it are not
             tried when its decoding fails); None for the whole input.
+        region: the tissue region of a dual view it failed at; None for one.
     """
 
     ok: ClassVar[Literal[False]] = False
@@ -167,6 +190,7 @@ class Failure:
     error: str
     timing: Timing = Timing()
     frame: int | None = None
+    region: int | None = None
 
 
 Result: TypeAlias = Classification | Failure
@@ -184,6 +208,7 @@ class _Item:
     preprocess_ms: float = 0.0
     pixel_spacing_mm: tuple[float, float] | None = None
     notes: tuple[str, ...] = ()  # what decoders printed or warned while reading the file
+    region: int | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +303,11 @@ class Classifier:
         self._pool = ThreadPoolExecutor(
             options.decode_workers, thread_name_prefix="decode", initializer=private_stderr
         )
+        self._inference_pool = (
+            ThreadPoolExecutor(options.batches_at_once, thread_name_prefix="inference")
+            if options.batches_at_once > 1
+            else None
+        )
         self._abstain_below = (
             model.spec.abstain_threshold if options.abstain_below is None else options.abstain_below
         )
@@ -294,7 +324,7 @@ class Classifier:
         """Open the model that ``options`` names and check its contract."""
 
         def open_(path: Path) -> LoadedModel:
-            return open_model(path, provider=options.provider, threads=options.threads)
+            return open_model(path, provider=options.provider, threads=options.threads or 1)
 
         model = open_(resolve_model_path(options.model_path, options.provider))
         fitting = default_precision(model.providers[0])
@@ -313,7 +343,9 @@ class Classifier:
             )
         recheck = None
         if options.recheck:
-            recheck = open_recheck_model(model, provider=options.provider, threads=options.threads)
+            recheck = open_recheck_model(
+                model, provider=options.provider, threads=options.threads or 1
+            )
         return cls(model, options, recheck)
 
     @classmethod
@@ -389,14 +421,27 @@ class Classifier:
     ) -> Iterator[Result]:
         size = self._options.batch_size
         pending: list[_Item] = []
+        running: deque[Future[list[Result]]] = deque()  # batches in flight, in input order
         keep_original = heatmaps or self.spec.has_lesion  # the lesion is measured at its size
         for items in self._decoded(sources, keep_original=keep_original):
             pending.extend(items)
             while (cut := _batch_end(pending, size)) is not None:
-                yield from self._finish(pending[:cut], heatmaps, masks)
+                running.append(self._start(pending[:cut], heatmaps, masks))
                 pending = pending[cut:]
+                while len(running) >= self._options.batches_at_once:
+                    yield from running.popleft().result()
         if pending:
-            yield from self._finish(pending, heatmaps, masks)
+            running.append(self._start(pending, heatmaps, masks))
+        while running:
+            yield from running.popleft().result()
+
+    def _start(self, batch: list[_Item], heatmaps: bool, masks: bool) -> Future[list[Result]]:
+        """Run one batch on an inference thread, or here when one batch runs at a time."""
+        if self._inference_pool is not None:
+            return self._inference_pool.submit(self._finish, batch, heatmaps, masks)
+        done: Future[list[Result]] = Future()
+        done.set_result(self._finish(batch, heatmaps, masks))
+        return done
 
     def iter_squares(
         self, sources: Iterable[Source]
@@ -439,8 +484,10 @@ class Classifier:
         )
 
     def close(self) -> None:
-        """Stop the decode threads. The session is released with the object."""
+        """Stop the decode and inference threads. The session is released with the object."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._inference_pool is not None:
+            self._inference_pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Classifier:
         return self
@@ -504,12 +551,10 @@ class Classifier:
                 failure = None
         if failure is not None:
             return _Chunk([replace(failure, notes=tuple(notes))])
-        count = 1 if scan is None else scan.count
-        spacing = None if scan is None else scan.pixel_spacing_mm
         decode_ms = _ms_since(start) / len(frames)
-        items = self._squares(name, frames, 0, count, keep_original, decode_ms, spacing)
+        items = self._squares(name, frames, 0, scan, keep_original, decode_ms)
         items[0] = replace(items[0], notes=tuple(notes))
-        rest = (scan, len(frames)) if scan is not None and len(frames) < count else None
+        rest = (scan, len(frames)) if scan is not None and len(frames) < scan.count else None
         return _Chunk(items, rest)
 
     def _decode_frames(self, scan: Scan, start: int, keep_original: bool) -> _Chunk:
@@ -526,12 +571,11 @@ class Classifier:
             else:
                 error = None
         if error is not None:  # the frames left are not tried: one record says why
-            item = _Item(scan.path, start, error=error, decode_ms=_ms_since(begin))
+            frame, region, _ = scan.where(start)
+            item = _Item(scan.path, frame, error=error, decode_ms=_ms_since(begin), region=region)
             return _Chunk([replace(item, notes=tuple(notes))])
         decode_ms = _ms_since(begin) / len(frames)
-        items = self._squares(
-            scan.path, frames, start, scan.count, keep_original, decode_ms, scan.pixel_spacing_mm
-        )
+        items = self._squares(scan.path, frames, start, scan, keep_original, decode_ms)
         if notes:
             items[0] = replace(items[0], notes=tuple(notes))
         return _Chunk(items, (scan, stop) if stop < scan.count else None)
@@ -541,30 +585,30 @@ class Classifier:
         name: str,
         frames: list[np.ndarray],
         first: int,
-        count: int,
+        scan: Scan | None,
         keep_original: bool,
         decode_ms: float,
-        spacing: tuple[float, float] | None = None,
     ) -> list[_Item]:
-        """Fit each frame into the model's square; frames too small to hold a scan fail."""
+        """Fit each frame (image ``first``, ``first + 1``, ... of ``scan``; None: an array) into
+        the model's square; frames too small to hold a scan fail."""
         spec = self._model.spec
         items = []
         for index, frame in enumerate(frames, first):
             begin = time.perf_counter()
-            number = index if count > 1 else None
+            number, region, spacing = (None, None, None) if scan is None else scan.where(index)
             height, width = frame.shape
             if min(height, width) < MIN_SIDE:
                 reason = (
                     f"image is {width} x {height} pixels, too small to hold a scan (each side "
                     f"must be at least {MIN_SIDE} pixels)"
                 )
-                items.append(_Item(name, number, error=reason, decode_ms=decode_ms))
+                items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
                 continue
             try:
                 square = fit_to_square(frame, spec.input_size, spec.resize_policy)
             except Exception as exc:  # a bug here must cost one frame, never the batch
                 reason = f"could not be resized ({type(exc).__name__}: {exc})"
-                items.append(_Item(name, number, error=reason, decode_ms=decode_ms))
+                items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
                 continue
             items.append(
                 _Item(
@@ -575,6 +619,7 @@ class Classifier:
                     decode_ms=decode_ms,
                     preprocess_ms=_ms_since(begin),
                     pixel_spacing_mm=spacing,
+                    region=region,
                 )
             )
         return items
@@ -652,6 +697,7 @@ class Classifier:
                     ),
                     frame=item.frame,
                     rechecked=bool(rechecked[row]),
+                    region=item.region,
                     pixel_spacing_mm=item.pixel_spacing_mm,
                     lesion=lesion,
                     unfamiliar=bool(unfamiliar[row]),
@@ -669,6 +715,7 @@ class Classifier:
             error=item.error,
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
+            region=item.region,
         )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import logging
 import os
@@ -69,6 +68,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with "did you mean" for mistyped options (never silently corrected)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        import difflib  # only on errors: a shorter cold start
+
         options = [s for a in self._actions for s in a.option_strings]
         for word in message.split():
             if word.startswith("--"):
@@ -481,6 +482,8 @@ def _options(args: argparse.Namespace) -> ClassifierOptions:
 def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     files, problems = expand_sources(args.paths)
     for item, reason in problems:
+        import difflib  # only for inputs not found: a shorter cold start
+
         hint = difflib.get_close_matches(str(item), SUBCOMMANDS, n=1)
         hint_text = f" (did you mean the subcommand '{hint[0]}'?)" if hint else ""
         stderr.write(f"edge-classify: {display_path(item)}: {reason}{hint_text}\n")

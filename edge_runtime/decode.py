@@ -65,15 +65,30 @@ class Scan:
 
     Attributes:
         path: the file's path as given.
-        count: number of frames (1 for a plain image; pages of a TIFF; frames of a DICOM cine).
+        count: number of images :meth:`read` gives: frames (1 for a plain image; pages of a
+            TIFF; frames of a DICOM cine), times the regions of each frame.
         pixel_spacing_mm: (row, column) spacing in millimetres of the frames :meth:`read`
             returns, when the file states it (DICOM), else None.
+        regions: for a DICOM file with several tissue regions (a dual view,
+            :mod:`edge_runtime.regions`), each region's pixel spacing (or None), in order; the
+            images are then frame 0's regions, frame 1's, ...: image ``k`` is region
+            ``k % len(regions)`` of frame ``k // len(regions)``. Empty: one image a frame.
     """
 
     path: str
     count: int
     pixel_spacing_mm: tuple[float, float] | None
     _read: Callable[[int, int], list[np.ndarray]]
+    regions: tuple[tuple[float, float] | None, ...] = ()
+
+    def where(self, index: int) -> tuple[int | None, int | None, tuple[float, float] | None]:
+        """Image ``index``'s frame number (None for a single-frame file), region number (None
+        without several regions) and pixel spacing."""
+        per_frame = max(1, len(self.regions))
+        frame = index // per_frame if self.count > per_frame else None
+        if not self.regions:
+            return frame, None, self.pixel_spacing_mm
+        return frame, index % per_frame, self.regions[index % per_frame]
 
     def read(self, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
         """Decode frames ``start`` to ``stop`` (exclusive) as 2-D uint8 arrays.

@@ -38,7 +38,7 @@ from edge_runtime.decode import (
     check_file,
     to_uint8,
 )
-from edge_runtime.regions import Region, pixel_spacing, tissue_region
+from edge_runtime.regions import Region, pixel_spacing, tissue_regions
 
 DICOM_EXTRA_HINT = "DICOM support needs the dicom extra: pip install 'edge-classify[dicom]'"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -75,7 +75,8 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
 
     The frames are the tissue region of the Sequence of Ultrasound Regions when the file has one
     (:mod:`edge_runtime.regions`), else the whole image; ``pixel_spacing_mm`` comes from that
-    region, or from Pixel Spacing.
+    region, or from Pixel Spacing. With several tissue regions (a dual view), each frame gives
+    one image per region (:attr:`Scan.regions`).
 
     Args:
         path: the file's path (read from disk unless ``data`` is given; used in messages).
@@ -105,10 +106,27 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
     ds, syntax = _read_header(path, opener)
     geometry = _check_geometry(path, ds)
     _check_decoder(path, syntax)
-    region = tissue_region(ds, geometry.rows, geometry.columns)
+    regions = tissue_regions(ds, geometry.rows, geometry.columns)
+    frames_of = _frame_reader(path, opener, ds, syntax)
+    if len(regions) > 1:  # a dual view: every region of every frame, one image each
+        displays = [_Display(ds, geometry, region) for region in regions]
+        per_frame = len(regions)
+
+        def read(start: int, stop: int) -> list[np.ndarray]:
+            first, last = start // per_frame, (stop - 1) // per_frame + 1
+            arrays = frames_of(first, last)
+            if len(arrays) != last - first:
+                raise InputError(path, f"DICOM file holds fewer frames than its {geometry.frames}")
+            return [
+                displays[k % per_frame](arrays[k // per_frame - first], path)
+                for k in range(start, stop)
+            ]
+
+        spacings = tuple(r.pixel_spacing_mm for r in regions)
+        return Scan(str(path), geometry.frames * per_frame, spacings[0], read, spacings)
+    region = regions[0] if regions else None
     spacing = region.pixel_spacing_mm if region is not None else pixel_spacing(ds)
     display = _Display(ds, geometry, region)
-    frames_of = _frame_reader(path, opener, ds, syntax)
 
     def read(start: int, stop: int) -> list[np.ndarray]:
         arrays = frames_of(start, stop)

@@ -32,7 +32,8 @@ SUMMARY_FIELDS = ("frames", "failed_frames")  # only a multi-frame file's summar
 
 
 def result_record(result: Result | FileSummary) -> dict[str, Any]:
-    """The JSON-lines shape of one result (``frame`` only for multi-frame inputs).
+    """The JSON-lines shape of one result (``frame`` only for multi-frame inputs, ``region`` only
+    for the tissue regions of a dual view).
 
     The ``lesion_*`` fields are None where no lesion was found (or the model has no lesion
     output); the mm ones also where the scan's pixel spacing is unknown. A failure has no label,
@@ -54,6 +55,8 @@ def result_record(result: Result | FileSummary) -> dict[str, Any]:
         record["failed_frames"] = result.failed_frames
     elif result.frame is not None:
         record["frame"] = result.frame
+    if answer is not None and answer.region is not None:
+        record["region"] = answer.region
     return record
 
 
@@ -124,6 +127,7 @@ class ResultWriter:
                     "error",
                     "elapsed_ms",
                     *SUMMARY_FIELDS,
+                    "region",
                 ]
             )
         elif fmt is OutputFormat.TABLE:
@@ -151,6 +155,7 @@ class ResultWriter:
                     record["error"] or "",
                     record["elapsed_ms"],
                     *(_csv_cell(record.get(name)) for name in SUMMARY_FIELDS),
+                    _csv_cell(record.get("region")),
                 ]
             )
         else:
@@ -177,6 +182,8 @@ def _table_row(result: Result | FileSummary, lesion_column: bool) -> str:
         source = f"{name} [file: {where}{result.frames} frames, {result.failed_frames} failed]"
     else:
         source = name if result.frame is None else f"{name} [frame {result.frame}]"
+        if result.region is not None:
+            source += f" [region {result.region}]"
     if not isinstance(answer, Classification):
         blank = " " * (LESION_WIDTH + 1) if lesion_column else ""
         return f"{'ERROR':<10} {'':>6}  {'':1} {blank}{source}: {result.error}"
@@ -304,7 +311,8 @@ def _write_images(
 
 def _stem(result: Result, stems: Mapping[str, str]) -> str:
     stem = stems.get(result.source) or Path(result.source).stem
-    return stem if result.frame is None else f"{stem}_f{result.frame}"
+    stem = stem if result.frame is None else f"{stem}_f{result.frame}"
+    return stem if result.region is None else f"{stem}_r{result.region}"
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

@@ -2,9 +2,13 @@
 
 Ultrasound screens carry text, rulers, body markers and colour bars around the image. A file with
 a Sequence of Ultrasound Regions (0018,6011) says where each region lies and what it shows; the
-runtime classifies the tissue region (Region Spatial Format 1, a 2-D image) and takes its pixel
-size from Physical Delta X/Y, which are in centimetres when Physical Units X/Y Direction is 3.
-Without regions, Pixel Spacing (0028,0030) gives the spacing, and the whole frame is used.
+runtime classifies the tissue regions (Region Spatial Format 1, a 2-D image, of Region Data Type 1,
+tissue, where the type is given) and takes each one's pixel size from Physical Delta X/Y, which
+are in centimetres when Physical Units X/Y Direction is 3. A dual view (two B-mode images side by
+side) has two tissue regions: each is classified, one record per region with its ``region``
+index (0, 1, ... in the order the file lists them). A 2-D region inside another one (a colour box
+over the B-mode image, say) is part of it, not a region of its own. Without regions, Pixel
+Spacing (0028,0030) gives the spacing, and the whole frame is used.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SPATIAL_FORMAT_2D = 1
+DATA_TYPE_TISSUE = 1
 UNITS_CM = 3
 
 
@@ -40,20 +45,23 @@ class Region:
         return (self.x1 - self.x0 + 1) * (self.y1 - self.y0 + 1)
 
 
-def tissue_region(ds: Any, rows: int, columns: int) -> Region | None:
-    """The largest 2-D region of the Sequence of Ultrasound Regions that lies inside the frame.
+def tissue_regions(ds: Any, rows: int, columns: int) -> list[Region]:
+    """The tissue regions of the Sequence of Ultrasound Regions that lie inside the frame, in
+    the file's order, leaving out those inside another.
 
     Args:
         ds: a pydicom dataset (header only is enough).
         rows, columns: the frame's size, to drop regions that do not fit it.
 
     Returns:
-        The region, or None when the file has no usable 2-D region.
+        The regions; empty when the file has no usable 2-D tissue region.
     """
     regions = []
     for item in ds.get("SequenceOfUltrasoundRegions") or []:
         try:
             if int(item.get("RegionSpatialFormat") or 0) != SPATIAL_FORMAT_2D:
+                continue
+            if int(item.get("RegionDataType") or DATA_TYPE_TISSUE) != DATA_TYPE_TISSUE:
                 continue
             x0, y0 = int(item.RegionLocationMinX0), int(item.RegionLocationMinY0)
             x1, y1 = int(item.RegionLocationMaxX1), int(item.RegionLocationMaxY1)
@@ -63,7 +71,29 @@ def tissue_region(ds: Any, rows: int, columns: int) -> Region | None:
             log.debug("ultrasound region (%d, %d)-(%d, %d) outside the frame", x0, y0, x1, y1)
             continue
         regions.append(Region(x0, y0, x1, y1, _region_spacing(item)))
-    return max(regions, key=lambda r: r.area, default=None)
+    return [r for i, r in enumerate(regions) if not _inside_another(r, i, regions)]
+
+
+def _inside_another(region: Region, index: int, regions: list[Region]) -> bool:
+    """Whether ``region`` lies within another of ``regions`` (the first of equal ones stays)."""
+    for other_index, other in enumerate(regions):
+        if other_index == index:
+            continue
+        within = (
+            other.x0 <= region.x0
+            and other.y0 <= region.y0
+            and region.x1 <= other.x1
+            and region.y1 <= other.y1
+        )
+        same = (region.x0, region.y0, region.x1, region.y1) == (
+            other.x0,
+            other.y0,
+            other.x1,
+            other.y1,
+        )
+        if within and (not same or other_index < index):
+            return True
+    return False
 
 
 def pixel_spacing(ds: Any) -> tuple[float, float] | None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import io
 import logging
@@ -100,8 +98,11 @@ def tensorrt_loadable() -> bool:
     it, every session that asks for TensorRT first fails, prints a banner on stdout and retries
     on CUDA. AUTO skips TensorRT then (a TensorRT installed only as Python wheels is not found
     here: ask for it with ``Provider.TENSORRT``). Probed once per process: ``find_library``
-    may run ``ldconfig``.
+    may run ``ldconfig``. ``ctypes.util`` is imported here, not at start (it pulls in
+    ``subprocess``, ``shutil`` and ``tempfile``).
     """
+    import ctypes.util
+
     for name in ("nvinfer", "nvinfer_10"):
         found = ctypes.util.find_library(name)
         if found:

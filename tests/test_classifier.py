@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.classifier import Classifier
+from edge_runtime.classifier import Classifier, ClassifierOptions
 from tests.onnx_models import make_contract_model
 
 
@@ -69,3 +69,29 @@ def test_a_model_without_a_lesion_output_classifies_and_refuses_masks(classifier
     assert all(r.heatmap is not None for r in results)
     with pytest.raises(ValueError, match=r"m\.onnx: this model has no lesion output.*masks=True"):
         classifier.iter_classify(_scans(tmp_path, 1), masks=True)
+
+
+def test_batches_side_by_side_give_the_answers_of_one_at_a_time_in_input_order(tmp_path):
+    model = make_contract_model(tmp_path / "m.onnx")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    good = _scans(tmp_path, 7)
+    sources = [good[0], bad, *good[1:4], bad, *good[4:]]
+    answers = {}
+    for workers in (1, 3):
+        with Classifier.from_path(model, batch_size=2, inference_workers=workers) as clf:
+            results = clf.classify(sources)
+        answers[workers] = [(r.source, r.ok, r.label, r.probabilities) for r in results]
+    assert [source for source, *_ in answers[3]] == [str(s) for s in sources]
+    assert answers[3] == answers[1]
+
+
+def test_inference_workers_default_to_the_cores_left_by_the_threads_of_one_batch():
+    with mock.patch("edge_runtime.classifier.usable_cores", return_value=4):
+        assert ClassifierOptions(decode_workers=4).batches_at_once == 4
+        assert ClassifierOptions(decode_workers=4, threads=2).batches_at_once == 2
+        assert ClassifierOptions(decode_workers=1).batches_at_once == 1  # a Ray actor's
+        assert ClassifierOptions(decode_workers=4, threads=8).batches_at_once == 1
+        assert ClassifierOptions(decode_workers=4, inference_workers=3).batches_at_once == 3
+    with pytest.raises(ValueError, match="inference_workers must be >= 1"):
+        ClassifierOptions(inference_workers=0)

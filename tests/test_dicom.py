@@ -415,6 +415,95 @@ def test_the_tissue_region_is_cropped_and_its_spacing_carried_in_mm(tmp_path: Pa
     assert scan.pixel_spacing_mm == pytest.approx((0.3, 0.2))  # (row = Y, column = X), cm -> mm
 
 
+def _dual_view(frames: int = 1) -> tuple[np.ndarray, list]:
+    """A 60 x 200 screen (``frames`` of them) with two 40 x 80 B-mode images side by side."""
+    screen = np.full((frames, 60, 200), 200, np.uint8)
+    for f in range(frames):
+        screen[f, 10:50, 10:90] = 10 + f  # left view
+        screen[f, 10:50, 110:190] = 100 + f  # right view
+    regions = [
+        us_region(10, 10, 89, 49, delta=(0.01, 0.01)),
+        us_region(110, 10, 189, 49, delta=(0.02, 0.04)),
+    ]
+    return screen, regions
+
+
+def test_a_dual_view_gives_one_image_per_tissue_region_in_the_files_order(tmp_path: Path) -> None:
+    screen, regions = _dual_view()
+    path = make_dicom(
+        tmp_path / "dual.dcm",
+        screen[0],
+        rows=60,
+        columns=200,
+        SequenceOfUltrasoundRegions=regions,
+    )
+    scan = open_scan(path)
+    left, right = scan.read()
+    assert scan.count == 2 and left.shape == right.shape == (40, 80)
+    assert np.all(left == 10) and np.all(right == 100)
+    assert scan.where(0) == (None, 0, pytest.approx((0.1, 0.1)))
+    assert scan.where(1) == (None, 1, pytest.approx((0.4, 0.2)))
+
+
+def test_a_dual_view_cine_gives_each_frames_regions_in_turn(tmp_path: Path) -> None:
+    screen, regions = _dual_view(frames=3)
+    path = make_dicom(
+        tmp_path / "dual.dcm",
+        screen,
+        rows=60,
+        columns=200,
+        frames=3,
+        SequenceOfUltrasoundRegions=regions,
+    )
+    scan = open_scan(path)
+    assert scan.count == 6
+    images = scan.read(1, 5)  # frame 0 right, frame 1 left and right, frame 2 left
+    assert [int(image[0, 0]) for image in images] == [100, 11, 101, 12]
+    assert [scan.where(k)[:2] for k in range(1, 5)] == [(0, 1), (1, 0), (1, 1), (2, 0)]
+
+
+def test_a_region_inside_another_or_not_of_tissue_is_not_a_view_of_its_own(
+    tmp_path: Path,
+) -> None:
+    screen, (tissue, _) = _dual_view()
+    colour_box = us_region(30, 20, 60, 40)  # a 2-D region within the B-mode image
+    doppler = us_region(110, 10, 189, 49)
+    doppler.RegionDataType = 2  # colour flow
+    path = make_dicom(
+        tmp_path / "one.dcm",
+        screen[0],
+        rows=60,
+        columns=200,
+        SequenceOfUltrasoundRegions=[tissue, colour_box, doppler],
+    )
+    scan = open_scan(path)
+    (image,) = scan.read()
+    assert scan.count == 1 and scan.regions == () and image.shape == (40, 80)
+    assert scan.where(0) == (None, None, pytest.approx((0.1, 0.1)))
+
+
+def test_each_region_of_a_dual_view_gets_its_own_record(tmp_path: Path) -> None:
+    from edge_runtime.classifier import Classifier
+    from edge_runtime.output import result_record
+    from tests.onnx_models import make_contract_model
+
+    screen, regions = _dual_view(frames=2)
+    path = make_dicom(
+        tmp_path / "dual.dcm",
+        screen,
+        rows=60,
+        columns=200,
+        frames=2,
+        SequenceOfUltrasoundRegions=regions,
+    )
+    with Classifier.from_path(make_contract_model(tmp_path / "m.onnx"), batch_size=3) as clf:
+        results = clf.classify([path])
+    assert all(r.ok for r in results)
+    assert [(r.frame, r.region) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert results[1].pixel_spacing_mm == pytest.approx((0.4, 0.2))
+    assert result_record(results[3])["region"] == 1 and result_record(results[3])["frame"] == 1
+
+
 def test_without_regions_the_spacing_is_pixel_spacing_and_reaches_the_result(
     tmp_path: Path,
 ) -> None:
