@@ -398,7 +398,8 @@ def test_the_bundled_models_last_layer_is_found_and_replaced(precision):
     head = Head(parent.kernel * 1.5 + 0.01, parent.bias + np.float32(0.5))
     meta = {p.key: p.value for p in proto.metadata_props}
     adapted = ort.InferenceSession(with_head(proto, where, head, meta).SerializeToString())
-    images = rng.integers(0, 255, (2, 224, 224, 1), dtype=np.uint8)
+    size = ModelSpec.from_metadata(meta).input_size
+    images = rng.integers(0, 255, (2, size, size, 1), dtype=np.uint8)
     features, probabilities = adapted.run(["features", "probabilities"], {"image": images})
     logits = head.logits(features)
     expected = np.exp(logits - logits.max(1, keepdims=True))
