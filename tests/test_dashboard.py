@@ -605,6 +605,16 @@ def _chromium() -> str:
 
 
 @needs_streamlit
+def _bundled_model_outlines(png: bytes) -> int:
+    """1 when the bundled model finds a lesion on this scan (the page then shows its outline)."""
+    from edge_runtime import Classifier, ClassifierOptions
+    from edge_runtime.decode import decode_gray
+
+    with Classifier.from_options(ClassifierOptions()) as clf:
+        (result,) = clf.classify([decode_gray(png, "scan.png")])
+    return int(result.ok and result.lesion is not None)
+
+
 def test_in_chromium_an_upload_shows_rows_labels_images_and_the_banner(tmp_path):
     chromium = _chromium()
     from playwright.sync_api import expect, sync_playwright
@@ -629,7 +639,8 @@ def test_in_chromium_an_upload_shows_rows_labels_images_and_the_banner(tmp_path)
         uploader.set_input_files([{"name": n, "mimeType": m, "buffer": b} for n, m, b in scans])
 
         images = page.locator("[data-testid=stImage] img")
-        expect(images).to_have_count(2, timeout=60_000)  # the scan and its heatmap overlay
+        # the scan and its heatmap overlay, and the lesion outline where the model finds one
+        expect(images).to_have_count(2 + _bundled_model_outlines(scans[0][2]), timeout=60_000)
         for image in images.all():
             assert image.evaluate("img => img.complete && img.naturalWidth") > 0
         page.wait_for_timeout(500)
