@@ -513,8 +513,6 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
             writer.write(Failure(source=item, error=reason))
         results = None
         if args.engine == "ray":
-            if args.masks:
-                raise ValueError("--masks is not supported with --engine ray yet; run it locally")
             results = _ray_results(stack, classifier, files, options, args)
         elif args.ray_address is not None or args.workers is not None:
             raise ValueError("--ray-address and --workers need --engine ray")
@@ -546,9 +544,14 @@ def _ray_results(stack, classifier, files, options, args) -> Iterator[Result]:
         workers = stack.enter_context(ray_cluster(ray_options))
     except ImportError as exc:
         raise ValueError(str(exc)) from None
-    heatmaps = bool(args.heatmaps)
     return classify_on_ray(
-        classifier, files, options, ray_options, workers=workers, heatmaps=heatmaps
+        classifier,
+        files,
+        options,
+        ray_options,
+        workers=workers,
+        heatmaps=bool(args.heatmaps),
+        masks=bool(args.masks),
     )
 
 

@@ -12,9 +12,11 @@
 4. ``map_batches`` hands batches of files to a pool of actors, each holding one
    :class:`~edge_runtime.classifier.Classifier`. An actor decodes the bytes with the runtime's
    decode functions and classifies the frames; a file that cannot be decoded becomes its error
-   record, it never fails the actor.
+   record, it never fails the actor. With heatmaps or lesion masks asked for, the results carry
+   them (and heatmaps the decoded frame) back to the driver.
 5. The driver receives the results in input order (Ray Data's ``preserve_order``, plus a small
-   reorder buffer keyed by path) and writes them as the local engine does.
+   reorder buffer keyed by path) and writes them as the local engine does: records, and
+   heatmap and mask PNGs under the same file names.
 
 An actor that dies (its process killed, its node lost) is restarted by Ray and its unfinished
 batches are run again (``max_restarts=-1``, ``max_task_retries=-1``); a batch's output is kept
@@ -40,6 +42,7 @@ import numpy as np
 from edge_runtime.card import card_path_for
 from edge_runtime.classifier import Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.decode import MAX_FILE_BYTES, InputError, decode_gray, is_dicom
+from edge_runtime.lesion import require_lesion_output
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,7 @@ def classify_on_ray(
     *,
     workers: int,
     heatmaps: bool = False,
+    masks: bool = False,
 ) -> Iterator[Result]:
     """Classify ``files`` on the connected Ray cluster (see :func:`ray_cluster`).
 
@@ -133,12 +137,27 @@ def classify_on_ray(
         ray_options: batch size per call.
         workers: actors in the pool.
         heatmaps: compute heatmaps (the original frames travel back with the results).
+        masks: attach each scan's ``lesion_mask`` (the model needs a lesion output).
 
     Yields:
         One result per image or DICOM frame, in the order of ``files`` (frames in file order),
         exactly as :meth:`Classifier.iter_classify` would give them.
+
+    Raises:
+        ValueError: ``masks`` with a model that has no lesion output; raised here, before any
+            input is read or sent to the cluster.
+        ImportError: Ray is not installed.
     """
+    if masks:
+        require_lesion_output(classifier.spec, str(classifier.model_path), "leave out masks=True")
     ray = _import_ray()
+    outputs = {"heatmaps": heatmaps, "masks": masks}
+    return _in_input_order(ray, classifier, files, options, ray_options, workers, outputs)
+
+
+def _in_input_order(
+    ray, classifier, files, options, ray_options, workers, outputs
+) -> Iterator[Result]:
     names = [str(path) for path in files]
     readable = {name: _readable(name) for name in names}
     to_read = [os.path.abspath(name) for name in names if readable[name]]
@@ -146,12 +165,12 @@ def classify_on_ray(
     if to_read:
         bundle = [ray.put(_model_files(classifier))]  # a list: the actor resolves it itself
         stream = _ray_results(
-            ray, to_read, bundle, classifier, options, ray_options, workers, heatmaps
+            ray, to_read, bundle, classifier, options, ray_options, workers, outputs
         )
     pending: dict[str, deque[list[Result]]] = defaultdict(deque)
     for name in names:
         if not readable[name]:  # unreadable here: the runtime's own reader says why
-            yield from classifier.iter_classify([name], heatmaps=heatmaps)
+            yield from classifier.iter_classify([name], **outputs)
             continue
         key = os.path.abspath(name)
         while not pending[key]:
@@ -166,7 +185,7 @@ def classify_on_ray(
 
 
 def _ray_results(
-    ray, paths, bundle, classifier, options, ray_options, workers, heatmaps
+    ray, paths, bundle, classifier, options, ray_options, workers, outputs
 ) -> Iterator[tuple[str, list[Result]]]:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
@@ -192,7 +211,7 @@ def _ray_results(
             "bundle": bundle,
             "model_name": classifier.model_path.name,
             "options": worker_options,
-            "heatmaps": heatmaps,
+            "outputs": outputs,
         },
     )  # Ray Data's actor defaults: max_restarts=-1, max_task_retries=-1 (see the module doc)
     for batch in classified.iter_batches(batch_size=None, batch_format="numpy"):
@@ -201,10 +220,14 @@ def _ray_results(
 
 
 class _ClassifyWorker:
-    """A Ray Data actor: one Classifier on a private copy of the shipped model files."""
+    """A Ray Data actor: one Classifier on a private copy of the shipped model files.
+
+    ``outputs``: the keyword arguments of :meth:`Classifier.classify` that choose the extra
+    outputs (``heatmaps``, ``masks``).
+    """
 
     def __init__(
-        self, bundle: list, model_name: str, options: ClassifierOptions, heatmaps: bool
+        self, bundle: list, model_name: str, options: ClassifierOptions, outputs: dict[str, bool]
     ) -> None:
         import ray
 
@@ -214,7 +237,7 @@ class _ClassifyWorker:
         self._classifier = Classifier.from_options(
             replace(options, model_path=self._folder / model_name)
         )
-        self._heatmaps = heatmaps
+        self._outputs = outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``{"path", "bytes"}`` rows in, ``{"path", "results"}`` out (results pickled)."""
@@ -223,7 +246,7 @@ class _ClassifyWorker:
             _frames(path, bytes(data)) for path, data in zip(paths, batch["bytes"], strict=True)
         ]
         frames = [frame for item in decoded if not isinstance(item, Failure) for frame in item]
-        done = iter(self._classifier.classify(frames, heatmaps=self._heatmaps))
+        done = iter(self._classifier.classify(frames, **self._outputs))
         out = []
         for path, item in zip(paths, decoded, strict=True):
             if isinstance(item, Failure):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,66 +66,83 @@ def _free_ports(count: int) -> list[int]:
 
 
 TRAIN_ARGS = [
-    "--backbone", "small-cnn", "--weights", "none", "--image-size", "64", "--frozen-epochs", "0",
-    "--epochs", "15", "--batch-size", "16", "--learning-rate", "0.003", "--no-int8-grid",
+    "--backbone", "small-cnn", "--weights", "none", "--image-size", "32", "--frozen-epochs", "0",
+    "--epochs", "6", "--batch-size", "16", "--learning-rate", "0.003", "--no-int8-grid",
+    "--seed", "0",
 ]  # fmt: skip
-# On this data and these settings one worker reached a test accuracy of SINGLE_WORKER_ACCURACY
-# (python -m training.cli with TRAIN_ARGS, no --distributed; Dec 2026); two workers, which run
-# the same steps on the same global batches, must stay within BAND of it.
-SINGLE_WORKER_ACCURACY = 0.944  # 17 of 18 test scans
-BAND = 0.2
+# Two workers run the same steps on the same global batches as one worker (each replica half of
+# every batch, batch norm moments summed across workers), so they must reach one worker's test
+# accuracy on the same data and seed within BAND: 3 of the 18 test scans (the augmentation and
+# the shuffling draw other random numbers in the two setups, so the models are not the same).
+BAND = 3 / 18
+# What one worker must reach for the comparison to say anything (the synthetic classes are
+# easy: 0.94 in Dec 2026, image size 32, 6 epochs).
+LEARNED = 0.8
+
+
+def _epoch_and_test_lines(log: str) -> list[str]:
+    """The per-epoch metrics and the test line of a training log, without clock times and
+    seconds (``12:00:01 epoch 3 (full)  accuracy 0.9  loss 0.2 ...  1.4s``)."""
+    found = re.findall(r"^\S+ (epoch \d+ \(\w+\) .*?)\s+[\d.]+s$|^\S+ (test: .*)$", log, re.M)
+    return [epoch or test for epoch, test in found]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("EDGE_CLASSIFY_DISTRIBUTED_TEST") != "1",
-    reason="two TensorFlow workers on loopback took 765 s on 2 shared cores and reached test "
-    "accuracy 0.444 against one worker's 0.944 (cause not found; issue 23 stays open): set "
-    "EDGE_CLASSIFY_DISTRIBUTED_TEST=1 to run it",
-)
-def test_two_workers_on_loopback_train_one_model_that_the_chief_alone_writes(tmp_path):
+def test_two_workers_on_loopback_train_as_one_worker_does_and_the_chief_alone_writes(tmp_path):
     pytest.importorskip("tensorflow", reason="training needs the train extra")
     from training.synthetic import write_synthetic_dataset
 
     data = write_synthetic_dataset(tmp_path / "data", per_class=40, seed=1, size=(96, 120))
-    runs = tmp_path / "runs"
+    runs, single = tmp_path / "runs", tmp_path / "single"
     runs.mkdir()
     workers = ",".join(f"127.0.0.1:{port}" for port in _free_ports(2))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("TF_CONFIG", None)
-
-    def command(index: int) -> list[str]:
-        return [
-            *(sys.executable, "-m", "training.cli", str(data), "--output", str(runs / "run")),
-            *TRAIN_ARGS,
-            *("--distributed", "--workers", workers, "--worker-index", str(index)),
-        ]
-
-    log_paths = [tmp_path / f"worker-{index}.log" for index in (0, 1)]
-    processes = [
-        subprocess.Popen(
-            command(index), env=env, stdout=path.open("w"), stderr=subprocess.STDOUT, text=True
+    train = [sys.executable, "-m", "training.cli", str(data), *TRAIN_ARGS]
+    commands = {
+        "single": [*train, "--output", str(single / "run")],
+        **{
+            f"worker-{index}": [
+                *(*train, "--output", str(runs / "run")),
+                *("--distributed", "--workers", workers, "--worker-index", str(index)),
+            ]
+            for index in (0, 1)
+        },
+    }  # one worker and the two-worker cluster at once: the test's time is the slower of them
+    log_paths = {name: tmp_path / f"{name}.log" for name in commands}
+    processes = {
+        name: subprocess.Popen(
+            command,
+            env=env,
+            stdout=log_paths[name].open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        for index, path in enumerate(log_paths)
-    ]
+        for name, command in commands.items()
+    }
     try:
-        for process in processes:
+        for process in processes.values():
             process.wait(timeout=600)
     finally:
-        for process in processes:
+        for process in processes.values():
             process.kill()
-    logs = [path.read_text() for path in log_paths]
-    for process, log in zip(processes, logs, strict=True):
-        assert process.returncode == 0, log[-3000:]
-    assert "worker-0 of 2: 2 replicas in sync" in logs[0]
-    assert "worker-1 done; the chief wrote the run folder" in logs[1]
+    logs = {name: path.read_text() for name, path in log_paths.items()}
+    for name, process in processes.items():
+        assert process.returncode == 0, f"{name}: {logs[name][-3000:]}"
+    assert "worker-0 of 2: 2 replicas in sync" in logs["worker-0"]
+    assert "worker-1 done; the chief wrote the run folder" in logs["worker-1"]
     assert [p.name for p in runs.iterdir()] == ["run"], "one run folder, no backups left behind"
     run = runs / "run"
     assert (run / "model.keras").is_file() and (run / "run.json").is_file()
-    accuracy = json.loads((run / "metrics.json").read_text())["accuracy"]
-    assert accuracy >= SINGLE_WORKER_ACCURACY - BAND, (
-        f"two workers reached {accuracy:.3f}; one worker reaches {SINGLE_WORKER_ACCURACY:.3f}"
-    )
+    # The workers saw the same averaged losses every epoch (so early stopping chose the same
+    # epoch on both) and hold the same model, batch norm statistics included.
+    lines = _epoch_and_test_lines(logs["worker-0"])
+    assert lines and any("test: accuracy" in line for line in lines), logs["worker-0"][-3000:]
+    assert _epoch_and_test_lines(logs["worker-1"]) == lines
+    one = json.loads((single / "run" / "metrics.json").read_text())["accuracy"]
+    two = json.loads((run / "metrics.json").read_text())["accuracy"]
+    assert one >= LEARNED, f"one worker reached {one:.3f} only: the comparison says nothing"
+    assert abs(two - one) <= BAND + 1e-9, f"two workers reached {two:.3f}, one worker {one:.3f}"
 
 
 @pytest.mark.slow

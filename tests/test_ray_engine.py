@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.cli import main
+from edge_runtime.output import LESION_FIELDS
 from tests.onnx_models import make_contract_model
 from training.synthetic import CLASSES, synthetic_scan
 
@@ -95,6 +96,59 @@ def test_two_ray_workers_give_the_local_engines_records_in_input_order(cluster, 
     errors = {Path(r["path"]).name: r["error"] for r in on_ray if r["error"]}
     assert set(errors) == {"corrupt.png", "empty.png"}
     assert [r["error"] for r in on_ray] == [r["error"] for r in local]
+
+
+@pytest.fixture(scope="module")
+def lesion_model(tmp_path_factory) -> Path:
+    return make_contract_model(tmp_path_factory.mktemp("lesion") / "m.onnx", lesion_stride=4)
+
+
+def _png_files(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted(folder.iterdir())}
+
+
+def test_heatmaps_and_masks_on_ray_are_the_local_engines_files(
+    cluster, scans, lesion_model, tmp_path
+):
+    written = {}
+    for engine in ("local", "ray"):
+        heatmaps, masks = tmp_path / engine / "heatmaps", tmp_path / engine / "masks"
+        status, records = _records(
+            [
+                *(str(scans), "--model", str(lesion_model), "--engine", engine),
+                *(["--workers", "2"] if engine == "ray" else []),
+                *("--heatmaps", str(heatmaps), "--masks", str(masks)),
+            ]
+        )
+        written[engine] = status, records, _png_files(heatmaps), _png_files(masks)
+    (local_status, local, local_heatmaps, local_masks) = written["local"]
+    (ray_status, on_ray, ray_heatmaps, ray_masks) = written["ray"]
+    assert local_status == ray_status == 1  # the corrupt and the empty file
+    keys = ("path", "label", "probabilities", "error", *LESION_FIELDS)
+    assert [[r[k] for k in keys] for r in on_ray] == [[r[k] for k in keys] for r in local]
+    assert any(r["lesion_bbox"] for r in local)  # some scans outline a lesion
+    stems = sorted(Path(r["path"]).stem for r in local if not r["error"])
+    assert sorted(name.removesuffix("_mask.png") for name in ray_masks) == stems
+    assert sorted(ray_heatmaps) == sorted(
+        f"{stem}_{kind}.png" for stem in stems for kind in ("heatmap", "overlay")
+    )
+    for ours, theirs in ((ray_heatmaps, local_heatmaps), (ray_masks, local_masks)):
+        assert list(ours) == list(theirs)
+        for name, image in ours.items():
+            np.testing.assert_array_equal(image, theirs[name], err_msg=name)
+    assert any(mask.any() for mask in ray_masks.values())
+
+
+def test_masks_on_ray_with_a_model_without_a_lesion_output_exit_2_before_classifying(
+    cluster, scans, model, tmp_path
+):
+    masks = tmp_path / "masks"
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(scans), "--model", str(model), "--engine", "ray", "--masks", str(masks)]
+    assert main([*argv, "--format", "jsonl"], stdout=out, stderr=err) == 2
+    assert f"{model}: this model has no lesion output" in err.getvalue()
+    assert "leave out --masks" in err.getvalue()
+    assert out.getvalue() == "" and not masks.exists()
 
 
 def test_killing_a_worker_mid_run_still_gives_each_scan_exactly_one_record(

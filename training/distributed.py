@@ -10,7 +10,9 @@ workers train one model as if on batches N times as large per unit of time.
 - Data: every worker reads and prepares the same scans (so every worker computes the same
   split) and builds the same shuffled ``tf.data`` pipeline; ``tf.distribute`` shards it by worker
   (auto-shard policy AUTO falls back to DATA for in-memory arrays: each worker keeps its own slice
-  of each global batch; ``--batch-size`` is the global batch).
+  of each global batch; ``--batch-size`` is the global batch). Batch norms use the statistics of
+  the global batch (:func:`synchronize_batch_norm`), so the replicas together compute each step
+  as one worker would on the whole batch.
 - Writes: the chief (worker 0, or the ``chief`` task of ``TF_CONFIG``) alone writes the run
   folder; the others write theirs into a scratch folder that is deleted at the end.
 - Resume: each stage of training backs up the model and optimizer after every epoch
@@ -19,8 +21,9 @@ workers train one model as if on batches N times as large per unit of time.
   each resumes from its last finished epoch (finished stages are skipped). The backups are deleted
   when the run completes.
 
-The training code calls :func:`in_scope` around building and fitting the model and
-:func:`local_copy` afterwards; both do nothing unless :func:`start` has been called.
+The training code calls :func:`in_scope` around building and fitting the model,
+:func:`synchronize_batch_norm` before fitting and :func:`local_copy` afterwards; they do nothing
+unless :func:`start` has been called.
 """
 
 from __future__ import annotations
@@ -220,17 +223,51 @@ def in_scope(function: Callable[P, R]) -> Callable[P, R]:
     return scoped
 
 
+def synchronize_batch_norm(model) -> int:
+    """Let every batch norm of ``model`` normalize with the statistics of the global batch.
+
+    Without this, each replica normalizes its share of the batch (``--batch-size`` divided by
+    the replicas) with that share's own mean and variance, and updates its own copy of the
+    moving statistics from it, so N workers train a different model from one worker's on the
+    same global batches, and the chief keeps statistics of its share alone. Synchronized, the
+    replicas sum their moments across workers first (Keras ``BatchNormalization(synchronized=
+    True)``: three all-reduces per layer and step), which is what one worker computes on the
+    whole batch. Call it before the model is trained (a no-op when not distributed).
+
+    Returns:
+        The number of batch norm layers switched.
+    """
+    return 0 if _ACTIVE is None else _set_synchronized(model, True)
+
+
 def local_copy(model):
     """The trained model with its weights, outside the strategy (``model`` itself when not
     distributed), so that prediction and evaluation run on this worker alone: a model built in
-    the scope would run ``predict`` across all workers."""
+    the scope would run ``predict`` across all workers. Its batch norms are no longer
+    synchronized, so its saved configuration is the one a single worker saves."""
     if _ACTIVE is None:
         return model
     import keras
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    _set_synchronized(copy, False)
     return copy
+
+
+def _set_synchronized(model, synchronized: bool) -> int:
+    import keras
+
+    from training.model import nested_layers
+
+    norms = [
+        layer
+        for layer in nested_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in norms:
+        layer.synchronized = synchronized
+    return len(norms)
 
 
 def stage_callbacks(stage: str) -> list:

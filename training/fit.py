@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge_runtime.contract import LESION, PROBABILITIES
+from training import distributed
 from training.augment import AugmentConfig
 from training.data import make_dataset
 from training.model import has_lesion_output, nested_layers, training_model
@@ -170,6 +171,7 @@ def fit(
             min_batches=config.min_steps_per_epoch if training else 0,
         )
 
+    distributed.synchronize_batch_norm(model)  # edge-train --distributed: global-batch moments
     weights = class_weights(train.labels, num_classes)
     run = _Fitting(
         model=training_model(model),
