@@ -354,9 +354,11 @@ class Classifier:
         return cls.from_options(ClassifierOptions(model_path=path, **options))
 
     @classmethod
-    def default(cls, precision: Precision | str = Precision.INT8, **options) -> Classifier:
-        """Open the bundled default model (INT8 unless ``precision`` says otherwise)."""
-        return cls.from_path(default_model_path(precision), **options)
+    def default(cls, **options) -> Classifier:
+        """Open the bundled model that runs right on this host: FP32 under CUDA and on x86 CPUs
+        without VNNI, INT8 elsewhere (:func:`default_precision`). Keyword arguments are
+        :class:`ClassifierOptions` fields (``provider``, ``threads``, ...)."""
+        return cls.from_options(ClassifierOptions(**options))
 
     @property
     def spec(self) -> ModelSpec:

@@ -127,3 +127,12 @@ def test_bundled_models_give_the_same_answers_on_cuda_as_on_cpu(precision):
 def test_default_classifier_on_cuda_is_the_fp32_model():
     with Classifier.from_options(ClassifierOptions(provider=Provider.CUDA)) as clf:
         assert clf.spec.precision is Precision.FP32
+
+
+def test_classifier_default_opens_the_bundled_model_that_suits_the_host(monkeypatch):
+    import edge_runtime.classifier as classifier
+
+    for saturating, precision in ((False, Precision.INT8), (True, Precision.FP32)):
+        monkeypatch.setattr(classifier, "int8_saturates", lambda s=saturating: s)
+        with Classifier.default(provider=Provider.CPU, threads=1) as clf:
+            assert clf.spec.precision is precision
