@@ -187,24 +187,25 @@ def test_gate_int8_with_its_fp32_recheck_faster_than_fp32(model_files, models, h
 
 def test_gate_preprocessing_share(model_files, models, scans, ratio_log):
     """What decoding and resizing add to classifying a folder, as a share of the total:
-    (end to end - inference alone) / end to end, INT8, batches of 4, one inference thread,
-    decoding in the runtime's thread pool."""
-    images = _batch(models, scans, len(scans))
+    (end to end - the same scans handed over decoded and fitted) / end to end, INT8, batches of
+    4, one inference thread, decoding in the runtime's thread pool. Both sides run the whole
+    classifier (FP32 recheck, lesion outline, unfamiliar score), so only decoding and resizing
+    differ."""
+    squares = [image[..., 0] for image in _batch(models, scans, len(scans))]
     with Classifier.from_path(model_files[Precision.INT8], threads=1, batch_size=BATCH) as clf:
-
-        def inference_only():  # the classifier's own inference, FP32 recheck included
-            for i in range(0, len(images), BATCH):
-                clf.run(images[i : i + BATCH])
-
         t = interleaved(
-            {"end_to_end": lambda: clf.classify(scans), "inference": inference_only}, rounds=12
+            {
+                "end_to_end": lambda: list(clf.classify(scans)),
+                "decoded": lambda: list(clf.classify(squares)),
+            },
+            rounds=12,
         )
-    share = max(0.0, 1.0 - t["inference"].median / t["end_to_end"].median)
+    share = max(0.0, 1.0 - t["decoded"].median / t["end_to_end"].median)
     ratio_log["preprocessing_share_of_end_to_end"] = _entry(share, MAX_PREPROCESS_SHARE, t)
     assert share <= MAX_PREPROCESS_SHARE, (
         f"preprocessing adds {share:.0%} to end-to-end time ({len(scans)} scans: "
-        f"{t['end_to_end'].median * 1e3:.1f} ms end to end vs {t['inference'].median * 1e3:.1f} "
-        f"ms inference); the gate is <= {MAX_PREPROCESS_SHARE:.0%}"
+        f"{t['end_to_end'].median * 1e3:.1f} ms end to end vs {t['decoded'].median * 1e3:.1f} "
+        f"ms handed over decoded); the gate is <= {MAX_PREPROCESS_SHARE:.0%}"
     )
 
 

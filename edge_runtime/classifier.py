@@ -337,8 +337,8 @@ class Classifier:
         ):
             log.warning(
                 "%s: this x86 CPU has no VNNI, and onnxruntime's INT8 kernels saturate on it: "
-                "answers may differ from the FP32 model's (2.7%% of held-out scans for the "
-                "bundled model). Prefer the FP32 model on this host (--model fp32).",
+                "answers may differ from the FP32 model's more than the export's gates allowed. "
+                "Prefer the FP32 model on this host (--model fp32; docs/usage.md).",
                 display_path(model.path),
             )
         recheck = None
