@@ -32,9 +32,9 @@ _ratios: dict[str, dict[str, float]] = {}
 
 NO_VNNI = pytest.mark.skipif(
     int8_saturates(),
-    reason="this x86 CPU has no VNNI: onnxruntime's U8S8 INT8 kernels saturate on it (measured "
-    "on an AVX2-only AMD EPYC: INT8+recheck agreement 0.973, 1.58x FP32), so the INT8 gates, "
-    "set on VNNI CPUs, do not apply; docs/benchmark-gates.md",
+    reason="this x86 CPU has no VNNI: onnxruntime's U8S8 INT8 kernels saturate on it, so the "
+    "INT8 speed gates, set on VNNI CPUs, do not apply (the runtime serves FP32 here); "
+    "docs/benchmark-gates.md",
 )
 
 
