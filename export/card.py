@@ -410,6 +410,7 @@ def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
         "radiologist's mask on lesion scans; the pointing game (the hottest point of the class "
         "activation map, or of the lesion map, inside the mask dilated by 5% of the side); the "
         "share of normal scans with any lesion pixel. Means with 95% bootstrap intervals.",
+        *_threshold_lines(report.get("threshold")),
         "",
         "| scans | Dice | IoU | pointing (CAM) | pointing (lesion map) | normals with a lesion |",
         "|---|---|---|---|---|---|",
@@ -421,6 +422,26 @@ def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
             f"{cell(b['pointing_lesion_map'])} | {cell(b['normal_with_lesion'])} |"
         )
     return [*lines, ""]
+
+
+def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
+    """How the lesion threshold was chosen (training.lesion_metrics.choose_lesion_threshold)."""
+    if not chosen:
+        return []
+    picked = next((t for t in chosen["validation"] if t["threshold"] == chosen["value"]), None)
+    seen = (
+        ""
+        if picked is None
+        else (
+            f" (validation: Dice {_num(picked['dice'])}, normals with a lesion "
+            f"{_num(picked['normal_with_lesion'])})"
+        )
+    )
+    return [
+        "",
+        f"Lesion threshold {chosen['value']:.2f}, chosen on validation scans: "
+        f"{chosen['rule']}{seen}.",
+    ]
 
 
 def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:

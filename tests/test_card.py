@@ -180,3 +180,33 @@ def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
     text = render_markdown(build_card("m", info, [], [], {}, runtime_calls=calls))
     assert "As the runtime calls them (held-out test split, 3 scans)" in text
     assert "normal exactly where the lesion head finds no lesion" in text
+
+
+def test_the_card_says_how_the_lesion_threshold_was_chosen():
+    from training.lesion_metrics import LesionScore, summarize
+
+    score = LesionScore("benign", "s", "d", 0.8, 0.7, 0.1, 0.9, True, True)
+    metrics = {**_metrics(0), "lesion": summarize([score])}
+    metrics["lesion"]["threshold"] = {
+        "value": 0.35,
+        "rule": "the highest mean validation Dice",
+        "validation": [
+            {"threshold": 0.3, "dice": 0.70, "normal_with_lesion": 0.2},
+            {"threshold": 0.35, "dice": 0.72, "normal_with_lesion": 0.1},
+        ],
+    }
+    info = RunInfo(
+        CLASSES,
+        16,
+        "letterbox",
+        "efficientnet-lite0",
+        0,
+        "f" * 64,
+        lesion_stride=4,
+        test_metrics=metrics,
+    )
+    text = render_markdown(build_card("m", info, [], [], {}))
+    assert (
+        "Lesion threshold 0.35, chosen on validation scans: the highest mean validation Dice "
+        "(validation: Dice 0.720, normals with a lesion 0.100)." in text
+    )

@@ -181,7 +181,12 @@ def test_lesion_free_normals_train_on_views_of_masked_training_scans_only(tmp_pa
     used = re.search(r"training on (\d+) scans and (\d+) mirrored views", caplog.text)
     assert made > 0 and 0 < int(used[2]) < made  # views of held-out scans stay out
     assert int(used[1]) == 36 - len(_held_out(run))
-    assert RunInfo.read(run).lesion_free_normals
+    info = RunInfo.read(run)
+    assert info.lesion_free_normals
+    # the lesion threshold was chosen on the validation split, and metrics.json says how
+    chosen = json.loads((run / "metrics.json").read_text())["lesion"]["threshold"]
+    assert info.lesion_threshold == chosen["value"]
+    assert chosen["value"] in [t["threshold"] for t in chosen["validation"]]
 
 
 def test_lesion_free_normals_are_on_by_default_when_one_source_has_no_normal_scans(tmp_path):

@@ -9,7 +9,12 @@ import pytest
 from edge_runtime.contract import ResizePolicy
 from training.clutter import clutter_bank, composite
 from training.datasets import Sample
-from training.lesion_metrics import predicted_mask, score_scans, summarize
+from training.lesion_metrics import (
+    choose_lesion_threshold,
+    predicted_mask,
+    score_scans,
+    summarize,
+)
 
 
 def _disc(size: int, centre: tuple[int, int], radius: int) -> np.ndarray:
@@ -142,6 +147,44 @@ def test_scores_give_dice_pointing_and_empty_normals():
     report = summarize(scores)
     assert report["all"]["normal_with_lesion"]["mean"] == 0.0
     assert report["by_device"]["s:d"]["dice"]["n"] == 1
+
+
+def _threshold_case(normal_peak: float) -> tuple:
+    """Two lesion scans whose map is 0.45 on the lesion and 0.35 on a ring around it (a low
+    threshold draws the ring too: a worse Dice), and two normal scans with a blob of
+    ``normal_peak``."""
+    size = 64
+    disc = _disc(size, (32, 32), 10)
+    ring = _disc(size, (32, 32), 16)
+    lesion_map = cv2.resize(np.where(disc > 0, 0.45, np.where(ring > 0, 0.35, 0.0)), (16, 16))
+    blob = np.zeros((16, 16), np.float64)
+    blob[3:6, 3:6] = normal_peak
+    maps = np.stack([lesion_map, lesion_map, blob, blob]).astype(np.float32)[..., None]
+    truth = np.stack([disc, disc, disc * 0, disc * 0])[..., None]
+    return truth, np.ones(4, bool), maps, np.array([False, False, True, True])
+
+
+def test_the_lesion_threshold_is_the_best_validation_dice_that_spares_normal_scans():
+    truth, known, maps, normal = _threshold_case(normal_peak=0.2)
+    threshold, trials = choose_lesion_threshold(truth, known, maps, normal, default=0.5)
+    assert 0.35 < threshold <= 0.45  # above the ring, at or below the lesion
+    best = next(t for t in trials if t.threshold == threshold)
+    assert best.dice == max(t.dice for t in trials) and best.normal_with_lesion == 0.0
+    # the normals' blob at 0.5 is drawn at every threshold up to 0.5: 0.55 and above spare them,
+    # though they miss the lesion; when no threshold spares them, the fewest normals drawn wins
+    truth, known, maps, normal = _threshold_case(normal_peak=0.5)
+    threshold, trials = choose_lesion_threshold(truth, known, maps, normal, default=0.5)
+    assert threshold >= 0.55 and next(t for t in trials if t.threshold == threshold).dice == 0.0
+    threshold, _ = choose_lesion_threshold(
+        truth, known, maps, normal, default=0.5, candidates=[0.3, 0.4]
+    )
+    assert threshold == 0.4  # both draw on every normal: the higher Dice
+
+
+def test_without_validation_lesion_scans_the_lesion_threshold_is_the_default():
+    truth, known, maps, normal = _threshold_case(normal_peak=0.2)
+    threshold, trials = choose_lesion_threshold(truth, ~known, maps, normal, default=0.5)
+    assert (threshold, trials) == (0.5, [])
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ import numpy as np
 from edge_runtime.lesion import find_lesion
 
 POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
+LESION_THRESHOLDS = tuple(round(0.30 + 0.05 * k, 2) for k in range(9))  # 0.30, 0.35, ..., 0.70
+MAX_NORMAL_WITH_LESION = 0.15  # share of validation normal scans a lesion may be drawn on
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,75 @@ def predicted_mask(lesion_map: np.ndarray, size: int, threshold: float) -> np.nd
         lesion_map.astype(np.float32), (size, size), input_size=size, threshold=threshold
     )
     return mask > 0
+
+
+@dataclass(frozen=True)
+class ThresholdTrial:
+    """One candidate lesion threshold on the validation split. ``dice``: mean over its lesion
+    scans (a missed lesion counts 0); ``normal_with_lesion``: share of its normal scans given
+    any lesion pixel; None where the split has no such scans."""
+
+    threshold: float
+    dice: float | None
+    normal_with_lesion: float | None
+
+
+def choose_lesion_threshold(
+    true_masks: np.ndarray,
+    known: np.ndarray,
+    lesion_maps: np.ndarray,
+    normal: np.ndarray,
+    default: float,
+    candidates: Sequence[float] = LESION_THRESHOLDS,
+    max_normal_with_lesion: float = MAX_NORMAL_WITH_LESION,
+) -> tuple[float, list[ThresholdTrial]]:
+    """The lesion decision threshold, chosen on validation scans.
+
+    Of ``candidates``, the one with the highest mean Dice over the lesion scans among those that
+    draw a lesion on at most ``max_normal_with_lesion`` of the normal scans; when none does, the
+    one that draws on the fewest (ties: the higher Dice). Without validation lesion scans,
+    ``default``. A lesion model decides "normal" by whether a
+    lesion is found, so the threshold sets that rule too.
+
+    Args:
+        true_masks: uint8 ``[N, S, S, 1]`` (> 127 is lesion), fitted like the scans.
+        known: bool ``[N]``: whether the true mask is known.
+        lesion_maps: the model's ``lesion`` output ``[N, h, w, 1]``.
+        normal: bool ``[N]``: the normal scans.
+        default: the threshold when no validation scan has a known lesion.
+        candidates: thresholds to try, each in (0, 1).
+        max_normal_with_lesion: the share of normal scans a lesion may be drawn on.
+
+    Returns:
+        ``(threshold, trials)``: the choice and every candidate's validation numbers.
+    """
+    size = true_masks.shape[1]
+    lesion = np.flatnonzero(known & ~normal & (true_masks.reshape(len(known), -1) > 127).any(1))
+    normals = np.flatnonzero(normal)
+    if lesion.size == 0:
+        return default, []
+    trials = []
+    for threshold in candidates:
+        dice = []
+        for i in lesion:
+            truth = true_masks[i, :, :, 0] > 127
+            guess = predicted_mask(lesion_maps[i, :, :, 0], size, threshold)
+            dice.append(2 * np.logical_and(truth, guess).sum() / (truth.sum() + guess.sum()))
+        drawn = [predicted_mask(lesion_maps[i, :, :, 0], size, threshold).any() for i in normals]
+        trials.append(
+            ThresholdTrial(
+                threshold=float(threshold),
+                dice=float(np.mean(dice)),
+                normal_with_lesion=float(np.mean(drawn)) if drawn else None,
+            )
+        )
+    share = [0.0 if t.normal_with_lesion is None else t.normal_with_lesion for t in trials]
+    allowed = [t for t, s in zip(trials, share, strict=True) if s <= max_normal_with_lesion]
+    if allowed:
+        best = max(allowed, key=lambda t: t.dice)
+    else:
+        best = min(zip(trials, share, strict=True), key=lambda ts: (ts[1], -ts[0].dice))[0]
+    return best.threshold, trials
 
 
 def score_scans(

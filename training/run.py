@@ -23,7 +23,14 @@ from training.dedup import group_duplicates
 from training.diagnostics import check_run, log_warnings
 from training.fit import FitConfig, TrainingArrays, fit
 from training.int8_grid import snap_to_int8_grid
-from training.lesion_metrics import read_scores, score_scans, summarize, to_rows
+from training.lesion_metrics import (
+    MAX_NORMAL_WITH_LESION,
+    choose_lesion_threshold,
+    read_scores,
+    score_scans,
+    summarize,
+    to_rows,
+)
 from training.lesionfree import lesion_free_views_wanted, training_views
 from training.marks import paint_out_marks
 from training.metrics import (
@@ -318,7 +325,8 @@ def _report(
     def predict(mask: np.ndarray) -> dict[str, np.ndarray]:
         return model.predict(data.images[mask], batch_size=64, verbose=0)
 
-    temperature = fit_temperature(predict(part["val"])["probabilities"], data.labels[part["val"]])
+    val_outputs = predict(part["val"])
+    temperature = fit_temperature(val_outputs["probabilities"], data.labels[part["val"]])
     test_outputs = predict(part["test"])
     test_probs = apply_temperature(test_outputs["probabilities"], temperature)
     y_test = data.labels[part["test"]]
@@ -327,10 +335,27 @@ def _report(
     metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
     log_warnings(check_run(rows, metrics, data.labels, splits, data.class_names), str(run_dir))
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
+    lesion_threshold = LESION_THRESHOLD
     if segment:
-        metrics["lesion"] = _lesion_report(
-            data, part["test"], test_outputs, test_probs, test_samples, run_dir
+        lesion_threshold, trials = choose_lesion_threshold(
+            data.masks[part["val"]],
+            data.mask_known[part["val"]],
+            val_outputs["lesion"],
+            np.array([data.class_names[k] == "normal" for k in data.labels[part["val"]]], bool),
+            default=LESION_THRESHOLD,
         )
+        log.info("lesion threshold %.2f, chosen on the validation split", lesion_threshold)
+        metrics["lesion"] = _lesion_report(
+            data, part["test"], test_outputs, test_probs, test_samples, run_dir, lesion_threshold
+        )
+        metrics["lesion"]["threshold"] = {
+            "value": lesion_threshold,
+            "rule": (
+                "the highest mean validation Dice among thresholds drawing a lesion on at most "
+                f"{MAX_NORMAL_WITH_LESION:.0%} of validation normal scans"
+            ),
+            "validation": [asdict(t) for t in trials],
+        }
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     by_source = _per_source_metrics(y_test, test_probs, data.class_names, test_samples)
     (run_dir / SOURCE_METRICS_FILE).write_text(json.dumps(by_source, indent=2) + "\n")
@@ -367,7 +392,7 @@ def _report(
         int8_grid=config.int8_grid,
         lesion_free_normals=bool(data.views),
         lesion_stride=LESION_STRIDE if segment else 0,
-        lesion_threshold=LESION_THRESHOLD,
+        lesion_threshold=lesion_threshold,
         seg_weight=config.fit.seg_weight if segment else 0.0,
         augment={} if config.fit.augment is None else asdict(config.fit.augment),
         test_metrics=metrics,
@@ -418,9 +443,11 @@ def _lesion_report(
     probs: np.ndarray,
     samples: Sequence,
     run_dir: Path,
+    threshold: float,
 ) -> dict:
-    """Score the lesion head on the test scans: ``lesion.csv`` per scan, a plot of outlines,
-    and the summary that goes into ``metrics.json`` (training.lesion_metrics)."""
+    """Score the lesion head on the test scans at the lesion ``threshold``: ``lesion.csv`` per
+    scan, a plot of outlines, and the summary that goes into ``metrics.json``
+    (training.lesion_metrics)."""
     predicted = probs.argmax(axis=1)
     cams = outputs["cam"][np.arange(len(predicted)), :, :, predicted]
     scores = score_scans(
@@ -431,7 +458,7 @@ def _lesion_report(
         [s.label for s in samples],
         [s.source for s in samples],
         [s.attributes.get("device", "") for s in samples],
-        LESION_THRESHOLD,
+        threshold,
     )
     rows = to_rows(scores, [str(s.path) for s in samples])
     with open(run_dir / LESION_FILE, "w", newline="") as handle:
@@ -445,7 +472,7 @@ def _lesion_report(
         outputs["lesion"],
         [s.label for s in samples],
         [d.dice for d in scores],
-        LESION_THRESHOLD,
+        threshold,
         run_dir / PLOTS_DIR / "lesions.png",
     )
     report = summarize(scores)
