@@ -72,8 +72,9 @@ class _Parser(argparse.ArgumentParser):
 
         options = [s for a in self._actions for s in a.option_strings]
         for word in message.split():
-            if word.startswith("--"):
-                close = difflib.get_close_matches(word.split("=")[0], options, n=1)
+            name = word.split("=")[0].strip("',:")
+            if name.startswith("--") and name not in options:  # a known option needs no hint
+                close = difflib.get_close_matches(name, options, n=1)
                 if close:
                     message += f" (did you mean {close[0]}?)"
                     break

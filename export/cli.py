@@ -14,10 +14,12 @@ from training.console import (
     add_traceback_option,
     command_logging,
     import_tensorflow,
+    missing_extra,
     parse_args,
     run_command,
 )
 
+EXPORT_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx")  # the export extra's
 EXAMPLES = """\
 examples:
   1. export a run (FP32 + INT8 + model card), checked by the parity gates:
@@ -119,6 +121,9 @@ def main(
     """``edge-export``; returns an :class:`~edge_runtime.status.ExitStatus`: ``GATE_FAILED`` (1)
     when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    missing = missing_extra("edge-export", "export", EXPORT_MODULES, stderr)
+    if missing is not None:
+        return missing
     args = parse_args(build_parser(), argv, stdout, stderr)
     if isinstance(args, ExitStatus):
         return args

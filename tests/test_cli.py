@@ -123,7 +123,10 @@ def test_bad_options_exit_2_and_suggest_the_right_one(tmp_path, model, capsys):
     status, _, err = run(tmp_path, "--modle", model)
     assert status == ExitStatus.USAGE
     assert "did you mean --model" in err
-    assert run(tmp_path, "--format", "xml")[0] == ExitStatus.USAGE
+    # a wrong value of a right option, or a right option left without its value: no hint
+    for args in (("--format", "json"), ("--threads", "abc"), ("--abstain-below",)):
+        status, _, err = run(tmp_path, *args)
+        assert status == ExitStatus.USAGE and "did you mean" not in err, err
 
 
 def test_nothing_to_classify_exits_2(tmp_path, model):

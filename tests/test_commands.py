@@ -118,3 +118,32 @@ def test_edge_export_defaults_are_those_of_its_typed_config():
     assert args.float_convs == quant.float_convs
     assert args.activations == quant.activations.value
     assert args.calibration == quant.calibration.value
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "absent"),
+    [("edge-export", "export", "onnx"), ("edge-train", "train", "keras")],
+)
+def test_without_its_extra_a_command_says_which_to_install(
+    monkeypatch, tmp_path, command, extra, absent
+):
+    """The base install has neither: ``--help`` and a run answer with the extra to install, not a
+    traceback or an "internal error"."""
+    import importlib.util
+
+    from export.cli import main as export_main
+    from training.cli import main as train_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a)
+    )
+    main = {"edge-export": export_main, "edge-train": train_main}[command]
+    argv = [str(tmp_path), "--output", str(tmp_path / "out")]
+    runs = [argv] if command == "edge-train" else [["--help"], argv]  # edge-train's help needs none
+    for args in runs:
+        stderr = io.StringIO()
+        assert main(args, stdout=io.StringIO(), stderr=stderr) == ExitStatus.USAGE
+        message = stderr.getvalue()
+        assert f"pip install 'edge-classify[{extra}]'" in message and absent in message, message
+        assert "Traceback" not in message and "internal error" not in message

@@ -16,11 +16,13 @@ from training.console import (
     add_traceback_option,
     command_logging,
     import_tensorflow,
+    missing_extra,
     parse_args,
     run_command,
 )
 
 LOG_FILE = "train.log"
+TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "scipy", "matplotlib")  # the train extra's
 
 EXAMPLES = """\
 examples:
@@ -33,13 +35,13 @@ examples:
        edge-train my_scans --backbone small-cnn --weights none --image-size 96 --epochs 10 \\
            --output runs/smoke
 
-  4. two machines train one model (run on each, with its own --worker-index; see README):
+  4. two machines train one model (run on each, with its own --worker-index; docs/scale-out.md):
        edge-train data/Dataset_BUSI_with_GT --output runs/lite0 --distributed \\
            --workers 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
 
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
-(path,label[,group]). The run folder gets model.keras, run.json, split.csv, history.csv,
-metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
+(path,label[,group,source,masks]). The run folder gets model.keras, run.json, split.csv,
+history.csv, metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
 included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
@@ -221,11 +223,15 @@ def main(
     args = parse_args(parser, argv, stdout, stderr, lambda a: _check(parser, a))
     if isinstance(args, ExitStatus):
         return args
+    lacking = missing_extra("edge-train", "train", TRAIN_MODULES, stderr)
+    if lacking is not None:
+        return lacking
     missing = [path for path in args.data if not path.exists()]
     if missing:
         stderr.write(
             f"edge-train: error: {missing[0]}: no such file or folder. DATA is a dataset folder "
-            "(BUSI, BUS-BRA or <root>/<class>/*) or a CSV manifest (path,label[,group]).\n"
+            "(BUSI, BUS-BRA or <root>/<class>/*) or a CSV manifest "
+            "(path,label[,group,source,masks]).\n"
         )
         return ExitStatus.USAGE
     made_output = not args.output.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -67,6 +68,22 @@ def command_logging(stream: TextIO, log_file: Path | None = None) -> Iterator[No
             root.removeHandler(handler)
             handler.close()
         root.setLevel(previous_level)
+
+
+def missing_extra(
+    command: str, extra: str, modules: Sequence[str], stderr: TextIO
+) -> ExitStatus | None:
+    """Say which extra to install when any of ``modules`` is not installed (checked without
+    importing them): writes the message to ``stderr`` and returns ``ExitStatus.USAGE``; None when
+    all are there."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    stderr.write(
+        f"{command}: error: {command} needs the {extra} extra: pip install "
+        f"'edge-classify[{extra}]' (not installed: {', '.join(missing)})\n"
+    )
+    return ExitStatus.USAGE
 
 
 def import_tensorflow() -> None:
