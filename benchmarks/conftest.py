@@ -38,6 +38,16 @@ NO_VNNI = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Optimized graphs (edge_runtime.session_cache) go to a folder of this run: the first
+    session of each model saves its graph there, later ones (and cold starts) load it, as on a
+    device host after its first run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGE_CLASSIFY_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_files() -> dict[Precision, Path]:
     """The FP32 and INT8 files to benchmark: ``EDGE_CLASSIFY_BENCH_MODELS=DIR/NAME``

@@ -95,7 +95,8 @@ def test_gate_cold_start_at_most_2x_library_imports(model_files, scans, ratio_lo
     numpy"``, interleaved: what the runtime adds to its libraries' import (its own modules, the
     session, one scan) is at most as much again. Bytecode is cached under ``tmp_path`` for both,
     as an installed package has it (``PYTHONDONTWRITEBYTECODE`` would compile every module on
-    every start)."""
+    every start), and so is the model's optimized graph (edge_runtime.session_cache: the warm-up
+    run saves it, as a host's first run does)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
     classify = [sys.executable, "-m", "edge_runtime.cli", str(scans[0]), "--quiet"]

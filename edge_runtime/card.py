@@ -32,8 +32,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_against_card(model_path: Path) -> bool:
-    """Check the model's SHA-256 against its card, when a card lists it.
+def verify_against_card(model_path: Path, sha256: str | None = None) -> bool:
+    """Check the model's SHA-256 (``sha256`` when the caller has it) against its card, when a
+    card lists it.
 
     Returns:
         True if verified, False if there is no card or the card does not list this file.
@@ -51,7 +52,7 @@ def verify_against_card(model_path: Path) -> bool:
     expected = files.get(model_path.name, {}).get("sha256")
     if expected is None:
         return False
-    actual = file_sha256(model_path)
+    actual = sha256 or file_sha256(model_path)
     if actual != expected:
         raise ContractError(
             f"{model_path}: SHA-256 {actual[:16]}... does not match {expected[:16]}... in "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.card import verify_against_card
+from edge_runtime.card import file_sha256, verify_against_card
 from edge_runtime.contract import (
     INPUT_NAME,
     KEY_PRECISION,
@@ -29,6 +29,7 @@ from edge_runtime.contract import (
     check_recheck_partner,
 )
 from edge_runtime.onnx_meta import MetadataError, read_metadata
+from edge_runtime.session_cache import create_cached_session
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def open_model(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    if verify_against_card(path):
+    sha256 = file_sha256(path)
+    if verify_against_card(path, sha256):
         log.debug("%s: SHA-256 matches its model card", path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -173,7 +175,7 @@ def open_model(
     options.log_severity_level = 3
     wanted = choose_providers(provider)
     try:
-        session = _create_session(path, options, wanted)
+        session = create_cached_session(path, sha256, options, wanted, _create_session)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise ContractError(f"{path}: onnxruntime could not load it as a model: {exc}") from exc
     used = tuple(session.get_providers())

@@ -13,6 +13,15 @@ BUSI_ROOT = SHARED / "data" / "busi" / "Dataset_BUSI_with_GT"
 BUSBRA_ROOT = SHARED / "data" / "busbra"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Optimized graphs go to a folder of the test run, not the user's cache (every session
+    opened twice then loads its cached graph, as on a device host)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGE_CLASSIFY_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 def _require(path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(

@@ -1,0 +1,138 @@
+"""Optimized graphs kept on disk, so that a cold start does not optimize the model again.
+
+onnxruntime's full graph optimizations (``ORT_ENABLE_ALL``: constant folding, fusions, and the
+NCHWc layouts chosen for this CPU) cost most of opening a session: 50-80 ms for the bundled INT8
+model on a 2-core host, against 13-18 ms to load the graph they produce with optimizations off.
+The first session on a host saves that graph (onnxruntime's ``optimized_model_filepath``); later
+ones load it. onnxruntime warns that such a graph "may contain hardware specific optimizations,
+and should only be used in the same environment the model was optimized in", so the file's name
+is a digest of everything it depends on: the model file's SHA-256, onnxruntime's version, the
+CPU's model and feature flags, and the session options that change the graph. A changed model,
+onnxruntime or CPU gets a file of its own; nothing is ever read across.
+
+Only CPU sessions are cached (CUDA and TensorRT partition the graph at load, and TensorRT keeps
+its own engine cache). The folder is ``$EDGE_CLASSIFY_CACHE`` (``off`` turns caching off), else
+``$XDG_CACHE_HOME/edge-classify/sessions``, else ``~/.cache/edge-classify/sessions``. A folder
+that cannot be written, or a cached file that does not load, costs one optimization, never the
+session.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "EDGE_CLASSIFY_CACHE"
+CACHE_OFF = ("off", "0", "")
+CPUINFO = Path("/proc/cpuinfo")
+CPU_ONLY = ["CPUExecutionProvider"]
+
+
+def cache_dir() -> Path | None:
+    """The folder optimized graphs are kept in; None when ``$EDGE_CLASSIFY_CACHE`` is ``off``."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in CACHE_OFF else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edge-classify" / "sessions"
+
+
+@functools.cache
+def host_identity(cpuinfo: Path = CPUINFO) -> str:
+    """This CPU as the optimized graph depends on it: its model name and feature flags (from
+    ``/proc/cpuinfo`` where there is one), the machine type, and onnxruntime's version."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86, then ARM's names
+    cpu = sorted({line for line in lines if line.split(":")[0].strip() in wanted})
+    return "\n".join([ort.__version__, platform.machine(), *cpu])  # (processor() may fork)
+
+
+def cached_graph_path(directory: Path, model_sha256: str, options: ort.SessionOptions) -> Path:
+    """Where the optimized graph of this model, host and options is kept."""
+    key = "\n".join(
+        [
+            model_sha256,
+            host_identity(),
+            str(options.graph_optimization_level),
+            str(options.intra_op_num_threads),
+        ]
+    )
+    return directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+
+
+def create_cached_session(
+    path: Path,
+    model_sha256: str,
+    options: ort.SessionOptions,
+    providers: list[str],
+    create,
+) -> ort.InferenceSession:
+    """A session for ``path``, from its cached optimized graph where there is one.
+
+    Args:
+        path: the model file.
+        model_sha256: its SHA-256 (hex).
+        options: the session options (full optimizations, for caching to apply).
+        providers: onnxruntime provider names; caching applies to ``["CPUExecutionProvider"]``.
+        create: ``create(path, options, providers) -> InferenceSession``, how a session is made.
+
+    Returns:
+        The session; its metadata and outputs are the model's own (the optimized graph keeps
+        them).
+    """
+    directory = cache_dir()
+    full = options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if directory is None or providers != CPU_ONLY or not full:
+        return create(path, options, providers)
+    cached = cached_graph_path(directory, model_sha256, options)
+    if cached.is_file():
+        fast = _copy(options)
+        fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return create(cached, fast, providers)
+        except Exception as exc:  # a damaged cache file: optimize again, below
+            log.debug("%s: cached graph %s did not load (%s); optimizing again", path, cached, exc)
+    import tempfile  # only when a graph is saved: a shorter cold start
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, staged = tempfile.mkstemp(dir=directory, suffix=".onnx.part")
+        os.close(handle)
+    except OSError as exc:
+        log.debug("%s: no optimized graph kept (%s: %s)", path, directory, exc)
+        return create(path, options, providers)
+    saving = _copy(options)
+    saving.optimized_model_filepath = staged
+    try:
+        session = create(path, saving, providers)
+        os.replace(staged, cached)  # whole, or not at all: a reader never sees half a file
+    except OSError as exc:
+        log.debug("%s: no optimized graph kept (%s)", path, exc)
+        Path(staged).unlink(missing_ok=True)
+        return create(path, options, providers)
+    except Exception:
+        Path(staged).unlink(missing_ok=True)
+        raise
+    return session
+
+
+def _copy(options: ort.SessionOptions) -> ort.SessionOptions:
+    """A new ``SessionOptions`` with the fields this package sets (onnxruntime's options cannot
+    be copied)."""
+    copy = ort.SessionOptions()
+    copy.graph_optimization_level = options.graph_optimization_level
+    copy.intra_op_num_threads = options.intra_op_num_threads
+    copy.inter_op_num_threads = options.inter_op_num_threads
+    copy.log_severity_level = options.log_severity_level
+    return copy
