@@ -202,7 +202,8 @@ def test_widening_int8_ranges_stops_the_clipping_of_a_new_scanners_features(pare
     error_before = np.abs(features(proto) - reference).max()
     error_after = np.abs(features(widened) - reference).max()
     pooled = {c.tensor: c for c in changes}["pooled"]  # (and the parent's logits)
-    assert pooled.after[1] >= reference.max() > pooled.before[1]
+    # the record rounds ranges to 6 decimals, the widening itself does not
+    assert pooled.after[1] >= reference.max() - 1e-6 and reference.max() > pooled.before[1]
     assert error_after < 0.25 * error_before, (error_before, error_after)
     source = scans(5, seed=8, shifted=False)[0]
     inside = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in source])[..., None]
