@@ -130,10 +130,11 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     counts = {name: int((labels == c).sum()) for c, name in enumerate(classes)}
     few = {name: n for name, n in counts.items() if n < MIN_SCANS_PER_CLASS}
     if few:
+        per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
         raise AdaptRefused(
-            f"{options.site}: too few readable scans to adapt: {few} (at least "
-            f"{MIN_SCANS_PER_CLASS} per class are needed; 10 per class is the recommended "
-            f"minimum). Scans per class: {counts}. Nothing was written."
+            f"{options.site}: too few readable scans to adapt ({per_class}): at least "
+            f"{MIN_SCANS_PER_CLASS} of each class are needed, 10 are recommended, and "
+            f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer. Nothing was written."
         )
     reference = partner or main  # fit and judge on the FP32 model's features when there is one
     x = features[reference.path]
