@@ -124,8 +124,11 @@ def _int8_contract_model(tmp_path):
     return fp32, int8, images
 
 
-def test_exact_int8_runs_the_qdq_graph_as_written_and_only_for_int8_models(tmp_path):
+def test_exact_int8_runs_the_qdq_graph_as_written_and_only_for_int8_models(tmp_path, monkeypatch):
     import onnxruntime as ort
+
+    # the levels asked for, not those of a cached optimized graph (loaded with optimizations off)
+    monkeypatch.setenv("EDGE_CLASSIFY_CACHE", "off")
 
     from edge_runtime.session import Provider, open_model
 
@@ -146,6 +149,8 @@ def test_exact_int8_runs_the_qdq_graph_as_written_and_only_for_int8_models(tmp_p
 
 def test_export_gates_run_int8_exactly_where_the_cpu_saturates(tmp_path, monkeypatch):
     import onnxruntime as ort
+
+    monkeypatch.setenv("EDGE_CLASSIFY_CACHE", "off")  # the levels asked for (as above)
 
     import export.pipeline as pipeline
 
