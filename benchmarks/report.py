@@ -54,7 +54,7 @@ def render(bench: dict, ratios: dict | None) -> str:
             "|---|---:|---:|",
         ]
         for name, entry in ratios.items():
-            bound = "<=" if "share" in name else ">="
+            bound = entry.get("bound", ">=")
             lines.append(f"| {name} | {entry['value']} | {bound} {entry['gate']} |")
     return "\n".join(lines) + "\n"
 

@@ -143,6 +143,7 @@ def test_gate_folder_end_to_end_at_least_0_6_of_decode_alone(folder_timings, rat
     ratio_log["folder_end_to_end_vs_decode_only"] = {
         "value": round(ratio, 3),
         "gate": MIN_FOLDER_RATIO,
+        "bound": ">=",
         "cores": cores,
         "decode_only_scans_per_s": round(decode_rate, 1),
         "end_to_end_scans_per_s": round(end_rate, 1),
@@ -174,6 +175,7 @@ def test_gate_folder_pipeline_costs_no_cpu_beyond_its_stages(folder_timings, rat
     ratio_log["folder_pipeline_cpu_vs_stages"] = {
         "value": round(ratio, 3),
         "gate": MAX_PIPELINE_CPU,
+        "bound": "<=",
     }
     assert ratio <= MAX_PIPELINE_CPU, (
         f"classifying the folder took {t['end_to_end'].cpu_median:.2f} CPU s, {ratio:.2f} x the "

@@ -102,6 +102,7 @@ def test_gate_lesion_postprocessing_share(model_files, models, full_size_scans, 
     ratio_log["lesion_postprocessing_share_of_end_to_end"] = {
         "value": round(share, 3),
         "gate": MAX_LESION_SHARE,
+        "bound": "<=",
         **{f"{name}_median_ms": round(x.median * 1e3, 3) for name, x in t.items()},
     }
     assert share <= MAX_LESION_SHARE, (
