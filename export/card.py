@@ -76,21 +76,28 @@ def build_card(
         "runtime_calls": dict(runtime_calls or {}),
         **dict(run_reports or {}),
         "quantization": dict(quantization),
-        "parity": [
-            {
-                "check": r.name,
-                "images": r.n,
-                "max_abs_diff": r.max_abs_diff,
-                "top1_agreement": r.top1_agreement,
-                "reference_accuracy": r.reference_accuracy,
-                "candidate_accuracy": r.candidate_accuracy,
-                "passed": r.passed,
-                "summary": r.summary(),
-            }
-            for r in reports
-        ],
-        "files": {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size} for f in files},
+        "parity": [parity_record(r) for r in reports],
+        "files": {f.name: file_record(f) for f in files},
     }
+
+
+def parity_record(report: ParityReport) -> dict[str, Any]:
+    """One parity gate's entry in the card's ``parity`` list."""
+    return {
+        "check": report.name,
+        "images": report.n,
+        "max_abs_diff": report.max_abs_diff,
+        "top1_agreement": report.top1_agreement,
+        "reference_accuracy": report.reference_accuracy,
+        "candidate_accuracy": report.candidate_accuracy,
+        "passed": report.passed,
+        "summary": report.summary(),
+    }
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """One model file's entry in the card's ``files``: its SHA-256 and size in bytes."""
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def write_card(card: Mapping[str, Any], directory: Path) -> tuple[Path, Path]:

@@ -166,7 +166,7 @@ def lesion_gate(
     Reported as a :class:`ParityReport` whose ``top1_agreement`` holds the mean Dice and
     ``max_abs_diff`` the largest change of one pixel's lesion probability.
     """
-    from training.lesion_metrics import predicted_mask
+    from training.lesion_metrics import dice, predicted_mask
 
     if reference.shape != candidate.shape or len(reference) == 0:
         raise ValueError(
@@ -174,12 +174,11 @@ def lesion_gate(
             f"{candidate.shape}."
         )
     side = reference.shape[1]
-    dice = []
+    overlaps = []
     for ref, cand in zip(reference[..., 0], candidate[..., 0], strict=True):
         a, b = predicted_mask(ref, side, threshold), predicted_mask(cand, side, threshold)
-        total = a.sum() + b.sum()
-        dice.append(1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total)
-    mean = float(np.mean(dice))
+        overlaps.append(1.0 if not (a.any() or b.any()) else dice(a, b))
+    mean = float(np.mean(overlaps))
     failures = () if mean >= min_dice else (f"mean lesion Dice {mean:.4f} < {min_dice:.2f}",)
     diff = float(np.max(np.abs(reference - candidate)))
     return LesionParityReport(name, len(reference), diff, mean, None, None, failures)

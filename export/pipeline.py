@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import tempfile
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.card import model_file_name
+from edge_runtime.card import CARD_SUFFIX, model_file_name
 from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.cpu import int8_saturates
 from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, batch_probabilities, open_model
-from export.card import build_card, write_card
+from export.card import build_card, file_record, parity_record, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.decision import choose_operating_point, choose_unfamiliar, runtime_calls
 from export.diagnose import count_convs, rank_quantization_error
@@ -189,6 +190,95 @@ def export_run(options: ExportOptions) -> ExportResult:
         _publish([card_json, card_md, *candidates], _writable_dir(output), options.name)
     files = tuple(output / path.name for path in candidates)
     return ExportResult(files, output / card_json.name, tuple(reports.values()))
+
+
+def requantize_export(
+    model_dir: Path, name: str, split_dir: Path, data_root: Path, quantization: QuantConfig
+) -> ExportResult:
+    """Quantize an exported model's INT8 file again from its FP32 file, with ``quantization``,
+    for when its run folder is gone but its export is not (the bundled default model).
+
+    The FP32 file, its decision thresholds and every measurement of the card stay as they are.
+    The INT8 model is gated against the FP32 one as :func:`export_run` gates it (FP32 recheck
+    margin on validation, top-1 agreement and lesion Dice on the held-out split), and the card's
+    ``quantization``, INT8 ``parity`` entries and ``files`` record are replaced. The calibration,
+    validation and held-out scans come from ``split_dir``'s ``split.csv``, which must be the
+    model's own split: its test rows must be ``<name>.heldout.csv``'s (paths under
+    ``data_root``) where that file exists.
+
+    Raises:
+        FileNotFoundError: a model file or the card is missing.
+        ValueError: the split is not the model's, or cannot be read.
+        ParityError: an INT8 gate failed; a report is written, no file is changed.
+    """
+    model_dir = Path(model_dir)
+    fp32_path = model_dir / model_file_name(name, Precision.FP32.value)
+    card_path = model_dir / f"{name}{CARD_SUFFIX}"
+    for path in (fp32_path, card_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing")
+    card = json.loads(card_path.read_text())
+    spec = open_model(fp32_path, provider=Provider.CPU).spec
+    info = _info_from_spec(spec, card)
+    options = ExportOptions(split_dir, model_dir, name, quantization)
+    _check_heldout(model_dir / f"{name}.heldout.csv", _manifest_rows(options), data_root)
+    images = _Images(*_images_for(options, info), *_validation_images(options, info))
+    point = {"threshold": spec.malignant_threshold} if spec.malignant_threshold else None
+    decision = {"malignant_operating_point": point, "unfamiliar": dict(spec.unfamiliar)}
+    lesion = _onnx_output(fp32_path, images.held_out, "lesion") if spec.has_lesion else None
+    fp32 = _Fp32(fp32_path, decision, _onnx_probabilities(fp32_path, images.held_out), lesion)
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=f".{name}.requantize-") as tmp:
+        staged = _Staged(options, info, images, Path(tmp))
+        reports: dict[str, ParityReport] = {}
+        int8 = _export_int8(staged, fp32, reports)
+        for report in reports.values():
+            log.info("%s", report.summary())
+        if not all(r.passed for r in reports.values()):
+            _refuse(staged, fp32, int8, reports, model_dir)
+        kept = [p for p in card["parity"] if not p["check"].startswith("onnx-int8")]
+        card["quantization"] = int8.settings
+        card["parity"] = kept + [parity_record(r) for r in reports.values()]
+        card["files"][int8.path.name] = file_record(int8.path)
+        card_json, card_md = write_card(card, staged.tmp)
+        _publish([card_json, card_md, int8.path], model_dir, name)
+    return ExportResult((model_dir / int8.path.name,), card_path, tuple(reports.values()))
+
+
+def _info_from_spec(spec: ModelSpec, card: dict) -> RunInfo:
+    """The run description an export needs, from an exported model's metadata and card."""
+    return RunInfo(
+        class_names=spec.class_names,
+        input_size=spec.input_size,
+        resize_policy=spec.resize_policy.value,
+        backbone=spec.backbone,
+        seed=card["training"]["seed"],
+        data_fingerprint=spec.training_data_fingerprint,
+        temperature=spec.temperature,
+        abstain_threshold=spec.abstain_threshold,
+        model_version=spec.model_version,
+        sources=tuple(card["training"]["sources"]),
+        lesion_stride=spec.lesion_stride,
+        lesion_threshold=spec.lesion_threshold,
+        test_metrics=dict(spec.metrics),
+    )
+
+
+def _check_heldout(heldout: Path, rows: dict[str, list[dict]], data_root: Path) -> None:
+    """Refuse a split whose test rows are not the model's held-out scans."""
+    if not heldout.is_file():
+        return
+    with open(heldout, newline="") as handle:
+        expected = sorted(row["path"] for row in csv.DictReader(handle))
+    root = Path(data_root).resolve()
+    got = []
+    for row in rows.get("test", []):
+        path = Path(row["path"]).resolve()
+        got.append(path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path))
+    if sorted(got) != expected:
+        raise ValueError(
+            f"{heldout}: the split's {len(got)} test scans are not this model's {len(expected)} "
+            "held-out scans; pass the split.csv of the run the model was trained in."
+        )
 
 
 def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport]) -> _Fp32:

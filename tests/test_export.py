@@ -277,3 +277,59 @@ def test_model_without_contract_outputs_is_refused(run, tmp_path, capsys):
     assert main([str(foreign), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "outputs" in err and "probabilities" in err
+
+
+def test_the_lesion_gate_passes_the_same_outlines_and_fails_moved_ones():
+    from export.parity import lesion_gate
+
+    maps = np.zeros((3, 8, 8, 1), np.float32)
+    maps[0, 1:4, 1:4] = 0.9  # a lesion
+    maps[1, 5:8, 5:8] = 0.9  # another; scan 2 has none
+    same = lesion_gate(maps, maps.copy(), 0.5)
+    assert same.passed and same.top1_agreement == 1.0
+    moved = maps.copy()
+    moved[0] = 0.0
+    moved[0, 4:7, 4:7] = 0.9  # scan 0's outline moved off its lesion
+    report = lesion_gate(maps, moved, 0.5)
+    assert not report.passed and report.top1_agreement < 0.95
+    assert "lesion Dice" in report.failures[0]
+
+
+def test_requantize_replaces_the_int8_file_and_its_card_records_only(run, exported, tmp_path):
+    from export.requantize import main
+
+    models = tmp_path / "models"
+    shutil.copytree(exported, models)
+    before = json.loads((models / "synth.card.json").read_text())
+    fp32_bytes = (models / "synth-fp32.onnx").read_bytes()
+    args = [str(models), "--split-dir", str(run), "--data-root", str(run), "--name", "synth"]
+    assert main([*args, "--float-convs", "1"]) == 0
+    card = json.loads((models / "synth.card.json").read_text())
+    assert card["quantization"]["float_convs"] == 1 and before["quantization"]["float_convs"] == 0
+    assert {k: v for k, v in card.items() if k not in ("quantization", "parity", "files")} == {
+        k: v for k, v in before.items() if k not in ("quantization", "parity", "files")
+    }
+    assert card["parity"][0] == before["parity"][0]  # the FP32 gate is not rerun
+    assert all(check["passed"] for check in card["parity"])
+    assert (models / "synth-fp32.onnx").read_bytes() == fp32_bytes
+    int8 = models / "synth-int8.onnx"
+    assert (
+        card["files"]["synth-int8.onnx"]["sha256"] != before["files"]["synth-int8.onnx"]["sha256"]
+    )
+    assert verify_against_card(int8)  # the card names the new file
+    assert "first 1 convolutions in float" in (models / "synth.card.md").read_text()
+
+
+def test_requantize_refuses_a_split_that_is_not_the_models_and_changes_nothing(
+    run, exported, tmp_path, capsys
+):
+    from export.requantize import main
+
+    models = tmp_path / "models"
+    shutil.copytree(exported, models)
+    (models / "synth.heldout.csv").write_text("path,label,source\nelsewhere/a.png,benign,x\n")
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    args = [str(models), "--split-dir", str(run), "--data-root", str(run), "--name", "synth"]
+    assert main([*args, "--float-convs", "1"]) == 2
+    assert "synth.heldout.csv: the split's" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before

@@ -47,6 +47,12 @@ def predicted_mask(lesion_map: np.ndarray, size: int, threshold: float) -> np.nd
     return mask > 0
 
 
+def dice(truth: np.ndarray, guess: np.ndarray) -> float:
+    """Dice overlap 2|A and B| / (|A| + |B|) of two bool masks of one shape; the caller makes
+    sure ``truth`` is not empty."""
+    return float(2 * np.logical_and(truth, guess).sum() / (truth.sum() + guess.sum()))
+
+
 @dataclass(frozen=True)
 class ThresholdTrial:
     """One candidate lesion threshold on the validation split. ``dice``: mean over its lesion
@@ -94,16 +100,18 @@ def choose_lesion_threshold(
         return default, []
     trials = []
     for threshold in candidates:
-        dice = []
-        for i in lesion:
-            truth = true_masks[i, :, :, 0] > 127
-            guess = predicted_mask(lesion_maps[i, :, :, 0], size, threshold)
-            dice.append(2 * np.logical_and(truth, guess).sum() / (truth.sum() + guess.sum()))
+        overlaps = [
+            dice(
+                true_masks[i, :, :, 0] > 127,
+                predicted_mask(lesion_maps[i, :, :, 0], size, threshold),
+            )
+            for i in lesion
+        ]
         drawn = [predicted_mask(lesion_maps[i, :, :, 0], size, threshold).any() for i in normals]
         trials.append(
             ThresholdTrial(
                 threshold=float(threshold),
-                dice=float(np.mean(dice)),
+                dice=float(np.mean(overlaps)),
                 normal_with_lesion=float(np.mean(drawn)) if drawn else None,
             )
         )
@@ -144,12 +152,12 @@ def score_scans(
         truth = true_masks[i, :, :, 0] > 127
         guess = predicted_mask(lesion_maps[i, :, :, 0], size, threshold)
         lesion = bool(known[i]) and truth.any()
-        dice = iou = cam_hit = map_hit = None
+        overlap = iou = cam_hit = map_hit = None
         if lesion:
-            inter = float(np.logical_and(truth, guess).sum())
-            union = float(np.logical_or(truth, guess).sum())
-            dice = 2 * inter / (truth.sum() + guess.sum())
-            iou = inter / union
+            overlap = dice(truth, guess)
+            iou = float(np.logical_and(truth, guess).sum()) / float(
+                np.logical_or(truth, guess).sum()
+            )
             target = cv2.dilate(truth.astype(np.uint8), kernel) > 0
             cam_hit = _hottest_in(cams[i], target)
             map_hit = _hottest_in(lesion_maps[i, :, :, 0], target)
@@ -158,7 +166,7 @@ def score_scans(
                 label=label,
                 source=sources[i],
                 device=devices[i],
-                dice=dice,
+                dice=overlap,
                 iou=iou,
                 predicted_area=float(guess.mean()),
                 max_probability=float(lesion_maps[i].max()),

@@ -1,0 +1,56 @@
+"""Quantize an exported model's INT8 file again from its FP32 file, gated, its card updated.
+
+usage: python -m export.requantize MODEL_DIR --split-dir RUN_DIR --data-root DATA
+           [--name default] [--float-convs N]
+
+For a model whose run folder is gone (the bundled default model): ``RUN_DIR`` holds the
+``split.csv`` of the model's own split (a rerun of its recipe with the same data and seed writes
+the same one; the held-out rows are checked against ``<name>.heldout.csv``). The FP32 file and
+every measurement of the card stay; see :func:`export.pipeline.requantize_export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_runtime.status import ExitStatus
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from export.pipeline import ParityError, requantize_export
+    from export.quantize import QuantConfig
+
+    parser = argparse.ArgumentParser(prog="python -m export.requantize", description=__doc__)
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    parser.add_argument("--split-dir", type=Path, required=True, help="holds the split.csv")
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--name", default="default", help="file name stem (default: default)")
+    parser.add_argument(
+        "--float-convs",
+        type=int,
+        default=QuantConfig().float_convs,
+        help="leading convolutions kept in float (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = QuantConfig(float_convs=args.float_convs)
+    try:
+        result = requantize_export(
+            args.model_dir, args.name, args.split_dir, args.data_root, config
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"requantize: error: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    except ParityError as exc:
+        print(f"requantize: {exc}", file=sys.stderr)
+        return ExitStatus.GATE_FAILED
+    print(f"wrote {result.files[0]} and {result.card}")
+    return ExitStatus.SUCCESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
