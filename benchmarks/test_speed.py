@@ -26,7 +26,7 @@ from edge_runtime.recheck import needs_recheck
 MIN_INT8_SPEEDUP = 2.0
 BATCH = 4  # on one thread, batch 4 runs as fast per image as 16 and fills the pipeline sooner
 # DESIGN.md's budget is 20% of end-to-end time. The project's own preprocessing (fitting a decoded
-# scan into the model's square: resize, letterbox, batch) took 0.13-0.20 (AVX512-VNNI EPYC, 2
+# scan into the model's square: resize, letterbox, batch) took 0.13-0.25 (AVX512-VNNI EPYC, 2
 # cores, BUSI scans); with the PNG codec counted too it took 0.41 on one host and 0.57-0.63 on
 # another with the same model, where v3's INT8 is cheaper than decoding a BUSI PNG. The codec
 # side is gated against decoding alone by benchmarks/test_folder.py; this gate is on the fitting.
