@@ -33,11 +33,10 @@ from edge_runtime.contract import (
     LESION,
     PROBABILITIES,
     ModelSpec,
-    NormalRule,
     Precision,
 )
 from edge_runtime.cpu import int8_saturates
-from edge_runtime.decision import decide, unfamiliar_scores
+from edge_runtime.decision import decide, lesion_verdict, unfamiliar_scores
 from edge_runtime.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap, lesion_heatmap
 from edge_runtime.lesion import Lesion, find_lesion, require_lesion_output
@@ -651,6 +650,7 @@ class Classifier:
                 input_size=spec.input_size,
                 policy=spec.resize_policy,
                 threshold=spec.lesion_threshold,
+                min_area=spec.lesion_min_area,
                 pixel_spacing_mm=item.pixel_spacing_mm,
                 with_mask=masks or heatmaps,
             )
@@ -658,10 +658,19 @@ class Classifier:
             else (None, None)
             for row, item in enumerate(batch)
         ]
-        lesion_found = None
-        if spec.normal_rule is NormalRule.LESION_HEAD:
-            lesion_found = np.array([lesion is not None for lesion, _ in found])
+        lesion_found = lesion_verdict(
+            spec.normal_rule.value,
+            np.array([lesion is not None for lesion, _ in found]) if spec.has_lesion else None,
+            probabilities,
+            names,
+            self._malignant_threshold,
+        )
         called = decide(probabilities, names, self._malignant_threshold, lesion_found)
+        if lesion_found is not None:  # a scan called normal gets no outline
+            found = [
+                pair if keep else (None, None if pair[1] is None else np.zeros_like(pair[1]))
+                for pair, keep in zip(found, lesion_found, strict=True)
+            ]
         results = []
         for row, item in enumerate(batch):
             top = int(called[row])

@@ -8,8 +8,9 @@ Input ``image``: uint8 ``[N, H, W, 1]`` (batch dynamic). Outputs ``probabilities
 activation maps. Contract version 2 adds two optional outputs: ``lesion``, float32
 ``[N, h, w, 1]``, the lesion probability per pixel of the square input at a stride the metadata
 states (with its decision threshold), and ``features``, float32 ``[N, D]``, the pooled embedding
-the classifier's last layer reads. Version 1 models (neither output) stay valid. Metadata lives in
-``metadata_props``.
+the classifier's last layer reads. Version 3 adds two parts of the lesion rule: a minimum lesion
+area and the ``lesion_head_or_classifier`` normal rule; a model writes 3 only when it uses one.
+Version 1 models (neither output) stay valid. Metadata lives in ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from enum import Enum
 from typing import Any
 
 CONTRACT_VERSION = "2"
-READABLE_CONTRACT_VERSIONS = frozenset({"1", "2"})
+# written instead of CONTRACT_VERSION by a model whose lesion rule needs version 3 to be read
+# right (a minimum lesion area, or the lesion_head_or_classifier normal rule): an older runtime
+# then refuses it instead of drawing lesions by a rule it does not know
+LESION_RULE_CONTRACT_VERSION = "3"
+READABLE_CONTRACT_VERSIONS = frozenset({"1", "2", "3"})
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
 CAM = "cam"
@@ -47,6 +52,8 @@ class NormalRule(str, Enum):
 
     CLASSIFIER = "classifier"  # the classifier's call
     LESION_HEAD = "lesion_head"  # normal exactly when the lesion output finds no lesion
+    # normal when the lesion output finds no lesion or the classifier calls normal (v3)
+    LESION_HEAD_OR_CLASSIFIER = "lesion_head_or_classifier"
 
 
 class ContractError(ValueError):
@@ -71,6 +78,7 @@ KEY_RECHECK_MARGIN = "edge_classify.fp32_recheck_margin"
 KEY_RECHECK_MODEL = "edge_classify.fp32_recheck_model"
 KEY_LESION_STRIDE = "edge_classify.lesion_stride"
 KEY_LESION_THRESHOLD = "edge_classify.lesion_threshold"
+KEY_LESION_MIN_AREA = "edge_classify.lesion_min_area"
 KEY_MALIGNANT_THRESHOLD = "edge_classify.malignant_threshold"
 KEY_UNFAMILIAR = "edge_classify.unfamiliar"
 KEY_ADAPTATION = "edge_classify.adaptation"
@@ -103,6 +111,8 @@ class ModelSpec:
     # input pixels per pixel of the ``lesion`` output; 0: the model has no lesion output
     lesion_stride: int = 0
     lesion_threshold: float = 0.5  # a pixel is lesion when its probability is >= this
+    # a largest lesion region smaller than this share of the square input is no lesion (v3)
+    lesion_min_area: float = 0.0
     # call a scan malignant when P(malignant) >= this (after calibration); 0: plain top-1
     malignant_threshold: float = 0.0
     unfamiliar: Mapping[str, Any] = field(default_factory=dict)  # the unfamiliar-scan score
@@ -111,8 +121,11 @@ class ModelSpec:
 
     def to_metadata(self) -> dict[str, str]:
         """Serialize to ``metadata_props`` (string to string)."""
+        needs_v3 = self.lesion_min_area > 0 or (
+            self.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER
+        )
         return {
-            KEY_CONTRACT_VERSION: CONTRACT_VERSION,
+            KEY_CONTRACT_VERSION: LESION_RULE_CONTRACT_VERSION if needs_v3 else CONTRACT_VERSION,
             KEY_CLASS_NAMES: json.dumps(list(self.class_names)),
             KEY_INPUT_SIZE: str(self.input_size),
             KEY_INPUT_LAYOUT: INPUT_LAYOUT,
@@ -129,6 +142,7 @@ class ModelSpec:
             KEY_RECHECK_MODEL: self.recheck_model,
             KEY_LESION_STRIDE: str(int(self.lesion_stride)),
             KEY_LESION_THRESHOLD: repr(float(self.lesion_threshold)),
+            KEY_LESION_MIN_AREA: repr(float(self.lesion_min_area)),
             KEY_MALIGNANT_THRESHOLD: repr(float(self.malignant_threshold)),
             KEY_UNFAMILIAR: json.dumps(dict(self.unfamiliar), sort_keys=True),
             KEY_ADAPTATION: json.dumps(dict(self.adaptation), sort_keys=True),
@@ -178,6 +192,7 @@ class ModelSpec:
                 recheck_model=meta.get(KEY_RECHECK_MODEL, ""),
                 lesion_stride=int(meta.get(KEY_LESION_STRIDE, "0")),
                 lesion_threshold=float(meta.get(KEY_LESION_THRESHOLD, "0.5")),
+                lesion_min_area=float(meta.get(KEY_LESION_MIN_AREA, "0.0")),
                 malignant_threshold=float(meta.get(KEY_MALIGNANT_THRESHOLD, "0.0")),
                 unfamiliar=json.loads(meta.get(KEY_UNFAMILIAR, "{}")),
                 adaptation=json.loads(meta.get(KEY_ADAPTATION, "{}")),
@@ -218,16 +233,22 @@ def _check_thresholds(spec: ModelSpec, source: str) -> None:
         raise ContractError(
             f"{source}: lesion threshold must be in (0, 1). Got {spec.lesion_threshold} instead."
         )
+    if not 0.0 <= spec.lesion_min_area < 1.0:
+        raise ContractError(
+            f"{source}: lesion minimum area must be a share of the input in [0, 1). Got "
+            f"{spec.lesion_min_area} instead."
+        )
     if not 0.0 <= spec.malignant_threshold < 1.0:
         raise ContractError(
             f"{source}: malignant threshold must be in [0, 1). Got {spec.malignant_threshold} "
             "instead."
         )
-    if spec.normal_rule is NormalRule.LESION_HEAD and not (
+    if spec.normal_rule is not NormalRule.CLASSIFIER and not (
         spec.has_lesion and "normal" in spec.class_names
     ):
         raise ContractError(
-            f"{source}: the lesion_head normal rule needs a lesion output and a 'normal' class."
+            f"{source}: the {spec.normal_rule.value} normal rule needs a lesion output and a "
+            "'normal' class."
         )
     if spec.malignant_threshold > 0.0 and "malignant" not in spec.class_names:
         raise ContractError(

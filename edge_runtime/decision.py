@@ -54,6 +54,38 @@ def decide(
     return np.where(malignant, k, others.argmax(axis=1))
 
 
+def lesion_verdict(
+    normal_rule: str,
+    lesion_found: np.ndarray | None,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    malignant_threshold: float,
+) -> np.ndarray | None:
+    """Where a model reports a lesion, by its normal rule (``NormalRule``'s values), for
+    :func:`decide`'s ``lesion_found``; None for the ``classifier`` rule or without a lesion
+    output or a normal class.
+
+    ``lesion_head``: where the lesion output found one. ``lesion_head_or_classifier``: where it
+    found one and the classifier alone (this function's :func:`decide` without a lesion verdict)
+    does not call the scan normal, so that a scan called normal never gets an outline.
+
+    Args:
+        normal_rule: the model's rule.
+        lesion_found: bool ``[N]``, the lesion output's verdict (``lesion.find_lesion``), or None.
+        probabilities: calibrated ``[N, K]``.
+        class_names: the model's classes.
+        malignant_threshold: the model's operating point (0: top-1).
+    """
+    if lesion_found is None or normal_rule == "classifier" or NORMAL not in class_names:
+        return None
+    if normal_rule == "lesion_head":
+        return lesion_found
+    if normal_rule != "lesion_head_or_classifier":
+        raise ValueError(f"unknown normal rule {normal_rule!r}")
+    alone = decide(probabilities, class_names, malignant_threshold)
+    return lesion_found & (alone != list(class_names).index(NORMAL))
+
+
 def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
     """The reference the unfamiliar score measures against: each class's mean of the training
     scans' pooled ``features`` ``[N, D]`` and the features' spread (the per-dimension standard

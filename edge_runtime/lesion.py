@@ -89,6 +89,7 @@ def find_lesion(
     input_size: int,
     policy: ResizePolicy = ResizePolicy.LETTERBOX,
     threshold: float = 0.5,
+    min_area: float = 0.0,
     pixel_spacing_mm: tuple[float, float] | None = None,
     with_mask: bool = True,
 ) -> tuple[Lesion | None, np.ndarray | None]:
@@ -105,6 +106,8 @@ def find_lesion(
         input_size: side of the model's square input.
         policy: how the frame was fitted into the square.
         threshold: a pixel is lesion where its probability is >= this (``spec.lesion_threshold``).
+        min_area: a largest region covering less than this share of the square input (its area
+            in the frame scaled by the fit) is no lesion (``spec.lesion_min_area``).
         pixel_spacing_mm: ``(row, column)`` spacing of the frame's pixels in mm, or None.
         with_mask: also return the mask (False: None in its place, a little faster).
 
@@ -135,6 +138,8 @@ def find_lesion(
     sizes = np.bincount(labels.ravel(), minlength=count)
     best = 1 + int(np.argmax(sizes[1:]))
     area = int(sizes[best])
+    if area * grid.square_pixels_per_pixel(lesion_map.shape, input_size) < min_area * input_size**2:
+        return None, mask
     x, y, w, h = cv2.boundingRect((labels == best).astype(np.uint8))
     inside = (labels[y : y + h, x : x + w] == best).astype(np.uint8) * 255
     if mask is not None:
@@ -178,6 +183,10 @@ class _Grid:
             ay=new_h / height * sy,
             by=(top + 0.5 * new_h / height) * sy - 0.5,
         )
+
+    def square_pixels_per_pixel(self, map_shape: tuple[int, int], input_size: int) -> float:
+        """The area in square-input pixels of one frame pixel."""
+        return (self.ay * input_size / map_shape[0]) * (self.ax * input_size / map_shape[1])
 
     def warp(self, lesion_map: np.ndarray, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         """Bilinear samples of the map at frame pixels ``[y0:y0+height, x0:x0+width]``."""

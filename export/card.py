@@ -432,10 +432,21 @@ def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
 
 
 def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
-    """How the lesion threshold was chosen (training.lesion_metrics.choose_lesion_threshold)."""
+    """How the lesion rule was chosen (training.lesion_metrics.choose_lesion_rule); runs from
+    before the rule had a minimum area and a gate record the threshold alone."""
     if not chosen:
         return []
-    picked = next((t for t in chosen["validation"] if t["threshold"] == chosen["value"]), None)
+    area, gate = chosen.get("min_area", 0.0), chosen.get("classifier_gate", False)
+    picked = next(
+        (
+            t
+            for t in chosen["validation"]
+            if t["threshold"] == chosen["value"]
+            and t.get("min_area", 0.0) == area
+            and t.get("classifier_gate", False) == gate
+        ),
+        None,
+    )
     seen = (
         ""
         if picked is None
@@ -444,11 +455,12 @@ def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
             f"{_num(picked['normal_with_lesion'])})"
         )
     )
-    return [
-        "",
-        f"Lesion threshold {chosen['value']:.2f}, chosen on validation scans: "
-        f"{chosen['rule']}{seen}.",
-    ]
+    parts = f"Lesion threshold {chosen['value']:.2f}"
+    if area:
+        parts += f", minimum lesion area {area:.2%} of the input"
+    if gate:
+        parts += ", no lesion where the classifier calls normal"
+    return ["", f"{parts}, chosen on validation scans: {chosen['rule']}{seen}."]
 
 
 def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:
@@ -468,11 +480,11 @@ def _runtime_call_lines(calls: Mapping[str, Any], classes: Sequence[str]) -> lis
     """The held-out scans as the runtime calls them (export.decision.runtime_calls)."""
     if not calls:
         return []
-    rule = (
-        "normal exactly where the lesion head finds no lesion"
-        if calls["normal_rule"] == "lesion_head"
-        else "normal by the classifier"
-    )
+    rule = {
+        "lesion_head": "normal exactly where the lesion head finds no lesion",
+        "lesion_head_or_classifier": "normal where the lesion head finds no lesion or the "
+        "classifier calls normal",
+    }.get(calls["normal_rule"], "normal by the classifier")
     recall = ", ".join(
         f"{name} {'n/a' if value is None else f'{value:.3f}'}"
         for name, value in calls["recall"].items()

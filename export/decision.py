@@ -11,6 +11,7 @@ from sklearn.metrics import confusion_matrix
 
 from edge_runtime.decision import (
     decide,
+    lesion_verdict,
     malignant_operating_point,
     unfamiliar_scores,
     unfamiliar_stats,
@@ -101,8 +102,10 @@ def runtime_calls(
     """How the runtime calls the held-out scans, as against the top-1 metrics of training.
 
     The runtime's own rule (:func:`edge_runtime.decision.decide`): the run's temperature, the
-    malignant operating point and, for a lesion model with a normal class, normal exactly where
-    the lesion head finds no lesion (the runtime's post-processing on the model's square).
+    malignant operating point and, for a lesion model with a normal class, its normal rule
+    (``lesion_head``: normal exactly where the lesion head finds no lesion, by the runtime's
+    post-processing on the model's square; ``lesion_head_or_classifier``: or where the
+    classifier calls normal).
 
     Args:
         info: the run.
@@ -115,16 +118,20 @@ def runtime_calls(
         ``scans``, ``accuracy``, ``recall`` per class (None where a class has no scan),
         ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied.
     """
+    rule = info.runtime_normal_rule
+    calibrated = apply_temperature(probabilities, info.temperature)
     found = None
-    if lesion_maps is not None and "normal" in info.class_names:
+    if lesion_maps is not None:
         found = np.array(
             [
-                predicted_mask(m[..., 0], info.input_size, info.lesion_threshold).any()
+                predicted_mask(
+                    m[..., 0], info.input_size, info.lesion_threshold, info.lesion_min_area
+                ).any()
                 for m in lesion_maps
             ]
         )
-    calibrated = apply_temperature(probabilities, info.temperature)
-    called = decide(calibrated, info.class_names, malignant_threshold, found)
+    verdict = lesion_verdict(rule, found, calibrated, info.class_names, malignant_threshold)
+    called = decide(calibrated, info.class_names, malignant_threshold, verdict)
     matrix = confusion_matrix(labels, called, labels=range(len(info.class_names)))
     return {
         "scans": len(labels),
@@ -134,5 +141,5 @@ def runtime_calls(
             for i, name in enumerate(info.class_names)
         },
         "confusion_matrix": matrix.tolist(),
-        "normal_rule": "lesion_head" if found is not None else "classifier",
+        "normal_rule": rule if verdict is not None else "classifier",
     }

@@ -156,12 +156,14 @@ def lesion_gate(
     candidate: np.ndarray,
     threshold: float,
     *,
+    min_area: float = 0.0,
     name: str = "onnx-int8 lesion vs onnx-fp32",
     min_dice: float = MIN_LESION_DICE,
 ) -> ParityReport:
     """The lesion outlines of a candidate against the reference's, scan by scan: each lesion map
-    ``[N, h, w, 1]`` thresholded and cut to its largest component at the map's own resolution;
-    Dice per scan (1 where both find no lesion), mean >= ``min_dice``.
+    ``[N, h, w, 1]`` thresholded and cut to its largest component at the map's own resolution
+    (none when it covers less than ``min_area`` of the map); Dice per scan (1 where both find
+    no lesion), mean >= ``min_dice``.
 
     Reported as a :class:`ParityReport` whose ``top1_agreement`` holds the mean Dice and
     ``max_abs_diff`` the largest change of one pixel's lesion probability.
@@ -176,7 +178,8 @@ def lesion_gate(
     side = reference.shape[1]
     overlaps = []
     for ref, cand in zip(reference[..., 0], candidate[..., 0], strict=True):
-        a, b = predicted_mask(ref, side, threshold), predicted_mask(cand, side, threshold)
+        a = predicted_mask(ref, side, threshold, min_area)
+        b = predicted_mask(cand, side, threshold, min_area)
         overlaps.append(1.0 if not (a.any() or b.any()) else dice(a, b))
     mean = float(np.mean(overlaps))
     failures = () if mean >= min_dice else (f"mean lesion Dice {mean:.4f} < {min_dice:.2f}",)

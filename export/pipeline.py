@@ -259,6 +259,8 @@ def _info_from_spec(spec: ModelSpec, card: dict) -> RunInfo:
         sources=tuple(card["training"]["sources"]),
         lesion_stride=spec.lesion_stride,
         lesion_threshold=spec.lesion_threshold,
+        lesion_min_area=spec.lesion_min_area,
+        normal_rule=spec.normal_rule.value,
         test_metrics=dict(spec.metrics),
     )
 
@@ -305,6 +307,7 @@ def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport])
             keras_outputs["lesion"],
             lesion,
             info.lesion_threshold,
+            min_area=info.lesion_min_area,
             name="onnx-fp32 lesion vs keras",
             min_dice=0.99,
         )
@@ -368,7 +371,9 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
         lesion = _onnx_output(path, images.held_out, "lesion")
         redo = needs_recheck(probabilities, margin)  # the runtime's answers: FP32's where rerun
         lesion[redo] = fp32.lesion[redo]
-        reports["int8 lesion"] = lesion_gate(fp32.lesion, lesion, info.lesion_threshold)
+        reports["int8 lesion"] = lesion_gate(
+            fp32.lesion, lesion, info.lesion_threshold, min_area=info.lesion_min_area
+        )
     return _Int8(path, prepared, settings, margin, alone)
 
 
@@ -602,14 +607,12 @@ def _spec(
         recheck_model=recheck_model,
         lesion_stride=info.lesion_stride,
         lesion_threshold=info.lesion_threshold,
+        lesion_min_area=info.lesion_min_area,
         malignant_threshold=((decision or {}).get("malignant_operating_point") or {}).get(
             "threshold", 0.0
         ),
         unfamiliar=(decision or {}).get("unfamiliar", {}),
-        # chosen by the scanner-held-out protocol (docs/prereg/2026-12-02-lesion-recipe.md)
-        normal_rule=NormalRule.LESION_HEAD
-        if info.lesion_stride and "normal" in info.class_names
-        else NormalRule.CLASSIFIER,
+        normal_rule=NormalRule(info.runtime_normal_rule),
     )
 
 

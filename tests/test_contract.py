@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from edge_runtime.contract import ContractError, ModelSpec, Precision
+from edge_runtime.contract import ContractError, ModelSpec, NormalRule, Precision
 from edge_runtime.session import Provider, open_model
 from tests.onnx_models import CLASSES, make_contract_model
 
@@ -36,6 +36,26 @@ def test_contract_v2_metadata_round_trips():
         adaptation={"site": "clinic-a"},
     )
     assert ModelSpec.from_metadata(spec.to_metadata()) == spec
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"lesion_min_area": 0.005}, {"normal_rule": NormalRule.LESION_HEAD_OR_CLASSIFIER}],
+)
+def test_a_lesion_rule_an_older_runtime_cannot_apply_writes_contract_version_3(changes):
+    plain = ModelSpec(class_names=CLASSES, input_size=224, lesion_stride=4)
+    spec = ModelSpec(class_names=CLASSES, input_size=224, lesion_stride=4, **changes)
+    assert plain.to_metadata()["edge_classify.contract_version"] == "2"
+    assert spec.to_metadata()["edge_classify.contract_version"] == "3"
+    assert ModelSpec.from_metadata(spec.to_metadata()) == spec
+
+
+def test_the_or_classifier_normal_rule_needs_a_lesion_output():
+    meta = ModelSpec(
+        class_names=CLASSES, input_size=224, normal_rule=NormalRule.LESION_HEAD_OR_CLASSIFIER
+    ).to_metadata()
+    with pytest.raises(ContractError, match="lesion_head_or_classifier normal rule needs"):
+        ModelSpec.from_metadata(meta)
 
 
 def test_a_version_1_model_stays_valid(tmp_path):
@@ -71,6 +91,8 @@ def test_open_model_refuses_a_lesion_stride_without_a_lesion_output(tmp_path):
         ("lesion_threshold", 1.0, "lesion threshold must be in"),
         ("malignant_threshold", -0.1, "malignant threshold must be in"),
         ("lesion_stride", 1000, "lesion stride must be"),
+        ("lesion_min_area", 1.0, "lesion minimum area must be a share"),
+        ("lesion_min_area", -0.01, "lesion minimum area must be a share"),
     ],
 )
 def test_contract_refuses_thresholds_out_of_range(field, value, message):

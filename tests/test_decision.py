@@ -10,6 +10,7 @@ from edge_runtime.classifier import Classifier
 from edge_runtime.contract import ModelSpec
 from edge_runtime.decision import (
     decide,
+    lesion_verdict,
     malignant_operating_point,
     unfamiliar_scores,
     unfamiliar_stats,
@@ -98,6 +99,24 @@ def test_the_lesion_head_rule_calls_normal_exactly_when_no_lesion_is_found():
     np.testing.assert_array_equal(decide(p, CLASSES, 0.0, found), [1, 0, 2, 0])
     # the malignant threshold applies to scans with a lesion only
     np.testing.assert_array_equal(decide(p, CLASSES, 0.05, found), [2, 0, 2, 0])
+
+
+def test_the_lesion_verdict_follows_the_normal_rule():
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.6, 0.1, 0.3], [0.2, 0.5, 0.3]])
+    found = np.array([True, False, True, True])
+    assert lesion_verdict("classifier", found, p, CLASSES, 0.0) is None
+    assert lesion_verdict("lesion_head", None, p, CLASSES, 0.0) is None
+    np.testing.assert_array_equal(lesion_verdict("lesion_head", found, p, CLASSES, 0.0), found)
+    gated = lesion_verdict("lesion_head_or_classifier", found, p, CLASSES, 0.0)
+    np.testing.assert_array_equal(gated, [False, False, False, True])  # rows 0, 2: top-1 normal
+    np.testing.assert_array_equal(decide(p, CLASSES, 0.0, gated), [0, 0, 0, 1])
+    # the operating point can take a scan out of "normal": row 2's P(malignant) 0.3 >= 0.25
+    gated = lesion_verdict("lesion_head_or_classifier", found, p, CLASSES, 0.25)
+    np.testing.assert_array_equal(gated, [False, False, True, True])
+    gated = lesion_verdict("lesion_head_or_classifier", found, p, CLASSES, 0.05)
+    np.testing.assert_array_equal(gated, [True, False, True, True])
+    with pytest.raises(ValueError, match="unknown normal rule"):
+        lesion_verdict("mystery", found, p, CLASSES, 0.0)
 
 
 def test_a_lesion_model_shows_its_lesion_probability_as_the_heatmap(tmp_path):

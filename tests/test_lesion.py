@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from edge_runtime.classifier import Classifier, _Item
 from edge_runtime.cli import main
-from edge_runtime.contract import ContractError, ModelSpec, Precision, ResizePolicy
+from edge_runtime.contract import ContractError, ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.lesion import feret_diameter, find_lesion, lesion_probability
 from edge_runtime.preprocess import fit_to_square, letterbox_box
 from edge_runtime.session import Provider, open_model
@@ -377,3 +377,58 @@ def test_a_lesion_of_one_pixel_is_found_not_a_crash():
     assert mask[1, 1] == 255 and mask.sum() == 255
     single, _ = find_lesion(np.full((1, 1), 0.9, np.float32), (1, 1), input_size=1)
     assert single.area_px == 1
+
+
+def test_a_lesion_smaller_than_the_minimum_area_is_no_lesion():
+    lesion_map = np.zeros((56, 56), np.float32)
+    lesion_map[10:14, 10:14] = 0.9  # 4 x 4 cells of 56 x 56: about 0.5% of the square
+    share = find_lesion(lesion_map, (224, 224), input_size=224)[1].mean() / 255
+    for min_area, found in ((0.5 * share, True), (2 * share, False)):
+        lesion, mask = find_lesion(lesion_map, (300, 190), input_size=224, min_area=min_area)
+        assert (lesion is not None) is found and bool(mask.any()) is found
+    # the share is of the square, whatever the frame's own size
+    lesion, _ = find_lesion(lesion_map, (900, 570), input_size=224, min_area=0.5 * share)
+    assert lesion is not None
+
+
+def test_the_minimum_area_in_the_metadata_drops_small_blobs(tmp_path):
+    model = _model(tmp_path / "m.onnx", lesion_min_area=0.02)
+    small, large = _scan((200, 330), (100, 90), (12, 8)), _scan((200, 330), (160, 100), (60, 40))
+    with Classifier.from_path(model, provider=Provider.CPU) as clf:
+        (a, b) = clf.classify([small, large], masks=True)
+    assert a.lesion is None and not a.lesion_mask.any() and b.lesion is not None
+
+
+def _bright_scans_with_a_blob() -> list[np.ndarray]:
+    scans = []
+    for k in range(6):
+        scan = np.full((200, 260), 60 + 30 * k, np.uint8)
+        cv2.circle(scan, (100, 100), 5 + 8 * k, 10, -1)
+        scans.append(scan)
+    return scans
+
+
+def test_under_the_or_classifier_rule_a_scan_the_classifier_calls_normal_has_no_outline(tmp_path):
+    """The test model (seed 2) finds the blob in every scan and calls the brighter ones normal
+    by its classifier: the gated rule makes those normal without an outline, the others keep
+    the classifier's call and the lesion."""
+    scans = _bright_scans_with_a_blob()
+    results = {}
+    for rule in ("classifier", "lesion_head", "lesion_head_or_classifier"):
+        spec = ModelSpec(
+            class_names=CLASSES, input_size=SIZE, lesion_stride=4, normal_rule=NormalRule(rule)
+        )
+        path = make_contract_model(
+            tmp_path / f"{rule}.onnx", size=SIZE, spec=spec, lesion_stride=4, seed=2
+        )
+        with Classifier.from_path(path, provider=Provider.CPU) as clf:
+            results[rule] = clf.classify(scans, masks=True)
+    plain, head, gated = results.values()
+    assert all(r.lesion is not None for r in head) and "normal" not in [r.label for r in head]
+    called_normal = [r.label == "normal" for r in plain]
+    assert any(called_normal) and not all(called_normal)
+    for alone, found, both in zip(plain, head, gated, strict=True):
+        if alone.label == "normal":
+            assert both.label == "normal" and both.lesion is None and not both.lesion_mask.any()
+        else:
+            assert both.label == found.label and both.lesion == found.lesion

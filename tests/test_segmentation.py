@@ -10,9 +10,11 @@ from edge_runtime.contract import ResizePolicy
 from training.clutter import clutter_bank, composite
 from training.datasets import Sample
 from training.lesion_metrics import (
-    choose_lesion_threshold,
+    LesionRule,
+    choose_lesion_rule,
     dice,
     predicted_mask,
+    rule_masks,
     score_scans,
     summarize,
 )
@@ -151,7 +153,8 @@ def test_scores_give_dice_pointing_and_empty_normals():
         ["benign", "normal"],
         ["s", "s"],
         ["d", "d"],
-        0.5,
+        LesionRule(0.5),
+        np.array([False, False]),
     )
     assert scores[0].dice > 0.85 and scores[0].lesion_map_hit and scores[0].cam_hit is False
     assert scores[1].dice is None and scores[1].predicted_area == 0.0
@@ -160,42 +163,78 @@ def test_scores_give_dice_pointing_and_empty_normals():
     assert report["by_device"]["s:d"]["dice"]["n"] == 1
 
 
-def _threshold_case(normal_peak: float) -> tuple:
+def _rule_case(normal_blob: np.ndarray) -> tuple:
     """Two lesion scans whose map is 0.45 on the lesion and 0.35 on a ring around it (a low
-    threshold draws the ring too: a worse Dice), and two normal scans with a blob of
-    ``normal_peak``."""
+    threshold draws the ring too: a worse Dice), and two normal scans whose map is
+    ``normal_blob`` (``[16, 16]``)."""
     size = 64
     disc = _disc(size, (32, 32), 10)
     ring = _disc(size, (32, 32), 16)
     lesion_map = cv2.resize(np.where(disc > 0, 0.45, np.where(ring > 0, 0.35, 0.0)), (16, 16))
-    blob = np.zeros((16, 16), np.float64)
-    blob[3:6, 3:6] = normal_peak
-    maps = np.stack([lesion_map, lesion_map, blob, blob]).astype(np.float32)[..., None]
+    maps = np.stack([lesion_map, lesion_map, normal_blob, normal_blob]).astype(np.float32)
     truth = np.stack([disc, disc, disc * 0, disc * 0])[..., None]
-    return truth, np.ones(4, bool), maps, np.array([False, False, True, True])
+    return truth, np.ones(4, bool), maps[..., None], np.array([False, False, True, True])
 
 
-def test_the_lesion_threshold_is_the_best_validation_dice_that_spares_normal_scans():
-    truth, known, maps, normal = _threshold_case(normal_peak=0.2)
-    threshold, trials = choose_lesion_threshold(truth, known, maps, normal, default=0.5)
-    assert 0.35 < threshold <= 0.45  # above the ring, at or below the lesion
-    best = next(t for t in trials if t.threshold == threshold)
-    assert best.dice == max(t.dice for t in trials) and best.normal_with_lesion == 0.0
-    # the normals' blob at 0.5 is drawn at every threshold up to 0.5: 0.55 and above spare them,
-    # though they miss the lesion; when no threshold spares them, the fewest normals drawn wins
-    truth, known, maps, normal = _threshold_case(normal_peak=0.5)
-    threshold, trials = choose_lesion_threshold(truth, known, maps, normal, default=0.5)
-    assert threshold >= 0.55 and next(t for t in trials if t.threshold == threshold).dice == 0.0
-    threshold, _ = choose_lesion_threshold(
-        truth, known, maps, normal, default=0.5, candidates=[0.3, 0.4]
+def _blob(peak: float, side: int) -> np.ndarray:
+    blob = np.zeros((16, 16), np.float32)
+    blob[3 : 3 + side, 3 : 3 + side] = peak
+    return blob
+
+
+def _chosen(trials, rule):
+    return next(
+        t
+        for t in trials
+        if (t.threshold, t.min_area, t.classifier_gate)
+        == (rule.threshold, rule.min_area, rule.classifier_gate)
     )
-    assert threshold == 0.4  # both draw on every normal: the higher Dice
 
 
-def test_without_validation_lesion_scans_the_lesion_threshold_is_the_default():
-    truth, known, maps, normal = _threshold_case(normal_peak=0.2)
-    threshold, trials = choose_lesion_threshold(truth, ~known, maps, normal, default=0.5)
-    assert (threshold, trials) == (0.5, [])
+NOBODY_NORMAL = np.zeros(4, bool)
+
+
+def test_the_lesion_rule_is_the_best_validation_dice_when_no_normal_scan_is_drawn():
+    truth, known, maps, normal = _rule_case(_blob(0.2, 3))
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, NOBODY_NORMAL, LesionRule())
+    assert 0.35 < rule.threshold <= 0.45  # above the ring, at or below the lesion
+    assert (rule.min_area, rule.classifier_gate) == (0.0, False)  # ties: the plainest rule
+    best = _chosen(trials, rule)
+    assert best.dice == max(t.dice for t in trials) and best.normal_with_lesion == 0.0
+
+
+def test_a_minimum_area_spares_normal_scans_with_a_small_false_lesion():
+    truth, known, maps, normal = _rule_case(_blob(0.9, 1))  # one hot cell: < 0.5% of the square
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, NOBODY_NORMAL, LesionRule())
+    assert rule.min_area > 0 and not rule.classifier_gate
+    assert 0.35 < rule.threshold <= 0.45
+    assert _chosen(trials, rule).normal_with_lesion == 0.0
+    plain = next(t for t in trials if t.threshold == rule.threshold and t.min_area == 0.0)
+    assert plain.normal_with_lesion == 1.0
+
+
+def test_the_classifier_gate_spares_normal_scans_the_classifier_calls_normal():
+    truth, known, maps, normal = _rule_case(_blob(0.5, 3))  # a large blob, as hot as the lesion
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, normal, LesionRule())
+    assert rule.classifier_gate and 0.35 < rule.threshold <= 0.45
+    assert _chosen(trials, rule).normal_with_lesion == 0.0
+    masks = rule_masks(maps, 64, rule, normal)
+    assert masks[:2].any(axis=(1, 2)).all() and not masks[2:].any()
+
+
+def test_no_rule_gives_up_more_dice_than_the_budget_to_spare_normal_scans():
+    # only thresholds above the lesion (Dice 0) spare these normals, and nothing else does
+    truth, known, maps, normal = _rule_case(_blob(0.5, 3))
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, NOBODY_NORMAL, LesionRule())
+    assert 0.35 < rule.threshold <= 0.45 and _chosen(trials, rule).normal_with_lesion == 1.0
+    spared = [t for t in trials if t.normal_with_lesion == 0.0]
+    assert spared and max(t.dice for t in spared) == 0.0
+
+
+def test_without_validation_lesion_scans_the_lesion_rule_is_the_default():
+    truth, known, maps, normal = _rule_case(_blob(0.2, 3))
+    default = LesionRule(0.5)
+    assert choose_lesion_rule(truth, ~known, maps, normal, NOBODY_NORMAL, default) == (default, [])
 
 
 @pytest.mark.slow

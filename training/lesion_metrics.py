@@ -18,8 +18,9 @@ import numpy as np
 from edge_runtime.lesion import find_lesion
 
 POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
-LESION_THRESHOLDS = tuple(round(0.30 + 0.05 * k, 2) for k in range(9))  # 0.30, 0.35, ..., 0.70
-MAX_NORMAL_WITH_LESION = 0.15  # share of validation normal scans a lesion may be drawn on
+LESION_THRESHOLDS = tuple(round(0.30 + 0.05 * k, 2) for k in range(14))  # 0.30, 0.35, ..., 0.95
+LESION_MIN_AREAS = (0.0, 0.0025, 0.005, 0.01)  # shares of the square input
+DICE_BUDGET = 0.03  # validation Dice a rule may give up, against the best, to spare normal scans
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,52 @@ class LesionScore:
     lesion_map_hit: bool | None  # the lesion map's hottest point does
 
 
-def predicted_mask(lesion_map: np.ndarray, size: int, threshold: float) -> np.ndarray:
+@dataclass(frozen=True)
+class LesionRule:
+    """How a lesion model decides where a lesion is, as the runtime applies it: pixels at or
+    above ``threshold``, the largest 8-connected region, none when that region covers less than
+    ``min_area`` of the square input and, with ``classifier_gate``, none where the classifier
+    calls the scan normal (the ``lesion_head_or_classifier`` normal rule; else ``lesion_head``).
+    """
+
+    threshold: float = 0.5
+    min_area: float = 0.0
+    classifier_gate: bool = False
+
+    @property
+    def normal_rule(self) -> str:
+        """The model's ``edge_classify.normal_rule`` (``NormalRule``'s value)."""
+        return "lesion_head_or_classifier" if self.classifier_gate else "lesion_head"
+
+
+def predicted_mask(
+    lesion_map: np.ndarray, size: int, threshold: float, min_area: float = 0.0
+) -> np.ndarray:
     """A lesion map ``[h, w]`` -> the bool ``[size, size]`` outline in the model's square input,
     by the runtime's own post-processing (:func:`edge_runtime.lesion.find_lesion`: bilinear
-    upsampling, threshold, largest 8-connected component; all False when nothing passes)."""
+    upsampling, threshold, largest 8-connected component, at least ``min_area`` of the square;
+    all False when nothing passes)."""
     _, mask = find_lesion(
-        lesion_map.astype(np.float32), (size, size), input_size=size, threshold=threshold
+        lesion_map.astype(np.float32),
+        (size, size),
+        input_size=size,
+        threshold=threshold,
+        min_area=min_area,
     )
     return mask > 0
+
+
+def rule_masks(
+    lesion_maps: np.ndarray, size: int, rule: LesionRule, called_normal: np.ndarray
+) -> np.ndarray:
+    """Bool ``[N, size, size]``: each scan's outline by ``rule``; ``called_normal`` (bool
+    ``[N]``, the classifier's calibrated top-1 is normal) empties it under the gate."""
+    masks = np.stack(
+        [predicted_mask(m[:, :, 0], size, rule.threshold, rule.min_area) for m in lesion_maps]
+    )
+    if rule.classifier_gate:
+        masks[called_normal] = False
+    return masks
 
 
 def dice(truth: np.ndarray, guess: np.ndarray) -> float:
@@ -54,74 +93,84 @@ def dice(truth: np.ndarray, guess: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
-class ThresholdTrial:
-    """One candidate lesion threshold on the validation split. ``dice``: mean over its lesion
-    scans (a missed lesion counts 0); ``normal_with_lesion``: share of its normal scans given
-    any lesion pixel; None where the split has no such scans."""
+class RuleTrial:
+    """One candidate lesion rule on the validation split. ``dice``: mean over its lesion scans
+    (a missed lesion counts 0); ``normal_with_lesion``: share of its normal scans given any
+    lesion pixel; None where the split has no such scans."""
 
     threshold: float
+    min_area: float
+    classifier_gate: bool
     dice: float | None
     normal_with_lesion: float | None
 
 
-def choose_lesion_threshold(
+def choose_lesion_rule(
     true_masks: np.ndarray,
     known: np.ndarray,
     lesion_maps: np.ndarray,
     normal: np.ndarray,
-    default: float,
-    candidates: Sequence[float] = LESION_THRESHOLDS,
-    max_normal_with_lesion: float = MAX_NORMAL_WITH_LESION,
-) -> tuple[float, list[ThresholdTrial]]:
-    """The lesion decision threshold, chosen on validation scans.
+    called_normal: np.ndarray,
+    default: LesionRule,
+    *,
+    thresholds: Sequence[float] = LESION_THRESHOLDS,
+    min_areas: Sequence[float] = LESION_MIN_AREAS,
+    dice_budget: float = DICE_BUDGET,
+) -> tuple[LesionRule, list[RuleTrial]]:
+    """The lesion rule, chosen on validation scans (docs/prereg/2026-12-02h-*.md).
 
-    Of ``candidates``, the one with the highest mean Dice over the lesion scans among those that
-    draw a lesion on at most ``max_normal_with_lesion`` of the normal scans; when none does, the
-    one that draws on the fewest (ties: the higher Dice). Without validation lesion scans,
-    ``default``. A lesion model decides "normal" by whether a
-    lesion is found, so the threshold sets that rule too.
+    Every combination of ``thresholds``, ``min_areas`` and the classifier gate off and on is
+    tried; among those whose mean Dice over the lesion scans is at least the best one's minus
+    ``dice_budget``, the one that draws a lesion on the fewest normal scans wins (ties: the
+    higher Dice, then the earlier in the grid: lower threshold, smaller area, gate off). A
+    lesion model decides "normal" by whether a lesion is found, so the rule sets that too.
+    Without validation lesion scans, ``default``.
 
     Args:
         true_masks: uint8 ``[N, S, S, 1]`` (> 127 is lesion), fitted like the scans.
         known: bool ``[N]``: whether the true mask is known.
         lesion_maps: the model's ``lesion`` output ``[N, h, w, 1]``.
         normal: bool ``[N]``: the normal scans.
-        default: the threshold when no validation scan has a known lesion.
-        candidates: thresholds to try, each in (0, 1).
-        max_normal_with_lesion: the share of normal scans a lesion may be drawn on.
+        called_normal: bool ``[N]``: the classifier's calibrated top-1 is normal.
+        default: the rule when no validation scan has a known lesion.
+        thresholds: thresholds to try, each in (0, 1).
+        min_areas: minimum lesion areas to try, shares of the square in [0, 1).
+        dice_budget: the Dice a rule may give up against the best.
 
     Returns:
-        ``(threshold, trials)``: the choice and every candidate's validation numbers.
+        ``(rule, trials)``: the choice and every candidate's validation numbers.
     """
     size = true_masks.shape[1]
-    lesion = np.flatnonzero(known & ~normal & (true_masks.reshape(len(known), -1) > 127).any(1))
+    truth = (true_masks[:, :, :, 0] > 127) & known[:, None, None]
+    lesion = np.flatnonzero(~normal & truth.reshape(len(known), -1).any(1))
     normals = np.flatnonzero(normal)
     if lesion.size == 0:
         return default, []
     trials = []
-    for threshold in candidates:
-        overlaps = [
-            dice(
-                true_masks[i, :, :, 0] > 127,
-                predicted_mask(lesion_maps[i, :, :, 0], size, threshold),
-            )
-            for i in lesion
-        ]
-        drawn = [predicted_mask(lesion_maps[i, :, :, 0], size, threshold).any() for i in normals]
-        trials.append(
-            ThresholdTrial(
-                threshold=float(threshold),
-                dice=float(np.mean(overlaps)),
-                normal_with_lesion=float(np.mean(drawn)) if drawn else None,
-            )
-        )
-    share = [0.0 if t.normal_with_lesion is None else t.normal_with_lesion for t in trials]
-    allowed = [t for t, s in zip(trials, share, strict=True) if s <= max_normal_with_lesion]
-    if allowed:
-        best = max(allowed, key=lambda t: t.dice)
-    else:
-        best = min(zip(trials, share, strict=True), key=lambda ts: (ts[1], -ts[0].dice))[0]
-    return best.threshold, trials
+    for threshold in thresholds:
+        base = rule_masks(lesion_maps, size, LesionRule(threshold), called_normal)
+        areas = base.reshape(len(base), -1).mean(axis=1)
+        for min_area in min_areas:
+            for gate in (False, True):
+                kept = (areas >= min_area) & ~(gate & called_normal)
+                overlaps = [dice(truth[i], base[i] & kept[i]) for i in lesion]
+                drawn = (areas > 0) & kept
+                trials.append(
+                    RuleTrial(
+                        threshold=float(threshold),
+                        min_area=float(min_area),
+                        classifier_gate=gate,
+                        dice=float(np.mean(overlaps)),
+                        normal_with_lesion=float(np.mean(drawn[normals])) if normals.size else None,
+                    )
+                )
+    floor = max(t.dice for t in trials) - dice_budget
+    allowed = [t for t in trials if t.dice >= floor - 1e-12]
+    best = min(
+        allowed,
+        key=lambda t: (t.normal_with_lesion or 0.0, -t.dice),
+    )
+    return LesionRule(best.threshold, best.min_area, best.classifier_gate), trials
 
 
 def score_scans(
@@ -132,7 +181,8 @@ def score_scans(
     labels: Sequence[str],
     sources: Sequence[str],
     devices: Sequence[str],
-    threshold: float,
+    rule: LesionRule,
+    called_normal: np.ndarray,
 ) -> list[LesionScore]:
     """Score every held-out scan.
 
@@ -142,15 +192,17 @@ def score_scans(
         lesion_maps: the model's ``lesion`` output ``[N, h, w, 1]``.
         cams: the class activation map of each scan's predicted class ``[N, h', w']``.
         labels, sources, devices: per scan.
-        threshold: the lesion decision threshold.
+        rule: the lesion rule (:class:`LesionRule`).
+        called_normal: bool ``[N]``: the classifier's calibrated top-1 is normal.
     """
     size = true_masks.shape[1]
     radius = max(1, round(POINTING_DILATION * size))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    guesses = rule_masks(lesion_maps, size, rule, called_normal)
     scores = []
     for i, label in enumerate(labels):
         truth = true_masks[i, :, :, 0] > 127
-        guess = predicted_mask(lesion_maps[i, :, :, 0], size, threshold)
+        guess = guesses[i]
         lesion = bool(known[i]) and truth.any()
         overlap = iou = cam_hit = map_hit = None
         if lesion:

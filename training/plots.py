@@ -243,42 +243,37 @@ def plot_reliability(probs: np.ndarray, y_true: np.ndarray, path: str | Path) ->
 def plot_lesion_grid(
     images: np.ndarray,
     true_masks: np.ndarray,
-    lesion_maps: np.ndarray,
+    predicted: np.ndarray,
     labels: Sequence[str],
     dice: Sequence[float | None],
-    threshold: float,
     path: str | Path,
     count: int = 24,
     seed: int = 0,
 ) -> Path:
     """A grid of held-out scans with the true lesion outline (green) and the predicted one (red,
-    thresholded like the runtime), titled by class and Dice; up to ``count`` scans drawn at random
-    (fixed seed), lesion scans and normal scans alike.
+    by the model's lesion rule as the runtime applies it), titled by class and Dice; up to
+    ``count`` scans drawn at random (fixed seed), lesion scans and normal scans alike.
 
     Args:
         images: uint8 ``[N, S, S, 1]`` model inputs.
         true_masks: uint8 ``[N, S, S, 1]`` (> 127 is lesion).
-        lesion_maps: the lesion output ``[N, h, w, 1]``.
+        predicted: bool ``[N, S, S]`` predicted outlines (training.lesion_metrics.rule_masks).
         labels: each scan's true class.
         dice: each scan's Dice (None where it has no lesion mask).
-        threshold: the lesion decision threshold.
         path: the PNG to write.
     """
-    from training.lesion_metrics import predicted_mask
-
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(len(images), size=min(count, len(images)), replace=False))
     cols = 6
     rows = max(1, math.ceil(len(picks) / cols))
     fig = _figure(2.0 * cols, 2.15 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    size = images.shape[1]
     for ax in axes:
         ax.axis("off")
     for ax, i in zip(axes, picks, strict=False):
         ax.imshow(images[i, :, :, 0], cmap="gray", vmin=0, vmax=255)
         truth = true_masks[i, :, :, 0] > 127
-        guess = predicted_mask(lesion_maps[i, :, :, 0], size, threshold)
+        guess = predicted[i]
         for mask, color in ((truth, "lime"), (guess, "red")):
             if mask.any():
                 ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1.0)

@@ -24,9 +24,11 @@ from training.diagnostics import check_run, log_warnings
 from training.fit import FitConfig, TrainingArrays, fit
 from training.int8_grid import snap_to_int8_grid
 from training.lesion_metrics import (
-    MAX_NORMAL_WITH_LESION,
-    choose_lesion_threshold,
+    DICE_BUDGET,
+    LesionRule,
+    choose_lesion_rule,
     read_scores,
+    rule_masks,
     score_scans,
     summarize,
     to_rows,
@@ -335,24 +337,30 @@ def _report(
     metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
     log_warnings(check_run(rows, metrics, data.labels, splits, data.class_names), str(run_dir))
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
-    lesion_threshold = LESION_THRESHOLD
+    rule = LesionRule(LESION_THRESHOLD)
     if segment:
-        lesion_threshold, trials = choose_lesion_threshold(
+        normal = data.class_names.index("normal") if "normal" in data.class_names else -1
+        val_probs = apply_temperature(val_outputs["probabilities"], temperature)
+        rule, trials = choose_lesion_rule(
             data.masks[part["val"]],
             data.mask_known[part["val"]],
             val_outputs["lesion"],
-            np.array([data.class_names[k] == "normal" for k in data.labels[part["val"]]], bool),
-            default=LESION_THRESHOLD,
+            data.labels[part["val"]] == normal,
+            val_probs.argmax(axis=1) == normal,
+            default=rule,
         )
-        log.info("lesion threshold %.2f, chosen on the validation split", lesion_threshold)
+        log.info("lesion rule %s, chosen on the validation split", rule)
         metrics["lesion"] = _lesion_report(
-            data, part["test"], test_outputs, test_probs, test_samples, run_dir, lesion_threshold
+            data, part["test"], test_outputs, test_probs, test_samples, run_dir, rule
         )
         metrics["lesion"]["threshold"] = {
-            "value": lesion_threshold,
+            "value": rule.threshold,
+            "min_area": rule.min_area,
+            "classifier_gate": rule.classifier_gate,
             "rule": (
-                "the highest mean validation Dice among thresholds drawing a lesion on at most "
-                f"{MAX_NORMAL_WITH_LESION:.0%} of validation normal scans"
+                "of every threshold, minimum area and classifier gate tried, the one drawing a "
+                "lesion on the fewest validation normal scans among those within "
+                f"{DICE_BUDGET} of the best mean validation Dice"
             ),
             "validation": [asdict(t) for t in trials],
         }
@@ -392,7 +400,9 @@ def _report(
         int8_grid=config.int8_grid,
         lesion_free_normals=bool(data.views),
         lesion_stride=LESION_STRIDE if segment else 0,
-        lesion_threshold=lesion_threshold,
+        lesion_threshold=rule.threshold,
+        lesion_min_area=rule.min_area if segment else 0.0,
+        normal_rule=rule.normal_rule if segment and "normal" in data.class_names else "classifier",
         seg_weight=config.fit.seg_weight if segment else 0.0,
         augment={} if config.fit.augment is None else asdict(config.fit.augment),
         test_metrics=metrics,
@@ -443,12 +453,15 @@ def _lesion_report(
     probs: np.ndarray,
     samples: Sequence,
     run_dir: Path,
-    threshold: float,
+    rule: LesionRule,
 ) -> dict:
-    """Score the lesion head on the test scans at the lesion ``threshold``: ``lesion.csv`` per
+    """Score the lesion head on the test scans by the lesion ``rule``: ``lesion.csv`` per
     scan, a plot of outlines, and the summary that goes into ``metrics.json``
     (training.lesion_metrics)."""
     predicted = probs.argmax(axis=1)
+    called_normal = predicted == (
+        data.class_names.index("normal") if "normal" in data.class_names else -1
+    )
     cams = outputs["cam"][np.arange(len(predicted)), :, :, predicted]
     scores = score_scans(
         data.masks[test],
@@ -458,7 +471,8 @@ def _lesion_report(
         [s.label for s in samples],
         [s.source for s in samples],
         [s.attributes.get("device", "") for s in samples],
-        threshold,
+        rule,
+        called_normal,
     )
     rows = to_rows(scores, [str(s.path) for s in samples])
     with open(run_dir / LESION_FILE, "w", newline="") as handle:
@@ -469,10 +483,9 @@ def _lesion_report(
     plot_lesion_grid(
         data.images[test],
         data.masks[test],
-        outputs["lesion"],
+        rule_masks(outputs["lesion"], data.images.shape[1], rule, called_normal),
         [s.label for s in samples],
         [d.dice for d in scores],
-        threshold,
         run_dir / PLOTS_DIR / "lesions.png",
     )
     report = summarize(scores)

@@ -43,9 +43,23 @@ class RunInfo:
     lesion_free_normals: bool = False  # trained on mirrored lesion-scan views too
     lesion_stride: int = 0  # input pixels per pixel of the lesion output; 0: no lesion head
     lesion_threshold: float = 0.5
+    lesion_min_area: float = 0.0  # share of the square input (training.lesion_metrics.LesionRule)
+    # edge_runtime.contract.NormalRule's value; "" in runs from before it was recorded, whose
+    # lesion models with a normal class all used lesion_head
+    normal_rule: str = ""
     seg_weight: float = 0.0
     augment: dict[str, Any] = field(default_factory=dict)  # training.augment.AugmentConfig
     test_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runtime_normal_rule(self) -> str:
+        """``normal_rule``, or for a run from before it was recorded the rule all of those
+        used: ``lesion_head`` for a lesion model with a normal class, else ``classifier``."""
+        if self.normal_rule:
+            return self.normal_rule
+        return (
+            "lesion_head" if self.lesion_stride and "normal" in self.class_names else "classifier"
+        )
 
     def write(self, run_dir: Path) -> Path:
         path = Path(run_dir) / RUN_FILE
