@@ -46,13 +46,18 @@ from edge_runtime.contract import (
     Precision,
 )
 from edge_runtime.decision import decide as decide_call
+from edge_runtime.decision import lesion_verdict
+from edge_runtime.lesion import find_lesion
 from edge_runtime.recheck import recheck_margin, with_recheck
 from edge_runtime.session import Provider, open_model
 
 log = logging.getLogger(__name__)
 
 MIN_SCANS_PER_CLASS = 5
-MIN_MALIGNANT_FOR_THRESHOLD = 10
+# re-choosing the operating point needs this many malignant scans: the binomial standard error
+# of a 0.9 sensitivity is then <= 0.055 (with 10 it is 0.095, and on the BUSI stand-in a point
+# re-chosen on 10, 20 or 40 lost accuracy; docs/experiments.md, decision 14)
+MIN_MALIGNANT_FOR_THRESHOLD = 30
 MAX_RECHECK_FRACTION = 0.2  # export/parity.py's INT8 gate (the runtime cannot import it)
 RECORD_VERSION = 1
 _EXTRA_HINT = "edge-classify adapt needs the adapt extra: pip install 'edge-classify[adapt]'"
@@ -279,10 +284,25 @@ def _site_features(
     kept = [s for s in scans if str(s.path) in by_source]
     reference = partner or main
     lesion_found = None
-    if reference.spec.normal_rule is NormalRule.LESION_HEAD and squares:
+    spec = reference.spec
+    if spec.normal_rule is not NormalRule.CLASSIFIER and squares:
         maps = _run(sessions[reference.path], LESION, squares, options.batch_size)
-        # the runtime's rule (lesion.find_lesion): some pixel at or above the threshold
-        frame_found = maps.reshape(len(maps), -1).max(axis=1) >= reference.spec.lesion_threshold
+        # the runtime's rule (lesion.find_lesion), on the model's square
+        side = spec.input_size
+        frame_found = np.array(
+            [
+                find_lesion(
+                    m[:, :, 0],
+                    (side, side),
+                    input_size=side,
+                    threshold=spec.lesion_threshold,
+                    min_area=spec.lesion_min_area,
+                    with_mask=False,
+                )[0]
+                is not None
+                for m in maps
+            ]
+        )
         lesion_found = np.array([bool(frame_found[by_source[str(s.path)]].any()) for s in kept])
     per_file = {
         path: np.stack([frames[by_source[str(s.path)]].mean(axis=0) for s in kept])
@@ -291,6 +311,23 @@ def _site_features(
         for path, frames in features.items()
     }
     return per_file, kept, squares, lesion_found
+
+
+def parent_calls(
+    spec: ModelSpec, head: Head, features: np.ndarray, lesion_found: np.ndarray | None
+) -> np.ndarray:
+    """The parent's calls as it runs (int ``[N]``): its temperature, operating point and, for a
+    lesion model, its normal rule over ``lesion_found`` (bool ``[N]``, from
+    :func:`_site_features`)."""
+    probabilities = softmax(head.logits(features), spec.temperature)
+    verdict = lesion_verdict(
+        spec.normal_rule.value,
+        lesion_found,
+        probabilities,
+        spec.class_names,
+        spec.malignant_threshold,
+    )
+    return decide_call(probabilities, spec.class_names, spec.malignant_threshold, verdict)
 
 
 def _run(loaded, output: str, squares: list[np.ndarray], batch_size: int) -> np.ndarray:
@@ -312,53 +349,51 @@ def _fit_and_judge(
     options: AdaptOptions,
     lesion_found: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    from edge_runtime.adapt_eval import SiteFeatures, choose_strength, compare, cross_validate
+    """Estimate each way of refitting by the site's cross-validation, keep the better one (the
+    higher balanced accuracy; ties: the normal column alone, the fewer changes), judge it
+    against the parent as it runs, and fit it on all the site's scans.
+
+    The two ways, for a parent with a normal class: its normal column alone (the lesion classes
+    keep the parent's weights, temperature and, unless the site has many malignant scans,
+    operating point: docs/experiments.md, decision 14), and the whole layer. Without a normal
+    class, the whole layer."""
+    from edge_runtime.adapt_eval import SiteFeatures, choose_strength
 
     spec, classes = parent.spec, parent.spec.class_names
     malignant = classes.index("malignant") if "malignant" in classes else None
     site = SiteFeatures(x, labels, groups)
-    cv = cross_validate(site, parent.head, seed=options.seed)
-    temperature = fit_temperature(cv.logits, labels)
-    oof = softmax(cv.logits, temperature)
-    n_malignant = int((labels == malignant).sum()) if malignant is not None else 0
-    threshold, threshold_note = spec.malignant_threshold, "the parent has no malignant threshold"
-    if spec.malignant_threshold > 0:
-        if n_malignant >= MIN_MALIGNANT_FOR_THRESHOLD:
-            threshold = choose_threshold(oof[:, malignant], labels == malignant)
-            threshold_note = (
-                f"re-chosen on the site's {n_malignant} malignant scans (out-of-fold) for "
-                f"sensitivity >= {SENSITIVITY_TARGET:.2f}; the after-estimate of malignant "
-                "sensitivity is optimistic since it is measured on the same scans"
-            )
-        else:
-            threshold_note = (
-                f"kept the parent's {spec.malignant_threshold:.4f}: only {n_malignant} malignant "
-                f"scans (re-choosing needs >= {MIN_MALIGNANT_FOR_THRESHOLD}); its sensitivity "
-                "on this site is only what the cross-validation shows"
-            )
-    parent_probabilities = softmax(parent.head.logits(x), spec.temperature)
-    # the parent as it runs: its threshold and, for a lesion model, its lesion head's "normal"
-    before = decide_call(parent_probabilities, classes, spec.malignant_threshold, lesion_found)
-    after = decide(oof, malignant, threshold)
-    numbers = compare(labels, before, after, groups, classes, seed=options.seed)
+    before = parent_calls(spec, parent.head, x, lesion_found)
+    ways = ([[classes.index("normal")]] if "normal" in classes else []) + [None]
+    tried = [_estimate(site, parent, free, before, options) for free in ways]
+    best = max(
+        tried, key=lambda t: t["numbers"]["after"]["balanced_accuracy"]["value"] or 0.0
+    )  # max keeps the first of equals: the normal column
+    numbers, free = best["numbers"], best["free"]
     refusal = _refusal(numbers, malignant, classes, options.max_sensitivity_drop)
-    strength = choose_strength(site, parent.head, seed=options.seed)
-    head = fit_with_strength(x, labels, parent.head, strength)
+    strength = choose_strength(site, parent.head, seed=options.seed, free_columns=free)
+    head = fit_with_strength(x, labels, parent.head, strength, free_columns=free)
     record = {
+        "refitted": _WAYS[free is None],
+        "ways_tried": {
+            _WAYS[t["free"] is None]: t["numbers"]["after"]["balanced_accuracy"]["value"]
+            for t in tried
+        },
         "cross_validation": {
-            "folds": cv.folds,
+            "folds": best["folds"],
             "grouped_by": "manifest group" if _has_groups(groups) else "file",
-            "strengths_chosen_in_folds": list(cv.strengths),
+            "strengths_chosen_in_folds": best["strengths"],
             "features_of": f"the {spec.precision.value} model",
             **numbers,
         },
         "strength": strength,
         "temperature": {
-            "value": round(temperature, 6),
+            "value": round(best["temperature"], 6),
             "parent": spec.temperature,
-            "fitted_on": "out-of-fold logits of the site's cross-validation",
+            "fitted_on": "the parent's (its lesion classes are unchanged)"
+            if free
+            else "out-of-fold logits of the site's cross-validation",
         },
-        "malignant_threshold": {"value": threshold, "note": threshold_note},
+        "malignant_threshold": {"value": best["threshold"], "note": best["threshold_note"]},
         "normal_rule": {
             "value": NormalRule.CLASSIFIER.value,
             "parent": spec.normal_rule.value,
@@ -372,8 +407,55 @@ def _fit_and_judge(
         "head": head,
         "record": record,
         "refusal": refusal,
+        "temperature": best["temperature"],
+        "threshold": best["threshold"],
+    }
+
+
+_WAYS = {
+    False: "the normal column of the last layer (the other classes keep the parent's)",
+    True: "the whole last layer",
+}
+
+
+def _estimate(
+    site, parent: _Parent, free: list[int] | None, before: np.ndarray, options: AdaptOptions
+) -> dict[str, Any]:
+    """One way of refitting (``free``: the columns refitted, None: all), estimated by the site's
+    grouped cross-validation against the parent's calls ``before``."""
+    from edge_runtime.adapt_eval import compare, cross_validate
+
+    spec, classes = parent.spec, parent.spec.class_names
+    malignant = classes.index("malignant") if "malignant" in classes else None
+    labels = site.labels
+    cv = cross_validate(site, parent.head, seed=options.seed, free_columns=free)
+    temperature = spec.temperature if free else fit_temperature(cv.logits, labels)
+    oof = softmax(cv.logits, temperature)
+    n_malignant = int((labels == malignant).sum()) if malignant is not None else 0
+    threshold, note = spec.malignant_threshold, "the parent has no malignant threshold"
+    if spec.malignant_threshold > 0:
+        if n_malignant >= MIN_MALIGNANT_FOR_THRESHOLD:
+            threshold = choose_threshold(oof[:, malignant], labels == malignant)
+            note = (
+                f"re-chosen on the site's {n_malignant} malignant scans (out-of-fold) for "
+                f"sensitivity >= {SENSITIVITY_TARGET:.2f}; the after-estimate of malignant "
+                "sensitivity is optimistic since it is measured on the same scans"
+            )
+        else:
+            note = (
+                f"kept the parent's {spec.malignant_threshold:.4f}: only {n_malignant} malignant "
+                f"scans (re-choosing needs >= {MIN_MALIGNANT_FOR_THRESHOLD}); its sensitivity "
+                "on this site is only what the cross-validation shows"
+            )
+    after = decide(oof, malignant, threshold)
+    return {
+        "free": free,
+        "numbers": compare(labels, before, after, site.groups, classes, seed=options.seed),
         "temperature": temperature,
         "threshold": threshold,
+        "threshold_note": note,
+        "folds": cv.folds,
+        "strengths": list(cv.strengths),
     }
 
 
@@ -681,6 +763,13 @@ def _card_markdown(card: dict[str, Any]) -> str:
     ]
     for name, parent in card["parents"].items():
         lines.append(f"- `{name}` from `{parent['file']}` (SHA-256 `{parent['sha256']}`)")
+    if "refitted" in record:
+        tried = ", ".join(f"{way}: {value:.3f}" for way, value in record["ways_tried"].items())
+        lines += [
+            "",
+            f"Refitted: {record['refitted']}, the better by the site's cross-validated balanced "
+            f"accuracy of the ways tried ({tried}).",
+        ]
     lines += ["", "## Site cross-validation", "", "```", format_numbers(record), "```", ""]
     temperature = record["temperature"]
     lines.append(

@@ -64,9 +64,15 @@ class SiteFeatures:
 
 
 def choose_strength(
-    site: SiteFeatures, parent: Head, *, strengths: Sequence[float] = STRENGTHS, seed: int = 0
+    site: SiteFeatures,
+    parent: Head,
+    *,
+    strengths: Sequence[float] = STRENGTHS,
+    seed: int = 0,
+    free_columns: Sequence[int] | None = None,
 ) -> float:
-    """The strength with the lowest class-balanced out-of-fold log-loss (grouped CV)."""
+    """The strength with the lowest class-balanced out-of-fold log-loss (grouped CV) of the fit
+    of ``free_columns`` (default: the whole layer)."""
     k = parent.bias.shape[0]
     folds = min(INNER_FOLDS, n_folds(site.labels, site.groups, k))
     ordered = sorted(strengths, reverse=True)  # strong to weak: each fit starts from the last
@@ -74,24 +80,41 @@ def choose_strength(
     for train, test in _splits(site.labels, site.groups, folds, seed):
         head, part = parent, site.take(train)
         for i, strength in enumerate(ordered):
-            head = fit_with_strength(part.features, part.labels, parent, strength, start=head)
+            head = fit_with_strength(
+                part.features,
+                part.labels,
+                parent,
+                strength,
+                start=head,
+                free_columns=free_columns,
+            )
             logits[i, test] = head.logits(site.features[test])
     losses = [weighted_log_loss(row, site.labels) for row in logits]
     return float(ordered[int(np.argmin(losses))])
 
 
 def cross_validate(
-    site: SiteFeatures, parent: Head, *, strengths: Sequence[float] = STRENGTHS, seed: int = 0
+    site: SiteFeatures,
+    parent: Head,
+    *,
+    strengths: Sequence[float] = STRENGTHS,
+    seed: int = 0,
+    free_columns: Sequence[int] | None = None,
 ) -> CrossValidation:
-    """Out-of-fold logits of the adapted layer (strength chosen inside each fold)."""
+    """Out-of-fold logits of the adapted layer (strength chosen inside each fold), fitting
+    ``free_columns`` only (default: the whole layer)."""
     k = parent.bias.shape[0]
     folds = n_folds(site.labels, site.groups, k)
     logits = np.zeros((len(site.labels), k))
     chosen = []
     for train, test in _splits(site.labels, site.groups, folds, seed):
         part = site.take(train)
-        strength = choose_strength(part, parent, strengths=strengths, seed=seed)
-        head = fit_with_strength(part.features, part.labels, parent, strength)
+        strength = choose_strength(
+            part, parent, strengths=strengths, seed=seed, free_columns=free_columns
+        )
+        head = fit_with_strength(
+            part.features, part.labels, parent, strength, free_columns=free_columns
+        )
         logits[test] = head.logits(site.features[test])
         chosen.append(strength)
     return CrossValidation(logits, folds, tuple(chosen))

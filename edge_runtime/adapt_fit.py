@@ -12,6 +12,7 @@ Needs scipy (the ``adapt`` extra).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ def fit_head(
     bias_penalty: float,
     sample_weight: np.ndarray | None = None,
     start: Head | None = None,
+    free_columns: Sequence[int] | None = None,
     max_iter: int = 500,
 ) -> Head:
     """Minimize the weighted cross-entropy plus the pull towards ``parent`` (module docstring).
@@ -66,6 +68,8 @@ def fit_head(
         bias_penalty: ``lambda_b >= 0``.
         sample_weight: ``[N]`` weights (default: :func:`balanced_weights`).
         start: where L-BFGS starts (default: ``parent``); a nearby solution saves iterations.
+        free_columns: the classes whose weights and bias the fit may change (default: all);
+            the others keep ``parent``'s.
         max_iter: L-BFGS iterations at most.
 
     Returns:
@@ -93,22 +97,33 @@ def fit_head(
     weights = balanced_weights(labels, k) if sample_weight is None else sample_weight
     weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     onehot = np.eye(k)[labels]
+    free = np.arange(k) if free_columns is None else np.asarray(sorted(set(free_columns)))
+    if free.size == 0 or free.min() < 0 or free.max() >= k:
+        raise ValueError(f"free_columns must name classes in 0..{k - 1}. Got {free_columns}.")
+    f = free.size
+    begin = parent if start is None else start
+
+    def unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w, b = w0.copy(), b0.copy()  # the columns not free keep the parent's
+        w[:, free], b[free] = theta[: d * f].reshape(d, f), theta[d * f :]
+        return w, b
 
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[: d * k].reshape(d, k), theta[d * k :]
+        w, b = unpack(theta)
         z = x @ w + b
         z -= z.max(axis=1, keepdims=True)
         log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        dw, db = w - w0, b - b0
+        dw, db = (w - w0)[:, free], (b - b0)[free]
         loss = -np.sum(weights * np.sum(onehot * log_p, axis=1))
         loss += 0.5 * weight_penalty * np.sum(dw * dw) + 0.5 * bias_penalty * np.sum(db * db)
-        residual = weights[:, None] * (np.exp(log_p) - onehot)  # d loss / d z
+        residual = (weights[:, None] * (np.exp(log_p) - onehot))[:, free]  # d loss / d z
         grad_w = x.T @ residual + weight_penalty * dw
         grad_b = residual.sum(axis=0) + bias_penalty * db
         return float(loss), np.concatenate([grad_w.ravel(), grad_b])
 
-    begin = parent if start is None else start
-    theta0 = np.concatenate([begin.kernel.astype(np.float64).ravel(), begin.bias])
+    theta0 = np.concatenate(
+        [begin.kernel.astype(np.float64)[:, free].ravel(), begin.bias.astype(np.float64)[free]]
+    )
     found = minimize(
         loss_and_grad,
         theta0,
@@ -116,8 +131,8 @@ def fit_head(
         method="L-BFGS-B",
         options={"maxiter": max_iter, "gtol": 1e-6, "ftol": 1e-10},
     )
-    theta = found.x
-    return Head(theta[: d * k].reshape(d, k).astype(np.float32), theta[d * k :].astype(np.float32))
+    w, b = unpack(found.x)
+    return Head(w.astype(np.float32), b.astype(np.float32))
 
 
 def fit_with_strength(
@@ -127,6 +142,7 @@ def fit_with_strength(
     strength: float,
     *,
     start: Head | None = None,
+    free_columns: Sequence[int] | None = None,
 ) -> Head:
     """:func:`fit_head` with ``lambda_W = strength * mean ||x - mean(x)||^2`` and
     ``lambda_b = strength``, so that ``strength`` means the same whatever the scale of the
@@ -141,6 +157,7 @@ def fit_with_strength(
         weight_penalty=strength * max(scale, 1e-12),
         bias_penalty=strength,
         start=start,
+        free_columns=free_columns,
     )
 
 

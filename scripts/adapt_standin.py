@@ -2,6 +2,7 @@
 duplicate groups. Only honest for a model trained with BUSI held out.
 
     python scripts/adapt_standin.py MODEL-int8.onnx [--data BUSI_DIR] [--draws 5] [--per-class 10]
+        [--seed 0]
 
 Runs ``edge-classify adapt``'s own code (``edge_runtime.adapt.adapt``) on a manifest of
 ``per-class`` scans from distinct duplicate groups (training/dedup.py; label-conflicted groups
@@ -26,6 +27,7 @@ from edge_runtime.adapt import (
     _load_partner,
     _site_features,
     adapt,
+    parent_calls,
 )
 from edge_runtime.adapt_eval import compare
 from edge_runtime.adapt_fit import softmax
@@ -45,8 +47,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=BUSI)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="of the site draws")
     args = parser.parse_args()
-    samples = discover(args.data)
+    samples = discover(args.data.resolve())  # the manifest lies elsewhere: absolute paths
     report = group_duplicates(samples)
     main_model = _load_parent(args.model)
     classes = main_model.spec.class_names
@@ -62,7 +65,7 @@ def main() -> None:
     x = features[partner.path]
     labels = np.array([s.label for s in kept])
     groups = np.array([s.group for s in kept])
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     for draw in range(args.draws):
         picked: list[int] = []
         for c in range(len(classes)):
@@ -91,10 +94,8 @@ def main() -> None:
 
             proto = onnx.load(str(fp32))
             head = read_head(proto, find_head(proto))
-        spec = partner.spec
-        parent_p = softmax(partner.head.logits(x[test]), spec.temperature)
         found = None if lesion_found is None else lesion_found[test]
-        before = decide(parent_p, classes, spec.malignant_threshold, found)
+        before = parent_calls(partner.spec, partner.head, x[test], found)
         adapted = done.record
         after = decide(
             softmax(head.logits(x[test]), adapted["temperature"]["value"]),
