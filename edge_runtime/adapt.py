@@ -349,34 +349,26 @@ def _fit_and_judge(
     options: AdaptOptions,
     lesion_found: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Estimate each way of refitting by the site's cross-validation, keep the better one (the
-    higher balanced accuracy; ties: the normal column alone, the fewer changes), judge it
-    against the parent as it runs, and fit it on all the site's scans.
-
-    The two ways, for a parent with a normal class: its normal column alone (the lesion classes
-    keep the parent's weights, temperature and, unless the site has many malignant scans,
-    operating point: docs/experiments.md, decision 14), and the whole layer. Without a normal
-    class, the whole layer."""
+    """Choose what to refit (:func:`_way`), estimate it by the site's cross-validation against
+    the parent as it runs, and fit it on all the site's scans."""
     from edge_runtime.adapt_eval import SiteFeatures, choose_strength
 
     spec, classes = parent.spec, parent.spec.class_names
     malignant = classes.index("malignant") if "malignant" in classes else None
     site = SiteFeatures(x, labels, groups)
     before = parent_calls(spec, parent.head, x, lesion_found)
-    ways = ([[classes.index("normal")]] if "normal" in classes else []) + [None]
-    tried = [_estimate(site, parent, free, before, options) for free in ways]
-    best = max(
-        tried, key=lambda t: t["numbers"]["after"]["balanced_accuracy"]["value"] or 0.0
-    )  # max keeps the first of equals: the normal column
-    numbers, free = best["numbers"], best["free"]
+    free, why = _way(labels, before, classes)
+    best = _estimate(site, parent, free, before, options)
+    numbers = best["numbers"]
     refusal = _refusal(numbers, malignant, classes, options.max_sensitivity_drop)
     strength = choose_strength(site, parent.head, seed=options.seed, free_columns=free)
     head = fit_with_strength(x, labels, parent.head, strength, free_columns=free)
     record = {
-        "refitted": _WAYS[free is None],
-        "ways_tried": {
-            _WAYS[t["free"] is None]: t["numbers"]["after"]["balanced_accuracy"]["value"]
-            for t in tried
+        "refitted": {
+            "value": "the whole last layer"
+            if free is None
+            else "the normal column of the last layer (the other classes keep the parent's)",
+            "why": why,
         },
         "cross_validation": {
             "folds": best["folds"],
@@ -412,10 +404,36 @@ def _fit_and_judge(
     }
 
 
-_WAYS = {
-    False: "the normal column of the last layer (the other classes keep the parent's)",
-    True: "the whole last layer",
-}
+MIN_PARENT_RECALL = 0.5  # a lesion class the parent gets right less often than this has failed
+
+
+def _way(
+    labels: np.ndarray, before: np.ndarray, classes: tuple[str, ...]
+) -> tuple[list[int] | None, str]:
+    """What to refit (the free columns, None: the whole layer), and why.
+
+    Ten scans a class cannot support re-learning the lesion classes, and on the BUSI stand-in
+    refitting them lost accuracy, so a parent with a normal class gets its normal column alone
+    refitted, unless the parent, as it runs, gets a lesion class right on fewer than
+    :data:`MIN_PARENT_RECALL` of the site's scans of that class: then that class has failed on
+    this scanner and the whole layer is refitted (docs/experiments.md, decisions 14 and 15)."""
+    if "normal" not in classes:
+        return None, "the model has no normal class"
+    failed = []
+    for c, name in enumerate(classes):
+        if name != "normal" and np.any(labels == c):
+            recall = float(np.mean(before[labels == c] == c))
+            if recall < MIN_PARENT_RECALL:
+                failed.append(f"{name} {recall:.2f}")
+    if failed:
+        return None, (
+            f"the parent's recall of {', '.join(failed)} on the site's scans is below "
+            f"{MIN_PARENT_RECALL:.2f}: its lesion classes fail on this scanner"
+        )
+    return [classes.index("normal")], (
+        f"the parent gets each lesion class right on at least {MIN_PARENT_RECALL:.2f} of the "
+        "site's scans; its normal class is what a new scanner breaks"
+    )
 
 
 def _estimate(
@@ -764,11 +782,9 @@ def _card_markdown(card: dict[str, Any]) -> str:
     for name, parent in card["parents"].items():
         lines.append(f"- `{name}` from `{parent['file']}` (SHA-256 `{parent['sha256']}`)")
     if "refitted" in record:
-        tried = ", ".join(f"{way}: {value:.3f}" for way, value in record["ways_tried"].items())
         lines += [
             "",
-            f"Refitted: {record['refitted']}, the better by the site's cross-validated balanced "
-            f"accuracy of the ways tried ({tried}).",
+            f"Refitted: {record['refitted']['value']}, because {record['refitted']['why']}.",
         ]
     lines += ["", "## Site cross-validation", "", "```", format_numbers(record), "```", ""]
     temperature = record["temperature"]

@@ -450,3 +450,37 @@ def test_the_refusal_rule_takes_a_point_gain_and_bounds_malignant_sensitivity():
     assert _refusal(compare(labels, before, lost, groups, CLASSES), 2, CLASSES, 0.1) == ""
     reason = _refusal(compare(labels, before, before, groups, CLASSES), 2, CLASSES, 0.0)
     assert "not above 0" in reason
+
+
+def test_a_fit_of_free_columns_keeps_the_others_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 6))
+    labels = np.repeat([0, 1, 2], 10)
+    parent = Head(rng.normal(size=(6, 3)).astype(np.float32), np.zeros(3, np.float32))
+    head = fit_head(x, labels, parent, weight_penalty=0.01, bias_penalty=0.01, free_columns=[0])
+    np.testing.assert_array_equal(head.kernel[:, 1:], parent.kernel[:, 1:])
+    np.testing.assert_array_equal(head.bias[1:], parent.bias[1:])
+    assert not np.allclose(head.kernel[:, 0], parent.kernel[:, 0])
+    with pytest.raises(ValueError, match="free_columns must name classes"):
+        fit_head(x, labels, parent, weight_penalty=0.01, bias_penalty=0.01, free_columns=[3])
+
+
+def test_the_whole_layer_is_refitted_only_where_the_parent_s_lesion_classes_fail():
+    from edge_runtime.adapt import _way
+
+    labels = np.repeat([0, 1, 2], 10)
+    normals_missed = np.where(labels == 0, 1, labels)  # every normal called benign
+    free, why = _way(labels, normals_missed, CLASSES)
+    assert free == [0] and "normal class is what a new scanner breaks" in why
+    all_benign = np.ones(30, int)  # the synthetic new scanner's failure
+    free, why = _way(labels, all_benign, CLASSES)
+    assert free is None and "malignant 0.00" in why
+    assert _way(np.repeat([0, 1], 10), np.zeros(20, int), ("benign", "malignant"))[0] is None
+
+
+def test_the_synthetic_new_scanner_gets_its_whole_layer_refitted(adapted_fp32):
+    record = ModelSpec.from_metadata(
+        ort.InferenceSession(str(adapted_fp32)).get_modelmeta().custom_metadata_map
+    ).adaptation
+    assert record["refitted"]["value"] == "the whole last layer"
+    assert "malignant" in record["refitted"]["why"]
