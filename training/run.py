@@ -120,7 +120,8 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
     from training.model import load_classifier
 
     data = _prepare(config)
-    index = {str(path): i for i, path in enumerate(data.paths)}
+    # split.csv holds resolved paths; the data folders may have been named relatively
+    index = {str(Path(path).resolve()): i for i, path in enumerate(data.paths)}
     folders = [config.output] if (config.output / MODEL_FILE).is_file() else []
     folders += sorted(
         p for p in (config.output / "scanners").glob("*") if (p / MODEL_FILE).is_file()
@@ -132,8 +133,9 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
         splits = np.full(len(data.paths), "excluded", dtype=object)
         with open(folder / SPLIT_FILE, newline="") as handle:
             for row in csv.DictReader(handle):
-                if row["path"] in index:
-                    splits[index[row["path"]]] = row["split"]
+                path = str(Path(row["path"]).resolve())
+                if path in index:
+                    splits[index[path]] = row["split"]
         with open(folder / HISTORY_FILE, newline="") as handle:
             rows = [
                 {k: (v if k == "stage" else float(v)) for k, v in r.items() if v != ""}
