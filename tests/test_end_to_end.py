@@ -88,6 +88,19 @@ def test_the_readme_path_trains_exports_and_classifies_without_a_traceback_or_a_
     assert json.loads((run / "metrics.json").read_text())["accuracy"] >= 0.9
 
 
+def test_report_only_reports_the_saved_model_again_with_the_same_numbers(readme_path):
+    """The README trains with relative data paths; split.csv holds resolved ones."""
+    root, _ = readme_path
+    train = next(argv for argv in readme_commands() if argv[0] == "edge-train")
+    metrics = root / "runs" / "synthetic" / "metrics.json"
+    before = json.loads(metrics.read_text())
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        assert _run_readme_line([*train, "--report-only"], stderr) == 0, stderr.getvalue()
+    assert json.loads(metrics.read_text()) == before
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_the_readme_model_classifies_fresh_synthetic_scans_of_another_seed(readme_path, precision):
     from edge_runtime.cli import main
