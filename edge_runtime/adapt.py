@@ -326,6 +326,7 @@ def parent_calls(
         probabilities,
         spec.class_names,
         spec.malignant_threshold,
+        spec.normal_gate,
     )
     return decide_call(probabilities, spec.class_names, spec.malignant_threshold, verdict)
 

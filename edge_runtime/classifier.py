@@ -664,6 +664,7 @@ class Classifier:
             probabilities,
             names,
             self._malignant_threshold,
+            spec.normal_gate,
         )
         called = decide(probabilities, names, self._malignant_threshold, lesion_found)
         if lesion_found is not None:  # a scan called normal gets no outline

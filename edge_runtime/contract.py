@@ -8,8 +8,9 @@ Input ``image``: uint8 ``[N, H, W, 1]`` (batch dynamic). Outputs ``probabilities
 activation maps. Contract version 2 adds two optional outputs: ``lesion``, float32
 ``[N, h, w, 1]``, the lesion probability per pixel of the square input at a stride the metadata
 states (with its decision threshold), and ``features``, float32 ``[N, D]``, the pooled embedding
-the classifier's last layer reads. Version 3 adds two parts of the lesion rule: a minimum lesion
-area and the ``lesion_head_or_classifier`` normal rule; a model writes 3 only when it uses one.
+the classifier's last layer reads. Version 3 adds parts of the lesion rule: a minimum lesion area,
+the ``lesion_head_or_classifier`` normal rule and its normal gate; a model writes 3 only when it
+uses one.
 Version 1 models (neither output) stay valid. Metadata lives in ``metadata_props``.
 """
 
@@ -79,6 +80,7 @@ KEY_RECHECK_MODEL = "edge_classify.fp32_recheck_model"
 KEY_LESION_STRIDE = "edge_classify.lesion_stride"
 KEY_LESION_THRESHOLD = "edge_classify.lesion_threshold"
 KEY_LESION_MIN_AREA = "edge_classify.lesion_min_area"
+KEY_NORMAL_GATE = "edge_classify.normal_gate"
 KEY_MALIGNANT_THRESHOLD = "edge_classify.malignant_threshold"
 KEY_UNFAMILIAR = "edge_classify.unfamiliar"
 KEY_ADAPTATION = "edge_classify.adaptation"
@@ -118,11 +120,16 @@ class ModelSpec:
     unfamiliar: Mapping[str, Any] = field(default_factory=dict)  # the unfamiliar-scan score
     adaptation: Mapping[str, Any] = field(default_factory=dict)  # set by `edge-classify adapt`
     normal_rule: NormalRule = NormalRule.CLASSIFIER
+    # lesion_head_or_classifier: a calibrated P(normal) at or above this also calls normal
+    # (0: only the classifier's call does; v3)
+    normal_gate: float = 0.0
 
     def to_metadata(self) -> dict[str, str]:
         """Serialize to ``metadata_props`` (string to string)."""
-        needs_v3 = self.lesion_min_area > 0 or (
-            self.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER
+        needs_v3 = (
+            self.lesion_min_area > 0
+            or self.normal_gate > 0
+            or self.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER
         )
         return {
             KEY_CONTRACT_VERSION: LESION_RULE_CONTRACT_VERSION if needs_v3 else CONTRACT_VERSION,
@@ -147,6 +154,7 @@ class ModelSpec:
             KEY_UNFAMILIAR: json.dumps(dict(self.unfamiliar), sort_keys=True),
             KEY_ADAPTATION: json.dumps(dict(self.adaptation), sort_keys=True),
             KEY_NORMAL_RULE: self.normal_rule.value,
+            KEY_NORMAL_GATE: repr(float(self.normal_gate)),
             KEY_PIXEL_FORMAT: PIXEL_FORMAT,
             KEY_PIXEL_RANGE: PIXEL_RANGE,
         }
@@ -197,6 +205,7 @@ class ModelSpec:
                 unfamiliar=json.loads(meta.get(KEY_UNFAMILIAR, "{}")),
                 adaptation=json.loads(meta.get(KEY_ADAPTATION, "{}")),
                 normal_rule=NormalRule(meta.get(KEY_NORMAL_RULE, NormalRule.CLASSIFIER.value)),
+                normal_gate=float(meta.get(KEY_NORMAL_GATE, "0.0")),
             )
         except (ValueError, TypeError) as exc:
             raise ContractError(f"{source}: unreadable contract metadata: {exc}") from exc
@@ -237,6 +246,11 @@ def _check_thresholds(spec: ModelSpec, source: str) -> None:
         raise ContractError(
             f"{source}: lesion minimum area must be a share of the input in [0, 1). Got "
             f"{spec.lesion_min_area} instead."
+        )
+    if not 0.0 <= spec.normal_gate < 1.0:
+        raise ContractError(
+            f"{source}: normal gate must be a probability in [0, 1). Got {spec.normal_gate} "
+            "instead."
         )
     if not 0.0 <= spec.malignant_threshold < 1.0:
         raise ContractError(

@@ -60,6 +60,7 @@ def lesion_verdict(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     malignant_threshold: float,
+    normal_gate: float = 0.0,
 ) -> np.ndarray | None:
     """Where a model reports a lesion, by its normal rule (``NormalRule``'s values), for
     :func:`decide`'s ``lesion_found``; None for the ``classifier`` rule or without a lesion
@@ -67,7 +68,8 @@ def lesion_verdict(
 
     ``lesion_head``: where the lesion output found one. ``lesion_head_or_classifier``: where it
     found one and the classifier alone (this function's :func:`decide` without a lesion verdict)
-    does not call the scan normal, so that a scan called normal never gets an outline.
+    does not call the scan normal, nor gives normal a probability of at least ``normal_gate``
+    (when > 0), so that a scan called normal never gets an outline.
 
     Args:
         normal_rule: the model's rule.
@@ -75,6 +77,7 @@ def lesion_verdict(
         probabilities: calibrated ``[N, K]``.
         class_names: the model's classes.
         malignant_threshold: the model's operating point (0: top-1).
+        normal_gate: the model's ``normal_gate`` (0: the classifier's call alone).
     """
     if lesion_found is None or normal_rule == "classifier" or NORMAL not in class_names:
         return None
@@ -82,8 +85,12 @@ def lesion_verdict(
         return lesion_found
     if normal_rule != "lesion_head_or_classifier":
         raise ValueError(f"unknown normal rule {normal_rule!r}")
+    normal = list(class_names).index(NORMAL)
     alone = decide(probabilities, class_names, malignant_threshold)
-    return lesion_found & (alone != list(class_names).index(NORMAL))
+    gated = alone == normal
+    if normal_gate > 0:
+        gated |= probabilities[:, normal] >= normal_gate
+    return lesion_found & ~gated
 
 
 def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:

@@ -437,6 +437,7 @@ def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
     if not chosen:
         return []
     area, gate = chosen.get("min_area", 0.0), chosen.get("classifier_gate", False)
+    level = chosen.get("normal_gate", 0.0)
     picked = next(
         (
             t
@@ -444,6 +445,7 @@ def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
             if t["threshold"] == chosen["value"]
             and t.get("min_area", 0.0) == area
             and t.get("classifier_gate", False) == gate
+            and t.get("normal_gate", 0.0) == level
         ),
         None,
     )
@@ -460,6 +462,8 @@ def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
         parts += f", minimum lesion area {area:.2%} of the input"
     if gate:
         parts += ", no lesion where the classifier calls normal"
+    if gate and level:
+        parts += f" or gives it a probability of at least {level:.2f}"
     return ["", f"{parts}, chosen on validation scans: {chosen['rule']}{seen}."]
 
 

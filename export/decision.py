@@ -130,7 +130,9 @@ def runtime_calls(
                 for m in lesion_maps
             ]
         )
-    verdict = lesion_verdict(rule, found, calibrated, info.class_names, malignant_threshold)
+    verdict = lesion_verdict(
+        rule, found, calibrated, info.class_names, malignant_threshold, info.normal_gate
+    )
     called = decide(calibrated, info.class_names, malignant_threshold, verdict)
     matrix = confusion_matrix(labels, called, labels=range(len(info.class_names)))
     return {

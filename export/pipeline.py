@@ -261,6 +261,7 @@ def _info_from_spec(spec: ModelSpec, card: dict) -> RunInfo:
         lesion_threshold=spec.lesion_threshold,
         lesion_min_area=spec.lesion_min_area,
         normal_rule=spec.normal_rule.value,
+        normal_gate=spec.normal_gate,
         test_metrics=dict(spec.metrics),
     )
 
@@ -613,6 +614,7 @@ def _spec(
         ),
         unfamiliar=(decision or {}).get("unfamiliar", {}),
         normal_rule=NormalRule(info.runtime_normal_rule),
+        normal_gate=info.normal_gate,
     )
 
 

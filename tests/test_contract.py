@@ -40,7 +40,11 @@ def test_contract_v2_metadata_round_trips():
 
 @pytest.mark.parametrize(
     "changes",
-    [{"lesion_min_area": 0.005}, {"normal_rule": NormalRule.LESION_HEAD_OR_CLASSIFIER}],
+    [
+        {"lesion_min_area": 0.005},
+        {"normal_rule": NormalRule.LESION_HEAD_OR_CLASSIFIER},
+        {"normal_rule": NormalRule.LESION_HEAD_OR_CLASSIFIER, "normal_gate": 0.15},
+    ],
 )
 def test_a_lesion_rule_an_older_runtime_cannot_apply_writes_contract_version_3(changes):
     plain = ModelSpec(class_names=CLASSES, input_size=224, lesion_stride=4)
@@ -93,6 +97,7 @@ def test_open_model_refuses_a_lesion_stride_without_a_lesion_output(tmp_path):
         ("lesion_stride", 1000, "lesion stride must be"),
         ("lesion_min_area", 1.0, "lesion minimum area must be a share"),
         ("lesion_min_area", -0.01, "lesion minimum area must be a share"),
+        ("normal_gate", 1.0, "normal gate must be a probability"),
     ],
 )
 def test_contract_refuses_thresholds_out_of_range(field, value, message):

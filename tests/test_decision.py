@@ -115,6 +115,9 @@ def test_the_lesion_verdict_follows_the_normal_rule():
     np.testing.assert_array_equal(gated, [False, False, True, True])
     gated = lesion_verdict("lesion_head_or_classifier", found, p, CLASSES, 0.05)
     np.testing.assert_array_equal(gated, [True, False, True, True])
+    # the normal gate: P(normal) >= 0.2 calls normal too (row 3: 0.2)
+    gated = lesion_verdict("lesion_head_or_classifier", found, p, CLASSES, 0.0, normal_gate=0.2)
+    np.testing.assert_array_equal(gated, [False, False, False, False])
     with pytest.raises(ValueError, match="unknown normal rule"):
         lesion_verdict("mystery", found, p, CLASSES, 0.0)
 

@@ -20,6 +20,8 @@ from edge_runtime.lesion import find_lesion
 POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
 LESION_THRESHOLDS = tuple(round(0.30 + 0.05 * k, 2) for k in range(14))  # 0.30, 0.35, ..., 0.95
 LESION_MIN_AREAS = (0.0, 0.0025, 0.005, 0.01)  # shares of the square input
+# with the classifier gate: 0 (its call alone), then calibrated P(normal) levels that also gate
+NORMAL_GATES = (0.0, 0.25, 0.15, 0.10)
 DICE_BUDGET = 0.03  # validation Dice a rule may give up, against the best, to spare normal scans
 
 
@@ -43,12 +45,14 @@ class LesionRule:
     """How a lesion model decides where a lesion is, as the runtime applies it: pixels at or
     above ``threshold``, the largest 8-connected region, none when that region covers less than
     ``min_area`` of the square input and, with ``classifier_gate``, none where the classifier
-    calls the scan normal (the ``lesion_head_or_classifier`` normal rule; else ``lesion_head``).
+    calls the scan normal or (``normal_gate`` > 0) gives normal at least that calibrated
+    probability (the ``lesion_head_or_classifier`` normal rule; else ``lesion_head``).
     """
 
     threshold: float = 0.5
     min_area: float = 0.0
     classifier_gate: bool = False
+    normal_gate: float = 0.0
 
     @property
     def normal_rule(self) -> str:
@@ -73,16 +77,27 @@ def predicted_mask(
     return mask > 0
 
 
+def gated(rule: LesionRule, called_normal: np.ndarray, p_normal: np.ndarray) -> np.ndarray:
+    """Bool ``[N]``: the scans ``rule``'s classifier gate calls normal, from the classifier's
+    calibrated top-1 being normal (``called_normal``) and its calibrated P(normal)."""
+    if not rule.classifier_gate:
+        return np.zeros(len(called_normal), bool)
+    return called_normal | ((rule.normal_gate > 0) & (p_normal >= rule.normal_gate))
+
+
 def rule_masks(
-    lesion_maps: np.ndarray, size: int, rule: LesionRule, called_normal: np.ndarray
+    lesion_maps: np.ndarray,
+    size: int,
+    rule: LesionRule,
+    called_normal: np.ndarray,
+    p_normal: np.ndarray,
 ) -> np.ndarray:
-    """Bool ``[N, size, size]``: each scan's outline by ``rule``; ``called_normal`` (bool
-    ``[N]``, the classifier's calibrated top-1 is normal) empties it under the gate."""
+    """Bool ``[N, size, size]``: each scan's outline by ``rule``, emptied where its gate calls
+    the scan normal (:func:`gated`)."""
     masks = np.stack(
         [predicted_mask(m[:, :, 0], size, rule.threshold, rule.min_area) for m in lesion_maps]
     )
-    if rule.classifier_gate:
-        masks[called_normal] = False
+    masks[gated(rule, called_normal, p_normal)] = False
     return masks
 
 
@@ -101,6 +116,7 @@ class RuleTrial:
     threshold: float
     min_area: float
     classifier_gate: bool
+    normal_gate: float
     dice: float | None
     normal_with_lesion: float | None
 
@@ -111,19 +127,22 @@ def choose_lesion_rule(
     lesion_maps: np.ndarray,
     normal: np.ndarray,
     called_normal: np.ndarray,
+    p_normal: np.ndarray,
     default: LesionRule,
     *,
     thresholds: Sequence[float] = LESION_THRESHOLDS,
     min_areas: Sequence[float] = LESION_MIN_AREAS,
+    normal_gates: Sequence[float] = NORMAL_GATES,
     dice_budget: float = DICE_BUDGET,
 ) -> tuple[LesionRule, list[RuleTrial]]:
     """The lesion rule, chosen on validation scans (docs/prereg/2026-12-02h-*.md).
 
-    Every combination of ``thresholds``, ``min_areas`` and the classifier gate off and on is
-    tried; among those whose mean Dice over the lesion scans is at least the best one's minus
-    ``dice_budget``, the one that draws a lesion on the fewest normal scans wins (ties: the
-    higher Dice, then the earlier in the grid: lower threshold, smaller area, gate off). A
-    lesion model decides "normal" by whether a lesion is found, so the rule sets that too.
+    Every combination of ``thresholds``, ``min_areas`` and the classifier gate (off, or on at
+    each of ``normal_gates``) is tried; among those whose mean Dice over the lesion scans is at
+    least the best one's minus ``dice_budget``, the one that draws a lesion on the fewest normal
+    scans wins (ties: the higher Dice, then the earlier in the grid: lower threshold, smaller
+    area, gate off, then the gate's levels in order). A lesion model decides "normal" by whether
+    a lesion is found, so the rule sets that too.
     Without validation lesion scans, ``default``.
 
     Args:
@@ -132,9 +151,11 @@ def choose_lesion_rule(
         lesion_maps: the model's ``lesion`` output ``[N, h, w, 1]``.
         normal: bool ``[N]``: the normal scans.
         called_normal: bool ``[N]``: the classifier's calibrated top-1 is normal.
+        p_normal: ``[N]``: the classifier's calibrated P(normal).
         default: the rule when no validation scan has a known lesion.
         thresholds: thresholds to try, each in (0, 1).
         min_areas: minimum lesion areas to try, shares of the square in [0, 1).
+        normal_gates: the gate's P(normal) levels to try (0: the classifier's call alone).
         dice_budget: the Dice a rule may give up against the best.
 
     Returns:
@@ -147,19 +168,23 @@ def choose_lesion_rule(
     if lesion.size == 0:
         return default, []
     trials = []
+    gates = [LesionRule(classifier_gate=False)] + [
+        LesionRule(classifier_gate=True, normal_gate=float(q)) for q in normal_gates
+    ]
     for threshold in thresholds:
-        base = rule_masks(lesion_maps, size, LesionRule(threshold), called_normal)
+        base = rule_masks(lesion_maps, size, LesionRule(threshold), called_normal, p_normal)
         areas = base.reshape(len(base), -1).mean(axis=1)
         for min_area in min_areas:
-            for gate in (False, True):
-                kept = (areas >= min_area) & ~(gate & called_normal)
+            for gate in gates:
+                kept = (areas >= min_area) & ~gated(gate, called_normal, p_normal)
                 overlaps = [dice(truth[i], base[i] & kept[i]) for i in lesion]
                 drawn = (areas > 0) & kept
                 trials.append(
                     RuleTrial(
                         threshold=float(threshold),
                         min_area=float(min_area),
-                        classifier_gate=gate,
+                        classifier_gate=gate.classifier_gate,
+                        normal_gate=gate.normal_gate,
                         dice=float(np.mean(overlaps)),
                         normal_with_lesion=float(np.mean(drawn[normals])) if normals.size else None,
                     )
@@ -170,7 +195,8 @@ def choose_lesion_rule(
         allowed,
         key=lambda t: (t.normal_with_lesion or 0.0, -t.dice),
     )
-    return LesionRule(best.threshold, best.min_area, best.classifier_gate), trials
+    rule = LesionRule(best.threshold, best.min_area, best.classifier_gate, best.normal_gate)
+    return rule, trials
 
 
 def score_scans(
@@ -183,6 +209,7 @@ def score_scans(
     devices: Sequence[str],
     rule: LesionRule,
     called_normal: np.ndarray,
+    p_normal: np.ndarray,
 ) -> list[LesionScore]:
     """Score every held-out scan.
 
@@ -194,11 +221,12 @@ def score_scans(
         labels, sources, devices: per scan.
         rule: the lesion rule (:class:`LesionRule`).
         called_normal: bool ``[N]``: the classifier's calibrated top-1 is normal.
+        p_normal: ``[N]``: the classifier's calibrated P(normal).
     """
     size = true_masks.shape[1]
     radius = max(1, round(POINTING_DILATION * size))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    guesses = rule_masks(lesion_maps, size, rule, called_normal)
+    guesses = rule_masks(lesion_maps, size, rule, called_normal, p_normal)
     scores = []
     for i, label in enumerate(labels):
         truth = true_masks[i, :, :, 0] > 127

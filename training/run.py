@@ -349,6 +349,7 @@ def _report(
             val_outputs["lesion"],
             data.labels[part["val"]] == normal,
             val_probs.argmax(axis=1) == normal,
+            val_probs[:, normal] if normal >= 0 else np.zeros(len(val_probs)),
             default=rule,
         )
         log.info("lesion rule %s, chosen on the validation split", rule)
@@ -359,8 +360,10 @@ def _report(
             "value": rule.threshold,
             "min_area": rule.min_area,
             "classifier_gate": rule.classifier_gate,
+            "normal_gate": rule.normal_gate,
             "rule": (
-                "of every threshold, minimum area and classifier gate tried, the one drawing a "
+                "of every threshold, minimum area and classifier gate (and its P(normal) level) "
+                "tried, the one drawing a "
                 "lesion on the fewest validation normal scans among those within "
                 f"{DICE_BUDGET} of the best mean validation Dice"
             ),
@@ -405,6 +408,7 @@ def _report(
         lesion_threshold=rule.threshold,
         lesion_min_area=rule.min_area if segment else 0.0,
         normal_rule=rule.normal_rule if segment and "normal" in data.class_names else "classifier",
+        normal_gate=rule.normal_gate if segment else 0.0,
         seg_weight=config.fit.seg_weight if segment else 0.0,
         augment={} if config.fit.augment is None else asdict(config.fit.augment),
         test_metrics=metrics,
@@ -461,9 +465,9 @@ def _lesion_report(
     scan, a plot of outlines, and the summary that goes into ``metrics.json``
     (training.lesion_metrics)."""
     predicted = probs.argmax(axis=1)
-    called_normal = predicted == (
-        data.class_names.index("normal") if "normal" in data.class_names else -1
-    )
+    normal = data.class_names.index("normal") if "normal" in data.class_names else -1
+    called_normal = predicted == normal
+    p_normal = probs[:, normal] if normal >= 0 else np.zeros(len(probs))
     cams = outputs["cam"][np.arange(len(predicted)), :, :, predicted]
     scores = score_scans(
         data.masks[test],
@@ -475,6 +479,7 @@ def _lesion_report(
         [s.attributes.get("device", "") for s in samples],
         rule,
         called_normal,
+        p_normal,
     )
     rows = to_rows(scores, [str(s.path) for s in samples])
     with open(run_dir / LESION_FILE, "w", newline="") as handle:
@@ -485,7 +490,7 @@ def _lesion_report(
     plot_lesion_grid(
         data.images[test],
         data.masks[test],
-        rule_masks(outputs["lesion"], data.images.shape[1], rule, called_normal),
+        rule_masks(outputs["lesion"], data.images.shape[1], rule, called_normal, p_normal),
         [s.label for s in samples],
         [d.dice for d in scores],
         run_dir / PLOTS_DIR / "lesions.png",

@@ -47,6 +47,7 @@ class RunInfo:
     # edge_runtime.contract.NormalRule's value; "" in runs from before it was recorded, whose
     # lesion models with a normal class all used lesion_head
     normal_rule: str = ""
+    normal_gate: float = 0.0  # training.lesion_metrics.LesionRule.normal_gate
     seg_weight: float = 0.0
     augment: dict[str, Any] = field(default_factory=dict)  # training.augment.AugmentConfig
     test_metrics: dict[str, Any] = field(default_factory=dict)
