@@ -138,7 +138,7 @@ def folder_timings(model_files, folder) -> dict:
     return {"cores": cores, **t}
 
 
-def test_gate_folder_end_to_end_at_least_0_6_of_decode_alone(folder_timings, ratio_log):
+def test_gate_folder_end_to_end_keeps_up_with_decode_alone(folder_timings, ratio_log):
     t, cores = folder_timings, folder_timings["cores"]
     ratio = t["decode_only"].median / t["end_to_end"].median
     cpu_bound = t["decode_only"].cpu_median / t["end_to_end"].cpu_median
