@@ -484,3 +484,5 @@ def test_the_synthetic_new_scanner_gets_its_whole_layer_refitted(adapted_fp32):
     ).adaptation
     assert record["refitted"]["value"] == "the whole last layer"
     assert "malignant" in record["refitted"]["why"]
+    card = (adapted_fp32.parent / "clinic.card.md").read_text()
+    assert "Refitted: the whole last layer, because the parent's recall of" in card
