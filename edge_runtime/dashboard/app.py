@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Result
-from edge_runtime.contract import ContractError
+from edge_runtime.contract import ContractError, NormalRule
 from edge_runtime.dashboard import scans as sc
 from edge_runtime.decode import InputError
 from edge_runtime.heatmap import overlay
@@ -253,10 +253,12 @@ def _lesion_outline(classifier: Classifier, explained: Classification) -> None:
     facts.subheader("Lesion")
     lesion = explained.lesion
     if lesion is None or explained.lesion_mask is None:
-        facts.info(
-            f"No lesion found: no pixel reached the model's lesion threshold "
-            f"({spec.lesion_threshold:.2f})."
-        )
+        rule = f"threshold {spec.lesion_threshold:.2f}"
+        if spec.lesion_min_area:
+            rule += f", regions of at least {spec.lesion_min_area:.2%} of its input"
+        if spec.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER:
+            rule += ", none on a scan its classifier calls normal"
+        facts.info(f"No lesion found by the model's lesion rule ({rule}).")
         return
     facts.markdown(sc.lesion_size(lesion))
     outline_column.image(
