@@ -489,6 +489,8 @@ def _runtime_call_lines(calls: Mapping[str, Any], classes: Sequence[str]) -> lis
         "lesion_head_or_classifier": "normal where the lesion head finds no lesion or the "
         "classifier calls normal",
     }.get(calls["normal_rule"], "normal by the classifier")
+    if calls.get("normal_gate"):
+        rule += f" or gives normal a probability of at least {calls['normal_gate']:.2f}"
     recall = ", ".join(
         f"{name} {'n/a' if value is None else f'{value:.3f}'}"
         for name, value in calls["recall"].items()

@@ -116,7 +116,7 @@ def runtime_calls(
 
     Returns:
         ``scans``, ``accuracy``, ``recall`` per class (None where a class has no scan),
-        ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied.
+        ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied (with its ``normal_gate``).
     """
     rule = info.runtime_normal_rule
     calibrated = apply_temperature(probabilities, info.temperature)
@@ -144,4 +144,5 @@ def runtime_calls(
         },
         "confusion_matrix": matrix.tolist(),
         "normal_rule": rule if verdict is not None else "classifier",
+        "normal_gate": info.normal_gate if verdict is not None else 0.0,
     }
