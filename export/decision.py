@@ -116,7 +116,8 @@ def runtime_calls(
 
     Returns:
         ``scans``, ``accuracy``, ``recall`` per class (None where a class has no scan),
-        ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied (with its ``normal_gate``).
+        ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied (with
+        its ``normal_gate``).
     """
     rule = info.runtime_normal_rule
     calibrated = apply_temperature(probabilities, info.temperature)
