@@ -187,6 +187,7 @@ def _load_parent(path: Path) -> _Parent:
             metrics=parent["metrics"],
             recheck_margin=float(parent["recheck_margin"]),
             normal_rule=NormalRule(parent.get("normal_rule", spec.normal_rule.value)),
+            normal_gate=float(parent.get("normal_gate", 0.0)),
             adaptation={},
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -556,6 +557,7 @@ def _head_record(parent: _Parent) -> dict[str, Any]:
             "recheck_margin": spec.recheck_margin,
             "precision": spec.precision.value,
             "normal_rule": spec.normal_rule.value,
+            "normal_gate": spec.normal_gate,
         },
         "head": {
             "shape": list(kernel.shape),
@@ -612,6 +614,7 @@ def _write_models(
                 temperature=fit["temperature"],
                 malignant_threshold=fit["threshold"],
                 normal_rule=NormalRule.CLASSIFIER,
+                normal_gate=0.0,
                 metrics=metrics,
                 adaptation=record,
             )

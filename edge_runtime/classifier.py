@@ -667,10 +667,12 @@ class Classifier:
             spec.normal_gate,
         )
         called = decide(probabilities, names, self._malignant_threshold, lesion_found)
-        if lesion_found is not None:  # a scan called normal gets no outline
+        if spec.has_lesion and "normal" in names:  # a scan called normal gets no outline
             found = [
-                pair if keep else (None, None if pair[1] is None else np.zeros_like(pair[1]))
-                for pair, keep in zip(found, lesion_found, strict=True)
+                (None, None if pair[1] is None else np.zeros_like(pair[1]))
+                if names[int(call)] == "normal"
+                else pair
+                for pair, call in zip(found, called, strict=True)
             ]
         results = []
         for row, item in enumerate(batch):

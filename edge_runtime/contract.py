@@ -257,6 +257,15 @@ def _check_thresholds(spec: ModelSpec, source: str) -> None:
             f"{source}: malignant threshold must be in [0, 1). Got {spec.malignant_threshold} "
             "instead."
         )
+    if spec.normal_gate > 0 and spec.normal_rule is not NormalRule.LESION_HEAD_OR_CLASSIFIER:
+        raise ContractError(
+            f"{source}: a normal gate ({spec.normal_gate}) needs the lesion_head_or_classifier "
+            f"normal rule. Got {spec.normal_rule.value} instead."
+        )
+    if spec.lesion_min_area > 0 and not spec.has_lesion:
+        raise ContractError(
+            f"{source}: a lesion minimum area ({spec.lesion_min_area}) needs a lesion output."
+        )
     if spec.normal_rule is not NormalRule.CLASSIFIER and not (
         spec.has_lesion and "normal" in spec.class_names
     ):

@@ -67,9 +67,11 @@ def lesion_verdict(
     output or a normal class.
 
     ``lesion_head``: where the lesion output found one. ``lesion_head_or_classifier``: where it
-    found one and the classifier alone (this function's :func:`decide` without a lesion verdict)
-    does not call the scan normal, nor gives normal a probability of at least ``normal_gate``
-    (when > 0), so that a scan called normal never gets an outline.
+    found one, except where the classifier gates it: its calibrated top-1 is normal, or (with
+    ``normal_gate`` > 0) P(normal) is at least ``normal_gate``. The gate never overrides the
+    malignant operating point: a scan whose P(malignant) reaches ``malignant_threshold`` (> 0)
+    keeps its lesion. Training measures the same gate without an operating point
+    (``training.lesion_metrics.gated``), which is the same rule at threshold 0.
 
     Args:
         normal_rule: the model's rule.
@@ -85,11 +87,13 @@ def lesion_verdict(
         return lesion_found
     if normal_rule != "lesion_head_or_classifier":
         raise ValueError(f"unknown normal rule {normal_rule!r}")
-    normal = list(class_names).index(NORMAL)
-    alone = decide(probabilities, class_names, malignant_threshold)
-    gated = alone == normal
+    names = list(class_names)
+    normal = names.index(NORMAL)
+    gated = probabilities.argmax(axis=1) == normal
     if normal_gate > 0:
         gated |= probabilities[:, normal] >= normal_gate
+    if malignant_threshold > 0 and MALIGNANT in names:
+        gated &= probabilities[:, names.index(MALIGNANT)] < malignant_threshold
     return lesion_found & ~gated
 
 

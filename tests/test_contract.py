@@ -54,6 +54,19 @@ def test_a_lesion_rule_an_older_runtime_cannot_apply_writes_contract_version_3(c
     assert ModelSpec.from_metadata(spec.to_metadata()) == spec
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lesion_stride": 4, "normal_gate": 0.15}, "a normal gate .0.15. needs the"),
+        ({"lesion_min_area": 0.01}, "a lesion minimum area .0.01. needs a lesion output"),
+    ],
+)
+def test_lesion_rule_parts_without_what_they_apply_to_are_refused(changes, message):
+    meta = ModelSpec(class_names=CLASSES, input_size=224, **changes).to_metadata()
+    with pytest.raises(ContractError, match=message):
+        ModelSpec.from_metadata(meta)
+
+
 def test_the_or_classifier_normal_rule_needs_a_lesion_output():
     meta = ModelSpec(
         class_names=CLASSES, input_size=224, normal_rule=NormalRule.LESION_HEAD_OR_CLASSIFIER

@@ -118,6 +118,11 @@ def test_the_lesion_verdict_follows_the_normal_rule():
     # the normal gate: P(normal) >= 0.2 calls normal too (row 3: 0.2)
     gated = lesion_verdict("lesion_head_or_classifier", found, p, CLASSES, 0.0, normal_gate=0.2)
     np.testing.assert_array_equal(gated, [False, False, False, False])
+    # the gate never overrides the malignant operating point
+    risky = np.array([[0.2, 0.3, 0.5]])
+    kept = lesion_verdict("lesion_head_or_classifier", np.array([True]), risky, CLASSES, 0.27, 0.15)
+    np.testing.assert_array_equal(kept, [True])
+    np.testing.assert_array_equal(decide(risky, CLASSES, 0.27, kept), [2])
     with pytest.raises(ValueError, match="unknown normal rule"):
         lesion_verdict("mystery", found, p, CLASSES, 0.0)
 

@@ -427,6 +427,8 @@ def test_under_the_or_classifier_rule_a_scan_the_classifier_calls_normal_has_no_
     assert all(r.lesion is not None for r in head) and "normal" not in [r.label for r in head]
     called_normal = [r.label == "normal" for r in plain]
     assert any(called_normal) and not all(called_normal)
+    # under any rule, a scan called normal gets no outline (the classifier rule too)
+    assert all(r.lesion is None and not r.lesion_mask.any() for r in plain if r.label == "normal")
     for alone, found, both in zip(plain, head, gated, strict=True):
         if alone.label == "normal":
             assert both.label == "normal" and both.lesion is None and not both.lesion_mask.any()

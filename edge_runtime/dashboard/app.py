@@ -258,6 +258,8 @@ def _lesion_outline(classifier: Classifier, explained: Classification) -> None:
             rule += f", regions of at least {spec.lesion_min_area:.2%} of its input"
         if spec.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER:
             rule += ", none on a scan its classifier calls normal"
+            if spec.normal_gate:
+                rule += f" or gives P(normal) >= {spec.normal_gate:.2f}"
         facts.info(f"No lesion found by the model's lesion rule ({rule}).")
         return
     facts.markdown(sc.lesion_size(lesion))
