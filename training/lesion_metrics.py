@@ -79,7 +79,11 @@ def predicted_mask(
 
 def gated(rule: LesionRule, called_normal: np.ndarray, p_normal: np.ndarray) -> np.ndarray:
     """Bool ``[N]``: the scans ``rule``'s classifier gate calls normal, from the classifier's
-    calibrated top-1 being normal (``called_normal``) and its calibrated P(normal)."""
+    calibrated top-1 being normal (``called_normal``) and its calibrated P(normal). This is the
+    runtime's gate (``edge_runtime.decision.lesion_verdict``) before an operating point exists:
+    the exported model's malignant operating point then exempts the scans it calls malignant,
+    so the runtime can draw on a few more scans than training measured (the card's "as the
+    runtime calls them" counts the runtime's calls)."""
     if not rule.classifier_gate:
         return np.zeros(len(called_normal), bool)
     return called_normal | ((rule.normal_gate > 0) & (p_normal >= rule.normal_gate))
