@@ -24,8 +24,8 @@ from typing import Any
 
 CONTRACT_VERSION = "2"
 # written instead of CONTRACT_VERSION by a model whose lesion rule needs version 3 to be read
-# right (a minimum lesion area, or the lesion_head_or_classifier normal rule): an older runtime
-# then refuses it instead of drawing lesions by a rule it does not know
+# right (a minimum lesion area, or the lesion_head_or_classifier normal rule and its gate): an
+# older runtime then refuses it instead of drawing lesions by a rule it does not know
 LESION_RULE_CONTRACT_VERSION = "3"
 READABLE_CONTRACT_VERSIONS = frozenset({"1", "2", "3"})
 INPUT_NAME = "image"
@@ -126,10 +126,9 @@ class ModelSpec:
 
     def to_metadata(self) -> dict[str, str]:
         """Serialize to ``metadata_props`` (string to string)."""
+        # a normal gate needs the lesion_head_or_classifier rule (_check_thresholds)
         needs_v3 = (
-            self.lesion_min_area > 0
-            or self.normal_gate > 0
-            or self.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER
+            self.lesion_min_area > 0 or self.normal_rule is NormalRule.LESION_HEAD_OR_CLASSIFIER
         )
         return {
             KEY_CONTRACT_VERSION: LESION_RULE_CONTRACT_VERSION if needs_v3 else CONTRACT_VERSION,

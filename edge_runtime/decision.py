@@ -70,8 +70,8 @@ def lesion_verdict(
     found one, except where the classifier gates it: its calibrated top-1 is normal, or (with
     ``normal_gate`` > 0) P(normal) is at least ``normal_gate``. The gate never overrides the
     malignant operating point: a scan whose P(malignant) reaches ``malignant_threshold`` (> 0)
-    keeps its lesion. Training measures the same gate without an operating point
-    (``training.lesion_metrics.gated``), which is the same rule at threshold 0.
+    keeps its lesion. Training measures the gate through this function at threshold 0
+    (``training.lesion_metrics.gated``): export chooses the operating point later.
 
     Args:
         normal_rule: the model's rule.

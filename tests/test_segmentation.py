@@ -19,6 +19,14 @@ from training.lesion_metrics import (
     summarize,
 )
 
+CLASSES = ("normal", "benign", "malignant")
+ALL_BENIGN = np.array([[0.0, 1.0, 0.0]] * 4)  # the classifier calls no scan normal
+
+
+def _called_normal_where(normal: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities calling exactly the ``normal`` rows normal."""
+    return np.where(normal[:, None], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0])
+
 
 def _disc(size: int, centre: tuple[int, int], radius: int) -> np.ndarray:
     mask = np.zeros((size, size), np.uint8)
@@ -154,8 +162,8 @@ def test_scores_give_dice_pointing_and_empty_normals():
         ["s", "s"],
         ["d", "d"],
         LesionRule(0.5),
-        np.array([False, False]),
-        np.zeros(2),
+        np.array([[0.0, 1.0, 0.0]] * 2),  # the classifier calls both benign
+        CLASSES,
     )
     assert scores[0].dice > 0.85 and scores[0].lesion_map_hit and scores[0].cam_hit is False
     assert scores[1].dice is None and scores[1].predicted_area == 0.0
@@ -192,15 +200,9 @@ def _chosen(trials, rule):
     )
 
 
-NOBODY_NORMAL = np.zeros(4, bool)
-NO_P_NORMAL = np.zeros(4)
-
-
 def test_the_lesion_rule_is_the_best_validation_dice_when_no_normal_scan_is_drawn():
     truth, known, maps, normal = _rule_case(_blob(0.2, 3))
-    rule, trials = choose_lesion_rule(
-        truth, known, maps, normal, NOBODY_NORMAL, NO_P_NORMAL, LesionRule()
-    )
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, ALL_BENIGN, CLASSES, LesionRule())
     assert 0.35 < rule.threshold <= 0.45  # above the ring, at or below the lesion
     assert (rule.min_area, rule.classifier_gate) == (0.0, False)  # ties: the plainest rule
     best = _chosen(trials, rule)
@@ -209,9 +211,7 @@ def test_the_lesion_rule_is_the_best_validation_dice_when_no_normal_scan_is_draw
 
 def test_a_minimum_area_spares_normal_scans_with_a_small_false_lesion():
     truth, known, maps, normal = _rule_case(_blob(0.9, 1))  # one hot cell: < 0.5% of the square
-    rule, trials = choose_lesion_rule(
-        truth, known, maps, normal, NOBODY_NORMAL, NO_P_NORMAL, LesionRule()
-    )
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, ALL_BENIGN, CLASSES, LesionRule())
     assert rule.min_area > 0 and not rule.classifier_gate
     assert 0.35 < rule.threshold <= 0.45
     assert _chosen(trials, rule).normal_with_lesion == 0.0
@@ -222,20 +222,18 @@ def test_a_minimum_area_spares_normal_scans_with_a_small_false_lesion():
 def test_the_classifier_gate_spares_normal_scans_the_classifier_calls_normal():
     truth, known, maps, normal = _rule_case(_blob(0.5, 3))  # a large blob, as hot as the lesion
     rule, trials = choose_lesion_rule(
-        truth, known, maps, normal, normal, normal.astype(float), LesionRule()
+        truth, known, maps, normal, _called_normal_where(normal), CLASSES, LesionRule()
     )
     assert rule.classifier_gate and rule.normal_gate == 0.0 and 0.35 < rule.threshold <= 0.45
     assert _chosen(trials, rule).normal_with_lesion == 0.0
-    masks = rule_masks(maps, 64, rule, normal, normal.astype(float))
+    masks = rule_masks(maps, 64, rule, _called_normal_where(normal), CLASSES)
     assert masks[:2].any(axis=(1, 2)).all() and not masks[2:].any()
 
 
 def test_no_rule_gives_up_more_dice_than_the_budget_to_spare_normal_scans():
     # only thresholds above the lesion (Dice 0) spare these normals, and nothing else does
     truth, known, maps, normal = _rule_case(_blob(0.5, 3))
-    rule, trials = choose_lesion_rule(
-        truth, known, maps, normal, NOBODY_NORMAL, NO_P_NORMAL, LesionRule()
-    )
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, ALL_BENIGN, CLASSES, LesionRule())
     assert 0.35 < rule.threshold <= 0.45 and _chosen(trials, rule).normal_with_lesion == 1.0
     spared = [t for t in trials if t.normal_with_lesion == 0.0]
     assert spared and max(t.dice for t in spared) == 0.0
@@ -244,7 +242,7 @@ def test_no_rule_gives_up_more_dice_than_the_budget_to_spare_normal_scans():
 def test_without_validation_lesion_scans_the_lesion_rule_is_the_default():
     truth, known, maps, normal = _rule_case(_blob(0.2, 3))
     default = LesionRule(0.5)
-    got = choose_lesion_rule(truth, ~known, maps, normal, NOBODY_NORMAL, NO_P_NORMAL, default)
+    got = choose_lesion_rule(truth, ~known, maps, normal, ALL_BENIGN, CLASSES, default)
     assert got == (default, [])
 
 
@@ -288,9 +286,7 @@ def test_a_short_multitask_training_learns_the_lesion_of_fresh_synthetic_scans(t
 def test_the_normal_gate_spares_normal_scans_the_classifier_half_believes_normal():
     # the classifier calls no scan normal, but gives the normal scans P(normal) 0.2
     truth, known, maps, normal = _rule_case(_blob(0.5, 3))
-    p_normal = np.where(normal, 0.2, 0.05)
-    rule, trials = choose_lesion_rule(
-        truth, known, maps, normal, NOBODY_NORMAL, p_normal, LesionRule()
-    )
+    p = np.where(normal[:, None], [0.2, 0.7, 0.1], [0.05, 0.9, 0.05])
+    rule, trials = choose_lesion_rule(truth, known, maps, normal, p, CLASSES, LesionRule())
     assert rule.classifier_gate and rule.normal_gate == 0.15  # the first level at or under 0.2
     assert _chosen(trials, rule).normal_with_lesion == 0.0

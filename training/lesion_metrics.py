@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from edge_runtime.decision import lesion_verdict
 from edge_runtime.lesion import find_lesion
 
 POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
@@ -77,31 +78,35 @@ def predicted_mask(
     return mask > 0
 
 
-def gated(rule: LesionRule, called_normal: np.ndarray, p_normal: np.ndarray) -> np.ndarray:
+def gated(rule: LesionRule, probabilities: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
     """Bool ``[N]``: the scans ``rule``'s classifier gate calls normal, from the classifier's
-    calibrated top-1 being normal (``called_normal``) and its calibrated P(normal). This is the
-    runtime's gate (``edge_runtime.decision.lesion_verdict``) before an operating point exists:
-    the exported model's malignant operating point then exempts the scans it calls malignant,
-    so the runtime can draw on a few more scans than training measured (the card's "as the
-    runtime calls them" counts the runtime's calls)."""
+    calibrated ``probabilities`` ``[N, K]``: the runtime's own gate
+    (``edge_runtime.decision.lesion_verdict``) before an operating point exists. The exported
+    model's malignant operating point then exempts the scans it calls malignant, so the runtime
+    can draw on a few more scans than training measured (the card's "as the runtime calls them"
+    counts the runtime's calls)."""
+    none = np.zeros(len(probabilities), bool)
     if not rule.classifier_gate:
-        return np.zeros(len(called_normal), bool)
-    return called_normal | ((rule.normal_gate > 0) & (p_normal >= rule.normal_gate))
+        return none
+    kept = lesion_verdict(
+        rule.normal_rule, ~none, probabilities, class_names, 0.0, rule.normal_gate
+    )
+    return none if kept is None else ~kept
 
 
 def rule_masks(
     lesion_maps: np.ndarray,
     size: int,
     rule: LesionRule,
-    called_normal: np.ndarray,
-    p_normal: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
 ) -> np.ndarray:
     """Bool ``[N, size, size]``: each scan's outline by ``rule``, emptied where its gate calls
-    the scan normal (:func:`gated`)."""
+    the scan normal (:func:`gated`; ``probabilities``: calibrated ``[N, K]``)."""
     masks = np.stack(
         [predicted_mask(m[:, :, 0], size, rule.threshold, rule.min_area) for m in lesion_maps]
     )
-    masks[gated(rule, called_normal, p_normal)] = False
+    masks[gated(rule, probabilities, class_names)] = False
     return masks
 
 
@@ -130,8 +135,8 @@ def choose_lesion_rule(
     known: np.ndarray,
     lesion_maps: np.ndarray,
     normal: np.ndarray,
-    called_normal: np.ndarray,
-    p_normal: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
     default: LesionRule,
     *,
     thresholds: Sequence[float] = LESION_THRESHOLDS,
@@ -154,8 +159,8 @@ def choose_lesion_rule(
         known: bool ``[N]``: whether the true mask is known.
         lesion_maps: the model's ``lesion`` output ``[N, h, w, 1]``.
         normal: bool ``[N]``: the normal scans.
-        called_normal: bool ``[N]``: the classifier's calibrated top-1 is normal.
-        p_normal: ``[N]``: the classifier's calibrated P(normal).
+        probabilities: the classifier's calibrated ``[N, K]``.
+        class_names: its classes.
         default: the rule when no validation scan has a known lesion.
         thresholds: thresholds to try, each in (0, 1).
         min_areas: minimum lesion areas to try, shares of the square in [0, 1).
@@ -176,11 +181,11 @@ def choose_lesion_rule(
         LesionRule(classifier_gate=True, normal_gate=float(q)) for q in normal_gates
     ]
     for threshold in thresholds:
-        base = rule_masks(lesion_maps, size, LesionRule(threshold), called_normal, p_normal)
+        base = rule_masks(lesion_maps, size, LesionRule(threshold), probabilities, class_names)
         areas = base.reshape(len(base), -1).mean(axis=1)
         for min_area in min_areas:
             for gate in gates:
-                kept = (areas >= min_area) & ~gated(gate, called_normal, p_normal)
+                kept = (areas >= min_area) & ~gated(gate, probabilities, class_names)
                 overlaps = [dice(truth[i], base[i] & kept[i]) for i in lesion]
                 drawn = (areas > 0) & kept
                 trials.append(
@@ -212,8 +217,8 @@ def score_scans(
     sources: Sequence[str],
     devices: Sequence[str],
     rule: LesionRule,
-    called_normal: np.ndarray,
-    p_normal: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
 ) -> list[LesionScore]:
     """Score every held-out scan.
 
@@ -224,13 +229,13 @@ def score_scans(
         cams: the class activation map of each scan's predicted class ``[N, h', w']``.
         labels, sources, devices: per scan.
         rule: the lesion rule (:class:`LesionRule`).
-        called_normal: bool ``[N]``: the classifier's calibrated top-1 is normal.
-        p_normal: ``[N]``: the classifier's calibrated P(normal).
+        probabilities: the classifier's calibrated ``[N, K]``.
+        class_names: its classes.
     """
     size = true_masks.shape[1]
     radius = max(1, round(POINTING_DILATION * size))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    guesses = rule_masks(lesion_maps, size, rule, called_normal, p_normal)
+    guesses = rule_masks(lesion_maps, size, rule, probabilities, class_names)
     scores = []
     for i, label in enumerate(labels):
         truth = true_masks[i, :, :, 0] > 127

@@ -342,14 +342,13 @@ def _report(
     rule = LesionRule(LESION_THRESHOLD)
     if segment:
         normal = data.class_names.index("normal") if "normal" in data.class_names else -1
-        val_probs = apply_temperature(val_outputs["probabilities"], temperature)
         rule, trials = choose_lesion_rule(
             data.masks[part["val"]],
             data.mask_known[part["val"]],
             val_outputs["lesion"],
             data.labels[part["val"]] == normal,
-            val_probs.argmax(axis=1) == normal,
-            val_probs[:, normal] if normal >= 0 else np.zeros(len(val_probs)),
+            apply_temperature(val_outputs["probabilities"], temperature),
+            data.class_names,
             default=rule,
         )
         log.info("lesion rule %s, chosen on the validation split", rule)
@@ -465,9 +464,6 @@ def _lesion_report(
     scan, a plot of outlines, and the summary that goes into ``metrics.json``
     (training.lesion_metrics)."""
     predicted = probs.argmax(axis=1)
-    normal = data.class_names.index("normal") if "normal" in data.class_names else -1
-    called_normal = predicted == normal
-    p_normal = probs[:, normal] if normal >= 0 else np.zeros(len(probs))
     cams = outputs["cam"][np.arange(len(predicted)), :, :, predicted]
     scores = score_scans(
         data.masks[test],
@@ -478,8 +474,8 @@ def _lesion_report(
         [s.source for s in samples],
         [s.attributes.get("device", "") for s in samples],
         rule,
-        called_normal,
-        p_normal,
+        probs,
+        data.class_names,
     )
     rows = to_rows(scores, [str(s.path) for s in samples])
     with open(run_dir / LESION_FILE, "w", newline="") as handle:
@@ -490,7 +486,7 @@ def _lesion_report(
     plot_lesion_grid(
         data.images[test],
         data.masks[test],
-        rule_masks(outputs["lesion"], data.images.shape[1], rule, called_normal, p_normal),
+        rule_masks(outputs["lesion"], data.images.shape[1], rule, probs, data.class_names),
         [s.label for s in samples],
         [d.dice for d in scores],
         run_dir / PLOTS_DIR / "lesions.png",
