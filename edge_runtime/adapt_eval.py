@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.adapt_fit import STRENGTHS, Head, fit_with_strength, weighted_log_loss
+from edge_runtime.adapt_fit import (
+    STRENGTHS,
+    Head,
+    MalignantGuard,
+    fit_with_strength,
+    weighted_log_loss,
+)
 
 MAX_FOLDS = 5
 INNER_FOLDS = 3
@@ -53,14 +59,24 @@ class SiteFeatures:
         features: ``[N, D]`` the model's ``features`` output per scan.
         labels: ``[N]`` class indices.
         groups: ``[N]`` patient (or file) groups: a group never spans a fold's two parts.
+        kept: ``[N]`` bool, the malignant scans the parent calls malignant, whose call a
+            :class:`MalignantGuard` keeps (None: no guard).
     """
 
     features: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
+    kept: np.ndarray | None = None
 
     def take(self, index: np.ndarray) -> SiteFeatures:
-        return SiteFeatures(self.features[index], self.labels[index], self.groups[index])
+        kept = None if self.kept is None else self.kept[index]
+        return SiteFeatures(self.features[index], self.labels[index], self.groups[index], kept)
+
+    def guarded(self, head: Head, guard: MalignantGuard | None) -> Head:
+        """``head`` under ``guard`` on this site's kept scans (``head`` itself without one)."""
+        if guard is None or self.kept is None:
+            return head
+        return guard.apply(head, self.features[self.kept])
 
 
 def choose_strength(
@@ -100,9 +116,11 @@ def cross_validate(
     strengths: Sequence[float] = STRENGTHS,
     seed: int = 0,
     free_columns: Sequence[int] | None = None,
+    guard: MalignantGuard | None = None,
 ) -> CrossValidation:
     """Out-of-fold logits of the adapted layer (strength chosen inside each fold), fitting
-    ``free_columns`` only (default: the whole layer)."""
+    ``free_columns`` only (default: the whole layer), each fold's layer under ``guard`` on its
+    own training part, as the final fit is on all the scans."""
     k = parent.bias.shape[0]
     folds = n_folds(site.labels, site.groups, k)
     logits = np.zeros((len(site.labels), k))
@@ -115,6 +133,7 @@ def cross_validate(
         head = fit_with_strength(
             part.features, part.labels, parent, strength, free_columns=free_columns
         )
+        head = part.guarded(head, guard)
         logits[test] = head.logits(site.features[test])
         chosen.append(strength)
     return CrossValidation(logits, folds, tuple(chosen))

@@ -21,7 +21,6 @@ import numpy as np
 # makes one unit of loss gradient move a logit by about ``1 / c``; small ``c`` lets a few scans
 # rewrite the layer, large ``c`` keeps the parent's. Grouped CV chooses among them.
 STRENGTHS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-SENSITIVITY_TARGET = 0.90  # malignant sensitivity the operating point is chosen for
 
 
 @dataclass(frozen=True)
@@ -176,39 +175,67 @@ def weighted_log_loss(logits: np.ndarray, labels: np.ndarray, temperature: float
     return float(np.sum(w * -np.log(np.clip(p, 1e-12, None))) / np.sum(w))
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature in [0.05, 20] that minimizes the (unweighted) NLL of ``logits``; fit it
-    on out-of-fold logits, never on the scans the head was fitted on."""
-    from scipy.optimize import minimize_scalar
-
-    def nll(log_t: float) -> float:
-        p = softmax(logits, float(np.exp(log_t)))[np.arange(len(labels)), labels]
-        return float(-np.mean(np.log(np.clip(p, 1e-12, None))))
-
-    found = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
-    return float(np.exp(found.x))
+_KEEP_MARGIN = 1e-3  # in logits / temperature: just inside the threshold, not on it
 
 
-def decide(probabilities: np.ndarray, malignant: int | None, threshold: float) -> np.ndarray:
-    """Predicted class per row: ``malignant`` where its probability is >= ``threshold`` (when
-    ``threshold`` > 0), else the top-1 class."""
-    predicted = probabilities.argmax(axis=1)
-    if malignant is not None and threshold > 0.0:
-        predicted = np.where(probabilities[:, malignant] >= threshold, malignant, predicted)
-    return predicted
+@dataclass(frozen=True)
+class MalignantGuard:
+    """What :func:`keep_malignant_calls` needs of a model: its normal and malignant classes and
+    the operating point the adapted model runs at."""
+
+    normal: int
+    malignant: int
+    threshold: float
+    temperature: float
+
+    def apply(self, head: Head, features: np.ndarray) -> Head:
+        return keep_malignant_calls(
+            head,
+            features,
+            normal=self.normal,
+            malignant=self.malignant,
+            threshold=self.threshold,
+            temperature=self.temperature,
+        )
 
 
-def choose_threshold(
-    malignant_probability: np.ndarray, is_malignant: np.ndarray, target: float = SENSITIVITY_TARGET
-) -> float:
-    """The highest threshold whose sensitivity on these scans is >= ``target``: the probability
-    of the malignant scan ranked ``ceil(target * n)``-th, kept inside (0, 1).
+def keep_malignant_calls(
+    head: Head,
+    features: np.ndarray,
+    *,
+    normal: int,
+    malignant: int,
+    threshold: float,
+    temperature: float,
+) -> Head:
+    """``head`` with its normal bias lowered, where needed, so that every row of ``features``
+    (``[M, D]``: the malignant scans the parent calls malignant) is still called malignant.
 
-    Raises:
-        ValueError: no malignant scans.
+    Refitting the normal column changes no other logit, so it can only lose a cancer by raising
+    P(normal) until P(malignant) falls below ``threshold`` (with 0: until normal wins top-1). The
+    largest normal logit that keeps a row malignant has a closed form; the bias is set just
+    below the smallest of them over the rows (and never raised). Rows already lost by the
+    parent are not constrained.
     """
-    scores = np.sort(malignant_probability[is_malignant])[::-1]
-    if not len(scores):
-        raise ValueError("choosing a malignant threshold needs malignant scans. Got none.")
-    needed = int(np.ceil(target * len(scores) - 1e-9))
-    return float(np.clip(scores[max(needed, 1) - 1], 1e-6, 1.0 - 1e-6))
+    if not len(features):
+        return head
+    z = head.logits(features) / temperature
+    others = np.delete(np.arange(z.shape[1]), normal)
+    if threshold > 0:
+        # P(malignant) >= t  <=>  exp(z_n) <= exp(z_m) (1 - t) / t - sum_{other lesion} exp(z_c)
+        rest = [c for c in others if c != malignant]
+        room = np.exp(z[:, malignant]) * (1.0 - threshold) / threshold
+        room -= np.exp(z[:, rest]).sum(axis=1)
+        with np.errstate(divide="ignore"):
+            ceiling = np.where(room > 0, np.log(np.maximum(room, 1e-300)), -np.inf)
+    else:
+        ceiling = z[:, malignant]  # top-1: the normal logit stays below the malignant one
+    reachable = np.isfinite(ceiling)  # else not even P(normal) = 0 makes it malignant
+    if not reachable.any():
+        return head
+    excess = float(np.max(z[reachable, normal] - (ceiling[reachable] - _KEEP_MARGIN)))
+    if excess <= 0:
+        return head
+    bias = head.bias.astype(np.float64).copy()
+    bias[normal] -= excess * temperature
+    return Head(head.kernel, bias.astype(np.float32))

@@ -4,11 +4,18 @@ An INT8 model's activation ranges were calibrated on the parent's calibration sc
 scanner's scans can reach past them (darker gain makes larger features, for one): every
 ``QuantizeLinear`` then clips those values, the INT8 model's pooled features no longer match its
 FP32 partner's, and a last layer fitted on the FP32 features, which reads them through the clipped
-range, can disagree with its partner on most scans. ``widen_ranges`` runs the graph with its
-activation ``QuantizeLinear -> DequantizeLinear`` pairs removed (the float values the ranges are
-meant to hold; the weights stay INT8) over the site's scans, and where a tensor went past its
-range, widens that range to the union of the parent's and the site's. Ranges only grow, so
-nothing the parent covered is clipped now; the cost is a coarser step on those tensors.
+range, can disagree with its partner on most scans. ``widen_ranges`` measures, over the site's
+scans, each quantized tensor's float values **on the FP32 model the INT8 one was quantized from**,
+and where a tensor went past its range, widens that range to the union of the parent's and the
+site's. Ranges only grow, so nothing the parent covered is clipped now; the cost is a coarser step
+on those tensors.
+
+Why the FP32 model and not the INT8 graph with its Q/DQ pairs removed: onnxruntime's quantizer
+folds a ``Relu``/``Clip`` (EfficientNet-Lite's ReLU6) into the following pair's range and deletes
+the node, giving its output name to the convolution. Without the pair, that tensor is the
+unclipped convolution (seen: ``[-810, 605]`` for a ReLU6 output that can only be in ``[0, 6]``),
+and the "widened" model called every scan normal. On the FP32 model every name still means what
+the quantizer calibrated. A tensor the FP32 model does not have keeps the parent's range.
 
 Needs the ``onnx`` package (the ``adapt`` extra).
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,66 +70,77 @@ def _pairs(graph) -> list[_Pair]:
     return pairs
 
 
-def _float_graph(model, pairs: list[_Pair]):
-    """A copy of ``model`` without the ``pairs`` and with each pair's float tensor an output."""
+_GRAPH_OUTPUT_INPUT = "_QuantizeLinear_Input"  # the quantizer's name for a graph output's input
+
+
+def _measured_name(tensor: str, produced: set[str], outputs: set[str]) -> str | None:
+    """The FP32 model's tensor holding what ``tensor`` of the INT8 graph holds, or None."""
+    if tensor in produced:
+        return tensor
+    if tensor.endswith(_GRAPH_OUTPUT_INPUT) and tensor[: -len(_GRAPH_OUTPUT_INPUT)] in outputs:
+        return tensor[: -len(_GRAPH_OUTPUT_INPUT)]  # a quantized graph output: its FP32 output
+    return None
+
+
+def _probe(reference, names: list[str]):
+    """A copy of the FP32 ``reference`` with each of ``names`` a graph output."""
     from onnx import helper
 
-    copy = type(model)()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    rename = {dq.output[0]: pair.tensor for pair in pairs for dq in pair.dequantize}
-    quantized = {pair.quantize.output[0] for pair in pairs}
-    keep = []
-    for node in graph.node:
-        if node.output[0] in quantized or node.output[0] in rename:
-            continue  # one of the pairs' QuantizeLinear / DequantizeLinear nodes
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-        keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
-    for out in graph.output:
-        if out.name in rename:  # a graph output that was a DQ: keep its name with an Identity
-            graph.node.append(helper.make_node("Identity", [rename[out.name]], [out.name]))
-    _drop_unused(graph)
-    existing = {out.name for out in graph.output}
-    for tensor in dict.fromkeys(pair.tensor for pair in pairs):
-        if tensor not in existing:
-            graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    copy = type(reference)()
+    copy.CopyFrom(reference)
+    existing = {out.name for out in copy.graph.output}
+    for name in names:
+        if name not in existing:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(name))
     return copy
 
 
-def widen_ranges(model, batches: Iterable[np.ndarray], *, input_name: str = "image"):
+def widen_ranges(
+    model, reference, batches: Iterable[np.ndarray], *, input_name: str = "image"
+) -> tuple[Any, list[Widened]]:
     """A copy of the QDQ ``model`` whose activation ranges cover the values ``batches`` produce.
 
     Args:
         model: an ``onnx.ModelProto`` with QuantizeLinear -> DequantizeLinear activation pairs
             (uint8 or int8 zero points, per-tensor scales).
+        reference: the FP32 ``onnx.ModelProto`` that ``model`` was quantized from (its recheck
+            partner, with the same last layer): the values are measured on it, by tensor name.
         batches: input batches for ``input_name`` (the site's scans, ``[B, S, S, 1]`` uint8).
         input_name: the graph input the batches feed.
 
     Returns:
         ``(widened_model, changes)``: the new model, and one :class:`Widened` per range that
         grew (empty when the scans stayed inside every range; the model is then a plain copy).
+        Tensors that ``reference`` does not hold keep their ranges.
     """
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    pairs = [p for p in _pairs(model.graph) if _is_per_tensor(model.graph, p)]
+    produced = {o for node in reference.graph.node for o in node.output}
+    produced |= {i.name for i in reference.graph.input}
+    outputs = {o.name for o in reference.graph.output}
+    measured = {}
+    for pair in _pairs(model.graph):
+        name = _measured_name(pair.tensor, produced, outputs)
+        if name is not None and _is_per_tensor(model.graph, pair):
+            measured[pair.tensor] = name
+    pairs = [p for p in _pairs(model.graph) if p.tensor in measured]
     copy = type(model)()
     copy.CopyFrom(model)
     if not pairs:
         return copy, []
-    probe = _float_graph(model, pairs)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    tensors = list(dict.fromkeys(p.tensor for p in pairs))
-    low = dict.fromkeys(tensors, np.inf)
-    high = dict.fromkeys(tensors, -np.inf)
+    names = list(dict.fromkeys(measured[p.tensor] for p in pairs))
+    session = ort.InferenceSession(
+        _probe(reference, names).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    low = dict.fromkeys(names, np.inf)
+    high = dict.fromkeys(names, -np.inf)
     for batch in batches:
-        for name, value in zip(tensors, session.run(tensors, {input_name: batch}), strict=True):
+        for name, value in zip(names, session.run(names, {input_name: batch}), strict=True):
             low[name] = min(low[name], float(np.min(value)))
             high[name] = max(high[name], float(np.max(value)))
+    low = {p.tensor: low[measured[p.tensor]] for p in pairs}
+    high = {p.tensor: high[measured[p.tensor]] for p in pairs}
     initializers = {init.name: init for init in copy.graph.initializer}
     by_scale: dict[tuple[str, str], list[_Pair]] = {}
     for pair in pairs:

@@ -19,6 +19,9 @@ import numpy as np
 MALIGNANT = "malignant"
 NORMAL = "normal"
 UNFAMILIAR_METHOD = "nearest_class_mean_scaled_distance"
+# the malignant sensitivity an operating point is chosen for (edge-export on validation scans,
+# edge-classify adapt on a site's scans)
+SENSITIVITY_TARGET = 0.90
 
 
 def decide(
@@ -140,17 +143,17 @@ def unfamiliar_scores(features: np.ndarray, stats: Mapping[str, Any]) -> np.ndar
 
 
 def malignant_operating_point(
-    p_malignant: np.ndarray, is_malignant: np.ndarray, min_sensitivity: float = 0.90
+    p_malignant: np.ndarray, is_malignant: np.ndarray, min_sensitivity: float = SENSITIVITY_TARGET
 ) -> dict[str, float] | None:
     """The largest threshold on P(malignant) whose sensitivity on these scans is at least
     ``min_sensitivity``, with the sensitivity and specificity it gives there (malignant vs the
-    rest); None without malignant scans.
+    rest); None without malignant scans. The threshold is kept inside (0, 1).
     """
     positives = np.sort(p_malignant[is_malignant])[::-1]
     if positives.size == 0:
         return None
-    needed = int(np.ceil(min_sensitivity * positives.size))
-    threshold = float(positives[needed - 1])
+    needed = max(1, int(np.ceil(min_sensitivity * positives.size - 1e-9)))
+    threshold = float(np.clip(positives[needed - 1], 1e-6, 1.0 - 1e-6))
     called = p_malignant >= threshold
     negatives = ~is_malignant
     return {

@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from edge_runtime.decision import (
+    SENSITIVITY_TARGET,
     decide,
     lesion_verdict,
     malignant_operating_point,
@@ -21,7 +22,7 @@ from training.metrics import apply_temperature
 from training.runfolder import RunInfo
 
 log = logging.getLogger(__name__)
-MIN_MALIGNANT_SENSITIVITY = 0.90
+MIN_MALIGNANT_SENSITIVITY = SENSITIVITY_TARGET
 MIN_MALIGNANT_VALIDATION_SCANS = 10  # fewer: no operating point, plain top-1
 UNFAMILIAR_QUANTILE = 0.99  # the score above which 1% of validation scans fall
 

@@ -15,13 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edge_runtime.adapt_fit import (
-    Head,
-    balanced_weights,
-    choose_threshold,
-    fit_head,
-    fit_with_strength,
-)
+from edge_runtime.adapt_fit import Head, balanced_weights, fit_head, fit_with_strength
 from edge_runtime.adapt_graph import find_head, read_head, with_features, with_head
 from edge_runtime.adapt_site import read_site
 from edge_runtime.card import file_sha256, verify_against_card
@@ -198,7 +192,8 @@ def test_widening_int8_ranges_stops_the_clipping_of_a_new_scanners_features(pare
         ]
 
     reference = features(fp32)
-    widened, changes = widen_ranges(with_features(proto, where), [batch[:16], batch[16:]])
+    featured = with_features(fp32, find_head(fp32))
+    widened, changes = widen_ranges(with_features(proto, where), featured, [batch[:16], batch[16:]])
     error_before = np.abs(features(proto) - reference).max()
     error_after = np.abs(features(widened) - reference).max()
     pooled = {c.tensor: c for c in changes}["pooled"]  # (and the parent's logits)
@@ -207,9 +202,40 @@ def test_widening_int8_ranges_stops_the_clipping_of_a_new_scanners_features(pare
     assert error_after < 0.25 * error_before, (error_before, error_after)
     source = scans(5, seed=8, shifted=False)[0]
     inside = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in source])[..., None]
-    nudged = {c.tensor: c for c in widen_ranges(proto, [inside])[1]}.get("pooled")
+    nudged = {c.tensor: c for c in widen_ranges(proto, fp32, [inside])[1]}.get("pooled")
     if nudged is not None:  # the parent's own scanner: at most a nudge (the new one: +47%)
         assert nudged.after[1] < 1.05 * nudged.before[1], nudged
+
+
+def test_widening_keeps_the_clips_the_quantizer_folded_into_its_ranges(parents, site, tmp_path):
+    """onnxruntime's quantizer deletes a Relu/Clip that its Q/DQ range covers and gives the
+    convolution the activation's name: the INT8 graph without its Q/DQ pairs no longer clips
+    there. Measured on the FP32 model instead, no range of a clipped tensor may go below 0."""
+    from edge_runtime.adapt_quant import widen_ranges
+    from export.quantize import QuantConfig, quantize_int8
+
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(site.rglob("*.png"))]
+    batch = np.stack([fit_to_square(i, SIZE, ResizePolicy.LETTERBOX) for i in images])[..., None]
+    folded = quantize_int8(
+        parents["fp32"], tmp_path / "folded-int8.onnx", batch, QuantConfig(float_convs=0)
+    )
+    proto, fp32 = onnx.load(str(folded)), onnx.load(str(parents["fp32"]))
+    int8_ops = {n.op_type for n in proto.graph.node}
+    fp32_ops = {n.op_type for n in fp32.graph.node}
+    assert "Relu" in fp32_ops and "Relu" not in int8_ops  # the quantizer folded the Relu
+    bright = np.full_like(batch[:4], 255)  # no dark area: every Relu input is far below 0
+    widened, changes = widen_ranges(proto, fp32, [batch, bright])
+    relu_outputs = {n.output[0] for n in fp32.graph.node if n.op_type == "Relu"}
+    assert relu_outputs
+    for change in changes:
+        if change.tensor in relu_outputs:
+            assert change.after[0] >= -1e-6, change
+    probabilities = {
+        name: ort.InferenceSession(m.SerializeToString()).run(["probabilities"], {"image": bright})
+        for name, m in (("fp32", fp32), ("int8", widened))
+    }
+    probabilities = {name: outputs[0] for name, outputs in probabilities.items()}
+    assert np.abs(probabilities["fp32"] - probabilities["int8"]).max() < 0.05
 
 
 def test_adapting_a_lesion_model_lets_the_refitted_layer_call_normal(
@@ -361,10 +387,12 @@ def test_a_strong_pull_keeps_the_parent_and_a_weak_one_fits_the_scans():
     assert np.mean(free.logits(x).argmax(1) == y) == 1.0
 
 
-def test_choose_threshold_meets_the_sensitivity_target():
+def test_the_operating_point_meets_the_sensitivity_target_even_where_float_products_round_up():
+    from edge_runtime.decision import malignant_operating_point
+
     p = np.linspace(0.05, 0.95, 20)
-    malignant = np.arange(20) >= 10
-    threshold = choose_threshold(p, malignant, 0.9)
+    malignant = np.arange(20) >= 10  # 0.9 * 10 is 9.000000000000002 in floating point
+    threshold = malignant_operating_point(p, malignant, 0.9)["threshold"]
     assert np.mean(p[malignant] >= threshold) >= 0.9
     assert np.mean(p[malignant] >= np.nextafter(threshold, 1)) < 0.9
 

@@ -27,8 +27,9 @@ from scipy import stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
-from edge_runtime.calibration import PROBABILITY_FLOOR
+from edge_runtime.calibration import TEMPERATURE_RANGE
 from edge_runtime.calibration import apply_temperature as runtime_temperature
+from edge_runtime.calibration import fit_temperature as runtime_fit_temperature
 
 __all__ = [
     "apply_temperature",
@@ -43,7 +44,6 @@ __all__ = [
 
 ECE_BINS = 15
 N_BOOT = 1000
-TEMPERATURE_RANGE = (0.05, 20.0)
 MALIGNANT = "malignant"
 
 
@@ -96,11 +96,6 @@ def _ratio(num: float, den: float) -> float | None:
 # --------------------------------------------------------------------------- temperature
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Rescale softmax probabilities by a temperature: ``softmax(log(p) / T)``, exactly as the
     runtime does (:func:`edge_runtime.calibration.apply_temperature`).
@@ -128,20 +123,14 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return runtime_temperature(probs / probs.sum(axis=1, keepdims=True), temperature)
 
 
-def _nll_at(log_p: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    return float(-_log_softmax(log_p / temperature)[np.arange(len(y)), y].mean())
-
-
 def fit_temperature(
     val_probs: np.ndarray,
     val_labels: np.ndarray,
     *,
     bounds: tuple[float, float] = TEMPERATURE_RANGE,
 ) -> float:
-    """Fit the temperature that minimises validation negative log-likelihood.
-
-    A log-spaced grid over ``bounds`` finds the basin, golden-section search on ``log T`` refines
-    it. No SciPy needed.
+    """Fit the temperature that minimises validation negative log-likelihood
+    (:func:`edge_runtime.calibration.fit_temperature`, after checking the arguments).
 
     Args:
         val_probs: validation softmax probabilities, shape [N, K].
@@ -152,27 +141,7 @@ def fit_temperature(
         The temperature, a plain float; 1.0 when the validation set is empty.
     """
     y, probs = _check(val_labels, val_probs, "fit_temperature")
-    if len(y) == 0:
-        return 1.0
-    log_p = np.log(np.clip(probs, PROBABILITY_FLOOR, 1.0))
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
-    grid = np.linspace(lo, hi, 61)
-    losses = [_nll_at(log_p, y, math.exp(g)) for g in grid]
-    i = int(np.argmin(losses))
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = _nll_at(log_p, y, math.exp(c)), _nll_at(log_p, y, math.exp(d))
-    while b - a > 1e-5:
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = _nll_at(log_p, y, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = _nll_at(log_p, y, math.exp(d))
-    return float(math.exp((a + b) / 2))
+    return runtime_fit_temperature(probs, y, bounds=bounds)
 
 
 # --------------------------------------------------------------------------- calibration
