@@ -29,9 +29,13 @@ examples:
   3. add an FP16 model for CUDA / TensorRT hosts:
        edge-export runs/lite0 --output models --fp16
 
-Writes <name>-fp32.onnx, <name>-int8.onnx, <name>.card.json and <name>.card.md. If a parity gate
-fails (ONNX vs Keras, INT8 vs FP32) it writes <name>.parity-failed.txt instead, no model, and
-exits with status 1. Next: edge-classify SCANS --model OUTPUT/<name>-int8.onnx
+  4. the verified FP32 model alone (when the INT8 gate refuses a short training, say):
+       edge-export runs/lite0 --output models --precision fp32
+
+Writes <name>-fp32.onnx, <name>-int8.onnx, <name>.card.json and <name>.card.md, each model file
+reloaded and checked as edge-classify runs it. If a parity gate fails (ONNX vs Keras, INT8 vs
+FP32) it writes <name>.parity-failed.txt instead, no model, names what to try, and exits with
+status 1. Next: edge-classify SCANS --model OUTPUT/<name>-int8.onnx
 """
 
 
@@ -52,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
     parser.add_argument("--output", type=Path, required=True, help="folder for the model files")
     parser.add_argument("--name", default="model", help="file name stem (default: model)")
+    parser.add_argument(
+        "--precision",
+        choices=["int8", "fp32"],
+        default="int8",
+        help="int8: FP32 and INT8 (default); fp32: the verified FP32 model alone, e.g. when the "
+        "INT8 gate refuses",
+    )
     parser.add_argument(
         "--calibration",
         choices=[*(c.value for c in Calibration), "auto"],
@@ -141,6 +152,7 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
     RunInfo.read(args.run_dir)  # a wrong path fails here, before TensorFlow loads
     import_tensorflow()
+    from edge_runtime.contract import Precision
     from export.pipeline import ExportOptions, ParityError, export_run
     from export.quantize import Calibration, IntType, QuantConfig
 
@@ -160,6 +172,7 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         choose_calibration=auto,
         recheck=args.recheck,
+        precision=Precision(args.precision),
     )
     try:
         result = export_run(options)
@@ -168,8 +181,8 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         stderr.write(f"edge-export: {exc}\n")
         return ExitStatus.GATE_FAILED
     _warn_thin(result.reports)
-    int8 = next(path for path in result.files if path.name.endswith("-int8.onnx"))
-    print(f"Next: edge-classify SCANS --model {int8}", file=stdout)
+    model = next(p for p in reversed(result.files) if p.name.endswith(("-int8.onnx", "-fp32.onnx")))
+    print(f"Next: edge-classify SCANS --model {model}", file=stdout)
     return ExitStatus.SUCCESS
 
 

@@ -7,13 +7,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from edge_runtime.recheck import with_recheck
+from edge_runtime.verify import MAX_RECHECK_FRACTION, MIN_TOP1_AGREEMENT
 
 MAX_PROBABILITY_DIFF = 1e-4
-MIN_TOP1_AGREEMENT = 0.99
 MAX_ACCURACY_DROP = 0.01
-# INT8 runs at ~0.43x FP32's time (README); rechecking at most a fifth of scans keeps INT8 with
-# its FP32 recheck >= 1.5x faster than FP32, and fails an INT8 model too broken to be useful.
-MAX_RECHECK_FRACTION = 0.2
 MIN_LESION_DICE = 0.95  # mean Dice between the reduced-precision and the FP32 lesion outlines
 THIN_EVIDENCE_IMAGES = 100  # below this, one changed answer moves agreement by more than 1%
 

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.cpu import int8_saturates
 from edge_runtime.recheck import needs_recheck, recheck_margin
 from edge_runtime.session import Provider, batch_probabilities, open_model
+from edge_runtime.verify import verify_model_file
 from export.card import build_card, file_record, parity_record, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.decision import choose_operating_point, choose_unfamiliar, runtime_calls
@@ -57,8 +59,10 @@ GATE_ARITHMETIC = (
 
 
 INT8_ADVICE = (
-    "To try: --calibration auto; --float-convs 11 (on one EfficientNet-Lite0 it halved the mean "
-    "INT8-FP32 probability change, at 1.9x instead of 2.3x FP32's single-thread speed)."
+    "To try: --float-convs N (e.g. 11: on one EfficientNet-Lite0 it halved the mean INT8-FP32 "
+    "probability change, at 1.9x instead of 2.3x FP32's single-thread speed); --calibration "
+    "auto; longer training (a model trained for a few epochs has many near-ties that INT8 "
+    "flips); or --precision fp32 to write the verified FP32 model alone."
 )
 
 
@@ -68,10 +72,12 @@ class ParityError(RuntimeError):
     def __init__(self, reports: list[ParityReport], report_path: Path) -> None:
         self.reports, self.report_path = reports, report_path
         failed = [r.summary() for r in reports if not r.passed]
+        reduced = any("int8" in r.name or "fp16" in r.name for r in reports if not r.passed)
         super().__init__(
             "parity gate failed:\n  "
             + "\n  ".join(failed)
             + f"\nFull report: {report_path}. No model was written."
+            + (f"\n{INT8_ADVICE}" if reduced else "")
         )
 
 
@@ -87,6 +93,7 @@ class ExportOptions:
     max_accuracy_drop: float = MAX_ACCURACY_DROP
     choose_calibration: bool = False  # pick among calibration_candidates on the val split
     recheck: bool = True  # INT8 answers it is unsure of are rerun in FP32 (edge_runtime.recheck)
+    precision: Precision = Precision.INT8  # FP32: the verified FP32 model alone, no INT8
 
 
 @dataclass(frozen=True)
@@ -164,8 +171,11 @@ def export_run(options: ExportOptions) -> ExportResult:
         staged = _Staged(options, info, images, Path(tmp))
         reports: dict[str, ParityReport] = {}  # by role: fp32, fp32 lesion, int8, ...
         fp32 = _export_fp32(staged, keras_model, reports)
-        int8 = _export_int8(staged, fp32, reports)
-        candidates = [fp32.path, int8.path]
+        int8 = None
+        candidates = [fp32.path]
+        if options.precision is not Precision.FP32:
+            int8 = _export_int8(staged, fp32, reports)
+            candidates.append(int8.path)
         if options.fp16:
             candidates.append(_export_fp16(staged, fp32, reports))
         for report in reports.values():
@@ -181,12 +191,13 @@ def export_run(options: ExportOptions) -> ExportResult:
             info,
             candidates,
             list(reports.values()),
-            int8.settings,
+            int8.settings if int8 else {"int8": "not written (--precision fp32)"},
             read_reports(options.run_dir),
             decision=fp32.decision,
             runtime_calls=calls,
         )
         card_json, card_md = write_card(card, staged.tmp)
+        _verify_written(staged, candidates, fp32.probabilities, output)
         _publish([card_json, card_md, *candidates], _writable_dir(output), options.name)
     files = tuple(output / path.name for path in candidates)
     return ExportResult(files, output / card_json.name, tuple(reports.values()))
@@ -240,6 +251,8 @@ def requantize_export(
         card["parity"] = kept + [parity_record(r) for r in reports.values()]
         card["files"][int8.path.name] = file_record(int8.path)
         card_json, card_md = write_card(card, staged.tmp)
+        shutil.copy2(fp32_path, staged.tmp / fp32_path.name)  # its recheck partner, beside it
+        _verify_written(staged, [int8.path], fp32.probabilities, model_dir)
         _publish([card_json, card_md, int8.path], model_dir, name)
     return ExportResult((model_dir / int8.path.name,), card_path, tuple(reports.values()))
 
@@ -396,7 +409,7 @@ def _export_fp16(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
 def _refuse(
     staged: _Staged,
     fp32: _Fp32,
-    int8: _Int8,
+    int8: _Int8 | None,
     reports: dict[str, ParityReport],
     output: Path,
 ) -> None:
@@ -408,14 +421,59 @@ def _refuse(
     options, held_out = staged.options, staged.images.held_out
     report_path = _writable_dir(output) / _failure_report_name(options.name)
     lines = [r.summary() for r in reports.values()]
-    if int8.margin > 0:
+    if int8 is not None and int8.margin > 0:
         lines.append(_alone_line(int8.alone))
-    if not reports["int8"].passed:
+    if int8 is not None and not reports["int8"].passed:
         lines += _diagnose(int8.prepared, int8.path, held_out)
         lines.append(_jitter_line(fp32.path, held_out, fp32.probabilities, options.min_agreement))
         lines.append(INT8_ADVICE)
     report_path.write_text("\n".join(lines) + "\n")
     raise ParityError(list(reports.values()), report_path)
+
+
+def _verify_written(
+    staged: _Staged, files: list[Path], fp32_probabilities: np.ndarray, output: Path
+) -> None:
+    """Reload each staged model file as the runtime runs it (contract, card, FP32 recheck) and
+    gate its answers on the held-out scans (:func:`edge_runtime.verify.verify_model_file`).
+
+    Raises:
+        ParityError: a file fails; a report is written, no model is.
+    """
+    reports = []
+    for path in files:
+        precision = open_model(path, provider=Provider.CPU).spec.precision
+        if precision is Precision.INT8 and SATURATING_CPU:
+            log.warning(
+                "%s: not rerun with this host's INT8 kernels, which saturate (the gates ran its "
+                "QDQ graph in float); it loaded under the contract",
+                path.name,
+            )
+            continue
+        check = verify_model_file(
+            path,
+            staged.images.held_out,
+            reference=fp32_probabilities,
+            min_agreement=staged.options.min_agreement,
+        )
+        log.info("%s", check.summary())
+        reports.append(
+            ParityReport(
+                f"onnx-{check.precision} reloaded as the runtime runs it ({path.name})",
+                check.frames,
+                check.max_abs_probability_diff,
+                check.top1_agreement,
+                None,
+                None,
+                check.failures,
+            )
+        )
+    if all(r.passed for r in reports):
+        return
+    report_path = _writable_dir(output) / _failure_report_name(staged.options.name)
+    lines = [r.summary() for r in reports] + [INT8_ADVICE]
+    report_path.write_text("\n".join(lines) + "\n")
+    raise ParityError(reports, report_path)
 
 
 def _failure_report_name(name: str) -> str:
