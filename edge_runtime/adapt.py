@@ -933,6 +933,13 @@ def _card_markdown(card: dict[str, Any]) -> str:
     )
     threshold = record["malignant_threshold"]
     lines.append(f"Malignant threshold {threshold['value']:.4f}: {threshold['note']}.")
+    guard = record.get("malignant_guard", {})
+    if guard.get("value"):
+        lost = guard.get("lost_out_of_fold") or []
+        lines.append(
+            f"Malignant guard: {guard['rule']} ({guard['kept_scans']} scans). Out-of-fold, "
+            + (f"{len(lost)} such scan(s) were lost: {', '.join(lost)}." if lost else "none lost.")
+        )
     if "int8" in record:
         p = record["int8"]
         lines.append(
