@@ -30,7 +30,7 @@ from edge_runtime.sources import expand_sources
 from edge_runtime.status import ExitStatus
 from edge_runtime.summary import FileSummary, with_summaries
 
-SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt")
+SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt", "serve")
 
 
 EXAMPLES = """\
@@ -355,9 +355,10 @@ examples:
        edge-classify dashboard
   2. your own model, another port:
        edge-classify dashboard --model export/model-int8.onnx --port 8600
-  3. reachable from other machines on the network (anyone who reaches it can upload scans and
-     read folders on this host):
-       edge-classify dashboard --host 0.0.0.0
+  3. reachable from other machines on the network: the page asks for a token (printed once at
+     start, or yours from a file), and host folders only under --data-root:
+       edge-classify dashboard --host 0.0.0.0 --data-root /data/scans
+       edge-classify dashboard --host 0.0.0.0 --token-file /etc/edge-classify/token
 
 Upload scans (PNG, JPEG, BMP, TIFF, DICOM) or name a folder on this host; see each scan's label,
 calibrated probabilities, flags and heatmap, a batch table with CSV / JSON-lines downloads, and
@@ -383,6 +384,23 @@ def build_dashboard_parser() -> argparse.ArgumentParser:
         help="address to listen on (default 127.0.0.1: this machine only)",
     )
     parser.add_argument("--port", type=_port, default=8501, help="port (default 8501)")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the page asks for the token in FILE (default: $EDGE_CLASSIFY_DASHBOARD_TOKEN, "
+        "else one generated and printed once when --host is not loopback)",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="host folders the page may classify lie under DIR (repeatable; default: any on "
+        "loopback, none beyond)",
+    )
     _add_common_options(parser)
     return parser
 
@@ -426,6 +444,7 @@ def main(
         "bench": build_bench_parser,
         "dashboard": build_dashboard_parser,
         "adapt": build_adapt_parser,
+        "serve": build_serve_parser,
     }
     bodies = {
         None: _classify,
@@ -433,6 +452,7 @@ def main(
         "bench": _bench,
         "dashboard": _dashboard,
         "adapt": _adapt,
+        "serve": _serve,
     }
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -687,7 +707,12 @@ def _dashboard(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         return ExitStatus.USAGE
     with Classifier.from_options(ClassifierOptions(model_path=args.model)):
         pass  # a model that cannot be opened is a usage error here, not an error on the page
-    return run_dashboard(host=args.host, port=args.port, model=args.model, stderr=stderr)
+    from edge_runtime.dashboard.access import resolve_access
+
+    access = resolve_access(args.host, token_file=args.token_file, data_roots=args.data_root)
+    return run_dashboard(
+        host=args.host, port=args.port, model=args.model, stderr=stderr, access=access
+    )
 
 
 ADAPT_EXAMPLES = """\
@@ -740,11 +765,26 @@ def build_adapt_parser() -> argparse.ArgumentParser:
         "--site-name", default=None, help="the site's name for the card (default: SITE's name)"
     )
     parser.add_argument(
+        "--max-malignant-lost",
+        type=int,
+        default=1,
+        metavar="N",
+        help="refuse when the site cross-validation calls more than N of the malignant scans "
+        "the model caught something else (default 1: the smallest loss 10 scans can show)",
+    )
+    parser.add_argument(
         "--max-sensitivity-drop",
         type=float,
-        default=0.0,
+        default=None,
         metavar="D",
-        help="refuse when cross-validated malignant sensitivity falls by more than D (default 0)",
+        help="also refuse when cross-validated malignant sensitivity falls by more than D",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["int8", "fp32"],
+        default=None,
+        help="fp32: write the FP32 adapted model alone, e.g. when the INT8 one fails its gate "
+        "(default: the model's precision, INT8 with its FP32 partner for the bundled model)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
     _add_batch_size_option(parser)
@@ -754,6 +794,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
 
 def _adapt(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     from edge_runtime.adapt import AdaptOptions, AdaptRefused, adapt, format_numbers
+    from edge_runtime.contract import Precision
 
     options = AdaptOptions(
         site=args.site,
@@ -763,7 +804,9 @@ def _adapt(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
         provider=Provider(args.provider),
         threads=args.threads,
         batch_size=args.batch_size,
+        max_malignant_lost=args.max_malignant_lost,
         max_sensitivity_drop=args.max_sensitivity_drop,
+        precision=None if args.precision is None else Precision(args.precision),
         seed=args.seed,
     )
     try:
@@ -779,6 +822,133 @@ def _adapt(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
         for path in report.written:
             stderr.write(f"edge-classify: wrote {path}\n")
         stderr.write(f"edge-classify: next: edge-classify SCANS --model {report.written[0]}\n")
+    return ExitStatus.SUCCESS
+
+
+# ---------------------------------------------------------------- serve (the DICOM node)
+
+SERVE_EXAMPLES = """\
+examples:
+  1. receive from one scanner (AE title US-ROOM1 at 10.0.0.21), answers into a folder:
+       edge-classify serve --port 11112 --ae-title EDGE-CLASSIFY --output /var/lib/edge/answers \\
+         --allow US-ROOM1@10.0.0.21
+  2. and send every SR and SEG on to the PACS:
+       edge-classify serve --output answers/ --allow US-ROOM1@10.0.0.21 --forward PACS@10.0.0.5:104
+  3. with TLS (the scanner must speak DICOM over TLS too):
+       edge-classify serve --output answers/ --allow US-ROOM1 --tls-cert node.pem --tls-key node.key
+  4. check it from the scanner's side (dcmtk):
+       echoscu -aet US-ROOM1 -aec EDGE-CLASSIFY HOST 11112
+
+Accepts Ultrasound (single and multi-frame, and the retired classes), Secondary Capture and
+Enhanced US Volume, in every transfer syntax the dicom extra decodes, and C-ECHO. Each instance is
+stored (fsync, rename) before it is acknowledged and answered exactly once, even across a crash:
+a Comprehensive SR (TID 1500) per image or cine, a SEG of the lesion per single-frame image, and
+the JSON-lines records of edge-classify --format jsonl with the DICOM UIDs (<output>/results.jsonl).
+Without --allow only this machine may send. See docs/dicom-node.md.
+
+exit status: 0 stopped cleanly (SIGINT/SIGTERM), 2 usage or model error, or the node extra is
+missing. Not a medical device: every answer says so.
+"""
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """The parser of ``edge-classify serve``."""
+    parser = _command_parser(
+        "edge-classify serve",
+        "A DICOM node: scanners send by C-STORE, edge-classify answers with an SR and a SEG.",
+        SERVE_EXAMPLES,
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="answers (SR_<uid>.dcm, SEG_<uid>.dcm) and results.jsonl go here",
+    )
+    parser.add_argument("--port", type=int, default=11112, help="port to listen on (default 11112)")
+    parser.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every one)"
+    )
+    parser.add_argument(
+        "--ae-title", default="EDGE-CLASSIFY", help="this node's AE title (default EDGE-CLASSIFY)"
+    )
+    parser.add_argument(
+        "--allow",
+        nargs="+",
+        default=[],
+        metavar="AE[@HOST]",
+        help="calling AE titles (and addresses) that may send; default: this machine only",
+    )
+    parser.add_argument(
+        "--forward",
+        default=None,
+        metavar="AE@HOST:PORT",
+        help="send every SR and SEG to this PACS by C-STORE (queued on disk while it is down)",
+    )
+    parser.add_argument(
+        "--spool",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="received instances and the forward queue (default: <output>/.spool)",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate: listen with TLS"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    _add_model_options(parser, threads_default=None)
+    _add_batch_size_option(parser)
+    _add_abstain_option(parser)
+    _add_common_options(parser)
+    return parser
+
+
+def _serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    import importlib.util
+
+    missing = [m for m in ("pynetdicom", "highdicom") if importlib.util.find_spec(m) is None]
+    if missing:
+        from edge_runtime.node import NODE_EXTRA_HINT
+
+        stderr.write(f"edge-classify: error: {NODE_EXTRA_HINT} ({', '.join(missing)} missing)\n")
+        return ExitStatus.USAGE
+    from edge_runtime.node import Node, NodeOptions
+
+    if not args.quiet:
+        logging.getLogger("edge_runtime").setLevel(logging.INFO)
+    options = NodeOptions(
+        output=args.output,
+        spool=args.spool,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        allow=tuple(args.allow),
+        forward=args.forward,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    stop = threading.Event()
+    restore = _install_stop_handlers(stop)
+    try:
+        with (
+            Classifier.from_options(_options(args)) as classifier,
+            Node(classifier, options) as node,
+        ):
+            counts = node.spool.counts()
+            stderr.write(
+                f"edge-classify: serving {options.ae_title} on {options.host}:{node.scp.port} -> "
+                f"{options.output} ({counts['received']} waiting, {counts['done']} answered; "
+                f"allowed: {node.scp.options.allow.describe()}"
+                + (f"; forwarding to {options.forward}" if options.forward else "")
+                + "; Ctrl-C to stop)\n"
+            )
+            stderr.flush()
+            stop.wait()
+    finally:
+        restore()
+    if not args.quiet:
+        stats = node.worker.stats
+        stderr.write(f"edge-classify: stopped: {stats.answered} answered, {stats.failed} failed\n")
     return ExitStatus.SUCCESS
 
 

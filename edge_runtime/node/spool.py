@@ -1,0 +1,217 @@
+"""The node's spool: received instances on disk, keyed by SOP Instance UID, processed exactly once.
+
+Layout under the spool folder::
+
+    tmp/                      files being written (never read; cleared at start)
+    received/<uid>.dcm        acknowledged, not yet answered
+    done/<uid>.json           answered: the commit point of one instance (its answer files)
+
+:meth:`Spool.store` writes an instance with its file meta to ``tmp/``, fsyncs it, renames it into
+``received/`` and fsyncs the folder: only then may the C-STORE response say success. An instance
+whose UID is already received or done is a re-sent duplicate: it is acknowledged and not stored
+again. The worker answers an instance, then :meth:`Spool.commit` writes its ``done`` marker
+(fsync + rename) and removes it from ``received/``; after a crash, what is still in ``received/``
+without a marker is answered again, and nothing with one is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MAX_UID_CHARS = 64
+
+
+class StoreOutcome:
+    """What :meth:`Spool.store` did with an instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+def check_uid(uid: str) -> str:
+    """Return ``uid`` when it is a valid DICOM UID (digits and dots, at most 64 characters).
+
+    Raises:
+        ValueError: it is not; the message names the value.
+    """
+    uid = str(uid).strip().rstrip("\x00")
+    if not (uid and len(uid) <= MAX_UID_CHARS and UID_PATTERN.match(uid)):
+        raise ValueError(
+            f"SOP Instance UID must be digits and dots, at most {MAX_UID_CHARS} characters. "
+            f"Got {uid[:80]!r} instead."
+        )
+    return uid
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: a temporary file beside it, fsync, rename, fsync the
+    folder. A reader sees the old file or the whole new one, never a part.
+
+    Raises:
+        OSError: naming ``path``.
+    """
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise OSError(f"{path}: could not be written ({exc.strerror or exc})") from exc
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@dataclass(frozen=True)
+class Received:
+    """An acknowledged instance waiting for its answers."""
+
+    uid: str
+    path: Path
+    received_at: float  # time.time() when it was stored (its file's mtime after a restart)
+
+
+class Spool:
+    """Received instances on disk, and which of them are answered (see the module docstring).
+
+    Thread-safe: associations store from their own threads while the worker takes and commits.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp, self.received, self.done = (self.root / n for n in ("tmp", "received", "done"))
+        for folder in (self.tmp, self.received, self.done):
+            folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp.iterdir():  # half-written before a crash: never acknowledged
+            stale.unlink(missing_ok=True)
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._taken: set[str] = set()
+
+    def store(self, uid: str, data: bytes) -> str:
+        """Store one instance durably (returns before the C-STORE response is sent).
+
+        Args:
+            uid: its SOP Instance UID (checked: it names the file).
+            data: the instance encoded with its file meta (Part 10).
+
+        Returns:
+            :attr:`StoreOutcome.STORED`, or :attr:`StoreOutcome.DUPLICATE` when that UID was
+            already received or answered (nothing is written then).
+
+        Raises:
+            ValueError: the UID is not a valid UID.
+            OSError: the spool could not be written (disk full, say), naming the file.
+        """
+        uid = check_uid(uid)
+        final = self.received / f"{uid}.dcm"
+        if final.exists() or (self.done / f"{uid}.json").exists():
+            return StoreOutcome.DUPLICATE
+        temporary = self.tmp / f"{uid}.{uuid.uuid4().hex}"
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+            fsync_dir(self.received)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise OSError(f"{final}: could not be stored ({exc.strerror or exc})") from exc
+        with self._arrived:
+            self._arrived.notify_all()
+        return StoreOutcome.STORED
+
+    def pending(self) -> list[Received]:
+        """Received instances not yet answered nor taken, oldest first."""
+        items = []
+        for path in self.received.glob("*.dcm"):
+            uid = path.stem
+            if uid in self._taken:
+                continue
+            try:
+                items.append(Received(uid, path, path.stat().st_mtime))
+            except FileNotFoundError:  # committed meanwhile
+                continue
+        return sorted(items, key=lambda item: (item.received_at, item.uid))
+
+    def take(self, limit: int, timeout_s: float) -> list[Received]:
+        """Up to ``limit`` instances to answer, waiting up to ``timeout_s`` for one to arrive.
+
+        An instance already answered (its marker written before a crash removed it from
+        ``received/``) is cleaned up here, not handed out again.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while True:
+                items = []
+                for item in self.pending():
+                    if self.is_done(item.uid):
+                        item.path.unlink(missing_ok=True)
+                        continue
+                    items.append(item)
+                    if len(items) == limit:
+                        break
+                if items:
+                    self._taken.update(item.uid for item in items)
+                    return items
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._arrived.wait(left)
+
+    def release(self, uid: str) -> None:
+        """Hand an instance back (its answering failed; it stays in ``received/``)."""
+        with self._lock:
+            self._taken.discard(uid)
+
+    def is_done(self, uid: str) -> bool:
+        return (self.done / f"{uid}.json").exists()
+
+    def done_record(self, uid: str) -> Mapping[str, Any] | None:
+        """What :meth:`commit` recorded for ``uid``; None when it is not done."""
+        try:
+            return json.loads((self.done / f"{uid}.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def commit(self, uid: str, record: Mapping[str, Any]) -> None:
+        """Mark ``uid`` answered (durably), then drop its received file.
+
+        Raises:
+            OSError: the marker could not be written (the instance stays received).
+        """
+        write_atomic(self.done / f"{uid}.json", json.dumps(record).encode())
+        (self.received / f"{uid}.dcm").unlink(missing_ok=True)
+        with self._lock:
+            self._taken.discard(uid)
+
+    def counts(self) -> dict[str, int]:
+        """Instances received (waiting) and done, for status lines."""
+        return {
+            "received": sum(1 for _ in self.received.glob("*.dcm")),
+            "done": sum(1 for _ in self.done.glob("*.json")),
+        }
