@@ -39,9 +39,10 @@ from edge_runtime.cpu import int8_saturates
 from edge_runtime.decision import decide, lesion_verdict, unfamiliar_scores
 from edge_runtime.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
 from edge_runtime.heatmap import cam_to_heatmap, lesion_heatmap
-from edge_runtime.lesion import Lesion, find_lesion, require_lesion_output
+from edge_runtime.lesion import Lesion, find_lesion, in_frame, require_lesion_output
 from edge_runtime.preprocess import fit_to_square
 from edge_runtime.recheck import needs_recheck
+from edge_runtime.scan_check import check_scan
 from edge_runtime.session import (
     LazyModel,
     LoadedModel,
@@ -84,6 +85,8 @@ class ClassifierOptions:
     # call malignant when P(malignant) >= this; None: the model's own operating point (0: top-1)
     malignant_threshold: float | None = None
     recheck: bool = True  # rerun in FP32 what an INT8 model is unsure of, if its metadata asks
+    # abstain on frames that are not ultrasound scans (edge_runtime.scan_check): blank, noise...
+    check_input: bool = True
 
     @property
     def batches_at_once(self) -> int:
@@ -135,19 +138,28 @@ class Classification:
         label: the call (top-1, or the model's malignant operating point or lesion rule).
         probabilities: class name -> calibrated probability, summing to 1.
         confidence: the called class's probability.
-        abstained: below the abstain threshold, or ``unfamiliar``: a flag for review.
+        abstained: a flag for review, with its ``abstain_reason``: not an ultrasound scan
+            (:mod:`edge_runtime.scan_check`), ``unfamiliar``, or below the abstain threshold. The
+            label is still the model's call, but never act on the label of an abstained result.
         timing: per-stage milliseconds of this image.
         frame: index within a multi-frame file; None for a single image.
         rechecked: INT8 was unsure; these are the FP32 model's answers.
         region: which tissue region of a dual view (:mod:`edge_runtime.regions`); None for one.
         pixel_spacing_mm: (row, column) spacing of the classified frame, where the file gives it.
+        origin: ``(x, y)`` in the file's frame of the classified image's top-left pixel: a DICOM
+            tissue region's offset (:mod:`edge_runtime.regions`); ``(0, 0)`` for a whole frame.
         lesion: the largest lesion the model found (None when it found none, or has no lesion
-            output).
+            output); its box is in the whole frame's pixels.
         unfamiliar: unlike the training scans (:mod:`edge_runtime.decision`); abstains.
-        heatmap: uint8 ``[H, W]`` at the frame's size, with ``heatmaps=True``.
-        image: the decoded uint8 ``[H, W]`` frame, with ``heatmaps=True``.
-        lesion_mask: uint8 ``[H, W]`` (255 inside the lesion, 0 outside), with ``masks=True`` or
-            ``heatmaps=True`` (whose overlays outline it) and a model with a lesion output.
+        abstain_reason: why it abstained, every reason that applies joined by ``"; "`` (e.g.
+            ``"not an ultrasound scan: a blank frame (grey levels span 0 levels)"``); None when
+            it did not.
+        heatmap: uint8 ``[h, w]`` at the classified image's size, with ``heatmaps=True``.
+        image: the decoded uint8 ``[h, w]`` image that was classified (a tissue region's crop
+            of the frame, at ``origin``), with ``heatmaps=True``.
+        lesion_mask: uint8 ``[H, W]`` at the whole frame's size (255 inside the lesion, 0
+            outside), with ``masks=True`` or ``heatmaps=True`` (whose overlays outline it) and a
+            model with a lesion output.
     """
 
     ok: ClassVar[Literal[True]] = True
@@ -163,8 +175,10 @@ class Classification:
     rechecked: bool = False
     region: int | None = None
     pixel_spacing_mm: tuple[float, float] | None = None
+    origin: tuple[int, int] = (0, 0)
     lesion: Lesion | None = None
     unfamiliar: bool = False
+    abstain_reason: str | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
     lesion_mask: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -207,7 +221,10 @@ class _Item:
     preprocess_ms: float = 0.0
     pixel_spacing_mm: tuple[float, float] | None = None
     notes: tuple[str, ...] = ()  # what decoders printed or warned while reading the file
+    not_a_scan: str | None = None  # the input check's reason (edge_runtime.scan_check)
     region: int | None = None
+    origin: tuple[int, int] = (0, 0)  # (x, y) of the image in its frame (a tissue region)
+    frame_shape: tuple[int, int] | None = None  # (rows, columns) of that frame; None: the image
 
 
 @dataclass(frozen=True)
@@ -611,6 +628,7 @@ class Classifier:
                 reason = f"could not be resized ({type(exc).__name__}: {exc})"
                 items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
                 continue
+            not_a_scan = _input_check(frame, name) if self._options.check_input else None
             items.append(
                 _Item(
                     name,
@@ -620,7 +638,10 @@ class Classifier:
                     decode_ms=decode_ms,
                     preprocess_ms=_ms_since(begin),
                     pixel_spacing_mm=spacing,
+                    not_a_scan=not_a_scan,
                     region=region,
+                    origin=(0, 0) if scan is None else scan.origin(index),
+                    frame_shape=None if scan is None else scan.frame_shape,
                 )
             )
         return items
@@ -640,6 +661,7 @@ class Classifier:
         probabilities = _calibrate(outputs.probabilities, spec.temperature)
         names = spec.class_names
         unfamiliar = np.zeros(len(batch), bool)
+        scores = np.zeros(len(batch))
         if outputs.features is not None:
             scores = unfamiliar_scores(outputs.features, spec.unfamiliar)
             unfamiliar = scores > float(spec.unfamiliar["threshold"])
@@ -657,6 +679,10 @@ class Classifier:
             if outputs.lesion is not None
             else (None, None)
             for row, item in enumerate(batch)
+        ]
+        found = [  # a tissue region's lesion, in the whole frame's pixels
+            in_frame(*pair, item.origin, item.frame_shape)
+            for pair, item in zip(found, batch, strict=True)
         ]
         lesion_found = lesion_verdict(
             spec.normal_rule.value,
@@ -678,6 +704,17 @@ class Classifier:
         for row, item in enumerate(batch):
             top = int(called[row])
             confidence = float(probabilities[row, top])
+            reasons = [
+                item.not_a_scan,
+                f"unfamiliar: unlike the scans the model was trained on (score {scores[row]:.2f} "
+                f"above {float(spec.unfamiliar['threshold']):.2f})"
+                if unfamiliar[row]
+                else None,
+                f"low confidence: {confidence:.3f} is below {self._abstain_below:.3f}"
+                if confidence < self._abstain_below
+                else None,
+            ]
+            abstain_reason = "; ".join(reason for reason in reasons if reason) or None
             lesion, mask = found[row]
             heat = None
             if heatmaps and item.original is not None:
@@ -702,7 +739,7 @@ class Classifier:
                     label=names[top],
                     probabilities=dict(zip(names, map(float, probabilities[row]), strict=True)),
                     confidence=confidence,
-                    abstained=confidence < self._abstain_below or bool(unfamiliar[row]),
+                    abstained=abstain_reason is not None,
                     timing=Timing(
                         item.decode_ms,
                         item.preprocess_ms + stack_ms / len(batch),
@@ -713,8 +750,10 @@ class Classifier:
                     rechecked=bool(rechecked[row]),
                     region=item.region,
                     pixel_spacing_mm=item.pixel_spacing_mm,
+                    origin=item.origin,
                     lesion=lesion,
                     unfamiliar=bool(unfamiliar[row]),
+                    abstain_reason=abstain_reason,
                     heatmap=heat,
                     image=item.original if heatmaps else None,
                     lesion_mask=mask,
@@ -744,6 +783,20 @@ def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
         if good == size:
             return index + 1
     return None
+
+
+def _input_check(frame: np.ndarray, name: str) -> str | None:
+    """:func:`~edge_runtime.scan_check.check_scan`'s reason; a bug in it costs no frame."""
+    try:
+        return check_scan(frame)
+    except Exception as exc:
+        log.warning(
+            "%s: the input check failed (%s: %s); classified without it",
+            display_path(name),
+            type(exc).__name__,
+            exc,
+        )
+        return None
 
 
 def _with_postprocess(result: Classification, post_ms: float) -> Classification:

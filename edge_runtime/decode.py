@@ -7,13 +7,16 @@ with many frames (a cine loop, a multi-page TIFF) is opened as a :class:`Scan` w
 decoded a few at a time (:meth:`Scan.read`), so memory follows the batch, not the file.
 
 What the file says about itself is applied: EXIF orientation (OpenCV applies it unless told not
-to), every TIFF page, and the significant bits of 16-bit images (PNG ``sBIT``, TIFF
-``MaxSampleValue``; else the fewest bits that hold the largest value), the way DICOM's Bits Stored
-scales DICOM data (:func:`to_uint8`).
+to), every TIFF page (classic TIFF and BigTIFF), and the range of 16-bit images: TIFF
+``MaxSampleValue`` scales them the way DICOM's Bits Stored scales DICOM data (:func:`to_uint8`);
+a PNG's samples span the whole 16 bits, as the PNG standard stores them (``sBIT`` only records
+the original depth), unless they all fit in its ``sBIT`` bits (a writer that broke the standard:
+read by those bits, with a warning); else the fewest bits that hold the largest value.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -26,6 +29,8 @@ import numpy as np
 MAX_PIXELS = 64_000_000  # one frame of ~8000 x 8000; larger is refused before decoding
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_PAGES = 10_000  # TIFF pages (each also bounded by MAX_PIXELS)
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+BIGTIFF_MAGIC = (b"II+\x00", b"MM\x00+")  # 64-bit offsets (microscopes, large exports)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -34,6 +39,7 @@ SNIFF_BYTES = 132
 # OpenCV applies EXIF orientation for every flag except IMREAD_UNCHANGED; these keep the depth
 # (8/16-bit) and the channels (alpha is dropped, which gray conversion drops anyway).
 _IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -73,6 +79,11 @@ class Scan:
             :mod:`edge_runtime.regions`), each region's pixel spacing (or None), in order; the
             images are then frame 0's regions, frame 1's, ...: image ``k`` is region
             ``k % len(regions)`` of frame ``k // len(regions)``. Empty: one image a frame.
+        origins: where each image lies in its frame when the images are crops of it (DICOM
+            ultrasound regions): the ``(x, y)`` of its top-left pixel, one per region (one for
+            a single cropped region). Empty: the images are the whole frames.
+        frame_shape: ``(rows, columns)`` of the whole frame when the images are crops of it,
+            else None.
     """
 
     path: str
@@ -80,6 +91,8 @@ class Scan:
     pixel_spacing_mm: tuple[float, float] | None
     _read: Callable[[int, int], list[np.ndarray]]
     regions: tuple[tuple[float, float] | None, ...] = ()
+    origins: tuple[tuple[int, int], ...] = ()
+    frame_shape: tuple[int, int] | None = None
 
     def where(self, index: int) -> tuple[int | None, int | None, tuple[float, float] | None]:
         """Image ``index``'s frame number (None for a single-frame file), region number (None
@@ -89,6 +102,11 @@ class Scan:
         if not self.regions:
             return frame, None, self.pixel_spacing_mm
         return frame, index % per_frame, self.regions[index % per_frame]
+
+    def origin(self, index: int) -> tuple[int, int]:
+        """The ``(x, y)`` in its frame of image ``index``'s top-left pixel: ``(0, 0)`` unless
+        the images are crops of the frame (:attr:`origins`)."""
+        return self.origins[index % len(self.origins)] if self.origins else (0, 0)
 
     def read(self, start: int = 0, stop: int | None = None) -> list[np.ndarray]:
         """Decode frames ``start`` to ``stop`` (exclusive) as 2-D uint8 arrays.
@@ -124,7 +142,8 @@ def open_scan(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
     """Open a scan file: check its header and geometry, decode nothing yet.
 
     DICOM files (a ``.dcm``/``.dicom`` suffix, ``DICM`` at byte 128, or a bare dataset without
-    File Meta) go through pydicom, an optional extra, and may hold many frames; TIFF pages are
+    File Meta) go through pydicom, an optional extra, and may hold many frames; videos (AVI, MP4,
+    ...: :mod:`edge_runtime.video`) through OpenCV, a frame per video frame; TIFF pages are
     frames too; PNG, JPEG and BMP are one frame.
 
     Args:
@@ -142,6 +161,10 @@ def open_scan(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
         from edge_runtime.dicom import open_dicom  # pydicom stays an optional import
 
         return open_dicom(path, data)
+    from edge_runtime.video import is_video, open_video  # video.py imports this module
+
+    if is_video(path, head, sniff(head)):
+        return open_video(path, data)
     if data is None:
         data = _read_bytes(path)
     return open_image(data, path)
@@ -153,7 +176,7 @@ def sniff(head: bytes) -> str | None:
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
+    if head[:4] in TIFF_MAGIC or head[:4] in BIGTIFF_MAGIC:
         return "tiff"
     if head.startswith(b"BM") and len(head) >= 26:
         return "bmp"
@@ -213,8 +236,7 @@ def open_image(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> Scan:
                 "(refused before decoding, as a possible decompression bomb)",
             )
     significant = [bits for _, _, bits in pages]
-    if kind == "png":
-        significant = [_png_significant_bits(data)]
+    png_bits = _png_significant_bits(data) if kind == "png" else None
 
     def read(start: int, stop: int) -> list[np.ndarray]:
         buffer = np.frombuffer(data, np.uint8)
@@ -227,9 +249,11 @@ def open_image(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> Scan:
         if len(images) != stop - start:
             what = f"pages {start + 1}-{stop}" if len(pages) > 1 else "image data"
             raise InputError(path, f"{what} corrupt or truncated and could not be decoded")
+        bits = significant[start:stop]
+        if png_bits is not None:
+            bits = [_png_range_bits(images[0], png_bits, path)]
         return [
-            to_gray_uint8(image, path, significant_bits=significant[start + i])
-            for i, image in enumerate(images)
+            to_gray_uint8(image, path, significant_bits=bits[i]) for i, image in enumerate(images)
         ]
 
     return Scan(str(path), len(pages), None, read)
@@ -333,27 +357,32 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
 
 
 def _tiff_pages(data: bytes) -> list[tuple[int, int, int | None]]:
-    """(width, height, significant bits or None) of every page, following the IFD chain."""
+    """(width, height, significant bits or None) of every page, following the IFD chain of a
+    classic TIFF (32-bit offsets, 12-byte entries) or a BigTIFF (64-bit offsets, 20-byte
+    entries)."""
     endian = "<" if data[:2] == b"II" else ">"
+    big = data[:4] in BIGTIFF_MAGIC
+    offset_format, count_format, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
+    value_at = 12 if big else 8  # after tag, type and count
     pages: list[tuple[int, int, int | None]] = []
     seen: set[int] = set()
     try:
-        (offset,) = struct.unpack(endian + "I", data[4:8])
+        (offset,) = struct.unpack_from(endian + offset_format, data, 8 if big else 4)
         while offset and offset not in seen and len(pages) < MAX_PAGES:
             seen.add(offset)
-            (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
+            (count,) = struct.unpack_from(endian + count_format, data, offset)
+            first = offset + struct.calcsize(count_format)
             found: dict[int, int] = {}
             for n in range(count):
-                entry = data[offset + 2 + 12 * n : offset + 14 + 12 * n]
-                tag, kind = struct.unpack(endian + "HH", entry[:4])
+                at = first + entry_size * n
+                tag, kind = struct.unpack_from(endian + "HH", data, at)
                 if tag in (256, 257, 281):  # width, height, MaxSampleValue
-                    fmt = "H" if kind == 3 else "I"
-                    (found[tag],) = struct.unpack(endian + fmt, entry[8 : 8 + struct.calcsize(fmt)])
+                    fmt = "H" if kind == 3 else "Q" if big and kind == 16 else "I"  # 16: LONG8
+                    (found[tag],) = struct.unpack_from(endian + fmt, data, at + value_at)
             bits = found[281].bit_length() if found.get(281) else None
             pages.append((found.get(256, 0), found.get(257, 0), bits))
-            end = offset + 2 + 12 * count
-            (offset,) = struct.unpack(endian + "I", data[end : end + 4])
-    except struct.error:
+            (offset,) = struct.unpack_from(endian + offset_format, data, first + entry_size * count)
+    except (struct.error, OverflowError):  # cut short, or a 64-bit offset past any buffer
         if not pages:
             return [(0, 0, None)]
     return pages or [(0, 0, None)]
@@ -371,6 +400,29 @@ def _png_significant_bits(data: bytes) -> int | None:
             return None
         offset += 12 + length
     return None
+
+
+def _png_range_bits(image: np.ndarray, sbit: int, path: str | os.PathLike[str]) -> int | None:
+    """The bits whose whole range a decoded 16-bit PNG's samples span, given its ``sBIT``.
+
+    The PNG standard scales samples to the image's bit depth ("sample depth scaling"); ``sBIT``
+    records how many bits the original had, so a 12-bit scan is stored as 0..65535, not 0..4095.
+    Samples that all fit in ``sBIT`` bits were written unscaled, against the standard: they are
+    read by those bits, with a warning naming the file.
+    """
+    if image.dtype != np.uint16:
+        return None
+    if sbit >= 16 or int(image.max()) >= 1 << sbit:
+        return 16
+    log.warning(
+        "%s: every value of this 16-bit PNG fits in its sBIT of %d bits: read as %d-bit data "
+        "stored unscaled (the PNG standard stores them scaled to 16 bits; check the program "
+        "that wrote it)",
+        display_path(path),
+        sbit,
+        sbit,
+    )
+    return sbit
 
 
 def check_file(path: str | os.PathLike[str]) -> None:

@@ -36,6 +36,7 @@ from edge_runtime.decode import (
     Scan,
     bare_dataset,
     check_file,
+    display_path,
     to_uint8,
 )
 from edge_runtime.regions import Region, pixel_spacing, tissue_regions
@@ -76,7 +77,8 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
     The frames are the tissue region of the Sequence of Ultrasound Regions when the file has one
     (:mod:`edge_runtime.regions`), else the whole image; ``pixel_spacing_mm`` comes from that
     region, or from Pixel Spacing. With several tissue regions (a dual view), each frame gives
-    one image per region (:attr:`Scan.regions`).
+    one image per region (:attr:`Scan.regions`). Where the images are regions, the scan says
+    where each lies in the frame (:attr:`Scan.origins`, :attr:`Scan.frame_shape`).
 
     Args:
         path: the file's path (read from disk unless ``data`` is given; used in messages).
@@ -106,7 +108,9 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
     ds, syntax = _read_header(path, opener)
     geometry = _check_geometry(path, ds)
     _check_decoder(path, syntax)
-    regions = tissue_regions(ds, geometry.rows, geometry.columns)
+    regions = tissue_regions(ds, geometry.rows, geometry.columns, source=display_path(path))
+    origins = tuple((r.x0, r.y0) for r in regions)
+    frame_shape = (geometry.rows, geometry.columns) if regions else None
     frames_of = _frame_reader(path, opener, ds, syntax)
     if len(regions) > 1:  # a dual view: every region of every frame, one image each
         displays = [_Display(ds, geometry, region) for region in regions]
@@ -123,7 +127,8 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
             ]
 
         spacings = tuple(r.pixel_spacing_mm for r in regions)
-        return Scan(str(path), geometry.frames * per_frame, spacings[0], read, spacings)
+        count = geometry.frames * per_frame
+        return Scan(str(path), count, spacings[0], read, spacings, origins, frame_shape)
     region = regions[0] if regions else None
     spacing = region.pixel_spacing_mm if region is not None else pixel_spacing(ds)
     display = _Display(ds, geometry, region)
@@ -134,7 +139,7 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
             raise InputError(path, f"DICOM file holds fewer frames than its {geometry.frames}")
         return [display(array, path) for array in arrays]
 
-    return Scan(str(path), geometry.frames, spacing, read)
+    return Scan(str(path), geometry.frames, spacing, read, (), origins, frame_shape)
 
 
 def load_dicom_frames(path: str | os.PathLike[str], data: bytes | None = None) -> list[np.ndarray]:
@@ -318,23 +323,34 @@ def _check_decoder(path: str | os.PathLike[str], syntax: Any) -> None:
 def _frame_reader(
     path: str | os.PathLike[str], opener: Callable[[], BinaryIO], ds: Any, syntax: Any
 ) -> Callable[[int, int], list[np.ndarray]]:
-    """A function decoding frames ``start .. stop`` from the file, reading only those frames."""
+    """A function decoding frames ``start .. stop`` from the file, reading only those frames.
+
+    Native YBR_FULL_422 frames are decoded one per call of pydicom's frame iterator: after the
+    first frame its decoder takes the frames for YBR_FULL (3 bytes a pixel, not 2) and finds
+    too little data for the next (pydicom 3.0).
+    """
     from pydicom import dcmread
     from pydicom.pixels import get_decoder, iter_pixels
 
     preferred = _PREFERRED_PLUGIN.get(str(syntax), "")
     if preferred not in get_decoder(syntax).available_plugins:
         preferred = ""
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    one_at_a_time = photometric == "YBR_FULL_422" and not syntax.is_encapsulated
+
+    def runs(start: int, stop: int) -> list[range]:
+        if one_at_a_time:
+            return [range(index, index + 1) for index in range(start, stop)]
+        return [range(start, stop)]
 
     def decode(start: int, stop: int, plugin: str) -> list[np.ndarray]:
-        with opener() as handle:
-            frames = iter_pixels(
-                handle,
-                indices=range(start, stop),
-                transfer_syntax_uid=syntax,
-                decoding_plugin=plugin,
-            )
-            return list(frames)
+        frames = []
+        for indices in runs(start, stop):
+            with opener() as handle:
+                frames += iter_pixels(
+                    handle, indices=indices, transfer_syntax_uid=syntax, decoding_plugin=plugin
+                )
+        return frames
 
     def decode_loaded(start: int, stop: int) -> list[np.ndarray]:
         """From the whole dataset as dcmread reads it: for files whose encoding differs from
@@ -342,7 +358,9 @@ def _frame_reader(
         with opener() as handle:
             whole = dcmread(handle, force=True)
         whole.file_meta.TransferSyntaxUID = syntax
-        return list(iter_pixels(whole, indices=range(start, stop)))
+        return [
+            frame for indices in runs(start, stop) for frame in iter_pixels(whole, indices=indices)
+        ]
 
     def read(start: int, stop: int) -> list[np.ndarray]:
         try:

@@ -58,6 +58,7 @@ def overlay(
     alpha: float = 0.4,
     *,
     lesion_mask: np.ndarray | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
     """Blend a JET-coloured heatmap over the grayscale scan; returns BGR uint8.
 
@@ -65,13 +66,20 @@ def overlay(
         gray: uint8 ``[H, W]`` scan.
         heatmap: uint8 ``[H, W]`` from :func:`cam_to_heatmap`.
         alpha: weight of the heatmap's colour.
-        lesion_mask: uint8 ``[H, W]``, non-zero on the lesion the model found: its outline is
-            drawn over the blend (about 1/300 of the scan's shorter side thick, at least 1 px).
+        lesion_mask: uint8, non-zero on the lesion the model found: its outline is drawn over
+            the blend (about 1/300 of the scan's shorter side thick, at least 1 px). ``[H, W]``,
+            or the mask of a larger frame of which the scan is a crop at ``origin``.
+        origin: ``(x, y)`` of the scan's top-left pixel in ``lesion_mask`` (a result's
+            ``origin``).
     """
     scan = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     colour = cv2.applyColorMap(heatmap, cv2.COLORMAP_JET)
     blend = cv2.addWeighted(colour, alpha, scan, 1.0 - alpha, 0.0)
     if lesion_mask is not None:
+        x, y = origin
+        lesion_mask = np.ascontiguousarray(
+            lesion_mask[y : y + gray.shape[0], x : x + gray.shape[1]]
+        )
         contours, _ = cv2.findContours(lesion_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         thickness = max(1, round(min(gray.shape) / 300))
         cv2.drawContours(blend, contours, -1, OUTLINE_BGR, thickness)

@@ -5,11 +5,13 @@ stride. :func:`find_lesion` maps it back onto the frame exactly as :func:`fit_to
 the frame into the square (letterbox or stretch), in one affine warp with bilinear interpolation,
 thresholds it at the model's decision threshold, keeps the largest 8-connected component and
 measures it. Everything is OpenCV on whole arrays; the cost is a few passes over the frame.
+Where the classified image is a crop of a larger frame (a DICOM tissue region), :func:`in_frame`
+moves the lesion into that frame's pixels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -150,6 +152,35 @@ def find_lesion(
         area_mm2 = area * row_mm * column_mm
         diameter_mm = feret_diameter(inside, (row_mm, column_mm))
     return Lesion((x0 + x, y0 + y, w, h), area, area_mm2, diameter_mm), mask
+
+
+def in_frame(
+    lesion: Lesion | None,
+    mask: np.ndarray | None,
+    origin: tuple[int, int],
+    frame_shape: tuple[int, int] | None,
+) -> tuple[Lesion | None, np.ndarray | None]:
+    """A lesion found in a crop of a frame, moved into the frame's pixels.
+
+    Args:
+        lesion: as :func:`find_lesion` returns it for the crop.
+        mask: the crop's mask, as :func:`find_lesion` returns it (or None).
+        origin: ``(x, y)`` of the crop's top-left pixel in the frame.
+        frame_shape: ``(rows, columns)`` of the frame; None: the crop is the whole frame.
+
+    Returns:
+        ``(lesion, mask)``: the box shifted by ``origin`` (area and mm unchanged), and the mask
+        placed at ``origin`` in a frame-sized uint8 mask, 0 outside the crop.
+    """
+    x, y = origin
+    if lesion is not None and (x, y) != (0, 0):
+        left, top, width, height = lesion.bbox
+        lesion = replace(lesion, bbox=(left + x, top + y, width, height))
+    if mask is not None and frame_shape is not None and mask.shape != tuple(frame_shape):
+        whole = np.zeros(frame_shape, np.uint8)
+        whole[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+        mask = whole
+    return lesion, mask
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -37,10 +38,10 @@ def result_record(result: Result | FileSummary) -> dict[str, Any]:
 
     The ``lesion_*`` fields are None where no lesion was found (or the model has no lesion
     output); the mm ones also where the scan's pixel spacing is unknown. A failure has no label,
-    probabilities or confidence, and its flags are false. A :class:`FileSummary` gives its most
-    suspicious frame's fields (``frame`` is that frame's index, None when no frame was
-    classified), its own ``error`` and summed ``elapsed_ms``, and ``frames``/``failed_frames``,
-    which only summaries have.
+    probabilities or confidence, and its flags are false; ``abstain_reason`` is None unless the
+    result abstained. A :class:`FileSummary` gives its chosen frame's fields (``frame`` is that
+    frame's index, None when no frame was classified), its own ``error`` and summed
+    ``elapsed_ms``, and ``frames``/``failed_frames``, which only summaries have.
     """
     answer = result.most_suspicious if isinstance(result, FileSummary) else result
     record: dict[str, Any] = {
@@ -68,6 +69,7 @@ def _answer_fields(result: Classification | Failure | None) -> dict[str, Any]:
             "probabilities": {},
             "confidence": None,
             "abstained": False,
+            "abstain_reason": None,
             "unfamiliar": False,
             "rechecked": False,
             **_lesion_fields(None),
@@ -77,6 +79,7 @@ def _answer_fields(result: Classification | Failure | None) -> dict[str, Any]:
         "probabilities": {k: round(v, 6) for k, v in result.probabilities.items()},
         "confidence": round(result.confidence, 6),
         "abstained": result.abstained,
+        "abstain_reason": result.abstain_reason,
         "unfamiliar": result.unfamiliar,
         "rechecked": result.rechecked,
         **_lesion_fields(result.lesion),
@@ -121,6 +124,7 @@ class ResultWriter:
                     *self._classes,
                     "confidence",
                     "abstained",
+                    "abstain_reason",
                     "unfamiliar",
                     "rechecked",
                     *LESION_FIELDS,
@@ -149,6 +153,7 @@ class ResultWriter:
                     *probs,
                     _csv_cell(record["confidence"]),
                     record["abstained"],
+                    record["abstain_reason"] or "",
                     record["unfamiliar"],
                     record["rechecked"],
                     *(_csv_cell(record[name]) for name in LESION_FIELDS),
@@ -173,8 +178,18 @@ def _csv_cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list) else value
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def table_text(text: str) -> str:
+    """``text`` on one table row: control characters and line separators escaped the way JSON
+    and Python write them (a newline in a file name becomes ``\\n``), so no name or message
+    splits a row."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _table_row(result: Result | FileSummary, lesion_column: bool) -> str:
-    name = display_path(result.source)
+    name = table_text(display_path(result.source))
     answer: Result | None = result
     if isinstance(result, FileSummary):
         answer = result.most_suspicious
@@ -186,10 +201,13 @@ def _table_row(result: Result | FileSummary, lesion_column: bool) -> str:
             source += f" [region {result.region}]"
     if not isinstance(answer, Classification):
         blank = " " * (LESION_WIDTH + 1) if lesion_column else ""
-        return f"{'ERROR':<10} {'':>6}  {'':1} {blank}{source}: {result.error}"
+        return f"{'ERROR':<10} {'':>6}  {'':1} {blank}{source}: {table_text(result.error)}"
     flag = "?" if answer.abstained else ""
     column = f"{_lesion_cell(answer.lesion):<{LESION_WIDTH}} " if lesion_column else ""
-    return f"{answer.label:<10} {answer.confidence:>6.3f}  {flag:1} {column}{source}"
+    row = f"{answer.label:<10} {answer.confidence:>6.3f}  {flag:1} {column}{source}"
+    if answer.abstain_reason:
+        row += f": {table_text(answer.abstain_reason)}"
+    return row
 
 
 def _lesion_cell(lesion: Lesion | None) -> str:
@@ -247,7 +265,8 @@ def write_heatmaps(
     def images(result: Classification) -> Iterator[tuple[str, np.ndarray]]:
         if result.heatmap is not None and result.image is not None:
             yield "heatmap", result.heatmap
-            yield "overlay", overlay(result.image, result.heatmap, lesion_mask=result.lesion_mask)
+            mask, origin = result.lesion_mask, result.origin  # the mask is the whole frame's
+            yield "overlay", overlay(result.image, result.heatmap, lesion_mask=mask, origin=origin)
 
     return _write_images(results, directory, stems, images, "heatmap")
 
@@ -258,8 +277,9 @@ def write_masks(
     *,
     stems: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """``<stem>_mask.png`` per result: 8-bit gray at the scan's own size, 255 on the lesion the
-    model found, 0 elsewhere (all 0 when it found none).
+    """``<stem>_mask.png`` per result: 8-bit gray at the scan's own size (a DICOM frame's whole
+    size, also for a tissue region's result), 255 on the lesion the model found, 0 elsewhere
+    (all 0 when it found none).
 
     Args:
         results: results classified with ``masks=True``; failed ones (no mask) are skipped.

@@ -1,10 +1,14 @@
-"""One summary per multi-frame file (a cine loop, a multi-page TIFF): its most suspicious frame.
+"""One summary per multi-frame file (a cine, a video, a multi-page TIFF): its most severe frame.
 
 A cine gives one result per frame; a reader wants one answer per file as well. The summary names
-the frame with the highest P(malignant) (the highest confidence, for a model without a
-``malignant`` class), takes its label, probabilities and flags, and counts the file's frames and
-failed frames. :func:`with_summaries` adds a summary after each multi-frame file's results in a
-stream, which is how ``edge-classify`` and ``edge-classify watch`` write them.
+one frame and takes its label, probabilities and flags, and counts the file's frames and failed
+frames. The frame it names carries the most severe call (malignant, then any other lesion class,
+then normal) among the frames that did not abstain, and among those the highest P(malignant) (the
+highest confidence, for a model without a ``malignant`` class). Abstained frames (blank pages,
+frames that are not scans, unfamiliar ones) never decide the file's answer: a file whose every
+classified frame abstained gets the most severe of them, abstained, so the summary abstains too.
+:func:`with_summaries` adds a summary after each multi-frame file's results in a stream, which is
+how ``edge-classify`` and ``edge-classify watch`` write them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from edge_runtime.classifier import Classification, Result, Timing
 
 SUSPICIOUS_CLASS = "malignant"
+NORMAL_CLASS = "normal"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,8 +31,10 @@ class FileSummary:
         frames: its frame records (a decoding that stopped midway is one failed record for the
             frames it could not read).
         failed_frames: how many of those are failures.
-        most_suspicious: the classified frame with the highest P(malignant) (the earliest on a
-            tie); None when no frame could be classified.
+        most_suspicious: the frame whose answer is the file's: the most severe call among the
+            frames that did not abstain (malignant, then other lesion classes, then normal), the
+            highest P(malignant) among those, the earliest on a tie; among abstained frames only
+            when every classified frame abstained. None when no frame could be classified.
         timing: the sum of the frames' timings.
     """
 
@@ -68,11 +75,12 @@ def summarize(results: Sequence[Result]) -> FileSummary:
             f"{sorted(sources)[:3]}. Pass each file's results separately, or use with_summaries."
         )
     classified = [result for result in results if isinstance(result, Classification)]
+    answered = [result for result in classified if not result.abstained] or classified
     return FileSummary(
         source=results[0].source,
         frames=len(results),
         failed_frames=len(results) - len(classified),
-        most_suspicious=max(classified, key=_suspicion, default=None),
+        most_suspicious=max(answered, key=_suspicion, default=None),
         timing=Timing(
             sum(r.timing.decode_ms for r in results),
             sum(r.timing.preprocess_ms for r in results),
@@ -86,7 +94,9 @@ def with_summaries(results: Iterable[Result]) -> Iterator[Result | FileSummary]:
     """Each result, in order, with a :class:`FileSummary` after each multi-frame file's frames.
 
     A multi-frame file's results are those in a row with its ``source`` and a ``frame`` index
-    (the classifier gives a file's frames together, in order); single images get no summary.
+    (the classifier gives a file's frames together, in order: frame 0's regions of a dual view,
+    then frame 1's...); single images get no summary. The same file listed again starts a new
+    summary: its first record's (frame, region) does not come after the previous record's.
     """
     group: list[Result] = []
     for result in results:
@@ -104,10 +114,22 @@ def _same_file(previous: Result, result: Result) -> bool:
     return (
         result.frame is not None
         and result.source == previous.source
-        and result.frame > previous.frame
+        and _position(result) > _position(previous)
     )
 
 
-def _suspicion(result: Classification) -> float:
-    """P(malignant), or the confidence for a model without that class (max keeps the first)."""
-    return result.probabilities.get(SUSPICIOUS_CLASS, result.confidence)
+def _position(result: Result) -> tuple[int, int]:
+    """Where a record lies in its file: (frame, region), a whole frame before its regions."""
+    return result.frame, -1 if result.region is None else result.region
+
+
+def _suspicion(result: Classification) -> tuple[int, float]:
+    """The call's severity (malignant 2, normal 0, any other class 1), then P(malignant), or the
+    confidence for a model without that class (max keeps the first)."""
+    if result.label == SUSPICIOUS_CLASS:
+        severity = 2
+    elif result.label == NORMAL_CLASS:
+        severity = 0
+    else:
+        severity = 1
+    return severity, result.probabilities.get(SUSPICIOUS_CLASS, result.confidence)

@@ -9,11 +9,17 @@ two writes neither duplicates nor loses a record; a half-written last line is cu
 file classified again.
 
 Which files are scans is decided as everywhere else (:func:`edge_runtime.sources.is_scan_file`:
-suffix, or the first bytes, so DICOM files named ``IMG0001`` or by a bare UID are seen), links to
-folders are followed once, and a file reached under two names is classified once. A file that
-fails to decode (a copy that stalled past ``settle``, say) is not recorded at once: if it changes
-it is tried again, so it ends with one record, its final one. Its error is recorded once it has
-stayed unchanged for ``error_hold_s``, or when the watcher stops.
+suffix, or the first bytes, so DICOM files named ``IMG0001`` or by a bare UID are seen; hidden
+and temporary names such as a storage node's ``<uid>.part`` are not, until renamed), links to
+folders are followed once, and a file reached under two names is classified once.
+
+A file's records describe the whole file, once. Its size and modification time are checked again
+after it was read: a file that changed during the read is not recorded, and is read again once
+it settles. A file with any error record (a cine copied in with a stall longer than ``settle``
+decodes its first frames, then fails) is not recorded at once either: if it changes it is tried
+again, so it ends with one set of records, its final ones. Its records are written once it has
+stayed unchanged for ``error_hold_s``, or when the watcher stops; a file that is deleted or
+renamed meanwhile gets none (its new name is a new file).
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ class _Stat:
 
 @dataclass(frozen=True)
 class _Held:
-    """A file whose every record is an error, waiting to change or to be written."""
+    """A file with an error record, waiting to change or to be written."""
 
     stat: _Stat
     results: list[Result]
@@ -233,9 +239,11 @@ class Watcher:
     def _poll(self, count_skipped: bool) -> tuple[list[tuple[str, _Stat]], int]:
         now, settle = self._clock(), self._options.settle_s
         ready, seen, expired = [], set(), []
+        seen_keys = set()
         for path, stat in scan(self._directory, self._known):
             key = display_path(path)
             seen.add(path)
+            seen_keys.add(key)
             if key in self._processed:
                 known = self._processed[key]
                 if known is None or known == stat:
@@ -258,6 +266,9 @@ class Watcher:
         for path in list(self._pending):
             if path not in seen:  # deleted before it settled
                 del self._pending[path]
+        for key in [key for key in self._failed if key not in seen_keys]:
+            log.info("%s: deleted or renamed before its error was recorded; no record", key)
+            del self._failed[key]
         for path in list(self._known):
             if path not in seen and not os.path.lexists(path):
                 del self._known[path]
@@ -275,7 +286,13 @@ class Watcher:
         for path, stat in batch:
             self._pending.pop(path, None)
             results = by_path.get(path, [])
-            if results and not any(r.ok for r in results):  # recorded once it stops changing
+            after = _stat_or_none(path)
+            if after != stat:  # it changed while it was read: read it again once it settles
+                log.info("%s: changed while it was read; read again", display_path(path))
+                if after is not None:
+                    self._pending[path] = (after, now)
+                continue
+            if not all(r.ok for r in results):  # recorded once it stops changing
                 self._failed[display_path(path)] = _Held(stat, results, now)
             else:
                 written.append((display_path(path), stat, results))

@@ -21,6 +21,7 @@ RECORD_KEYS = {
     "probabilities",
     "confidence",
     "abstained",
+    "abstain_reason",
     "unfamiliar",
     "rechecked",
     "lesion_bbox",
@@ -162,7 +163,8 @@ def test_csv_output_file_has_a_column_per_class(tmp_path, model):
     assert status == 0 and out == ""
     rows = list(csv.DictReader(target.open(newline="")))
     assert [r["path"] for r in rows] == [str(p) for p in scans]
-    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "unfamiliar"]
+    expected = ["path", "frame", "label", *CLASSES, "confidence", "abstained", "abstain_reason"]
+    expected.append("unfamiliar")
     expected.append("rechecked")
     assert list(rows[0])[: len(expected)] == expected
     for row in rows:
@@ -175,8 +177,9 @@ def test_table_output_lists_label_confidence_and_path(tmp_path, model):
     status, out, _ = run(scan, "--model", model)
     lines = out.splitlines()
     assert status == 0 and lines[0].split()[:2] == ["label", "conf"]
-    label, confidence, *rest = lines[1].split()
-    assert label in CLASSES and 0.0 <= float(confidence) <= 1.0 and rest[-1] == str(scan)
+    label, confidence, *_ = lines[1].split()
+    assert label in CLASSES and 0.0 <= float(confidence) <= 1.0
+    assert f"? {scan}: not an ultrasound scan" in lines[1]  # this noise is no scan: abstained
 
 
 def test_abstain_below_marks_low_confidence_results(tmp_path, model):

@@ -104,12 +104,12 @@ def model(tmp_path_factory) -> Path:
     return make_contract_model(tmp_path_factory.mktemp("model") / "model.onnx")
 
 
-def open_app(monkeypatch, model: Path | None):
+def open_app(monkeypatch, model: Path | None, *extra: str):
     from streamlit.testing.v1 import AppTest
 
     from edge_runtime.dashboard import APP_PATH
 
-    argv = [str(APP_PATH)] + ([] if model is None else ["--model", str(model)])
+    argv = [str(APP_PATH)] + ([] if model is None else ["--model", str(model)]) + list(extra)
     monkeypatch.setattr(sys, "argv", argv)  # what `streamlit run app.py -- --model M` gives it
     at = AppTest.from_file(str(APP_PATH), default_timeout=60)
     at.run()
@@ -319,7 +319,7 @@ def test_a_folder_on_the_host_is_classified(monkeypatch, model, tmp_path):
     (folder / "sub").mkdir(parents=True)
     (folder / "one.png").write_bytes(png_bytes("benign", 3))
     (folder / "sub" / "two.png").write_bytes(png_bytes("malignant", 4))
-    at = open_app(monkeypatch, model)
+    at = open_app(monkeypatch, model, "--data-root", str(tmp_path))  # launch's root
     at.text_input(key="folder").input(str(folder))
     at.form_submit_button[0].click()
     at.run()

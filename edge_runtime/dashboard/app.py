@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ import streamlit as st
 
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Result
 from edge_runtime.contract import ContractError, NormalRule
+from edge_runtime.dashboard import access
 from edge_runtime.dashboard import scans as sc
 from edge_runtime.decode import InputError
 from edge_runtime.heatmap import overlay
@@ -38,6 +40,8 @@ def main() -> None:
     """Lay out the page; Streamlit runs this on every interaction."""
     st.set_page_config(page_title="edge-classify dashboard", layout="wide")
     st.warning(BANNER, icon=":material/warning:")
+    if not _signed_in():
+        st.stop()  # without the token: nothing else, not even the model's name
     try:
         classifier = _open_classifier(_model_argument(sys.argv[1:]))
     except (ContractError, ValueError, OSError) as exc:
@@ -56,9 +60,35 @@ def main() -> None:
 
 def _model_argument(argv: Sequence[str]) -> str | None:
     """``--model`` from the arguments after ``streamlit run app.py --``; None: bundled."""
+    return _page_arguments(argv).model
+
+
+def _page_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """``--model``, ``--data-root`` (repeated) and ``--any-folder`` after ``--``."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model", default=None)
-    return parser.parse_known_args(list(argv))[0].model
+    parser.add_argument("--data-root", action="append", default=[], type=Path)
+    parser.add_argument("--any-folder", action="store_true")
+    return parser.parse_known_args(list(argv))[0]
+
+
+def _signed_in() -> bool:
+    """True when the page is open (no token set) or this session gave the right token; else
+    shows the token box alone (:mod:`edge_runtime.dashboard.access`)."""
+    expected = os.environ.get(access.TOKEN_ENV) or None
+    if expected is None or st.session_state.get("signed_in"):
+        return True
+    with st.form("sign_in"):
+        given = st.text_input(
+            "Access token (printed where the dashboard was started)", type="password", key="token"
+        )
+        submitted = st.form_submit_button("Open the dashboard")
+    if submitted and access.token_matches(expected, given):
+        st.session_state["signed_in"] = True
+        st.rerun()
+    if submitted:
+        st.error("Wrong token.")
+    return False
 
 
 @st.cache_resource(show_spinner="Opening the model...")
@@ -108,7 +138,15 @@ def _classify_inputs(classifier: Classifier) -> dict[str, Any]:
 
 
 def _folder_scans(folder: str) -> dict[str, sc.Scan]:
-    files, problems = expand_sources([folder])
+    arguments = _page_arguments(sys.argv[1:])
+    roots = tuple(root.resolve() for root in arguments.data_root)
+    allowed, reason = access.folder_allowed(folder, roots, any_folder=arguments.any_folder)
+    if allowed is None:
+        st.error(reason)
+        return {}
+    files, problems = expand_sources([str(allowed)])
+    if roots:  # links under a root that lead out of it are not followed
+        files = [p for p in files if access.within_roots(p, roots)]
     for item, reason in problems:
         st.error(f"{item}: {reason}")
     return {
@@ -195,6 +233,8 @@ def _result_facts(result: Classification, class_names: Sequence[str]) -> None:
     st.metric("Label", result.label)
     st.metric("Confidence", f"{result.confidence:.3f}")
     st.markdown(" ".join(_flag_badge(result, name) for name in sc.flag_names()))
+    if result.abstain_reason:
+        st.warning(f"Abstained: {result.abstain_reason}. Do not act on this label.")
     st.bar_chart(
         pd.DataFrame(
             {"probability": [result.probabilities[name] for name in class_names]},
@@ -264,7 +304,13 @@ def _lesion_outline(classifier: Classifier, explained: Classification) -> None:
         return
     facts.markdown(sc.lesion_size(lesion))
     outline_column.image(
-        overlay(explained.image, explained.heatmap, alpha=0.0, lesion_mask=explained.lesion_mask),
+        overlay(
+            explained.image,
+            explained.heatmap,
+            alpha=0.0,
+            lesion_mask=explained.lesion_mask,
+            origin=explained.origin,
+        ),
         channels="BGR",
         caption=f"Lesion outline: {explained.source}",
         width="stretch",
@@ -296,7 +342,7 @@ def _batch_view(classifier: Classifier) -> None:
     name_part = name_col.text_input("File name contains", placeholder="any file", key="name_filter")
     shown = [r for r in all_results if _matches(r, labels, wanted_flags, name_part)]
     st.dataframe(
-        pd.DataFrame(sc.table_rows(shown, class_names, lesion=classifier.spec.has_lesion)),
+        pd.DataFrame(_with_abstain_reasons(shown, class_names, classifier.spec.has_lesion)),
         hide_index=True,
         width="stretch",
         column_config={
@@ -323,6 +369,20 @@ def _batch_view(classifier: Classifier) -> None:
         mime="application/x-ndjson",
         on_click="ignore",
     )
+
+
+def _with_abstain_reasons(
+    results: Sequence[Result], class_names: Sequence[str], lesion: bool
+) -> list[dict[str, Any]]:
+    """The batch table's rows, with each result's abstain reason after its flags."""
+    rows = sc.table_rows(results, class_names, lesion=lesion)
+    for row, result in zip(rows, results, strict=True):
+        reason = getattr(result, "abstain_reason", None) or ""
+        at = list(row).index("abstained") + 1
+        items = list(row.items())
+        row.clear()
+        row.update([*items[:at], ("abstain_reason", reason), *items[at:]])
+    return rows
 
 
 def _matches(result: Result, labels: Sequence[str], flags: Sequence[str], name_part: str) -> bool:
