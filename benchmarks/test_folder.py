@@ -35,6 +35,7 @@ from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier, default_precision, usable_cores
 from edge_runtime.decode import load_gray
 from edge_runtime.preprocess import fit_to_square, make_batch
+from edge_runtime.scan_check import check_scan
 
 MIN_FOLDER_RATIO = 0.6
 MIN_PIPELINE_EFFICIENCY = 0.9  # of the rate the CPU seconds allow, where that is under 0.6 / 0.9
@@ -98,11 +99,11 @@ def folder_timings(model_files, folder) -> dict:
     """Decode alone, the pool's stages alone, inference alone and end to end, interleaved,
     with the CLI's defaults (``edge-classify DIR``: batch 8, a batch per core side by side)."""
     cores = usable_cores()
+    model = model_files[default_precision("CPUExecutionProvider")]
     with (
         ThreadPoolExecutor(cores) as pool,
-        Classifier.from_path(
-            model_files[default_precision("CPUExecutionProvider")], batch_size=8
-        ) as clf,
+        Classifier.from_path(model, batch_size=8) as clf,
+        Classifier.from_path(model, batch_size=8, check_input=False) as unchecked,
     ):
         spec = clf.spec
         squares = make_batch([load_gray(p) for p in folder], spec.input_size, spec.resize_policy)
@@ -111,14 +112,16 @@ def folder_timings(model_files, folder) -> dict:
         def decode_only():
             list(pool.map(lambda p: cv2.imread(str(p), cv2.IMREAD_UNCHANGED), folder))
 
-        def fit(path: Path) -> np.ndarray:
-            return fit_to_square(load_gray(path), spec.input_size, spec.resize_policy)
+        def fit(path: Path) -> np.ndarray:  # the pool's work on a file: decode, check, fit
+            frame = load_gray(path)
+            check_scan(frame)
+            return fit_to_square(frame, spec.input_size, spec.resize_policy)
 
         def stages():
             list(pool.map(fit, folder))
 
         def inference():  # and post-processing (lesion outline, unfamiliar score): all but decoding
-            results = clf.classify(fitted)
+            results = unchecked.classify(fitted)  # the input check is in stages()
             assert all(r.ok for r in results)
 
         def end_to_end():
@@ -168,7 +171,8 @@ def test_gate_folder_end_to_end_keeps_up_with_decode_alone(folder_timings, ratio
 
 def test_gate_folder_pipeline_costs_no_cpu_beyond_its_stages(folder_timings, ratio_log):
     """No double reads or copies, no spinning thread pools: end to end uses at most 15% more CPU
-    than decoding + letterboxing in the pool and classifying the same scans handed over decoded
+    than decoding + the input check + letterboxing in the pool and classifying the same scans
+    handed over decoded
     (inference and post-processing: v3's lesion outline costs about 8% of a scan)."""
     t = folder_timings
     parts = t["stages"].cpu_median + t["inference"].cpu_median
