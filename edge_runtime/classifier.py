@@ -157,6 +157,7 @@ class Classification:
         heatmap: uint8 ``[h, w]`` at the classified image's size, with ``heatmaps=True``.
         image: the decoded uint8 ``[h, w]`` image that was classified (a tissue region's crop
             of the frame, at ``origin``), with ``heatmaps=True``.
+        model_version: the ``model_version`` of the model that answered (its metadata).
         lesion_mask: uint8 ``[H, W]`` at the whole frame's size (255 inside the lesion, 0
             outside), with ``masks=True`` or ``heatmaps=True`` (whose overlays outline it) and a
             model with a lesion output.
@@ -176,6 +177,7 @@ class Classification:
     region: int | None = None
     pixel_spacing_mm: tuple[float, float] | None = None
     origin: tuple[int, int] = (0, 0)
+    model_version: str | None = None
     lesion: Lesion | None = None
     unfamiliar: bool = False
     abstain_reason: str | None = None
@@ -195,6 +197,8 @@ class Failure:
         frame: the frame it failed at, in a multi-frame file (the frames after it are not
             tried when its decoding fails); None for the whole input.
         region: the tissue region of a dual view it failed at; None for one.
+        model_version: the ``model_version`` of the model it was given to (None where no model
+            was involved).
     """
 
     ok: ClassVar[Literal[False]] = False
@@ -204,6 +208,7 @@ class Failure:
     timing: Timing = Timing()
     frame: int | None = None
     region: int | None = None
+    model_version: str | None = None
 
 
 Result: TypeAlias = Classification | Failure
@@ -751,6 +756,7 @@ class Classifier:
                     region=item.region,
                     pixel_spacing_mm=item.pixel_spacing_mm,
                     origin=item.origin,
+                    model_version=spec.model_version,
                     lesion=lesion,
                     unfamiliar=bool(unfamiliar[row]),
                     abstain_reason=abstain_reason,
@@ -769,6 +775,7 @@ class Classifier:
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
             region=item.region,
+            model_version=self._model.spec.model_version,
         )
 
 

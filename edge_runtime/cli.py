@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
-from edge_runtime.contract import ContractError
 from edge_runtime.decode import display_path
 from edge_runtime.lesion import require_lesion_output
 from edge_runtime.output import (
@@ -26,6 +24,7 @@ from edge_runtime.output import (
     write_masks,
 )
 from edge_runtime.session import Provider
+from edge_runtime.shell import Parser, command_parser, parse_args, run_command
 from edge_runtime.sources import expand_sources
 from edge_runtime.status import ExitStatus
 from edge_runtime.summary import FileSummary, with_summaries
@@ -59,36 +58,14 @@ examples:
 "watch", "bench", "dashboard" and "adapt" as the first word are subcommands; to classify a
 file or folder with one of those names, write it as a path: edge-classify ./watch
 
-exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage or model error.
+exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage or model error,
+70 internal error (rerun with --traceback), 130 interrupted.
 Not a medical device: every result needs review by a qualified clinician.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with "did you mean" for mistyped options (never silently corrected)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        import difflib  # only on errors: a shorter cold start
-
-        options = [s for a in self._actions for s in a.option_strings]
-        for word in message.split():
-            name = word.split("=")[0].strip("',:")
-            if name.startswith("--") and name not in options:  # a known option needs no hint
-                close = difflib.get_close_matches(name, options, n=1)
-                if close:
-                    message += f" (did you mean {close[0]}?)"
-                    break
-        super().error(message)
-
-
-def _command_parser(prog: str, description: str, epilog: str) -> _Parser:
-    """A parser whose epilog (the numbered examples) keeps its line breaks."""
-    return _Parser(
-        prog=prog,
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _command_parser(prog: str, description: str, epilog: str, extra: str | None = None) -> Parser:
+    return command_parser(prog, description, epilog, extra=extra)
 
 
 WATCH_EXAMPLES = """\
@@ -164,15 +141,6 @@ def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int 
     )
 
 
-def _add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
-    parser.add_argument(
-        "--traceback",
-        action="store_true",
-        help="show the full Python traceback on an error (for bug reports)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify PATH...`` (the subcommands have their own)."""
     parser = _command_parser(
@@ -218,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_abstain_option(parser)
     _add_batch_size_option(parser)
     _add_engine_options(parser)
-    _add_common_options(parser)
     return parser
 
 
@@ -307,7 +274,6 @@ def build_watch_parser() -> argparse.ArgumentParser:
     )
     _add_batch_size_option(parser)
     _add_abstain_option(parser)
-    _add_common_options(parser)
     return parser
 
 
@@ -345,7 +311,6 @@ def build_bench_parser() -> argparse.ArgumentParser:
         default="table",
         help="output format (default: table)",
     )
-    _add_common_options(parser)
     return parser
 
 
@@ -401,7 +366,6 @@ def build_dashboard_parser() -> argparse.ArgumentParser:
         help="host folders the page may classify lie under DIR (repeatable; default: any on "
         "loopback, none beyond)",
     )
-    _add_common_options(parser)
     return parser
 
 
@@ -454,25 +418,28 @@ def main(
         "adapt": _adapt,
         "serve": _serve,
     }
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            args = builders[command]().parse_args(argv[1:] if command else argv)
-    except SystemExit as exit_:
-        return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
+    parser = builders[command]()
+    args = parse_args(
+        parser, argv[1:] if command else argv, stdout, stderr, lambda a: _check(parser, a)
+    )
+    if isinstance(args, ExitStatus):
+        return args
     _configure_logging(stderr, quiet=args.quiet)
-    try:
-        return bodies[command](args, stdout, stderr)
-    except BrokenPipeError:  # e.g. `edge-classify scans/ | head`: stop quietly
-        if stdout is sys.__stdout__:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
-        return ExitStatus.PARTIAL
-    except KeyboardInterrupt:
-        return ExitStatus.INTERRUPTED
-    except (ContractError, ValueError, OSError) as exc:
-        if args.traceback:
-            raise
-        stderr.write(f"edge-classify: error: {exc}\n")
-        return ExitStatus.USAGE
+    prog = "edge-classify" + (f" {command}" if command else "")
+    return run_command(
+        prog,
+        lambda: bodies[command](args, stdout, stderr),
+        stdout=stdout,
+        stderr=stderr,
+        traceback=args.traceback,
+    )
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Rules between flags, at parse time (before a model loads)."""
+    engine = getattr(args, "engine", "ray")
+    if engine != "ray" and (args.ray_address is not None or args.workers is not None):
+        parser.error("--ray-address and --workers need --engine ray")
 
 
 def _configure_logging(stream: TextIO, *, quiet: bool) -> None:
@@ -531,12 +498,11 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
             lesion=classifier.spec.has_lesion,
         )
         for item, reason in problems:  # every input accounted for in the output too
-            writer.write(Failure(source=item, error=reason))
+            version = classifier.spec.model_version
+            writer.write(Failure(source=item, error=reason, model_version=version))
         results = None
         if args.engine == "ray":
             results = _ray_results(stack, classifier, files, options, args)
-        elif args.ray_address is not None or args.workers is not None:
-            raise ValueError("--ray-address and --workers need --engine ray")
         try:
             counts = _run(classifier, files, writer, args, stderr, results)
         except KeyboardInterrupt:  # the ExitStack has shut down a local Ray cluster
@@ -788,7 +754,6 @@ def build_adapt_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds")
     _add_batch_size_option(parser)
-    _add_common_options(parser)
     return parser
 
 
@@ -899,7 +864,6 @@ def build_serve_parser() -> argparse.ArgumentParser:
     _add_model_options(parser, threads_default=None)
     _add_batch_size_option(parser)
     _add_abstain_option(parser)
-    _add_common_options(parser)
     return parser
 
 

@@ -49,6 +49,7 @@ def result_record(result: Result | FileSummary) -> dict[str, Any]:
         **_answer_fields(answer),
         "error": result.error,
         "elapsed_ms": round(result.timing.total_ms, 3),
+        "model_version": result.model_version,
     }
     if isinstance(result, FileSummary):
         record["frame"] = None if answer is None else answer.frame
@@ -132,6 +133,7 @@ class ResultWriter:
                     "elapsed_ms",
                     *SUMMARY_FIELDS,
                     "region",
+                    "model_version",
                 ]
             )
         elif fmt is OutputFormat.TABLE:
@@ -161,6 +163,7 @@ class ResultWriter:
                     record["elapsed_ms"],
                     *(_csv_cell(record.get(name)) for name in SUMMARY_FIELDS),
                     _csv_cell(record.get("region")),
+                    _csv_cell(record["model_version"]),
                 ]
             )
         else:

@@ -177,7 +177,8 @@ def _in_input_order(
             got = next(stream, None)
             if got is None:
                 reason = "was not returned by the Ray workers (it vanished before it was read?)"
-                pending[key].append([Failure(source=name, error=reason)])
+                version = classifier.spec.model_version
+                pending[key].append([Failure(source=name, error=reason, model_version=version)])
                 break
             pending[got[0]].append(got[1])
         for result in pending[key].popleft():  # one entry per input: exactly one record each
@@ -250,7 +251,7 @@ class _ClassifyWorker:
         out = []
         for path, item in zip(paths, decoded, strict=True):
             if isinstance(item, Failure):
-                out.append([item])
+                out.append([replace(item, model_version=self._classifier.spec.model_version)])
                 continue
             multi = len(item) > 1
             out.append(

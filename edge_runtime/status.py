@@ -18,4 +18,5 @@ class ExitStatus(IntEnum):
     PARTIAL = 1  # edge-classify: some inputs failed, each with its own error record
     GATE_FAILED = 1  # edge-export: a parity gate refused the model; a report, no model
     USAGE = 2  # bad arguments, missing data or an unusable model: nothing was done
+    INTERNAL_ERROR = 70  # a bug (sysexits' EX_SOFTWARE): the message says to rerun with --traceback
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it

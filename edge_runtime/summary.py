@@ -36,6 +36,7 @@ class FileSummary:
             highest P(malignant) among those, the earliest on a tie; among abstained frames only
             when every classified frame abstained. None when no frame could be classified.
         timing: the sum of the frames' timings.
+        model_version: the model that answered the frames.
     """
 
     source: str
@@ -43,6 +44,7 @@ class FileSummary:
     failed_frames: int
     most_suspicious: Classification | None
     timing: Timing
+    model_version: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -87,6 +89,7 @@ def summarize(results: Sequence[Result]) -> FileSummary:
             sum(r.timing.inference_ms for r in results),
             sum(r.timing.postprocess_ms for r in results),
         ),
+        model_version=next((r.model_version for r in results if r.model_version), None),
     )
 
 

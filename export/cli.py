@@ -9,15 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from edge_runtime.shell import command_parser, missing_extra, parse_args, run_command
 from edge_runtime.status import ExitStatus
-from training.console import (
-    add_traceback_option,
-    command_logging,
-    import_tensorflow,
-    missing_extra,
-    parse_args,
-    run_command,
-)
+from training.console import command_logging, import_tensorflow
 
 EXPORT_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx")  # the export extra's
 EXAMPLES = """\
@@ -43,15 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser; its defaults are :class:`export.quantize.QuantConfig`'s and the parity
     gates' (:mod:`export.parity`), the ones :class:`export.pipeline.ExportOptions` uses."""
     from export.parity import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT
-    from export.quantize import Calibration, IntType, QuantConfig
+    from export.quant_config import Calibration, IntType, QuantConfig
 
     defaults = QuantConfig()
 
-    parser = argparse.ArgumentParser(
-        prog="edge-export",
-        description="Convert a trained model to ONNX and INT8, verified.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "edge-export",
+        "Convert a trained model to ONNX and INT8, verified.",
+        EXAMPLES,
+        extra="export",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
     parser.add_argument("--output", type=Path, required=True, help="folder for the model files")
@@ -122,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write <name>-fp16.onnx for GPU providers (checked against FP32 like INT8)",
     )
-    add_traceback_option(parser)
     return parser
 
 
@@ -132,16 +125,17 @@ def main(
     """``edge-export``; returns an :class:`~edge_runtime.status.ExitStatus`: ``GATE_FAILED`` (1)
     when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    missing = missing_extra("edge-export", "export", EXPORT_MODULES, stderr)
-    if missing is not None:
-        return missing
     args = parse_args(build_parser(), argv, stdout, stderr)
     if isinstance(args, ExitStatus):
         return args
-    with command_logging(stderr):
+    missing = missing_extra("edge-export", "export", EXPORT_MODULES, stderr)
+    if missing is not None:
+        return missing
+    with command_logging(stderr, quiet=args.quiet):
         return run_command(
             "edge-export",
             lambda: _export(args, stdout, stderr),
+            stdout=stdout,
             stderr=stderr,
             traceback=args.traceback,
         )
@@ -154,7 +148,7 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     import_tensorflow()
     from edge_runtime.contract import Precision
     from export.pipeline import ExportOptions, ParityError, export_run
-    from export.quantize import Calibration, IntType, QuantConfig
+    from export.quant_config import Calibration, IntType, QuantConfig
 
     auto = args.calibration == "auto"
     options = ExportOptions(

@@ -30,6 +30,7 @@ RECORD_KEYS = {
     "lesion_diameter_mm",
     "error",
     "elapsed_ms",
+    "model_version",
 }
 
 

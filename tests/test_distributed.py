@@ -47,7 +47,7 @@ def test_tf_config_is_read_and_its_chief_task_is_the_chief():
         ("a:1,b:1", 2, {}, "0 to 1. Got 2"),
         ("a:1,a:1", 0, {}, "twice"),
         (None, None, {"TF_CONFIG": "{not json"}, "TF_CONFIG must be JSON"),
-        (None, 3, {}, "--worker-index needs --workers"),
+        (None, 3, {}, "--worker-index needs --worker-hosts"),
     ],
 )
 def test_a_malformed_cluster_is_refused_with_the_fix(workers, index, environ, match):
@@ -104,7 +104,7 @@ def test_two_workers_on_loopback_train_as_one_worker_does_and_the_chief_alone_wr
         **{
             f"worker-{index}": [
                 *(*train, "--output", str(runs / "run")),
-                *("--distributed", "--workers", workers, "--worker-index", str(index)),
+                *("--distributed", "--worker-hosts", workers, "--worker-index", str(index)),
             ]
             for index in (0, 1)
         },

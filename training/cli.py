@@ -11,15 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from edge_runtime.shell import command_parser, missing_extra, parse_args, run_command
 from edge_runtime.status import ExitStatus
-from training.console import (
-    add_traceback_option,
-    command_logging,
-    import_tensorflow,
-    missing_extra,
-    parse_args,
-    run_command,
-)
+from training.console import command_logging, import_tensorflow
 
 LOG_FILE = "train.log"
 TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "scipy", "matplotlib")  # the train extra's
@@ -37,7 +31,7 @@ examples:
 
   4. two machines train one model (run on each, with its own --worker-index; docs/scale-out.md):
        edge-train data/Dataset_BUSI_with_GT --output runs/lite0 --distributed \\
-           --workers 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
+           --worker-hosts 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
 
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group,source,masks]). The run folder gets model.keras, run.json, split.csv,
@@ -49,11 +43,8 @@ included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
 def build_parser() -> argparse.ArgumentParser:
     from training.backbones import Backbone
 
-    parser = argparse.ArgumentParser(
-        prog="edge-train",
-        description="Train a breast-ultrasound classifier (Keras).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = command_parser(
+        "edge-train", "Train a breast-ultrasound classifier (Keras).", EXAMPLES, extra="train"
     )
     parser.add_argument("data", nargs="+", type=Path, metavar="DATA", help="dataset folders or CSV")
     parser.add_argument("--output", type=Path, required=True, help="run folder to write")
@@ -184,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed",
         action="store_true",
         help="train with tf.distribute.MultiWorkerMirroredStrategy: run the same command on "
-        "every worker; the cluster comes from TF_CONFIG or --workers/--worker-index; the chief "
+        "every worker; the cluster comes from TF_CONFIG or --worker-hosts/--worker-index; the chief "
         "alone writes --output; --batch-size is the global batch",
     )
     group.add_argument(
-        "--workers",
+        "--worker-hosts",
+        dest="workers",
         default=None,
         metavar="HOST:PORT,...",
         help="with --distributed: every worker's address, in the same order on every worker",
@@ -198,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="I",
-        help="with --workers: this worker's position in that list (0 is the chief)",
+        help="with --worker-hosts: this worker's position in that list (0 is the chief)",
     )
     group.add_argument(
         "--backup-dir",
@@ -208,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --distributed: per-epoch backups for resuming after a worker fails "
         "(default: <output>.backup; deleted when the run completes)",
     )
-    add_traceback_option(parser)
     return parser
 
 
@@ -237,9 +228,13 @@ def main(
         )
         return ExitStatus.USAGE
     made_output = not args.output.exists()
-    with command_logging(stderr, args.output / LOG_FILE):
+    with command_logging(stderr, args.output / LOG_FILE, quiet=args.quiet):
         status = run_command(
-            "edge-train", lambda: _train(args, stdout), stderr=stderr, traceback=args.traceback
+            "edge-train",
+            lambda: _train(args, stdout),
+            stdout=stdout,
+            stderr=stderr,
+            traceback=args.traceback,
         )
     if status != ExitStatus.SUCCESS and made_output and not any(args.output.rglob("*.keras")):
         shutil.rmtree(args.output, ignore_errors=True)
@@ -266,7 +261,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ValueError as exc:
             parser.error(str(exc))
     elif args.workers or args.worker_index is not None or args.backup_dir:
-        parser.error("--workers, --worker-index and --backup-dir need --distributed")
+        parser.error("--worker-hosts, --worker-index and --backup-dir need --distributed")
 
 
 def _train(args: argparse.Namespace, stdout: TextIO) -> int:

@@ -6,7 +6,7 @@ share of every global batch and averages gradients with the others after each st
 workers train one model as if on batches N times as large per unit of time.
 
 - The cluster comes from ``TF_CONFIG`` (what Kubernetes operators and cluster schedulers set) or
-  from ``--workers host:port,...`` with ``--worker-index`` (which writes ``TF_CONFIG``).
+  from ``--worker-hosts host:port,...`` with ``--worker-index`` (which writes ``TF_CONFIG``).
 - Data: every worker reads and prepares the same scans (so every worker computes the same
   split) and builds the same shuffled ``tf.data`` pipeline; ``tf.distribute`` shards it by worker
   (auto-shard policy AUTO falls back to DATA for in-memory arrays: each worker keeps its own slice
@@ -87,7 +87,7 @@ class Cluster:
 def cluster_from(
     workers: str | None, worker_index: int | None, environ: Mapping[str, str] = os.environ
 ) -> Cluster:
-    """The cluster from ``--workers``/``--worker-index``, or else from ``TF_CONFIG``.
+    """The cluster from ``--worker-hosts``/``--worker-index``, or else from ``TF_CONFIG``.
 
     Args:
         workers: ``host:port,host:port,...`` (every worker, in the same order everywhere).
@@ -103,24 +103,24 @@ def cluster_from(
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(
-                    f"--workers must list host:port addresses separated by commas, like "
+                    f"--worker-hosts must list host:port addresses separated by commas, like "
                     f"10.0.0.1:12345,10.0.0.2:12345. Got {address!r} in {workers!r} instead."
                 )
         if len(set(addresses)) != len(addresses):
-            raise ValueError(f"--workers lists an address twice: {workers!r}.")
+            raise ValueError(f"--worker-hosts lists an address twice: {workers!r}.")
         if worker_index is None or not 0 <= worker_index < len(addresses):
             raise ValueError(
-                f"--worker-index must be this worker's position in --workers, 0 to "
+                f"--worker-index must be this worker's position in --worker-hosts, 0 to "
                 f"{len(addresses) - 1}. Got {worker_index} instead."
             )
         return Cluster(workers=addresses, index=worker_index)
     if worker_index is not None:
-        raise ValueError("--worker-index needs --workers host:port,... (or use TF_CONFIG alone).")
+        raise ValueError("--worker-index needs --worker-hosts host:port,... (or use TF_CONFIG alone).")
     text = environ.get("TF_CONFIG")
     if not text:
         raise ValueError(
             "--distributed needs the cluster: set TF_CONFIG (JSON with 'cluster' and 'task'), or "
-            "pass --workers host:port,... and --worker-index I on every worker."
+            "pass --worker-hosts host:port,... and --worker-index I on every worker."
         )
     try:
         config = json.loads(text)

@@ -109,7 +109,13 @@ def _classify_chunk(
     done = []
     for scan, (frames, decode_ms, error) in zip(chunk, decoded, strict=True):
         if error is not None:
-            done.append((scan, [Failure(source=scan.name, error=error, timing=Timing(decode_ms))]))
+            failure = Failure(
+                source=scan.name,
+                error=error,
+                timing=Timing(decode_ms),
+                model_version=classifier.spec.model_version,
+            )
+            done.append((scan, [failure]))
             continue
         many = len(frames) > 1
         done.append(

@@ -1,0 +1,63 @@
+"""The shell the three commands share (edge_runtime.shell): --version, --quiet and --traceback
+everywhere, did-you-mean, cross-flag rules at parse time, and one exit status per kind of end."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from edge_runtime.cli import main as classify_main
+from edge_runtime.shell import package_version
+from edge_runtime.status import ExitStatus
+from export.cli import main as export_main
+from training.cli import main as train_main
+
+COMMANDS = {"edge-classify": classify_main, "edge-train": train_main, "edge-export": export_main}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_version_quiet_and_traceback(name):
+    out = io.StringIO()
+    assert COMMANDS[name](["--version"], stdout=out, stderr=io.StringIO()) == ExitStatus.SUCCESS
+    assert out.getvalue().strip() == f"{name} (edge-classify {package_version()})"
+    out = io.StringIO()
+    assert COMMANDS[name](["--help"], stdout=out, stderr=io.StringIO()) == ExitStatus.SUCCESS
+    assert "--quiet" in out.getvalue() and "--traceback" in out.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_mistyped_option_gets_a_suggestion_never_a_correction(name):
+    err = io.StringIO()
+    status = COMMANDS[name](["x", "--output", "o", "--quite"], stdout=io.StringIO(), stderr=err)
+    assert status == ExitStatus.USAGE and "did you mean --quiet?" in err.getvalue()
+
+
+def test_ray_flags_without_the_ray_engine_are_refused_before_the_model_loads(tmp_path):
+    err = io.StringIO()
+    argv = [str(tmp_path), "--model", str(tmp_path / "missing.onnx"), "--workers", "2"]
+    assert classify_main(argv, stdout=io.StringIO(), stderr=err) == ExitStatus.USAGE
+    assert "need --engine ray" in err.getvalue() and "missing.onnx" not in err.getvalue()
+
+
+def test_a_bug_in_edge_classify_exits_with_the_internal_error_status(monkeypatch, tmp_path):
+    import edge_runtime.cli as cli
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli, "_classify", broken)
+    err = io.StringIO()
+    status = classify_main([str(tmp_path)], stdout=io.StringIO(), stderr=err)
+    assert status == ExitStatus.INTERNAL_ERROR and status not in (0, 1, 2)
+    assert "internal error: TypeError: a bug" in err.getvalue()
+    assert "rerun with --traceback" in err.getvalue()
+    with pytest.raises(TypeError, match="a bug"):
+        classify_main([str(tmp_path), "--traceback"], stdout=io.StringIO(), stderr=err)
+
+
+def test_one_meaning_per_flag_edge_train_names_its_worker_addresses_worker_hosts(tmp_path):
+    err = io.StringIO()
+    argv = [str(tmp_path), "--output", str(tmp_path / "o"), "--workers", "a:1"]
+    assert train_main(argv, stdout=io.StringIO(), stderr=err) == ExitStatus.USAGE
+    assert "--worker-hosts" in err.getvalue()
