@@ -42,7 +42,7 @@ def test_int8_matches_fp32_on_real_heldout_scans(models, model_files, heldout):
         if not saturating:  # the runtime's own answers: those of this host's integer kernels
             with Classifier.from_path(model_files[Precision.INT8], provider=Provider.CPU) as clf:
                 runtime = np.concatenate(
-                    [clf.run(images[i : i + 32])[0] for i in range(0, len(images), 32)]
+                    [clf.run_raw(images[i : i + 32])[0] for i in range(0, len(images), 32)]
                 )
             assert np.array_equal(runtime.argmax(1), with_recheck(int8, fp32, margin)[0].argmax(1))
     else:

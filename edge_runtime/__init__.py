@@ -1,4 +1,12 @@
-"""edge-classify runtime: ONNX Runtime + OpenCV, no TensorFlow."""
+"""edge-classify runtime: ONNX Runtime + OpenCV, no TensorFlow.
+
+The public surface is what a user calls: :class:`Classifier` with its :class:`ClassifierOptions`,
+the results it gives (:class:`Classification`, :class:`Failure`, :data:`Result`, :class:`Timing`,
+:class:`Lesion`, :class:`FileSummary` and :func:`with_summaries` / :func:`summarize` for
+multi-frame files), :class:`Watcher` and :class:`WatchOptions`, the errors (:class:`ContractError`,
+:class:`InputError`), the enums a user passes (:class:`Precision`, :class:`Provider`),
+:class:`ModelSpec` and ``__version__``. Helpers live in their modules (docs/architecture.md).
+"""
 
 import os
 
@@ -17,44 +25,57 @@ from edge_runtime.classifier import (
     Result,
     Timing,
 )
-from edge_runtime.contract import (
-    CAM,
-    FEATURES,
-    INPUT_NAME,
-    LESION,
-    PROBABILITIES,
-    ContractError,
-    ModelSpec,
-    Precision,
-    ResizePolicy,
-)
-from edge_runtime.decode import InputError, decode_gray, load_gray
-from edge_runtime.lesion import Lesion, find_lesion
-from edge_runtime.preprocess import fit_to_square, make_batch
+from edge_runtime.contract import ContractError, ModelSpec, Precision
+from edge_runtime.decode import InputError
+from edge_runtime.lesion import Lesion
 from edge_runtime.session import Provider
 from edge_runtime.summary import FileSummary, summarize, with_summaries
 
 _LAZY = {"Watcher": "edge_runtime.watch", "WatchOptions": "edge_runtime.watch"}
+# names this namespace exported before 0.2; they still resolve, with a warning, for one release
+_MOVED = {
+    "CAM": "edge_runtime.contract",
+    "FEATURES": "edge_runtime.contract",
+    "INPUT_NAME": "edge_runtime.contract",
+    "LESION": "edge_runtime.contract",
+    "PROBABILITIES": "edge_runtime.contract",
+    "ResizePolicy": "edge_runtime.contract",
+    "decode_gray": "edge_runtime.decode",
+    "load_gray": "edge_runtime.decode",
+    "find_lesion": "edge_runtime.lesion",
+    "fit_to_square": "edge_runtime.preprocess",
+    "make_batch": "edge_runtime.preprocess",
+}
 
 
 def __getattr__(name: str):
-    """``Watcher`` and ``WatchOptions`` are imported on first use: ``edge-classify one.png``
-    never needs them (a shorter cold start)."""
-    if name in _LAZY:
-        import importlib
+    """``Watcher`` and ``WatchOptions`` are imported on first use (``edge-classify one.png`` never
+    needs them: a shorter cold start); ``__version__`` is read from the installed package; the
+    helpers this namespace used to export resolve with a DeprecationWarning."""
+    import importlib
 
+    if name == "__version__":
+        from edge_runtime.shell import package_version
+
+        return package_version()
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _MOVED:
+        import warnings
+
+        warnings.warn(
+            f"edge_runtime.{name} is deprecated: import it from {_MOVED[name]}; the top-level "
+            "alias will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
 
 
 __all__ = [
-    "CAM",
-    "FEATURES",
-    "INPUT_NAME",
-    "LESION",
-    "PROBABILITIES",
     "Classification",
     "Classifier",
     "ClassifierOptions",
@@ -66,16 +87,11 @@ __all__ = [
     "ModelSpec",
     "Precision",
     "Provider",
-    "ResizePolicy",
     "Result",
     "Timing",
     "WatchOptions",
     "Watcher",
-    "decode_gray",
-    "find_lesion",
-    "fit_to_square",
-    "load_gray",
-    "make_batch",
+    "__version__",
     "summarize",
     "with_summaries",
 ]

@@ -126,7 +126,7 @@ def benchmark(
             )
             images = np.ascontiguousarray(images[..., None])
             t1 = time.perf_counter()
-            probabilities, _cam = classifier.run(images)
+            probabilities, _cam = classifier.run_raw(images)
             t2 = time.perf_counter()
             top = probabilities.argmax(axis=1)
             _confidence = probabilities[np.arange(len(top)), top]

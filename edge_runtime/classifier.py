@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Literal, NamedTuple, TypeAlias
+from typing import Any, ClassVar, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -67,8 +67,13 @@ def usable_cores() -> int:
 
 @dataclass(frozen=True)
 class ClassifierOptions:
-    """How to open and run a model. ``model_path`` None means the bundled model that suits the
-    provider (:func:`default_precision`).
+    """How to open and run a model, in three concerns (MediaPipe's loading vs task options):
+
+    - loading: ``model_path`` (None: the bundled model that suits the provider,
+      :func:`default_precision`), ``provider``, ``threads``, ``recheck``;
+    - scheduling: ``batch_size``, ``decode_workers``, ``inference_workers``;
+    - decision policy: ``abstain_below``, ``malignant_threshold``, ``check_input`` (None: the
+      model's own rule, from its metadata).
 
     ``threads`` are onnxruntime's intra-op threads for one batch (None: 1);
     ``inference_workers`` how many batches run at once, each on its own thread (None: as many as
@@ -370,9 +375,23 @@ class Classifier:
         return cls(model, options, recheck)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str], **options) -> Classifier:
-        """Open an ONNX model file; keyword arguments are :class:`ClassifierOptions` fields."""
-        return cls.from_options(ClassifierOptions(model_path=path, **options))
+    def from_path(
+        cls,
+        path: str | os.PathLike[str],
+        options: ClassifierOptions | None = None,
+        /,
+        **fields: Any,
+    ) -> Classifier:
+        """Open the ONNX model file ``path`` with ``options`` (default :class:`ClassifierOptions`;
+        its ``model_path`` is replaced by ``path``). Keyword ``fields`` override single
+        :class:`ClassifierOptions` fields (``Classifier.from_path(p, batch_size=1)``).
+
+        Raises:
+            TypeError: a keyword that is not a :class:`ClassifierOptions` field.
+            FileNotFoundError / ContractError: the file is missing or not an edge-classify model.
+        """
+        base = ClassifierOptions() if options is None else options
+        return cls.from_options(replace(base, model_path=path, **fields))
 
     @classmethod
     def default(cls, **options) -> Classifier:
@@ -481,11 +500,26 @@ class Classifier:
         done = iter(self._run_batch(good, heatmaps, masks) if good else [])
         return [next(done) if item.error is None else self._failure(item) for item in pending]
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run the model on a uint8 ``[N, S, S, 1]`` batch; returns uncalibrated (probabilities,
-        cam), with the FP32 model's rows where it rechecked INT8 (:attr:`recheck_model_path`)."""
+    def run_raw(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's raw outputs for a uint8 ``[N, S, S, 1]`` batch of input squares:
+        **uncalibrated** ``probabilities`` ``[N, K]`` and ``cam``, with the FP32 model's rows
+        where it rechecked INT8 (:attr:`recheck_model_path`). No temperature, operating point,
+        lesion rule or input check: :meth:`classify` gives the calls."""
         outputs = self._run_rechecked(images)
         return outputs.probabilities, outputs.cam
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Deprecated alias of :meth:`run_raw` (its name hid that it is uncalibrated); kept for
+        one release."""
+        import warnings
+
+        warnings.warn(
+            "Classifier.run is renamed Classifier.run_raw (uncalibrated outputs); run will be "
+            "removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.run_raw(images)
 
     def _run_rechecked(self, images: np.ndarray) -> _Outputs:
         """All outputs of the model, with the FP32 recheck model's rows (lesion too) where it

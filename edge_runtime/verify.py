@@ -159,7 +159,7 @@ def verify_model_file(
     if not len(images):
         raise ValueError(f"{path}: verifying a model file needs scans. Got none.")
     with Classifier.from_path(path, provider=Provider.CPU, threads=1, recheck=True) as runtime:
-        answers = _batched(lambda b: runtime.run(b)[0], images, batch_size)
+        answers = _batched(lambda b: runtime.run_raw(b)[0], images, batch_size)
         spec = runtime.spec
         partner = runtime.recheck_model_path
     session = open_model(path, provider=Provider.CPU, threads=1).session
@@ -171,7 +171,7 @@ def verify_model_file(
     target = reference
     if spec.precision is not Precision.FP32 and partner is not None:
         with Classifier.from_path(partner, provider=Provider.CPU, threads=1) as fp32:
-            target = _batched(lambda b: fp32.run(b)[0], images, batch_size)
+            target = _batched(lambda b: fp32.run_raw(b)[0], images, batch_size)
         _, rechecked, gate = int8_agreement(
             target,
             alone,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.status import ExitStatus
 from edge_runtime.shell import run_command
+from edge_runtime.status import ExitStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,12 +32,12 @@ def test_the_partner_session_opens_only_when_a_scan_needs_it(tmp_path):
     sure = _pair(tmp_path / "sure", margin=1e-9)  # no lead is below this: nothing rechecked
     with Classifier.from_path(sure, provider=Provider.CPU) as clf:
         assert clf.recheck_model_path == tmp_path / "sure" / "m-fp32.onnx"
-        clf.run(images)
+        clf.run_raw(images)
         assert not clf._recheck.opened
     unsure = _pair(tmp_path / "unsure", margin=1.0)  # every scan rechecked
     with Classifier.from_path(unsure, provider=Provider.CPU) as clf:
         assert not clf._recheck.opened
-        probabilities, _ = clf.run(images)
+        probabilities, _ = clf.run_raw(images)
         assert clf._recheck.opened
     fp32 = open_model(tmp_path / "unsure" / "m-fp32.onnx", provider=Provider.CPU)
     expected = fp32.session.run(["probabilities"], {"image": images})[0]

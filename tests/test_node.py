@@ -417,13 +417,13 @@ def test_a_restart_answers_what_was_received_but_not_answered_exactly_once(
         ds = dcmread(scans[name])
         spool.store(str(ds.SOPInstanceUID), scans[name].read_bytes())
         uids.append(str(ds.SOPInstanceUID))
-    worker = Worker(classifier, spool, output)
-    worker.answer(spool.take(1, 1.0))  # the first answered, then a "crash"
+    with Worker(classifier, spool, output, answer_processes=0) as worker:  # on its thread
+        worker.answer(spool.take(1, 1.0))  # the first answered, then a "crash"
     (output / "results.jsonl").open("a").write('{"sop_instance_uid": "' + uids[1] + '", "lab')
-    second = Worker(classifier, Spool(output / ".spool"), output)  # the restart
-    second.answer(second.spool.take(10, 1.0))
-    assert [r["sop_instance_uid"] for r in records(output)] == uids
-    assert second.spool.take(10, 0.1) == []
+    with Worker(classifier, Spool(output / ".spool"), output) as second:  # the restart
+        second.answer(second.spool.take(10, 1.0))
+        assert [r["sop_instance_uid"] for r in records(output)] == uids
+        assert second.spool.take(10, 0.1) == []
 
 
 # ---------------------------------------------------------------- forwarding

@@ -112,7 +112,7 @@ def test_runtime_answers_with_fp32_exactly_where_int8_leads_by_less_than_the_mar
     int8_path = _pair(tmp_path / "pair", margin)
     with Classifier.from_path(int8_path, provider=Provider.CPU, batch_size=16) as clf:
         assert clf.recheck_model_path == tmp_path / "pair" / "m-fp32.onnx"
-        probabilities, _ = clf.run(images)
+        probabilities, _ = clf.run_raw(images)
         results = clf.classify(list(images[..., 0]))
     redo = top1_lead(int8) < margin
     assert 0 < redo.sum() < len(redo)
@@ -129,7 +129,7 @@ def test_missing_partner_is_named_and_no_recheck_runs_int8_alone(tmp_path):
     images = _images(8)
     with Classifier.from_path(int8_path, provider=Provider.CPU, recheck=False) as clf:
         assert clf.recheck_model_path is None
-        np.testing.assert_allclose(clf.run(images)[0], _raw(int8_path, images), rtol=1e-6)
+        np.testing.assert_allclose(clf.run_raw(images)[0], _raw(int8_path, images), rtol=1e-6)
 
 
 def test_a_partner_from_another_model_is_refused(tmp_path):

@@ -61,3 +61,31 @@ def test_one_meaning_per_flag_edge_train_names_its_worker_addresses_worker_hosts
     argv = [str(tmp_path), "--output", str(tmp_path / "o"), "--workers", "a:1"]
     assert train_main(argv, stdout=io.StringIO(), stderr=err) == ExitStatus.USAGE
     assert "--worker-hosts" in err.getvalue()
+
+
+def test_the_public_namespace_is_what_a_user_calls_and_moved_helpers_still_resolve_with_a_warning():
+    import edge_runtime
+    from edge_runtime.preprocess import fit_to_square
+
+    assert edge_runtime.__version__ == package_version()
+    assert "fit_to_square" not in edge_runtime.__all__ and len(edge_runtime.__all__) <= 20
+    with pytest.warns(DeprecationWarning, match="import it from edge_runtime.preprocess"):
+        assert edge_runtime.fit_to_square is fit_to_square
+
+
+def test_run_is_renamed_run_raw_and_the_old_name_warns(tmp_path):
+    import numpy as np
+
+    from edge_runtime import Classifier, ClassifierOptions
+    from tests.onnx_models import make_contract_model
+
+    model = make_contract_model(tmp_path / "m.onnx")
+    options = ClassifierOptions(batch_size=1)
+    with Classifier.from_path(model, options) as clf:
+        images = np.zeros((2, clf.spec.input_size, clf.spec.input_size, 1), np.uint8)
+        raw, _ = clf.run_raw(images)
+        with pytest.warns(DeprecationWarning, match="run_raw"):
+            old, _ = clf.run(images)
+    np.testing.assert_array_equal(raw, old)
+    with pytest.raises(TypeError):
+        Classifier.from_path(model, options, batch_sizes=2)

@@ -74,6 +74,59 @@ class Answers:
     seg: Any | None
 
 
+@dataclass(frozen=True)
+class AnswerFile:
+    """One answer encoded as a Part 10 file, ready to write.
+
+    Attributes:
+        prefix: ``SR`` or ``SEG`` (its file is ``<prefix>_<uid>.dcm``).
+        sop_instance_uid: the answer's SOP Instance UID.
+        data: the file's bytes.
+    """
+
+    prefix: str
+    sop_instance_uid: str
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}_{self.sop_instance_uid}.dcm"
+
+
+def encode_answers(
+    source_path: str, answer: Classification, model: ModelIdentity
+) -> tuple[AnswerFile, ...]:
+    """Build and encode the answers to the instance stored at ``source_path`` (SEG first).
+
+    A plain function of picklable arguments, so that the node runs it in worker processes:
+    highdicom's builders are pure Python and would otherwise hold the interpreter's lock that the
+    associations and the forwarder need.
+
+    Raises:
+        ValueError: as :func:`build_answers`.
+        OSError: the file cannot be read.
+    """
+    from pydicom import dcmread
+
+    source = dcmread(source_path, stop_before_pixels=True)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    answers = build_answers(source, answer, model, frames=frames)
+    return tuple(
+        AnswerFile(prefix, str(dataset.SOPInstanceUID), _encoded(dataset))
+        for prefix, dataset in (("SEG", answers.seg), ("SR", answers.sr))
+        if dataset is not None
+    )
+
+
+def _encoded(dataset: Any) -> bytes:
+    """A dataset as a Part 10 file in memory."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def answer_uids(source_uid: str, study_uid: str, model: ModelIdentity) -> tuple[str, str, str, str]:
     """Deterministic (SR instance, SR series, SEG instance, SEG series) UIDs for one source: one
     SR series and one SEG series per study and model."""

@@ -20,9 +20,12 @@ instance, which it stores once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -77,6 +80,7 @@ class ForwardOptions:
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
     timeout_s: float = 30.0  # association, DIMSE and network timeouts
+    linger_s: float = 1.0  # an idle association is released after this
     ssl_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
@@ -112,6 +116,7 @@ class Outbox:
         self.rejected = self.root / "rejected"
         self.rejected.mkdir(parents=True, exist_ok=True)
         self._ready = threading.Condition()
+        self._promoted = 0  # promotions so far: a wait never misses one that came before it
 
     def stage(self, name: str, data: bytes, owner: str) -> Path:
         """Write ``<name>.<owner>.pending`` durably; not sent until :meth:`promote`.
@@ -123,14 +128,39 @@ class Outbox:
         write_atomic(path, data)
         return path
 
+    def stage_link(self, source: Path, name: str, owner: str) -> Path:
+        """Stage the fsynced file ``source`` as ``<name>.<owner>.pending`` by a hard link (a
+        copy where the queue is on another file system); durable once :meth:`sync` returns.
+
+        Raises:
+            OSError: naming the staged file.
+        """
+        path = self.root / f"{name}.{owner}.pending"
+        path.unlink(missing_ok=True)  # left by a crash before the commit
+        try:
+            os.link(source, path)
+        except OSError:
+            write_atomic(path, Path(source).read_bytes())
+        return path
+
+    def sync(self) -> None:
+        """fsync the queue folder (after :meth:`stage_link`)."""
+        fsync_dir(self.root)
+
     def promote(self, names: list[str], owner: str) -> None:
         """Make ``owner``'s staged files sendable (idempotent)."""
-        for name in names:
-            pending = self.root / f"{name}.{owner}.pending"
-            if pending.exists():
-                pending.replace(self.root / name)
+        self.promote_many([(names, owner)])
+
+    def promote_many(self, staged: list[tuple[list[str], str]]) -> None:
+        """:meth:`promote` for several owners, with one folder fsync."""
+        for names, owner in staged:
+            for name in names:
+                pending = self.root / f"{name}.{owner}.pending"
+                if pending.exists():
+                    pending.replace(self.root / name)
         fsync_dir(self.root)
         with self._ready:
+            self._promoted += 1
             self._ready.notify_all()
 
     def staged(self) -> list[tuple[str, str]]:
@@ -152,10 +182,17 @@ class Outbox:
                 continue
         return [path for *_, path in sorted(paths)]
 
-    def wait(self, timeout_s: float) -> None:
-        """Wait until something is promoted, or ``timeout_s``."""
+    def promotions(self) -> int:
+        """How many promotions so far (pass it to :meth:`wait`)."""
         with self._ready:
-            self._ready.wait(timeout_s)
+            return self._promoted
+
+    def wait(self, timeout_s: float, seen: int | None = None) -> bool:
+        """Wait until a promotion after the ``seen`` th (default: after now), or ``timeout_s``;
+        True when one came."""
+        with self._ready:
+            after = self._promoted if seen is None else seen
+            return self._ready.wait_for(lambda: self._promoted > after, timeout_s)
 
     def reject(self, path: Path, status: int, peer: str) -> None:
         """Move a file the PACS refused to ``rejected/``, with why beside it."""
@@ -163,6 +200,17 @@ class Outbox:
         write_atomic(self.rejected / f"{path.name}.json", json.dumps(reason).encode())
         path.replace(self.rejected / path.name)
         fsync_dir(self.rejected)
+
+
+def _no_delay(assoc: Any) -> None:
+    """Turn Nagle's algorithm off on an association's socket: a C-STORE is written as a command
+    PDU then data PDUs, and the last small write would otherwise wait for the peer's delayed
+    acknowledgement (40 ms on Linux) before the response can come."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):  # not TCP (a test double), or already closed
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Forwarder:
@@ -176,84 +224,119 @@ class Forwarder:
         self.rejected = 0
 
     def run(self, stop: threading.Event) -> None:
-        """Forward until ``stop`` is set (the file being sent finishes first)."""
-        while not stop.is_set():
-            queued = self.outbox.queued()
-            if not queued:
-                self.outbox.wait(0.5)
-                continue
-            if self._send(queued[: self.options.batch_size], stop):
-                self._delay_s = 0.0
-                continue
-            self._delay_s = min(
-                self.options.retry_max_s, max(self.options.retry_min_s, 2 * self._delay_s)
-            )
-            stop.wait(self._delay_s)
+        """Forward until ``stop`` is set (the file being sent finishes first).
+
+        An association stays open while answers keep coming (up to ``linger_s`` idle), so a
+        burst costs one association, not one per batch.
+        """
+        assoc: Any = None
+        try:
+            while not stop.is_set():
+                seen = self.outbox.promotions()
+                queued = self.outbox.queued()
+                if not queued:
+                    if assoc is None:
+                        self.outbox.wait(0.5, seen)
+                    elif not self.outbox.wait(self.options.linger_s, seen):
+                        assoc = self._release(assoc)
+                    continue
+                reused = assoc is not None
+                assoc, sent = self._send(assoc, queued[: self.options.batch_size], stop)
+                if sent:
+                    self._delay_s = 0.0
+                    continue
+                if reused:  # the PACS may have dropped an idle association: try a fresh one now
+                    continue
+                self._delay_s = min(
+                    self.options.retry_max_s, max(self.options.retry_min_s, 2 * self._delay_s)
+                )
+                stop.wait(self._delay_s)
+        finally:
+            self._release(assoc)
+
+    @staticmethod
+    def _release(assoc: Any) -> None:
+        if assoc is not None and assoc.is_established:
+            assoc.release()
 
     def _association(self) -> Any:
-        from pynetdicom import AE
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE, _config
         from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
 
+        # send queued files as they are on disk (Explicit VR Little Endian, as written), not
+        # decoded and encoded again; a Dataset (the fallback below) is sent as before
+        _config.STORE_SEND_CHUNKED_DATASET = True
         ae = AE(ae_title=self.options.calling_ae_title)
         for context in (ComprehensiveSRStorage, SegmentationStorage):
-            ae.add_requested_context(context)
+            ae.add_requested_context(context, ExplicitVRLittleEndian)
+            ae.add_requested_context(context, ImplicitVRLittleEndian)
         for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(ae, name, self.options.timeout_s)
         ae.connection_timeout = self.options.timeout_s
         target = self.options.destination
         tls = None if self.options.ssl_context is None else (self.options.ssl_context, target.host)
-        return ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls)
+        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls)
+        _no_delay(assoc)
+        return assoc
 
-    def _send(self, paths: list[Path], stop: threading.Event) -> bool:
-        """Send ``paths`` over one association; False when the PACS is down."""
+    def _send(self, assoc: Any, paths: list[Path], stop: threading.Event) -> tuple[Any, bool]:
+        """Send ``paths`` over ``assoc`` (or a new association); returns the association to
+        reuse (None when there is none) and False when the PACS is down."""
+        peer = str(self.options.destination)
+        if assoc is None or not assoc.is_established:
+            try:
+                assoc = self._association()
+            except OSError as exc:
+                return None, self._down(f"could not connect ({exc})", len(paths))
+            if not assoc.is_established:
+                why = "rejected the association" if assoc.is_rejected else "did not answer"
+                return None, self._down(why, len(paths))
+            if self._down_since is not None:
+                log.warning(
+                    "PACS %s is up again after %.0f s", peer, time.monotonic() - self._down_since
+                )
+                self._down_since = None
+        for path in paths:
+            if stop.is_set():
+                break
+            try:
+                response = self._store(assoc, path)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # a queued file we cannot read: keep it, say so
+                log.error("%s: queued answer cannot be read (%s); left in the queue", path, exc)
+                continue
+            status = None if response is None else response.get("Status")
+            if status is None:
+                self._release(assoc)
+                return None, self._down("aborted or timed out during C-STORE", len(paths))
+            if status == 0 or 0xB000 <= status <= 0xBFFF:
+                path.unlink(missing_ok=True)
+                self.sent += 1
+                continue
+            self.rejected += 1
+            self.outbox.reject(path, status, peer)
+            log.error(
+                "PACS %s rejected %s: status 0x%04X (%s); kept in %s",
+                peer,
+                path.name,
+                status,
+                status_meaning(status),
+                self.outbox.rejected,
+            )
+        return assoc, True
+
+    @staticmethod
+    def _store(assoc: Any, path: Path) -> Any:
+        """C-STORE one queued file, streamed from disk; decoded first only where the PACS
+        accepted no context in the file's transfer syntax."""
         from pydicom import dcmread
 
-        peer = str(self.options.destination)
         try:
-            assoc = self._association()
-        except OSError as exc:
-            return self._down(f"could not connect ({exc})", len(paths))
-        if not assoc.is_established:
-            why = "rejected the association" if assoc.is_rejected else "did not answer"
-            return self._down(why, len(paths))
-        if self._down_since is not None:
-            log.warning(
-                "PACS %s is up again after %.0f s", peer, time.monotonic() - self._down_since
-            )
-            self._down_since = None
-        try:
-            for path in paths:
-                if stop.is_set():
-                    break
-                try:
-                    dataset = dcmread(path)
-                except FileNotFoundError:
-                    continue
-                except Exception as exc:  # a queued file we cannot read: keep it, say so
-                    log.error("%s: queued answer cannot be read (%s); left in the queue", path, exc)
-                    continue
-                response = assoc.send_c_store(dataset)
-                status = None if response is None else response.get("Status")
-                if status is None:
-                    return self._down("aborted or timed out during C-STORE", len(paths))
-                if status == 0 or 0xB000 <= status <= 0xBFFF:
-                    path.unlink(missing_ok=True)
-                    self.sent += 1
-                    continue
-                self.rejected += 1
-                self.outbox.reject(path, status, peer)
-                log.error(
-                    "PACS %s rejected %s: status 0x%04X (%s); kept in %s",
-                    peer,
-                    path.name,
-                    status,
-                    status_meaning(status),
-                    self.outbox.rejected,
-                )
-            return True
-        finally:
-            if assoc.is_established:
-                assoc.release()
+            return assoc.send_c_store(path)
+        except ValueError:  # no presentation context for Explicit VR Little Endian
+            return assoc.send_c_store(dcmread(path))
 
     def _down(self, why: str, queued: int) -> bool:
         peer = str(self.options.destination)

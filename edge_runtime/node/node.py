@@ -1,8 +1,9 @@
 """``edge-classify serve``: the DICOM node, as a pipeline of parts on their own threads.
 
 receive (:mod:`.scp`, pynetdicom's association threads) -> spool (:mod:`.spool`, fsync + rename,
-then the C-STORE response) -> answer (:mod:`.worker`, one thread, the runtime's classifier) ->
-forward (:mod:`.forward`, one thread, one association per batch). The parts share nothing but
+then the C-STORE response) -> answer (:mod:`.worker`, one thread, the runtime's classifier in
+batches, SR and SEG built in worker processes) -> forward (:mod:`.forward`, one thread, one
+association per burst). The parts share nothing but
 the folders on disk and a wake-up call, so a slow model never delays an acknowledgement and a
 down PACS never delays the model.
 """
@@ -38,6 +39,8 @@ class NodeOptions:
         forward: the PACS to send answers to, or None.
         tls_cert, tls_key: PEM files: listen with TLS (both or neither).
         batch_files: instances the worker takes at once.
+        answer_processes: processes that build SR and SEG (None: one per core, at most 4; 0: on
+            the worker thread).
         retry_min_s, retry_max_s: the forwarder's back-off while the PACS is down.
     """
 
@@ -51,6 +54,7 @@ class NodeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     batch_files: int = 32
+    answer_processes: int | None = None
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
     timeout_s: float = 60.0
@@ -62,6 +66,10 @@ class NodeOptions:
             )
         if self.batch_files < 1:
             raise ValueError(f"batch_files must be >= 1. Got {self.batch_files} instead.")
+        if self.answer_processes is not None and self.answer_processes < 0:
+            raise ValueError(
+                f"answer_processes must be >= 0 or None. Got {self.answer_processes} instead."
+            )
 
     @property
     def spool_path(self) -> Path:
@@ -117,23 +125,29 @@ class Node:
             options.output,
             outbox=self.outbox,
             batch_files=options.batch_files,
+            answer_processes=options.answer_processes,
         )
+        try:
+            self.scp = StorageScp(self.spool, self._scp_options(options))
+        except BaseException:
+            self.worker.close()
+            raise
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @staticmethod
+    def _scp_options(options: NodeOptions) -> ScpOptions:
         context = None
         if options.tls_cert is not None and options.tls_key is not None:
             context = server_ssl_context(options.tls_cert, options.tls_key)
-        self.scp = StorageScp(
-            self.spool,
-            ScpOptions(
-                ae_title=options.ae_title,
-                host=options.host,
-                port=options.port,
-                allow=AllowList.parse(options.allow),
-                ssl_context=context,
-                timeout_s=options.timeout_s,
-            ),
+        return ScpOptions(
+            ae_title=options.ae_title,
+            host=options.host,
+            port=options.port,
+            allow=AllowList.parse(options.allow),
+            ssl_context=context,
+            timeout_s=options.timeout_s,
         )
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         """Start answering and forwarding, then listen.
@@ -156,6 +170,7 @@ class Node:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
+        self.worker.close()
 
     def __enter__(self) -> Node:
         self.start()

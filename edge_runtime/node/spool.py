@@ -110,6 +110,9 @@ class Spool:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._taken: set[str] = set()
+        # what waits in received/, oldest first: listed once here, then kept by store() and
+        # take(), so that taking never lists the folder again
+        self._waiting: dict[str, Received] = {item.uid: item for item in self._listed()}
 
     def store(self, uid: str, data: bytes) -> str:
         """Store one instance durably (returns before the C-STORE response is sent).
@@ -142,24 +145,28 @@ class Spool:
             temporary.unlink(missing_ok=True)
             raise OSError(f"{final}: could not be stored ({exc.strerror or exc})") from exc
         with self._arrived:
+            self._waiting.setdefault(uid, Received(uid, final, time.time()))
             self._arrived.notify_all()
         return StoreOutcome.STORED
 
-    def pending(self) -> list[Received]:
-        """Received instances not yet answered nor taken, oldest first."""
+    def _listed(self) -> list[Received]:
+        """What ``received/`` holds, oldest first (read at start only)."""
         items = []
         for path in self.received.glob("*.dcm"):
-            uid = path.stem
-            if uid in self._taken:
-                continue
             try:
-                items.append(Received(uid, path, path.stat().st_mtime))
-            except FileNotFoundError:  # committed meanwhile
+                items.append(Received(path.stem, path, path.stat().st_mtime))
+            except FileNotFoundError:
                 continue
         return sorted(items, key=lambda item: (item.received_at, item.uid))
 
+    def pending(self) -> list[Received]:
+        """Received instances not yet answered nor taken, oldest first."""
+        with self._lock:
+            return [item for uid, item in self._waiting.items() if uid not in self._taken]
+
     def take(self, limit: int, timeout_s: float) -> list[Received]:
-        """Up to ``limit`` instances to answer, waiting up to ``timeout_s`` for one to arrive.
+        """Up to ``limit`` instances to answer, waiting up to ``timeout_s`` for one to arrive
+        (woken by :meth:`store`, never by polling the folder).
 
         An instance already answered (its marker written before a crash removed it from
         ``received/``) is cleaned up here, not handed out again.
@@ -168,9 +175,12 @@ class Spool:
         with self._arrived:
             while True:
                 items = []
-                for item in self.pending():
-                    if self.is_done(item.uid):
+                for uid, item in list(self._waiting.items()):
+                    if uid in self._taken:
+                        continue
+                    if self.is_done(uid):
                         item.path.unlink(missing_ok=True)
+                        del self._waiting[uid]
                         continue
                     items.append(item)
                     if len(items) == limit:
@@ -208,6 +218,7 @@ class Spool:
         (self.received / f"{uid}.dcm").unlink(missing_ok=True)
         with self._lock:
             self._taken.discard(uid)
+            self._waiting.pop(uid, None)
 
     def counts(self) -> dict[str, int]:
         """Instances received (waiting) and done, for status lines."""
