@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed",
         action="store_true",
         help="train with tf.distribute.MultiWorkerMirroredStrategy: run the same command on "
-        "every worker; the cluster comes from TF_CONFIG or --worker-hosts/--worker-index; the chief "
-        "alone writes --output; --batch-size is the global batch",
+        "every worker; the cluster comes from TF_CONFIG or --worker-hosts/--worker-index; the "
+        "chief alone writes --output; --batch-size is the global batch",
     )
     group.add_argument(
         "--worker-hosts",

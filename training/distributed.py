@@ -115,7 +115,9 @@ def cluster_from(
             )
         return Cluster(workers=addresses, index=worker_index)
     if worker_index is not None:
-        raise ValueError("--worker-index needs --worker-hosts host:port,... (or use TF_CONFIG alone).")
+        raise ValueError(
+            "--worker-index needs --worker-hosts host:port,... (or use TF_CONFIG alone)."
+        )
     text = environ.get("TF_CONFIG")
     if not text:
         raise ValueError(
