@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from edge_runtime.classifier import MODELS_DIR, default_model_path
-from edge_runtime.contract import Precision
-from edge_runtime.cpu import int8_saturates
-from edge_runtime.decode import load_gray
-from edge_runtime.preprocess import make_batch
-from edge_runtime.session import LoadedModel, Provider, batch_probabilities, open_model
+from edge_runtime.io.decode import load_gray
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.contract import Precision
+from edge_runtime.model.cpu import int8_saturates
+from edge_runtime.model.session import LoadedModel, Provider, batch_probabilities, open_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"))
@@ -40,7 +40,7 @@ NO_VNNI = pytest.mark.skipif(
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
-    """Optimized graphs (edge_runtime.session_cache) go to a folder of this run: the first
+    """Optimized graphs (edge_runtime.model.session_cache) go to a folder of this run: the first
     session of each model saves its graph there, later ones (and cold starts) load it, as on a
     device host after its first run."""
     with pytest.MonkeyPatch.context() as patch:

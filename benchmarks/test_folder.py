@@ -33,9 +33,9 @@ import pytest
 from benchmarks.conftest import HELDOUT, SHARED
 from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier, default_precision, usable_cores
-from edge_runtime.decode import load_gray
-from edge_runtime.preprocess import fit_to_square, make_batch
-from edge_runtime.scan_check import check_scan
+from edge_runtime.io.decode import load_gray
+from edge_runtime.io.preprocess import fit_to_square, make_batch
+from edge_runtime.io.scan_check import check_scan
 
 MIN_FOLDER_RATIO = 0.6
 MIN_PIPELINE_EFFICIENCY = 0.9  # of the rate the CPU seconds allow, where that is under 0.6 / 0.9

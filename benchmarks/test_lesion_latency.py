@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.test_speed import _batch, _entry
 from benchmarks.timing import interleaved
-from edge_runtime.contract import CAM, INPUT_NAME, LESION, PROBABILITIES, Precision
+from edge_runtime.model.contract import CAM, INPUT_NAME, LESION, PROBABILITIES, Precision
 
 MAX_LESION_SLOWDOWN = 1.25
 

@@ -1,6 +1,7 @@
 """Lesion post-processing speed, and its ratio gate: <= 10% of end-to-end time per scan.
 
-Post-processing is what :func:`edge_runtime.lesion.find_lesion` does with one image's ``lesion``
+Post-processing is what :func:`edge_runtime.postprocess.lesion.find_lesion` does with one image's
+``lesion``
 output: map it back onto the full-size frame (letterbox undone), threshold, keep the largest
 region, measure it (contour, convex hull, diameter in mm) and fill the full-size mask. It is timed
 on realistic maps: the lesion output's shape for the model's input at stride 4, made from the
@@ -19,9 +20,9 @@ import pytest
 
 from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import ModelSpec, Precision
-from edge_runtime.lesion import find_lesion
-from edge_runtime.preprocess import fit_to_square
+from edge_runtime.io.preprocess import fit_to_square
+from edge_runtime.model.contract import ModelSpec, Precision
+from edge_runtime.postprocess.lesion import find_lesion
 
 MAX_LESION_SHARE = 0.10
 FRAME = (606, 856)  # rows, columns: a full-size BUSI-like scan

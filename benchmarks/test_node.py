@@ -24,9 +24,9 @@ pytest.importorskip("highdicom")
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
+from edge_runtime.app.cli import main
+from edge_runtime.app.node import Node, NodeOptions
 from edge_runtime.classifier import Classifier
-from edge_runtime.cli import main
-from edge_runtime.node import Node, NodeOptions
 from tests.test_node import US_IMAGE, us_dataset, write_scans
 
 SENDERS, PER_SENDER = 4, 50

@@ -14,17 +14,17 @@ import pytest
 
 from benchmarks.conftest import probabilities
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import Precision
-from edge_runtime.cpu import int8_saturates
-from edge_runtime.recheck import with_recheck
-from edge_runtime.session import Provider, open_model
+from edge_runtime.model.contract import Precision
+from edge_runtime.model.cpu import int8_saturates
+from edge_runtime.model.session import Provider, open_model
+from edge_runtime.postprocess.recheck import with_recheck
 from export.parity import MIN_TOP1_AGREEMENT, compare, fp32_gate, int8_gate, int8_recheck_gate
 
 
 def test_int8_matches_fp32_on_real_heldout_scans(models, model_files, heldout):
     """The INT8 gate on the answers the runtime gives: INT8, with the FP32 recheck of the scans
-    it is unsure of where its metadata asks for one (edge_runtime.recheck). On an x86 CPU
-    without VNNI, whose INT8 kernels saturate (the runtime serves FP32 there), the INT8 model is
+    it is unsure of where its metadata asks for one (edge_runtime.postprocess.recheck). On an x86
+    CPU without VNNI, whose INT8 kernels saturate (the runtime serves FP32 there), the INT8 model is
     judged as exact integer kernels compute it, its QDQ graph run in float, as edge-export
     gates it on such a host."""
     images, labels = heldout

@@ -18,10 +18,10 @@ import pytest
 from benchmarks.conftest import NO_VNNI, probabilities
 from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import INPUT_NAME, PROBABILITIES, Precision
-from edge_runtime.decode import load_gray
-from edge_runtime.preprocess import make_batch
-from edge_runtime.recheck import needs_recheck
+from edge_runtime.io.decode import load_gray
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.contract import INPUT_NAME, PROBABILITIES, Precision
+from edge_runtime.postprocess.recheck import needs_recheck
 
 MIN_INT8_SPEEDUP = 2.0
 BATCH = 4  # on one thread, batch 4 runs as fast per image as 16 and fills the pipeline sooner
@@ -77,7 +77,7 @@ def test_cold_process(benchmark, model_files, scans):
     command = [
         sys.executable,
         "-m",
-        "edge_runtime.cli",
+        "edge_runtime.app.cli",
         str(scans[0]),
         "--model",
         str(model_files[Precision.INT8]),
@@ -97,11 +97,11 @@ def test_gate_cold_start_at_most_2x_library_imports(model_files, scans, ratio_lo
     numpy"``, interleaved: what the runtime adds to its libraries' import (its own modules, the
     session, one scan) is at most as much again. Bytecode is cached under ``tmp_path`` for both,
     as an installed package has it (``PYTHONDONTWRITEBYTECODE`` would compile every module on
-    every start), and so is the model's optimized graph (edge_runtime.session_cache: the warm-up
-    run saves it, as a host's first run does)."""
+    every start), and so is the model's optimized graph (edge_runtime.model.session_cache: the
+    warm-up run saves it, as a host's first run does)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
-    classify = [sys.executable, "-m", "edge_runtime.cli", str(scans[0]), "--quiet"]
+    classify = [sys.executable, "-m", "edge_runtime.app.cli", str(scans[0]), "--quiet"]
     classify += ["--model", str(model_files[Precision.INT8])]
     imports = [sys.executable, "-c", "import onnxruntime, cv2, numpy"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from benchmarks.test_speed import BATCH, _batch, _entry
 from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import Precision
-from edge_runtime.decode import load_gray
-from edge_runtime.preprocess import make_batch
+from edge_runtime.io.decode import load_gray
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.contract import Precision
 
 DESIGN_KERAS_SPEEDUP = 10.0  # DESIGN.md section 7's budget
 KERAS_SCANS = 16

@@ -25,26 +25,26 @@ from edge_runtime.classifier import (
     Result,
     Timing,
 )
-from edge_runtime.contract import ContractError, ModelSpec, Precision
-from edge_runtime.decode import InputError
-from edge_runtime.lesion import Lesion
-from edge_runtime.session import Provider
-from edge_runtime.summary import FileSummary, summarize, with_summaries
+from edge_runtime.io.decode import InputError
+from edge_runtime.model.contract import ContractError, ModelSpec, Precision
+from edge_runtime.model.session import Provider
+from edge_runtime.postprocess.lesion import Lesion
+from edge_runtime.postprocess.summary import FileSummary, summarize, with_summaries
 
-_LAZY = {"Watcher": "edge_runtime.watch", "WatchOptions": "edge_runtime.watch"}
+_LAZY = {"Watcher": "edge_runtime.app.watch", "WatchOptions": "edge_runtime.app.watch"}
 # names this namespace exported before 0.2; they still resolve, with a warning, for one release
 _MOVED = {
-    "CAM": "edge_runtime.contract",
-    "FEATURES": "edge_runtime.contract",
-    "INPUT_NAME": "edge_runtime.contract",
-    "LESION": "edge_runtime.contract",
-    "PROBABILITIES": "edge_runtime.contract",
-    "ResizePolicy": "edge_runtime.contract",
-    "decode_gray": "edge_runtime.decode",
-    "load_gray": "edge_runtime.decode",
-    "find_lesion": "edge_runtime.lesion",
-    "fit_to_square": "edge_runtime.preprocess",
-    "make_batch": "edge_runtime.preprocess",
+    "CAM": "edge_runtime.model.contract",
+    "FEATURES": "edge_runtime.model.contract",
+    "INPUT_NAME": "edge_runtime.model.contract",
+    "LESION": "edge_runtime.model.contract",
+    "PROBABILITIES": "edge_runtime.model.contract",
+    "ResizePolicy": "edge_runtime.model.contract",
+    "decode_gray": "edge_runtime.io.decode",
+    "load_gray": "edge_runtime.io.decode",
+    "find_lesion": "edge_runtime.postprocess.lesion",
+    "fit_to_square": "edge_runtime.io.preprocess",
+    "make_batch": "edge_runtime.io.preprocess",
 }
 
 
@@ -55,7 +55,7 @@ def __getattr__(name: str):
     import importlib
 
     if name == "__version__":
-        from edge_runtime.shell import package_version
+        from edge_runtime.app.shell import package_version
 
         return package_version()
     if name in _LAZY:

@@ -3,11 +3,10 @@
 Decoding and resizing run in a thread pool (OpenCV and pydicom's decoders release the GIL) a few
 batches ahead of inference, on every core; each batch is one contiguous uint8 array fed to
 onnxruntime. Batches run on one inference thread each, up to one batch per core at once
-(``ClassifierOptions.inference_workers``): on 2 shared cores, one intra-op thread per batch costs
-12 ms of CPU a scan and two cost 18 (bundled INT8 model), so batches side by side beat threads
-inside one batch. A file of many frames (a cine, a multi-page TIFF) is decoded one batch of
+(``ClassifierOptions.inference_workers``): batches side by side cost less CPU than threads inside
+one batch (docs/benchmarks.md). A file of many frames (a cine, a multi-page TIFF) is decoded one batch of
 frames at a time, so memory follows ``batch_size``, never the length of the file. Messages
-decoders print while reading a file are logged under its name (:mod:`edge_runtime.capture`).
+decoders print while reading a file are logged under its name (:mod:`edge_runtime.io.capture`).
 """
 
 from __future__ import annotations
@@ -24,9 +23,11 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 
-from edge_runtime.calibration import apply_temperature as _calibrate
-from edge_runtime.capture import collecting, private_stderr
-from edge_runtime.contract import (
+from edge_runtime.io.capture import collecting, private_stderr
+from edge_runtime.io.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
+from edge_runtime.io.preprocess import fit_to_square
+from edge_runtime.io.scan_check import check_scan
+from edge_runtime.model.contract import (
     CAM,
     FEATURES,
     INPUT_NAME,
@@ -35,15 +36,8 @@ from edge_runtime.contract import (
     ModelSpec,
     Precision,
 )
-from edge_runtime.cpu import int8_saturates
-from edge_runtime.decision import decide, lesion_verdict, unfamiliar_scores
-from edge_runtime.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
-from edge_runtime.heatmap import cam_to_heatmap, lesion_heatmap
-from edge_runtime.lesion import Lesion, find_lesion, in_frame, require_lesion_output
-from edge_runtime.preprocess import fit_to_square
-from edge_runtime.recheck import needs_recheck
-from edge_runtime.scan_check import check_scan
-from edge_runtime.session import (
+from edge_runtime.model.cpu import int8_saturates
+from edge_runtime.model.session import (
     LazyModel,
     LoadedModel,
     Provider,
@@ -51,6 +45,11 @@ from edge_runtime.session import (
     open_model,
     open_recheck_model,
 )
+from edge_runtime.postprocess.calibration import apply_temperature as _calibrate
+from edge_runtime.postprocess.decision import decide, lesion_verdict, unfamiliar_scores
+from edge_runtime.postprocess.heatmap import cam_to_heatmap, lesion_heatmap
+from edge_runtime.postprocess.lesion import Lesion, find_lesion, in_frame, require_lesion_output
+from edge_runtime.postprocess.recheck import needs_recheck
 
 Source = str | os.PathLike[str] | np.ndarray
 MODELS_DIR = Path(__file__).parent / "models"
@@ -90,7 +89,7 @@ class ClassifierOptions:
     # call malignant when P(malignant) >= this; None: the model's own operating point (0: top-1)
     malignant_threshold: float | None = None
     recheck: bool = True  # rerun in FP32 what an INT8 model is unsure of, if its metadata asks
-    # abstain on frames that are not ultrasound scans (edge_runtime.scan_check): blank, noise...
+    # abstain on frames that are not ultrasound scans (edge_runtime.io.scan_check): blank, noise...
     check_input: bool = True
 
     @property
@@ -144,18 +143,18 @@ class Classification:
         probabilities: class name -> calibrated probability, summing to 1.
         confidence: the called class's probability.
         abstained: a flag for review, with its ``abstain_reason``: not an ultrasound scan
-            (:mod:`edge_runtime.scan_check`), ``unfamiliar``, or below the abstain threshold. The
+            (:mod:`edge_runtime.io.scan_check`), ``unfamiliar``, or below the abstain threshold. The
             label is still the model's call, but never act on the label of an abstained result.
         timing: per-stage milliseconds of this image.
         frame: index within a multi-frame file; None for a single image.
         rechecked: INT8 was unsure; these are the FP32 model's answers.
-        region: which tissue region of a dual view (:mod:`edge_runtime.regions`); None for one.
+        region: which tissue region of a dual view (:mod:`edge_runtime.io.regions`); None for one.
         pixel_spacing_mm: (row, column) spacing of the classified frame, where the file gives it.
         origin: ``(x, y)`` in the file's frame of the classified image's top-left pixel: a DICOM
-            tissue region's offset (:mod:`edge_runtime.regions`); ``(0, 0)`` for a whole frame.
+            tissue region's offset (:mod:`edge_runtime.io.regions`); ``(0, 0)`` for a whole frame.
         lesion: the largest lesion the model found (None when it found none, or has no lesion
             output); its box is in the whole frame's pixels.
-        unfamiliar: unlike the training scans (:mod:`edge_runtime.decision`); abstains.
+        unfamiliar: unlike the training scans (:mod:`edge_runtime.postprocess.decision`); abstains.
         abstain_reason: why it abstained, every reason that applies joined by ``"; "`` (e.g.
             ``"not an ultrasound scan: a blank frame (grey levels span 0 levels)"``); None when
             it did not.
@@ -231,7 +230,7 @@ class _Item:
     preprocess_ms: float = 0.0
     pixel_spacing_mm: tuple[float, float] | None = None
     notes: tuple[str, ...] = ()  # what decoders printed or warned while reading the file
-    not_a_scan: str | None = None  # the input check's reason (edge_runtime.scan_check)
+    not_a_scan: str | None = None  # the input check's reason (edge_runtime.io.scan_check)
     region: int | None = None
     origin: tuple[int, int] = (0, 0)  # (x, y) of the image in its frame (a tissue region)
     frame_shape: tuple[int, int] | None = None  # (rows, columns) of that frame; None: the image
@@ -274,10 +273,9 @@ def default_precision(provider_name: str, *, saturating_cpu: bool | None = None)
     provider of an x86 CPU whose INT8 kernels saturate; INT8 elsewhere.
 
     onnxruntime's CUDA provider has no INT8 convolution kernels and runs the INT8 model's
-    convolutions in float between (de)quantize steps: on an H200 (onnxruntime-gpu 1.31.1, batch
-    1, two runs) the bundled INT8 model took 2.3-2.9 ms per scan and the FP32 model 1.0-1.1 ms.
+    convolutions in float between (de)quantize steps, slower than the FP32 model (docs/gpu.md).
     The CPU provider and TensorRT run INT8 as integer arithmetic, exact except on x86 CPUs
-    without VNNI (:func:`edge_runtime.cpu.int8_saturates`; ``saturating_cpu`` overrides the
+    without VNNI (:func:`edge_runtime.model.cpu.int8_saturates`; ``saturating_cpu`` overrides the
     check), where the INT8 model is not the one its parity gates passed.
     """
     if provider_name == "CUDAExecutionProvider":
@@ -827,7 +825,7 @@ def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
 
 
 def _input_check(frame: np.ndarray, name: str) -> str | None:
-    """:func:`~edge_runtime.scan_check.check_scan`'s reason; a bug in it costs no frame."""
+    """:func:`~edge_runtime.io.scan_check.check_scan`'s reason; a bug in it costs no frame."""
     try:
         return check_scan(frame)
     except Exception as exc:

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_runtime.classifier import MODELS_DIR
-from edge_runtime.contract import ContractError
-from edge_runtime.session import Provider, open_model, open_recheck_model
+from edge_runtime.model.contract import ContractError
+from edge_runtime.model.session import Provider, open_model, open_recheck_model
 from training.runfolder import (
     CV_METRICS_FILE,
     METRICS_FILE,

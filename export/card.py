@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.card import CARD_SUFFIX, file_sha256
+from edge_runtime.model.card import CARD_SUFFIX, file_sha256
 from export.parity import ParityReport
 from training.protocol import markdown_table
 from training.runfolder import RunInfo

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.shell import command_parser, missing_extra, parse_args, run_command
-from edge_runtime.status import ExitStatus
+from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
+from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
 
 EXPORT_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx")  # the export extra's
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(
     argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
-    """``edge-export``; returns an :class:`~edge_runtime.status.ExitStatus`: ``GATE_FAILED`` (1)
+    """``edge-export``; returns an :class:`~edge_runtime.app.status.ExitStatus`: ``GATE_FAILED`` (1)
     when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     args = parse_args(build_parser(), argv, stdout, stderr)
@@ -146,7 +146,7 @@ def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 
     RunInfo.read(args.run_dir)  # a wrong path fails here, before TensorFlow loads
     import_tensorflow()
-    from edge_runtime.contract import Precision
+    from edge_runtime.model.contract import Precision
     from export.pipeline import ExportOptions, ParityError, export_run
     from export.quant_config import Calibration, IntType, QuantConfig
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from edge_runtime.contract import CAM, FEATURES, INPUT_NAME, LESION, PROBABILITIES, ModelSpec
+from edge_runtime.model.contract import CAM, FEATURES, INPUT_NAME, LESION, PROBABILITIES, ModelSpec
 
 log = logging.getLogger(__name__)
 OPSET = 17

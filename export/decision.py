@@ -1,5 +1,6 @@
 """The call rules an exported model carries, chosen on the run's validation split: the malignant
-operating point and the unfamiliar-scan threshold (applied by ``edge_runtime.decision``)."""
+operating point and the unfamiliar-scan threshold (applied by
+``edge_runtime.postprocess.decision``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from edge_runtime.decision import (
+from edge_runtime.postprocess.decision import (
     SENSITIVITY_TARGET,
     decide,
     lesion_verdict,
@@ -102,7 +103,8 @@ def runtime_calls(
 ) -> dict:
     """How the runtime calls the held-out scans, as against the top-1 metrics of training.
 
-    The runtime's own rule (:func:`edge_runtime.decision.decide`): the run's temperature, the
+    The runtime's own rule (:func:`edge_runtime.postprocess.decision.decide`): the run's
+    temperature, the
     malignant operating point and, for a lesion model with a normal class, its normal rule
     (``lesion_head``: normal exactly where the lesion head finds no lesion, by the runtime's
     post-processing on the model's square; ``lesion_head_or_classifier``: or where the

@@ -26,7 +26,7 @@ from onnxruntime.quantization.qdq_loss_debug import (
     modify_model_output_intermediate_tensors,
 )
 
-from edge_runtime.contract import INPUT_NAME
+from edge_runtime.model.contract import INPUT_NAME
 
 log = logging.getLogger(__name__)
 

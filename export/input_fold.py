@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edge_runtime.contract import INPUT_NAME
+from edge_runtime.model.contract import INPUT_NAME
 
 log = logging.getLogger(__name__)
 _SCALING_OPS = frozenset({"Cast", "Sub", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"})

@@ -31,10 +31,10 @@ from typing import TextIO
 import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.contract import INPUT_NAME, PROBABILITIES, ModelSpec, ResizePolicy
-from edge_runtime.decode import InputError, load_gray
-from edge_runtime.preprocess import make_batch
-from edge_runtime.session import batch_probabilities
+from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.contract import INPUT_NAME, PROBABILITIES, ModelSpec, ResizePolicy
+from edge_runtime.model.session import batch_probabilities
 from export.diagnose import ConvCount, count_convs
 from export.quantize import Calibration, IntType, QuantConfig, quantize_int8
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edge_runtime.recheck import with_recheck
-from edge_runtime.verify import MAX_RECHECK_FRACTION, MIN_TOP1_AGREEMENT
+from edge_runtime.model.verify import MAX_RECHECK_FRACTION, MIN_TOP1_AGREEMENT
+from edge_runtime.postprocess.recheck import with_recheck
 
 MAX_PROBABILITY_DIFF = 1e-4
 MAX_ACCURACY_DROP = 0.01
@@ -124,8 +124,8 @@ def int8_recheck_gate(
     max_recheck_fraction: float = MAX_RECHECK_FRACTION,
 ) -> ParityReport:
     """The INT8 gate on the answers the runtime gives: INT8, rerun in FP32 where its top-1 lead
-    is below ``margin`` (:mod:`edge_runtime.recheck`); and at most ``max_recheck_fraction``
-    of the scans rechecked."""
+    is below ``margin`` (:mod:`edge_runtime.postprocess.recheck`); and at most
+    ``max_recheck_fraction`` of the scans rechecked."""
     answers, redo = with_recheck(int8_probs, fp32_probs, margin)
     report = compare(
         f"onnx-int8, FP32 recheck of {int(redo.sum())} with lead < {margin:.3f}, vs onnx-fp32",

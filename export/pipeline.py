@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.card import CARD_SUFFIX, model_file_name
-from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
-from edge_runtime.cpu import int8_saturates
-from edge_runtime.recheck import needs_recheck, recheck_margin
-from edge_runtime.session import Provider, batch_probabilities, open_model
-from edge_runtime.verify import verify_model_file
+from edge_runtime.model.card import CARD_SUFFIX, model_file_name
+from edge_runtime.model.contract import ModelSpec, NormalRule, Precision, ResizePolicy
+from edge_runtime.model.cpu import int8_saturates
+from edge_runtime.model.session import Provider, batch_probabilities, open_model
+from edge_runtime.model.verify import verify_model_file
+from edge_runtime.postprocess.recheck import needs_recheck, recheck_margin
 from export.card import build_card, file_record, parity_record, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.decision import choose_operating_point, choose_unfamiliar, runtime_calls
@@ -59,9 +59,8 @@ GATE_ARITHMETIC = (
 
 
 INT8_ADVICE = (
-    "To try: --float-convs N (e.g. 11: on one EfficientNet-Lite0 it halved the mean INT8-FP32 "
-    "probability change, at 1.9x instead of 2.3x FP32's single-thread speed); --calibration "
-    "auto; longer training (a model trained for a few epochs has many near-ties that INT8 "
+    "To try: --float-convs N (e.g. 11: the first convolutions in float, a little slower; "
+    "docs/experiments.md, \"Quantization settings\"); --calibration auto; longer training (a model trained for a few epochs has many near-ties that INT8 "
     "flips); or --precision fp32 to write the verified FP32 model alone."
 )
 
@@ -92,7 +91,8 @@ class ExportOptions:
     min_agreement: float = MIN_TOP1_AGREEMENT
     max_accuracy_drop: float = MAX_ACCURACY_DROP
     choose_calibration: bool = False  # pick among calibration_candidates on the val split
-    recheck: bool = True  # INT8 answers it is unsure of are rerun in FP32 (edge_runtime.recheck)
+    # INT8 answers it is unsure of are rerun in FP32 (edge_runtime.postprocess.recheck)
+    recheck: bool = True
     precision: Precision = Precision.INT8  # FP32: the verified FP32 model alone, no INT8
 
 
@@ -435,7 +435,7 @@ def _verify_written(
     staged: _Staged, files: list[Path], fp32_probabilities: np.ndarray, output: Path
 ) -> None:
     """Reload each staged model file as the runtime runs it (contract, card, FP32 recheck) and
-    gate its answers on the held-out scans (:func:`edge_runtime.verify.verify_model_file`).
+    gate its answers on the held-out scans (:func:`edge_runtime.model.verify.verify_model_file`).
 
     Raises:
         ParityError: a file fails; a report is written, no model is.

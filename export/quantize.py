@@ -19,7 +19,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edge_runtime.contract import INPUT_NAME
+from edge_runtime.model.contract import INPUT_NAME
 from export.quant_config import Calibration, IntType, QuantConfig
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_runtime.status import ExitStatus
+from edge_runtime.app.status import ExitStatus
 
 
 def main(argv: Sequence[str] | None = None) -> int:

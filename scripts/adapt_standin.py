@@ -4,7 +4,7 @@ duplicate groups. Only honest for a model trained with BUSI held out.
     python scripts/adapt_standin.py MODEL-int8.onnx [--data BUSI_DIR] [--draws 5] [--per-class 10]
         [--seed 0]
 
-Runs ``edge-classify adapt``'s own code (``edge_runtime.adapt.adapt``) on a manifest of
+Runs ``edge-classify adapt``'s own code (``edge_runtime.adapt.run.adapt``) on a manifest of
 ``per-class`` scans from distinct duplicate groups (training/dedup.py; label-conflicted groups
 left out), then scores the parent as it runs (its threshold and, for a lesion model, its lesion
 head's "normal") and the adapted model's last layer on every scan of the other groups, from the
@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.adapt import (
+from edge_runtime.adapt.evaluate import compare
+from edge_runtime.adapt.fit import softmax
+from edge_runtime.adapt.graph import find_head, read_head
+from edge_runtime.adapt.run import (
     AdaptOptions,
     AdaptRefused,
     _load_parent,
@@ -29,12 +32,9 @@ from edge_runtime.adapt import (
     adapt,
     parent_calls,
 )
-from edge_runtime.adapt_eval import compare
-from edge_runtime.adapt_fit import softmax
-from edge_runtime.adapt_graph import find_head, read_head
-from edge_runtime.adapt_site import SiteScan
-from edge_runtime.decision import decide
-from edge_runtime.session import Provider
+from edge_runtime.adapt.site import SiteScan
+from edge_runtime.model.session import Provider
+from edge_runtime.postprocess.decision import decide
 from training.datasets import discover
 from training.dedup import group_duplicates
 

@@ -5,7 +5,7 @@ metadata, to judge a rule chosen on one model on another (docs/experiments.md, d
         [--min-area 0] [--normal-gate 0.15] [--no-gate]
 
 Only ``lesion_threshold``, ``lesion_min_area``, ``normal_rule`` and ``normal_gate`` change
-(``edge_runtime.contract.ModelSpec``); the copies have no card, so the runtime does not check
+(``edge_runtime.model.contract.ModelSpec``); the copies have no card, so the runtime does not check
 their SHA-256. Not for shipping: a model's own rule is chosen by ``edge-train`` on its
 validation split.
 """
@@ -17,8 +17,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from edge_runtime.contract import NormalRule
-from edge_runtime.session import open_model
+from edge_runtime.model.contract import NormalRule
+from edge_runtime.model.session import open_model
 from export.convert import write_metadata
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.contract import ModelSpec
+from edge_runtime.model.contract import ModelSpec
 
 CLASSES = ("normal", "benign", "malignant")
 

@@ -15,15 +15,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edge_runtime.adapt_fit import Head, balanced_weights, fit_head, fit_with_strength
-from edge_runtime.adapt_graph import find_head, read_head, with_features, with_head
-from edge_runtime.adapt_site import read_site
-from edge_runtime.card import file_sha256, verify_against_card
+from edge_runtime.adapt.fit import Head, balanced_weights, fit_head, fit_with_strength
+from edge_runtime.adapt.graph import find_head, read_head, with_features, with_head
+from edge_runtime.adapt.site import read_site
+from edge_runtime.app.cli import main
 from edge_runtime.classifier import Classifier, default_model_path
-from edge_runtime.cli import main
-from edge_runtime.contract import ModelSpec, NormalRule, Precision, ResizePolicy
-from edge_runtime.preprocess import fit_to_square
-from edge_runtime.recheck import recheck_margin
+from edge_runtime.io.preprocess import fit_to_square
+from edge_runtime.model.card import file_sha256, verify_against_card
+from edge_runtime.model.contract import ModelSpec, NormalRule, Precision, ResizePolicy
+from edge_runtime.postprocess.recheck import recheck_margin
 from tests.onnx_models import CLASSES, head_feature_count, make_head_model
 from training.synthetic import synthetic_scan
 
@@ -177,7 +177,7 @@ def test_adapted_int8_passes_the_contract_and_the_parity_gate_with_its_partner(
 
 
 def test_widening_int8_ranges_stops_the_clipping_of_a_new_scanners_features(parents, site):
-    from edge_runtime.adapt_quant import widen_ranges
+    from edge_runtime.adapt.quant import widen_ranges
 
     proto = onnx.load(str(parents["int8"]))
     where = find_head(proto)
@@ -211,7 +211,7 @@ def test_widening_keeps_the_clips_the_quantizer_folded_into_its_ranges(parents, 
     """onnxruntime's quantizer deletes a Relu/Clip that its Q/DQ range covers and gives the
     convolution the activation's name: the INT8 graph without its Q/DQ pairs no longer clips
     there. Measured on the FP32 model instead, no range of a clipped tensor may go below 0."""
-    from edge_runtime.adapt_quant import widen_ranges
+    from edge_runtime.adapt.quant import widen_ranges
     from export.quantize import QuantConfig, quantize_int8
 
     images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(site.rglob("*.png"))]
@@ -343,7 +343,7 @@ def test_adapt_runs_on_the_base_install_without_tensorflow(parents, tmp_path):
     out = tmp_path / "m-fp32.onnx"
     code = textwrap.dedent(f"""
         import sys
-        from edge_runtime.cli import main
+        from edge_runtime.app.cli import main
         rc = main(["adapt", {str(site)!r}, "--model", {str(parents["fp32"])!r},
                    "--output", {str(out)!r}, "--quiet"])
         loaded = sorted(m for m in sys.modules
@@ -388,7 +388,7 @@ def test_a_strong_pull_keeps_the_parent_and_a_weak_one_fits_the_scans():
 
 
 def test_the_operating_point_meets_the_sensitivity_target_even_where_float_products_round_up():
-    from edge_runtime.decision import malignant_operating_point
+    from edge_runtime.postprocess.decision import malignant_operating_point
 
     p = np.linspace(0.05, 0.95, 20)
     malignant = np.arange(20) >= 10  # 0.9 * 10 is 9.000000000000002 in floating point
@@ -459,8 +459,8 @@ def test_adapt_reads_dicom_scans_and_counts_a_multiframe_file_once(parents, tmp_
 
 
 def test_the_refusal_rule_takes_a_point_gain_and_bounds_malignant_sensitivity():
-    from edge_runtime.adapt import _refusal
-    from edge_runtime.adapt_eval import compare
+    from edge_runtime.adapt.evaluate import compare
+    from edge_runtime.adapt.run import _refusal
 
     labels = np.repeat([0, 1, 2], 10)
     groups = np.arange(30).astype(str)
@@ -494,7 +494,7 @@ def test_a_fit_of_free_columns_keeps_the_others_exactly():
 
 
 def test_the_whole_layer_is_refitted_only_where_the_parent_s_lesion_classes_fail():
-    from edge_runtime.adapt import _way
+    from edge_runtime.adapt.run import _way
 
     labels = np.repeat([0, 1, 2], 10)
     normals_missed = np.where(labels == 0, 1, labels)  # every normal called benign

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.adapt import AdaptOptions, adapt
+from edge_runtime.adapt.run import AdaptOptions, adapt
 from edge_runtime.classifier import Classifier
-from edge_runtime.verify import verify_model_file
+from edge_runtime.model.verify import verify_model_file
 from tests.conftest import SHARED, _require
 
 
@@ -78,13 +78,13 @@ def test_every_malignant_site_scan_the_parent_caught_is_still_called_malignant(
 
 
 def test_adapts_rule_for_its_calls_is_the_runtimes(adapted, site_manifest):
-    """adapt judges "after" with edge_runtime.decision.decide on softmax(logits / T); the
-    runtime, given the same FP32 file, must call every site scan the same."""
+    """adapt judges "after" with edge_runtime.postprocess.decision.decide on softmax(logits / T);
+    the runtime, given the same FP32 file, must call every site scan the same."""
     import onnx
 
-    from edge_runtime.adapt_fit import softmax
-    from edge_runtime.adapt_graph import find_head, read_head
-    from edge_runtime.decision import decide
+    from edge_runtime.adapt.fit import softmax
+    from edge_runtime.adapt.graph import find_head, read_head
+    from edge_runtime.postprocess.decision import decide
 
     _report, out = adapted
     fp32_path = out.with_name("siemens-fp32.onnx")
@@ -104,7 +104,7 @@ def test_adapts_rule_for_its_calls_is_the_runtimes(adapted, site_manifest):
 def _features(proto, squares: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    from edge_runtime.adapt_graph import find_head, with_features
+    from edge_runtime.adapt.graph import find_head, with_features
 
     graph = with_features(proto, find_head(proto))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])

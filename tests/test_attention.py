@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.contract import ResizePolicy
+from edge_runtime.model.contract import ResizePolicy
 from training.attention import (
     LesionAttention,
     load_lesion_mask,

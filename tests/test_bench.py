@@ -1,4 +1,4 @@
-"""``edge-classify bench`` and :func:`edge_runtime.bench.benchmark` on a TF-free model."""
+"""``edge-classify bench`` and :func:`edge_runtime.app.bench.benchmark` on a TF-free model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from edge_runtime.bench import BatchTiming, BenchReport, benchmark, cpu_name
+from edge_runtime.app.bench import BatchTiming, BenchReport, benchmark, cpu_name
+from edge_runtime.app.cli import main
 from edge_runtime.classifier import Classifier
-from edge_runtime.cli import main
 from tests.onnx_models import make_contract_model
 from tests.test_cli import write_scan
 

@@ -23,7 +23,7 @@ def png_with_a_bad_ancillary_crc(path: Path) -> Path:
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
     """In a fresh process: the C libraries write to the process's own standard error."""
     return subprocess.run(
-        [sys.executable, "-m", "edge_runtime.cli", *argv],
+        [sys.executable, "-m", "edge_runtime.app.cli", *argv],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -49,8 +49,8 @@ def test_a_libpng_warning_is_tied_to_its_file_and_silent_under_quiet(tmp_path):
 def _decode_in_worker(path: Path) -> list[str]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from edge_runtime.capture import collecting, private_stderr
-    from edge_runtime.decode import load_gray
+    from edge_runtime.io.capture import collecting, private_stderr
+    from edge_runtime.io.decode import load_gray
 
     def work() -> list[str]:
         with collecting() as notes:

@@ -48,7 +48,7 @@ def test_unexpected_decoder_error_costs_one_input(classifier, tmp_path):
             raise cv2.error("simulated OpenCV failure")
         return real(image, *args, **kwargs)
 
-    with mock.patch("edge_runtime.preprocess.cv2.resize", flaky):
+    with mock.patch("edge_runtime.io.preprocess.cv2.resize", flaky):
         results = classifier.classify(good)
     assert results[0].ok
     assert not results[1].ok and "simulated OpenCV failure" in results[1].error

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.cli import ExitStatus, main
-from edge_runtime.output import heatmap_stems
+from edge_runtime.app.cli import ExitStatus, main
+from edge_runtime.app.output import heatmap_stems
 from tests.onnx_models import CLASSES, make_contract_model
 
 RECORD_KEYS = {

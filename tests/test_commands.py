@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.shell import run_command
-from edge_runtime.status import ExitStatus
+from edge_runtime.app.shell import run_command
+from edge_runtime.app.status import ExitStatus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ print(json.dumps({{"statuses": statuses, "tensorflow": "tensorflow" in sys.modul
 
 
 def test_exit_statuses_are_those_of_edge_classify_with_130_for_ctrl_c():
-    from edge_runtime.cli import ExitStatus as ClassifyStatus
+    from edge_runtime.app.cli import ExitStatus as ClassifyStatus
 
     assert ClassifyStatus is ExitStatus
     assert (ExitStatus.SUCCESS, ExitStatus.PARTIAL, ExitStatus.USAGE) == (0, 1, 2)

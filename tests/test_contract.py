@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from edge_runtime.contract import ContractError, ModelSpec, NormalRule, Precision
-from edge_runtime.session import Provider, open_model
+from edge_runtime.model.contract import ContractError, ModelSpec, NormalRule, Precision
+from edge_runtime.model.session import Provider, open_model
 from tests.onnx_models import CLASSES, make_contract_model
 
 

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.cli import ExitStatus, main
+from edge_runtime.app.cli import ExitStatus, main
 from tests.onnx_models import make_contract_model
 from training.synthetic import synthetic_scan
 
@@ -107,7 +107,7 @@ def model(tmp_path_factory) -> Path:
 def open_app(monkeypatch, model: Path | None, *extra: str):
     from streamlit.testing.v1 import AppTest
 
-    from edge_runtime.dashboard import APP_PATH
+    from edge_runtime.app.dashboard import APP_PATH
 
     argv = [str(APP_PATH)] + ([] if model is None else ["--model", str(model)]) + list(extra)
     monkeypatch.setattr(sys, "argv", argv)  # what `streamlit run app.py -- --model M` gives it
@@ -166,8 +166,8 @@ def lesion_model(tmp_path_factory) -> Path:
     """A tiny model with a lesion output (dark pixels) and the unfamiliar-scan score, whose one
     familiar scan is the plain bright one (its features are the only 'training' class means)."""
     from edge_runtime.classifier import Classifier
-    from edge_runtime.contract import ModelSpec
-    from edge_runtime.decision import unfamiliar_stats
+    from edge_runtime.model.contract import ModelSpec
+    from edge_runtime.postprocess.decision import unfamiliar_stats
 
     folder = tmp_path_factory.mktemp("lesion-model")
     plain = make_contract_model(folder / "plain.onnx", lesion_stride=4, features=True)
@@ -236,8 +236,8 @@ def test_a_lesion_model_outlines_the_lesion_with_its_size_or_says_none_was_found
 
 
 def test_lesion_size_gives_pixels_and_mm_where_known():
-    from edge_runtime.dashboard.scans import lesion_size
-    from edge_runtime.lesion import Lesion
+    from edge_runtime.app.dashboard.scans import lesion_size
+    from edge_runtime.postprocess.lesion import Lesion
 
     known = lesion_size(Lesion((40, 30, 41, 39), 1264, 28.44, 7.06))
     assert known == "box x 40, y 30, 41 x 39 px; area 1,264 px (28.4 mm²); largest diameter 7.1 mm"
@@ -343,8 +343,8 @@ def test_200_uploads_are_all_classified(monkeypatch, model):
 
 
 def test_scans_are_classified_chunk_by_chunk_so_progress_can_be_shown(model):
+    from edge_runtime.app.dashboard.scans import Scan, classify_scans
     from edge_runtime.classifier import Classifier
-    from edge_runtime.dashboard.scans import Scan, classify_scans
 
     pulled = []
 
@@ -377,8 +377,8 @@ def test_the_page_writes_nothing_to_disk(monkeypatch, model, tmp_path):
 
 
 def test_downloads_are_the_records_the_cli_writes(model, tmp_path, monkeypatch):
+    from edge_runtime.app.dashboard.scans import Scan, classify_scans, to_csv, to_jsonl
     from edge_runtime.classifier import Classifier
-    from edge_runtime.dashboard.scans import Scan, classify_scans, to_csv, to_jsonl
 
     files = {"a.png": png_bytes("benign", 5), "b.png": png_bytes("malignant", 6), "c.png": b"x"}
     files["d.dcm"] = dicom_bytes(cine(2))
@@ -424,9 +424,9 @@ def test_a_model_that_cannot_be_opened_is_reported_on_the_page(monkeypatch, tmp_
 
 
 def test_a_scan_on_view_gets_the_same_answer_with_its_heatmap(model):
+    from edge_runtime.app.dashboard.scans import Scan, classify_scans, explain
     from edge_runtime.classifier import Classifier
-    from edge_runtime.dashboard.scans import Scan, classify_scans, explain
-    from edge_runtime.heatmap import overlay
+    from edge_runtime.postprocess.heatmap import overlay
 
     scan = Scan("k", "a.png", data=png_bytes("malignant", 9))
     with Classifier.from_path(model) as classifier:
@@ -438,8 +438,8 @@ def test_a_scan_on_view_gets_the_same_answer_with_its_heatmap(model):
 
 
 def test_flags_come_from_the_classification_dataclass():
+    from edge_runtime.app.dashboard.scans import flag_names
     from edge_runtime.classifier import Classification
-    from edge_runtime.dashboard.scans import flag_names
 
     booleans = [f.name for f in dataclasses.fields(Classification) if f.type in ("bool", bool)]
     assert "abstained" in flag_names() and "rechecked" in flag_names()
@@ -461,19 +461,19 @@ def test_dashboard_help_is_examples():
 
 
 def test_dashboard_without_the_extra_names_it_and_exits_2(monkeypatch):
-    import edge_runtime.dashboard
+    import edge_runtime.app.dashboard
 
-    monkeypatch.setattr(edge_runtime.dashboard, "streamlit_available", lambda: False)
+    monkeypatch.setattr(edge_runtime.app.dashboard, "streamlit_available", lambda: False)
     status, _, err = run_cli("dashboard")
     assert status == ExitStatus.USAGE
     assert "pip install 'edge-classify[dashboard]'" in err
 
 
 def test_dashboard_refuses_a_bad_port_or_model_before_starting(tmp_path, monkeypatch):
-    import edge_runtime.dashboard
+    import edge_runtime.app.dashboard
 
-    monkeypatch.setattr(edge_runtime.dashboard, "streamlit_available", lambda: True)
-    monkeypatch.setattr(edge_runtime.dashboard, "run_dashboard", pytest.fail)  # never reached
+    monkeypatch.setattr(edge_runtime.app.dashboard, "streamlit_available", lambda: True)
+    monkeypatch.setattr(edge_runtime.app.dashboard, "run_dashboard", pytest.fail)  # never reached
     status, _, err = run_cli("dashboard", "--port", "70000")
     assert status == ExitStatus.USAGE and "port from 1 to 65535" in err
     status, _, err = run_cli("dashboard", "--model", str(tmp_path / "none.onnx"))
@@ -483,7 +483,7 @@ def test_dashboard_refuses_a_bad_port_or_model_before_starting(tmp_path, monkeyp
 def test_importing_the_runtime_and_its_cli_does_not_import_streamlit():
     code = textwrap.dedent("""
         import sys
-        import edge_runtime, edge_runtime.cli, edge_runtime.dashboard
+        import edge_runtime, edge_runtime.app.cli, edge_runtime.app.dashboard
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('streamlit', 'pandas')))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -537,7 +537,8 @@ def serve(tmp_path: Path, *args: str) -> Iterator[Served]:
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "HOME": str(private[0]), "TMPDIR": str(private[1]), "PYTHONPATH": path}
     port, log = _free_port(), tmp_path / "server.log"
-    command = [sys.executable, "-m", "edge_runtime.cli", "dashboard", "--port", str(port), *args]
+    command = [sys.executable, "-m", "edge_runtime.app.cli", "dashboard", "--port", str(port)]
+    command += list(args)
     with open(log, "wb") as sink:
         process = subprocess.Popen(
             command, cwd=private[2], env=env, stdout=sink, stderr=subprocess.STDOUT,
@@ -608,7 +609,7 @@ def _chromium() -> str:
 def _bundled_model_outlines(png: bytes) -> int:
     """1 when the bundled model finds a lesion on this scan (the page then shows its outline)."""
     from edge_runtime import Classifier, ClassifierOptions
-    from edge_runtime.decode import decode_gray
+    from edge_runtime.io.decode import decode_gray
 
     with Classifier.from_options(ClassifierOptions()) as clf:
         (result,) = clf.classify([decode_gray(png, "scan.png")])

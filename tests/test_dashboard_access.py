@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.cli import ExitStatus, main
-from edge_runtime.dashboard import launch
-from edge_runtime.dashboard.access import (
+from edge_runtime.app.cli import ExitStatus, main
+from edge_runtime.app.dashboard import launch
+from edge_runtime.app.dashboard.access import (
     TOKEN_ENV,
     folder_allowed,
     is_loopback,

@@ -1,4 +1,5 @@
-"""The malignant operating point and the unfamiliar-scan flag (edge_runtime.decision)."""
+"""The malignant operating point and the unfamiliar-scan flag
+(edge_runtime.postprocess.decision)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import ModelSpec
-from edge_runtime.decision import (
+from edge_runtime.model.contract import ModelSpec
+from edge_runtime.postprocess.decision import (
     decide,
     lesion_verdict,
     malignant_operating_point,

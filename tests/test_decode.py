@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.decode import InputError, decode_gray, is_dicom, load_frames, load_gray
+from edge_runtime.io.decode import InputError, decode_gray, is_dicom, load_frames, load_gray
 
 
 def encode(image: np.ndarray, ext: str) -> bytes:

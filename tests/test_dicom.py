@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.decode import InputError, load_frames, open_scan
+from edge_runtime.io.decode import InputError, load_frames, open_scan
 
 pydicom = pytest.importorskip("pydicom", minversion="3.0")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -361,7 +361,7 @@ def test_deflated_data_with_padding_after_the_stream_is_read(tmp_path: Path) -> 
 def test_a_deflate_bomb_is_refused_before_it_fills_memory(tmp_path: Path, monkeypatch) -> None:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    import edge_runtime.dicom as dicom
+    import edge_runtime.io.dicom as dicom
 
     frames = np.zeros((50, 256, 256), np.uint8)
     path = make_dicom(
@@ -396,7 +396,7 @@ def us_region(
 
 
 def test_the_tissue_region_is_cropped_and_its_spacing_carried_in_mm(tmp_path: Path) -> None:
-    from edge_runtime.decode import open_scan
+    from edge_runtime.io.decode import open_scan
 
     screen = np.full((120, 160), 200, np.uint8)  # screen chrome around the image
     screen[20:100, 30:130] = gray_ramp(80, 100)
@@ -483,8 +483,8 @@ def test_a_region_inside_another_or_not_of_tissue_is_not_a_view_of_its_own(
 
 
 def test_each_region_of_a_dual_view_gets_its_own_record(tmp_path: Path) -> None:
+    from edge_runtime.app.output import result_record
     from edge_runtime.classifier import Classifier
-    from edge_runtime.output import result_record
     from tests.onnx_models import make_contract_model
 
     screen, regions = _dual_view(frames=2)
@@ -520,7 +520,7 @@ def test_without_regions_the_spacing_is_pixel_spacing_and_reaches_the_result(
 
 
 def test_a_region_outside_the_frame_is_ignored(tmp_path: Path) -> None:
-    from edge_runtime.decode import open_scan
+    from edge_runtime.io.decode import open_scan
 
     path = make_dicom(
         tmp_path / "a.dcm",

@@ -32,7 +32,7 @@ def readme_commands() -> list[list[str]]:
 
 
 def _run_readme_line(argv: list[str], stderr: io.StringIO) -> int:
-    from edge_runtime.cli import main as classify_main
+    from edge_runtime.app.cli import main as classify_main
     from export.cli import main as export_main
     from training.cli import main as train_main
     from training.synthetic import main as synthetic_main
@@ -103,7 +103,7 @@ def test_report_only_reports_the_saved_model_again_with_the_same_numbers(readme_
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_the_readme_model_classifies_fresh_synthetic_scans_of_another_seed(readme_path, precision):
-    from edge_runtime.cli import main
+    from edge_runtime.app.cli import main
 
     root, _ = readme_path
     fresh = write_synthetic_dataset(root / f"fresh-{precision}", per_class=30, seed=1)
@@ -130,7 +130,7 @@ def exported(readme_path):
 
 
 def test_export_writes_a_card_that_the_runtime_verifies(exported):
-    from edge_runtime.card import verify_against_card
+    from edge_runtime.model.card import verify_against_card
 
     _, _, export = exported
     card = json.loads((export / "model.card.json").read_text())

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edge_runtime.card import verify_against_card
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import Precision
-from edge_runtime.session import Provider, open_model
+from edge_runtime.model.card import verify_against_card
+from edge_runtime.model.contract import Precision
+from edge_runtime.model.session import Provider, open_model
 from tests.run_folders import make_run_folder
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_runtime.app.cli import main
 from edge_runtime.classifier import Classifier
-from edge_runtime.cli import main
-from edge_runtime.decode import Scan, display_path, load_frames, load_gray
+from edge_runtime.io.decode import Scan, display_path, load_frames, load_gray
 from tests.onnx_models import make_contract_model
 from tests.test_cli import write_scan
 

@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_runtime.app.cli import main
 from edge_runtime.classifier import Classifier
-from edge_runtime.cli import main
-from edge_runtime.decode import InputError, load_frames, open_scan
-from edge_runtime.session import Provider
+from edge_runtime.io.decode import InputError, load_frames, open_scan
+from edge_runtime.model.session import Provider
 from tests.test_lesion import _ellipse_mask, _model, _read_mask, _scan
 
 

@@ -22,13 +22,13 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_runtime.app.cli import main
+from edge_runtime.app.output import OutputFormat, ResultWriter, result_record
+from edge_runtime.app.watch import Watcher, WatchOptions
 from edge_runtime.classifier import Classification, Classifier, Failure, Timing
-from edge_runtime.cli import main
-from edge_runtime.output import OutputFormat, ResultWriter, result_record
-from edge_runtime.scan_check import NOT_A_SCAN, check_scan
-from edge_runtime.sources import expand_sources, is_scan_file, skip_reason
-from edge_runtime.summary import FileSummary, summarize, with_summaries
-from edge_runtime.watch import Watcher, WatchOptions
+from edge_runtime.io.scan_check import NOT_A_SCAN, check_scan
+from edge_runtime.io.sources import expand_sources, is_scan_file, skip_reason
+from edge_runtime.postprocess.summary import FileSummary, summarize, with_summaries
 from tests.conftest import SHARED
 from tests.onnx_models import make_contract_model
 
@@ -142,7 +142,7 @@ def test_the_input_check_names_what_each_non_scan_is(name):
 
 
 def test_the_input_check_reads_a_pydicom_ct_slice_as_no_scan():
-    from edge_runtime.decode import load_frames
+    from edge_runtime.io.decode import load_frames
 
     (frame,) = load_frames(pydicom_test_file("CT_small.dcm"))
     assert check_scan(frame).startswith(f"{NOT_A_SCAN}: a blank frame")
@@ -368,7 +368,7 @@ def test_a_usb_exports_avi_and_mp4_cines_are_classified_frame_by_frame(usb_expor
 
 
 def test_a_video_is_read_a_batch_of_frames_at_a_time(tmp_path, model, monkeypatch):
-    from edge_runtime import video
+    from edge_runtime.io import video
 
     path = write_video(tmp_path / "long.avi", 30)
     reads, batches = [], []
@@ -419,7 +419,7 @@ def test_a_folder_says_why_it_left_out_each_file_that_looks_like_a_scan(tmp_path
     (folder / "1.2.840.99.part").write_bytes(b"\x00" * 128 + b"DICM" + b"\x00" * 16)
     (folder / "clip").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 40)  # MP4, no suffix
     (folder / "notes.txt").write_text("not a scan")
-    with caplog.at_level(logging.DEBUG, logger="edge_runtime.sources"):
+    with caplog.at_level(logging.DEBUG, logger="edge_runtime.io.sources"):
         files, problems = expand_sources([str(folder)])
     assert [p.name for p in files] == ["IMG0001.JPG", "clip"] and problems == []
     said = {Path(r.args[0]).name: (r.levelno, r.getMessage()) for r in caplog.records}

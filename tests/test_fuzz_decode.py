@@ -21,8 +21,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from edge_runtime.capture import collecting  # noqa: E402
-from edge_runtime.decode import InputError, open_scan  # noqa: E402
+from edge_runtime.io.capture import collecting  # noqa: E402
+from edge_runtime.io.decode import InputError, open_scan  # noqa: E402
 
 FUZZ_EXAMPLES = int(os.environ.get("EDGE_CLASSIFY_FUZZ_EXAMPLES", "150"))
 FORMATS = ("png", "png16", "jpeg", "tiff", "bmp", "dicom", "dicom_rle", "dicom_deflated")

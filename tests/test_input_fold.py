@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.contract import INPUT_NAME
+from edge_runtime.model.contract import INPUT_NAME
 from export.input_fold import fold_input_scaling
 from export.quantize import QuantConfig, quantize_int8
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.classifier import Classifier
-from edge_runtime.contract import ContractError
-from edge_runtime.onnx_meta import MetadataError, read_metadata
-from edge_runtime.session import Provider, open_model
+from edge_runtime.model.contract import ContractError
+from edge_runtime.model.onnx_meta import MetadataError, read_metadata
+from edge_runtime.model.session import Provider, open_model
 from tests.test_recheck import FP32_SPEC, _images, _pair
 
 

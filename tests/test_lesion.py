@@ -14,12 +14,18 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from edge_runtime.app.cli import main
 from edge_runtime.classifier import Classifier, _Item
-from edge_runtime.cli import main
-from edge_runtime.contract import ContractError, ModelSpec, NormalRule, Precision, ResizePolicy
-from edge_runtime.lesion import feret_diameter, find_lesion, lesion_probability
-from edge_runtime.preprocess import fit_to_square, letterbox_box
-from edge_runtime.session import Provider, open_model
+from edge_runtime.io.preprocess import fit_to_square, letterbox_box
+from edge_runtime.model.contract import (
+    ContractError,
+    ModelSpec,
+    NormalRule,
+    Precision,
+    ResizePolicy,
+)
+from edge_runtime.model.session import Provider, open_model
+from edge_runtime.postprocess.lesion import feret_diameter, find_lesion, lesion_probability
 from tests.onnx_models import CLASSES, make_contract_model
 
 SIZE = 224  # the test models' input side: a lesion map cell is 4 x 4 input pixels
@@ -368,7 +374,7 @@ def test_the_partner_must_have_the_same_lesion_output(tmp_path):
 def test_a_lesion_of_one_pixel_is_found_not_a_crash():
     """OpenCV compares a 1 x 1 array with a scalar as two arrays of different sizes and raises;
     a lesion map hot on one pixel once stopped a whole training report that way."""
-    from edge_runtime.lesion import find_lesion
+    from edge_runtime.postprocess.lesion import find_lesion
 
     lesion_map = np.zeros((3, 3), np.float32)
     lesion_map[1, 1] = 1.0

@@ -286,7 +286,7 @@ def test_the_vectorised_bootstrap_is_sklearn_on_each_resample():
 
 
 def test_training_and_the_runtime_scale_by_one_temperature_function():
-    from edge_runtime.calibration import apply_temperature as runtime
+    from edge_runtime.postprocess.calibration import apply_temperature as runtime
 
     _, probs = _random_case(n=50)
     probs32 = probs.astype(np.float32)

@@ -18,7 +18,7 @@ def test_runtime_classifies_in_a_fresh_interpreter_without_tensorflow(tmp_path):
         import numpy as np
         import edge_runtime
         from edge_runtime.classifier import Classifier
-        from edge_runtime.cli import main
+        from edge_runtime.app.cli import main
         with Classifier.from_path({str(model)!r}) as clf:
             result = clf.classify([np.full((120, 90), 128, np.uint8)])[0]
         assert result.ok and result.label is not None, result
@@ -40,11 +40,11 @@ def test_one_scan_from_the_cli_imports_nothing_only_other_paths_need(tmp_path):
     scan = tmp_path / "one.png"
     cv2.imwrite(str(scan), np.full((120, 90), 128, np.uint8))
     lazy = (
-        "edge_runtime.watch",
-        "edge_runtime.bench",
-        "edge_runtime.dicom",
-        "edge_runtime.adapt",
-        "edge_runtime.dashboard",
+        "edge_runtime.app.watch",
+        "edge_runtime.app.bench",
+        "edge_runtime.io.dicom",
+        "edge_runtime.adapt.run",
+        "edge_runtime.app.dashboard",
         "pydicom",
         "ctypes.util",
         "difflib",
@@ -52,7 +52,7 @@ def test_one_scan_from_the_cli_imports_nothing_only_other_paths_need(tmp_path):
     )
     code = textwrap.dedent(f"""
         import sys
-        from edge_runtime.cli import main
+        from edge_runtime.app.cli import main
         assert main([{str(scan)!r}, "--model", {str(model)!r}, "--quiet"]) == 0
         print("loaded:" + ",".join(sorted(m for m in sys.modules if m in {lazy!r})))
     """)

@@ -34,8 +34,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from edge_runtime import Classifier
-from edge_runtime.cli import main
-from edge_runtime.node import Node, NodeOptions
+from edge_runtime.app.cli import main
+from edge_runtime.app.node import Node, NodeOptions
 from training.synthetic import synthetic_scan
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -320,7 +320,7 @@ def test_echoscu_is_answered_and_an_unlisted_ae_title_is_rejected_and_logged(
 
 
 def test_without_allow_only_this_machine_may_send():
-    from edge_runtime.node import AllowList
+    from edge_runtime.app.node import AllowList
 
     default = AllowList.parse([])
     assert default.allows("ANY", "127.0.0.1") and default.allows("ANY", "::1")
@@ -408,7 +408,7 @@ def test_a_resent_duplicate_is_acknowledged_and_answered_once(classifier, scans,
 def test_a_restart_answers_what_was_received_but_not_answered_exactly_once(
     classifier, scans, tmp_path
 ):
-    from edge_runtime.node import Spool, Worker
+    from edge_runtime.app.node import Spool, Worker
 
     output = tmp_path / "out"
     spool = Spool(output / ".spool")
@@ -491,7 +491,7 @@ def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing_at_the_pacs(tmp_
     node_port, pacs_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [
-        sys.executable, "-m", "edge_runtime.cli", "serve", "--output", str(output),
+        sys.executable, "-m", "edge_runtime.app.cli", "serve", "--output", str(output),
         "--host", "127.0.0.1", "--port", str(node_port),
         "--forward", f"PACS@127.0.0.1:{pacs_port}",
     ]  # fmt: skip

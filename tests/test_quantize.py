@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.contract import INPUT_NAME
+from edge_runtime.model.contract import INPUT_NAME
 from export.input_fold import fold_input_scaling
 from export.quantize import Calibration, QuantConfig, float_prefix, quantize_int8
 
@@ -109,7 +109,7 @@ def test_histogram_calibration_takes_a_count_that_is_no_multiple_of_the_batch(
 
 
 def _int8_contract_model(tmp_path):
-    from edge_runtime.contract import ModelSpec, Precision
+    from edge_runtime.model.contract import ModelSpec, Precision
     from tests.onnx_models import CLASSES, make_contract_model
 
     fp32 = make_contract_model(tmp_path / "m-fp32.onnx")
@@ -130,7 +130,7 @@ def test_exact_int8_runs_the_qdq_graph_as_written_and_only_for_int8_models(tmp_p
     # the levels asked for, not those of a cached optimized graph (loaded with optimizations off)
     monkeypatch.setenv("EDGE_CLASSIFY_CACHE", "off")
 
-    from edge_runtime.session import Provider, open_model
+    from edge_runtime.model.session import Provider, open_model
 
     fp32, int8, images = _int8_contract_model(tmp_path)
 

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.cli import main
-from edge_runtime.output import LESION_FIELDS
+from edge_runtime.app.cli import main
+from edge_runtime.app.output import LESION_FIELDS
 from tests.onnx_models import make_contract_model
 from training.synthetic import CLASSES, synthetic_scan
 
@@ -154,9 +154,9 @@ def test_masks_on_ray_with_a_model_without_a_lesion_output_exit_2_before_classif
 def test_killing_a_worker_mid_run_still_gives_each_scan_exactly_one_record(
     cluster, many_scans, model
 ):
+    from edge_runtime.app.ray_engine import RayOptions, classify_on_ray
     from edge_runtime.classifier import Classifier, ClassifierOptions
-    from edge_runtime.ray_engine import RayOptions, classify_on_ray
-    from edge_runtime.sources import expand_sources
+    from edge_runtime.io.sources import expand_sources
 
     files, _ = expand_sources([str(many_scans)])
     options = ClassifierOptions(model_path=model)
@@ -195,7 +195,7 @@ def test_ctrl_c_stops_the_run_with_130_and_shuts_its_local_cluster_down(
         [
             sys.executable,
             "-m",
-            "edge_runtime.cli",
+            "edge_runtime.app.cli",
             str(many_scans),
             "--model",
             str(model),

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_runtime.app.cli import main
 from edge_runtime.classifier import Classifier
-from edge_runtime.cli import main
-from edge_runtime.contract import ContractError, ModelSpec, Precision
-from edge_runtime.recheck import needs_recheck, recheck_margin, top1_lead, with_recheck
-from edge_runtime.session import Provider, open_model
+from edge_runtime.model.contract import ContractError, ModelSpec, Precision
+from edge_runtime.model.session import Provider, open_model
+from edge_runtime.postprocess.recheck import needs_recheck, recheck_margin, top1_lead, with_recheck
 from export.parity import int8_recheck_gate
 from tests.onnx_models import CLASSES, make_contract_model
 
@@ -161,7 +161,7 @@ def test_cli_reports_rechecks_and_runs_alone_with_no_recheck(tmp_path):
 
 
 def test_bench_report_names_the_recheck(tmp_path):
-    from edge_runtime.bench import benchmark, format_table
+    from edge_runtime.app.bench import benchmark, format_table
 
     int8_path = _pair(tmp_path, margin=0.4)
     with Classifier.from_path(int8_path, provider=Provider.CPU) as clf:

@@ -8,12 +8,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_runtime import session
-from edge_runtime.bench import synthetic_scans
+from edge_runtime.app.bench import synthetic_scans
 from edge_runtime.classifier import Classifier, ClassifierOptions, default_precision
-from edge_runtime.contract import Precision
-from edge_runtime.preprocess import make_batch
-from edge_runtime.session import Provider, choose_providers, open_model
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model import session
+from edge_runtime.model.contract import Precision
+from edge_runtime.model.session import Provider, choose_providers, open_model
 from tests.onnx_models import make_contract_model
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -54,7 +54,7 @@ def test_onnxruntime_fallback_banner_goes_to_the_log_not_stdout(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", falling_back)
-    with caplog.at_level(logging.WARNING, logger="edge_runtime.session"):
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.model.session"):
         open_model(make_contract_model(tmp_path / "m.onnx"), provider=Provider.CPU)
     assert capsys.readouterr().out == ""
     assert "libnvinfer.so.10" in caplog.text and "*****" not in caplog.text
@@ -81,7 +81,7 @@ def test_bundled_default_is_fp32_on_an_x86_cpu_whose_int8_kernels_saturate():
     ],
 )
 def test_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, saturates):
-    from edge_runtime.cpu import int8_saturates
+    from edge_runtime.model.cpu import int8_saturates
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")

@@ -1,4 +1,4 @@
-"""Optimized graphs kept on disk (edge_runtime.session_cache): the same session, faster."""
+"""Optimized graphs kept on disk (edge_runtime.model.session_cache): the same session, faster."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_runtime import session_cache
-from edge_runtime.card import file_sha256
-from edge_runtime.session import Provider, open_model
+from edge_runtime.model import session_cache
+from edge_runtime.model.card import file_sha256
+from edge_runtime.model.session import Provider, open_model
 from tests.onnx_models import make_contract_model
 
 

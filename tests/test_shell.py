@@ -1,4 +1,4 @@
-"""The shell the three commands share (edge_runtime.shell): --version, --quiet and --traceback
+"""The shell the three commands share (edge_runtime.app.shell): --version, --quiet and --traceback
 everywhere, did-you-mean, cross-flag rules at parse time, and one exit status per kind of end."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-from edge_runtime.cli import main as classify_main
-from edge_runtime.shell import package_version
-from edge_runtime.status import ExitStatus
+from edge_runtime.app.cli import main as classify_main
+from edge_runtime.app.shell import package_version
+from edge_runtime.app.status import ExitStatus
 from export.cli import main as export_main
 from training.cli import main as train_main
 
@@ -41,7 +41,7 @@ def test_ray_flags_without_the_ray_engine_are_refused_before_the_model_loads(tmp
 
 
 def test_a_bug_in_edge_classify_exits_with_the_internal_error_status(monkeypatch, tmp_path):
-    import edge_runtime.cli as cli
+    import edge_runtime.app.cli as cli
 
     def broken(*args, **kwargs):
         raise TypeError("a bug")
@@ -65,11 +65,11 @@ def test_one_meaning_per_flag_edge_train_names_its_worker_addresses_worker_hosts
 
 def test_the_public_namespace_is_what_a_user_calls_and_moved_helpers_still_resolve_with_a_warning():
     import edge_runtime
-    from edge_runtime.preprocess import fit_to_square
+    from edge_runtime.io.preprocess import fit_to_square
 
     assert edge_runtime.__version__ == package_version()
     assert "fit_to_square" not in edge_runtime.__all__ and len(edge_runtime.__all__) <= 20
-    with pytest.warns(DeprecationWarning, match="import it from edge_runtime.preprocess"):
+    with pytest.warns(DeprecationWarning, match="import it from edge_runtime.io.preprocess"):
         assert edge_runtime.fit_to_square is fit_to_square
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.sources import expand_sources, is_scan_file
+from edge_runtime.io.sources import expand_sources, is_scan_file
 
 DICOM_HEAD = b"\x00" * 128 + b"DICM" + b"\x00" * 16
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import edge_runtime
+from edge_runtime.app.cli import main
+from edge_runtime.app.output import OutputFormat, ResultWriter, result_record
 from edge_runtime.classifier import Classification, Classifier, Failure, Timing
-from edge_runtime.cli import main
-from edge_runtime.output import OutputFormat, ResultWriter, result_record
-from edge_runtime.summary import FileSummary, summarize, with_summaries
+from edge_runtime.postprocess.summary import FileSummary, summarize, with_summaries
 from tests.onnx_models import CLASSES, make_contract_model
 
 FRAME_LEVELS = (30, 90, 150, 210, 250)  # gray level of each page of the synthetic cine

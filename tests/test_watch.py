@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.app.cli import main
+from edge_runtime.app.watch import Watcher, WatchOptions
 from edge_runtime.classifier import Classifier
-from edge_runtime.cli import main
-from edge_runtime.watch import Watcher, WatchOptions
 from tests.onnx_models import make_contract_model
 from tests.test_cli import write_scan
 
@@ -43,7 +43,7 @@ def watch_once(folder: Path, output: Path, model: Path, *extra: str) -> tuple[in
 
 
 def spawn_watch(folder: Path, output: Path, model: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "edge_runtime.cli", "watch", str(folder)]
+    command = [sys.executable, "-m", "edge_runtime.app.cli", "watch", str(folder)]
     command += ["--output", str(output), "--model", str(model), "--settle", "0"]
     command += ["--interval", "0.05", "--batch-size", "4", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -23,10 +23,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_runtime.contract import CAM, PROBABILITIES, ResizePolicy
-from edge_runtime.decode import InputError, load_gray
-from edge_runtime.heatmap import cam_to_heatmap
-from edge_runtime.preprocess import make_batch
+from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.contract import CAM, PROBABILITIES, ResizePolicy
+from edge_runtime.postprocess.heatmap import cam_to_heatmap
 from training.checks import HeldOutCheck
 from training.datasets import Sample
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from edge_runtime.contract import ResizePolicy
+from edge_runtime.model.contract import ResizePolicy
 from training.datasets import Sample
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
 from training.splits import read_manifest

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.shell import command_parser, missing_extra, parse_args, run_command
-from edge_runtime.status import ExitStatus
+from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
+from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
 
 LOG_FILE = "train.log"
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(
     argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
-    """``edge-train``; returns an :class:`~edge_runtime.status.ExitStatus`.
+    """``edge-train``; returns an :class:`~edge_runtime.app.status.ExitStatus`.
 
     Arguments and DATA paths are checked before TensorFlow loads. A run that fails before it
     has trained anything removes the run folder it made.

@@ -1,5 +1,5 @@
 """What ``edge-train`` and ``edge-export`` print and what goes to the log (their shell, the
-parsing and the exit statuses, is :mod:`edge_runtime.shell`, shared with ``edge-classify``).
+parsing and the exit statuses, is :mod:`edge_runtime.app.shell`, shared with ``edge-classify``).
 
 The console gets this project's own messages (INFO and up) and every ERROR; TensorFlow's
 start-up noise (CUDA probes, CPU-feature notes, retracing warnings) and Python warnings go only to

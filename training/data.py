@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from edge_runtime.contract import LESION, PROBABILITIES, ResizePolicy
-from edge_runtime.decode import InputError, load_gray
-from edge_runtime.preprocess import fit_to_square
+from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.preprocess import fit_to_square
+from edge_runtime.model.contract import LESION, PROBABILITIES, ResizePolicy
 from training.augment import AugmentConfig, make_augmenter
 from training.segmentation import mask_targets
 

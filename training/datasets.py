@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.card import file_sha256
-from edge_runtime.decode import IMAGE_SUFFIXES
+from edge_runtime.io.decode import IMAGE_SUFFIXES
+from edge_runtime.model.card import file_sha256
 
 log = logging.getLogger(__name__)
 

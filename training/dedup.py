@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_runtime.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError, load_gray
 from training.datasets import Sample
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from edge_runtime.contract import LESION, PROBABILITIES
+from edge_runtime.model.contract import LESION, PROBABILITIES
 from training import distributed
 from training.augment import AugmentConfig
 from training.data import make_dataset

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_runtime.contract import PROBABILITIES, ResizePolicy
-from edge_runtime.decode import InputError, load_gray
-from edge_runtime.preprocess import make_batch
+from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.contract import PROBABILITIES, ResizePolicy
 from training.checks import HeldOutCheck
 from training.datasets import Sample
 

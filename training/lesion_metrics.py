@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from edge_runtime.decision import lesion_verdict
-from edge_runtime.lesion import find_lesion
+from edge_runtime.postprocess.decision import lesion_verdict
+from edge_runtime.postprocess.lesion import find_lesion
 
 POINTING_DILATION = 0.05  # of the square's side: the true mask is dilated by this for pointing
 LESION_THRESHOLDS = tuple(round(0.30 + 0.05 * k, 2) for k in range(14))  # 0.30, 0.35, ..., 0.95
@@ -65,7 +65,8 @@ def predicted_mask(
     lesion_map: np.ndarray, size: int, threshold: float, min_area: float = 0.0
 ) -> np.ndarray:
     """A lesion map ``[h, w]`` -> the bool ``[size, size]`` outline in the model's square input,
-    by the runtime's own post-processing (:func:`edge_runtime.lesion.find_lesion`: bilinear
+    by the runtime's own post-processing (:func:`edge_runtime.postprocess.lesion.find_lesion`:
+    bilinear
     upsampling, threshold, largest 8-connected component, at least ``min_area`` of the square;
     all False when nothing passes)."""
     _, mask = find_lesion(
@@ -81,7 +82,8 @@ def predicted_mask(
 def gated(rule: LesionRule, probabilities: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
     """Bool ``[N]``: the scans ``rule``'s classifier gate calls normal, from the classifier's
     calibrated ``probabilities`` ``[N, K]``: the runtime's own gate
-    (``edge_runtime.decision.lesion_verdict``) before an operating point exists. The exported
+    (``edge_runtime.postprocess.decision.lesion_verdict``) before an operating point exists. The
+    exported
     model's malignant operating point then exempts the scans it calls malignant, so the runtime
     can draw on a few more scans than training measured (the card's "as the runtime calls them"
     counts the runtime's calls)."""

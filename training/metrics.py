@@ -27,9 +27,9 @@ from scipy import stats
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, f1_score, log_loss, roc_auc_score
 
-from edge_runtime.calibration import TEMPERATURE_RANGE
-from edge_runtime.calibration import apply_temperature as runtime_temperature
-from edge_runtime.calibration import fit_temperature as runtime_fit_temperature
+from edge_runtime.postprocess.calibration import TEMPERATURE_RANGE
+from edge_runtime.postprocess.calibration import apply_temperature as runtime_temperature
+from edge_runtime.postprocess.calibration import fit_temperature as runtime_fit_temperature
 
 __all__ = [
     "apply_temperature",
@@ -98,7 +98,7 @@ def _ratio(num: float, den: float) -> float | None:
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Rescale softmax probabilities by a temperature: ``softmax(log(p) / T)``, exactly as the
-    runtime does (:func:`edge_runtime.calibration.apply_temperature`).
+    runtime does (:func:`edge_runtime.postprocess.calibration.apply_temperature`).
 
     The arg-max of every row is unchanged; ``T > 1`` softens, ``T < 1`` sharpens.
 
@@ -130,7 +130,7 @@ def fit_temperature(
     bounds: tuple[float, float] = TEMPERATURE_RANGE,
 ) -> float:
     """Fit the temperature that minimises validation negative log-likelihood
-    (:func:`edge_runtime.calibration.fit_temperature`, after checking the arguments).
+    (:func:`edge_runtime.postprocess.calibration.fit_temperature`, after checking the arguments).
 
     Args:
         val_probs: validation softmax probabilities, shape [N, K].

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from edge_runtime.contract import CAM, FEATURES, INPUT_NAME, LESION, PROBABILITIES
+from edge_runtime.model.contract import CAM, FEATURES, INPUT_NAME, LESION, PROBABILITIES
 from training.backbones import Backbone, build_backbone, pixel_scaling
 from training.layers import ClassActivationHead, PixelScale
 from training.segmentation import lesion_decoder, pyramid_levels

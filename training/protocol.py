@@ -182,8 +182,8 @@ def unfamiliar_report(fold: Path, max_reference: int = 512) -> dict:
     ``model.keras`` and ``split.csv``."""
     import csv
 
-    from edge_runtime.contract import FEATURES
-    from edge_runtime.decision import unfamiliar_scores, unfamiliar_stats
+    from edge_runtime.model.contract import FEATURES
+    from edge_runtime.postprocess.decision import unfamiliar_scores, unfamiliar_stats
     from training.data import load_images
     from training.model import load_classifier
     from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from edge_runtime.contract import ResizePolicy
+from edge_runtime.model.contract import ResizePolicy
 from training import distributed
 from training.augment import jitter_gray_levels
 from training.backbones import Backbone

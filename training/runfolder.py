@@ -44,7 +44,7 @@ class RunInfo:
     lesion_stride: int = 0  # input pixels per pixel of the lesion output; 0: no lesion head
     lesion_threshold: float = 0.5
     lesion_min_area: float = 0.0  # share of the square input (training.lesion_metrics.LesionRule)
-    # edge_runtime.contract.NormalRule's value; "" in runs from before it was recorded, whose
+    # edge_runtime.model.contract.NormalRule's value; "" in runs from before it was recorded, whose
     # lesion models with a normal class all used lesion_head
     normal_rule: str = ""
     normal_gate: float = 0.0  # training.lesion_metrics.LesionRule.normal_gate

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from edge_runtime.contract import LESION, ResizePolicy
-from edge_runtime.decode import InputError, load_gray
-from edge_runtime.preprocess import fit_to_square
+from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.preprocess import fit_to_square
+from edge_runtime.model.contract import LESION, ResizePolicy
 from training.attention import load_lesion_mask
 from training.datasets import Sample
 from training.layers import PACKAGE

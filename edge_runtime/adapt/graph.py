@@ -1,0 +1,275 @@
+"""Finding and replacing the last layer of an edge-classify ONNX graph.
+
+Models from ``edge-export`` end in training/layers.py's ``ClassActivationHead``: pooled features
+``[N, D]`` -> ``MatMul(kernel [D, K]) + bias`` (or one ``Gemm``) -> ``Softmax`` ->
+``probabilities``, and ``cam = MatMul(feature_map_nhwc, kernel)``. In an INT8 (QDQ) model the
+kernel and bias are ``DequantizeLinear`` of int8/int32 initializers, and the logits and the maps
+pass through ``QuantizeLinear -> DequantizeLinear`` pairs whose ranges were calibrated for the
+parent's layer. An adapted layer is written in float32 into both precisions: the kernel and bias
+become float initializers (read by the logits and the maps alike), and the two calibrated pairs
+after the layer are dropped, since a new layer's logits need not fit the old ranges. That layer
+is ``D x K`` multiply-adds per scan, noise beside the backbone; the backbone keeps its INT8
+arithmetic. The pooled tensor the layer reads becomes the ``features`` output.
+
+Needs the ``onnx`` package (the ``adapt`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.adapt.fit import Head
+from edge_runtime.model.contract import CAM, FEATURES, PROBABILITIES, ContractError
+
+_PASS_THROUGH = frozenset({"Identity"})
+
+
+@dataclass(frozen=True)
+class HeadGraph:
+    """Where the last layer sits in a graph (tensor names)."""
+
+    pooled: str  # the [N, D] tensor the layer reads
+    kernel: str  # the [D, K] tensor the logits read (stored [K, D] when kernel_transposed)
+    kernel_transposed: bool
+    bias: str
+    logits: str  # output of the Add / Gemm
+    cam_kernel: str  # the kernel tensor the cam MatMul reads ([D, K])
+    cam: str  # output of the cam MatMul
+
+
+class _Graph:
+    """Producer and consumer look-ups over an ``onnx.GraphProto``."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+
+    def upstream(self, name: str) -> str:
+        """Follow Identity and QuantizeLinear -> DequantizeLinear pairs back to their source."""
+        while True:
+            node = self.producer.get(name)
+            if node is None:
+                return name
+            if node.op_type in _PASS_THROUGH:
+                name = node.input[0]
+            elif node.op_type == "DequantizeLinear" and self._is_quantize(node.input[0]):
+                name = self.producer[node.input[0]].input[0]
+            else:
+                return name
+
+    def _is_quantize(self, name: str) -> bool:
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "QuantizeLinear"
+
+    def is_constant(self, name: str) -> bool:
+        if name in self.initializers:
+            return True
+        node = self.producer.get(name)
+        return (
+            node is not None
+            and node.op_type == "DequantizeLinear"
+            and all(i in self.initializers for i in node.input if i)
+        )
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value of an initializer, or of DequantizeLinear over initializers (float32)."""
+        from onnx import helper, numpy_helper
+
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name]).astype(np.float32)
+        node = self.producer[name]
+        arrays = [numpy_helper.to_array(self.initializers[i]) for i in node.input if i]
+        q, scale = arrays[0].astype(np.float32), arrays[1].astype(np.float32)
+        zero = arrays[2].astype(np.float32) if len(arrays) > 2 else np.zeros_like(scale)
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and q.ndim > 1:
+            shape = [1] * q.ndim
+            shape[axis % q.ndim] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return ((q - zero) * scale).astype(np.float32)
+
+
+def find_head(model, *, source: str = "model") -> HeadGraph:
+    """Locate the last layer (module docstring) in an ``onnx.ModelProto``.
+
+    Raises:
+        ContractError: the graph does not end in that pattern, naming what was found instead.
+    """
+    g = _Graph(model.graph)
+
+    def fail(detail: str) -> ContractError:
+        return ContractError(
+            f"{source}: cannot adapt this model: its last layer is not the edge-classify "
+            "pattern (Softmax over MatMul + Add or Gemm of the pooled features, and cam a "
+            f"MatMul with the same kernel): {detail}. Adapt a model made by edge-export."
+        )
+
+    softmax = g.producer.get(g.upstream(PROBABILITIES))
+    if softmax is None or softmax.op_type != "Softmax":
+        raise fail(f"{PROBABILITIES!r} does not come from a Softmax")
+    logits = g.upstream(softmax.input[0])
+    node = g.producer.get(logits)
+    if node is not None and node.op_type == "Gemm":
+        attrs = {a.name: a for a in node.attribute}
+        for name, wanted in (("alpha", 1.0), ("beta", 1.0)):
+            if name in attrs and attrs[name].f != wanted:
+                raise fail(f"its Gemm has {name} {attrs[name].f}")
+        if "transA" in attrs and attrs["transA"].i:
+            raise fail("its Gemm transposes the features")
+        if (
+            len(node.input) < 3
+            or not g.is_constant(node.input[1])
+            or not g.is_constant(node.input[2])
+        ):
+            raise fail("its Gemm's kernel or bias is not a constant")
+        pooled, kernel, bias = node.input[0], node.input[1], node.input[2]
+        transposed = bool(attrs["transB"].i) if "transB" in attrs else False
+    elif node is not None and node.op_type == "Add":
+        matmul, bias = _split_add(g, node)
+        if matmul is None or not g.is_constant(matmul.input[1]):
+            raise fail("its Add is not MatMul(features, constant kernel) + constant bias")
+        pooled, kernel, transposed = matmul.input[0], matmul.input[1], False
+    else:
+        raise fail(f"the Softmax reads {node.op_type if node else 'a graph input'}")
+    kernel_value = g.constant(kernel)
+    if transposed:
+        kernel_value = kernel_value.T
+    cam_node = g.producer.get(g.upstream(CAM))
+    if cam_node is None or cam_node.op_type != "MatMul" or not g.is_constant(cam_node.input[1]):
+        raise fail(f"{CAM!r} does not come from a MatMul with a constant kernel")
+    cam_kernel = cam_node.input[1]
+    if cam_kernel != kernel and not np.allclose(
+        g.constant(cam_kernel), kernel_value, rtol=1e-3, atol=1e-5
+    ):
+        raise fail(f"{CAM!r} is computed with another kernel than the logits")
+    return HeadGraph(
+        pooled=pooled,
+        kernel=kernel,
+        kernel_transposed=transposed,
+        bias=bias,
+        logits=logits,
+        cam_kernel=cam_kernel,
+        cam=cam_node.output[0],
+    )
+
+
+def _split_add(g: _Graph, add) -> tuple[object | None, str]:
+    for mine, other in ((0, 1), (1, 0)):
+        producer = g.producer.get(add.input[mine])
+        if (
+            producer is not None
+            and producer.op_type == "MatMul"
+            and g.is_constant(add.input[other])
+        ):
+            return producer, add.input[other]
+    return None, ""
+
+
+def read_head(model, where: HeadGraph) -> Head:
+    """The layer's float32 kernel ``[D, K]`` and bias ``[K]`` (dequantized in an INT8 model)."""
+    g = _Graph(model.graph)
+    kernel = g.constant(where.kernel)
+    return Head(kernel.T.copy() if where.kernel_transposed else kernel, g.constant(where.bias))
+
+
+def with_features(model, where: HeadGraph, *, source: str = "model"):
+    """A copy of ``model`` with a ``features`` output: the pooled ``[N, D]`` tensor the layer
+    reads. A model that has one already is returned as a copy when it is that tensor.
+
+    Raises:
+        ContractError: the model's ``features`` output is another tensor.
+    """
+    from onnx import TensorProto, helper
+
+    copy = type(model)()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    g = _Graph(graph)
+    if any(out.name == FEATURES for out in graph.output):
+        if g.upstream(FEATURES) != g.upstream(where.pooled):
+            raise ContractError(
+                f"{source}: its {FEATURES!r} output is not the pooled tensor its last layer "
+                f"reads ({where.pooled!r}), so a layer fitted on it would not fit the model."
+            )
+        return copy
+    dims = g.constant(where.kernel).shape
+    d = dims[1] if where.kernel_transposed else dims[0]
+    graph.node.append(helper.make_node("Identity", [where.pooled], [FEATURES], name="features"))
+    graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", d]))
+    return copy
+
+
+def with_head(
+    model, where: HeadGraph, head: Head, metadata: Mapping[str, str], *, source: str = "model"
+):
+    """A copy of ``model`` with ``head`` as its float32 last layer (module docstring), the
+    ``features`` output, and ``metadata`` as its whole ``metadata_props``."""
+    copy = with_features(model, where, source=source)
+    graph = copy.graph
+    kernel = head.kernel.T if where.kernel_transposed else head.kernel
+    _set_constant(graph, where.kernel, np.ascontiguousarray(kernel, dtype=np.float32))
+    if where.cam_kernel != where.kernel:
+        _set_constant(graph, where.cam_kernel, np.ascontiguousarray(head.kernel, np.float32))
+    _set_constant(graph, where.bias, np.asarray(head.bias, dtype=np.float32))
+    for tensor in (where.logits, where.cam):
+        _drop_qdq_after(graph, tensor)
+    _prune(graph)
+    del copy.metadata_props[:]
+    for key, value in metadata.items():
+        copy.metadata_props.add(key=key, value=value)
+    return copy
+
+
+def _set_constant(graph, name: str, value: np.ndarray) -> None:
+    """Make ``name`` a float initializer holding ``value`` (replacing a DequantizeLinear)."""
+    from onnx import numpy_helper
+
+    for node in list(graph.node):
+        if name in node.output and node.op_type == "DequantizeLinear":
+            graph.node.remove(node)
+    for init in list(graph.initializer):
+        if init.name == name:
+            graph.initializer.remove(init)
+    graph.initializer.append(numpy_helper.from_array(value, name))
+
+
+def _drop_qdq_after(graph, tensor: str) -> None:
+    """``producer -> tensor -> Q -> DQ -> out`` becomes ``producer -> out``."""
+    g = _Graph(graph)
+    users = g.consumers.get(tensor, [])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+        return
+    quantize = users[0]
+    after = g.consumers.get(quantize.output[0], [])
+    if len(after) != 1 or after[0].op_type != "DequantizeLinear":
+        return
+    dequantize = after[0]
+    if any(out.name == tensor for out in graph.output):
+        return
+    producer = g.producer[tensor]
+    index = list(producer.output).index(tensor)
+    producer.output[index] = dequantize.output[0]
+    graph.node.remove(quantize)
+    graph.node.remove(dequantize)
+
+
+def _prune(graph) -> None:
+    """Drop initializers and value_info that no node reads or writes any more."""
+    used = {name for node in graph.node for name in node.input}
+    used |= {out.name for out in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    produced = {name for node in graph.node for name in node.output}
+    produced |= {init.name for init in graph.initializer} | {i.name for i in graph.input}
+    for info in list(graph.value_info):
+        if info.name not in produced:
+            graph.value_info.remove(info)

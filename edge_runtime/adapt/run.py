@@ -1,0 +1,953 @@
+"""Site adaptation: refit a model's last layer on a clinic's own labelled scans.
+
+``adapt(options)`` runs the backbone once over the site's scans (the runtime's own decoding and
+preprocessing, on the model with a ``features`` output added), estimates by grouped
+cross-validation what refitting the last layer buys (:mod:`edge_runtime.adapt.evaluate`), refuses
+when a class has too few scans or the refitted layer is not better, and otherwise writes the
+adapted model of the parent's precision, with its FP32 recheck partner adapted alike, and a card.
+The parent is never modified; an adapted model carries its parent's last layer, so adapting it
+again starts from the parent. Needs the ``adapt`` extra (onnx, scikit-learn, scipy).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.adapt.fit import Head, MalignantGuard, fit_with_strength, softmax
+from edge_runtime.adapt.site import SiteScan, read_site
+from edge_runtime.classifier import MODELS_DIR, Classifier, ClassifierOptions, resolve_model_path
+from edge_runtime.model.card import CARD_SUFFIX, card_path_for, file_sha256
+from edge_runtime.model.contract import (
+    FEATURES,
+    INPUT_NAME,
+    LESION,
+    PROBABILITIES,
+    ModelSpec,
+    NormalRule,
+    Precision,
+)
+from edge_runtime.model.session import Provider, open_model
+from edge_runtime.model.verify import int8_agreement, verify_model_file
+from edge_runtime.postprocess.calibration import fit_temperature
+from edge_runtime.postprocess.decision import (
+    SENSITIVITY_TARGET,
+    decide,
+    lesion_verdict,
+    malignant_operating_point,
+)
+from edge_runtime.postprocess.lesion import find_lesion
+from edge_runtime.postprocess.recheck import recheck_margin
+
+log = logging.getLogger(__name__)
+
+MIN_SCANS_PER_CLASS = 5
+# re-choosing the operating point needs this many malignant scans: the binomial standard error
+# of a 0.9 sensitivity is then <= 0.055 (docs/experiments.md, "Site adaptation")
+MIN_MALIGNANT_FOR_THRESHOLD = 30
+RECORD_VERSION = 1
+_EXTRA_HINT = "edge-classify adapt needs the adapt extra: pip install 'edge-classify[adapt]'"
+
+
+class AdaptRefused(RuntimeError):
+    """The site's scans do not justify an adapted model; nothing was written."""
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    """What to adapt, to which scans, and where the result goes."""
+
+    site: Path
+    output: Path
+    model: str | os.PathLike[str] | None = None  # None: the bundled INT8 model
+    site_name: str | None = None  # default: the site folder's (or manifest's) name
+    provider: Provider = Provider.AUTO
+    threads: int | None = None
+    batch_size: int = 8
+    max_malignant_lost: int = 1  # refuse when CV loses more of the cancers the parent caught
+    max_sensitivity_drop: float | None = None  # and, if given, when sensitivity falls by more
+    precision: Precision | None = None  # None: the parent's; FP32: the FP32 adapted model alone
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AdaptReport:
+    """What ``adapt`` measured and wrote."""
+
+    written: tuple[Path, ...]
+    record: dict[str, Any]  # the adaptation metadata of the adapted model
+
+
+@dataclass(frozen=True)
+class _Parent:
+    """A model file as adaptation starts from it (unwrapped when it is itself adapted)."""
+
+    path: Path
+    proto: Any  # onnx.ModelProto
+    spec: ModelSpec  # the parent's own spec (before any adaptation)
+    head: Head  # the parent's own last layer
+    name: str  # the parent's file name
+    sha256: str
+    unwrapped_from: str | None  # the adapted file it was recovered from, if any
+
+
+def adapt(options: AdaptOptions) -> AdaptReport:
+    """Adapt ``options.model`` to ``options.site`` (module docstring).
+
+    Raises:
+        AdaptRefused: a class has fewer than 5 scans, or the adapted layer is not better by the
+            site's cross-validation; the message carries the numbers. Nothing is written.
+        FileNotFoundError: the model, its recheck partner or the site is missing.
+        ContractError: the model is not an edge-classify model with the expected last layer.
+        ValueError: bad site contents or an output path that would overwrite a parent.
+        ImportError: the ``adapt`` extra is not installed.
+    """
+    try:
+        import onnx  # noqa: F401
+        import scipy  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{_EXTRA_HINT} ({exc})") from exc
+    model_path = resolve_model_path(options.model, options.provider)
+    main = _load_parent(model_path)
+    partner = _load_partner(main)
+    if options.precision is Precision.FP32 and main.spec.precision is not Precision.FP32:
+        if partner is None:
+            raise ValueError(
+                f"{model_path}: --precision fp32 needs the FP32 model, and this "
+                f"{main.spec.precision.value} model names no FP32 partner. Pass --model with "
+                "an FP32 model."
+            )
+        main, partner = partner, None
+    elif options.precision not in (None, main.spec.precision):
+        raise ValueError(
+            f"--precision {options.precision.value}: adapt writes the parent's precision "
+            f"({main.spec.precision.value}) or fp32. Got {options.precision.value} instead."
+        )
+    outputs = _output_paths(options.output, main, partner)
+    scans = read_site(options.site, main.spec.class_names)
+    site = options.site_name or options.site.stem or options.site.name
+    classes = main.spec.class_names
+    with tempfile.TemporaryDirectory(prefix=".edge-adapt-") as tmp:
+        site_data = _site_features(main, partner, scans, Path(tmp), options)
+    features, kept, squares, lesion_found = site_data
+    labels = np.array([s.label for s in kept])
+    groups = np.array([s.group for s in kept])
+    counts = {name: int((labels == c).sum()) for c, name in enumerate(classes)}
+    few = {name: n for name, n in counts.items() if n < MIN_SCANS_PER_CLASS}
+    if few:
+        per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise AdaptRefused(
+            f"{options.site}: too few readable scans to adapt ({per_class}): at least "
+            f"{MIN_SCANS_PER_CLASS} of each class are needed, 10 are recommended, and "
+            f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer. Nothing was written."
+        )
+    reference = partner or main  # fit and judge on the FP32 model's features when there is one
+    x = features[reference.path]
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    with threadpool_limits(1):  # tiny problems: BLAS threads only contend (10x slower seen)
+        names = [s.path.name for s in kept]
+        fit = _fit_and_judge(x, labels, groups, reference, options, lesion_found, names)
+    result = fit["record"]
+    result.update(site=site, scans_per_class=counts, groups=len(set(groups)))
+    if fit["refusal"]:
+        raise AdaptRefused(
+            f"{options.site}: the adapted last layer is not better than the parent's on this "
+            f"site's scans ({fit['refusal']}); nothing was written.\n" + format_numbers(result)
+        )
+    head = fit["head"]
+    written = _write_models(main, partner, head, result, fit, outputs, squares, options)
+    return AdaptReport(written=written, record=result)
+
+
+def _load_parent(path: Path) -> _Parent:
+    import onnx
+
+    from edge_runtime.adapt.graph import find_head, read_head
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    spec = ModelSpec.from_metadata(meta, source=str(path))
+    head = read_head(proto, find_head(proto, source=str(path)))
+    sha = file_sha256(path)
+    if not spec.adaptation:
+        return _Parent(path, proto, spec, head, path.name, sha, None)
+    record = spec.adaptation.get("parent")
+    try:
+        parent = record["spec"]
+        shape = tuple(record["head"]["shape"])
+        kernel = np.frombuffer(base64.b64decode(record["head"]["kernel"]), "<f4").reshape(shape)
+        bias = np.frombuffer(base64.b64decode(record["head"]["bias"]), "<f4")
+        own = replace(
+            spec,
+            model_version=parent["model_version"],
+            temperature=float(parent["temperature"]),
+            malignant_threshold=float(parent["malignant_threshold"]),
+            metrics=parent["metrics"],
+            recheck_margin=float(parent["recheck_margin"]),
+            normal_rule=NormalRule(parent.get("normal_rule", spec.normal_rule.value)),
+            normal_gate=float(parent.get("normal_gate", 0.0)),
+            adaptation={},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: is an adapted model whose record of its parent is unreadable ({exc}); "
+            "adapt the original model instead."
+        ) from exc
+    log.warning(
+        "%s: is itself adapted (to %s); starting again from its parent %s (SHA-256 %s...), "
+        "whose last layer it carries",
+        path,
+        spec.adaptation.get("site"),
+        record.get("file"),
+        str(record.get("sha256"))[:12],
+    )
+    head = Head(kernel.copy(), bias.copy())
+    return _Parent(path, proto, own, head, record["file"], record["sha256"], str(path))
+
+
+def _load_partner(main: _Parent) -> _Parent | None:
+    if main.spec.precision is Precision.FP32 or not main.spec.recheck_model:
+        return None
+    path = main.path.parent / main.spec.recheck_model
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{main.path}: its FP32 recheck model {path} is missing; it is adapted alike, so "
+            "copy it beside the model."
+        )
+    return _load_parent(path)
+
+
+def _output_paths(output: Path, main: _Parent, partner: _Parent | None) -> dict[str, Path]:
+    """``{"main": OUT, "partner": OUT-fp32}`` after checking none is a parent or bundled."""
+    if output.suffix.lower() != ".onnx":
+        raise ValueError(f"--output must name an .onnx file. Got {output} instead.")
+    if main.spec.precision is Precision.FP32 and output.stem.endswith("-int8"):
+        renamed = output.with_name(f"{output.stem[: -len('-int8')]}-fp32.onnx")
+        log.warning("%s: writes the FP32 adapted model, so as %s", output, renamed.name)
+        output = renamed
+    paths = {"main": output}
+    if partner is not None:
+        stem = output.stem[: -len("-int8")] if output.stem.endswith("-int8") else output.stem
+        paths["partner"] = output.with_name(f"{stem}-fp32.onnx")
+    protected = {main.path.resolve()} | ({partner.path.resolve()} if partner else set())
+    for path in paths.values():
+        target = path.resolve()
+        if target in protected or target.parent == MODELS_DIR.resolve():
+            raise ValueError(
+                f"{path}: would overwrite the model being adapted or a bundled model; the "
+                "parent is never modified. Choose another --output."
+            )
+    return paths
+
+
+def _site_features(
+    main: _Parent,
+    partner: _Parent | None,
+    scans: list[SiteScan],
+    tmp: Path,
+    options: AdaptOptions,
+) -> tuple[dict[Path, np.ndarray], list[SiteScan], list[np.ndarray], np.ndarray | None]:
+    """Pooled features per model and per readable scan (frames of a file averaged), the scans
+    kept, every frame's square (for checking the written models) and, when the reference model
+    (the FP32 partner, else the model) calls "normal" by its lesion head, whether that head finds
+    a lesion in each scan (in any of its frames), else None."""
+    import onnx
+
+    from edge_runtime.adapt.graph import find_head, with_features
+
+    sessions = {}
+    for parent in (main, partner):
+        if parent is None:
+            continue
+        featured = with_features(parent.proto, find_head(parent.proto, source=str(parent.path)))
+        path = tmp / f"featured-{len(sessions)}.onnx"
+        onnx.save(featured, str(path))
+        sessions[parent.path] = open_model(path, provider=options.provider, threads=options.threads)
+    first = sessions[main.path]
+    decoder = Classifier(first, ClassifierOptions(batch_size=options.batch_size, recheck=False))
+    by_source: dict[str, list[int]] = {}
+    squares: list[np.ndarray] = []
+    failed = []
+    try:
+        for source, _frame, square, error in decoder.iter_squares([s.path for s in scans]):
+            if error is not None:
+                failed.append(f"{source}: {error}")
+                continue
+            by_source.setdefault(source, []).append(len(squares))
+            squares.append(square)
+    finally:
+        decoder.close()
+    for problem in failed:
+        log.warning("%s (left out)", problem)
+    d = main.head.kernel.shape[0]
+    features = {
+        path: _run(loaded, FEATURES, squares, options.batch_size) if squares else np.zeros((0, d))
+        for path, loaded in sessions.items()
+    }
+    kept = [s for s in scans if str(s.path) in by_source]
+    reference = partner or main
+    lesion_found = None
+    spec = reference.spec
+    if spec.normal_rule is not NormalRule.CLASSIFIER and squares:
+        maps = _run(sessions[reference.path], LESION, squares, options.batch_size)
+        # the runtime's rule (lesion.find_lesion), on the model's square
+        side = spec.input_size
+        frame_found = np.array(
+            [
+                find_lesion(
+                    m[:, :, 0],
+                    (side, side),
+                    input_size=side,
+                    threshold=spec.lesion_threshold,
+                    min_area=spec.lesion_min_area,
+                    with_mask=False,
+                )[0]
+                is not None
+                for m in maps
+            ]
+        )
+        lesion_found = np.array([bool(frame_found[by_source[str(s.path)]].any()) for s in kept])
+    per_file = {
+        path: np.stack([frames[by_source[str(s.path)]].mean(axis=0) for s in kept])
+        if kept
+        else np.zeros((0, frames.shape[1]))
+        for path, frames in features.items()
+    }
+    return per_file, kept, squares, lesion_found
+
+
+def parent_calls(
+    spec: ModelSpec, head: Head, features: np.ndarray, lesion_found: np.ndarray | None
+) -> np.ndarray:
+    """The parent's calls as it runs (int ``[N]``): its temperature, operating point and, for a
+    lesion model, its normal rule over ``lesion_found`` (bool ``[N]``, from
+    :func:`_site_features`)."""
+    probabilities = softmax(head.logits(features), spec.temperature)
+    verdict = lesion_verdict(
+        spec.normal_rule.value,
+        lesion_found,
+        probabilities,
+        spec.class_names,
+        spec.malignant_threshold,
+        spec.normal_gate,
+    )
+    return decide(probabilities, spec.class_names, spec.malignant_threshold, verdict)
+
+
+def _run(loaded, output: str, squares: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """One output of a session over ``[S, S]`` squares, in batches."""
+    rows = [
+        loaded.session.run(
+            [output], {INPUT_NAME: np.stack(squares[i : i + batch_size])[..., None]}
+        )[0]
+        for i in range(0, len(squares), batch_size)
+    ]
+    return np.concatenate(rows)
+
+
+def _fit_and_judge(
+    x: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    parent: _Parent,
+    options: AdaptOptions,
+    lesion_found: np.ndarray | None = None,
+    names: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Choose what to refit (:func:`_way`), estimate it by the site's cross-validation against
+    the parent as it runs, and fit it on all the site's scans."""
+    from edge_runtime.adapt.evaluate import SiteFeatures, choose_strength
+
+    spec, classes = parent.spec, parent.spec.class_names
+    malignant = classes.index("malignant") if "malignant" in classes else None
+    before = parent_calls(spec, parent.head, x, lesion_found)
+    free, why = _way(labels, before, classes)
+    guard = _guard(spec, free)
+    kept = (labels == malignant) & (before == malignant) if guard else None
+    site = SiteFeatures(x, labels, groups, kept)
+    best = _estimate(site, parent, free, before, options, guard)
+    numbers = best["numbers"]
+    refusal = _refusal(
+        numbers,
+        malignant,
+        classes,
+        options.max_sensitivity_drop,
+        [names[i] for i in best["lost"]],
+        options.max_malignant_lost,
+    )
+    strength = choose_strength(site, parent.head, seed=options.seed, free_columns=free)
+    head = site.guarded(
+        fit_with_strength(x, labels, parent.head, strength, free_columns=free), guard
+    )
+    record = {
+        "refitted": {
+            "value": "the whole last layer"
+            if free is None
+            else "the normal column of the last layer (the other classes keep the parent's)",
+            "why": why,
+        },
+        "cross_validation": {
+            "folds": best["folds"],
+            "grouped_by": "manifest group" if _has_groups(groups) else "file",
+            "strengths_chosen_in_folds": best["strengths"],
+            "features_of": f"the {spec.precision.value} model",
+            **numbers,
+        },
+        "strength": strength,
+        "malignant_guard": {
+            "value": guard is not None,
+            "kept_scans": int(kept.sum()) if kept is not None else 0,
+            "rule": GUARD_RULE if guard else "none: the whole layer is refitted",
+            "lost_out_of_fold": [names[i] for i in best["lost"]],
+        },
+        "temperature": {
+            "value": round(best["temperature"], 6),
+            "parent": spec.temperature,
+            "fitted_on": "the parent's (its lesion classes are unchanged)"
+            if free
+            else "out-of-fold logits of the site's cross-validation",
+        },
+        "malignant_threshold": {"value": best["threshold"], "note": best["threshold_note"]},
+        "normal_rule": {
+            "value": NormalRule.CLASSIFIER.value,
+            "parent": spec.normal_rule.value,
+            "note": "the refitted last layer calls normal (it was fitted to); the lesion output "
+            "still outlines lesions"
+            if spec.normal_rule is not NormalRule.CLASSIFIER
+            else "as the parent's",
+        },
+    }
+    return {
+        "head": head,
+        "record": record,
+        "refusal": refusal,
+        "temperature": best["temperature"],
+        "threshold": best["threshold"],
+    }
+
+
+MIN_PARENT_RECALL = 0.5  # a lesion class the parent gets right less often than this has failed
+GUARD_RULE = (
+    "the refitted normal column's bias is lowered until every malignant site scan the parent "
+    "calls malignant is still called malignant (in each cross-validation fold too)"
+)
+
+
+def _guard(spec: ModelSpec, free: list[int] | None) -> MalignantGuard | None:
+    """The guard that keeps the parent's malignant calls, where only the normal column is
+    refitted (the temperature and the operating point are then the parent's)."""
+    names = spec.class_names
+    if free is None or "normal" not in names or "malignant" not in names:
+        return None
+    return MalignantGuard(
+        normal=names.index("normal"),
+        malignant=names.index("malignant"),
+        threshold=spec.malignant_threshold,
+        temperature=spec.temperature,
+    )
+
+
+def _way(
+    labels: np.ndarray, before: np.ndarray, classes: tuple[str, ...]
+) -> tuple[list[int] | None, str]:
+    """What to refit (the free columns, None: the whole layer), and why.
+
+    Ten scans a class cannot support re-learning the lesion classes, so a parent with a normal
+    class gets its normal column alone refitted, unless the parent, as it runs, gets a lesion
+    class right on fewer than :data:`MIN_PARENT_RECALL` of the site's scans of that class: then
+    that class has failed on this scanner and the whole layer is refitted (docs/experiments.md,
+    "Site adaptation: what to refit")."""
+    if "normal" not in classes:
+        return None, "the model has no normal class"
+    failed = []
+    for c, name in enumerate(classes):
+        if name != "normal" and np.any(labels == c):
+            recall = float(np.mean(before[labels == c] == c))
+            if recall < MIN_PARENT_RECALL:
+                failed.append(f"{name} {recall:.2f}")
+    if failed:
+        return None, (
+            f"the parent's recall of {', '.join(failed)} on the site's scans is below "
+            f"{MIN_PARENT_RECALL:.2f}: its lesion classes fail on this scanner"
+        )
+    return [classes.index("normal")], (
+        f"the parent gets each lesion class right on at least {MIN_PARENT_RECALL:.2f} of the "
+        "site's scans; its normal class is what a new scanner breaks"
+    )
+
+
+def _estimate(
+    site,
+    parent: _Parent,
+    free: list[int] | None,
+    before: np.ndarray,
+    options: AdaptOptions,
+    guard: MalignantGuard | None = None,
+) -> dict[str, Any]:
+    """One way of refitting (``free``: the columns refitted, None: all), estimated by the site's
+    grouped cross-validation against the parent's calls ``before``."""
+    from edge_runtime.adapt.evaluate import compare, cross_validate
+
+    spec, classes = parent.spec, parent.spec.class_names
+    malignant = classes.index("malignant") if "malignant" in classes else None
+    labels = site.labels
+    cv = cross_validate(site, parent.head, seed=options.seed, free_columns=free, guard=guard)
+    temperature = spec.temperature if free else fit_temperature(softmax(cv.logits), labels)
+    oof = softmax(cv.logits, temperature)
+    n_malignant = int((labels == malignant).sum()) if malignant is not None else 0
+    threshold, note = spec.malignant_threshold, "the parent has no malignant threshold"
+    if spec.malignant_threshold > 0:
+        if n_malignant >= MIN_MALIGNANT_FOR_THRESHOLD:
+            point = malignant_operating_point(oof[:, malignant], labels == malignant)
+            threshold = point["threshold"]
+            note = (
+                f"re-chosen on the site's {n_malignant} malignant scans (out-of-fold) for "
+                f"sensitivity >= {SENSITIVITY_TARGET:.2f}; the after-estimate of malignant "
+                "sensitivity is optimistic since it is measured on the same scans"
+            )
+        else:
+            note = (
+                f"kept the parent's {spec.malignant_threshold:.4f}: only {n_malignant} malignant "
+                f"scans (re-choosing needs >= {MIN_MALIGNANT_FOR_THRESHOLD}); its sensitivity "
+                "on this site is only what the cross-validation shows"
+            )
+    after = decide(oof, classes, threshold)  # the runtime's rule, as the adapted model runs
+    caught = (labels == malignant) & (before == malignant) if malignant is not None else None
+    lost = np.flatnonzero(caught & (after != malignant)) if caught is not None else []
+    return {
+        "lost": [int(i) for i in lost],
+        "free": free,
+        "numbers": compare(labels, before, after, site.groups, classes, seed=options.seed),
+        "temperature": temperature,
+        "threshold": threshold,
+        "threshold_note": note,
+        "folds": cv.folds,
+        "strengths": list(cv.strengths),
+    }
+
+
+def _has_groups(groups: np.ndarray) -> bool:
+    return len(set(groups)) < len(groups)
+
+
+def _refusal(
+    numbers: dict,
+    malignant: int | None,
+    classes,
+    max_drop: float | None,
+    lost: Sequence[str] = (),
+    max_lost: int = 1,
+) -> str:
+    """Why the adapted layer is not better, or "" when it is: by the site cross-validation's
+    point estimates it must raise balanced accuracy and not lower accuracy; it may call at most
+    ``max_lost`` of the malignant scans the parent caught something else (``lost``: their
+    names), and, where ``max_drop`` is given, not lower malignant sensitivity by more.
+
+    Why a count of scans and not a share: with 10 malignant scans one scan is 0.10 of
+    sensitivity, so a bound on the share either refuses almost every site or guards nothing.
+    The fit keeps every malignant scan the parent caught (:class:`MalignantGuard`); what the
+    cross-validation can show is how often that fails on a patient the fit did not see, one
+    scan at a time. The 95% intervals are reported, not required above 0: with 30 scans a
+    paired interval spans about +-0.15 (docs/experiments.md, "Site adaptation")."""
+    b, a = numbers["before"], numbers["after"]
+    gain = numbers["difference"]["balanced_accuracy"]
+    reasons = []
+    if not gain["value"] > 1e-9:
+        low, high = (float("nan") if v is None else v for v in gain["ci95"])
+        reasons.append(
+            f"balanced accuracy {b['balanced_accuracy']['value']:.3f} -> "
+            f"{a['balanced_accuracy']['value']:.3f}, gain {gain['value']:+.3f} (95% interval "
+            f"[{low:+.3f}, {high:+.3f}]) not above 0"
+        )
+    if a["accuracy"]["value"] < b["accuracy"]["value"] - 1e-9:
+        reasons.append(f"accuracy {b['accuracy']['value']:.3f} -> {a['accuracy']['value']:.3f}")
+    if len(lost) > max_lost:
+        reasons.append(
+            f"{len(lost)} malignant scans the parent caught are called otherwise out-of-fold "
+            f"({', '.join(lost)}); at most {max_lost} allowed (--max-malignant-lost)"
+        )
+    if malignant is not None and max_drop is not None:
+        key = f"recall_{classes[malignant]}"
+        if a[key]["value"] < b[key]["value"] - max_drop - 1e-9:
+            reasons.append(
+                f"malignant sensitivity {b[key]['value']:.3f} -> {a[key]['value']:.3f} (a drop "
+                f"beyond --max-sensitivity-drop {max_drop:g})"
+            )
+    return "; ".join(reasons)
+
+
+def format_numbers(record: dict[str, Any]) -> str:
+    """The before/after table of a record, one metric a line, with 95% intervals."""
+    cv = record["cross_validation"]
+    lines = [
+        f"site {record.get('site')!r}: {record.get('scans_per_class')} scans, "
+        f"{record.get('groups')} groups, {cv['folds']}-fold grouped cross-validation "
+        "(95% group-bootstrap intervals)",
+        f"  {'':26} {'parent':>20} {'adapted':>20} {'difference':>22}",
+    ]
+    for key in cv["before"]:
+        cells = []
+        for part in ("before", "after", "difference"):
+            entry = cv[part][key]
+            cells.append(_value_ci(entry, signed=part == "difference"))
+        lines.append(f"  {key:26} {cells[0]:>20} {cells[1]:>20} {cells[2]:>22}")
+    return "\n".join(lines)
+
+
+def _value_ci(entry: dict, *, signed: bool) -> str:
+    value, (low, high) = entry["value"], entry["ci95"]
+    if value is None:
+        return "n/a"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    if low is None:
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def _head_record(parent: _Parent) -> dict[str, Any]:
+    kernel = np.ascontiguousarray(parent.head.kernel, dtype="<f4")
+    spec = parent.spec
+    return {
+        "file": parent.name,
+        "sha256": parent.sha256,
+        "spec": {
+            "model_version": spec.model_version,
+            "temperature": spec.temperature,
+            "malignant_threshold": spec.malignant_threshold,
+            "metrics": dict(spec.metrics),
+            "recheck_margin": spec.recheck_margin,
+            "precision": spec.precision.value,
+            "normal_rule": spec.normal_rule.value,
+            "normal_gate": spec.normal_gate,
+        },
+        "head": {
+            "shape": list(kernel.shape),
+            "kernel": base64.b64encode(kernel.tobytes()).decode("ascii"),
+            "bias": base64.b64encode(np.asarray(parent.head.bias, "<f4").tobytes()).decode(),
+        },
+    }
+
+
+def _write_models(
+    main: _Parent,
+    partner: _Parent | None,
+    head: Head,
+    result: dict[str, Any],
+    fit: dict[str, Any],
+    outputs: dict[str, Path],
+    squares: list[np.ndarray],
+    options: AdaptOptions,
+) -> tuple[Path, ...]:
+    """Write the adapted model (and partner) into a staging folder under their final names,
+    reload each as the runtime runs it and gate it (:mod:`edge_runtime.model.verify`), then move
+    them into place and write the card. A file that fails leaves nothing behind."""
+    import shutil
+
+    import onnx
+
+    from edge_runtime.adapt.graph import find_head, with_head
+
+    digest = hashlib.sha256(head.kernel.tobytes() + head.bias.tobytes()).hexdigest()[:8]
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    common = {
+        **result,
+        "version": RECORD_VERSION,
+        "created": created,
+        "parent_metrics_apply": False,
+        "note": "The parent's published metrics do not apply to this model: its last layer was "
+        "refitted on this site's scans. The site cross-validation above is its only evidence.",
+    }
+    metrics = {
+        "accuracy": result["cross_validation"]["after"]["accuracy"]["value"],
+        "balanced_accuracy": result["cross_validation"]["after"]["balanced_accuracy"]["value"],
+        "n": int(sum(result["scans_per_class"].values())),
+        "evaluated_on": "site grouped cross-validation (edge-classify adapt)",
+    }
+    out_dir = outputs["main"].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".edge-adapt-"))
+    staged = {role: stage / path.name for role, path in outputs.items()}
+    protos: dict[str, Any] = {}
+    specs: dict[str, ModelSpec] = {}
+    try:
+        # the FP32 partner first: the INT8 model's ranges are measured on it
+        for role, parent in (("partner", partner), ("main", main)):
+            if parent is None:
+                continue
+            record = {**common, "parent": _head_record(parent)}
+            spec = replace(
+                parent.spec,
+                model_version=f"{parent.spec.model_version}+adapted.{digest}",
+                temperature=fit["temperature"],
+                malignant_threshold=fit["threshold"],
+                normal_rule=NormalRule.CLASSIFIER,
+                normal_gate=0.0,
+                metrics=metrics,
+                adaptation=record,
+            )
+            if role == "main" and partner is not None:
+                spec = replace(spec, recheck_model=outputs["partner"].name)
+                record["partner"] = outputs["partner"].name
+            meta = {p.key: p.value for p in parent.proto.metadata_props}
+            meta.update(spec.to_metadata())
+            where = find_head(parent.proto, source=str(parent.path))
+            protos[role] = with_head(parent.proto, where, head, meta, source=str(parent.path))
+            if parent.spec.precision is Precision.INT8 and "partner" in protos:
+                protos[role], widened = _widen(
+                    protos[role], protos["partner"], squares, options.batch_size
+                )
+                record["int8_ranges_widened"] = widened
+            specs[role] = spec
+            onnx.save(protos[role], str(staged[role]))
+        if partner is not None:
+            specs["main"] = _set_recheck_margin(protos["main"], staged, squares, specs["main"])
+            result["int8"] = specs["main"].adaptation["int8"]
+        _check_written(staged, squares, head)
+        _gate_written(staged, squares, partner, options)
+        for role, path in staged.items():
+            os.replace(path, outputs[role])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    card = _write_card(outputs, specs, main, partner)
+    return (*outputs.values(), card, _markdown_path(card))
+
+
+def _widen(
+    proto: Any, fp32: Any, squares: list[np.ndarray], batch_size: int
+) -> tuple[Any, dict[str, Any]]:
+    """The INT8 graph with its activation ranges widened to the site's scans, measured on its
+    FP32 partner ``fp32`` (:mod:`edge_runtime.adapt.quant`), if that brings it closer to the
+    partner on the site's scans than the parent's ranges do; and the record of both."""
+    from edge_runtime.adapt.quant import widen_ranges
+
+    batches = (
+        np.stack(squares[i : i + batch_size])[..., None] for i in range(0, len(squares), batch_size)
+    )
+    widened, changes = widen_ranges(proto, fp32, batches, input_name=INPUT_NAME)
+    summary: dict[str, Any] = {
+        "count": len(changes),
+        "why": "the site's scans went past ranges calibrated for the parent's scans, as the "
+        "FP32 partner measures them; clipped activations can make the INT8 model disagree "
+        "with its FP32 partner",
+        "tensors": {c.tensor: {"before": list(c.before), "after": list(c.after)} for c in changes},
+        "kept": False,
+    }
+    if not changes:
+        return proto, summary
+    reference = _probabilities(fp32, squares, batch_size)
+    scores = {}
+    for name, candidate in (("parent ranges", proto), ("widened", widened)):
+        int8 = _probabilities(candidate, squares, batch_size)
+        margin = recheck_margin(reference, int8)
+        _, rechecked, failures = int8_agreement(reference, int8, margin)
+        scores[name] = (len(failures), rechecked, margin)
+    summary["measured"] = {
+        name: {"gate_failures": f, "rechecked_fraction": round(r, 4), "site_margin": round(m, 6)}
+        for name, (f, r, m) in scores.items()
+    }
+    summary["kept"] = scores["widened"] < scores["parent ranges"]
+    log.info(
+        "%s %d INT8 activation ranges that the site's scans went past (%s): site recheck "
+        "margin %.3f widened, %.3f with the parent's ranges",
+        "widened" if summary["kept"] else "did not widen",
+        len(changes),
+        ", ".join(f"{c.tensor} {c.before[1]:.3g}->{c.after[1]:.3g}" for c in changes[:3]),
+        scores["widened"][2],
+        scores["parent ranges"][2],
+    )
+    return (widened if summary["kept"] else proto), summary
+
+
+def _probabilities(proto: Any, squares: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """``probabilities`` of an in-memory model over ``[S, S]`` squares, on the CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = []
+    for i in range(0, len(squares), batch_size):
+        batch = np.stack(squares[i : i + batch_size])[..., None]
+        rows.append(session.run([PROBABILITIES], {INPUT_NAME: batch})[0])
+    return np.concatenate(rows)
+
+
+def _set_recheck_margin(
+    proto: Any, staged: dict[str, Path], squares: list[np.ndarray], spec: ModelSpec
+) -> ModelSpec:
+    """The adapted INT8 model's recheck margin (the parent's, or more where the new layer moves
+    INT8 further from FP32 on the site's scans), and its agreement there, written into the
+    staged INT8 file's metadata. The gate itself is :func:`_gate_written`, on the final file."""
+    import onnx
+
+    probabilities = {}
+    for role, path in staged.items():
+        loaded = open_model(path, provider=Provider.CPU, threads=1)
+        probabilities[role] = _run(loaded, PROBABILITIES, squares, 16)
+    fp32, int8 = probabilities["partner"], probabilities["main"]
+    margin = max(spec.recheck_margin, recheck_margin(fp32, int8))
+    agreement, rechecked, failures = int8_agreement(fp32, int8, margin)
+    parity = {
+        "frames": len(squares),
+        "int8_alone_top1_agreement": round(float(np.mean(int8.argmax(1) == fp32.argmax(1))), 4),
+        "top1_agreement_with_recheck": round(agreement, 4),
+        "recheck_margin": round(margin, 6),
+        "parent_recheck_margin": spec.recheck_margin,
+        "rechecked_fraction": round(rechecked, 4),
+        "max_abs_probability_diff": round(float(np.abs(int8 - fp32).max()), 6),
+        "passed": not failures,
+    }
+    record = {**spec.adaptation, "int8": parity}
+    spec = replace(spec, recheck_margin=margin, adaptation=record)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update(spec.to_metadata())
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(staged["main"]))
+    return spec
+
+
+def _gate_written(
+    staged: dict[str, Path], squares: list[np.ndarray], partner: _Parent | None, options
+) -> None:
+    """Reload each staged file as the runtime runs it and gate it on the site's scans.
+
+    Raises:
+        AdaptRefused: a file fails; the message says what to try next.
+    """
+    images = np.stack(squares)
+    for role in ("partner", "main"):
+        if role not in staged:
+            continue
+        check = verify_model_file(staged[role], images)
+        log.info("%s", check.summary())
+        if check.passed:
+            continue
+        advice = (
+            "Its FP32 partner passed the same gate: write that adapted FP32 model alone with "
+            "--precision fp32"
+            if role == "main" and partner is not None
+            else "Check that the parent is an edge-classify model, and report this"
+        )
+        raise AdaptRefused(
+            f"the adapted {check.precision.upper()} model fails the file gate on the site's "
+            f"scans: {'; '.join(check.failures)}. {advice}. Nothing was written."
+        )
+
+
+def _check_written(staged: dict[str, Path], squares: list[np.ndarray], head: Head) -> None:
+    """The written graphs load under the contract, carry their record and compute the fitted
+    layer: their probabilities on the site's first scans match the layer applied to the
+    features they output."""
+    for path in staged.values():
+        loaded = open_model(path, provider=Provider.CPU)
+        if loaded.spec.adaptation.get("version") != RECORD_VERSION:
+            raise RuntimeError(f"{path}: the adaptation metadata did not round-trip")
+        batch = np.stack(squares[:8])[..., None]
+        feats, probabilities = loaded.session.run([FEATURES, PROBABILITIES], {INPUT_NAME: batch})
+        expected = softmax(head.logits(feats))
+        tolerance = 1e-4 if loaded.spec.precision is Precision.FP32 else 4e-3  # INT8: uint8 output
+        if np.abs(expected - probabilities).max() > tolerance:
+            raise RuntimeError(f"{path}: the written graph does not compute the fitted layer")
+
+
+def _write_card(
+    outputs: dict[str, Path], specs: dict[str, ModelSpec], main: _Parent, partner: _Parent | None
+) -> Path:
+    card_path = card_path_for(outputs["main"])
+    spec = specs["main"]
+    record = dict(spec.adaptation)
+    record.pop("parent", None)
+    parents = {
+        outputs[role].name: {"file": p.name, "sha256": p.sha256}
+        for role, p in (("main", main), ("partner", partner))
+        if p is not None
+    }
+    card = {
+        "name": card_path.name[: -len(CARD_SUFFIX)],
+        "model_version": spec.model_version,
+        "not_a_medical_device": True,
+        "intended_use": "Research and engineering evaluation on the site it was adapted to. Not "
+        "a medical device: every output needs review by a qualified clinician.",
+        "adapted_by": "edge-classify adapt (last layer refitted; backbone unchanged)",
+        "parents": parents,
+        "parent_metrics_apply": False,
+        "classes": list(spec.class_names),
+        "adaptation": record,
+        "files": {
+            path.name: {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            for path in outputs.values()
+        },
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    _markdown_path(card_path).write_text(_card_markdown(card))
+    return card_path
+
+
+def _markdown_path(card_path: Path) -> Path:
+    return card_path.with_name(card_path.name[: -len(".json")] + ".md")
+
+
+def _card_markdown(card: dict[str, Any]) -> str:
+    record = card["adaptation"]
+    lines = [
+        f"# {card['name']}: adapted to site {record.get('site')!r}",
+        "",
+        "**Not a medical device.** Every output needs review by a qualified clinician.",
+        "",
+        f"Made by `edge-classify adapt` on {record.get('created')}: the last layer of the parent "
+        "model was refitted on this site's labelled scans; the backbone is unchanged.",
+        "**The parent's published metrics do not apply to this model.** Its only evidence is "
+        "the site cross-validation below.",
+        "",
+        "## Parents",
+        "",
+    ]
+    for name, parent in card["parents"].items():
+        lines.append(f"- `{name}` from `{parent['file']}` (SHA-256 `{parent['sha256']}`)")
+    if "refitted" in record:
+        lines += [
+            "",
+            f"Refitted: {record['refitted']['value']}, because {record['refitted']['why']}.",
+        ]
+    lines += ["", "## Site cross-validation", "", "```", format_numbers(record), "```", ""]
+    temperature = record["temperature"]
+    lines.append(
+        f"Temperature {temperature['value']:.4f} (parent {temperature['parent']:.4f}), "
+        f"{temperature['fitted_on']}."
+    )
+    threshold = record["malignant_threshold"]
+    lines.append(f"Malignant threshold {threshold['value']:.4f}: {threshold['note']}.")
+    guard = record.get("malignant_guard", {})
+    if guard.get("value"):
+        lost = guard.get("lost_out_of_fold") or []
+        lines.append(
+            f"Malignant guard: {guard['rule']} ({guard['kept_scans']} scans). Out-of-fold, "
+            + (f"{len(lost)} such scan(s) were lost: {', '.join(lost)}." if lost else "none lost.")
+        )
+    if "int8" in record:
+        p = record["int8"]
+        lines.append(
+            f"INT8 vs its adapted FP32 partner on the site's {p['frames']} frames: top-1 "
+            f"agreement {p['int8_alone_top1_agreement']:.4f} alone, "
+            f"{p['top1_agreement_with_recheck']:.4f} with the FP32 recheck (margin "
+            f"{p['recheck_margin']:.3f}, {p['rechecked_fraction']:.1%} rechecked)."
+        )
+    lines += ["", "## Files", ""]
+    for name, info in card["files"].items():
+        lines.append(f"- `{name}`: {info['bytes']:,} bytes, SHA-256 `{info['sha256']}`")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,384 @@
+"""Answers in DICOM: a Comprehensive SR (TID 1500) per instance, and a binary SEG of the lesion.
+
+The SR holds one measurement group: the label, abstained and unfamiliar as qualitative
+evaluations (coded values), each class's calibrated probability as a numeric measurement (unit
+``1``: a qualitative evaluation holds a code, never a number), the lesion's area in mm² and its
+largest diameter in mm where the image states its spacing, the model's name, version and SHA-256
+as the algorithm identification, and the comment "not a diagnosis". It references the source
+instance (its frame, for a cine) and, on a single-frame image with a lesion, the SEG's segment.
+
+The SEG (highdicom, binary, one segment) outlines the lesion on single-frame images only:
+highdicom refuses a multi-frame ultrasound SEG, so a cine gets an SR naming its most suspicious
+frame and no SEG. ``ReferencedSegmentationFrame`` is built directly (its ``from_segmentation``
+has been seen to fail on a one-segment 2-D SEG).
+
+Both answers get UIDs derived from the source's SOP Instance UID and the model's SHA-256, so
+processing an instance again (after a crash) gives the very same instances, which a PACS stores
+once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from edge_runtime.classifier import Classification
+from edge_runtime.io.regions import tissue_regions
+
+log = logging.getLogger(__name__)
+
+NOT_A_DIAGNOSIS = (
+    "Research software output, not a diagnosis: every result needs review by a qualified "
+    "clinician. edge-classify is not a medical device."
+)
+SCHEME = "99EDGECLS"  # private coding scheme for what no public code names
+SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9901, 9902
+_LABEL_CODES = {  # SNOMED CT where a finding has a code; our scheme otherwise
+    "normal": ("17621005", "SCT", "Normal"),
+    "benign": ("3898006", "SCT", "Neoplasm, benign"),
+    "malignant": ("363346000", "SCT", "Malignant neoplastic disease"),
+}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model named in every answer.
+
+    Attributes:
+        name: the model file's name, e.g. ``default-int8.onnx``.
+        version: the model's version from its metadata.
+        sha256: hex SHA-256 of the model file.
+    """
+
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The DICOM answers to one source instance.
+
+    Attributes:
+        sr: the Comprehensive SR (a pydicom ``Dataset`` with file meta).
+        seg: the binary Segmentation, or None (no lesion, or a multi-frame source).
+    """
+
+    sr: Any
+    seg: Any | None
+
+
+@dataclass(frozen=True)
+class AnswerFile:
+    """One answer encoded as a Part 10 file, ready to write.
+
+    Attributes:
+        prefix: ``SR`` or ``SEG`` (its file is ``<prefix>_<uid>.dcm``).
+        sop_instance_uid: the answer's SOP Instance UID.
+        data: the file's bytes.
+    """
+
+    prefix: str
+    sop_instance_uid: str
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}_{self.sop_instance_uid}.dcm"
+
+
+def encode_answers(
+    source_path: str, answer: Classification, model: ModelIdentity
+) -> tuple[AnswerFile, ...]:
+    """Build and encode the answers to the instance stored at ``source_path`` (SEG first).
+
+    A plain function of picklable arguments, so that the node runs it in worker processes:
+    highdicom's builders are pure Python and would otherwise hold the interpreter's lock that the
+    associations and the forwarder need.
+
+    Raises:
+        ValueError: as :func:`build_answers`.
+        OSError: the file cannot be read.
+    """
+    from pydicom import dcmread
+
+    source = dcmread(source_path, stop_before_pixels=True)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    answers = build_answers(source, answer, model, frames=frames)
+    return tuple(
+        AnswerFile(prefix, str(dataset.SOPInstanceUID), _encoded(dataset))
+        for prefix, dataset in (("SEG", answers.seg), ("SR", answers.sr))
+        if dataset is not None
+    )
+
+
+def _encoded(dataset: Any) -> bytes:
+    """A dataset as a Part 10 file in memory."""
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def answer_uids(source_uid: str, study_uid: str, model: ModelIdentity) -> tuple[str, str, str, str]:
+    """Deterministic (SR instance, SR series, SEG instance, SEG series) UIDs for one source: one
+    SR series and one SEG series per study and model."""
+
+    def uid(kind: str) -> str:
+        return str(generate_uid(entropy_srcs=[source_uid, model.sha256, kind]))
+
+    series = [
+        str(generate_uid(entropy_srcs=[model.sha256, study_uid, kind])) for kind in ("srs", "segs")
+    ]
+    return uid("sr"), series[0], uid("seg"), series[1]
+
+
+def build_answers(
+    source: Any,
+    answer: Classification,
+    model: ModelIdentity,
+    *,
+    frames: int = 1,
+) -> Answers:
+    """The SR (and, for a single-frame image with a lesion, the SEG) answering ``source``.
+
+    Args:
+        source: the received pydicom dataset (pixel data may stay unread).
+        answer: the instance's classification: its only result, or for a cine its most
+            suspicious frame's (``answer.frame`` is then 0-based).
+        model: the model named in the answers.
+        frames: how many frames the source has (1: a single image).
+
+    Returns:
+        The answers.
+
+    Raises:
+        ValueError: the source lacks an attribute that highdicom needs (named in the message).
+    """
+    import highdicom as hd
+
+    sr_uid, sr_series, seg_uid, seg_series = answer_uids(
+        str(source.SOPInstanceUID), str(source.get("StudyInstanceUID", "")), model
+    )
+    seg = None
+    mask = _full_mask(source, answer) if frames == 1 else None
+    if mask is not None and mask.any():
+        seg = _segmentation(source, mask, model, seg_uid, seg_series)
+    group = _measurement_group(source, answer, model, seg, frames)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=str(generate_uid(entropy_srcs=[model.sha256, "device"])),
+            name="edge-classify",
+            manufacturer_name="edge-classify",
+            model_name=model.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=hd.sr.CodedConcept("P5-B8500", "SRT", "Ultrasound of breast"),
+        imaging_measurements=[group],
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    evidence = [source] + ([seg] if seg is not None else [])
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=sr_series,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_uid,
+        instance_number=1,
+        manufacturer="edge-classify",
+        is_complete=True,
+        series_description="edge-classify: not a diagnosis",
+    )
+    return Answers(sr=sr, seg=seg)
+
+
+def _code(value: str, scheme: str, meaning: str) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value, scheme, meaning)
+
+
+def _label_code(label: str) -> Any:
+    value, scheme, meaning = _LABEL_CODES.get(label, (label, SCHEME, label))
+    return _code(value, scheme, meaning)
+
+
+def _yes_no(flag: bool) -> Any:
+
+    return codes.SCT.Yes if flag else codes.SCT.No
+
+
+def _measurement_group(
+    source: Any, answer: Classification, model: ModelIdentity, seg: Any | None, frames: int
+) -> Any:
+    """TID 1501 (or 1410 with the SEG): label, flags, probabilities, lesion size, comment."""
+    import highdicom as hd
+
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"edge-classify {model.name}", version=model.version, parameters=[model.sha256]
+    )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            _code("label", SCHEME, "edge-classify label"), _label_code(answer.label)
+        ),
+        hd.sr.QualitativeEvaluation(
+            _code("abstained", SCHEME, "Abstained"), _yes_no(answer.abstained)
+        ),
+        hd.sr.QualitativeEvaluation(
+            _code("unfamiliar", SCHEME, "Unfamiliar scan"), _yes_no(answer.unfamiliar)
+        ),
+    ]
+    unit_one = _code("1", "UCUM", "no units")
+    measurements = [
+        hd.sr.Measurement(
+            name=_code(f"p-{name}", SCHEME, f"Probability of {name}"),
+            value=float(p),
+            unit=unit_one,
+            algorithm_id=algorithm,
+        )
+        for name, p in answer.probabilities.items()
+    ]
+    lesion = answer.lesion
+    if lesion is not None and lesion.area_mm2 is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.SCT.Area,
+                value=float(lesion.area_mm2),
+                unit=codes.UCUM.SquareMillimeter,
+                algorithm_id=algorithm,
+            )
+        )
+    if lesion is not None and lesion.diameter_mm is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.SCT.Diameter,
+                value=float(lesion.diameter_mm),
+                unit=codes.UCUM.Millimeter,
+                algorithm_id=algorithm,
+            )
+        )
+    tracking = hd.sr.TrackingIdentifier(
+        uid=str(generate_uid(entropy_srcs=[str(source.SOPInstanceUID), "tracking"])),
+        identifier="edge-classify finding",
+    )
+    if seg is not None:
+        reference = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            frame_number=1,
+            segment_number=1,
+            source_image=hd.sr.SourceImageForSegmentation(
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+            ),
+        )
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=reference,
+            finding_type=codes.SCT.Lesion,
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+        )
+    else:
+        frame_numbers = None if frames == 1 or answer.frame is None else [answer.frame + 1]
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=codes.SCT.Lesion if lesion is not None else codes.SCT.Finding,
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=source.SOPClassUID,
+                    referenced_sop_instance_uid=source.SOPInstanceUID,
+                    referenced_frame_numbers=frame_numbers,
+                )
+            ],
+        )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=NOT_A_DIAGNOSIS,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _full_mask(source: Any, answer: Classification) -> np.ndarray | None:
+    """The lesion mask at the source's Rows x Columns (the runtime classifies the tissue region
+    of the Sequence of Ultrasound Regions: the mask is placed back where that region lies)."""
+    mask = answer.lesion_mask
+    if mask is None:
+        return None
+    rows, columns = int(source.Rows), int(source.Columns)
+    if mask.shape == (rows, columns):
+        return mask > 0
+    regions = tissue_regions(source, rows, columns)
+    region = regions[answer.region or 0] if regions else None
+    if region is None or mask.shape != (region.y1 - region.y0 + 1, region.x1 - region.x0 + 1):
+        log.warning(
+            "%s: the lesion mask (%s) fits neither the image (%d x %d) nor a tissue region: "
+            "no SEG written",
+            source.SOPInstanceUID,
+            mask.shape,
+            rows,
+            columns,
+        )
+        return None
+    full = np.zeros((rows, columns), dtype=bool)
+    full[region.y0 : region.y1 + 1, region.x0 : region.x1 + 1] = mask > 0
+    return full
+
+
+def _segmentation(
+    source: Any, mask: np.ndarray, model: ModelIdentity, uid: str, series_uid: str
+) -> Any:
+    """A binary SEG with one segment, the lesion, on the single-frame ``source``."""
+    import highdicom as hd
+
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="lesion (edge-classify, not a diagnosis)",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=f"edge-classify {model.name}",
+            version=model.version,
+            family=codes.cid7162.ArtificialIntelligence,
+            parameters={"sha256": model.sha256},
+        ),
+    )
+    header = source
+    if "PixelSpacing" in source and "SliceThickness" not in source:
+        # highdicom writes Pixel Measures without Slice Thickness from such an image and then
+        # refuses to read its own SEG back: the SEG leaves the spacing out (the SR has the mm)
+        header = copy.copy(source)
+        del header.PixelSpacing
+    return hd.seg.Segmentation(
+        source_images=[header],
+        pixel_array=mask[None].astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=series_uid,
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=uid,
+        instance_number=1,
+        manufacturer="edge-classify",
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        device_serial_number=model.sha256[:16],
+        series_description="edge-classify lesion: not a diagnosis",
+    )

@@ -1,0 +1,216 @@
+"""The Storage SCP: associations in, instances into the spool, nothing else.
+
+The handlers run inside pynetdicom's association threads, so they only check, store and enqueue:
+a C-STORE is answered once its instance is fsynced and renamed into the spool
+(:meth:`~edge_runtime.app.node.spool.Spool.store`), never after the model. Accepted: the SOP classes
+of :data:`STORAGE_CLASSES` in every transfer syntax of :data:`TRANSFER_SYNTAXES` (what the
+``dicom`` extra decodes), and Verification (C-ECHO). Any other SOP class is refused in the
+association (its presentation context is rejected), never accepted and then dropped.
+
+Statuses: 0x0000 stored (or a re-sent duplicate, not stored again); 0xA900 no pixel data;
+0xC000 a data set that cannot be parsed or has no valid SOP Instance UID; 0xA700 the spool could
+not be written. Each refusal, rejection and abort is one log line naming the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_runtime.app.node.access import AllowList
+from edge_runtime.app.node.spool import Spool, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame Image Storage (Retired)",
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound Image Storage (Retired)",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume Storage",
+}
+VERIFICATION = "1.2.840.10008.1.1"
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit, 8-bit files decode)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+SUCCESS, NO_PIXELS, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xA900, 0xC000, 0xA700
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class ScpOptions:
+    """Where and as whom to listen."""
+
+    ae_title: str = "EDGE-CLASSIFY"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allow: AllowList = field(default_factory=AllowList)
+    ssl_context: ssl.SSLContext | None = None
+    max_associations: int = 16
+    timeout_s: float = 60.0  # ACSE, DIMSE and network (idle) timeouts
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.ae_title.strip()) <= 16:
+            raise ValueError(
+                f"--ae-title must have 1 to 16 characters. Got {self.ae_title!r} instead."
+            )
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be from 0 to 65535. Got {self.port} instead.")
+
+
+class StorageScp:
+    """Listens for associations and stores what scanners send (see the module docstring).
+
+    ``on_stored(uid, received_at)`` is called after each new instance is in the spool.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        options: ScpOptions,
+        on_stored: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.spool, self.options, self._on_stored = spool, options, on_stored
+        self._server: Any = None
+        self.ack_ms: list[float] = []  # receive (dataset complete) -> response, per C-STORE
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose, for port 0)."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Start listening (non-blocking).
+
+        Raises:
+            OSError: the address cannot be bound, naming it.
+        """
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.options.ae_title)
+        ae.maximum_associations = self.options.max_associations
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            setattr(ae, name, self.options.timeout_s)
+        for uid in STORAGE_CLASSES:
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(VERIFICATION, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        address = (self.options.host, self.options.port)
+        try:
+            self._server = ae.start_server(
+                address, block=False, evt_handlers=handlers, ssl_context=self.options.ssl_context
+            )
+        except OSError as exc:
+            raise OSError(
+                f"{self.options.host}:{self.options.port}: cannot listen ({exc.strerror or exc}). "
+                "Is another node or service on that port? Choose another with --port."
+            ) from exc
+
+    def stop(self) -> None:
+        """Stop listening and end the associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @staticmethod
+    def _peer(event: Any) -> str:
+        requestor = event.assoc.requestor
+        ae = requestor.ae_title or "?"
+        return f"{ae.strip() if isinstance(ae, str) else ae}@{requestor.address}:{requestor.port}"
+
+    def _on_requested(self, event: Any) -> None:
+        primitive = event.assoc.requestor.primitive
+        calling = primitive.calling_ae_title
+        calling = calling.decode(errors="replace") if isinstance(calling, bytes) else str(calling)
+        address = event.assoc.requestor.address
+        if not self.options.allow.allows(calling, address):
+            log.warning(
+                "rejected association from %s@%s: not allowed (--allow: %s)",
+                calling.strip(),
+                address,
+                self.options.allow.describe(),
+            )
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # calling AE title not recognised
+            event.assoc.kill()  # as pynetdicom does after its own rejections: the PDU goes out
+
+    def _on_accepted(self, event: Any) -> None:
+        refused = [
+            cx.abstract_syntax
+            for cx in event.assoc.rejected_contexts
+            if cx.abstract_syntax not in STORAGE_CLASSES
+        ]
+        if refused:
+            log.warning(
+                "association from %s: refused SOP classes %s (not ultrasound, secondary capture "
+                "or verification)",
+                self._peer(event),
+                ", ".join(sorted(set(map(str, refused)))),
+            )
+        else:
+            log.info("association from %s accepted", self._peer(event))
+
+    def _on_echo(self, event: Any) -> int:
+        log.info("C-ECHO from %s", self._peer(event))
+        return SUCCESS
+
+    def _on_aborted(self, event: Any) -> None:
+        log.warning("association from %s aborted", self._peer(event))
+
+    def _on_store(self, event: Any) -> int:
+        """Check, store durably, then answer: the only work done on the association's thread."""
+        start = time.perf_counter()
+        peer = self._peer(event)
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            dataset = event.dataset
+            has_pixels = any(keyword in dataset for keyword in _PIXEL_KEYWORDS)
+            uid = str(dataset.get("SOPInstanceUID", uid) or uid)
+        except Exception as exc:  # pydicom raises many types for a corrupt data set
+            log.warning("C-STORE %s from %s: cannot be parsed (%s): 0xC000", uid, peer, exc)
+            return CANNOT_UNDERSTAND
+        if not has_pixels:
+            log.warning("C-STORE %s from %s: no pixel data: refused with 0xA900", uid, peer)
+            return NO_PIXELS
+        try:
+            outcome = self.spool.store(uid, event.encoded_dataset(include_meta=True))
+        except ValueError as exc:
+            log.warning("C-STORE from %s: %s: 0xC000", peer, exc)
+            return CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("C-STORE %s from %s: %s: 0xA700", uid, peer, exc)
+            return OUT_OF_RESOURCES
+        if outcome == StoreOutcome.DUPLICATE:
+            log.info(
+                "C-STORE %s from %s: already received; acknowledged, not stored again", uid, peer
+            )
+        elif self._on_stored is not None:
+            self._on_stored(uid, time.time())
+        with self._lock:
+            self.ack_ms.append((time.perf_counter() - start) * 1000.0)
+            del self.ack_ms[:-10_000]
+        return SUCCESS

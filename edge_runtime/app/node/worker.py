@@ -1,0 +1,342 @@
+"""The worker: answers received instances from the spool, off the association threads.
+
+A pipeline of named steps per batch: take (from the spool, woken by each arrival) -> classify
+(the runtime's own :meth:`~edge_runtime.classifier.Classifier.iter_classify` over the whole
+batch, masks on, cine summaries from :func:`~edge_runtime.postprocess.summary.with_summaries`) ->
+answer (SR
+and SEG built and encoded by :func:`~edge_runtime.app.node.answers.encode_answers` in worker
+processes, while the batch is still being classified) -> write (answer files into ``--output``,
+each fsynced, hard-linked into the forward queue, one folder fsync per batch) -> record (the
+batch's JSON lines in one fsynced append, :mod:`.journal`) -> commit (the spool's ``done``
+marker, per instance, in the journal's order) -> release (the staged answers become sendable, one
+folder fsync). A crash at any step leaves an instance in ``received/`` without a marker; it is
+answered again on restart, to the very same files and UIDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.app.node.answers import AnswerFile, ModelIdentity, encode_answers
+from edge_runtime.app.node.forward import Outbox
+from edge_runtime.app.node.journal import UID_FIELD, Journal
+from edge_runtime.app.node.spool import Received, Spool, fsync_dir
+from edge_runtime.app.output import result_record
+from edge_runtime.classifier import Classification, Classifier, Result
+from edge_runtime.postprocess.summary import FileSummary, with_summaries
+
+log = logging.getLogger(__name__)
+
+RESULTS_NAME = "results.jsonl"
+MAX_ANSWER_PROCESSES = 4
+
+
+def model_identity(classifier: Classifier) -> ModelIdentity:
+    """The name, version and SHA-256 of the classifier's model file."""
+    digest = hashlib.sha256()
+    with open(classifier.model_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return ModelIdentity(
+        classifier.model_path.name, str(classifier.spec.model_version), digest.hexdigest()
+    )
+
+
+def default_answer_processes() -> int:
+    """Processes that build SR and SEG: one per core, at most :data:`MAX_ANSWER_PROCESSES`."""
+    return max(1, min(MAX_ANSWER_PROCESSES, os.cpu_count() or 1))
+
+
+@dataclass
+class WorkerStats:
+    """What the worker did, and when each instance was answered (for the benchmark)."""
+
+    answered: int = 0
+    failed: int = 0
+    answered_at: dict[str, float] = field(default_factory=dict)  # uid -> time.time()
+
+
+@dataclass
+class _Job:
+    """One instance of a batch on its way: its results, then its answer files."""
+
+    item: Received
+    results: list[Result]
+    summary: FileSummary | None
+    files: Future[tuple[AnswerFile, ...]] | None  # None: not classified, a JSON record only
+
+    @property
+    def answer(self) -> Result:
+        return self.summary.most_suspicious if self.summary is not None else self.results[0]
+
+
+class Worker:
+    """Answers the spool's instances in batches (see the module docstring); a context manager
+    (:meth:`close` stops its answer processes)."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        spool: Spool,
+        output: Path,
+        *,
+        outbox: Outbox | None = None,
+        batch_files: int = 32,
+        answer_processes: int | None = None,
+        on_answered: Callable[[str], None] | None = None,
+    ) -> None:
+        """
+        Args:
+            classifier: the runtime's classifier (masks on where the model has them).
+            spool: where instances wait.
+            output: answer files and ``results.jsonl`` go here.
+            outbox: the forward queue, or None.
+            batch_files: instances taken and classified at once.
+            answer_processes: processes building SR and SEG (None: one per core, at most
+                :data:`MAX_ANSWER_PROCESSES`; 0: on this thread).
+            on_answered: called with each answered SOP Instance UID.
+        """
+        self.classifier, self.spool, self.output = classifier, spool, Path(output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.outbox, self.batch_files, self._on_answered = outbox, batch_files, on_answered
+        self.model = model_identity(classifier)
+        self.journal = Journal(self.output / RESULTS_NAME, is_done=spool.is_done)
+        self.stats = WorkerStats()
+        processes = default_answer_processes() if answer_processes is None else answer_processes
+        self._pool = _start_pool(processes) if processes > 0 else None
+        self._recover()
+
+    def close(self) -> None:
+        """Stop the answer processes (after what they have in hand)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted after a commit: staged answers become sendable."""
+        if self.outbox is None:
+            return
+        for name, owner in self.outbox.staged():
+            if self.spool.is_done(owner):
+                self.outbox.promote([name], owner)
+
+    def run(self, stop: threading.Event) -> None:
+        """Answer batches until ``stop`` is set (the batch in hand finishes first)."""
+        while not stop.is_set():
+            items = self.spool.take(self.batch_files, timeout_s=0.2)
+            if items:
+                self.answer(items)
+
+    def answer(self, items: list[Received]) -> None:
+        """Classify a batch, build its answers meanwhile, then write and commit them."""
+        by_path = {str(item.path): item for item in items}
+        handled: set[str] = set()
+        try:
+            jobs = [self._job(by_path[path], *rest) for path, *rest in self._per_file(by_path)]
+            for job in self._commit(jobs):
+                handled.add(str(job.item.path))
+        finally:
+            for path, item in by_path.items():
+                if path not in handled:
+                    self.spool.release(item.uid)
+
+    def _job(self, item: Received, results: list[Result], summary: FileSummary | None) -> _Job:
+        """Start building one instance's answers (in a worker process) as its results arrive."""
+        job = _Job(item, results, summary, None)
+        answer = job.answer
+        if isinstance(answer, Classification):
+            if self._pool is not None:
+                job.files = self._pool.submit(encode_answers, str(item.path), answer, self.model)
+            else:
+                job.files = Future()
+                try:
+                    job.files.set_result(encode_answers(str(item.path), answer, self.model))
+                except Exception as exc:  # reported with the instance, in _commit
+                    job.files.set_exception(exc)
+        return job
+
+    def _per_file(
+        self, by_path: dict[str, Received]
+    ) -> Iterator[tuple[str, list[Result], FileSummary | None]]:
+        """(path, its results, its summary or None) per file, as each file completes."""
+        stream = with_summaries(self.classifier.iter_classify(list(by_path), masks=self._masks))
+        current: str | None = None
+        results: list[Result] = []
+        summary: FileSummary | None = None
+        for result in stream:
+            if isinstance(result, FileSummary):
+                summary = result
+                continue
+            if result.source != current and current is not None:
+                yield current, results, summary
+                results, summary = [], None
+            current = result.source
+            results.append(result)
+        if current is not None:
+            yield current, results, summary
+
+    @property
+    def _masks(self) -> bool:
+        return self.classifier.spec.has_lesion
+
+    def _commit(self, jobs: list[_Job]) -> list[_Job]:
+        """write -> record -> commit -> release, for a batch; returns the jobs handled (answered,
+        or failed and logged: those wait for a restart)."""
+        written: list[tuple[_Job, list[AnswerFile]]] = []
+        handled = []
+        for job in jobs:
+            try:
+                files = [] if job.files is None else list(job.files.result())
+                self._write(files, job.item.uid)
+            except Exception as exc:  # one instance's failure never stops the node
+                self._failed(job, exc)
+                handled.append(job)
+                continue
+            written.append((job, files))
+        if not written:
+            return handled
+        fsync_dir(self.output)
+        if self.outbox is not None:
+            self.outbox.sync()
+        try:
+            self.journal.append(
+                record for job, files in written for record in self._records(job, files)
+            )
+        except OSError as exc:
+            for job, _ in written:
+                self._failed(job, exc)
+            return handled + [job for job, _ in written]
+        committed = []
+        for job, files in written:
+            names = [f.name for f in files]
+            staged = names if self.outbox is not None else []
+            try:
+                self.spool.commit(job.item.uid, {"answers": names, "forward": staged})
+            except OSError as exc:
+                self._failed(job, exc)
+                handled.append(job)
+                continue
+            committed.append((job, staged))
+        if self.outbox is not None:
+            self.outbox.promote_many([(staged, job.item.uid) for job, staged in committed])
+        for job, _ in committed:
+            self._answered(job)
+            handled.append(job)
+        return handled
+
+    def _failed(self, job: _Job, exc: BaseException) -> None:
+        log.error(
+            "%s: could not be answered (%s: %s); retried on restart",
+            job.item.uid,
+            type(exc).__name__,
+            exc,
+        )
+        self.stats.failed += 1
+
+    def _answered(self, job: _Job) -> None:
+        self.stats.answered += 1
+        self.stats.answered_at[job.item.uid] = time.time()
+        if job.files is None:
+            log.warning(
+                "%s: not classified (%s): JSON record only, no SR",
+                job.item.uid,
+                (job.summary or job.results[0]).error,
+            )
+        if self._on_answered is not None:
+            self._on_answered(job.item.uid)
+
+    def _write(self, files: list[AnswerFile], owner: str) -> None:
+        """Answer files into ``--output``, each fsynced (the folder is fsynced once per batch),
+        and hard-linked into the forward queue."""
+        for answer in files:
+            path = self.output / answer.name
+            _write_file(path, answer.data)
+            if self.outbox is not None:
+                self.outbox.stage_link(path, answer.name, owner)
+
+    def _records(self, job: _Job, files: list[AnswerFile]) -> list[dict[str, Any]]:
+        """The CLI's JSON-lines records, with the DICOM UIDs added."""
+        from pydicom import dcmread
+
+        source = dcmread(job.item.path, stop_before_pixels=True)
+        uids = {prefix: None for prefix in ("SR", "SEG")}
+        uids.update({f.prefix: f.sop_instance_uid for f in files})
+        added = {
+            UID_FIELD: str(source.SOPInstanceUID),
+            "sop_class_uid": str(source.get("SOPClassUID", "")),
+            "study_instance_uid": str(source.get("StudyInstanceUID", "")),
+            "series_instance_uid": str(source.get("SeriesInstanceUID", "")),
+            "sr_sop_instance_uid": uids["SR"],
+            "seg_sop_instance_uid": uids["SEG"],
+        }
+        records = [{**result_record(result), **added} for result in job.results]
+        if job.summary is not None:
+            records.append({**result_record(job.summary), **added})
+        return records
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: a temporary file beside it, fsync, rename (the caller fsyncs
+    the folder).
+
+    Raises:
+        OSError: naming ``path``.
+    """
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise OSError(f"{path}: could not be written ({exc.strerror or exc})") from exc
+
+
+def _start_pool(processes: int) -> Executor:
+    """Worker processes for :func:`~edge_runtime.app.node.answers.encode_answers`, started and
+    warmed (highdicom imported) before the node listens."""
+    pool = ProcessPoolExecutor(
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_pool_process_start,
+        initargs=(os.getpid(),),
+    )
+    for warmed in [pool.submit(_warm) for _ in range(processes)]:
+        warmed.result()
+    return pool
+
+
+def _warm() -> None:
+    time.sleep(0.05)  # long enough that each warm-up call starts its own process
+
+
+def _pool_process_start(parent: int) -> None:
+    """In each answer process: import the builders, and leave when the node is gone (a node
+    killed with SIGKILL cannot stop its pool)."""
+    import highdicom  # noqa: F401
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

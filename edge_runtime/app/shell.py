@@ -1,0 +1,164 @@
+"""The command-line shell all three commands share (``edge-classify``, ``edge-train``,
+``edge-export``): one parser class, the options every command has, and one mapping from what a
+command's body raises to an :class:`~edge_runtime.app.status.ExitStatus` (httpie's ``main`` shape).
+
+Every command has ``--version``, ``--quiet`` and ``--traceback``; a mistyped option gets a "did you
+mean" hint, never a silent correction; cross-flag rules run at parse time (``check``), before a
+model or TensorFlow loads. Nothing here imports TensorFlow or an extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import sys
+import traceback as tb
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from edge_runtime.app.status import ExitStatus
+
+__all__ = [
+    "USAGE_ERRORS",
+    "Parser",
+    "command_parser",
+    "missing_extra",
+    "package_version",
+    "parse_args",
+    "run_command",
+]
+
+# what a user can fix: a message, not a stack (ContractError is a ValueError)
+USAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ImportError)
+
+
+def package_version() -> str:
+    """The installed edge-classify's version ("unknown" from a source tree never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge-classify")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for mistyped options (never silently corrected)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        import difflib  # only on errors: a shorter cold start
+
+        options = [s for a in self._actions for s in a.option_strings]
+        for word in message.split():
+            name = word.split("=")[0].strip("',:")
+            if name.startswith("--") and name not in options:  # a known option needs no hint
+                close = difflib.get_close_matches(name, options, n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
+def command_parser(prog: str, description: str, epilog: str, *, extra: str | None = None) -> Parser:
+    """A parser with the options every command has (``--version``, ``--quiet``,
+    ``--traceback``), whose epilog (the numbered examples) keeps its line breaks; ``extra`` names
+    the pip extra the command needs, in its description."""
+    if extra:
+        description += f" Needs the {extra} extra: pip install 'edge-classify[{extra}]'."
+    parser = Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{prog} (edge-classify {package_version()})"
+    )
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the full Python traceback on an error (for bug reports)",
+    )
+    return parser
+
+
+def missing_extra(
+    command: str, extra: str, modules: Sequence[str], stderr: TextIO
+) -> ExitStatus | None:
+    """Say which extra to install when any of ``modules`` is not installed (checked without
+    importing them): writes the message to ``stderr`` and returns ``ExitStatus.USAGE``; None when
+    all are there."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    stderr.write(
+        f"{command}: error: {command} needs the {extra} extra: pip install "
+        f"'edge-classify[{extra}]' (not installed: {', '.join(missing)})\n"
+    )
+    return ExitStatus.USAGE
+
+
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    stdout: TextIO,
+    stderr: TextIO,
+    check: Callable[[argparse.Namespace], None] | None = None,
+) -> argparse.Namespace | ExitStatus:
+    """The parsed arguments, or the status to exit with (``--help``, ``--version``: SUCCESS; a
+    usage error, also one ``check`` raises with ``parser.error``: USAGE), with argparse's text
+    on the given streams."""
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
+            if check is not None:
+                check(args)
+    except SystemExit as exit_:
+        return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
+    return args
+
+
+def run_command(
+    prog: str,
+    body: Callable[[], int],
+    *,
+    stderr: TextIO,
+    stdout: TextIO | None = None,
+    traceback: bool = False,
+    usage_errors: tuple[type[BaseException], ...] = USAGE_ERRORS,
+) -> int:
+    """Run a command's body and turn what it raises into an :class:`ExitStatus`.
+
+    A closed stdout (``| head``) ends quietly (PARTIAL); Ctrl-C says so and gives INTERRUPTED;
+    ``usage_errors`` print ``<prog>: error: <message>`` and give USAGE; anything else is a bug:
+    INTERNAL_ERROR, with where it happened and the ``--traceback`` hint. With ``traceback``,
+    errors are re-raised with their stack.
+    """
+    try:
+        return body()
+    except BrokenPipeError:
+        if stdout is sys.__stdout__:  # keep Python's exit flush quiet too
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        return ExitStatus.PARTIAL
+    except KeyboardInterrupt:
+        stderr.write(f"{prog}: interrupted\n")
+        return ExitStatus.INTERRUPTED
+    except usage_errors as exc:
+        if traceback:
+            raise
+        stderr.write(f"{prog}: error: {exc}\n")
+        return ExitStatus.USAGE
+    except Exception as exc:
+        if traceback:
+            raise
+        where = tb.extract_tb(exc.__traceback__)[-1]
+        stderr.write(
+            f"{prog}: internal error: {type(exc).__name__}: {exc}\n"
+            f"  at {where.filename}:{where.lineno}; rerun with --traceback to see the stack, and "
+            "report it with that output\n"
+        )
+        return ExitStatus.INTERNAL_ERROR
