@@ -108,8 +108,8 @@ def keras_model(models):
     ``EDGE_CLASSIFY_KERAS_MODEL`` (a ``model.keras``), else the same architecture untrained
     (speed does not depend on the weights). Skips where TensorFlow is not installed."""
     pytest.importorskip("tensorflow", reason="TensorFlow not installed (pip install '.[train]')")
-    from training.backbones import Backbone
-    from training.model import build_classifier, load_classifier
+    from training.model.backbones import Backbone
+    from training.model.classifier import build_classifier, load_classifier
 
     trained = os.environ.get("EDGE_CLASSIFY_KERAS_MODEL")
     if trained:

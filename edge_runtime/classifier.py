@@ -4,8 +4,8 @@ Decoding and resizing run in a thread pool (OpenCV and pydicom's decoders releas
 batches ahead of inference, on every core; each batch is one contiguous uint8 array fed to
 onnxruntime. Batches run on one inference thread each, up to one batch per core at once
 (``ClassifierOptions.inference_workers``): batches side by side cost less CPU than threads inside
-one batch (docs/benchmarks.md). A file of many frames (a cine, a multi-page TIFF) is decoded one batch of
-frames at a time, so memory follows ``batch_size``, never the length of the file. Messages
+one batch (docs/benchmarks.md). A file of many frames (a cine, a multi-page TIFF) is decoded one
+batch of frames at a time, so memory follows ``batch_size``, never the length of the file. Messages
 decoders print while reading a file are logged under its name (:mod:`edge_runtime.io.capture`).
 """
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from edge_runtime.model.card import CARD_SUFFIX, file_sha256
 from export.parity import ParityReport
-from training.protocol import markdown_table
+from training.evaluation.protocol import markdown_table
 from training.runfolder import RunInfo
 
 INTENDED_USE = (
@@ -22,10 +22,11 @@ LIMITATIONS = (
     "presets, populations and image pipelines is unknown until measured there. Burned-in text, "
     "calipers and Doppler colour can act as shortcuts. BUS-BRA has no normal class, so the model "
     "may call a scan abnormal for looking like BUS-BRA rather than for its lesion.",
-    "Shortcut checks on held-out scans: `python -m training.marks` (burned-in calipers and text), "
-    "`python -m training.attention` (activation on the lesion), `python -m training.identity` "
-    "(which dataset the features reveal) and `python -m training.lesionfree` (lesion-free tissue "
-    "called normal, per source). Run them on your own scans before relying on the model.",
+    "Shortcut checks on held-out scans: `python -m training.probes.marks` (burned-in calipers "
+    "and text), `python -m training.probes.attention` (activation on the lesion), `python -m "
+    "training.probes.identity` (which dataset the features reveal) and `python -m "
+    "training.probes.lesionfree` (lesion-free tissue called normal, per source). Run them on "
+    "your own scans before relying on the model.",
 )
 
 
@@ -400,7 +401,8 @@ def _num(value: Any) -> str:
 
 
 def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
-    """The lesion head's measures (training.lesion_metrics.summarize), overall and per source."""
+    """The lesion head's measures (training.evaluation.lesion_metrics.summarize), overall and per
+    source."""
     if not report:
         return []
 
@@ -432,8 +434,8 @@ def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
 
 
 def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
-    """How the lesion rule was chosen (training.lesion_metrics.choose_lesion_rule); runs from
-    before the rule had a minimum area and a gate record the threshold alone."""
+    """How the lesion rule was chosen (training.evaluation.lesion_metrics.choose_lesion_rule); runs
+    from before the rule had a minimum area and a gate record the threshold alone."""
     if not chosen:
         return []
     area, gate = chosen.get("min_area", 0.0), chosen.get("classifier_gate", False)
@@ -468,7 +470,7 @@ def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
 
 
 def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's view of export.decision's rules: the operating point whole, the unfamiliar
+    """The card's view of export.call_rules's rules: the operating point whole, the unfamiliar
     score without its reference vectors (they live in the model's metadata)."""
     summary: dict[str, Any] = {}
     if "malignant_operating_point" in decision:
@@ -481,7 +483,7 @@ def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _runtime_call_lines(calls: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
-    """The held-out scans as the runtime calls them (export.decision.runtime_calls)."""
+    """The held-out scans as the runtime calls them (export.call_rules.runtime_calls)."""
     if not calls:
         return []
     rule = {

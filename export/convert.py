@@ -26,7 +26,7 @@ def keras_to_onnx(model, input_size: int, path: Path) -> Path:
         raise ValueError(
             f"The Keras model's outputs must be {PROBABILITIES!r} and {CAM!r}, with optional "
             f"{FEATURES!r} and {LESION!r}. Got {sorted(outputs)} "
-            "instead: train it with `edge-train` (training.model.build_classifier)."
+            "instead: train it with `edge-train` (training.model.classifier.build_classifier)."
         )
     onnx.save(proto, path)
     return path

@@ -165,7 +165,7 @@ def lesion_gate(
     Reported as a :class:`ParityReport` whose ``top1_agreement`` holds the mean Dice and
     ``max_abs_diff`` the largest change of one pixel's lesion probability.
     """
-    from training.lesion_metrics import dice, predicted_mask
+    from training.evaluation.lesion_metrics import dice, predicted_mask
 
     if reference.shape != candidate.shape or len(reference) == 0:
         raise ValueError(

@@ -20,9 +20,9 @@ from edge_runtime.model.cpu import int8_saturates
 from edge_runtime.model.session import Provider, batch_probabilities, open_model
 from edge_runtime.model.verify import verify_model_file
 from edge_runtime.postprocess.recheck import needs_recheck, recheck_margin
+from export.call_rules import choose_operating_point, choose_unfamiliar, runtime_calls
 from export.card import build_card, file_record, parity_record, write_card
 from export.convert import keras_to_onnx, write_metadata
-from export.decision import choose_operating_point, choose_unfamiliar, runtime_calls
 from export.diagnose import count_convs, rank_quantization_error
 from export.fp16 import to_fp16
 from export.input_fold import fold_input_scaling
@@ -42,8 +42,8 @@ from export.quantize import (
     calibration_name,
     quantize_int8,
 )
-from training.augment import jitter_gray_levels
-from training.backbones import Backbone, pixel_scaling
+from training.augmentation.augment import jitter_gray_levels
+from training.model.backbones import Backbone, pixel_scaling
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo, read_reports
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ GATE_ARITHMETIC = (
 
 INT8_ADVICE = (
     "To try: --float-convs N (e.g. 11: the first convolutions in float, a little slower; "
-    "docs/experiments.md, \"Quantization settings\"); --calibration auto; longer training (a model trained for a few epochs has many near-ties that INT8 "
-    "flips); or --precision fp32 to write the verified FP32 model alone."
+    'docs/experiments.md, "Quantization settings"); --calibration auto; longer training (a '
+    "model trained for a few epochs has many near-ties that INT8 flips); or --precision fp32 to "
+    "write the verified FP32 model alone."
 )
 
 
@@ -164,7 +165,7 @@ def export_run(options: ExportOptions) -> ExportResult:
     output = Path(options.output_dir)
     staging_parent = _writable_dir(output.parent)
     images = _Images(*_images_for(options, info), *_validation_images(options, info))
-    from training.model import load_classifier
+    from training.model.classifier import load_classifier
 
     keras_model = load_classifier(options.run_dir / MODEL_FILE)
     with tempfile.TemporaryDirectory(dir=staging_parent, prefix=f".{output.name}.export-") as tmp:
@@ -546,7 +547,7 @@ def _decision(
     val_labels: np.ndarray | None,
 ) -> dict:
     """The malignant operating point and, where the model has a ``features`` output, the
-    unfamiliar-scan threshold, both from the validation split (export.decision); empty
+    unfamiliar-scan threshold, both from the validation split (export.call_rules); empty
     without a validation split apart from the gate's."""
     if val is None:
         log.warning("no validation split apart from the gate's: no operating point")
@@ -747,7 +748,7 @@ def _manifest_rows(options: ExportOptions) -> dict[str, list[dict]]:
 
 
 def _load(rows: list[dict], info: RunInfo) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    from training.data import load_images
+    from training.data.pipeline import load_images
 
     return load_images([r["path"] for r in rows], info.input_size, ResizePolicy(info.resize_policy))
 

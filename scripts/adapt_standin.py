@@ -5,7 +5,7 @@ duplicate groups. Only honest for a model trained with BUSI held out.
         [--seed 0]
 
 Runs ``edge-classify adapt``'s own code (``edge_runtime.adapt.run.adapt``) on a manifest of
-``per-class`` scans from distinct duplicate groups (training/dedup.py; label-conflicted groups
+``per-class`` scans from distinct duplicate groups (training/data/dedup.py; label-conflicted groups
 left out), then scores the parent as it runs (its threshold and, for a lesion model, its lesion
 head's "normal") and the adapted model's last layer on every scan of the other groups, from the
 FP32 partner's pooled features (equal to running the adapted FP32 file), with confusion matrices
@@ -35,8 +35,8 @@ from edge_runtime.adapt.run import (
 from edge_runtime.adapt.site import SiteScan
 from edge_runtime.model.session import Provider
 from edge_runtime.postprocess.decision import decide
-from training.datasets import discover
-from training.dedup import group_duplicates
+from training.data.datasets import discover
+from training.data.dedup import group_duplicates
 
 BUSI = Path("../shared/data/busi/Dataset_BUSI_with_GT")  # from a checkout beside shared/
 

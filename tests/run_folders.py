@@ -39,7 +39,7 @@ def make_run_folder(
 
     Args:
         path: the run folder to create.
-        backbone: a ``training.backbones.Backbone`` value, trained from scratch (no weights).
+        backbone: a ``training.model.backbones.Backbone`` value, trained from scratch (no weights).
         size: input side in pixels; keep it small (64-96) in tests.
         per_class: synthetic scans per class.
         epochs: training epochs (one stage, from scratch).
@@ -48,11 +48,11 @@ def make_run_folder(
     Returns:
         ``path``.
     """
-    from training.backbones import Backbone
-    from training.data import load_images
+    from training.data.pipeline import load_images
     from training.fit import FitConfig, TrainingArrays, fit
-    from training.int8_grid import snap_to_int8_grid
-    from training.model import build_classifier
+    from training.model.backbones import Backbone
+    from training.model.classifier import build_classifier
+    from training.model.int8_grid import snap_to_int8_grid
 
     run = Path(path)
     run.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Share of the activation map on the lesion: the shortcut check of training.attention."""
+"""Share of the activation map on the lesion: the shortcut check of training.probes.attention."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.model.contract import ResizePolicy
-from training.attention import (
-    LesionAttention,
-    load_lesion_mask,
-    mass_in_mask,
-    measure,
-    summarize,
-)
-from training.datasets import Sample
+from training.data.datasets import Sample
+from training.data.masks import load_lesion_mask
+from training.probes.attention import LesionAttention, mass_in_mask, measure, summarize
 
 CLASSES = ("normal", "benign", "malignant")
 
@@ -89,7 +84,7 @@ def test_cli_writes_the_report_and_names_a_missing_run(tmp_path, capsys):
     import json
 
     from tests.run_folders import make_run_folder
-    from training.attention import main
+    from training.probes.attention import main
 
     run = make_run_folder(tmp_path / "run", size=64, per_class=12, epochs=2)
     assert main([str(run)]) == 0

@@ -11,7 +11,7 @@ def _flat_batch(value: int = 128, n: int = 8, size: int = 32) -> np.ndarray:
 
 
 def _intensity_only(**changes):
-    from training.augment import AugmentConfig
+    from training.augmentation.augment import AugmentConfig
 
     base = dict(rotation_deg=0.0, zoom=0.0, gain=0.0, contrast=0.0, gamma=0.0, flip=False)
     return AugmentConfig(**{**base, **changes})
@@ -19,7 +19,7 @@ def _intensity_only(**changes):
 
 def test_augmenter_adds_pixel_noise_only_when_asked():
     pytest.importorskip("tensorflow")
-    from training.augment import make_augmenter
+    from training.augmentation.augment import make_augmenter
 
     images = _flat_batch()
     quiet = np.asarray(make_augmenter(_intensity_only(noise=0.0), seed=0)(images)[0])
@@ -34,7 +34,7 @@ def test_augmenter_adds_pixel_noise_only_when_asked():
 
 def test_jitter_moves_each_pixel_at_most_the_amplitude_and_is_seeded():
     pytest.importorskip("tensorflow")
-    from training.augment import jitter_gray_levels
+    from training.augmentation.augment import jitter_gray_levels
 
     images = np.array([[0, 1, 128, 254, 255]], np.uint8).repeat(50, axis=0)
     jittered = jitter_gray_levels(images, 2, seed=3)
@@ -49,7 +49,7 @@ def test_scanner_style_is_identity_at_chance_zero_and_varies_depth_gain_at_one()
     pytest.importorskip("tensorflow")
     import tensorflow as tf
 
-    from training.scanner_style import ScannerStyle, apply_scanner_style
+    from training.augmentation.scanner_style import ScannerStyle, apply_scanner_style
 
     flat = tf.constant(np.full((4, 32, 32, 1), 0.5, np.float32))
     same = apply_scanner_style(flat, ScannerStyle(chance=0.0), tf.random.Generator.from_seed(0))
@@ -65,7 +65,7 @@ def test_scanner_style_is_identity_at_chance_zero_and_varies_depth_gain_at_one()
 
 def test_scanner_style_keeps_masks_and_uint8_range_in_the_augmenter():
     pytest.importorskip("tensorflow")
-    from training.augment import make_augmenter
+    from training.augmentation.augment import make_augmenter
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 32, 32, 1), dtype=np.uint8)

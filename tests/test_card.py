@@ -9,7 +9,7 @@ import numpy as np
 from export.card import build_card, render_markdown, write_card
 from export.parity import reduced_precision_gate
 from export.quantize import Calibration, QuantConfig
-from training.metrics import evaluate, summarize_folds
+from training.evaluation.metrics import evaluate, summarize_folds
 from training.run import cross_validation_report
 from training.runfolder import RunInfo
 
@@ -163,7 +163,7 @@ def test_card_carries_the_scanner_held_out_protocol_from_the_run_folder(tmp_path
 
 
 def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
-    from export.decision import runtime_calls
+    from export.call_rules import runtime_calls
 
     info = RunInfo(CLASSES, 16, "letterbox", "efficientnet-lite0", 0, "f" * 64, lesion_stride=4)
     # rows: a normal scan the classifier calls benign but with no lesion pixel (normal by the
@@ -183,7 +183,7 @@ def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
 
 
 def test_the_card_says_how_the_lesion_threshold_was_chosen():
-    from training.lesion_metrics import LesionScore, summarize
+    from training.evaluation.lesion_metrics import LesionScore, summarize
 
     score = LesionScore("benign", "s", "d", 0.8, 0.7, 0.1, 0.9, True, True)
     metrics = {**_metrics(0), "lesion": summarize([score])}

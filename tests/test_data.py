@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from training.augment import AugmentConfig
-from training.data import load_images, make_dataset
+from training.augmentation.augment import AugmentConfig
+from training.data.pipeline import load_images, make_dataset
 
 NO_CHANGE = AugmentConfig(rotation_deg=0, zoom=0, gain=0, contrast=0, gamma=0, noise=0, flip=False)
 

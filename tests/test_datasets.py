@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from training.datasets import DatasetError, Layout, detect_layout, discover_all, fingerprint
+from training.data.datasets import DatasetError, Layout, detect_layout, discover_all, fingerprint
 
 
 def _png(path: Path, value: int = 100) -> Path:

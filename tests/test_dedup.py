@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from training.datasets import Sample, discover_all
-from training.dedup import group_duplicates
+from training.data.datasets import Sample, discover_all
+from training.data.dedup import group_duplicates
 
 
 def _scan(seed: int, size: int = 360) -> np.ndarray:

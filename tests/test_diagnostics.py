@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from export.parity import compare, thin_evidence
-from training.diagnostics import check_run
-from training.metrics import TEMPERATURE_RANGE, evaluate
+from training.evaluation.diagnostics import check_run
+from training.evaluation.metrics import TEMPERATURE_RANGE, evaluate
 
 CLASSES = ("normal", "benign", "malignant")
 

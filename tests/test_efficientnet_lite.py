@@ -7,7 +7,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from training.efficientnet_lite import (  # noqa: E402
+from training.model.efficientnet_lite import (  # noqa: E402
     build_efficientnet_lite0,
     build_efficientnet_lite0_classifier,
     imagenet_weights_path,

@@ -44,10 +44,10 @@ def test_freeze_batch_norm_reaches_nested_models_and_spares_other_layers():
 def test_one_seed_gives_the_same_model_bit_for_bit():
     """Augmented training is deterministic, so a documented seed reproduces a model exactly."""
     keras = pytest.importorskip("keras")
-    from training.augment import AugmentConfig
-    from training.backbones import Backbone
+    from training.augmentation.augment import AugmentConfig
     from training.fit import FitConfig, TrainingArrays, fit
-    from training.model import build_classifier
+    from training.model.backbones import Backbone
+    from training.model.classifier import build_classifier
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 1), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The dataset-identity probe of training.identity."""
+"""The dataset-identity probe of training.probes.identity."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.model.contract import ResizePolicy
-from training.datasets import Sample
-from training.identity import SourceGuess, measure, probe_guesses, summarize
+from training.data.datasets import Sample
+from training.probes.identity import SourceGuess, measure, probe_guesses, summarize
 
 CLASSES = ("normal", "benign", "malignant")
 
@@ -39,8 +39,8 @@ def test_summary_is_balanced_over_sources_overall_and_per_class():
 
 def test_measure_keeps_the_shared_classes_and_skips_bad_files(tmp_path):
     keras = pytest.importorskip("keras")
-    from training.backbones import Backbone
-    from training.model import build_classifier
+    from training.model.backbones import Backbone
+    from training.model.classifier import build_classifier
 
     rng = np.random.default_rng(0)
     samples = []
@@ -66,7 +66,7 @@ def test_measure_keeps_the_shared_classes_and_skips_bad_files(tmp_path):
 @pytest.mark.slow
 def test_cli_refuses_a_run_without_two_sources_and_a_missing_run(tmp_path, capsys):
     from tests.run_folders import make_run_folder
-    from training.identity import main
+    from training.probes.identity import main
 
     run = make_run_folder(tmp_path / "run", size=64, per_class=12, epochs=2)
     assert main([str(run)]) == 2

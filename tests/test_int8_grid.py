@@ -7,7 +7,7 @@ import pytest
 
 
 def test_snap_kernel_puts_each_output_channel_on_its_own_grid():
-    from training.int8_grid import INT8_MAX, snap_kernel
+    from training.model.int8_grid import INT8_MAX, snap_kernel
 
     rng = np.random.default_rng(0)
     kernel = rng.normal(0, 1, (3, 3, 4, 5)).astype(np.float32) * np.arange(1, 6)
@@ -26,9 +26,9 @@ def test_snap_kernel_puts_each_output_channel_on_its_own_grid():
 
 def _classifier(snap: bool):
     keras = pytest.importorskip("keras")
-    from training.backbones import Backbone
-    from training.int8_grid import snap_to_int8_grid
-    from training.model import build_classifier, nested_layers
+    from training.model.backbones import Backbone
+    from training.model.classifier import build_classifier, nested_layers
+    from training.model.int8_grid import snap_to_int8_grid
 
     keras.utils.set_random_seed(0)
     model = build_classifier(3, backbone=Backbone.EFFICIENTNET_LITE0, input_size=64, weights=None)

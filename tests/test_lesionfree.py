@@ -1,4 +1,4 @@
-"""Lesion-free strips beside the lesion: the source-shortcut check of training.lesionfree."""
+"""Lesion-free strips beside the lesion: the source-shortcut check of training.probes.lesionfree."""
 
 from __future__ import annotations
 
@@ -7,20 +7,18 @@ import numpy as np
 import pytest
 
 from edge_runtime.model.contract import ResizePolicy
-from training.datasets import Sample
-from training.lesionfree import (
+from training.augmentation.lesion_free import (
     LESION_FREE,
     LESION_SIDE,
-    LesionFreeView,
     free_side,
     lesion_free_views_wanted,
     lesion_scan_views,
-    measure,
     mirrored,
     scan_aspect,
-    summarize,
     training_views,
 )
+from training.data.datasets import Sample
+from training.probes.lesionfree import LesionFreeView, measure, summarize
 
 CLASSES = ("normal", "benign", "malignant")
 

@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.model.contract import ResizePolicy
-from training.datasets import Sample
-from training.marks import (
-    MARKED_MIN_PIXELS,
-    MarkCheck,
-    find_marks,
-    measure,
-    remove_marks,
-    summarize,
-)
+from training.augmentation.marks import find_marks, remove_marks
+from training.data.datasets import Sample
+from training.probes.marks import MARKED_MIN_PIXELS, MarkCheck, measure, summarize
 from training.synthetic import synthetic_scan
 
 CLASSES = ("normal", "benign", "malignant")
@@ -74,7 +68,7 @@ def _white_block_bank(count, size, seed):
 
 
 def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path, monkeypatch):
-    monkeypatch.setattr("training.marks.clutter_bank", _white_block_bank)
+    monkeypatch.setattr("training.probes.marks.clutter_bank", _white_block_bank)
     plain, background = np.minimum(_scan(2), 240), np.minimum(_scan(3), 240)
     cv2.imwrite(str(tmp_path / "plain.png"), plain)
     cv2.imwrite(str(tmp_path / "marked.png"), _marked(background))
@@ -93,8 +87,8 @@ def test_measure_compares_each_scan_with_and_without_its_marks(tmp_path, monkeyp
 
 
 def test_add_clutter_paints_only_the_overlay_and_keeps_the_size():
-    from training.clutter import clutter_bank
-    from training.marks import add_clutter
+    from training.augmentation.clutter import clutter_bank
+    from training.probes.marks import add_clutter
 
     values, alpha = clutter_bank(4, 64, seed=1)
     gray = np.full((90, 120), 40, np.uint8)
@@ -134,7 +128,7 @@ def test_cli_pools_run_folders_and_reports_a_missing_one(tmp_path, capsys):
     import json
 
     from tests.run_folders import make_run_folder
-    from training.marks import main
+    from training.probes.marks import main
 
     run = make_run_folder(tmp_path / "run", size=64, per_class=12, epochs=2)
     with open(run / "split.csv", newline="") as handle:

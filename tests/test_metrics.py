@@ -1,4 +1,5 @@
-"""training.metrics: hand-computed examples, calibration, bootstrap, fold summaries, JSON output."""
+"""training.evaluation.metrics: hand-computed examples, calibration, bootstrap, fold summaries,
+JSON output."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from training.metrics import (
+from training.evaluation.metrics import (
     apply_temperature,
     binary_auc,
     evaluate,
@@ -265,7 +266,7 @@ def test_summarize_folds_ignores_undefined_values_and_handles_one_fold():
 
 def test_the_vectorised_bootstrap_is_sklearn_on_each_resample():
     """One AUC and one F1 definition: each bootstrap row equals sklearn on that resample."""
-    from training.metrics import _macro_f1, _resample_counts, _weighted_auc
+    from training.evaluation.metrics import _macro_f1, _resample_counts, _weighted_auc
 
     rng = np.random.default_rng(3)
     scores = np.round(rng.random(80), 1)  # ties

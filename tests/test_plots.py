@@ -1,4 +1,4 @@
-"""training.plots: each figure is written as a readable PNG of a sensible size."""
+"""training.evaluation.plots: each figure is written as a readable PNG of a sensible size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from training.plots import plot_confusion_matrix, plot_history, plot_reliability, plot_roc
+from training.evaluation.plots import (
+    plot_confusion_matrix,
+    plot_history,
+    plot_reliability,
+    plot_roc,
+)
 
 NAMES = ["normal", "benign", "malignant"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +87,8 @@ def test_plot_reliability_writes_a_png(tmp_path):
 def test_metrics_and_plots_import_neither_tensorflow_nor_pyplot(tmp_path):
     code = (
         "import sys, numpy as np\n"
-        "from training.plots import plot_reliability\n"
-        "from training.metrics import evaluate\n"
+        "from training.evaluation.plots import plot_reliability\n"
+        "from training.evaluation.metrics import evaluate\n"
         f"plot_reliability(np.eye(3), np.arange(3), {str(tmp_path / 'r.png')!r})\n"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'keras') or m == 'matplotlib.pyplot')))\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.datasets import Sample
-from training.protocol import BUSI_SCANNER, fold_scanner, scanner_name, scanner_of
+from training.data.datasets import Sample
+from training.evaluation.protocol import BUSI_SCANNER, fold_scanner, scanner_name, scanner_of
 from training.runfolder import HeldOutPredictions
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.datasets import Sample
+from training.data.datasets import Sample
 from training.run import _Prepared, _training_arrays, segmentation_wanted
 
 CLASSES = ("normal", "benign", "malignant")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.model.contract import ResizePolicy
-from training.clutter import clutter_bank, composite
-from training.datasets import Sample
-from training.lesion_metrics import (
+from training.augmentation.clutter import clutter_bank, composite
+from training.data.datasets import Sample
+from training.evaluation.lesion_metrics import (
     LesionRule,
     choose_lesion_rule,
     dice,
@@ -36,7 +36,7 @@ def _disc(size: int, centre: tuple[int, int], radius: int) -> np.ndarray:
 
 def test_masks_are_known_for_normal_and_masked_lesion_scans_only(tmp_path, caplog):
     pytest.importorskip("keras")
-    from training.segmentation import load_masks
+    from training.model.segmentation import load_masks
 
     scan = np.full((40, 80), 90, np.uint8)
     cv2.imwrite(str(tmp_path / "scan.png"), scan)
@@ -61,7 +61,7 @@ def test_masks_are_known_for_normal_and_masked_lesion_scans_only(tmp_path, caplo
 
 def test_dice_bce_ignores_scans_of_weight_zero_and_prefers_the_true_mask():
     pytest.importorskip("keras")
-    from training.segmentation import DiceBCELoss
+    from training.model.segmentation import DiceBCELoss
 
     target = np.zeros((2, 8, 8, 1), np.float32)
     target[:, 2:6, 2:6] = 1.0
@@ -77,7 +77,7 @@ def test_dice_bce_ignores_scans_of_weight_zero_and_prefers_the_true_mask():
 
 def test_weighted_cross_entropy_weights_each_sample_by_its_true_class():
     pytest.importorskip("keras")
-    from training.segmentation import WeightedCategoricalCrossentropy
+    from training.model.segmentation import WeightedCategoricalCrossentropy
 
     y = np.eye(3, dtype=np.float32)
     p = np.full((3, 3), 1 / 3, np.float32)
@@ -88,7 +88,7 @@ def test_weighted_cross_entropy_weights_each_sample_by_its_true_class():
 
 def test_augmentation_moves_each_mask_with_its_scan():
     pytest.importorskip("tensorflow")
-    from training.augment import AugmentConfig, make_augmenter
+    from training.augmentation.augment import AugmentConfig, make_augmenter
 
     images = np.zeros((8, 48, 48, 1), np.uint8)
     masks = np.zeros_like(images)
@@ -115,7 +115,7 @@ def test_clutter_is_painted_on_any_scan_with_its_own_coverage():
 
 def test_augmentation_paints_clutter_only_when_asked():
     pytest.importorskip("tensorflow")
-    from training.augment import AugmentConfig, make_augmenter
+    from training.augmentation.augment import AugmentConfig, make_augmenter
 
     scans = np.full((16, 64, 64, 1), 40, np.uint8)
     quiet = AugmentConfig(gain=0, contrast=0, gamma=1e-6, noise=0, rotation_deg=0, zoom=0)
@@ -250,12 +250,12 @@ def test_without_validation_lesion_scans_the_lesion_rule_is_the_default():
 def test_a_short_multitask_training_learns_the_lesion_of_fresh_synthetic_scans(tmp_path):
     """The synthetic scans come with masks: the lesion head finds them on scans it never saw."""
     pytest.importorskip("keras")
-    from training.backbones import Backbone
-    from training.data import load_images
-    from training.datasets import discover_all
+    from training.data.datasets import discover_all
+    from training.data.pipeline import load_images
     from training.fit import FitConfig, TrainingArrays, fit
-    from training.model import build_classifier
-    from training.segmentation import load_masks
+    from training.model.backbones import Backbone
+    from training.model.classifier import build_classifier
+    from training.model.segmentation import load_masks
     from training.synthetic import write_synthetic_dataset
 
     def arrays(root, per_class, seed) -> TrainingArrays:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.datasets import Sample
-from training.splits import (
+from training.data.datasets import Sample
+from training.data.splits import (
     read_manifest,
     stratified_group_kfold,
     stratified_group_split,

@@ -41,7 +41,7 @@ included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.backbones import Backbone
+    from training.model.backbones import Backbone
 
     parser = command_parser(
         "edge-train", "Train a breast-ultrasound classifier (Keras).", EXAMPLES, extra="train"
@@ -86,15 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="P",
         help="chance that a training scan is shown with its burned-in calipers and text painted "
-        "out (python -m training.marks), so that the model cannot lean on them (default 0)",
+        "out (python -m training.probes.marks), so that the model cannot lean on them (default 0)",
     )
     parser.add_argument(
         "--lesion-free-normals",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also train on both sides of each masked lesion scan mirrored (python -m "
-        "training.lesionfree): the lesion-free side as normal, the lesion side as its class, "
-        "so that the look of a source without normal scans does not mean 'not normal' "
+        help="also train on both sides of each masked lesion scan mirrored "
+        "(training.augmentation.lesion_free): the lesion-free side as normal, the lesion side as "
+        "its class, so that the look of a source without normal scans does not mean 'not normal' "
         "(default: on when one source has normal scans and another has none)",
     )
     parser.add_argument(
@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="P",
         help="chance that a training scan, of any class, gets synthetic screen clutter painted "
-        "on (calipers, dotted lines, text, body markers, rulers, logos: training.clutter), so "
-        "that such marks say nothing about the label (default 0)",
+        "on (calipers, dotted lines, text, body markers, rulers, logos: "
+        "training.augmentation.clutter), so that such marks say nothing about the label "
+        "(default 0)",
     )
     parser.add_argument(
         "--scanner-style",
@@ -130,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="P",
         help="chance of each scanner-style effect on a training scan (speckle, time-gain "
-        "compensation, dynamic range, resolution, blur: training.scanner_style), so that how a "
-        "scanner renders tissue says nothing about the label (default 0)",
+        "compensation, dynamic range, resolution, blur: training.augmentation.scanner_style), so "
+        "that how a scanner renders tissue says nothing about the label (default 0)",
     )
     parser.add_argument(
         "--no-int8-grid",
@@ -157,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="SCANNER",
         default=None,
-        help="the scanner-held-out protocol (training.protocol): for each scanner (every one when "
-        "none is named; names look like 'busi:GE LOGIQ E9' or 'busbra:GE Logiq 5 @10-12MHz'), "
-        "train on the others and test on it; writes protocol.json and protocol.md",
+        help="the scanner-held-out protocol (training.evaluation.protocol): for each scanner "
+        "(every one when none is named; names look like 'busi:GE LOGIQ E9' or "
+        "'busbra:GE Logiq 5 @10-12MHz'), train on the others and test on it; writes "
+        "protocol.json and protocol.md",
     )
     parser.add_argument(
         "--report-only",
@@ -266,10 +268,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace, stdout: TextIO) -> int:
     import_tensorflow()
-    from training.augment import AugmentConfig
-    from training.backbones import Backbone
+    from training.augmentation.augment import AugmentConfig
     from training.distributed import stage_callbacks, start
     from training.fit import FitConfig
+    from training.model.backbones import Backbone
     from training.run import TrainConfig, report_saved, train
 
     cluster = args.cluster

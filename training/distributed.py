@@ -260,7 +260,7 @@ def local_copy(model):
 def _set_synchronized(model, synchronized: bool) -> int:
     import keras
 
-    from training.model import nested_layers
+    from training.model.classifier import nested_layers
 
     norms = [
         layer

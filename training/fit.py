@@ -14,10 +14,10 @@ import tensorflow as tf
 
 from edge_runtime.model.contract import LESION, PROBABILITIES
 from training import distributed
-from training.augment import AugmentConfig
-from training.data import make_dataset
-from training.model import has_lesion_output, nested_layers, training_model
-from training.segmentation import DiceBCELoss, WeightedCategoricalCrossentropy
+from training.augmentation.augment import AugmentConfig
+from training.data.pipeline import make_dataset
+from training.model.classifier import has_lesion_output, nested_layers, training_model
+from training.model.segmentation import DiceBCELoss, WeightedCategoricalCrossentropy
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def fit(
 
     The loss is class-weighted cross-entropy on ``probabilities`` plus, when the model has a
     ``lesion`` output and ``train`` has masks, ``config.seg_weight`` times Dice + binary
-    cross-entropy on the masks (:class:`training.segmentation.DiceBCELoss`).
+    cross-entropy on the masks (:class:`training.model.segmentation.DiceBCELoss`).
 
     With a pretrained backbone, stage 1 trains the heads on the frozen backbone and stage 2
     fine-tunes everything at a lower rate; a backbone trained from scratch gets one stage of the

@@ -15,15 +15,15 @@ import numpy as np
 
 from edge_runtime.model.contract import ResizePolicy
 from training import distributed
-from training.augment import jitter_gray_levels
-from training.backbones import Backbone
-from training.data import load_images
-from training.datasets import discover_all, fingerprint
-from training.dedup import group_duplicates
-from training.diagnostics import check_run, log_warnings
-from training.fit import FitConfig, TrainingArrays, fit
-from training.int8_grid import snap_to_int8_grid
-from training.lesion_metrics import (
+from training.augmentation.augment import jitter_gray_levels
+from training.augmentation.lesion_free import lesion_free_views_wanted, training_views
+from training.augmentation.marks import paint_out_marks
+from training.data.datasets import discover_all, fingerprint
+from training.data.dedup import group_duplicates
+from training.data.pipeline import load_images
+from training.data.splits import stratified_group_kfold, stratified_group_split, write_manifest
+from training.evaluation.diagnostics import check_run, log_warnings
+from training.evaluation.lesion_metrics import (
     DICE_BUDGET,
     LesionRule,
     choose_lesion_rule,
@@ -33,9 +33,7 @@ from training.lesion_metrics import (
     summarize,
     to_rows,
 )
-from training.lesionfree import lesion_free_views_wanted, training_views
-from training.marks import paint_out_marks
-from training.metrics import (
+from training.evaluation.metrics import (
     apply_temperature,
     binary_auc,
     evaluate,
@@ -43,15 +41,19 @@ from training.metrics import (
     fit_temperature,
     summarize_folds,
 )
-from training.model import build_classifier
-from training.plots import (
+from training.evaluation.plots import (
     plot_confusion_matrix,
     plot_history,
     plot_lesion_grid,
     plot_reliability,
     plot_roc,
 )
-from training.protocol import choose_scanners, markdown_table, scanner_of, write_report
+from training.evaluation.protocol import choose_scanners, markdown_table, scanner_of, write_report
+from training.fit import FitConfig, TrainingArrays, fit
+from training.model.backbones import Backbone
+from training.model.classifier import build_classifier
+from training.model.int8_grid import snap_to_int8_grid
+from training.model.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
 from training.runfolder import (
     CV_METRICS_FILE,
     HISTORY_FILE,
@@ -65,8 +67,6 @@ from training.runfolder import (
     HeldOutPredictions,
     RunInfo,
 )
-from training.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
-from training.splits import stratified_group_kfold, stratified_group_split, write_manifest
 
 log = logging.getLogger(__name__)
 DEFAULT_CLASS_ORDER = ("normal", "benign", "malignant")
@@ -91,7 +91,8 @@ class TrainConfig:
     int8_grid: bool = True
     lesion_free_normals: bool | None = None  # None: lesion_free_views_wanted decides
     segmentation: bool | None = None  # the lesion head; None: on when any lesion scan has a mask
-    # leave each of these scanners out in turn (training.protocol); () = none, ("all",) = every one
+    # leave each of these scanners out in turn (training.evaluation.protocol); () = none, ("all",)
+    # = every one
     leave_scanner_out: tuple[str, ...] = ()
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -106,7 +107,7 @@ class _Prepared:
     images: np.ndarray
     samples: Sequence
     unmarked: np.ndarray | None  # the images with their marks painted out, when training asks
-    views: list[tuple[int, np.ndarray, str, np.ndarray]]  # extra views (training.lesionfree)
+    views: list[tuple[int, np.ndarray, str, np.ndarray]]  # extra views (training.probes.lesionfree)
     masks: np.ndarray | None  # lesion masks fitted like the images; None without the lesion head
     mask_known: np.ndarray | None
     fingerprint: str
@@ -117,7 +118,7 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
     """Report again on the models a run already trained and saved (its final model and its
     ``scanners/*`` protocol folds, each with ``model.keras``, ``split.csv`` and
     ``history.csv``), without training: for a run whose reporting failed or changed."""
-    from training.model import load_classifier
+    from training.model.classifier import load_classifier
 
     data = _prepare(config)
     # split.csv holds resolved paths; the data folders may have been named relatively
@@ -210,7 +211,7 @@ def _prepare(config: TrainConfig) -> _Prepared:
             )
         else:
             log.info(
-                "%d mirrored views of lesion scans for training (training.lesionfree; "
+                "%d mirrored views of lesion scans for training (training.probes.lesionfree; "
                 "--no-lesion-free-normals leaves them out)",
                 len(views),
             )
@@ -462,7 +463,7 @@ def _lesion_report(
 ) -> dict:
     """Score the lesion head on the test scans by the lesion ``rule``: ``lesion.csv`` per
     scan, a plot of outlines, and the summary that goes into ``metrics.json``
-    (training.lesion_metrics)."""
+    (training.evaluation.lesion_metrics)."""
     predicted = probs.argmax(axis=1)
     cams = outputs["cam"][np.arange(len(predicted)), :, :, predicted]
     scores = score_scans(
@@ -643,7 +644,8 @@ def cross_validation_report(
 
 
 def _leave_scanners_out(config: TrainConfig, data: _Prepared) -> None:
-    """The scanner-held-out protocol (training.protocol): for each scanner, train on the others
+    """The scanner-held-out protocol (training.evaluation.protocol): for each scanner, train on the
+    others
     (a grouped validation split of them for early stopping and temperature) and test on all of
     its scans; a duplicate group that spans the left-out scanner and another is kept out of
     training. Writes ``scanners/<scanner>/`` fold folders, ``protocol.json`` and ``protocol.md``.

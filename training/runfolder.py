@@ -20,7 +20,7 @@ CV_METRICS_FILE = "cv_metrics.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 LESION_FILE = "lesion.csv"
-PROTOCOL_FILE = "protocol.json"  # the scanner-held-out protocol (training.protocol)
+PROTOCOL_FILE = "protocol.json"  # the scanner-held-out protocol (training.evaluation.protocol)
 PROTOCOL_TABLE = "protocol.md"
 PLOTS_DIR = "plots"
 
@@ -39,17 +39,20 @@ class RunInfo:
     abstain_threshold: float = 0.0
     model_version: str = "0.1.0"
     sources: tuple[str, ...] = ()
-    int8_grid: bool = False  # kernels snapped to export's INT8 weight grid (training.int8_grid)
+    # kernels snapped to export's INT8 weight grid (training.model.int8_grid)
+    int8_grid: bool = False
     lesion_free_normals: bool = False  # trained on mirrored lesion-scan views too
     lesion_stride: int = 0  # input pixels per pixel of the lesion output; 0: no lesion head
     lesion_threshold: float = 0.5
-    lesion_min_area: float = 0.0  # share of the square input (training.lesion_metrics.LesionRule)
+    # share of the square input (training.evaluation.lesion_metrics.LesionRule)
+    lesion_min_area: float = 0.0
     # edge_runtime.model.contract.NormalRule's value; "" in runs from before it was recorded, whose
     # lesion models with a normal class all used lesion_head
     normal_rule: str = ""
-    normal_gate: float = 0.0  # training.lesion_metrics.LesionRule.normal_gate
+    normal_gate: float = 0.0  # training.evaluation.lesion_metrics.LesionRule.normal_gate
     seg_weight: float = 0.0
-    augment: dict[str, Any] = field(default_factory=dict)  # training.augment.AugmentConfig
+    # training.augmentation.augment.AugmentConfig
+    augment: dict[str, Any] = field(default_factory=dict)
     test_metrics: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -1,7 +1,7 @@
 """Finding and replacing the last layer of an edge-classify ONNX graph.
 
-Models from ``edge-export`` end in training/layers.py's ``ClassActivationHead``: pooled features
-``[N, D]`` -> ``MatMul(kernel [D, K]) + bias`` (or one ``Gemm``) -> ``Softmax`` ->
+Models from ``edge-export`` end in training/model/layers.py's ``ClassActivationHead``: pooled
+features ``[N, D]`` -> ``MatMul(kernel [D, K]) + bias`` (or one ``Gemm``) -> ``Softmax`` ->
 ``probabilities``, and ``cam = MatMul(feature_map_nhwc, kernel)``. In an INT8 (QDQ) model the
 kernel and bias are ``DequantizeLinear`` of int8/int32 initializers, and the logits and the maps
 pass through ``QuantizeLinear -> DequantizeLinear`` pairs whose ranges were calibrated for the

@@ -19,7 +19,7 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
     ``softmax(logits / T)``: ``T > 1`` softens, ``T < 1`` sharpens, the arg-max is unchanged.
 
     Returns the input itself when ``T == 1``; otherwise a new array of the input's dtype whose
-    rows sum to 1. The temperature is not checked here (see ``training.metrics``).
+    rows sum to 1. The temperature is not checked here (see ``training.evaluation.metrics``).
     """
     if temperature == 1.0:
         return probabilities

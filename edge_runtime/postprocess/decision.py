@@ -74,7 +74,7 @@ def lesion_verdict(
     ``normal_gate`` > 0) P(normal) is at least ``normal_gate``. The gate never overrides the
     malignant operating point: a scan whose P(malignant) reaches ``malignant_threshold`` (> 0)
     keeps its lesion. Training measures the gate through this function at threshold 0
-    (``training.lesion_metrics.gated``): export chooses the operating point later.
+    (``training.evaluation.lesion_metrics.gated``): export chooses the operating point later.
 
     Args:
         normal_rule: the model's rule.

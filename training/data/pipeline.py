@@ -13,8 +13,8 @@ import tensorflow as tf
 from edge_runtime.io.decode import InputError, load_gray
 from edge_runtime.io.preprocess import fit_to_square
 from edge_runtime.model.contract import LESION, PROBABILITIES, ResizePolicy
-from training.augment import AugmentConfig, make_augmenter
-from training.segmentation import mask_targets
+from training.augmentation.augment import AugmentConfig, make_augmenter
+from training.model.segmentation import mask_targets
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def load_images(
     """Decode and fit every file once, exactly as the device will.
 
     ``transform``, if given, changes each decoded scan at its own resolution before it is fitted
-    (``training.marks.paint_out_marks`` for the unmarked copies).
+    (``training.probes.marks.paint_out_marks`` for the unmarked copies).
 
     Returns:
         ``(images, failures)``: uint8 ``[N, size, size, 1]`` (a failed file leaves a black image
@@ -74,7 +74,7 @@ def make_dataset(
     Yields ``(images, targets)``: uint8 ``[B, S, S, 1]`` and ``{"probabilities": one-hot
     [B, K]}``, plus, with ``masks`` (uint8 ``[N, S, S, 1]``) and ``mask_known`` (bool ``[N]``),
     ``"lesion"``: the mask at the lesion output's stride with its weight
-    (:func:`training.segmentation.mask_targets`). Augmentation moves each mask with its scan.
+    (:func:`training.model.segmentation.mask_targets`). Augmentation moves each mask with its scan.
 
     ``unmarked``: the same scans with their burned-in marks painted out; while training, each
     scan is drawn from it with probability ``augment.unmark``, so that the marks tell the model

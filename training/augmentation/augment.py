@@ -6,9 +6,10 @@ it: overall gain, contrast and gamma. Pixel noise of a few gray levels, so that 
 does not hang on differences no reader could see, nor on INT8 rounding (docs/experiments.md,
 "Quantization settings"). Vertical flips are left out: they put the skin line at the bottom,
 which no probe produces.
-Scanner style (``training.scanner_style``): speckle, time-gain compensation, dynamic range,
-resolution and blur, as another scanner or setup would render the same tissue.
-Screen clutter (``training.clutter``): caliper crosses, dotted lines, text, body markers, rulers
+Scanner style (``training.augmentation.scanner_style``): speckle, time-gain compensation, dynamic
+range, resolution and blur, as another scanner or setup would render the same tissue.
+Screen clutter (``training.augmentation.clutter``): caliper crosses, dotted lines, text, body
+markers, rulers
 and logos painted on scans of every class alike, so that they say nothing about the label.
 """
 
@@ -20,8 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.clutter import clutter_bank
-from training.scanner_style import ScannerStyle, apply_scanner_style
+from training.augmentation.clutter import clutter_bank
+from training.augmentation.scanner_style import ScannerStyle, apply_scanner_style
 
 CLUTTER_BANK_SIZE = 256
 
@@ -37,7 +38,8 @@ class AugmentConfig:
     flip: bool = True
     unmark: float = 0.0  # chance of showing a scan with its burned-in marks painted out
     clutter: float = 0.0  # chance of painting synthetic screen clutter on a scan (any class)
-    scanner_style: float = 0.0  # chance of each scanner-style effect (training.scanner_style)
+    # chance of each scanner-style effect (training.augmentation.scanner_style)
+    scanner_style: float = 0.0
 
 
 def make_augmenter(config: AugmentConfig, seed: int, size: int | None = None):

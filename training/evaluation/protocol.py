@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.datasets import Sample
-from training.lesion_metrics import read_scores
-from training.lesion_metrics import summarize as summarize_lesions
-from training.metrics import binary_auc
+from training.data.datasets import Sample
+from training.evaluation.lesion_metrics import read_scores
+from training.evaluation.lesion_metrics import summarize as summarize_lesions
+from training.evaluation.metrics import binary_auc
 from training.runfolder import (
     LESION_FILE,
     PREDICTIONS_FILE,
@@ -176,7 +176,7 @@ def markdown_table(report: Mapping[str, Mapping]) -> str:
 
 def unfamiliar_report(fold: Path, max_reference: int = 512) -> dict:
     """How often the fold's held-out scans are flagged unfamiliar, by the rule ``edge-export``
-    writes into a model (export.decision: class means and spread of up to ``max_reference``
+    writes into a model (export.call_rules: class means and spread of up to ``max_reference``
     training scans' pooled features, threshold at the 99th percentile of the validation scans'
     scores), and the accuracy of the flagged and unflagged ones; computed from the fold's
     ``model.keras`` and ``split.csv``."""
@@ -184,8 +184,8 @@ def unfamiliar_report(fold: Path, max_reference: int = 512) -> dict:
 
     from edge_runtime.model.contract import FEATURES
     from edge_runtime.postprocess.decision import unfamiliar_scores, unfamiliar_stats
-    from training.data import load_images
-    from training.model import load_classifier
+    from training.data.pipeline import load_images
+    from training.model.classifier import load_classifier
     from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
 
     info = RunInfo.read(fold)
@@ -218,12 +218,14 @@ def unfamiliar_report(fold: Path, max_reference: int = 512) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.protocol RUN_DIR``: (re)write the protocol report of a run made with
-    ``edge-train --leave-scanner-out`` from its ``scanners/*`` fold folders."""
+    """``python -m training.evaluation.protocol RUN_DIR``: (re)write the protocol report of a run
+    made with ``edge-train --leave-scanner-out`` from its ``scanners/*`` fold folders."""
     import argparse
     import logging
 
-    parser = argparse.ArgumentParser(prog="python -m training.protocol", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluation.protocol", description=main.__doc__
+    )
     parser.add_argument("run", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

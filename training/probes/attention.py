@@ -7,9 +7,9 @@ scan, as the runtime's heatmaps are) that falls on the lesion, against the share
 lesion covers (what an activation spread evenly would score).
 
 examples:
-  python -m training.attention runs/lite0
-  python -m training.attention runs/lite0 --split val --json attention-val.json
-  python -m training.attention runs/cv/cv/fold*    # every scan, by the fold that held it out
+  python -m training.probes.attention runs/lite0
+  python -m training.probes.attention runs/lite0 --split val --json attention-val.json
+  python -m training.probes.attention runs/cv/cv/fold*    # every scan, by the fold that held it out
 """
 
 from __future__ import annotations
@@ -18,17 +18,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edge_runtime.io.decode import InputError, load_gray
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import CAM, PROBABILITIES, ResizePolicy
 from edge_runtime.postprocess.heatmap import cam_to_heatmap
-from training.checks import HeldOutCheck
-from training.datasets import Sample
+from training.data.datasets import Sample
+from training.data.masks import load_lesion_mask
+from training.probes.checks import HeldOutCheck
 
 log = logging.getLogger(__name__)
 ATTENTION_FILE = "attention.json"
@@ -52,21 +51,6 @@ def mass_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
     if total <= 0.0:
         return 0.0
     return float(heatmap[mask].sum(dtype=np.float64)) / total
-
-
-def load_lesion_mask(paths: Sequence[Path], shape: tuple[int, int]) -> np.ndarray:
-    """Union of a scan's mask files as a boolean ``[H, W]`` at the scan's own size.
-
-    Raises:
-        InputError: a mask file cannot be decoded.
-    """
-    union = np.zeros(shape, bool)
-    for path in paths:
-        mask = load_gray(path)
-        if mask.shape != shape:
-            mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-        union |= mask > 127
-    return union
 
 
 def measure(
@@ -134,7 +118,7 @@ def _describe(s: dict) -> str:
 
 
 main = HeldOutCheck(
-    "training.attention", __doc__, ATTENTION_FILE, measure, summarize, _describe
+    "training.probes.attention", __doc__, ATTENTION_FILE, measure, summarize, _describe
 ).main
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from training.metrics import TEMPERATURE_RANGE
+from training.evaluation.metrics import TEMPERATURE_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def check_run(
 
     Args:
         rows: the per-epoch rows of :func:`training.fit.fit` (``loss``, ``val_loss``, ...).
-        metrics: the test metrics (:func:`training.metrics.evaluate`) with ``temperature``.
-        labels: class index of every image, shape [N].
+        metrics: the test metrics (:func:`training.evaluation.metrics.evaluate`) with
+        ``temperature``. labels: class index of every image, shape [N].
         splits: ``"train"``, ``"val"``, ``"test"`` or ``"excluded"`` per image, shape [N].
         class_names: the classes in index order.
 

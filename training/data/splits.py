@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.datasets import DatasetError, Sample, check_label
+from training.data.datasets import DatasetError, Sample, check_label
 
 log = logging.getLogger(__name__)
 

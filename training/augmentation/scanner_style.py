@@ -11,7 +11,7 @@ Each effect is drawn independently, on a chance per scan, in the tf.data graph (
 - resolution: down-sampling and back, as a coarser probe or a smaller scan sector gives;
 - blur: a Gaussian point-spread of 0.5-1.5 pixels.
 
-Gain, contrast and gamma stay in :mod:`training.augment`.
+Gain, contrast and gamma stay in :mod:`training.augmentation.augment`.
 """
 
 from __future__ import annotations

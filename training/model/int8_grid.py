@@ -14,7 +14,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from training.model import nested_layers
+from training.model.classifier import nested_layers
 
 INT8_MAX = 127
 

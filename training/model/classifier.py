@@ -10,9 +10,9 @@ import keras
 from keras import layers
 
 from edge_runtime.model.contract import CAM, FEATURES, INPUT_NAME, LESION, PROBABILITIES
-from training.backbones import Backbone, build_backbone, pixel_scaling
-from training.layers import ClassActivationHead, PixelScale
-from training.segmentation import lesion_decoder, pyramid_levels
+from training.model.backbones import Backbone, build_backbone, pixel_scaling
+from training.model.layers import ClassActivationHead, PixelScale
+from training.model.segmentation import lesion_decoder, pyramid_levels
 
 
 def build_classifier(
@@ -29,7 +29,7 @@ def build_classifier(
     Input ``image``: uint8 ``[N, S, S, 1]``; scaling to the backbone's range is inside the graph.
     Outputs ``probabilities`` ``[N, K]``, ``cam`` ``[N, h, w, K]``, ``features`` ``[N, D]`` (the
     pooled feature map the last layer reads) and, with ``lesion``, ``lesion`` ``[N, S/4, S/4, 1]``
-    (lesion probability per pixel, from :func:`training.segmentation.lesion_decoder` over the
+    (lesion probability per pixel, from :func:`training.model.segmentation.lesion_decoder` over the
     backbone's stride-8/16/32 feature maps).
     """
     image = keras.Input((input_size, input_size, 1), dtype="uint8", name=INPUT_NAME)

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.io.decode import InputError, load_gray
-from training.datasets import Sample
+from training.data.datasets import Sample
 
 log = logging.getLogger(__name__)
 

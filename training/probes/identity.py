@@ -11,8 +11,8 @@ say nothing of the source. Each run's probe is fitted on that run's own features
 folders (the folds of a cross-validation) pool their out-of-fold answers.
 
 examples:
-  python -m training.identity runs/lite0
-  python -m training.identity runs/cv/cv/fold*    # every scan, by the fold that held it out
+  python -m training.probes.identity runs/lite0
+  python -m training.probes.identity runs/cv/cv/fold*    # every scan, by the fold that held it out
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 from edge_runtime.io.decode import InputError, load_gray
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import PROBABILITIES, ResizePolicy
-from training.checks import HeldOutCheck
-from training.datasets import Sample
+from training.data.datasets import Sample
+from training.probes.checks import HeldOutCheck
 
 log = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.json"
@@ -155,7 +155,9 @@ def _describe(s: dict) -> str:
     )
 
 
-main = HeldOutCheck("training.identity", __doc__, IDENTITY_FILE, measure, summarize, _describe).main
+main = HeldOutCheck(
+    "training.probes.identity", __doc__, IDENTITY_FILE, measure, summarize, _describe
+).main
 
 
 if __name__ == "__main__":

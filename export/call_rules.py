@@ -18,8 +18,8 @@ from edge_runtime.postprocess.decision import (
     unfamiliar_scores,
     unfamiliar_stats,
 )
-from training.lesion_metrics import predicted_mask
-from training.metrics import apply_temperature
+from training.evaluation.lesion_metrics import predicted_mask
+from training.evaluation.metrics import apply_temperature
 from training.runfolder import RunInfo
 
 log = logging.getLogger(__name__)

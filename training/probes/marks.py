@@ -5,16 +5,18 @@ scan; a model can learn that a measured scan is a lesion scan. For every held-ou
 the marks (thin strokes much brighter than their surroundings), paints them out with OpenCV's
 inpainting, and compares the predictions: on scans without marks, on marked scans as they are,
 and on the same scans with their marks removed. The other way round, it paints synthetic screen
-clutter (``training.clutter``: calipers, text, body markers, rulers, logos; a bank drawn with
+clutter (``training.augmentation.clutter``: calipers, text, body markers, rulers, logos; a bank
+drawn with
 another seed than training's) on every scan and counts the answers that change: a model that
 ignores clutter changes few either way (issue target: at most 2%).
 
 Several run folders are pooled: the folds of a cross-validation hold every scan out once.
 
 examples:
-  python -m training.marks runs/lite0
-  python -m training.marks runs/lite0 --split val --json marks-val.json
-  python -m training.marks runs/cv/cv/fold*          # every scan, each by the fold that held it out
+  python -m training.probes.marks runs/lite0
+  python -m training.probes.marks runs/lite0 --split val --json marks-val.json
+  python -m training.probes.marks runs/cv/cv/fold*          # every scan, each by the fold that
+  held it out
 """
 
 from __future__ import annotations
@@ -30,16 +32,13 @@ import numpy as np
 from edge_runtime.io.decode import InputError, load_gray
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import PROBABILITIES, ResizePolicy
-from training.checks import HeldOutCheck
-from training.clutter import clutter_bank
-from training.datasets import Sample
+from training.augmentation.clutter import clutter_bank
+from training.augmentation.marks import find_marks, remove_marks
+from training.data.datasets import Sample
+from training.probes.checks import HeldOutCheck
 
 log = logging.getLogger(__name__)
 MARKS_FILE = "marks.json"
-STROKE_WIDTH = 5  # marks are thinner than this (pixels): a white top-hat of this size keeps them
-STROKE_CONTRAST = 100  # gray levels above the top-hat's opening
-STROKE_MIN_GRAY = 200
-RIM_CONTRAST = 40  # fainter stroke pixels joined to a mark are painted out with it
 # Scans with at least this many stroke pixels count as marked. Chosen on 38 BUSI scans labelled
 # by eye (18 with calipers or text): it misplaced two of them.
 MARKED_MIN_PIXELS = 130
@@ -64,44 +63,11 @@ class MarkCheck:
 
 def add_clutter(gray: np.ndarray, values: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """``gray`` ``[H, W]`` with one clutter overlay (``[S, S]`` values and coverage from
-    :func:`training.clutter.clutter_bank`) stretched to its size and painted on."""
+    :func:`training.augmentation.clutter.clutter_bank`) stretched to its size and painted on."""
     h, w = gray.shape
     values = cv2.resize(values, (w, h), interpolation=cv2.INTER_NEAREST)
     alpha = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_NEAREST)
     return np.where(alpha > 0, values, gray).astype(gray.dtype)
-
-
-def _strokes(gray: np.ndarray) -> np.ndarray:
-    """White top-hat: how much brighter each pixel is than anything ``STROKE_WIDTH`` wide."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_WIDTH, STROKE_WIDTH))
-    return cv2.morphologyEx(gray, cv2.MORPH_TOPHAT, kernel)
-
-
-def find_marks(gray: np.ndarray) -> np.ndarray:
-    """Boolean ``[H, W]`` mask of thin bright strokes: the pixels of calipers, dotted
-    measurement lines and burned-in text (and, rarely, a fleck of bright speckle)."""
-    return (_strokes(gray) > STROKE_CONTRAST) & (gray >= STROKE_MIN_GRAY)
-
-
-def remove_marks(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
-    """``gray`` with its ``marks`` filled in from their surroundings (Telea inpainting).
-
-    What is painted out is every faint stroke (top-hat above ``RIM_CONTRAST``) connected to a
-    mark pixel, grown by one pixel: the parts of a caliper that cross bright tissue and the
-    anti-aliased rims of text.
-    """
-    faint = _strokes(gray) > RIM_CONTRAST
-    _, labels = cv2.connectedComponents((faint | marks).astype(np.uint8), connectivity=8)
-    touched = np.unique(labels[marks])
-    paint = np.isin(labels, touched[touched > 0]).astype(np.uint8)
-    grown = cv2.dilate(paint, np.ones((3, 3), np.uint8))
-    return cv2.inpaint(gray, grown, 3, cv2.INPAINT_TELEA)
-
-
-def paint_out_marks(gray: np.ndarray) -> np.ndarray:
-    """``gray`` with whatever marks :func:`find_marks` sees painted out."""
-    marks = find_marks(gray)
-    return remove_marks(gray, marks) if marks.any() else gray
 
 
 def measure(
@@ -190,7 +156,9 @@ def _describe(s: dict) -> str:
     )
 
 
-main = HeldOutCheck("training.marks", __doc__, MARKS_FILE, measure, summarize, _describe).main
+main = HeldOutCheck(
+    "training.probes.marks", __doc__, MARKS_FILE, measure, summarize, _describe
+).main
 
 
 if __name__ == "__main__":

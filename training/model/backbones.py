@@ -29,7 +29,7 @@ class Backbone(str, Enum):
 def pixel_scaling(backbone: Backbone) -> tuple[float, float, int]:
     """The input normalization ``(mean, std, channels)`` the backbone's weights expect."""
     if backbone is Backbone.EFFICIENTNET_LITE0:
-        from training.efficientnet_lite import LITE0_MEAN, LITE0_STD
+        from training.model.efficientnet_lite import LITE0_MEAN, LITE0_STD
 
         return float(LITE0_MEAN), float(LITE0_STD), 1
     if backbone is Backbone.SMALL_CNN:
@@ -60,7 +60,7 @@ def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | No
             )
         features = _small_cnn(inputs)
     elif backbone is Backbone.EFFICIENTNET_LITE0:
-        from training.efficientnet_lite import build_efficientnet_lite0
+        from training.model.efficientnet_lite import build_efficientnet_lite0
 
         features = build_efficientnet_lite0(inputs, weights=weights)
     else:

@@ -20,9 +20,9 @@ from keras import layers, ops
 from edge_runtime.io.decode import InputError, load_gray
 from edge_runtime.io.preprocess import fit_to_square
 from edge_runtime.model.contract import LESION, ResizePolicy
-from training.attention import load_lesion_mask
-from training.datasets import Sample
-from training.layers import PACKAGE
+from training.data.datasets import Sample
+from training.data.masks import load_lesion_mask
+from training.model.layers import PACKAGE
 
 log = logging.getLogger(__name__)
 LESION_STRIDE = 4  # input pixels per pixel of the lesion output

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from training.metrics import expected_calibration_error, reliability_curve
+from training.evaluation.metrics import expected_calibration_error, reliability_curve
 
 __all__ = [
     "plot_confusion_matrix",
@@ -257,8 +257,8 @@ def plot_lesion_grid(
     Args:
         images: uint8 ``[N, S, S, 1]`` model inputs.
         true_masks: uint8 ``[N, S, S, 1]`` (> 127 is lesion).
-        predicted: bool ``[N, S, S]`` predicted outlines (training.lesion_metrics.rule_masks).
-        labels: each scan's true class.
+        predicted: bool ``[N, S, S]`` predicted outlines
+        (training.evaluation.lesion_metrics.rule_masks). labels: each scan's true class.
         dice: each scan's Dice (None where it has no lesion mask).
         path: the PNG to write.
     """

@@ -1,6 +1,6 @@
-"""The frame the held-out checks share (``training.attention``, ``training.marks``,
-``training.identity``, ``training.lesionfree``): read run folders, measure each run's model on
-its own held-out scans, pool, summarize, write JSON, print.
+"""The frame the held-out checks share (``training.probes.attention``, ``training.probes.marks``,
+``training.probes.identity``, ``training.probes.lesionfree``): read run folders, measure each run's
+model on its own held-out scans, pool, summarize, write JSON, print.
 
 Several run folders are pooled: the folds of a cross-validation hold every scan out once.
 """
@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from edge_runtime.model.contract import ResizePolicy
-from training.datasets import Sample
+from training.data.datasets import Sample
+from training.data.splits import read_manifest
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo
-from training.splits import read_manifest
 
 # measure(model, samples, class_names, input_size, policy) -> one dataclass row per scan
 Measure = Callable[[object, Sequence[Sample], Sequence[str], int, ResizePolicy], list]
@@ -75,7 +75,7 @@ def run_check(
 
     Args:
         argv: the arguments (None: ``sys.argv``).
-        module: the check's module (``training.marks``), its program name.
+        module: the check's module (``training.probes.marks``), its program name.
         doc: the module docstring: a description line, then text ending in ``examples:``.
         file_name: the JSON report's default name, written into the run folder (or, for
             several, into their common parent).
@@ -106,7 +106,7 @@ def run_check(
     except (FileNotFoundError, ValueError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
-    from training.model import load_classifier
+    from training.model.classifier import load_classifier
 
     rows = []
     for run_dir, info, samples in runs:

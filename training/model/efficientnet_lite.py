@@ -3,7 +3,8 @@
 The architecture follows the reference ``efficientnet_lite_pytorch`` (itself a port of the
 TensorFlow ``efficientnet_lite_builder``): ReLU6, no squeeze-excite, stem (32) and head (1280)
 not scaled, batch-norm epsilon 1e-3, TensorFlow "same" padding (which Keras' ``padding="same"``
-reproduces exactly). The weights are read with :mod:`training.torch_checkpoint`, without torch.
+reproduces exactly). The weights are read with :mod:`training.model.torch_checkpoint`, without
+torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from training.torch_checkpoint import read_state_dict
+from training.model.torch_checkpoint import read_state_dict
 
 __all__ = [
     "LITE0_MEAN",
