@@ -1,12 +1,11 @@
 """The Classifier task: files or arrays in, typed results out.
 
-Decoding and resizing run in a thread pool (OpenCV and pydicom's decoders release the GIL) a few
-batches ahead of inference, on every core; each batch is one contiguous uint8 array fed to
-onnxruntime. Batches run on one inference thread each, up to one batch per core at once
+Reading (decoding, the input check, fitting into the model's square) is
+:class:`~edge_runtime.io.reader.ScanReader`'s, in a thread pool a few batches ahead of inference,
+memory bounded by ``batch_size`` whatever a file holds. Each batch is one contiguous uint8 array
+fed to onnxruntime, on one inference thread each, up to one batch per core at once
 (``ClassifierOptions.inference_workers``): batches side by side cost less CPU than threads inside
-one batch (docs/benchmarks.md). A file of many frames (a cine, a multi-page TIFF) is decoded one
-batch of frames at a time, so memory follows ``batch_size``, never the length of the file. Messages
-decoders print while reading a file are logged under its name (:mod:`edge_runtime.io.capture`).
+one batch (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,10 +22,8 @@ from typing import Any, ClassVar, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 
-from edge_runtime.io.capture import collecting, private_stderr
-from edge_runtime.io.decode import InputError, Scan, display_path, open_scan, to_gray_uint8
-from edge_runtime.io.preprocess import fit_to_square
-from edge_runtime.io.scan_check import check_scan
+from edge_runtime.io.decode import display_path
+from edge_runtime.io.reader import DecodedItem, ScanReader, Source
 from edge_runtime.model.contract import (
     CAM,
     FEATURES,
@@ -51,9 +48,7 @@ from edge_runtime.postprocess.heatmap import cam_to_heatmap, lesion_heatmap
 from edge_runtime.postprocess.lesion import Lesion, find_lesion, in_frame, require_lesion_output
 from edge_runtime.postprocess.recheck import needs_recheck
 
-Source = str | os.PathLike[str] | np.ndarray
 MODELS_DIR = Path(__file__).parent / "models"
-MIN_SIDE = 32  # pixels; a smaller image cannot hold a scan
 log = logging.getLogger(__name__)
 
 
@@ -219,31 +214,6 @@ Result: TypeAlias = Classification | Failure
 """What :meth:`Classifier.classify` gives per image: check ``result.ok`` (or ``isinstance``)."""
 
 
-@dataclass
-class _Item:
-    source: str
-    frame: int | None
-    square: np.ndarray | None = None
-    original: np.ndarray | None = None
-    error: str | None = None
-    decode_ms: float = 0.0
-    preprocess_ms: float = 0.0
-    pixel_spacing_mm: tuple[float, float] | None = None
-    notes: tuple[str, ...] = ()  # what decoders printed or warned while reading the file
-    not_a_scan: str | None = None  # the input check's reason (edge_runtime.io.scan_check)
-    region: int | None = None
-    origin: tuple[int, int] = (0, 0)  # (x, y) of the image in its frame (a tissue region)
-    frame_shape: tuple[int, int] | None = None  # (rows, columns) of that frame; None: the image
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """Decoded items of one file, and the decoding of its next frames, if any are left."""
-
-    items: list[_Item]
-    rest: tuple[Scan, int] | None = None  # (scan, first frame not yet decoded)
-
-
 class _Outputs(NamedTuple):
     probabilities: np.ndarray  # [N, K]
     cam: np.ndarray  # [N, h, w, K]
@@ -324,8 +294,12 @@ class Classifier:
         self._model = model
         self._recheck = recheck
         self._options = options
-        self._pool = ThreadPoolExecutor(
-            options.decode_workers, thread_name_prefix="decode", initializer=private_stderr
+        self._reader = ScanReader(
+            model.spec.input_size,
+            model.spec.resize_policy,
+            batch_size=options.batch_size,
+            decode_workers=options.decode_workers,
+            check_input=options.check_input,
         )
         self._inference_pool = (
             ThreadPoolExecutor(options.batches_at_once, thread_name_prefix="inference")
@@ -460,10 +434,10 @@ class Classifier:
         self, sources: Iterable[Source], heatmaps: bool, masks: bool
     ) -> Iterator[Result]:
         size = self._options.batch_size
-        pending: list[_Item] = []
+        pending: list[DecodedItem] = []
         running: deque[Future[list[Result]]] = deque()  # batches in flight, in input order
         keep_original = heatmaps or self.spec.has_lesion  # the lesion is measured at its size
-        for items in self._decoded(sources, keep_original=keep_original):
+        for items in self._reader.items(sources, keep_original=keep_original):
             pending.extend(items)
             while (cut := _batch_end(pending, size)) is not None:
                 running.append(self._start(pending[:cut], heatmaps, masks))
@@ -475,7 +449,7 @@ class Classifier:
         while running:
             yield from running.popleft().result()
 
-    def _start(self, batch: list[_Item], heatmaps: bool, masks: bool) -> Future[list[Result]]:
+    def _start(self, batch: list[DecodedItem], heatmaps: bool, masks: bool) -> Future[list[Result]]:
         """Run one batch on an inference thread, or here when one batch runs at a time."""
         if self._inference_pool is not None:
             return self._inference_pool.submit(self._finish, batch, heatmaps, masks)
@@ -483,17 +457,7 @@ class Classifier:
         done.set_result(self._finish(batch, heatmaps, masks))
         return done
 
-    def iter_squares(
-        self, sources: Iterable[Source]
-    ) -> Iterator[tuple[str, int | None, np.ndarray | None, str | None]]:
-        """Decode and fit each input into the model's square input exactly as :meth:`classify`
-        does, in input order: ``(source, frame, uint8 [S, S] or None, error or None)`` per image
-        or DICOM frame. For callers that run other outputs (``edge-classify adapt``)."""
-        for items in self._decoded(sources, keep_original=False):
-            for item in items:
-                yield item.source, item.frame, item.square, item.error
-
-    def _finish(self, pending: list[_Item], heatmaps: bool, masks: bool) -> list[Result]:
+    def _finish(self, pending: list[DecodedItem], heatmaps: bool, masks: bool) -> list[Result]:
         good = [item for item in pending if item.error is None]
         done = iter(self._run_batch(good, heatmaps, masks) if good else [])
         return [next(done) if item.error is None else self._failure(item) for item in pending]
@@ -540,7 +504,7 @@ class Classifier:
 
     def close(self) -> None:
         """Stop the decode and inference threads. The session is released with the object."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._reader.close()
         if self._inference_pool is not None:
             self._inference_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -550,141 +514,8 @@ class Classifier:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _decoded(self, sources: Iterable[Source], keep_original: bool) -> Iterator[list[_Item]]:
-        """Items in input order, decoded in the pool: about two batches of frames ahead of the
-        model, one batch of frames per task (a long file is read in several, one after the
-        other)."""
-        size = self._options.batch_size
-        budget = size * 2 + self._options.decode_workers
-        window: deque[tuple[Future[_Chunk], int]] = deque()
-        in_flight = 0
-        remaining = iter(sources)
-        exhausted = False
-        while True:
-            while not exhausted and in_flight < budget:
-                source = next(remaining, _END)
-                if source is _END:
-                    exhausted = True
-                    break
-                window.append((self._pool.submit(self._decode, source, keep_original), 1))
-                in_flight += 1
-            if not window:
-                return
-            future, weight = window.popleft()
-            in_flight -= weight
-            chunk = future.result()
-            if chunk.rest is not None:  # the file's next frames come before the next file
-                scan, start = chunk.rest
-                task = self._pool.submit(self._decode_frames, scan, start, keep_original)
-                window.appendleft((task, size))
-                in_flight += size
-            for item in chunk.items:
-                for message in item.notes:
-                    where = "" if item.frame is None else f" [frame {item.frame}]"
-                    log.warning("%s%s: %s", display_path(item.source), where, message)
-            yield chunk.items
-
-    def _decode(self, source: Source, keep_original: bool) -> _Chunk:
-        """Open one source and decode its first batch of frames (a task of the pool)."""
-        name = "<array>" if isinstance(source, np.ndarray) else os.fspath(source)
-        if isinstance(name, bytes):
-            name = os.fsdecode(name)
-        start = time.perf_counter()
-        with collecting() as notes:
-            try:
-                if isinstance(source, np.ndarray):
-                    frames, scan = [to_gray_uint8(source, name)], None
-                else:
-                    scan = open_scan(source)
-                    frames = scan.read(0, self._options.batch_size)
-            except InputError as exc:
-                failure = _Item(name, None, error=exc.reason, decode_ms=_ms_since(start))
-            except Exception as exc:  # a decoder bug must cost one input, never the batch
-                reason = f"could not be decoded ({type(exc).__name__}: {exc})"
-                failure = _Item(name, None, error=reason, decode_ms=_ms_since(start))
-            else:
-                failure = None
-        if failure is not None:
-            return _Chunk([replace(failure, notes=tuple(notes))])
-        decode_ms = _ms_since(start) / len(frames)
-        items = self._squares(name, frames, 0, scan, keep_original, decode_ms)
-        items[0] = replace(items[0], notes=tuple(notes))
-        rest = (scan, len(frames)) if scan is not None and len(frames) < scan.count else None
-        return _Chunk(items, rest)
-
-    def _decode_frames(self, scan: Scan, start: int, keep_original: bool) -> _Chunk:
-        """Decode the next batch of a multi-frame file's frames (a task of the pool)."""
-        begin = time.perf_counter()
-        stop = min(start + self._options.batch_size, scan.count)
-        with collecting() as notes:
-            try:
-                frames = scan.read(start, stop)
-            except InputError as exc:
-                error = exc.reason
-            except Exception as exc:  # a decoder bug: the file's other frames are kept
-                error = f"could not be decoded ({type(exc).__name__}: {exc})"
-            else:
-                error = None
-        if error is not None:  # the frames left are not tried: one record says why
-            frame, region, _ = scan.where(start)
-            item = _Item(scan.path, frame, error=error, decode_ms=_ms_since(begin), region=region)
-            return _Chunk([replace(item, notes=tuple(notes))])
-        decode_ms = _ms_since(begin) / len(frames)
-        items = self._squares(scan.path, frames, start, scan, keep_original, decode_ms)
-        if notes:
-            items[0] = replace(items[0], notes=tuple(notes))
-        return _Chunk(items, (scan, stop) if stop < scan.count else None)
-
-    def _squares(
-        self,
-        name: str,
-        frames: list[np.ndarray],
-        first: int,
-        scan: Scan | None,
-        keep_original: bool,
-        decode_ms: float,
-    ) -> list[_Item]:
-        """Fit each frame (image ``first``, ``first + 1``, ... of ``scan``; None: an array) into
-        the model's square; frames too small to hold a scan fail."""
-        spec = self._model.spec
-        items = []
-        for index, frame in enumerate(frames, first):
-            begin = time.perf_counter()
-            number, region, spacing = (None, None, None) if scan is None else scan.where(index)
-            height, width = frame.shape
-            if min(height, width) < MIN_SIDE:
-                reason = (
-                    f"image is {width} x {height} pixels, too small to hold a scan (each side "
-                    f"must be at least {MIN_SIDE} pixels)"
-                )
-                items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
-                continue
-            try:
-                square = fit_to_square(frame, spec.input_size, spec.resize_policy)
-            except Exception as exc:  # a bug here must cost one frame, never the batch
-                reason = f"could not be resized ({type(exc).__name__}: {exc})"
-                items.append(_Item(name, number, error=reason, decode_ms=decode_ms, region=region))
-                continue
-            not_a_scan = _input_check(frame, name) if self._options.check_input else None
-            items.append(
-                _Item(
-                    name,
-                    number,
-                    square=square,
-                    original=frame if keep_original else None,
-                    decode_ms=decode_ms,
-                    preprocess_ms=_ms_since(begin),
-                    pixel_spacing_mm=spacing,
-                    not_a_scan=not_a_scan,
-                    region=region,
-                    origin=(0, 0) if scan is None else scan.origin(index),
-                    frame_shape=None if scan is None else scan.frame_shape,
-                )
-            )
-        return items
-
     def _run_batch(
-        self, batch: Sequence[_Item], heatmaps: bool, masks: bool
+        self, batch: Sequence[DecodedItem], heatmaps: bool, masks: bool
     ) -> list[Classification]:
         start = time.perf_counter()
         images = np.stack([item.square for item in batch])[..., None]
@@ -800,7 +631,7 @@ class Classifier:
         post_ms = _ms_since(start) / len(batch)
         return [_with_postprocess(r, post_ms) for r in results]
 
-    def _failure(self, item: _Item) -> Failure:
+    def _failure(self, item: DecodedItem) -> Failure:
         return Failure(
             source=item.source,
             error=item.error,
@@ -811,10 +642,7 @@ class Classifier:
         )
 
 
-_END = object()
-
-
-def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
+def _batch_end(pending: Sequence[DecodedItem], size: int) -> int | None:
     """The length of the prefix of ``pending`` that holds ``size`` good items, or None."""
     good = 0
     for index, item in enumerate(pending):
@@ -822,20 +650,6 @@ def _batch_end(pending: Sequence[_Item], size: int) -> int | None:
         if good == size:
             return index + 1
     return None
-
-
-def _input_check(frame: np.ndarray, name: str) -> str | None:
-    """:func:`~edge_runtime.io.scan_check.check_scan`'s reason; a bug in it costs no frame."""
-    try:
-        return check_scan(frame)
-    except Exception as exc:
-        log.warning(
-            "%s: the input check failed (%s: %s); classified without it",
-            display_path(name),
-            type(exc).__name__,
-            exc,
-        )
-        return None
 
 
 def _with_postprocess(result: Classification, post_ms: float) -> Classification:

@@ -53,7 +53,7 @@ def test_the_written_int8_file_as_the_runtime_runs_it_agrees_with_the_fitted_lay
     _report, out = adapted
     paths = [row[0] for row in csv.reader(site_manifest.read_text().splitlines()[1:])]
     with Classifier.from_path(out) as runtime:
-        squares = np.stack([s for _, _, s, e in runtime.iter_squares(paths) if e is None])
+        squares = _squares(runtime, paths)
         labels = [r.label for r in runtime.classify(paths)]
     check = verify_model_file(out, squares)
     assert check.passed, check.summary()
@@ -93,7 +93,7 @@ def test_adapts_rule_for_its_calls_is_the_runtimes(adapted, site_manifest):
     head = read_head(proto, find_head(proto))
     with Classifier.from_path(fp32_path) as runtime:
         spec = runtime.spec
-        squares = np.stack([s for _, _, s, e in runtime.iter_squares(paths) if e is None])
+        squares = _squares(runtime, paths)
         labels = [r.label for r in runtime.classify(paths)]
     features = _features(proto, squares)
     probabilities = softmax(head.logits(features), spec.temperature)
@@ -109,3 +109,12 @@ def _features(proto, squares: np.ndarray) -> np.ndarray:
     graph = with_features(proto, find_head(proto))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(["features"], {"image": squares[..., None]})[0]
+
+
+def _squares(runtime: Classifier, paths: list[str]) -> np.ndarray:
+    """The model's input squares of ``paths``, read as the classifier reads them."""
+    from edge_runtime.io.reader import ScanReader
+
+    spec = runtime.spec
+    with ScanReader(spec.input_size, spec.resize_policy) as reader:
+        return np.stack([s for _, _, s, e in reader.squares(paths) if e is None])

@@ -38,7 +38,7 @@ def test_json_report_has_the_machine_the_model_and_a_timing_per_batch_size(model
         "--warmup",
         "1",
         "--format",
-        "json",
+        "jsonl",
     )
     assert status == 0, err
     report = json.loads(out)

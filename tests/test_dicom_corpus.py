@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.classifier import MIN_SIDE, Classifier
+from edge_runtime.classifier import Classifier
+from edge_runtime.io.reader import MIN_SIDE
 from tests.onnx_models import make_contract_model
 
 pydicom = pytest.importorskip("pydicom", minversion="3.0")

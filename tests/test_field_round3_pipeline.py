@@ -199,7 +199,7 @@ def test_the_input_check_can_be_turned_off_and_never_costs_a_frame(tmp_path, mod
     def broken(frame):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("edge_runtime.classifier.check_scan", broken)
+    monkeypatch.setattr("edge_runtime.io.reader.check_scan", broken)
     with Classifier.from_path(model) as clf:
         (result,) = clf.classify([blank])
     assert result.ok and result.abstain_reason is None  # classified without the check

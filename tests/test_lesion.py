@@ -15,8 +15,9 @@ import pytest
 from onnx import numpy_helper
 
 from edge_runtime.app.cli import main
-from edge_runtime.classifier import Classifier, _Item
+from edge_runtime.classifier import Classifier
 from edge_runtime.io.preprocess import fit_to_square, letterbox_box
+from edge_runtime.io.reader import DecodedItem
 from edge_runtime.model.contract import (
     ContractError,
     ModelSpec,
@@ -199,7 +200,7 @@ def test_the_frame_s_pixel_spacing_gives_mm(lesion_model):
     shape, centre, axes = (200, 330), (160, 100), (60, 40)
     with Classifier.from_path(lesion_model, provider=Provider.CPU) as clf:
         frame = _scan(shape, centre, axes)
-        item = _Item(
+        item = DecodedItem(
             "scan.dcm",
             None,
             square=fit_to_square(frame, SIZE),

@@ -27,7 +27,8 @@ import numpy as np
 
 from edge_runtime.adapt.fit import Head, MalignantGuard, fit_with_strength, softmax
 from edge_runtime.adapt.site import SiteScan, read_site
-from edge_runtime.classifier import MODELS_DIR, Classifier, ClassifierOptions, resolve_model_path
+from edge_runtime.classifier import MODELS_DIR, resolve_model_path, usable_cores
+from edge_runtime.io.reader import ScanReader
 from edge_runtime.model.card import CARD_SUFFIX, card_path_for, file_sha256
 from edge_runtime.model.contract import (
     FEATURES,
@@ -278,20 +279,24 @@ def _site_features(
         path = tmp / f"featured-{len(sessions)}.onnx"
         onnx.save(featured, str(path))
         sessions[parent.path] = open_model(path, provider=options.provider, threads=options.threads)
-    first = sessions[main.path]
-    decoder = Classifier(first, ClassifierOptions(batch_size=options.batch_size, recheck=False))
+    spec = main.spec
+    reader = ScanReader(
+        spec.input_size,
+        spec.resize_policy,
+        batch_size=options.batch_size,
+        decode_workers=min(8, usable_cores()),
+        check_input=False,  # the site's labelled scans are scans
+    )
     by_source: dict[str, list[int]] = {}
     squares: list[np.ndarray] = []
     failed = []
-    try:
-        for source, _frame, square, error in decoder.iter_squares([s.path for s in scans]):
+    with reader:
+        for source, _frame, square, error in reader.squares([s.path for s in scans]):
             if error is not None:
                 failed.append(f"{source}: {error}")
                 continue
             by_source.setdefault(source, []).append(len(squares))
             squares.append(square)
-    finally:
-        decoder.close()
     for problem in failed:
         log.warning("%s (left out)", problem)
     d = main.head.kernel.shape[0]

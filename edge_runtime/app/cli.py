@@ -92,8 +92,8 @@ examples:
   1. the bundled model, batch 1 and 8, one thread (the default, for repeatable numbers):
        edge-classify bench
   2. compare FP32 and INT8 exports as JSON:
-       edge-classify bench --model export/model-fp32.onnx --format json
-       edge-classify bench --model export/model-int8.onnx --format json
+       edge-classify bench --model export/model-fp32.onnx --format jsonl
+       edge-classify bench --model export/model-int8.onnx --format jsonl
   3. your own scans, more runs, two threads:
        edge-classify bench --images scans/ --runs 200 --threads 2 --batch-sizes 1,4,16
 
@@ -307,9 +307,10 @@ def build_bench_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format",
-        choices=["table", "json"],
+        choices=["table", "jsonl", "json"],
         default="table",
-        help="output format (default: table)",
+        help="output format (default: table); jsonl: the report as one JSON line, as "
+        "edge-classify's --format jsonl writes records (json: its old name, for one release)",
     )
     return parser
 
@@ -659,7 +660,11 @@ def _bench(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
             threads=args.threads,
         )
     if args.format == "json":
-        stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        stderr.write(
+            "edge-classify bench: --format json is now --format jsonl (json goes next release)\n"
+        )
+    if args.format in ("jsonl", "json"):
+        stdout.write(json.dumps(report.to_dict()) + "\n")
     else:
         stdout.write(format_table(report))
     return ExitStatus.SUCCESS
