@@ -56,21 +56,25 @@ def check_uid(uid: str) -> str:
     return uid
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: a temporary file beside it, fsync, rename, fsync the
-    folder. A reader sees the old file or the whole new one, never a part.
+def write_atomic(
+    path: Path, data: bytes, *, staging: Path | None = None, sync_folder: bool = True
+) -> None:
+    """Write ``data`` to ``path`` durably: a temporary file (beside it, or in ``staging`` on the
+    same file system), fsync, rename, and fsync the folder unless the caller does that once for a
+    batch (``sync_folder=False``). A reader sees the old file or the whole new one, never a part.
 
     Raises:
         OSError: naming ``path``.
     """
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary = (staging or path.parent) / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        fsync_dir(path.parent)
+        if sync_folder:
+            fsync_dir(path.parent)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise OSError(f"{path}: could not be written ({exc.strerror or exc})") from exc
@@ -133,17 +137,7 @@ class Spool:
         final = self.received / f"{uid}.dcm"
         if final.exists() or (self.done / f"{uid}.json").exists():
             return StoreOutcome.DUPLICATE
-        temporary = self.tmp / f"{uid}.{uuid.uuid4().hex}"
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, final)
-            fsync_dir(self.received)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise OSError(f"{final}: could not be stored ({exc.strerror or exc})") from exc
+        write_atomic(final, data, staging=self.tmp)
         with self._arrived:
             self._waiting.setdefault(uid, Received(uid, final, time.time()))
             self._arrived.notify_all()

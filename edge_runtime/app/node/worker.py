@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 from edge_runtime.app.node.answers import AnswerFile, ModelIdentity, encode_answers
 from edge_runtime.app.node.forward import Outbox
 from edge_runtime.app.node.journal import UID_FIELD, Journal
-from edge_runtime.app.node.spool import Received, Spool, fsync_dir
+from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
 from edge_runtime.app.output import result_record
 from edge_runtime.classifier import Classification, Classifier, Result
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
@@ -267,7 +266,7 @@ class Worker:
         and hard-linked into the forward queue."""
         for answer in files:
             path = self.output / answer.name
-            _write_file(path, answer.data)
+            write_atomic(path, answer.data, sync_folder=False)  # the folder once a batch
             if self.outbox is not None:
                 self.outbox.stage_link(path, answer.name, owner)
 
@@ -290,25 +289,6 @@ class Worker:
         if job.summary is not None:
             records.append({**result_record(job.summary), **added})
         return records
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: a temporary file beside it, fsync, rename (the caller fsyncs
-    the folder).
-
-    Raises:
-        OSError: naming ``path``.
-    """
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise OSError(f"{path}: could not be written ({exc.strerror or exc})") from exc
 
 
 def _start_pool(processes: int) -> Executor:
