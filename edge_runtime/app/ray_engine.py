@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.classifier import Classifier, ClassifierOptions, Failure, Result
-from edge_runtime.io.decode import MAX_FILE_BYTES, InputError, decode_gray, is_dicom
+from edge_runtime.io.decode import InputError, decode_gray, is_dicom
+from edge_runtime.io.frames import MAX_FILE_BYTES
 from edge_runtime.model.card import card_path_for
 from edge_runtime.postprocess.lesion import require_lesion_output
 

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import cv2
 import numpy as np
 
-from edge_runtime.io.decode import (
+from edge_runtime.io.frames import (
     DICOM_MAGIC,
     MAX_FILE_BYTES,
     MAX_PIXELS,

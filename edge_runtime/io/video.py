@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_runtime.io.decode import MAX_PIXELS, InputError, Scan, display_path, to_gray_uint8
+from edge_runtime.io.frames import MAX_PIXELS, InputError, Scan, display_path, to_gray_uint8
 
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".wmv"})
 MAX_FRAMES = 100_000  # about 55 minutes at 30 frames a second; longer is refused
