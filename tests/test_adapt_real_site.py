@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.adapt.run import AdaptOptions, adapt
+from edge_runtime.adapt import AdaptOptions, adapt
 from edge_runtime.classifier import Classifier
 from edge_runtime.model.verify import verify_model_file
 from tests.conftest import SHARED, _require

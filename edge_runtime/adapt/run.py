@@ -12,35 +12,36 @@ again starts from the parent. Needs the ``adapt`` extra (onnx, scikit-learn, sci
 from __future__ import annotations
 
 import base64
-import datetime
-import hashlib
-import json
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_runtime.adapt.card import format_numbers
 from edge_runtime.adapt.fit import Head, MalignantGuard, fit_with_strength, softmax
+from edge_runtime.adapt.options import (
+    AdaptOptions,
+    AdaptRefused,
+    AdaptReport,
+    Parent,
+)
 from edge_runtime.adapt.site import SiteScan, read_site
+from edge_runtime.adapt.write import run_batches, write_models
 from edge_runtime.classifier import MODELS_DIR, resolve_model_path, usable_cores
 from edge_runtime.io.reader import ScanReader
-from edge_runtime.model.card import CARD_SUFFIX, card_path_for, file_sha256
+from edge_runtime.model.card import file_sha256
 from edge_runtime.model.contract import (
     FEATURES,
-    INPUT_NAME,
     LESION,
-    PROBABILITIES,
     ModelSpec,
     NormalRule,
     Precision,
 )
-from edge_runtime.model.session import Provider, open_model
-from edge_runtime.model.verify import int8_agreement, verify_model_file
+from edge_runtime.model.session import open_model
 from edge_runtime.postprocess.calibration import fit_temperature
 from edge_runtime.postprocess.decision import (
     SENSITIVITY_TARGET,
@@ -49,7 +50,6 @@ from edge_runtime.postprocess.decision import (
     malignant_operating_point,
 )
 from edge_runtime.postprocess.lesion import find_lesion
-from edge_runtime.postprocess.recheck import recheck_margin
 
 log = logging.getLogger(__name__)
 
@@ -57,50 +57,7 @@ MIN_SCANS_PER_CLASS = 5
 # re-choosing the operating point needs this many malignant scans: the binomial standard error
 # of a 0.9 sensitivity is then <= 0.055 (docs/experiments.md, "Site adaptation")
 MIN_MALIGNANT_FOR_THRESHOLD = 30
-RECORD_VERSION = 1
 _EXTRA_HINT = "edge-classify adapt needs the adapt extra: pip install 'edge-classify[adapt]'"
-
-
-class AdaptRefused(RuntimeError):
-    """The site's scans do not justify an adapted model; nothing was written."""
-
-
-@dataclass(frozen=True)
-class AdaptOptions:
-    """What to adapt, to which scans, and where the result goes."""
-
-    site: Path
-    output: Path
-    model: str | os.PathLike[str] | None = None  # None: the bundled INT8 model
-    site_name: str | None = None  # default: the site folder's (or manifest's) name
-    provider: Provider = Provider.AUTO
-    threads: int | None = None
-    batch_size: int = 8
-    max_malignant_lost: int = 1  # refuse when CV loses more of the cancers the parent caught
-    max_sensitivity_drop: float | None = None  # and, if given, when sensitivity falls by more
-    precision: Precision | None = None  # None: the parent's; FP32: the FP32 adapted model alone
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class AdaptReport:
-    """What ``adapt`` measured and wrote."""
-
-    written: tuple[Path, ...]
-    record: dict[str, Any]  # the adaptation metadata of the adapted model
-
-
-@dataclass(frozen=True)
-class _Parent:
-    """A model file as adaptation starts from it (unwrapped when it is itself adapted)."""
-
-    path: Path
-    proto: Any  # onnx.ModelProto
-    spec: ModelSpec  # the parent's own spec (before any adaptation)
-    head: Head  # the parent's own last layer
-    name: str  # the parent's file name
-    sha256: str
-    unwrapped_from: str | None  # the adapted file it was recovered from, if any
 
 
 def adapt(options: AdaptOptions) -> AdaptReport:
@@ -169,11 +126,11 @@ def adapt(options: AdaptOptions) -> AdaptReport:
             f"site's scans ({fit['refusal']}); nothing was written.\n" + format_numbers(result)
         )
     head = fit["head"]
-    written = _write_models(main, partner, head, result, fit, outputs, squares, options)
+    written = write_models(main, partner, head, result, fit, outputs, squares, options)
     return AdaptReport(written=written, record=result)
 
 
-def _load_parent(path: Path) -> _Parent:
+def _load_parent(path: Path) -> Parent:
     import onnx
 
     from edge_runtime.adapt.graph import find_head, read_head
@@ -186,7 +143,7 @@ def _load_parent(path: Path) -> _Parent:
     head = read_head(proto, find_head(proto, source=str(path)))
     sha = file_sha256(path)
     if not spec.adaptation:
-        return _Parent(path, proto, spec, head, path.name, sha, None)
+        return Parent(path, proto, spec, head, path.name, sha, None)
     record = spec.adaptation.get("parent")
     try:
         parent = record["spec"]
@@ -218,10 +175,10 @@ def _load_parent(path: Path) -> _Parent:
         str(record.get("sha256"))[:12],
     )
     head = Head(kernel.copy(), bias.copy())
-    return _Parent(path, proto, own, head, record["file"], record["sha256"], str(path))
+    return Parent(path, proto, own, head, record["file"], record["sha256"], str(path))
 
 
-def _load_partner(main: _Parent) -> _Parent | None:
+def _load_partner(main: Parent) -> Parent | None:
     if main.spec.precision is Precision.FP32 or not main.spec.recheck_model:
         return None
     path = main.path.parent / main.spec.recheck_model
@@ -233,7 +190,7 @@ def _load_partner(main: _Parent) -> _Parent | None:
     return _load_parent(path)
 
 
-def _output_paths(output: Path, main: _Parent, partner: _Parent | None) -> dict[str, Path]:
+def _output_paths(output: Path, main: Parent, partner: Parent | None) -> dict[str, Path]:
     """``{"main": OUT, "partner": OUT-fp32}`` after checking none is a parent or bundled."""
     if output.suffix.lower() != ".onnx":
         raise ValueError(f"--output must name an .onnx file. Got {output} instead.")
@@ -257,8 +214,8 @@ def _output_paths(output: Path, main: _Parent, partner: _Parent | None) -> dict[
 
 
 def _site_features(
-    main: _Parent,
-    partner: _Parent | None,
+    main: Parent,
+    partner: Parent | None,
     scans: list[SiteScan],
     tmp: Path,
     options: AdaptOptions,
@@ -301,7 +258,9 @@ def _site_features(
         log.warning("%s (left out)", problem)
     d = main.head.kernel.shape[0]
     features = {
-        path: _run(loaded, FEATURES, squares, options.batch_size) if squares else np.zeros((0, d))
+        path: run_batches(loaded.session, FEATURES, squares, options.batch_size)
+        if squares
+        else np.zeros((0, d))
         for path, loaded in sessions.items()
     }
     kept = [s for s in scans if str(s.path) in by_source]
@@ -309,7 +268,7 @@ def _site_features(
     lesion_found = None
     spec = reference.spec
     if spec.normal_rule is not NormalRule.CLASSIFIER and squares:
-        maps = _run(sessions[reference.path], LESION, squares, options.batch_size)
+        maps = run_batches(sessions[reference.path].session, LESION, squares, options.batch_size)
         # the runtime's rule (lesion.find_lesion), on the model's square
         side = spec.input_size
         frame_found = np.array(
@@ -354,22 +313,11 @@ def parent_calls(
     return decide(probabilities, spec.class_names, spec.malignant_threshold, verdict)
 
 
-def _run(loaded, output: str, squares: list[np.ndarray], batch_size: int) -> np.ndarray:
-    """One output of a session over ``[S, S]`` squares, in batches."""
-    rows = [
-        loaded.session.run(
-            [output], {INPUT_NAME: np.stack(squares[i : i + batch_size])[..., None]}
-        )[0]
-        for i in range(0, len(squares), batch_size)
-    ]
-    return np.concatenate(rows)
-
-
 def _fit_and_judge(
     x: np.ndarray,
     labels: np.ndarray,
     groups: np.ndarray,
-    parent: _Parent,
+    parent: Parent,
     options: AdaptOptions,
     lesion_found: np.ndarray | None = None,
     names: Sequence[str] = (),
@@ -498,7 +446,7 @@ def _way(
 
 def _estimate(
     site,
-    parent: _Parent,
+    parent: Parent,
     free: list[int] | None,
     before: np.ndarray,
     options: AdaptOptions,
@@ -594,365 +542,3 @@ def _refusal(
                 f"beyond --max-sensitivity-drop {max_drop:g})"
             )
     return "; ".join(reasons)
-
-
-def format_numbers(record: dict[str, Any]) -> str:
-    """The before/after table of a record, one metric a line, with 95% intervals."""
-    cv = record["cross_validation"]
-    lines = [
-        f"site {record.get('site')!r}: {record.get('scans_per_class')} scans, "
-        f"{record.get('groups')} groups, {cv['folds']}-fold grouped cross-validation "
-        "(95% group-bootstrap intervals)",
-        f"  {'':26} {'parent':>20} {'adapted':>20} {'difference':>22}",
-    ]
-    for key in cv["before"]:
-        cells = []
-        for part in ("before", "after", "difference"):
-            entry = cv[part][key]
-            cells.append(_value_ci(entry, signed=part == "difference"))
-        lines.append(f"  {key:26} {cells[0]:>20} {cells[1]:>20} {cells[2]:>22}")
-    return "\n".join(lines)
-
-
-def _value_ci(entry: dict, *, signed: bool) -> str:
-    value, (low, high) = entry["value"], entry["ci95"]
-    if value is None:
-        return "n/a"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    if low is None:
-        return fmt.format(value)
-    return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
-
-
-def _head_record(parent: _Parent) -> dict[str, Any]:
-    kernel = np.ascontiguousarray(parent.head.kernel, dtype="<f4")
-    spec = parent.spec
-    return {
-        "file": parent.name,
-        "sha256": parent.sha256,
-        "spec": {
-            "model_version": spec.model_version,
-            "temperature": spec.temperature,
-            "malignant_threshold": spec.malignant_threshold,
-            "metrics": dict(spec.metrics),
-            "recheck_margin": spec.recheck_margin,
-            "precision": spec.precision.value,
-            "normal_rule": spec.normal_rule.value,
-            "normal_gate": spec.normal_gate,
-        },
-        "head": {
-            "shape": list(kernel.shape),
-            "kernel": base64.b64encode(kernel.tobytes()).decode("ascii"),
-            "bias": base64.b64encode(np.asarray(parent.head.bias, "<f4").tobytes()).decode(),
-        },
-    }
-
-
-def _write_models(
-    main: _Parent,
-    partner: _Parent | None,
-    head: Head,
-    result: dict[str, Any],
-    fit: dict[str, Any],
-    outputs: dict[str, Path],
-    squares: list[np.ndarray],
-    options: AdaptOptions,
-) -> tuple[Path, ...]:
-    """Write the adapted model (and partner) into a staging folder under their final names,
-    reload each as the runtime runs it and gate it (:mod:`edge_runtime.model.verify`), then move
-    them into place and write the card. A file that fails leaves nothing behind."""
-    import shutil
-
-    import onnx
-
-    from edge_runtime.adapt.graph import find_head, with_head
-
-    digest = hashlib.sha256(head.kernel.tobytes() + head.bias.tobytes()).hexdigest()[:8]
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    common = {
-        **result,
-        "version": RECORD_VERSION,
-        "created": created,
-        "parent_metrics_apply": False,
-        "note": "The parent's published metrics do not apply to this model: its last layer was "
-        "refitted on this site's scans. The site cross-validation above is its only evidence.",
-    }
-    metrics = {
-        "accuracy": result["cross_validation"]["after"]["accuracy"]["value"],
-        "balanced_accuracy": result["cross_validation"]["after"]["balanced_accuracy"]["value"],
-        "n": int(sum(result["scans_per_class"].values())),
-        "evaluated_on": "site grouped cross-validation (edge-classify adapt)",
-    }
-    out_dir = outputs["main"].parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".edge-adapt-"))
-    staged = {role: stage / path.name for role, path in outputs.items()}
-    protos: dict[str, Any] = {}
-    specs: dict[str, ModelSpec] = {}
-    try:
-        # the FP32 partner first: the INT8 model's ranges are measured on it
-        for role, parent in (("partner", partner), ("main", main)):
-            if parent is None:
-                continue
-            record = {**common, "parent": _head_record(parent)}
-            spec = replace(
-                parent.spec,
-                model_version=f"{parent.spec.model_version}+adapted.{digest}",
-                temperature=fit["temperature"],
-                malignant_threshold=fit["threshold"],
-                normal_rule=NormalRule.CLASSIFIER,
-                normal_gate=0.0,
-                metrics=metrics,
-                adaptation=record,
-            )
-            if role == "main" and partner is not None:
-                spec = replace(spec, recheck_model=outputs["partner"].name)
-                record["partner"] = outputs["partner"].name
-            meta = {p.key: p.value for p in parent.proto.metadata_props}
-            meta.update(spec.to_metadata())
-            where = find_head(parent.proto, source=str(parent.path))
-            protos[role] = with_head(parent.proto, where, head, meta, source=str(parent.path))
-            if parent.spec.precision is Precision.INT8 and "partner" in protos:
-                protos[role], widened = _widen(
-                    protos[role], protos["partner"], squares, options.batch_size
-                )
-                record["int8_ranges_widened"] = widened
-            specs[role] = spec
-            onnx.save(protos[role], str(staged[role]))
-        if partner is not None:
-            specs["main"] = _set_recheck_margin(protos["main"], staged, squares, specs["main"])
-            result["int8"] = specs["main"].adaptation["int8"]
-        _check_written(staged, squares, head)
-        _gate_written(staged, squares, partner, options)
-        for role, path in staged.items():
-            os.replace(path, outputs[role])
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    card = _write_card(outputs, specs, main, partner)
-    return (*outputs.values(), card, _markdown_path(card))
-
-
-def _widen(
-    proto: Any, fp32: Any, squares: list[np.ndarray], batch_size: int
-) -> tuple[Any, dict[str, Any]]:
-    """The INT8 graph with its activation ranges widened to the site's scans, measured on its
-    FP32 partner ``fp32`` (:mod:`edge_runtime.adapt.quant`), if that brings it closer to the
-    partner on the site's scans than the parent's ranges do; and the record of both."""
-    from edge_runtime.adapt.quant import widen_ranges
-
-    batches = (
-        np.stack(squares[i : i + batch_size])[..., None] for i in range(0, len(squares), batch_size)
-    )
-    widened, changes = widen_ranges(proto, fp32, batches, input_name=INPUT_NAME)
-    summary: dict[str, Any] = {
-        "count": len(changes),
-        "why": "the site's scans went past ranges calibrated for the parent's scans, as the "
-        "FP32 partner measures them; clipped activations can make the INT8 model disagree "
-        "with its FP32 partner",
-        "tensors": {c.tensor: {"before": list(c.before), "after": list(c.after)} for c in changes},
-        "kept": False,
-    }
-    if not changes:
-        return proto, summary
-    reference = _probabilities(fp32, squares, batch_size)
-    scores = {}
-    for name, candidate in (("parent ranges", proto), ("widened", widened)):
-        int8 = _probabilities(candidate, squares, batch_size)
-        margin = recheck_margin(reference, int8)
-        _, rechecked, failures = int8_agreement(reference, int8, margin)
-        scores[name] = (len(failures), rechecked, margin)
-    summary["measured"] = {
-        name: {"gate_failures": f, "rechecked_fraction": round(r, 4), "site_margin": round(m, 6)}
-        for name, (f, r, m) in scores.items()
-    }
-    summary["kept"] = scores["widened"] < scores["parent ranges"]
-    log.info(
-        "%s %d INT8 activation ranges that the site's scans went past (%s): site recheck "
-        "margin %.3f widened, %.3f with the parent's ranges",
-        "widened" if summary["kept"] else "did not widen",
-        len(changes),
-        ", ".join(f"{c.tensor} {c.before[1]:.3g}->{c.after[1]:.3g}" for c in changes[:3]),
-        scores["widened"][2],
-        scores["parent ranges"][2],
-    )
-    return (widened if summary["kept"] else proto), summary
-
-
-def _probabilities(proto: Any, squares: list[np.ndarray], batch_size: int) -> np.ndarray:
-    """``probabilities`` of an in-memory model over ``[S, S]`` squares, on the CPU."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    rows = []
-    for i in range(0, len(squares), batch_size):
-        batch = np.stack(squares[i : i + batch_size])[..., None]
-        rows.append(session.run([PROBABILITIES], {INPUT_NAME: batch})[0])
-    return np.concatenate(rows)
-
-
-def _set_recheck_margin(
-    proto: Any, staged: dict[str, Path], squares: list[np.ndarray], spec: ModelSpec
-) -> ModelSpec:
-    """The adapted INT8 model's recheck margin (the parent's, or more where the new layer moves
-    INT8 further from FP32 on the site's scans), and its agreement there, written into the
-    staged INT8 file's metadata. The gate itself is :func:`_gate_written`, on the final file."""
-    import onnx
-
-    probabilities = {}
-    for role, path in staged.items():
-        loaded = open_model(path, provider=Provider.CPU, threads=1)
-        probabilities[role] = _run(loaded, PROBABILITIES, squares, 16)
-    fp32, int8 = probabilities["partner"], probabilities["main"]
-    margin = max(spec.recheck_margin, recheck_margin(fp32, int8))
-    agreement, rechecked, failures = int8_agreement(fp32, int8, margin)
-    parity = {
-        "frames": len(squares),
-        "int8_alone_top1_agreement": round(float(np.mean(int8.argmax(1) == fp32.argmax(1))), 4),
-        "top1_agreement_with_recheck": round(agreement, 4),
-        "recheck_margin": round(margin, 6),
-        "parent_recheck_margin": spec.recheck_margin,
-        "rechecked_fraction": round(rechecked, 4),
-        "max_abs_probability_diff": round(float(np.abs(int8 - fp32).max()), 6),
-        "passed": not failures,
-    }
-    record = {**spec.adaptation, "int8": parity}
-    spec = replace(spec, recheck_margin=margin, adaptation=record)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    meta.update(spec.to_metadata())
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(staged["main"]))
-    return spec
-
-
-def _gate_written(
-    staged: dict[str, Path], squares: list[np.ndarray], partner: _Parent | None, options
-) -> None:
-    """Reload each staged file as the runtime runs it and gate it on the site's scans.
-
-    Raises:
-        AdaptRefused: a file fails; the message says what to try next.
-    """
-    images = np.stack(squares)
-    for role in ("partner", "main"):
-        if role not in staged:
-            continue
-        check = verify_model_file(staged[role], images)
-        log.info("%s", check.summary())
-        if check.passed:
-            continue
-        advice = (
-            "Its FP32 partner passed the same gate: write that adapted FP32 model alone with "
-            "--precision fp32"
-            if role == "main" and partner is not None
-            else "Check that the parent is an edge-classify model, and report this"
-        )
-        raise AdaptRefused(
-            f"the adapted {check.precision.upper()} model fails the file gate on the site's "
-            f"scans: {'; '.join(check.failures)}. {advice}. Nothing was written."
-        )
-
-
-def _check_written(staged: dict[str, Path], squares: list[np.ndarray], head: Head) -> None:
-    """The written graphs load under the contract, carry their record and compute the fitted
-    layer: their probabilities on the site's first scans match the layer applied to the
-    features they output."""
-    for path in staged.values():
-        loaded = open_model(path, provider=Provider.CPU)
-        if loaded.spec.adaptation.get("version") != RECORD_VERSION:
-            raise RuntimeError(f"{path}: the adaptation metadata did not round-trip")
-        batch = np.stack(squares[:8])[..., None]
-        feats, probabilities = loaded.session.run([FEATURES, PROBABILITIES], {INPUT_NAME: batch})
-        expected = softmax(head.logits(feats))
-        tolerance = 1e-4 if loaded.spec.precision is Precision.FP32 else 4e-3  # INT8: uint8 output
-        if np.abs(expected - probabilities).max() > tolerance:
-            raise RuntimeError(f"{path}: the written graph does not compute the fitted layer")
-
-
-def _write_card(
-    outputs: dict[str, Path], specs: dict[str, ModelSpec], main: _Parent, partner: _Parent | None
-) -> Path:
-    card_path = card_path_for(outputs["main"])
-    spec = specs["main"]
-    record = dict(spec.adaptation)
-    record.pop("parent", None)
-    parents = {
-        outputs[role].name: {"file": p.name, "sha256": p.sha256}
-        for role, p in (("main", main), ("partner", partner))
-        if p is not None
-    }
-    card = {
-        "name": card_path.name[: -len(CARD_SUFFIX)],
-        "model_version": spec.model_version,
-        "not_a_medical_device": True,
-        "intended_use": "Research and engineering evaluation on the site it was adapted to. Not "
-        "a medical device: every output needs review by a qualified clinician.",
-        "adapted_by": "edge-classify adapt (last layer refitted; backbone unchanged)",
-        "parents": parents,
-        "parent_metrics_apply": False,
-        "classes": list(spec.class_names),
-        "adaptation": record,
-        "files": {
-            path.name: {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-            for path in outputs.values()
-        },
-    }
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    _markdown_path(card_path).write_text(_card_markdown(card))
-    return card_path
-
-
-def _markdown_path(card_path: Path) -> Path:
-    return card_path.with_name(card_path.name[: -len(".json")] + ".md")
-
-
-def _card_markdown(card: dict[str, Any]) -> str:
-    record = card["adaptation"]
-    lines = [
-        f"# {card['name']}: adapted to site {record.get('site')!r}",
-        "",
-        "**Not a medical device.** Every output needs review by a qualified clinician.",
-        "",
-        f"Made by `edge-classify adapt` on {record.get('created')}: the last layer of the parent "
-        "model was refitted on this site's labelled scans; the backbone is unchanged.",
-        "**The parent's published metrics do not apply to this model.** Its only evidence is "
-        "the site cross-validation below.",
-        "",
-        "## Parents",
-        "",
-    ]
-    for name, parent in card["parents"].items():
-        lines.append(f"- `{name}` from `{parent['file']}` (SHA-256 `{parent['sha256']}`)")
-    if "refitted" in record:
-        lines += [
-            "",
-            f"Refitted: {record['refitted']['value']}, because {record['refitted']['why']}.",
-        ]
-    lines += ["", "## Site cross-validation", "", "```", format_numbers(record), "```", ""]
-    temperature = record["temperature"]
-    lines.append(
-        f"Temperature {temperature['value']:.4f} (parent {temperature['parent']:.4f}), "
-        f"{temperature['fitted_on']}."
-    )
-    threshold = record["malignant_threshold"]
-    lines.append(f"Malignant threshold {threshold['value']:.4f}: {threshold['note']}.")
-    guard = record.get("malignant_guard", {})
-    if guard.get("value"):
-        lost = guard.get("lost_out_of_fold") or []
-        lines.append(
-            f"Malignant guard: {guard['rule']} ({guard['kept_scans']} scans). Out-of-fold, "
-            + (f"{len(lost)} such scan(s) were lost: {', '.join(lost)}." if lost else "none lost.")
-        )
-    if "int8" in record:
-        p = record["int8"]
-        lines.append(
-            f"INT8 vs its adapted FP32 partner on the site's {p['frames']} frames: top-1 "
-            f"agreement {p['int8_alone_top1_agreement']:.4f} alone, "
-            f"{p['top1_agreement_with_recheck']:.4f} with the FP32 recheck (margin "
-            f"{p['recheck_margin']:.3f}, {p['rechecked_fraction']:.1%} rechecked)."
-        )
-    lines += ["", "## Files", ""]
-    for name, info in card["files"].items():
-        lines.append(f"- `{name}`: {info['bytes']:,} bytes, SHA-256 `{info['sha256']}`")
-    return "\n".join(lines) + "\n"

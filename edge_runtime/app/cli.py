@@ -763,7 +763,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
 
 
 def _adapt(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
-    from edge_runtime.adapt.run import AdaptOptions, AdaptRefused, adapt, format_numbers
+    from edge_runtime.adapt import AdaptOptions, AdaptRefused, adapt, format_numbers
     from edge_runtime.model.contract import Precision
 
     options = AdaptOptions(
