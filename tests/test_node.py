@@ -390,6 +390,26 @@ def test_garbage_an_abort_and_a_dataset_without_pixels_never_stop_the_node(
     assert any("aborted" in m for m in caplog.messages)
 
 
+def test_an_instance_without_its_type2_patient_attributes_still_gets_its_sr(tmp_path):
+    """Scanners leave out Type 2 attributes (Patient's Birth Date, Sex, Referring Physician's
+    Name...); highdicom copies them into the SR, so the node fills them in empty."""
+    import highdicom as hd
+    from pydicom import dcmread
+
+    from edge_runtime.app.node.answers import TYPE2_COPIED
+
+    ds = us_dataset("malignant", 11)
+    for keyword in TYPE2_COPIED:
+        delattr(ds, keyword)
+    (path,) = write_scans(tmp_path / "in", [ds])
+    with Classifier.default() as classifier, running_node(classifier, tmp_path / "out") as node:
+        assert storescu(node.scp.port, [path]).returncode == 0
+        wait_for(lambda: any((tmp_path / "out").glob("SR_*.dcm")), 60, "the SR")
+    (sr_path,) = (tmp_path / "out").glob("SR_*.dcm")
+    sr = hd.sr.ComprehensiveSR.from_dataset(dcmread(sr_path))
+    assert sr.PatientBirthDate == "" and str(sr.SOPInstanceUID)
+
+
 def test_a_resent_duplicate_is_acknowledged_and_answered_once(classifier, scans, tmp_path):
     output = tmp_path / "out"
     with running_node(classifier, output) as node:

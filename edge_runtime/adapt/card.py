@@ -99,6 +99,13 @@ def _card_markdown(card: dict[str, Any]) -> str:
             "",
             f"Refitted: {record['refitted']['value']}, because {record['refitted']['why']}.",
         ]
+    rule = record.get("normal_rule", {})
+    if rule and rule.get("value") != rule.get("parent"):
+        lines += [
+            "",
+            f"Normal rule: `{rule['value']}` (the parent's: `{rule['parent']}`): {rule['note']}. "
+            "A scan can now be called a lesion class without an outline, or normal with one.",
+        ]
     lines += ["", "## Site cross-validation", "", "```", format_numbers(record), "```", ""]
     temperature = record["temperature"]
     lines.append(

@@ -102,6 +102,12 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     features, kept, squares, lesion_found = site_data
     labels = np.array([s.label for s in kept])
     groups = np.array([s.group for s in kept])
+    if not _has_groups(groups):
+        log.warning(
+            "%s: no patient groups, so each file is its own group and a patient's scans may sit "
+            "on both sides of a fold (optimistic numbers): give a CSV path,label,group",
+            options.site,
+        )
     counts = {name: int((labels == c).sum()) for c, name in enumerate(classes)}
     few = {name: n for name, n in counts.items() if n < MIN_SCANS_PER_CLASS}
     if few:

@@ -55,7 +55,7 @@ examples:
  10. an archive on 8 Ray workers (a local cluster; --ray-address joins a running one):
        edge-classify /archive/2019 --engine ray --workers 8 --format jsonl --output 2019.jsonl
 
-"watch", "bench", "dashboard" and "adapt" as the first word are subcommands; to classify a
+"watch", "bench", "dashboard", "adapt" and "serve" as the first word are subcommands; to classify a
 file or folder with one of those names, write it as a path: edge-classify ./watch
 
 exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage or model error,
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Classify breast-ultrasound scans (normal / benign / malignant) with an "
         "edge-classify ONNX model. Subcommands: watch (a folder, as scans arrive), "
         "bench (speed on this machine), dashboard (a page in the browser), adapt (fit the "
-        "model to your scanner).",
+        "model to your scanner), serve (a DICOM node).",
         EXAMPLES,
     )
     parser.add_argument(
@@ -697,12 +697,15 @@ examples:
        edge-classify new-scans/ --model clinic-int8.onnx
 
 Label at least 5 scans per class (10 or more per class recommended), from as many patients as
-you can. The backbone runs once over them; only the last layer is refitted, pulled towards the
-parent's. Grouped cross-validation on your scans estimates accuracy, normal recall and malignant
-sensitivity before and after, with 95% intervals. Nothing is written unless the adapted layer is
-better by the cross-validation's point estimates (balanced accuracy higher, accuracy not lower,
-malignant sensitivity not lower than --max-sensitivity-drop allows; the intervals are reported,
-not required above 0). The parent model is never modified. The adapted model, an INT8 one's
+you can, and give each scan's patient as its group (a CSV path,label,group). The backbone runs
+once over them; only the last layer is refitted, pulled towards the parent's, and the fit keeps
+every malignant scan of yours that the parent calls malignant. Grouped cross-validation on your
+scans estimates accuracy, normal recall and malignant sensitivity before and after, with 95%
+intervals. Nothing is written unless, by the cross-validation's point estimates, the adapted
+layer raises balanced accuracy without lowering accuracy and calls at most --max-malignant-lost
+of the cancers the parent caught otherwise; each written file must pass the runtime's gate
+(INT8: >= 99% agreement with its FP32 partner, <= 20% rechecked; else try --precision fp32).
+The parent model is never modified. The adapted model, an INT8 one's
 FP32 partner (<name>-fp32.onnx) and a card (<name>.card.json/.md) are written beside --output;
 the parent's published metrics do not apply to them.
 

@@ -164,6 +164,7 @@ def build_answers(
     """
     import highdicom as hd
 
+    _fill_type2(source)
     sr_uid, sr_series, seg_uid, seg_series = answer_uids(
         str(source.SOPInstanceUID), str(source.get("StudyInstanceUID", "")), model
     )
@@ -200,6 +201,29 @@ def build_answers(
         series_description="edge-classify: not a diagnosis",
     )
     return Answers(sr=sr, seg=seg)
+
+
+# Patient and General Study attributes of Type 2 (present, possibly empty) that highdicom copies
+# from the source into the SR and SEG; scanners often leave them out. PS3.3 C.7.1.1, C.7.2.1.
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _fill_type2(source: Any) -> None:
+    """Add the :data:`TYPE2_COPIED` attributes ``source`` leaves out, empty, as DICOM allows
+    (in memory: the stored instance is unchanged)."""
+    for keyword in TYPE2_COPIED:
+        if keyword not in source:
+            setattr(source, keyword, "")
 
 
 def _code(value: str, scheme: str, meaning: str) -> Any:

@@ -164,13 +164,15 @@ class StorageScp:
             for cx in event.assoc.rejected_contexts
             if cx.abstract_syntax not in STORAGE_CLASSES
         ]
-        if refused:
-            log.warning(
-                "association from %s: refused SOP classes %s (not ultrasound, secondary capture "
+        if refused:  # storescu offers every storage class: a count, the list at debug level
+            names = sorted(set(map(str, refused)))
+            log.info(
+                "association from %s: %d SOP classes refused (not ultrasound, secondary capture "
                 "or verification)",
                 self._peer(event),
-                ", ".join(sorted(set(map(str, refused)))),
+                len(names),
             )
+            log.debug("refused SOP classes: %s", ", ".join(names))
         else:
             log.info("association from %s accepted", self._peer(event))
 
