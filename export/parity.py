@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edge_runtime.model.verify import MAX_RECHECK_FRACTION, MIN_TOP1_AGREEMENT
+from edge_runtime.model.verify import MAX_RECHECK_FRACTION, MIN_TOP1_AGREEMENT, recheck_failure
 from edge_runtime.postprocess.recheck import with_recheck
 
 MAX_PROBABILITY_DIFF = 1e-4
@@ -135,8 +135,8 @@ def int8_recheck_gate(
         min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop,
     )
-    if redo.mean() > max_recheck_fraction:
-        failure = f"FP32 recheck of {redo.mean():.1%} of scans > {max_recheck_fraction:.0%}"
+    failure = recheck_failure(float(redo.mean()), max_recheck_fraction)
+    if failure:
         report = replace(report, failures=(*report.failures, failure))
     return report
 

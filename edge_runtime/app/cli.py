@@ -20,7 +20,7 @@ from edge_runtime.app.output import (
     write_heatmaps,
     write_masks,
 )
-from edge_runtime.app.shell import Parser, command_parser, parse_args, run_command
+from edge_runtime.app.shell import command_parser, parse_args, run_command
 from edge_runtime.app.status import ExitStatus
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.io.decode import display_path
@@ -62,10 +62,6 @@ exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage o
 70 internal error (rerun with --traceback), 130 interrupted.
 Not a medical device: every result needs review by a qualified clinician.
 """
-
-
-def _command_parser(prog: str, description: str, epilog: str, extra: str | None = None) -> Parser:
-    return command_parser(prog, description, epilog, extra=extra)
 
 
 WATCH_EXAMPLES = """\
@@ -143,7 +139,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify PATH...`` (the subcommands have their own)."""
-    parser = _command_parser(
+    parser = command_parser(
         "edge-classify",
         "Classify breast-ultrasound scans (normal / benign / malignant) with an "
         "edge-classify ONNX model. Subcommands: watch (a folder, as scans arrive), "
@@ -237,7 +233,7 @@ def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
 
 def build_watch_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify watch``."""
-    parser = _command_parser(
+    parser = command_parser(
         "edge-classify watch",
         "Classify scans as they appear in a folder (searched recursively), one "
         "JSON line each, exactly once across restarts.",
@@ -279,7 +275,7 @@ def build_watch_parser() -> argparse.ArgumentParser:
 
 def build_bench_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify bench``."""
-    parser = _command_parser(
+    parser = command_parser(
         "edge-classify bench",
         "Measure a model's latency and throughput on this machine.",
         BENCH_EXAMPLES,
@@ -338,7 +334,7 @@ exit status: 0 stopped cleanly, 2 usage or model error, or the dashboard extra i
 
 def build_dashboard_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify dashboard``."""
-    parser = _command_parser(
+    parser = command_parser(
         "edge-classify dashboard",
         "Serve a Streamlit page to classify scans in a browser.",
         DASHBOARD_EXAMPLES,
@@ -716,7 +712,7 @@ exit status: 0 adapted model written, 1 refused (the numbers say why; nothing wr
 
 def build_adapt_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify adapt``."""
-    parser = _command_parser(
+    parser = command_parser(
         "edge-classify adapt",
         "Refit a model's last layer on your own labelled scans (site adaptation).",
         ADAPT_EXAMPLES,
@@ -826,7 +822,7 @@ missing. Not a medical device: every answer says so.
 
 def build_serve_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify serve``."""
-    parser = _command_parser(
+    parser = command_parser(
         "edge-classify serve",
         "A DICOM node: scanners send by C-STORE, edge-classify answers with an SR and a SEG.",
         SERVE_EXAMPLES,
