@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         default="imagenet",
-        help="'imagenet' (EfficientNet-Lite0: from the installed weights package), "
+        help="'imagenet' (EfficientNet-Lite0/1/2: from the installed weights packages), "
         "a local weights file, or 'none' to train from scratch",
     )
     parser.add_argument("--image-size", type=int, default=224, help="model input side in pixels")

