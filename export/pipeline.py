@@ -497,6 +497,8 @@ def _publish(staged: list[Path], output: Path, name: str) -> None:
 
 
 def _fold_input(int8: Path, info: RunInfo) -> bool:
+    if info.backbone not in {b.value for b in Backbone}:
+        return False  # an ensemble (training.ensemble): its input feeds more than one scaling
     mean, std, channels = pixel_scaling(Backbone(info.backbone))
     return bool(channels == 1 and fold_input_scaling(int8, mean, std))
 

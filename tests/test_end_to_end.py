@@ -261,3 +261,63 @@ def test_lesion_free_normals_without_a_normal_class_is_an_error_naming_the_class
     args = [str(data), "--output", str(tmp_path / "o"), "--lesion-free-normals"]
     assert train_main(args) == 2
     assert "no normal class (classes: ['benign', 'malignant'])" in capsys.readouterr().err
+
+
+def test_the_readme_run_with_itself_reports_the_same_numbers(readme_path, tmp_path):
+    """Two copies of one model average to that model: the ensemble's report must equal it."""
+    from training.ensemble import build_ensemble_run
+
+    root, _ = readme_path
+    run = root / "runs" / "synthetic"
+    output = tmp_path / "twice"
+
+    written = build_ensemble_run((root / "synthetic",), [run, run], output, 64, mirror=False)
+
+    assert [w.backbone for w in written] == ["small-cnn@64 + small-cnn@64"]
+    member = json.loads((run / "metrics.json").read_text())
+    ensemble = json.loads((output / "metrics.json").read_text())
+    assert ensemble["accuracy"] == pytest.approx(member["accuracy"])
+    assert ensemble["macro_f1"] == pytest.approx(member["macro_f1"])
+    with open(run / "predictions.csv") as a, open(output / "predictions.csv") as b:
+        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    # the README trained with a relative data path, the ensemble was given an absolute one
+    assert [Path(r["path"]).parts[-2:] for r in rows_a] == [
+        Path(r["path"]).parts[-2:] for r in rows_b
+    ]
+    assert [r["label"] for r in rows_a] == [r["label"] for r in rows_b]
+
+
+def test_the_readme_run_mirrored_exports_through_every_gate(readme_path, tmp_path):
+    from edge_runtime.app.cli import main as classify_main
+    from export.cli import main as export_main
+    from training.ensemble import main
+
+    root, _ = readme_path
+    run = root / "runs" / "synthetic"
+    output = tmp_path / "mirrored"
+    argv = [str(root / "synthetic"), "--member", str(run), "--output", str(output)]
+    assert main([*argv, "--image-size", "64", "--mirror"]) == 0
+
+    assert (
+        export_main(
+            [str(output), "--output", str(output / "export")],
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+        )
+        == 0
+    )
+    out = io.StringIO()
+    model = output / "export" / "model-int8.onnx"
+    scans = root / "synthetic"
+    assert (
+        classify_main(
+            [str(scans), "--model", str(model), "--format", "jsonl", "--quiet"],
+            stdout=out,
+            stderr=io.StringIO(),
+        )
+        == 0
+    )
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert records and all(r["label"] in ("normal", "benign", "malignant") for r in records)
+    card = json.loads((output / "export" / "model.card.json").read_text())
+    assert card["backbone"] == "small-cnn@64, mirrored"

@@ -68,3 +68,38 @@ class ClassActivationHead(layers.Layer):
             "num_classes": self.num_classes,
             "dropout": self.dropout_rate,
         }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MirrorWidth(layers.Layer):
+    """Mirror images or maps ``[N, H, W, C]`` left to right (a flip test-time augmentation)."""
+
+    def call(self, x):
+        return ops.flip(x, axis=2)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResizeSquare(layers.Layer):
+    """Bilinear resize of ``[N, H, W, C]`` to ``[N, size, size, C]`` (half-pixel centres).
+
+    With ``as_uint8`` the result is rounded and clipped back to uint8, the dtype a member model's
+    ``image`` input takes; otherwise it stays float32.
+    """
+
+    def __init__(self, size: int, as_uint8: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.size, self.as_uint8 = int(size), bool(as_uint8)
+
+    def call(self, x):
+        resized = ops.image.resize(
+            ops.cast(x, "float32"), (self.size, self.size), interpolation="bilinear"
+        )
+        if not self.as_uint8:
+            return resized
+        return ops.cast(ops.clip(ops.round(resized), 0.0, 255.0), "uint8")
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[-1])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "size": self.size, "as_uint8": self.as_uint8}

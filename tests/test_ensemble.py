@@ -1,0 +1,114 @@
+"""Ensembles and flip test-time augmentation as one graph (training.model.ensemble,
+training.ensemble): the outputs they promise and what they refuse. The README's synthetic run
+combined, reported and exported: tests/test_end_to_end.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from training.ensemble import build_ensemble_run, main  # noqa: E402
+from training.model.backbones import Backbone  # noqa: E402
+from training.model.classifier import build_classifier  # noqa: E402
+from training.model.ensemble import combine  # noqa: E402
+
+
+def _member(size: int, seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return build_classifier(
+        3, backbone=Backbone.SMALL_CNN, input_size=size, weights=None, lesion=True
+    )
+
+
+def _scans(size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (3, size, size, 1)).astype("uint8")
+
+
+def test_mirroring_averages_the_scan_and_its_mirror_and_mirrors_the_maps_back():
+    member = _member(64, 0)
+    scans = _scans(64)
+    plain, mirrored = member.predict(scans, verbose=0), member.predict(scans[:, :, ::-1], verbose=0)
+
+    out = combine([member], 64, mirror=True).predict(scans, verbose=0)
+
+    for name in ("probabilities", "features"):
+        np.testing.assert_allclose(out[name], (plain[name] + mirrored[name]) / 2, atol=1e-6)
+    for name in ("lesion", "cam"):
+        expected = (plain[name] + mirrored[name][:, :, ::-1]) / 2
+        np.testing.assert_allclose(out[name], expected, atol=1e-6)
+
+
+def test_members_of_other_sizes_get_the_input_resized_and_their_maps_on_the_ensemble_grid():
+    small, large = _member(64, 0), _member(96, 1)
+    scans = _scans(96)
+
+    out = combine([small, large], 96, mirror=False).predict(scans, verbose=0)
+
+    alone = large.predict(scans, verbose=0)
+    assert out["lesion"].shape == (3, 24, 24, 1) and out["cam"].shape == (3, 6, 6, 3)
+    assert out["features"].shape == (3, 2 * alone["features"].shape[1])
+    np.testing.assert_allclose(
+        out["features"][:, -alone["features"].shape[1] :], alone["features"], atol=1e-5
+    )
+    assert not np.allclose(out["probabilities"], alone["probabilities"], atol=1e-4)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_an_ensemble_survives_saving_and_loading(tmp_path):
+    from training.model.classifier import load_classifier
+
+    model = combine([_member(64, 0), _member(96, 1)], 96, mirror=True)
+    model.save(tmp_path / "model.keras")
+    scans = _scans(96)
+
+    again = load_classifier(tmp_path / "model.keras").predict(scans, verbose=0)
+
+    for name, value in model.predict(scans, verbose=0).items():
+        np.testing.assert_array_equal(again[name], value)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [((64,), "multiple of 4"), ((), "at least one member")],
+)
+def test_combine_refuses_what_it_cannot_build(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        combine([_member(s, 0) for s in sizes], 66 if sizes else 64, mirror=False)
+
+
+def test_members_with_different_splits_are_refused(tmp_path):
+    from training.runfolder import RunInfo
+
+    members = []
+    for i in range(2):
+        run = tmp_path / f"m{i}"
+        run.mkdir()
+        _member(64, i).save(run / "model.keras")
+        (run / "split.csv").write_text(f"path,split\na.png,{('train', 'test')[i]}\n")
+        (run / "history.csv").write_text("stage,loss\nfrozen,1.0\n")
+        RunInfo(("normal", "benign", "malignant"), 64, "letterbox", "small-cnn", 0, "x").write(run)
+        members.append(run)
+
+    with pytest.raises(ValueError, match=r"the members' split.csv differ"):
+        build_ensemble_run((tmp_path,), members, tmp_path / "out", 64, mirror=False)
+    assert (
+        main(
+            [
+                str(tmp_path),
+                "--member",
+                str(members[0]),
+                "--member",
+                str(members[1]),
+                "--output",
+                str(tmp_path / "o"),
+                "--image-size",
+                "64",
+            ]
+        )
+        == 2
+    )
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -1,0 +1,140 @@
+"""Combine trained runs into one ensemble run, and report on it as on a trained one.
+
+usage: python -m training.ensemble DATA... --member RUN [--member RUN ...] --output RUN
+           --image-size S [--mirror]
+
+Each member is an ``edge-train`` run folder trained on the same data with the same seed, so that
+its final model and its scanner-held-out folds (``scanners/*``) used the same splits (checked:
+every ``split.csv`` must be identical). For the final model and for every fold that all members
+have, the members' models become one graph (:func:`training.model.ensemble.combine`) saved in the
+same place under ``--output``, with the first member's ``split.csv`` and ``history.csv``; then the
+run is reported on exactly as ``edge-train --report-only`` reports (test metrics, calibration,
+lesion rule chosen on validation, ``protocol.json``). One member with ``--mirror`` is flip
+test-time augmentation of that model alone. ``edge-export`` exports the result like any run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_runtime.app.shell import ExitStatus
+from training.runfolder import HISTORY_FILE, MODEL_FILE, SPLIT_FILE, RunInfo
+
+log = logging.getLogger(__name__)
+FOLDS_DIR = "scanners"
+
+
+def model_folders(run: Path) -> list[Path]:
+    """The folders of ``run`` that hold a model, relative to it: ``.`` and ``scanners/*``."""
+    folders = [Path(".")] if (run / MODEL_FILE).is_file() else []
+    folders += sorted(
+        p.relative_to(run) for p in (run / FOLDS_DIR).glob("*") if (p / MODEL_FILE).is_file()
+    )
+    return folders
+
+
+def ensemble_label(infos: Sequence[RunInfo], mirror: bool) -> str:
+    """What the card and metadata call the ensemble's backbone, e.g.
+    ``efficientnet-lite0@160 + efficientnet-lite2@224, mirrored``."""
+    label = " + ".join(f"{i.backbone}@{i.input_size}" for i in infos)
+    return f"{label}, mirrored" if mirror else label
+
+
+def build_ensemble_run(
+    data: tuple[Path, ...], members: Sequence[Path], output: Path, input_size: int, mirror: bool
+) -> list[RunInfo]:
+    """Write the ensemble run folder ``output`` and report on it.
+
+    Returns:
+        The ``run.json`` of each reported folder (final model first, when there is one).
+
+    Raises:
+        ValueError: no member, members trained with different seeds, no folder common to all
+            members, or a common folder whose splits differ between members.
+        FileNotFoundError: a member is not a run folder.
+    """
+    from training.model.classifier import load_classifier
+    from training.model.ensemble import combine
+    from training.run import TrainConfig, report_saved
+
+    if not members:
+        raise ValueError("Name at least one --member run folder.")
+    infos = [RunInfo.read(m) for m in members]
+    if len({i.seed for i in infos}) != 1:
+        raise ValueError(
+            f"The members were trained with different seeds ({[i.seed for i in infos]}), so "
+            "their splits differ; retrain them with one seed."
+        )
+    common = set(model_folders(members[0])).intersection(*map(set, map(model_folders, members)))
+    if not common:
+        raise ValueError(f"The members {[str(m) for m in members]} have no model folder in common.")
+    for folder in sorted(common):
+        splits = [(m / folder / SPLIT_FILE).read_bytes() for m in members]
+        if any(s != splits[0] for s in splits):
+            raise ValueError(
+                f"{folder}: the members' {SPLIT_FILE} differ, so their test scans are not the "
+                "same; ensemble only runs trained on the same data with the same seed."
+            )
+        target = output / folder
+        target.mkdir(parents=True, exist_ok=True)
+        models = [load_classifier(m / folder / MODEL_FILE) for m in members]
+        combine(models, input_size, mirror=mirror).save(target / MODEL_FILE)
+        for name in (SPLIT_FILE, HISTORY_FILE):
+            shutil.copy2(members[0] / folder / name, target / name)
+        log.info("%s: combined %d members", target, len(models))
+    label = ensemble_label(infos, mirror)
+    config = TrainConfig(
+        data=data,
+        output=output,
+        input_size=input_size,
+        seed=infos[0].seed,
+        int8_grid=all(i.int8_grid for i in infos),
+    )
+    report_saved(config)
+    # what the members were trained with, where they agree (the report knows none of it)
+    augment = infos[0].augment if all(i.augment == infos[0].augment for i in infos) else {}
+    written = []
+    for folder in sorted(common):
+        info = dataclasses.replace(RunInfo.read(output / folder), backbone=label, augment=augment)
+        info.write(output / folder)
+        written.append(info)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.ensemble",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("data", nargs="+", type=Path, metavar="DATA", help="dataset folders")
+    parser.add_argument(
+        "--member", action="append", type=Path, required=True, help="a member run folder"
+    )
+    parser.add_argument("--output", type=Path, required=True, help="ensemble run folder to write")
+    parser.add_argument(
+        "--image-size", type=int, required=True, help="the ensemble's input side in pixels"
+    )
+    parser.add_argument(
+        "--mirror", action="store_true", help="also average each member on the mirrored scan"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from training.console import import_tensorflow
+
+    import_tensorflow()
+    try:
+        build_ensemble_run(tuple(args.data), args.member, args.output, args.image_size, args.mirror)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ensemble: error: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    return ExitStatus.SUCCESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
