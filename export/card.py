@@ -418,17 +418,20 @@ def _lesion_lines(report: Mapping[str, Any] | None, where: str) -> list[str]:
         "Dice and IoU of the predicted outline (threshold, largest component) against the "
         "radiologist's mask on lesion scans; the pointing game (the hottest point of the class "
         "activation map, or of the lesion map, inside the mask dilated by 5% of the side); the "
-        "share of normal scans with any lesion pixel. Means with 95% bootstrap intervals.",
+        "share of normal scans with any lesion pixel, and of lesion scans with none (called "
+        "normal: a missed lesion). Means with 95% bootstrap intervals.",
         *_threshold_lines(report.get("threshold")),
         "",
-        "| scans | Dice | IoU | pointing (CAM) | pointing (lesion map) | normals with a lesion |",
-        "|---|---|---|---|---|---|",
+        "| scans | Dice | IoU | pointing (CAM) | pointing (lesion map) | normals with a lesion "
+        "| lesion scans called normal |",
+        "|---|---|---|---|---|---|---|",
     ]
     blocks = {"all": report["all"], **report.get("by_source", {}), **report.get("by_device", {})}
     for name, b in blocks.items():
         lines.append(
             f"| {name} | {cell(b['dice'])} | {cell(b['iou'])} | {cell(b['pointing_cam'])} | "
-            f"{cell(b['pointing_lesion_map'])} | {cell(b['normal_with_lesion'])} |"
+            f"{cell(b['pointing_lesion_map'])} | {cell(b['normal_with_lesion'])} | "
+            f"{cell(b.get('lesion_called_normal', {}))} |"
         )
     return [*lines, ""]
 
@@ -456,7 +459,13 @@ def _threshold_lines(chosen: Mapping[str, Any] | None) -> list[str]:
         if picked is None
         else (
             f" (validation: Dice {_num(picked['dice'])}, normals with a lesion "
-            f"{_num(picked['normal_with_lesion'])})"
+            f"{_num(picked['normal_with_lesion'])}"
+            + (
+                ""
+                if picked.get("lesion_called_normal") is None
+                else f", lesion scans called normal {_num(picked['lesion_called_normal'])}"
+            )
+            + ")"
         )
     )
     parts = f"Lesion threshold {chosen['value']:.2f}"

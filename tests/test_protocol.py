@@ -43,3 +43,26 @@ def test_a_fold_whose_test_scans_name_two_scanners_or_none_is_refused():
         fold_scanner(mixed, Path("predictions.csv"))
     with pytest.raises(ValueError, match="Got 0 instead"):
         fold_scanner(predictions([], []), Path("predictions.csv"))
+
+
+def test_a_fold_reports_lesion_scans_called_normal_as_a_count_and_a_rate():
+    from training.evaluation.protocol import markdown_table, scanner_metrics
+
+    labels = ["normal", "normal", "benign", "benign", "malignant", "malignant"]
+    called = ["normal", "benign", "normal", "benign", "normal", "malignant"]
+    names = ("normal", "benign", "malignant")
+    held_out = HeldOutPredictions(
+        paths=[f"s{i}.png" for i in range(6)],
+        sources=["clinic"] * 6,
+        devices=[""] * 6,
+        labels=labels,
+        probabilities=np.eye(3)[[names.index(c) for c in called]] * 0.9 + 0.1 / 3,
+        class_names=names,
+    )
+
+    report = scanner_metrics(held_out, None)
+
+    assert report["lesion_scans_called_normal"] == 2
+    assert report["lesion_scans_called_normal_rate"] == pytest.approx(0.5)
+    assert report["normal_recall"] == pytest.approx(0.5)
+    assert "lesion scans called normal" in markdown_table({"clinic": report})

@@ -290,3 +290,35 @@ def test_the_normal_gate_spares_normal_scans_the_classifier_half_believes_normal
     rule, trials = choose_lesion_rule(truth, known, maps, normal, p, CLASSES, LesionRule())
     assert rule.classifier_gate and rule.normal_gate == 0.15  # the first level at or under 0.2
     assert _chosen(trials, rule).normal_with_lesion == 0.0
+
+
+def test_a_rule_that_spares_normal_scans_by_missing_lesion_scans_is_not_chosen():
+    # a third lesion scan (no mask known) whose map (0.41) is weaker than the normals' false
+    # blob (0.43): the thresholds above the blob spare the normals and call that scan normal
+    truth, known, maps, normal = _rule_case(_blob(0.43, 3))
+    truth = np.concatenate([truth, truth[:1] * 0])
+    maps = np.concatenate([maps, _blob(0.41, 3)[None, ..., None]])
+    known, normal = np.append(known, False), np.append(normal, False)
+    benign = np.array([[0.0, 1.0, 0.0]] * 5)
+
+    # a Dice budget wide enough that only the cap on missed lesions can stop the sparing rule
+    rule, trials = choose_lesion_rule(
+        truth, known, maps, normal, benign, CLASSES, LesionRule(), dice_budget=0.5
+    )
+
+    chosen = _chosen(trials, rule)
+    assert chosen.lesion_called_normal == 0.0 and rule.threshold <= 0.41
+    assert chosen.normal_with_lesion == 1.0  # the price, paid on the normal scans
+    free, _ = choose_lesion_rule(
+        truth,
+        known,
+        maps,
+        normal,
+        benign,
+        CLASSES,
+        LesionRule(),
+        dice_budget=0.5,
+        max_lesion_called_normal=1.0,
+    )
+    assert _chosen(trials, free).lesion_called_normal == pytest.approx(1 / 3)
+    assert _chosen(trials, free).normal_with_lesion == 0.0

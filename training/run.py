@@ -25,6 +25,7 @@ from training.data.splits import stratified_group_kfold, stratified_group_split,
 from training.evaluation.diagnostics import check_run, log_warnings
 from training.evaluation.lesion_metrics import (
     DICE_BUDGET,
+    MAX_LESION_CALLED_NORMAL,
     LesionRule,
     choose_lesion_rule,
     read_scores,
@@ -363,9 +364,10 @@ def _report(
             "normal_gate": rule.normal_gate,
             "rule": (
                 "of every threshold, minimum area and classifier gate (and its P(normal) level) "
-                "tried, the one drawing a "
-                "lesion on the fewest validation normal scans among those within "
-                f"{DICE_BUDGET} of the best mean validation Dice"
+                "tried that calls at most "
+                f"{MAX_LESION_CALLED_NORMAL:.0%} of the validation lesion scans normal, the one "
+                "drawing a lesion on the fewest validation normal scans among those within "
+                f"{DICE_BUDGET} of their best mean validation Dice"
             ),
             "validation": [asdict(t) for t in trials],
         }

@@ -24,6 +24,9 @@ LESION_MIN_AREAS = (0.0, 0.0025, 0.005, 0.01)  # shares of the square input
 # with the classifier gate: 0 (its call alone), then calibrated P(normal) levels that also gate
 NORMAL_GATES = (0.0, 0.25, 0.15, 0.10)
 DICE_BUDGET = 0.03  # validation Dice a rule may give up, against the best, to spare normal scans
+# the most of the validation lesion scans a rule may call normal (no lesion found): missed
+# lesions are the costliest error after missed cancers (issue 33)
+MAX_LESION_CALLED_NORMAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ def dice(truth: np.ndarray, guess: np.ndarray) -> float:
 class RuleTrial:
     """One candidate lesion rule on the validation split. ``dice``: mean over its lesion scans
     (a missed lesion counts 0); ``normal_with_lesion``: share of its normal scans given any
-    lesion pixel; None where the split has no such scans."""
+    lesion pixel; ``lesion_called_normal``: share of its benign and malignant scans (masked or
+    not) given none, so called normal; None where the split has no such scans."""
 
     threshold: float
     min_area: float
@@ -130,6 +134,7 @@ class RuleTrial:
     normal_gate: float
     dice: float | None
     normal_with_lesion: float | None
+    lesion_called_normal: float | None = None
 
 
 def choose_lesion_rule(
@@ -145,15 +150,22 @@ def choose_lesion_rule(
     min_areas: Sequence[float] = LESION_MIN_AREAS,
     normal_gates: Sequence[float] = NORMAL_GATES,
     dice_budget: float = DICE_BUDGET,
+    max_lesion_called_normal: float = MAX_LESION_CALLED_NORMAL,
 ) -> tuple[LesionRule, list[RuleTrial]]:
     """The lesion rule, chosen on validation scans (docs/prereg/2026-12-02h-*.md).
 
     Every combination of ``thresholds``, ``min_areas`` and the classifier gate (off, or on at
-    each of ``normal_gates``) is tried; among those whose mean Dice over the lesion scans is at
-    least the best one's minus ``dice_budget``, the one that draws a lesion on the fewest normal
-    scans wins (ties: the higher Dice, then the earlier in the grid: lower threshold, smaller
-    area, gate off, then the gate's levels in order). A lesion model decides "normal" by whether
-    a lesion is found, so the rule sets that too.
+    each of ``normal_gates``) is tried. A lesion model decides "normal" by whether a lesion is
+    found, so the rule sets that too, and the choice goes in three steps:
+
+    1. only rules that call at most ``max_lesion_called_normal`` of the benign and malignant
+       scans normal (when none does, those that call the fewest);
+    2. of those, the ones whose mean Dice over the masked lesion scans is at least their best
+       one's minus ``dice_budget``;
+    3. of those, the one that draws a lesion on the fewest normal scans (ties: the higher Dice,
+       then the earlier in the grid: lower threshold, smaller area, gate off, then the gate's
+       levels in order).
+
     Without validation lesion scans, ``default``.
 
     Args:
@@ -168,6 +180,7 @@ def choose_lesion_rule(
         min_areas: minimum lesion areas to try, shares of the square in [0, 1).
         normal_gates: the gate's P(normal) levels to try (0: the classifier's call alone).
         dice_budget: the Dice a rule may give up against the best.
+        max_lesion_called_normal: the share of lesion scans a rule may call normal.
 
     Returns:
         ``(rule, trials)``: the choice and every candidate's validation numbers.
@@ -176,6 +189,7 @@ def choose_lesion_rule(
     truth = (true_masks[:, :, :, 0] > 127) & known[:, None, None]
     lesion = np.flatnonzero(~normal & truth.reshape(len(known), -1).any(1))
     normals = np.flatnonzero(normal)
+    lesion_scans = np.flatnonzero(~normal)  # with or without a known mask
     if lesion.size == 0:
         return default, []
     trials = []
@@ -198,10 +212,14 @@ def choose_lesion_rule(
                         normal_gate=gate.normal_gate,
                         dice=float(np.mean(overlaps)),
                         normal_with_lesion=float(np.mean(drawn[normals])) if normals.size else None,
+                        lesion_called_normal=float(np.mean(~drawn[lesion_scans])),
                     )
                 )
-    floor = max(t.dice for t in trials) - dice_budget
-    allowed = [t for t in trials if t.dice >= floor - 1e-12]
+    fewest_missed = min(t.lesion_called_normal for t in trials)
+    missed_cap = max(max_lesion_called_normal, fewest_missed)
+    sparing = [t for t in trials if t.lesion_called_normal <= missed_cap + 1e-12]
+    floor = max(t.dice for t in sparing) - dice_budget
+    allowed = [t for t in sparing if t.dice >= floor - 1e-12]
     best = min(
         allowed,
         key=lambda t: (t.normal_with_lesion or 0.0, -t.dice),
@@ -289,8 +307,9 @@ def mean_with_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 
 def summarize(scores: Sequence[LesionScore]) -> dict:
     """``metrics.json``'s ``lesion`` entry: overall, per source and per ``source:device``:
     Dice and IoU on lesion scans (mean, bootstrap interval), the pointing game of the CAM and of
-    the lesion map (share of lesion scans hit), and on normal scans the share with any lesion
-    pixel."""
+    the lesion map (share of lesion scans hit), on normal scans the share with any lesion
+    pixel, and on benign and malignant scans (masked or not) the share with none: lesion scans
+    called normal."""
 
     def block(rows: Sequence[LesionScore]) -> dict:
         lesion = [r for r in rows if r.dice is not None]
@@ -301,6 +320,9 @@ def summarize(scores: Sequence[LesionScore]) -> dict:
             "pointing_cam": mean_with_interval([float(r.cam_hit) for r in lesion]),
             "pointing_lesion_map": mean_with_interval([float(r.lesion_map_hit) for r in lesion]),
             "normal_with_lesion": mean_with_interval([float(r.predicted_area > 0) for r in normal]),
+            "lesion_called_normal": mean_with_interval(
+                [float(r.predicted_area == 0) for r in rows if r.label != "normal"]
+            ),
         }
 
     report = {"all": block(scores)}

@@ -117,7 +117,11 @@ def _calls(y: np.ndarray, predicted: np.ndarray, names: Sequence[str]) -> dict:
             out[f"{name}_scans"] = int(np.sum(y == k))
     if "normal" in names:
         lesion = y != names.index("normal")
-        out["lesion_scans_called_normal"] = int(np.sum(predicted[lesion] == names.index("normal")))
+        missed = int(np.sum(predicted[lesion] == names.index("normal")))
+        out["lesion_scans_called_normal"] = missed
+        out["lesion_scans_called_normal_rate"] = (
+            missed / int(lesion.sum()) if lesion.any() else None
+        )
     return out
 
 
@@ -150,9 +154,10 @@ def markdown_table(report: Mapping[str, Mapping]) -> str:
 
     lines = [
         "| left-out scanner | scans | accuracy | malignant sensitivity | malignant AUC (95% CI) "
-        "| normal recall | normal recall, mask head decides | lesion Dice "
+        "| normal recall | normal recall, mask head decides "
+        "| lesion scans called normal, mask head decides | lesion Dice "
         "| flagged unfamiliar | accuracy flagged / unflagged |",
-        "|---|---:|---|---|---|---|---|---|---|---|",
+        "|---|---:|---|---|---|---|---|---|---|---|---|",
     ]
     for scanner, r in report.items():
         auc = r.get("malignant_auc") or {}
@@ -166,7 +171,8 @@ def markdown_table(report: Mapping[str, Mapping]) -> str:
         lines.append(
             f"| {scanner} | {r['scans']} | {num(r.get('accuracy'))} | "
             f"{num(r.get('malignant_sensitivity'))} | {auc_cell} | {num(r.get('normal_recall'))} "
-            f"| {num(mask.get('normal_recall'))} | {num(dice.get('mean'))} "
+            f"| {num(mask.get('normal_recall'))} "
+            f"| {num(mask.get('lesion_scans_called_normal_rate'))} | {num(dice.get('mean'))} "
             f"| {num(unfamiliar.get('flagged_share'))} "
             f"| {num(unfamiliar.get('accuracy_flagged'))} / "
             f"{num(unfamiliar.get('accuracy_unflagged'))} |"
