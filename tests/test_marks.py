@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import cv2
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from training.probes.marks import MARKED_MIN_PIXELS, MarkCheck, measure, summari
 from training.synthetic import synthetic_scan
 
 CLASSES = ("normal", "benign", "malignant")
+CLUTTER_160_SHA256 = "b797f08567cc461a"  # clutter_bank(8, 160, seed=0) before the small-size guard
 
 
 def _scan(seed: int = 0) -> np.ndarray:
@@ -141,3 +144,25 @@ def test_cli_pools_run_folders_and_reports_a_missing_one(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main([str(tmp_path / "nope")]) == 2
     assert "marks: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [16, 32, 48])
+def test_screen_clutter_paints_small_inputs_too(size):
+    """edge-train paints clutter by default; a smoke run at a small image size must not fail."""
+    from training.augmentation.clutter import clutter_bank
+
+    values, alpha = clutter_bank(20, size, seed=0)
+
+    assert values.shape == alpha.shape == (20, size, size, 1)
+    assert alpha.any()
+
+
+def test_screen_clutter_at_the_recipe_size_draws_what_it_drew_before():
+    """The guard for small inputs leaves the draws at the trained size unchanged (the bundled
+    model's recipe): a fingerprint of the bank at 160 px, taken before the guard was added."""
+    from training.augmentation.clutter import clutter_bank
+
+    values, alpha = clutter_bank(8, 160, seed=0)
+
+    digest = hashlib.sha256(values.tobytes() + alpha.tobytes()).hexdigest()
+    assert digest.startswith(CLUTTER_160_SHA256)

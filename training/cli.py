@@ -14,6 +14,7 @@ from typing import TextIO
 from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
 from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
+from training.recipe import DEFAULT
 
 LOG_FILE = "train.log"
 TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "scipy", "matplotlib")  # the train extra's
@@ -51,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backbone",
         choices=[b.value for b in Backbone],
-        default=Backbone.EFFICIENTNET_LITE0.value,
-        help="feature extractor",
+        default=DEFAULT.backbone,
+        help=f"feature extractor (default {DEFAULT.backbone})",
     )
     parser.add_argument(
         "--weights",
@@ -60,25 +61,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="'imagenet' (EfficientNet-Lite0/1/2: from the installed weights packages), "
         "a local weights file, or 'none' to train from scratch",
     )
-    parser.add_argument("--image-size", type=int, default=224, help="model input side in pixels")
-    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (stage 2)")
     parser.add_argument(
-        "--frozen-epochs", type=int, default=4, help="epochs with the backbone frozen (stage 1)"
+        "--image-size",
+        type=int,
+        default=DEFAULT.image_size,
+        help=f"model input side in pixels (default {DEFAULT.image_size})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT.epochs,
+        help=f"fine-tuning epochs (stage 2; default {DEFAULT.epochs})",
+    )
+    parser.add_argument(
+        "--frozen-epochs",
+        type=int,
+        default=DEFAULT.frozen_epochs,
+        help=f"epochs with the backbone frozen (stage 1; default {DEFAULT.frozen_epochs})",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--learning-rate",
         type=float,
-        default=None,
-        help="stage-1 learning rate (default: pick by a short search)",
+        default=DEFAULT.learning_rate,
+        help=f"stage-1 learning rate (default {DEFAULT.learning_rate}; 0 picks one by a short "
+        "search)",
     )
     parser.add_argument(
         "--pixel-noise",
         type=float,
-        default=None,
+        default=DEFAULT.pixel_noise,
         metavar="SIGMA",
         help="largest std of the Gaussian pixel noise added in training, as a fraction of full "
-        "scale (default 0.03; it makes the model, and so its INT8 export, stable)",
+        f"scale (default {DEFAULT.pixel_noise}; it makes the model, and so its INT8 export, "
+        "stable)",
     )
     parser.add_argument(
         "--unmark",
@@ -118,21 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clutter",
         type=float,
-        default=0.0,
+        default=DEFAULT.clutter,
         metavar="P",
         help="chance that a training scan, of any class, gets synthetic screen clutter painted "
         "on (calipers, dotted lines, text, body markers, rulers, logos: "
         "training.augmentation.clutter), so that such marks say nothing about the label "
-        "(default 0)",
+        f"(default {DEFAULT.clutter})",
     )
     parser.add_argument(
         "--scanner-style",
         type=float,
-        default=0.0,
+        default=DEFAULT.scanner_style,
         metavar="P",
         help="chance of each scanner-style effect on a training scan (speckle, time-gain "
         "compensation, dynamic range, resolution, blur: training.augmentation.scanner_style), so "
-        "that how a scanner renders tissue says nothing about the label (default 0)",
+        f"that how a scanner renders tissue says nothing about the label (default "
+        f"{DEFAULT.scanner_style})",
     )
     parser.add_argument(
         "--no-int8-grid",
@@ -275,7 +292,6 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
     from training.run import TrainConfig, report_saved, train
 
     cluster = args.cluster
-    noise = {} if args.pixel_noise is None else {"noise": args.pixel_noise}
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
@@ -295,10 +311,10 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
             epochs_frozen=args.frozen_epochs,
             epochs_finetune=args.epochs,
             batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
+            learning_rate=args.learning_rate or None,
             seed=args.seed,
             augment=AugmentConfig(
-                **noise,
+                noise=args.pixel_noise,
                 unmark=args.unmark,
                 clutter=args.clutter,
                 scanner_style=args.scanner_style,

@@ -65,9 +65,15 @@ def _gray(rng: np.random.Generator) -> int:
     return int(rng.integers(170, 256)) if rng.random() < 0.85 else int(rng.integers(60, 170))
 
 
+def _between(rng: np.random.Generator, low: int, high: int) -> int:
+    """``rng.integers(low, high)``, or ``low`` where a small input leaves no room (the same draw
+    as ``rng.integers`` wherever ``high > low``)."""
+    return int(rng.integers(low, max(high, low + 1)))
+
+
 def _point(rng: np.random.Generator, size: int, margin: float = 0.1) -> tuple[int, int]:
     lo, hi = int(size * margin), int(size * (1 - margin))
-    return int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
+    return _between(rng, lo, hi), _between(rng, lo, hi)
 
 
 def _calipers(canvas, cover, rng, size) -> None:
@@ -98,8 +104,8 @@ def _text(canvas, cover, rng, size) -> None:
         font = _FONTS[int(rng.integers(len(_FONTS)))]
         scale = size / 224 * rng.uniform(0.25, 0.45)
         edge = rng.random() < 0.75
-        x = int(rng.integers(0, size // 2))
-        y = int(rng.choice([rng.integers(8, size // 6), rng.integers(size * 5 // 6, size)]))
+        x = _between(rng, 0, size // 2)
+        y = int(rng.choice([_between(rng, 8, size // 6), _between(rng, size * 5 // 6, size)]))
         if not edge:
             x, y = _point(rng, size, 0.2)
         for target, value in ((canvas, _gray(rng)), (cover, 1)):
@@ -110,7 +116,7 @@ def _body_marker(canvas, cover, rng, size) -> None:
     """A body-marker pictogram in a bottom corner: a breast outline with a probe bar."""
     radius = max(4, int(size * rng.uniform(0.04, 0.07)))
     x = int(rng.choice([radius + 4, size - radius - 4]))
-    y = size - radius - 4 - int(rng.integers(0, size // 10))
+    y = size - radius - 4 - _between(rng, 0, size // 10)
     angle = rng.uniform(0, np.pi)
     dx, dy = int(radius * 0.8 * np.cos(angle)), int(radius * 0.8 * np.sin(angle))
     gray = _gray(rng)
@@ -122,7 +128,7 @@ def _body_marker(canvas, cover, rng, size) -> None:
 
 def _ruler(canvas, cover, rng, size) -> None:
     """A depth ruler: tick marks down one side."""
-    x = int(rng.choice([int(rng.integers(1, size // 12)), size - 1 - int(rng.integers(1, 12))]))
+    x = int(rng.choice([_between(rng, 1, size // 12), size - 1 - int(rng.integers(1, 12))]))
     step = max(4, int(size * rng.uniform(0.04, 0.1)))
     gray = _gray(rng)
     for y in range(int(rng.integers(0, step)), size, step):
