@@ -31,6 +31,7 @@ import highdicom as hd
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from edge_runtime import Classifier
@@ -157,12 +158,19 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def pacs_answers(folder: Path) -> dict[str, set[str]]:
+def pacs_answers(folder: Path, *, receiving: bool = False) -> dict[str, set[str]]:
     """Source SOP Instance UID -> the SOP Instance UIDs of the SRs the PACS received for it
-    (storescp keeps every reception in its own file: one instance sent twice is one UID)."""
+    (storescp keeps every reception in its own file: one instance sent twice is one UID).
+    ``receiving``: storescp may be writing a file right now; one that does not read yet is
+    skipped (it is read again on the next poll), where otherwise it fails the test."""
     by_source: dict[str, set[str]] = {}
     for path in folder.glob("*"):
-        ds = dcmread(path)
+        try:
+            ds = dcmread(path)
+        except InvalidDicomError:
+            if receiving:
+                continue
+            raise
         if ds.SOPClassUID != SR_CLASS:
             continue
         evidence = ds.CurrentRequestedProcedureEvidenceSequence
@@ -553,7 +561,9 @@ def test_sigkill_mid_burst_loses_nothing_and_duplicates_nothing_at_the_pacs(tmp_
         send(burst)  # the scanner sends everything again, acknowledged ones too
         try:
             wait_for(
-                lambda: set(acknowledged) <= set(pacs_answers(pacs)), 90, "every acknowledged SR"
+                lambda: set(acknowledged) <= set(pacs_answers(pacs, receiving=True)),
+                90,
+                "every acknowledged SR",
             )
             time.sleep(1.0)  # anything sent twice would arrive now
         finally:

@@ -5,8 +5,9 @@ from the spool by the runtime's own pipeline, and answered with a Comprehensive 
 for a single-frame image with a lesion, a binary SEG, written to a folder and optionally
 forwarded to a PACS. One module per part: :mod:`.access` (who may associate), :mod:`.scp`
 (receive), :mod:`.spool` (store, exactly once), :mod:`.worker` (classify and answer),
-:mod:`.answers` (SR and SEG), :mod:`.journal` (JSON lines), :mod:`.forward` (send on),
-:mod:`.node` (the whole). Importing this package imports neither pynetdicom nor highdicom.
+:mod:`.answers` (SR and SEG), :mod:`.templates` (later instances of a layout encoded from the
+first), :mod:`.journal` (JSON lines), :mod:`.forward` (send on), :mod:`.node` (the whole).
+Importing this package imports neither pynetdicom nor highdicom.
 """
 
 from edge_runtime.app.node.access import AllowEntry, AllowList

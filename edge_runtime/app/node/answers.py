@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,30 @@ class Answers:
 
 
 @dataclass(frozen=True)
+class EncodedAnswers:
+    """An instance's answer files and the UIDs of its header that its JSON records carry.
+
+    Attributes:
+        files: the answers, SEG first.
+        header: ``sop_instance_uid``, ``sop_class_uid``, ``study_instance_uid`` and
+            ``series_instance_uid`` of the source ("" where it has none).
+    """
+
+    files: tuple[AnswerFile, ...]
+    header: dict[str, str]
+
+
+def header_uids(source: Any) -> dict[str, str]:
+    """The source's UIDs that the node's JSON records carry."""
+    return {
+        "sop_instance_uid": str(source.SOPInstanceUID),
+        "sop_class_uid": str(source.get("SOPClassUID", "")),
+        "study_instance_uid": str(source.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(source.get("SeriesInstanceUID", "")),
+    }
+
+
+@dataclass(frozen=True)
 class AnswerFile:
     """One answer encoded as a Part 10 file, ready to write.
 
@@ -95,12 +119,15 @@ class AnswerFile:
 
 def encode_answers(
     source_path: str, answer: Classification, model: ModelIdentity
-) -> tuple[AnswerFile, ...]:
-    """Build and encode the answers to the instance stored at ``source_path`` (SEG first).
+) -> EncodedAnswers:
+    """Build and encode the answers to the instance stored at ``source_path`` (SEG first), with
+    the header UIDs of its JSON records (read here, so the node need not read the file again).
 
     A plain function of picklable arguments, so that the node runs it in worker processes:
     highdicom's builders are pure Python and would otherwise hold the interpreter's lock that the
-    associations and the forwarder need.
+    associations and the forwarder need. Each process keeps the templates of the layouts it has
+    answered (:mod:`.templates`): highdicom builds the first instance of a layout, later ones are
+    encoded from its template with their own values put in.
 
     Raises:
         ValueError: as :func:`build_answers`.
@@ -108,23 +135,14 @@ def encode_answers(
     """
     from pydicom import dcmread
 
+    from edge_runtime.app.node.templates import templates_for
+
     source = dcmread(source_path, stop_before_pixels=True)
     frames = int(source.get("NumberOfFrames", 1) or 1)
-    answers = build_answers(source, answer, model, frames=frames)
-    return tuple(
-        AnswerFile(prefix, str(dataset.SOPInstanceUID), _encoded(dataset))
-        for prefix, dataset in (("SEG", answers.seg), ("SR", answers.sr))
-        if dataset is not None
-    )
-
-
-def _encoded(dataset: Any) -> bytes:
-    """A dataset as a Part 10 file in memory."""
-    from io import BytesIO
-
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    header = header_uids(source)
+    _fill_type2(source)
+    files = templates_for(model).encode(source, answer_inputs(source, answer, frames), frames)
+    return EncodedAnswers(tuple(AnswerFile(*file) for file in files), header)
 
 
 def answer_uids(source_uid: str, study_uid: str, model: ModelIdentity) -> tuple[str, str, str, str]:
@@ -140,6 +158,67 @@ def answer_uids(source_uid: str, study_uid: str, model: ModelIdentity) -> tuple[
     return uid("sr"), series[0], uid("seg"), series[1]
 
 
+@dataclass(frozen=True)
+class AnswerInputs:
+    """What one instance's answers are built from, beside its header and the model.
+
+    The fields that shape the answers (:meth:`layout`) and the values that only fill them in
+    (probabilities, area, diameter, frame number, mask).
+
+    Attributes:
+        label, abstained, unfamiliar: the call and its flags.
+        probabilities: (class name, calibrated probability), in the model's order.
+        lesion: the model found a lesion.
+        area_mm2, diameter_mm: the lesion's size where the image states its spacing, else None.
+        frame_number: the 1-based frame the SR names (a cine's most suspicious), else None.
+        mask: the lesion at the source's Rows x Columns (bool), None when no SEG is written (no
+            lesion, an empty mask, or a multi-frame source).
+    """
+
+    label: str
+    abstained: bool
+    unfamiliar: bool
+    probabilities: tuple[tuple[str, float], ...]
+    lesion: bool
+    area_mm2: float | None
+    diameter_mm: float | None
+    frame_number: int | None
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def layout(self) -> tuple[Any, ...]:
+        """What decides the answers' structure (their elements, sequences and codes)."""
+        return (
+            self.label,
+            self.abstained,
+            self.unfamiliar,
+            tuple(name for name, _ in self.probabilities),
+            self.lesion,
+            self.area_mm2 is None,
+            self.diameter_mm is None,
+            self.frame_number is None,
+            self.mask is None,
+        )
+
+
+def answer_inputs(source: Any, answer: Classification, frames: int = 1) -> AnswerInputs:
+    """The inputs of :func:`build_answers` for ``answer`` to ``source``."""
+    mask = _full_mask(source, answer) if frames == 1 else None
+    lesion = answer.lesion
+    return AnswerInputs(
+        label=answer.label,
+        abstained=bool(answer.abstained),
+        unfamiliar=bool(answer.unfamiliar),
+        probabilities=tuple((name, float(p)) for name, p in answer.probabilities.items()),
+        lesion=lesion is not None,
+        area_mm2=None if lesion is None or lesion.area_mm2 is None else float(lesion.area_mm2),
+        diameter_mm=(
+            None if lesion is None or lesion.diameter_mm is None else float(lesion.diameter_mm)
+        ),
+        frame_number=None if frames == 1 or answer.frame is None else answer.frame + 1,
+        mask=mask if mask is not None and mask.any() else None,
+    )
+
+
 def build_answers(
     source: Any,
     answer: Classification,
@@ -147,7 +226,9 @@ def build_answers(
     *,
     frames: int = 1,
 ) -> Answers:
-    """The SR (and, for a single-frame image with a lesion, the SEG) answering ``source``.
+    """The SR (and, for a single-frame image with a lesion, the SEG) answering ``source``, built
+    by highdicom (the node encodes later instances of a layout from a template of these:
+    :mod:`.templates`).
 
     Args:
         source: the received pydicom dataset (pixel data may stay unread).
@@ -162,17 +243,21 @@ def build_answers(
     Raises:
         ValueError: the source lacks an attribute that highdicom needs (named in the message).
     """
+    _fill_type2(source)
+    return build_from_inputs(source, answer_inputs(source, answer, frames), model)
+
+
+def build_from_inputs(source: Any, inputs: AnswerInputs, model: ModelIdentity) -> Answers:
+    """:func:`build_answers` from its inputs (``source`` with its Type 2 attributes filled)."""
     import highdicom as hd
 
-    _fill_type2(source)
     sr_uid, sr_series, seg_uid, seg_series = answer_uids(
         str(source.SOPInstanceUID), str(source.get("StudyInstanceUID", "")), model
     )
     seg = None
-    mask = _full_mask(source, answer) if frames == 1 else None
-    if mask is not None and mask.any():
-        seg = _segmentation(source, mask, model, seg_uid, seg_series)
-    group = _measurement_group(source, answer, model, seg, frames)
+    if inputs.mask is not None:
+        seg = _segmentation(source, inputs.mask, model, seg_uid, seg_series)
+    group = _measurement_group(source, inputs, model, seg)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -201,6 +286,11 @@ def build_answers(
         series_description="edge-classify: not a diagnosis",
     )
     return Answers(sr=sr, seg=seg)
+
+
+def tracking_uid(source_uid: str) -> str:
+    """The Tracking Unique Identifier of the SR's finding (derived from the source's UID)."""
+    return str(generate_uid(entropy_srcs=[source_uid, "tracking"]))
 
 
 # Patient and General Study attributes of Type 2 (present, possibly empty) that highdicom copies
@@ -243,7 +333,7 @@ def _yes_no(flag: bool) -> Any:
 
 
 def _measurement_group(
-    source: Any, answer: Classification, model: ModelIdentity, seg: Any | None, frames: int
+    source: Any, inputs: AnswerInputs, model: ModelIdentity, seg: Any | None
 ) -> Any:
     """TID 1501 (or 1410 with the SEG): label, flags, probabilities, lesion size, comment."""
     import highdicom as hd
@@ -253,13 +343,13 @@ def _measurement_group(
     )
     evaluations = [
         hd.sr.QualitativeEvaluation(
-            _code("label", SCHEME, "edge-classify label"), _label_code(answer.label)
+            _code("label", SCHEME, "edge-classify label"), _label_code(inputs.label)
         ),
         hd.sr.QualitativeEvaluation(
-            _code("abstained", SCHEME, "Abstained"), _yes_no(answer.abstained)
+            _code("abstained", SCHEME, "Abstained"), _yes_no(inputs.abstained)
         ),
         hd.sr.QualitativeEvaluation(
-            _code("unfamiliar", SCHEME, "Unfamiliar scan"), _yes_no(answer.unfamiliar)
+            _code("unfamiliar", SCHEME, "Unfamiliar scan"), _yes_no(inputs.unfamiliar)
         ),
     ]
     unit_one = _code("1", "UCUM", "no units")
@@ -270,29 +360,28 @@ def _measurement_group(
             unit=unit_one,
             algorithm_id=algorithm,
         )
-        for name, p in answer.probabilities.items()
+        for name, p in inputs.probabilities
     ]
-    lesion = answer.lesion
-    if lesion is not None and lesion.area_mm2 is not None:
+    if inputs.area_mm2 is not None:
         measurements.append(
             hd.sr.Measurement(
                 name=codes.SCT.Area,
-                value=float(lesion.area_mm2),
+                value=inputs.area_mm2,
                 unit=codes.UCUM.SquareMillimeter,
                 algorithm_id=algorithm,
             )
         )
-    if lesion is not None and lesion.diameter_mm is not None:
+    if inputs.diameter_mm is not None:
         measurements.append(
             hd.sr.Measurement(
                 name=codes.SCT.Diameter,
-                value=float(lesion.diameter_mm),
+                value=inputs.diameter_mm,
                 unit=codes.UCUM.Millimeter,
                 algorithm_id=algorithm,
             )
         )
     tracking = hd.sr.TrackingIdentifier(
-        uid=str(generate_uid(entropy_srcs=[str(source.SOPInstanceUID), "tracking"])),
+        uid=tracking_uid(str(source.SOPInstanceUID)),
         identifier="edge-classify finding",
     )
     if seg is not None:
@@ -315,10 +404,10 @@ def _measurement_group(
             qualitative_evaluations=evaluations,
         )
     else:
-        frame_numbers = None if frames == 1 or answer.frame is None else [answer.frame + 1]
+        frame_numbers = None if inputs.frame_number is None else [inputs.frame_number]
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
-            finding_type=codes.SCT.Lesion if lesion is not None else codes.SCT.Finding,
+            finding_type=codes.SCT.Lesion if inputs.lesion else codes.SCT.Finding,
             algorithm_id=algorithm,
             measurements=measurements,
             qualitative_evaluations=evaluations,
@@ -389,7 +478,8 @@ def _segmentation(
     if "PixelSpacing" in source and "SliceThickness" not in source:
         # highdicom writes Pixel Measures without Slice Thickness from such an image and then
         # refuses to read its own SEG back: the SEG leaves the spacing out (the SR has the mm)
-        header = copy.copy(source)
+        header = copy.copy(source)  # shares the elements dict: give it its own
+        header._dict = source._dict.copy()
         del header.PixelSpacing
     return hd.seg.Segmentation(
         source_images=[header],

@@ -213,6 +213,28 @@ def _no_delay(assoc: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def responses_to_caller_only(assoc: Any) -> None:
+    """Leave every DIMSE message of a requestor association to the call waiting for it.
+
+    pynetdicom's association thread polls the DIMSE queue (non-blocking) between pauses, and a
+    ``send_c_store`` pauses it by clearing a checkpoint, then waiting until it reads "paused".
+    Under CPU contention the thread can be preempted after passing the checkpoint and before it
+    reads "not paused": the caller sends, the thread takes the response off the queue ("Received
+    unexpected C-STORE service message") and the caller waits out the whole DIMSE timeout (30 s;
+    seen on a 2-core host with a training alongside). A C-STORE SCU is sent no requests, so the
+    association's own polling is answered "nothing", and blocking reads (the caller's) go on.
+    """
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or not assoc.is_established:
+        return
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return take(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg
+
+
 class Forwarder:
     """Sends the outbox to one PACS from its own thread, with back-off while it is down."""
 
@@ -278,6 +300,7 @@ class Forwarder:
         tls = None if self.options.ssl_context is None else (self.options.ssl_context, target.host)
         assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls)
         _no_delay(assoc)
+        responses_to_caller_only(assoc)
         return assoc
 
     def _send(self, assoc: Any, paths: list[Path], stop: threading.Event) -> tuple[Any, bool]:

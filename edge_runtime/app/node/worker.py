@@ -3,14 +3,14 @@
 A pipeline of named steps per batch: take (from the spool, woken by each arrival) -> classify
 (the runtime's own :meth:`~edge_runtime.classifier.Classifier.iter_classify` over the whole
 batch, masks on, cine summaries from :func:`~edge_runtime.postprocess.summary.with_summaries`) ->
-answer (SR
-and SEG built and encoded by :func:`~edge_runtime.app.node.answers.encode_answers` in worker
-processes, while the batch is still being classified) -> write (answer files into ``--output``,
-each fsynced, hard-linked into the forward queue, one folder fsync per batch) -> record (the
-batch's JSON lines in one fsynced append, :mod:`.journal`) -> commit (the spool's ``done``
-marker, per instance, in the journal's order) -> release (the staged answers become sendable, one
-folder fsync). A crash at any step leaves an instance in ``received/`` without a marker; it is
-answered again on restart, to the very same files and UIDs.
+answer (SR and SEG encoded by :func:`~edge_runtime.app.node.answers.encode_answers` in worker
+processes, from templates after a layout's first instance, while the batch is still being
+classified) -> write (answer files into ``--output``, each fsynced, hard-linked into the forward
+queue, one folder fsync per batch) -> record (the batch's JSON lines in one fsynced append,
+:mod:`.journal`) -> commit (the spool's ``done`` marker, per instance, in the journal's order) ->
+release (the staged answers become sendable, one folder fsync). Write to release run on a commit
+thread while the next batch is classified. A crash at any step leaves an instance in
+``received/`` without a marker; it is answered again on restart, to the very same files and UIDs.
 """
 
 from __future__ import annotations
@@ -22,12 +22,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.app.node.answers import AnswerFile, ModelIdentity, encode_answers
+from edge_runtime.app.node.answers import (
+    AnswerFile,
+    EncodedAnswers,
+    ModelIdentity,
+    encode_answers,
+    header_uids,
+)
 from edge_runtime.app.node.forward import Outbox
 from edge_runtime.app.node.journal import UID_FIELD, Journal
 from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
@@ -73,7 +79,7 @@ class _Job:
     item: Received
     results: list[Result]
     summary: FileSummary | None
-    files: Future[tuple[AnswerFile, ...]] | None  # None: not classified, a JSON record only
+    files: Future[EncodedAnswers] | None  # None: not classified, a JSON record only
 
     @property
     def answer(self) -> Result:
@@ -113,7 +119,7 @@ class Worker:
         self.journal = Journal(self.output / RESULTS_NAME, is_done=spool.is_done)
         self.stats = WorkerStats()
         processes = default_answer_processes() if answer_processes is None else answer_processes
-        self._pool = _start_pool(processes) if processes > 0 else None
+        self._pool = _AnswerProcesses(processes) if processes > 0 else None
         self._recover()
 
     def close(self) -> None:
@@ -137,23 +143,49 @@ class Worker:
                 self.outbox.promote([name], owner)
 
     def run(self, stop: threading.Event) -> None:
-        """Answer batches until ``stop`` is set (the batch in hand finishes first)."""
-        while not stop.is_set():
-            items = self.spool.take(self.batch_files, timeout_s=0.2)
-            if items:
-                self.answer(items)
+        """Answer batches until ``stop`` is set (the batches in hand finish first).
+
+        A batch is written and committed on a second thread while the next one is classified
+        (its writes wait on the disk, its classification on the model): one batch in each.
+        """
+        committing: Future[None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+            try:
+                while not stop.is_set():
+                    items = self.spool.take(self.batch_files, timeout_s=0.2)
+                    if not items:
+                        continue
+                    jobs = self._start(items)
+                    if committing is not None:
+                        committing.result()  # batches commit in order, one at a time
+                    committing = committer.submit(self._finish, items, jobs)
+            finally:
+                if committing is not None:
+                    committing.result()
 
     def answer(self, items: list[Received]) -> None:
         """Classify a batch, build its answers meanwhile, then write and commit them."""
+        self._finish(items, self._start(items))
+
+    def _start(self, items: list[Received]) -> list[_Job]:
+        """Classify a batch and start building its answers (all handed back on an error)."""
         by_path = {str(item.path): item for item in items}
+        try:
+            return [self._job(by_path[path], *rest) for path, *rest in self._per_file(by_path)]
+        except BaseException:
+            for item in items:
+                self.spool.release(item.uid)
+            raise
+
+    def _finish(self, items: list[Received], jobs: list[_Job]) -> None:
+        """Write and commit a started batch; what is not handled is handed back."""
         handled: set[str] = set()
         try:
-            jobs = [self._job(by_path[path], *rest) for path, *rest in self._per_file(by_path)]
             for job in self._commit(jobs):
-                handled.add(str(job.item.path))
+                handled.add(job.item.uid)
         finally:
-            for path, item in by_path.items():
-                if path not in handled:
+            for item in items:
+                if item.uid not in handled:
                     self.spool.release(item.uid)
 
     def _job(self, item: Received, results: list[Result], summary: FileSummary | None) -> _Job:
@@ -162,7 +194,7 @@ class Worker:
         answer = job.answer
         if isinstance(answer, Classification):
             if self._pool is not None:
-                job.files = self._pool.submit(encode_answers, str(item.path), answer, self.model)
+                job.files = self._pool.submit(answer, str(item.path), self.model)
             else:
                 job.files = Future()
                 try:
@@ -198,17 +230,18 @@ class Worker:
     def _commit(self, jobs: list[_Job]) -> list[_Job]:
         """write -> record -> commit -> release, for a batch; returns the jobs handled (answered,
         or failed and logged: those wait for a restart)."""
-        written: list[tuple[_Job, list[AnswerFile]]] = []
+        written: list[tuple[_Job, list[AnswerFile], dict[str, str] | None]] = []
         handled = []
         for job in jobs:
             try:
-                files = [] if job.files is None else list(job.files.result())
+                encoded = None if job.files is None else job.files.result()
+                files = [] if encoded is None else list(encoded.files)
                 self._write(files, job.item.uid)
             except Exception as exc:  # one instance's failure never stops the node
                 self._failed(job, exc)
                 handled.append(job)
                 continue
-            written.append((job, files))
+            written.append((job, files, None if encoded is None else encoded.header))
         if not written:
             return handled
         fsync_dir(self.output)
@@ -216,14 +249,15 @@ class Worker:
             self.outbox.sync()
         try:
             self.journal.append(
-                record for job, files in written for record in self._records(job, files)
-            )
+                record for job, files, header in written
+                for record in self._records(job, files, header)
+            )  # fmt: skip
         except OSError as exc:
-            for job, _ in written:
+            for job, *_ in written:
                 self._failed(job, exc)
-            return handled + [job for job, _ in written]
+            return handled + [job for job, *_ in written]
         committed = []
-        for job, files in written:
+        for job, files, _ in written:  # in the journal's order: each marker durable in turn
             names = [f.name for f in files]
             staged = names if self.outbox is not None else []
             try:
@@ -270,18 +304,22 @@ class Worker:
             if self.outbox is not None:
                 self.outbox.stage_link(path, answer.name, owner)
 
-    def _records(self, job: _Job, files: list[AnswerFile]) -> list[dict[str, Any]]:
-        """The CLI's JSON-lines records, with the DICOM UIDs added."""
-        from pydicom import dcmread
+    def _records(
+        self, job: _Job, files: list[AnswerFile], header: dict[str, str] | None
+    ) -> list[dict[str, Any]]:
+        """The CLI's JSON-lines records, with the DICOM UIDs added (``header``: the source's,
+        as its answer process read them; None: read here)."""
+        if header is None:
+            from pydicom import dcmread
 
-        source = dcmread(job.item.path, stop_before_pixels=True)
+            header = header_uids(dcmread(job.item.path, stop_before_pixels=True))
         uids = {prefix: None for prefix in ("SR", "SEG")}
         uids.update({f.prefix: f.sop_instance_uid for f in files})
         added = {
-            UID_FIELD: str(source.SOPInstanceUID),
-            "sop_class_uid": str(source.get("SOPClassUID", "")),
-            "study_instance_uid": str(source.get("StudyInstanceUID", "")),
-            "series_instance_uid": str(source.get("SeriesInstanceUID", "")),
+            UID_FIELD: header["sop_instance_uid"],
+            "sop_class_uid": header["sop_class_uid"],
+            "study_instance_uid": header["study_instance_uid"],
+            "series_instance_uid": header["series_instance_uid"],
             "sr_sop_instance_uid": uids["SR"],
             "seg_sop_instance_uid": uids["SEG"],
         }
@@ -291,22 +329,51 @@ class Worker:
         return records
 
 
-def _start_pool(processes: int) -> Executor:
-    """Worker processes for :func:`~edge_runtime.app.node.answers.encode_answers`, started and
-    warmed (highdicom imported) before the node listens."""
-    pool = ProcessPoolExecutor(
-        processes,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_pool_process_start,
-        initargs=(os.getpid(),),
-    )
-    for warmed in [pool.submit(_warm) for _ in range(processes)]:
-        warmed.result()
-    return pool
+class _AnswerProcesses:
+    """Processes for :func:`~edge_runtime.app.node.answers.encode_answers`, started and warmed
+    (highdicom imported) before the node listens.
+
+    Each keeps the templates of the answers it built (:mod:`.templates`), so an answer goes to
+    the process that answered its kind before (label, flags, lesion, measurements, frame): each
+    template is made once, not once per process.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self._pools: list[Executor] = [
+            ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_pool_process_start,
+                initargs=(os.getpid(),),
+            )
+            for _ in range(processes)
+        ]
+        for warmed in [pool.submit(_warm) for pool in self._pools]:
+            warmed.result()
+        self._routes: dict[tuple, int] = {}
+
+    def submit(
+        self, answer: Classification, path: str, model: ModelIdentity
+    ) -> Future[EncodedAnswers]:
+        kind = (
+            answer.label,
+            bool(answer.abstained),
+            bool(answer.unfamiliar),
+            answer.lesion is None,
+            answer.lesion is None or answer.lesion.area_mm2 is None,
+            answer.lesion is None or answer.lesion.diameter_mm is None,
+            answer.frame is None,
+        )
+        index = self._routes.setdefault(kind, len(self._routes) % len(self._pools))
+        return self._pools[index].submit(encode_answers, path, answer, model)
+
+    def shutdown(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 def _warm() -> None:
-    time.sleep(0.05)  # long enough that each warm-up call starts its own process
+    """Nothing: submitting it starts a pool's process, which imports the builders."""
 
 
 def _pool_process_start(parent: int) -> None:
