@@ -112,3 +112,17 @@ def test_members_with_different_splits_are_refused(tmp_path):
         == 2
     )
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_the_lesion_map_can_come_from_some_members_only():
+    first, second = _member(64, 0), _member(64, 1)
+    scans = _scans(64)
+
+    out = combine([first, second], 64, mirror=False, lesion_from=[0]).predict(scans, verbose=0)
+
+    alone = [m.predict(scans, verbose=0) for m in (first, second)]
+    np.testing.assert_allclose(out["lesion"], alone[0]["lesion"], atol=1e-6)
+    mean = (alone[0]["probabilities"] + alone[1]["probabilities"]) / 2
+    np.testing.assert_allclose(out["probabilities"], mean, atol=1e-6)
+    with pytest.raises(ValueError, match=r"lesion_from must name members 0\.\.1"):
+        combine([first, second], 64, mirror=False, lesion_from=[2])

@@ -39,15 +39,26 @@ def model_folders(run: Path) -> list[Path]:
     return folders
 
 
-def ensemble_label(infos: Sequence[RunInfo], mirror: bool) -> str:
+def ensemble_label(
+    infos: Sequence[RunInfo], mirror: bool, lesion_from: Sequence[int] | None = None
+) -> str:
     """What the card and metadata call the ensemble's backbone, e.g.
-    ``efficientnet-lite0@160 + efficientnet-lite2@224, mirrored``."""
+    ``efficientnet-lite0@160 + efficientnet-lite2@224, mirrored, lesion from member 1``."""
     label = " + ".join(f"{i.backbone}@{i.input_size}" for i in infos)
-    return f"{label}, mirrored" if mirror else label
+    if mirror:
+        label += ", mirrored"
+    if lesion_from is not None and len(set(lesion_from)) < len(infos):
+        label += ", lesion from member " + " and ".join(str(k + 1) for k in sorted(lesion_from))
+    return label
 
 
 def build_ensemble_run(
-    data: tuple[Path, ...], members: Sequence[Path], output: Path, input_size: int, mirror: bool
+    data: tuple[Path, ...],
+    members: Sequence[Path],
+    output: Path,
+    input_size: int,
+    mirror: bool,
+    lesion_from: Sequence[int] | None = None,
 ) -> list[RunInfo]:
     """Write the ensemble run folder ``output`` and report on it.
 
@@ -84,11 +95,13 @@ def build_ensemble_run(
         target = output / folder
         target.mkdir(parents=True, exist_ok=True)
         models = [load_classifier(m / folder / MODEL_FILE) for m in members]
-        combine(models, input_size, mirror=mirror).save(target / MODEL_FILE)
+        combine(models, input_size, mirror=mirror, lesion_from=lesion_from).save(
+            target / MODEL_FILE
+        )
         for name in (SPLIT_FILE, HISTORY_FILE):
             shutil.copy2(members[0] / folder / name, target / name)
         log.info("%s: combined %d members", target, len(models))
-    label = ensemble_label(infos, mirror)
+    label = ensemble_label(infos, mirror, lesion_from)
     config = TrainConfig(
         data=data,
         output=output,
@@ -122,6 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--mirror", action="store_true", help="also average each member on the mirrored scan"
+    )
+    parser.add_argument(
+        "--lesion-from",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="only these members (1 = the first --member) make the lesion map, which draws the "
+        "outline and decides 'normal' (default: all)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -5,7 +5,8 @@ model contract: one graph, so that every consumer (export, INT8, the runtime) ru
   mirrored left to right, with ``mirror``). Calibration is refitted on the result.
 - ``lesion`` and ``cam``: each member's maps (mirrored views mirrored back) resized to the
   ensemble's grids and averaged: ``S / 4`` for the lesion, the first member's class-map grid
-  scaled to ``S`` for ``cam``.
+  scaled to ``S`` for ``cam``. ``lesion_from`` may name the members whose lesion maps are
+  averaged (by default all): the lesion map draws the outline and decides "normal".
 - ``features``: the members' pooled features (mean of the two views) side by side, ``[N, sum D]``,
   so that the unfamiliar-scan distances see every member.
 
@@ -27,7 +28,13 @@ from training.model.layers import MirrorWidth, ResizeSquare
 LESION_STRIDE = 4
 
 
-def combine(members: Sequence[keras.Model], input_size: int, *, mirror: bool) -> keras.Model:
+def combine(
+    members: Sequence[keras.Model],
+    input_size: int,
+    *,
+    mirror: bool,
+    lesion_from: Sequence[int] | None = None,
+) -> keras.Model:
     """One classifier averaging ``members`` (each a model of the contract).
 
     Args:
@@ -35,13 +42,16 @@ def combine(members: Sequence[keras.Model], input_size: int, *, mirror: bool) ->
             flip test-time augmentation alone.
         input_size: side ``S`` of the ensemble's square uint8 input ``[N, S, S, 1]``.
         mirror: also run each member on the scan mirrored left to right.
+        lesion_from: positions in ``members`` of those whose lesion maps make the ``lesion``
+            output; None: every member.
 
     Returns:
         A model with the contract's outputs (``lesion`` only when every member has one).
 
     Raises:
-        ValueError: no member, members with different class counts, or an input side that is
-            not a multiple of the lesion stride (4).
+        ValueError: no member, members with different class counts, an input side that is
+            not a multiple of the lesion stride (4), or ``lesion_from`` naming no member or one
+            that is not there.
     """
     if not members:
         raise ValueError("An ensemble needs at least one member model.")
@@ -54,14 +64,20 @@ def combine(members: Sequence[keras.Model], input_size: int, *, mirror: bool) ->
     cam_side = round(first.get_layer(CAM).output.shape[1] * input_size / first.inputs[0].shape[1])
     sides = {CAM: cam_side, LESION: input_size // LESION_STRIDE}
     lesion = all(has_lesion_output(m) for m in members)
+    lesion_members = set(range(len(members)) if lesion_from is None else lesion_from)
+    if not lesion_members or not lesion_members <= set(range(len(members))):
+        raise ValueError(
+            f"lesion_from must name members 0..{len(members) - 1}. Got {list(lesion_from or [])}."
+        )
     image = keras.Input((input_size, input_size, 1), dtype="uint8", name=INPUT_NAME)
     views = [(image, False)]
     if mirror:
         views.append((MirrorWidth(name="mirror_input")(image), True))
     collected: dict[str, list] = {PROBABILITIES: [], CAM: [], LESION: []}
     features = []
-    names = [PROBABILITIES, CAM, FEATURES, *([LESION] if lesion else [])]
     for i, member in enumerate(members):
+        maps = (CAM, LESION) if lesion and i in lesion_members else (CAM,)
+        names = [PROBABILITIES, FEATURES, *maps]
         wrapped = keras.Model(
             member.inputs, {n: member.get_layer(n).output for n in names}, name=f"member{i}"
         )
@@ -74,7 +90,7 @@ def combine(members: Sequence[keras.Model], input_size: int, *, mirror: bool) ->
             out = wrapped(view)
             collected[PROBABILITIES].append(out[PROBABILITIES])
             member_features.append(out[FEATURES])
-            for name in (CAM, LESION) if lesion else (CAM,):
+            for name in maps:
                 grid = out[name]
                 if int(grid.shape[1]) != sides[name]:
                     grid = ResizeSquare(sides[name], name=f"{tag}_{name}")(grid)
