@@ -126,3 +126,18 @@ def test_the_lesion_map_can_come_from_some_members_only():
     np.testing.assert_allclose(out["probabilities"], mean, atol=1e-6)
     with pytest.raises(ValueError, match=r"lesion_from must name members 0\.\.1"):
         combine([first, second], 64, mirror=False, lesion_from=[2])
+
+
+def test_the_command_hands_every_option_to_the_build(monkeypatch, tmp_path):
+    import training.ensemble as command
+
+    seen = {}
+    monkeypatch.setattr(command, "build_ensemble_run", lambda *args: seen.setdefault("args", args))
+    argv = [str(tmp_path), "--member", "a", "--member", "b", "--output", "o", "--image-size", "64"]
+
+    assert main([*argv, "--mirror", "--lesion-from", "1"]) == 0
+
+    data, members, output, size, mirror, lesion_from = seen["args"]
+    assert (size, mirror, lesion_from) == (64, True, [0])
+    assert [str(m) for m in members] == ["a", "b"]
+    assert (data, str(output)) == ((tmp_path,), "o")

@@ -150,7 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import_tensorflow()
     try:
-        build_ensemble_run(tuple(args.data), args.member, args.output, args.image_size, args.mirror)
+        lesion_from = None if args.lesion_from is None else [k - 1 for k in args.lesion_from]
+        build_ensemble_run(
+            tuple(args.data), args.member, args.output, args.image_size, args.mirror, lesion_from
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"ensemble: error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
