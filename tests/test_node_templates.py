@@ -19,7 +19,7 @@ pytest.importorskip("highdicom", reason="the node extra is missing: pip install 
 import highdicom as hd
 from pydicom import dcmread
 
-from edge_runtime.app.node.answers import ModelIdentity, _fill_type2, answer_inputs, build_answers
+from edge_runtime.app.node.answers import ModelIdentity, answer_inputs, build_answers, fill_type2
 from edge_runtime.app.node.templates import AnswerTemplates, encoded
 from edge_runtime.classifier import Classification, Timing
 from edge_runtime.postprocess.lesion import Lesion
@@ -69,7 +69,7 @@ def header(spooled: bytes, **changes):
     ds = dcmread(BytesIO(spooled), stop_before_pixels=True)
     for keyword, value in changes.items():
         setattr(ds, keyword, value)
-    _fill_type2(ds)
+    fill_type2(ds)
     return ds
 
 

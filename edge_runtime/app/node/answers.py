@@ -117,34 +117,6 @@ class AnswerFile:
         return f"{self.prefix}_{self.sop_instance_uid}.dcm"
 
 
-def encode_answers(
-    source_path: str, answer: Classification, model: ModelIdentity
-) -> EncodedAnswers:
-    """Build and encode the answers to the instance stored at ``source_path`` (SEG first), with
-    the header UIDs of its JSON records (read here, so the node need not read the file again).
-
-    A plain function of picklable arguments, so that the node runs it in worker processes:
-    highdicom's builders are pure Python and would otherwise hold the interpreter's lock that the
-    associations and the forwarder need. Each process keeps the templates of the layouts it has
-    answered (:mod:`.templates`): highdicom builds the first instance of a layout, later ones are
-    encoded from its template with their own values put in.
-
-    Raises:
-        ValueError: as :func:`build_answers`.
-        OSError: the file cannot be read.
-    """
-    from pydicom import dcmread
-
-    from edge_runtime.app.node.templates import templates_for
-
-    source = dcmread(source_path, stop_before_pixels=True)
-    frames = int(source.get("NumberOfFrames", 1) or 1)
-    header = header_uids(source)
-    _fill_type2(source)
-    files = templates_for(model).encode(source, answer_inputs(source, answer, frames), frames)
-    return EncodedAnswers(tuple(AnswerFile(*file) for file in files), header)
-
-
 def answer_uids(source_uid: str, study_uid: str, model: ModelIdentity) -> tuple[str, str, str, str]:
     """Deterministic (SR instance, SR series, SEG instance, SEG series) UIDs for one source: one
     SR series and one SEG series per study and model."""
@@ -243,7 +215,7 @@ def build_answers(
     Raises:
         ValueError: the source lacks an attribute that highdicom needs (named in the message).
     """
-    _fill_type2(source)
+    fill_type2(source)
     return build_from_inputs(source, answer_inputs(source, answer, frames), model)
 
 
@@ -308,7 +280,7 @@ TYPE2_COPIED = (
 )
 
 
-def _fill_type2(source: Any) -> None:
+def fill_type2(source: Any) -> None:
     """Add the :data:`TYPE2_COPIED` attributes ``source`` leaves out, empty, as DICOM allows
     (in memory: the stored instance is unchanged)."""
     for keyword in TYPE2_COPIED:

@@ -51,12 +51,18 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.app.node.answers import (
+    AnswerFile,
     AnswerInputs,
+    EncodedAnswers,
     ModelIdentity,
+    answer_inputs,
     answer_uids,
     build_from_inputs,
+    fill_type2,
+    header_uids,
     tracking_uid,
 )
+from edge_runtime.classifier import Classification
 
 log = logging.getLogger(__name__)
 
@@ -851,3 +857,29 @@ def templates_for(model: ModelIdentity) -> AnswerTemplates:
         if templates is None:
             templates = _BY_MODEL[model] = AnswerTemplates(model)
         return templates
+
+
+def encode_answers(
+    source_path: str, answer: Classification, model: ModelIdentity
+) -> EncodedAnswers:
+    """Build and encode the answers to the instance stored at ``source_path`` (SEG first), with
+    the header UIDs of its JSON records (read here, so the node need not read the file again).
+
+    A plain function of picklable arguments, so that the node runs it in worker processes:
+    highdicom's builders are pure Python and would otherwise hold the interpreter's lock that the
+    associations and the forwarder need. Each process keeps the templates of the layouts it has
+    answered (this module): highdicom builds the first instance of a layout, later ones are
+    encoded from its template with their own values put in.
+
+    Raises:
+        ValueError: as :func:`~edge_runtime.app.node.answers.build_answers`.
+        OSError: the file cannot be read.
+    """
+    from pydicom import dcmread
+
+    source = dcmread(source_path, stop_before_pixels=True)
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    header = header_uids(source)
+    fill_type2(source)
+    files = templates_for(model).encode(source, answer_inputs(source, answer, frames), frames)
+    return EncodedAnswers(tuple(AnswerFile(*file) for file in files), header)

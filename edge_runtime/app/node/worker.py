@@ -3,7 +3,7 @@
 A pipeline of named steps per batch: take (from the spool, woken by each arrival) -> classify
 (the runtime's own :meth:`~edge_runtime.classifier.Classifier.iter_classify` over the whole
 batch, masks on, cine summaries from :func:`~edge_runtime.postprocess.summary.with_summaries`) ->
-answer (SR and SEG encoded by :func:`~edge_runtime.app.node.answers.encode_answers` in worker
+answer (SR and SEG encoded by :func:`~edge_runtime.app.node.templates.encode_answers` in worker
 processes, from templates after a layout's first instance, while the batch is still being
 classified) -> write (answer files into ``--output``, each fsynced, hard-linked into the forward
 queue, one folder fsync per batch) -> record (the batch's JSON lines in one fsynced append,
@@ -31,12 +31,12 @@ from edge_runtime.app.node.answers import (
     AnswerFile,
     EncodedAnswers,
     ModelIdentity,
-    encode_answers,
     header_uids,
 )
 from edge_runtime.app.node.forward import Outbox
 from edge_runtime.app.node.journal import UID_FIELD, Journal
 from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
+from edge_runtime.app.node.templates import encode_answers
 from edge_runtime.app.output import result_record
 from edge_runtime.classifier import Classification, Classifier, Result
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
@@ -330,7 +330,7 @@ class Worker:
 
 
 class _AnswerProcesses:
-    """Processes for :func:`~edge_runtime.app.node.answers.encode_answers`, started and warmed
+    """Processes for :func:`~edge_runtime.app.node.templates.encode_answers`, started and warmed
     (highdicom imported) before the node listens.
 
     Each keeps the templates of the answers it built (:mod:`.templates`), so an answer goes to
