@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,33 @@ from edge_runtime.model.contract import INPUT_NAME
 log = logging.getLogger(__name__)
 _SCALING_OPS = frozenset({"Cast", "Sub", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"})
 _LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze"})  # work on uint8 too
+# ops whose first output has their first input's type (a flip ensemble mirrors the uint8 batch)
+_UINT8_OPS = _LAYOUT_OPS | {"Concat", "ReverseSequence", "Slice", "Identity"}
+
+
+@dataclass
+class _Plan:
+    """What folding one ``Cast`` from uint8 changes: the layout ops to replay on uint8 (each
+    with the uint8 tensor it reads then), the first convolutions' dequantizations (each with
+    the uint8 tensor it reads then), and the scaling ops to remove."""
+
+    layouts: list[tuple[onnx.NodeProto, str]] = field(default_factory=list)
+    leaves: list[tuple[onnx.NodeProto, str]] = field(default_factory=list)
+    removed: list[onnx.NodeProto] = field(default_factory=list)
 
 
 def fold_input_scaling(path: Path, mean: float, std: float) -> bool:
     """Rewrite the QDQ model at ``path`` in place; returns False (file untouched) when the
     normalization cannot be folded exactly or the graph does not have the expected shape.
 
-    Layout ops on the way (tf2onnx's NHWC -> NCHW Reshape or Transpose) are kept and replayed on
-    the uint8 image; the scaling and re-quantization ops are removed.
+    Every ``Cast`` of the uint8 image (or of a uint8 view of it: the mirrored batch of a flip
+    ensemble, a member's input resized and rounded back to uint8) to float starts a tree of
+    scaling and layout ops that must end, on every branch, in the dequantization of a
+    convolution's input to be folded; a tree that does not (the float resize itself) stays as it
+    is. Layout ops on the way (tf2onnx's NHWC -> NCHW Reshape or Transpose) are kept and
+    replayed on the uint8 image; the scaling and re-quantization ops are removed.
+    Every such tree must apply the same ``(x - mean) / std``: the caller states it. Returns
+    whether any was folded.
     """
     if not (float(mean).is_integer() and 0 <= mean <= 255 and std > 0):
         return False
@@ -40,39 +60,79 @@ def fold_input_scaling(path: Path, mean: float, std: float) -> bool:
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    chain, tensor = [], INPUT_NAME
-    while True:
-        users = consumers[tensor]
-        if len(users) != 1 or users[0].op_type not in _SCALING_OPS | _LAYOUT_OPS:
-            return False
-        node = users[0]
-        if node.op_type == "DequantizeLinear" and all(
-            user.op_type == "Conv" for user in consumers[node.output[0]]
-        ):
-            break
-        chain.append(node)
-        tensor = node.output[0]
+    casts = [
+        node
+        for node in graph.node
+        if node.op_type == "Cast"
+        and node.input[0] in _uint8_tensors(graph)
+        and _cast_to(node) == onnx.TensorProto.FLOAT
+    ]
+    plan = _Plan()
+    for cast in casts:
+        tree = _Plan()
+        if _walk(cast, cast.input[0], consumers, tree):
+            plan.layouts += tree.layouts
+            plan.leaves += tree.leaves
+            plan.removed += tree.removed
+    if not plan.leaves:
+        return False
     scale = numpy_helper.from_array(np.array(1.0 / std, np.float32), "image_fold_scale")
     zero_point = numpy_helper.from_array(np.array(int(mean), np.uint8), "image_fold_zero_point")
     graph.initializer.extend([scale, zero_point])
-    source, retyped = INPUT_NAME, set()
-    for layout in (n for n in chain if n.op_type in _LAYOUT_OPS):  # replay them on uint8
+    for layout, source in plan.layouts:  # replay them on uint8
         layout.input[0] = source
-        source = layout.output[0]
-        retyped.add(source)
+    retyped = {layout.output[0] for layout, _ in plan.layouts}
     kept_info = [v for v in graph.value_info if v.name not in retyped]  # now uint8: re-infer
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
-    node.input[:] = [source, scale.name, zero_point.name]
-    removed = {id(n) for n in chain if n.op_type in _SCALING_OPS}
+    for leaf, source in plan.leaves:
+        leaf.input[:] = [source, scale.name, zero_point.name]
+    removed = {id(n) for n in plan.removed}
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(_without_dead_nodes(kept, {o.name for o in graph.output}))
     _drop_unused_initializers(graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    log.info("folded (x - %g) / %g into the first convolution's input", mean, std)
+    log.info("folded (x - %g) / %g into %d convolution input(s)", mean, std, len(plan.leaves))
     return True
+
+
+def _walk(
+    node: onnx.NodeProto,
+    source: str,
+    consumers: dict[str, list[onnx.NodeProto]],
+    plan: _Plan,
+) -> bool:
+    """Add ``node`` (reached from uint8 ``source`` through scaling and layout ops only) and
+    everything after it to ``plan``; False where a branch meets anything else."""
+    users = consumers[node.output[0]]
+    if node.op_type == "DequantizeLinear" and users and all(u.op_type == "Conv" for u in users):
+        plan.leaves.append((node, source))
+        return True
+    if node.op_type in _LAYOUT_OPS:
+        plan.layouts.append((node, source))
+        source = node.output[0]
+    elif node.op_type in _SCALING_OPS:
+        plan.removed.append(node)
+    else:
+        return False
+    return bool(users) and all(_walk(user, source, consumers, plan) for user in users)
+
+
+def _uint8_tensors(graph: onnx.GraphProto) -> set[str]:
+    """The image and the tensors computed from it by ops that keep its uint8 type (layout,
+    mirroring, concatenation) or cast back to uint8."""
+    uint8 = {INPUT_NAME}
+    for node in graph.node:  # topological order
+        keeps = node.op_type in _UINT8_OPS and node.input and node.input[0] in uint8
+        if keeps or (node.op_type == "Cast" and _cast_to(node) == onnx.TensorProto.UINT8):
+            uint8.update(node.output[:1])
+    return uint8
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
 
 
 def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

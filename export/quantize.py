@@ -73,15 +73,23 @@ def prepare_for_quantization(fp32_path: Path, prepared_path: Path) -> Path:
 
 
 def float_prefix(graph: onnx.GraphProto, convs: int) -> list[str]:
-    """Names of the first ``convs`` convolutions and of the additions that only add outputs of
-    those (or of each other): a residual sum inside the float prefix stays float too, instead
-    of being rounded to 8 bits between two float layers."""
+    """Names of the first ``convs`` convolutions on every path from the input (those with at
+    most ``convs`` convolutions on their way from it, themselves included: in a chain, the
+    first ``convs``; in an ensemble, each member's first ``convs``), and of the additions that
+    only add outputs of those (or of each other): a residual sum inside the float prefix stays
+    float too, instead of being rounded to 8 bits between two float layers."""
     names: list[str] = []
     float_outputs: set[str] = set()
-    for node in graph.node:
-        if node.op_type == "Conv" and convs > 0:
-            convs -= 1
-        elif not (node.op_type == "Add" and all(i in float_outputs for i in node.input)):
+    depth: dict[str, int] = {}  # tensor -> convolutions on the longest path from the input
+    for node in graph.node:  # topological order
+        reached = max((depth.get(name, 0) for name in node.input), default=0)
+        reached += node.op_type == "Conv"
+        depth.update((name, reached) for name in node.output)
+        if node.op_type == "Conv" and reached > convs:
+            continue
+        if node.op_type != "Conv" and not (
+            node.op_type == "Add" and all(i in float_outputs for i in node.input)
+        ):
             continue
         names.append(node.name)
         float_outputs.update(node.output)

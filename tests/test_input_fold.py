@@ -76,3 +76,63 @@ def test_non_integer_or_out_of_range_mean_is_not_folded(tmp_path, mean):
     original = int8.read_bytes()
     assert not fold_input_scaling(int8, mean, STD)
     assert int8.read_bytes() == original
+
+
+def _flip_ensemble_model(path) -> None:
+    """A flip ensemble's input: the uint8 image and its mirror as one batch (Concat of the image
+    and its Slice backwards along the width), read by two members that each scale it and
+    convolve it; their outputs side by side."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(MEAN, np.float32), "mean"),
+        numpy_helper.from_array(np.array(1 / STD, np.float32), "inv_std"),
+        numpy_helper.from_array(np.array([-1, 1, 16, 16], np.int64), "nchw"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([-(2**62)], np.int64), "before_first"),
+        numpy_helper.from_array(np.array([2], np.int64), "width"),
+        numpy_helper.from_array(np.array([-1], np.int64), "backwards"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Slice", [INPUT_NAME, "last", "before_first", "width", "backwards"], ["mirrored"]
+        ),
+        helper.make_node("Concat", [INPUT_NAME, "mirrored"], ["views"], axis=0),
+    ]
+    for m in range(2):
+        inits.append(
+            numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), f"w{m}")
+        )
+        nodes += [
+            helper.make_node("Cast", ["views"], [f"f{m}"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"f{m}", "mean"], [f"c{m}"]),
+            helper.make_node("Mul", [f"c{m}", "inv_std"], [f"s{m}"]),
+            helper.make_node("Reshape", [f"s{m}", "nchw"], [f"x{m}"]),
+            helper.make_node("Conv", [f"x{m}", f"w{m}"], [f"out{m}"], pads=[1, 1, 1, 1]),
+        ]
+    nodes.append(helper.make_node("Concat", ["out0", "out1"], ["out"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_every_member_of_a_flip_ensemble_reads_the_uint8_batch(tmp_path):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _flip_ensemble_model(fp32)
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    quantize_int8(fp32, int8, images, QuantConfig())
+    before = _run(int8, images)
+
+    assert fold_input_scaling(int8, MEAN, STD)
+
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert not {"Cast", "Sub", "Mul"} & set(ops), ops
+    after, reference = _run(int8, images), _run(fp32, images)
+    assert after.shape == (16, 8, 16, 16)  # both views, both members
+    assert np.abs(after - reference).max() <= np.abs(before - reference).max() + 1e-6

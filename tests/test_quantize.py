@@ -80,6 +80,21 @@ def test_the_float_prefix_takes_the_residual_sums_of_its_own_outputs(convs, kept
     assert float_prefix(_residual_graph(), convs) == kept
 
 
+def test_the_float_prefix_takes_each_ensemble_members_first_convolutions():
+    """Two members, listed interleaved as tf2onnx may list them: each keeps its first two."""
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w1"], ["a1"], name="a_conv1"),
+        helper.make_node("Conv", ["a1", "a_w2"], ["a2"], name="a_conv2"),
+        helper.make_node("Conv", ["a2", "a_w3"], ["a3"], name="a_conv3"),
+        helper.make_node("Conv", ["x", "b_w1"], ["b1"], name="b_conv1"),
+        helper.make_node("Conv", ["b1", "b_w2"], ["b2"], name="b_conv2"),
+        helper.make_node("Conv", ["b2", "b_w3"], ["b3"], name="b_conv3"),
+        helper.make_node("Add", ["a3", "b3"], ["out"], name="mean"),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert float_prefix(graph, 2) == ["a_conv1", "a_conv2", "b_conv1", "b_conv2"]
+
+
 def test_a_float_first_convolution_is_not_folded(tmp_path):
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     _two_conv_model(fp32)

@@ -52,6 +52,12 @@ def ensemble_label(
     return label
 
 
+def member_backbones(label: str) -> list[str]:
+    """The members' backbones named by :func:`ensemble_label`'s ``label``; a single model's
+    backbone label gives itself."""
+    return [member.split("@")[0] for member in label.split(", ")[0].split(" + ")]
+
+
 def build_ensemble_run(
     data: tuple[Path, ...],
     members: Sequence[Path],

@@ -72,10 +72,47 @@ class ClassActivationHead(layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MirrorWidth(layers.Layer):
-    """Mirror images or maps ``[N, H, W, C]`` left to right (a flip test-time augmentation)."""
+    """Mirror images or maps ``[N, H, W, C]`` left to right (a flip test-time augmentation).
+    Kept to load ensembles saved before :class:`WithMirror` ran both views as one batch."""
 
     def call(self, x):
         return ops.flip(x, axis=2)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class WithMirror(layers.Layer):
+    """``[N, H, W, C]`` -> ``[2N, H, W, C]``: the batch, then the batch mirrored left to right,
+    so that a model runs both views of a flip test-time augmentation as one batch (one pass
+    through each layer instead of two)."""
+
+    def call(self, x):
+        return ops.concatenate([x, ops.flip(x, axis=2)], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MeanOfViews(layers.Layer):
+    """``[2N, ...]`` from a model run on :class:`WithMirror`'s batch -> ``[N, ...]``: the mean of
+    the two views. With ``mirror_back``, maps ``[2N, H, W, C]`` of the mirrored view are mirrored
+    back before the mean, so that both lie on the scan's own pixels."""
+
+    def __init__(self, mirror_back: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mirror_back = bool(mirror_back)
+
+    def call(self, x):
+        plain, mirrored = ops.split(x, 2, axis=0)
+        if self.mirror_back:
+            mirrored = ops.flip(mirrored, axis=2)
+        return (plain + mirrored) / 2.0
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[1:])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mirror_back": self.mirror_back}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
