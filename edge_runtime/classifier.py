@@ -45,8 +45,14 @@ from edge_runtime.model.session import (
 from edge_runtime.postprocess.calibration import apply_temperature as _calibrate
 from edge_runtime.postprocess.decision import decide, lesion_verdict, unfamiliar_scores
 from edge_runtime.postprocess.heatmap import cam_to_heatmap, lesion_heatmap
-from edge_runtime.postprocess.lesion import Lesion, find_lesion, in_frame, require_lesion_output
-from edge_runtime.postprocess.recheck import needs_recheck
+from edge_runtime.postprocess.lesion import (
+    Lesion,
+    find_lesion,
+    in_frame,
+    lesion_peak,
+    require_lesion_output,
+)
+from edge_runtime.postprocess.recheck import near_a_call
 
 MODELS_DIR = Path(__file__).parent / "models"
 log = logging.getLogger(__name__)
@@ -212,6 +218,18 @@ class Failure:
 
 Result: TypeAlias = Classification | Failure
 """What :meth:`Classifier.classify` gives per image: check ``result.ok`` (or ``isinstance``)."""
+
+
+class SquareCalls(NamedTuple):
+    """:meth:`Classifier.call_squares`'s answer for ``N`` input squares."""
+
+    probabilities: np.ndarray  # [N, K] uncalibrated, the FP32 model's rows where rechecked
+    called: np.ndarray  # int [N]: indices into the model's class names
+    rechecked: np.ndarray  # bool [N]: rows rerun in FP32
+
+
+def _square_shapes(images: np.ndarray) -> list[tuple[int, int]]:
+    return [tuple(images.shape[1:3])] * len(images)
 
 
 class _Outputs(NamedTuple):
@@ -467,8 +485,17 @@ class Classifier:
         **uncalibrated** ``probabilities`` ``[N, K]`` and ``cam``, with the FP32 model's rows
         where it rechecked INT8 (:attr:`recheck_model_path`). No temperature, operating point,
         lesion rule or input check: :meth:`classify` gives the calls."""
-        outputs = self._run_rechecked(images)
+        outputs = self._run_rechecked(images, _square_shapes(images))
         return outputs.probabilities, outputs.cam
+
+    def call_squares(self, images: np.ndarray) -> SquareCalls:
+        """The calls for a uint8 ``[N, S, S, 1]`` batch of input squares, each taken as the
+        whole frame: exactly as :meth:`classify` makes them (FP32 recheck, calibration,
+        operating point, lesion rule), without reading files or checking the input. The gate on
+        written model files (:mod:`edge_runtime.model.verify`) compares these."""
+        outputs = self._run_rechecked(images, _square_shapes(images))
+        _, _, called = self._decide(outputs, _square_shapes(images), [None] * len(images), False)
+        return SquareCalls(outputs.probabilities, called, outputs.rechecked)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Deprecated alias of :meth:`run_raw` (its name hid that it is uncalibrated); kept for
@@ -483,16 +510,28 @@ class Classifier:
         )
         return self.run_raw(images)
 
-    def _run_rechecked(self, images: np.ndarray) -> _Outputs:
+    def _run_rechecked(self, images: np.ndarray, shapes: Sequence[tuple[int, int]]) -> _Outputs:
         """All outputs of the model, with the FP32 recheck model's rows (lesion too) where it
-        reran what INT8 was unsure of."""
-        names = [PROBABILITIES, CAM] + ([LESION] if self.spec.has_lesion else [])
+        reran what INT8 was unsure of (:func:`~edge_runtime.postprocess.recheck.near_a_call`);
+        ``shapes`` are the frames' ``(rows, columns)``, for the lesion map's peak."""
+        spec = self._model.spec
+        names = [PROBABILITIES, CAM] + ([LESION] if spec.has_lesion else [])
         if self._unfamiliar:
             names.append(FEATURES)
         outputs = self._model.session.run(names, {INPUT_NAME: images})
         redo = np.zeros(len(images), dtype=bool)
         if self._recheck is not None:
-            redo = needs_recheck(outputs[0], self._model.spec.recheck_margin)
+            peaks = None
+            if spec.has_lesion and spec.recheck_lesion_margin > 0:
+                peaks = np.array(
+                    [
+                        lesion_peak(
+                            outputs[2][row, :, :, 0], shape, spec.input_size, spec.resize_policy
+                        )
+                        for row, shape in enumerate(shapes)
+                    ]
+                )
+            redo = near_a_call(spec, outputs[0], self._malignant_threshold, peaks)
             if redo.any():
                 again = self._recheck.session.run(names, {INPUT_NAME: images[redo]})
                 for output, rerun in zip(outputs, again, strict=True):
@@ -521,46 +560,31 @@ class Classifier:
         images = np.stack([item.square for item in batch])[..., None]
         stack_ms = _ms_since(start)
         start = time.perf_counter()
-        outputs = self._run_rechecked(images)
+        shapes = [  # without a lesion output the frame is not kept, nor needed
+            images.shape[1:3] if item.original is None else item.original.shape[:2]
+            for item in batch
+        ]
+        outputs = self._run_rechecked(images, shapes)
         cam, rechecked = outputs.cam, outputs.rechecked
         inference_ms = _ms_since(start) / len(batch)
         start = time.perf_counter()
         spec = self._model.spec
-        probabilities = _calibrate(outputs.probabilities, spec.temperature)
         names = spec.class_names
         unfamiliar = np.zeros(len(batch), bool)
         scores = np.zeros(len(batch))
         if outputs.features is not None:
             scores = unfamiliar_scores(outputs.features, spec.unfamiliar)
             unfamiliar = scores > float(spec.unfamiliar["threshold"])
-        found = [
-            find_lesion(
-                outputs.lesion[row, :, :, 0],
-                item.original.shape,
-                input_size=spec.input_size,
-                policy=spec.resize_policy,
-                threshold=spec.lesion_threshold,
-                min_area=spec.lesion_min_area,
-                pixel_spacing_mm=item.pixel_spacing_mm,
-                with_mask=masks or heatmaps,
-            )
-            if outputs.lesion is not None
-            else (None, None)
-            for row, item in enumerate(batch)
-        ]
+        probabilities, found, called = self._decide(
+            outputs,
+            shapes,
+            [item.pixel_spacing_mm for item in batch],
+            masks or heatmaps,
+        )
         found = [  # a tissue region's lesion, in the whole frame's pixels
             in_frame(*pair, item.origin, item.frame_shape)
             for pair, item in zip(found, batch, strict=True)
         ]
-        lesion_found = lesion_verdict(
-            spec.normal_rule.value,
-            np.array([lesion is not None for lesion, _ in found]) if spec.has_lesion else None,
-            probabilities,
-            names,
-            self._malignant_threshold,
-            spec.normal_gate,
-        )
-        called = decide(probabilities, names, self._malignant_threshold, lesion_found)
         if spec.has_lesion and "normal" in names:  # a scan called normal gets no outline
             found = [
                 (None, None if pair[1] is None else np.zeros_like(pair[1]))
@@ -630,6 +654,43 @@ class Classifier:
             )
         post_ms = _ms_since(start) / len(batch)
         return [_with_postprocess(r, post_ms) for r in results]
+
+    def _decide(
+        self,
+        outputs: _Outputs,
+        shapes: Sequence[tuple[int, int]],
+        spacings: Sequence[tuple[float, float] | None],
+        with_mask: bool,
+    ) -> tuple[np.ndarray, list[tuple[Lesion | None, np.ndarray | None]], np.ndarray]:
+        """Calibrated probabilities, each frame's lesion (and mask), and the called class
+        indices, from the model's outputs for frames of ``shapes``."""
+        spec = self._model.spec
+        probabilities = _calibrate(outputs.probabilities, spec.temperature)
+        found = [
+            find_lesion(
+                outputs.lesion[row, :, :, 0],
+                shape,
+                input_size=spec.input_size,
+                policy=spec.resize_policy,
+                threshold=spec.lesion_threshold,
+                min_area=spec.lesion_min_area,
+                pixel_spacing_mm=spacing,
+                with_mask=with_mask,
+            )
+            if outputs.lesion is not None
+            else (None, None)
+            for row, (shape, spacing) in enumerate(zip(shapes, spacings, strict=True))
+        ]
+        lesion_found = lesion_verdict(
+            spec.normal_rule.value,
+            np.array([lesion is not None for lesion, _ in found]) if spec.has_lesion else None,
+            probabilities,
+            spec.class_names,
+            self._malignant_threshold,
+            spec.normal_gate,
+        )
+        called = decide(probabilities, spec.class_names, self._malignant_threshold, lesion_found)
+        return probabilities, found, called
 
     def _failure(self, item: DecodedItem) -> Failure:
         return Failure(

@@ -223,10 +223,17 @@ def _quantization_lines(card: Mapping[str, Any]) -> list[str]:
 def _recheck_lines(recheck: Mapping[str, Any] | None) -> list[str]:
     if not recheck:
         return ["- FP32 recheck: none; the INT8 model's answers stand alone"]
+    near = ""
+    if recheck.get("malignant_margin") or recheck.get("lesion_margin"):
+        near = (
+            f", or whose calibrated P(malignant) lies within {recheck['malignant_margin']:.3f} of "
+            f"the operating point, or whose lesion map peaks within {recheck['lesion_margin']:.3f} "
+            "of the lesion threshold (the largest changes INT8 made to each)"
+        )
     return [
         f"- FP32 recheck: the runtime reruns in FP32 every scan whose INT8 top-1 lead is below "
-        f"{recheck['margin']:.3f}, twice the largest INT8-FP32 probability change on "
-        f"{recheck['margin_from_validation_images']} validation scans: "
+        f"{recheck['margin']:.3f}, twice the largest INT8-FP32 probability change{near}, measured "
+        f"on {recheck['margin_from_validation_images']} validation scans: "
         f"{recheck['held_out_rechecked']} of {recheck['held_out_images']} held-out scans. "
         f"INT8 alone agrees with FP32 on {recheck['int8_alone_top1_agreement']:.4f} of them "
         f"(accuracy {_num(recheck['int8_alone_accuracy'])}); "

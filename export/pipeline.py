@@ -9,17 +9,18 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.model.card import CARD_SUFFIX, model_file_name
-from edge_runtime.model.contract import ModelSpec, NormalRule, Precision, ResizePolicy
+from edge_runtime.model.contract import LESION, ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.model.cpu import int8_saturates
 from edge_runtime.model.session import Provider, batch_probabilities, open_model
 from edge_runtime.model.verify import verify_model_file
-from edge_runtime.postprocess.recheck import needs_recheck, recheck_margin
+from edge_runtime.postprocess.lesion import lesion_peak
+from edge_runtime.postprocess.recheck import call_margins, near_a_call, recheck_margin
 from export.call_rules import choose_operating_point, choose_unfamiliar, runtime_calls
 from export.card import build_card, file_record, parity_record, write_card
 from export.convert import keras_to_onnx, write_metadata
@@ -43,6 +44,7 @@ from export.quantize import (
     quantize_int8,
 )
 from training.augmentation.augment import jitter_gray_levels
+from training.ensemble import member_backbones
 from training.model.backbones import Backbone, pixel_scaling
 from training.runfolder import MODEL_FILE, SPLIT_FILE, RunInfo, read_reports
 
@@ -368,11 +370,31 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
     }
     alone = int8_gate(fp32.probabilities, probabilities, images.labels, **thresholds)
     margin = 0.0
+    spec = _spec(info, Precision.INT8, settings, decision=fp32.decision)
     if options.recheck and images.val is not None:
-        margin = recheck_margin(val_fp32_probs, _onnx_probabilities(path, images.val))
-        record = _recheck_record(margin, len(images.val), probabilities, alone)
+        val_int8 = _onnx_probabilities(path, images.val)
+        margin = recheck_margin(val_fp32_probs, val_int8)
+        malignant, lesion_margin = call_margins(
+            val_fp32_probs,
+            val_int8,
+            info.class_names,
+            info.temperature,
+            *(
+                (_lesion_peaks(fp32.path, images.val), _lesion_peaks(path, images.val))
+                if fp32.lesion is not None
+                else ()
+            ),
+        )
+        spec = replace(
+            _spec(info, Precision.INT8, settings, margin, fp32.path.name, decision=fp32.decision),
+            recheck_malignant_margin=malignant,
+            recheck_lesion_margin=lesion_margin,
+        )
+        lesion_maps = None if fp32.lesion is None else _onnx_output(path, images.held_out, LESION)
+        redo = _rechecked(spec, probabilities, lesion_maps)
+        record = _recheck_record(spec, len(images.val), redo, alone)
         settings = {**settings, "fp32_recheck": record}
-        spec = _spec(info, Precision.INT8, settings, margin, fp32.path.name, decision=fp32.decision)
+        spec = replace(spec, quantization=settings)
         write_metadata(path, spec)
         log.info("%s", _alone_line(alone))
         reports["int8"] = int8_recheck_gate(
@@ -383,8 +405,8 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
             log.warning("no validation split apart from the gate's: no FP32 recheck")
         reports["int8"] = alone
     if fp32.lesion is not None:
-        lesion = _onnx_output(path, images.held_out, "lesion")
-        redo = needs_recheck(probabilities, margin)  # the runtime's answers: FP32's where rerun
+        lesion = _onnx_output(path, images.held_out, LESION)
+        redo = _rechecked(spec, probabilities, lesion)  # the runtime's answers: FP32's where rerun
         lesion[redo] = fp32.lesion[redo]
         reports["int8 lesion"] = lesion_gate(
             fp32.lesion, lesion, info.lesion_threshold, min_area=info.lesion_min_area
@@ -497,28 +519,50 @@ def _publish(staged: list[Path], output: Path, name: str) -> None:
 
 
 def _fold_input(int8: Path, info: RunInfo) -> bool:
-    if info.backbone not in {b.value for b in Backbone}:
-        return False  # an ensemble (training.ensemble): its input feeds more than one scaling
-    mean, std, channels = pixel_scaling(Backbone(info.backbone))
+    """Fold the input scaling into the first INT8 convolutions, of every member of an ensemble
+    where they all scale alike (:func:`fold_input_scaling`)."""
+    backbones = member_backbones(info.backbone)
+    if not all(b in {k.value for k in Backbone} for b in backbones):
+        return False
+    scalings = {pixel_scaling(Backbone(b)) for b in backbones}
+    if len(scalings) != 1:
+        return False  # members scaled differently: no one fold is exact for all of them
+    mean, std, channels = scalings.pop()
     return bool(channels == 1 and fold_input_scaling(int8, mean, std))
 
 
 def _recheck_record(
-    margin: float,
-    n_validation: int,
-    int8_probs: np.ndarray,
-    alone: ParityReport,
+    spec: ModelSpec, n_validation: int, held_out_rechecked: np.ndarray, alone: ParityReport
 ) -> dict[str, object]:
-    """What the model card says about the FP32 recheck: its margin and its cost and effect on
+    """What the model card says about the FP32 recheck: its margins and its cost and effect on
     the gate's images."""
     return {
-        "margin": round(margin, 6),
+        "margin": round(spec.recheck_margin, 6),
+        "malignant_margin": round(spec.recheck_malignant_margin, 6),
+        "lesion_margin": round(spec.recheck_lesion_margin, 6),
         "margin_from_validation_images": n_validation,
-        "held_out_rechecked": int(needs_recheck(int8_probs, margin).sum()),
-        "held_out_images": len(int8_probs),
+        "held_out_rechecked": int(held_out_rechecked.sum()),
+        "held_out_images": len(held_out_rechecked),
         "int8_alone_top1_agreement": alone.top1_agreement,
         "int8_alone_accuracy": alone.candidate_accuracy,
     }
+
+
+def _rechecked(
+    spec: ModelSpec, int8_probabilities: np.ndarray, int8_lesion: np.ndarray | None
+) -> np.ndarray:
+    """The squares the runtime reruns in FP32 (:func:`near_a_call`), each taken as its frame."""
+    peaks = None if int8_lesion is None else _peaks(int8_lesion, spec.input_size)
+    return near_a_call(spec, int8_probabilities, spec.malignant_threshold, peaks)
+
+
+def _lesion_peaks(path: Path, images: np.ndarray) -> np.ndarray:
+    return _peaks(_onnx_output(path, images, LESION), images.shape[1])
+
+
+def _peaks(lesion: np.ndarray, size: int) -> np.ndarray:
+    """Each square's :func:`lesion_peak` (the whole square is the frame)."""
+    return np.array([lesion_peak(m[:, :, 0], (size, size), size) for m in lesion])
 
 
 def _alone_line(alone: ParityReport) -> str:

@@ -126,8 +126,10 @@ def _card_markdown(card: dict[str, Any]) -> str:
         lines.append(
             f"INT8 vs its adapted FP32 partner on the site's {p['frames']} frames: top-1 "
             f"agreement {p['int8_alone_top1_agreement']:.4f} alone, "
-            f"{p['top1_agreement_with_recheck']:.4f} with the FP32 recheck (margin "
-            f"{p['recheck_margin']:.3f}, {p['rechecked_fraction']:.1%} rechecked)."
+            f"{p['top1_agreement_with_recheck']:.4f} with the FP32 recheck (top-1 margin "
+            f"{p['recheck_margin']:.3f}, {p['rechecked_fraction']:.1%} rechecked by it; also "
+            f"rerun: P(malignant) within {p.get('recheck_malignant_margin', 0.0):.3f} of the "
+            "operating point)."
         )
     lines += ["", "## Files", ""]
     for name, info in card["files"].items():

@@ -30,7 +30,7 @@ from edge_runtime.model.contract import (
 )
 from edge_runtime.model.session import Provider, open_model
 from edge_runtime.model.verify import int8_agreement, verify_model_file
-from edge_runtime.postprocess.recheck import recheck_margin
+from edge_runtime.postprocess.recheck import call_margins, recheck_margin
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +222,29 @@ def _set_recheck_margin(
         probabilities[role] = run_batches(loaded.session, PROBABILITIES, squares, 16)
     fp32, int8 = probabilities["partner"], probabilities["main"]
     margin = max(spec.recheck_margin, recheck_margin(fp32, int8))
+    # the adapted model calls by its operating point alone (normal rule: classifier)
+    malignant, _ = call_margins(fp32, int8, spec.class_names, spec.temperature)
+    malignant = max(spec.recheck_malignant_margin, malignant)
     agreement, rechecked, failures = int8_agreement(fp32, int8, margin)
     parity = {
         "frames": len(squares),
         "int8_alone_top1_agreement": round(float(np.mean(int8.argmax(1) == fp32.argmax(1))), 4),
         "top1_agreement_with_recheck": round(agreement, 4),
         "recheck_margin": round(margin, 6),
+        "recheck_malignant_margin": round(malignant, 6),
         "parent_recheck_margin": spec.recheck_margin,
         "rechecked_fraction": round(rechecked, 4),
         "max_abs_probability_diff": round(float(np.abs(int8 - fp32).max()), 6),
         "passed": not failures,
     }
     record = {**spec.adaptation, "int8": parity}
-    spec = replace(spec, recheck_margin=margin, adaptation=record)
+    spec = replace(
+        spec,
+        recheck_margin=margin,
+        recheck_malignant_margin=malignant,
+        recheck_lesion_margin=0.0,
+        adaptation=record,
+    )
     meta = {p.key: p.value for p in proto.metadata_props}
     meta.update(spec.to_metadata())
     del proto.metadata_props[:]

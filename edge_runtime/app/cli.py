@@ -700,7 +700,7 @@ scans estimates accuracy, normal recall and malignant sensitivity before and aft
 intervals. Nothing is written unless, by the cross-validation's point estimates, the adapted
 layer raises balanced accuracy without lowering accuracy and calls at most --max-malignant-lost
 of the cancers the parent caught otherwise; each written file must pass the runtime's gate
-(INT8: >= 99% agreement with its FP32 partner, <= 20% rechecked; else try --precision fp32).
+(INT8: >= 99% agreement with its FP32 partner, <= a third rechecked; else try --precision fp32).
 The parent model is never modified. The adapted model, an INT8 one's
 FP32 partner (<name>-fp32.onnx) and a card (<name>.card.json/.md) are written beside --output;
 the parent's published metrics do not apply to them.

@@ -77,6 +77,8 @@ KEY_ABSTAIN_THRESHOLD = "edge_classify.abstain_threshold"
 KEY_QUANTIZATION = "edge_classify.quantization"
 KEY_RECHECK_MARGIN = "edge_classify.fp32_recheck_margin"
 KEY_RECHECK_MODEL = "edge_classify.fp32_recheck_model"
+KEY_RECHECK_MALIGNANT_MARGIN = "edge_classify.fp32_recheck_malignant_margin"
+KEY_RECHECK_LESION_MARGIN = "edge_classify.fp32_recheck_lesion_margin"
 KEY_LESION_STRIDE = "edge_classify.lesion_stride"
 KEY_LESION_THRESHOLD = "edge_classify.lesion_threshold"
 KEY_LESION_MIN_AREA = "edge_classify.lesion_min_area"
@@ -110,6 +112,10 @@ class ModelSpec:
     quantization: Mapping[str, Any] = field(default_factory=dict)
     recheck_margin: float = 0.0  # rerun in FP32 the scans whose top-1 lead is below this
     recheck_model: str = ""  # file name of that FP32 model, beside this one
+    # also rerun those whose calibrated P(malignant) is within this of the operating point
+    recheck_malignant_margin: float = 0.0
+    # and those whose lesion map peaks within this of the lesion threshold
+    recheck_lesion_margin: float = 0.0
     # input pixels per pixel of the ``lesion`` output; 0: the model has no lesion output
     lesion_stride: int = 0
     lesion_threshold: float = 0.5  # a pixel is lesion when its probability is >= this
@@ -146,6 +152,8 @@ class ModelSpec:
             KEY_QUANTIZATION: json.dumps(dict(self.quantization), sort_keys=True),
             KEY_RECHECK_MARGIN: repr(float(self.recheck_margin)),
             KEY_RECHECK_MODEL: self.recheck_model,
+            KEY_RECHECK_MALIGNANT_MARGIN: repr(float(self.recheck_malignant_margin)),
+            KEY_RECHECK_LESION_MARGIN: repr(float(self.recheck_lesion_margin)),
             KEY_LESION_STRIDE: str(int(self.lesion_stride)),
             KEY_LESION_THRESHOLD: repr(float(self.lesion_threshold)),
             KEY_LESION_MIN_AREA: repr(float(self.lesion_min_area)),
@@ -197,6 +205,8 @@ class ModelSpec:
                 quantization=json.loads(meta.get(KEY_QUANTIZATION, "{}")),
                 recheck_margin=float(meta.get(KEY_RECHECK_MARGIN, "0.0")),
                 recheck_model=meta.get(KEY_RECHECK_MODEL, ""),
+                recheck_malignant_margin=float(meta.get(KEY_RECHECK_MALIGNANT_MARGIN, "0.0")),
+                recheck_lesion_margin=float(meta.get(KEY_RECHECK_LESION_MARGIN, "0.0")),
                 lesion_stride=int(meta.get(KEY_LESION_STRIDE, "0")),
                 lesion_threshold=float(meta.get(KEY_LESION_THRESHOLD, "0.5")),
                 lesion_min_area=float(meta.get(KEY_LESION_MIN_AREA, "0.0")),
@@ -224,6 +234,13 @@ class ModelSpec:
         _check_recheck(spec, source)
         _check_thresholds(spec, source)
         return spec
+
+    @property
+    def rechecks(self) -> bool:
+        """Whether the model names an FP32 model to rerun the scans it is unsure of."""
+        return (
+            max(self.recheck_margin, self.recheck_malignant_margin, self.recheck_lesion_margin) > 0
+        )
 
     @property
     def has_lesion(self) -> bool:
@@ -280,11 +297,14 @@ def _check_thresholds(spec: ModelSpec, source: str) -> None:
 
 
 def _check_recheck(spec: ModelSpec, source: str) -> None:
-    if not 0.0 <= spec.recheck_margin <= 1.0:
-        raise ContractError(
-            f"{source}: FP32 recheck margin must be in [0, 1]. Got {spec.recheck_margin}."
-        )
-    if spec.recheck_margin == 0.0:
+    for what, margin in (
+        ("FP32 recheck margin", spec.recheck_margin),
+        ("FP32 recheck margin of P(malignant)", spec.recheck_malignant_margin),
+        ("FP32 recheck margin of the lesion map", spec.recheck_lesion_margin),
+    ):
+        if not 0.0 <= margin <= 1.0:
+            raise ContractError(f"{source}: {what} must be in [0, 1]. Got {margin}.")
+    if not spec.rechecks:
         return
     if spec.precision is Precision.FP32:
         raise ContractError(f"{source}: an FP32 model cannot ask for an FP32 recheck.")

@@ -252,13 +252,14 @@ def open_recheck_model(
             quantized from.
     """
     spec = model.spec
-    if spec.recheck_margin == 0.0:
+    if not spec.rechecks:
         return None
     path = model.path.parent / spec.recheck_model
     if not path.is_file():
         raise FileNotFoundError(
-            f"{model.path}: reruns in FP32 the scans whose top-1 lead is below "
-            f"{spec.recheck_margin:.3f}, with {path}, which is missing. Copy that file beside "
+            f"{model.path}: reruns in FP32 the scans it is unsure of (top-1 lead below "
+            f"{spec.recheck_margin:.3f}, or near its operating point or lesion threshold), with "
+            f"{path}, which is missing. Copy that file beside "
             "the model (export wrote them together), or run the INT8 model alone with "
             "--no-recheck, whose agreement with FP32 is in the model card."
         )

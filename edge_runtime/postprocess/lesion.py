@@ -154,6 +154,21 @@ def find_lesion(
     return Lesion((x0 + x, y0 + y, w, h), area, area_mm2, diameter_mm), mask
 
 
+def lesion_peak(
+    lesion_map: np.ndarray,
+    original_shape: tuple[int, int],
+    input_size: int,
+    policy: ResizePolicy = ResizePolicy.LETTERBOX,
+) -> float:
+    """The largest value of ``lesion_map`` ``[h, w]`` among the map pixels the frame of
+    ``original_shape`` reads (not the letterbox's padding beyond them): :func:`find_lesion` finds
+    no lesion where it is below the threshold, since bilinear interpolation never exceeds it."""
+    grid = _Grid.of(original_shape, lesion_map.shape, input_size, policy)
+    r0, r1 = _read(grid.ay, grid.by, original_shape[0], lesion_map.shape[0])
+    c0, c1 = _read(grid.ax, grid.bx, original_shape[1], lesion_map.shape[1])
+    return float(lesion_map[r0:r1, c0:c1].max())
+
+
 def in_frame(
     lesion: Lesion | None,
     mask: np.ndarray | None,
