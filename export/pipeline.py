@@ -377,8 +377,7 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
         malignant, lesion_margin = call_margins(
             val_fp32_probs,
             val_int8,
-            info.class_names,
-            info.temperature,
+            spec,
             *(
                 (_lesion_peaks(fp32.path, images.val), _lesion_peaks(path, images.val))
                 if fp32.lesion is not None

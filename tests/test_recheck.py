@@ -211,16 +211,19 @@ def test_near_a_call_reruns_rows_near_the_operating_point_or_the_lesion_threshol
     np.testing.assert_array_equal(near_a_call(spec, int8, 0.0, None), [False] * 4)
 
 
-def test_call_margins_are_the_largest_changes_of_calibrated_p_malignant_and_the_peak():
-    fp32 = np.array([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
-    int8 = np.array([[0.2, 0.45, 0.35], [0.1, 0.12, 0.78]])
-    malignant, lesion = call_margins(
-        fp32, int8, CLASSES, 1.0, np.array([0.4, 0.9]), np.array([0.45, 0.8])
-    )
-    assert malignant == pytest.approx(0.05) and lesion == pytest.approx(0.1)
-    sharper, _ = call_margins(fp32, int8, CLASSES, 0.5)
-    assert sharper != pytest.approx(0.05)  # measured after calibration, as the runtime calls
-    assert call_margins(fp32, int8, ("a", "b", "c"), 1.0) == (0.0, 0.0)
+def test_call_margins_reach_the_farthest_scan_whose_side_int8_changed():
+    spec = replace(FP32_SPEC, malignant_threshold=0.3, lesion_stride=8, lesion_threshold=0.5)
+    fp32 = np.array([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.3, 0.42, 0.28]])
+    # row 0 crosses 0.3 (0.30 -> 0.26), row 1 moves by 0.1 without crossing, row 2 crosses up
+    int8 = np.array([[0.2, 0.54, 0.26], [0.1, 0.2, 0.7], [0.3, 0.39, 0.31]])
+    fp32_peaks, int8_peaks = np.array([0.4, 0.9, 0.55]), np.array([0.45, 0.8, 0.45])
+    malignant, lesion = call_margins(fp32, int8, spec, fp32_peaks, int8_peaks)
+    assert malignant == pytest.approx(0.04) and lesion == pytest.approx(0.05)
+    assert call_margins(fp32, fp32, spec, fp32_peaks, fp32_peaks) == (0.0, 0.0)
+    sharper, _ = call_margins(fp32, int8, replace(spec, temperature=0.5))
+    assert sharper != pytest.approx(0.04)  # measured after calibration, as the runtime calls
+    top1 = replace(spec, malignant_threshold=0.0)
+    assert call_margins(fp32, int8, top1) == (0.0, 0.0)  # no operating point, no peaks
 
 
 def _sharpened(fp32: Path, path: Path, spec: ModelSpec, gain: float) -> Path:
@@ -271,7 +274,7 @@ def test_the_gate_fails_calls_that_the_top1_gate_misses_until_the_recheck_covers
         check.failures
     )
 
-    malignant, _ = call_margins(fp32, int8, CLASSES, 1.0)
+    malignant, _ = call_margins(fp32, int8, fp32_spec)
     covered = replace(int8_spec, recheck_malignant_margin=malignant)
     int8_path = _sharpened(fp32_path, tmp_path / "m-int8.onnx", covered, gain=3.0)
     check = verify_model_file(int8_path, images, max_recheck_fraction=1.0)

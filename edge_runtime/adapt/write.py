@@ -223,7 +223,7 @@ def _set_recheck_margin(
     fp32, int8 = probabilities["partner"], probabilities["main"]
     margin = max(spec.recheck_margin, recheck_margin(fp32, int8))
     # the adapted model calls by its operating point alone (normal rule: classifier)
-    malignant, _ = call_margins(fp32, int8, spec.class_names, spec.temperature)
+    malignant, _ = call_margins(fp32, int8, spec)
     malignant = max(spec.recheck_malignant_margin, malignant)
     agreement, rechecked, failures = int8_agreement(fp32, int8, margin)
     parity = {
