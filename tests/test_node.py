@@ -433,6 +433,32 @@ def test_a_resent_duplicate_is_acknowledged_and_answered_once(classifier, scans,
     assert len(list(output.glob("SR_*.dcm"))) == 1
 
 
+def test_scanners_may_send_large_pdus_and_each_new_instance_is_reported_once_stored(
+    classifier, scans, tmp_path
+):
+    """The SCP accepts P-DATA PDUs up to 1 MiB (a scan in one PDU, not 8 of pynetdicom's default
+    16 KiB), and ``on_stored`` hears of each new instance once (a re-sent one is not stored)."""
+    from pynetdicom import AE
+
+    from edge_runtime.app.node.scp import MAX_PDU_BYTES
+
+    stored: list[tuple[str, float]] = []
+    options = NodeOptions(output=tmp_path / "out", host="127.0.0.1", port=0, answer_processes=0)
+    before = time.time()
+    with Node(classifier, options, on_stored=lambda uid, at: stored.append((uid, at))) as node:
+        ae = AE(ae_title="US-ROOM1")
+        ae.add_requested_context(US_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == MAX_PDU_BYTES == 1 << 20
+        assoc.release()
+        sent = storescu(node.scp.port, [scans["native"], scans["native"]])  # the 2nd: a duplicate
+        assert sent.returncode == 0, sent.stderr
+        ((uid, at),) = stored
+    assert uid == str(dcmread(scans["native"]).SOPInstanceUID)
+    assert before <= at <= time.time()
+
+
 def test_a_restart_answers_what_was_received_but_not_answered_exactly_once(
     classifier, scans, tmp_path
 ):

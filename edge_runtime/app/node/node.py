@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,20 @@ class Node:
         ...     node.wait(stop)  # doctest: +SKIP
     """
 
-    def __init__(self, classifier: Classifier, options: NodeOptions) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        options: NodeOptions,
+        *,
+        on_stored: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """
+        Args:
+            classifier: the runtime's classifier.
+            options: how to run.
+            on_stored: called with each new instance's SOP Instance UID and ``time.time()``
+                once it is in the spool, just before its C-STORE response (for measurements).
+        """
         self.options = options
         self.spool = Spool(options.spool_path)
         self.outbox = None
@@ -128,7 +142,7 @@ class Node:
             answer_processes=options.answer_processes,
         )
         try:
-            self.scp = StorageScp(self.spool, self._scp_options(options))
+            self.scp = StorageScp(self.spool, self._scp_options(options), on_stored)
         except BaseException:
             self.worker.close()
             raise

@@ -51,6 +51,9 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
+# the largest P-DATA PDU a scanner may send us: an image in one or a few PDUs (pynetdicom parses
+# each in Python; its default, 16 KiB, cuts a 120 KB scan into 8), yet a bounded read
+MAX_PDU_BYTES = 1 << 20
 SUCCESS, NO_PIXELS, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xA900, 0xC000, 0xA700
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -65,6 +68,7 @@ class ScpOptions:
     allow: AllowList = field(default_factory=AllowList)
     ssl_context: ssl.SSLContext | None = None
     max_associations: int = 16
+    max_pdu_bytes: int = MAX_PDU_BYTES  # 0: unlimited
     timeout_s: float = 60.0  # ACSE, DIMSE and network (idle) timeouts
 
     def __post_init__(self) -> None:
@@ -74,6 +78,10 @@ class ScpOptions:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be from 0 to 65535. Got {self.port} instead.")
+        if self.max_pdu_bytes < 0:
+            raise ValueError(
+                f"max_pdu_bytes must be >= 0 (0: unlimited). Got {self.max_pdu_bytes} instead."
+            )
 
 
 class StorageScp:
@@ -108,6 +116,7 @@ class StorageScp:
 
         ae = AE(ae_title=self.options.ae_title)
         ae.maximum_associations = self.options.max_associations
+        ae.maximum_pdu_size = self.options.max_pdu_bytes
         for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(ae, name, self.options.timeout_s)
         for uid in STORAGE_CLASSES:
