@@ -228,7 +228,8 @@ def _recheck_lines(recheck: Mapping[str, Any] | None) -> list[str]:
         near = (
             f", or whose calibrated P(malignant) lies within {recheck['malignant_margin']:.3f} of "
             f"the operating point, or whose lesion map peaks within {recheck['lesion_margin']:.3f} "
-            "of the lesion threshold (the largest changes INT8 made to each)"
+            "of the lesion threshold (as far from each as INT8 stood on a validation scan where it "
+            "crossed it)"
         )
     return [
         f"- FP32 recheck: the runtime reruns in FP32 every scan whose INT8 top-1 lead is below "

@@ -479,9 +479,15 @@ def _verify_written(
             min_agreement=staged.options.min_agreement,
         )
         log.info("%s", check.summary())
+        called = (
+            ""
+            if check.as_called_agreement is None
+            else f"; calls as made agree on {check.as_called_agreement:.4f}, "
+            f"{check.rechecked_fraction:.1%} rechecked"
+        )
         reports.append(
             ParityReport(
-                f"onnx-{check.precision} reloaded as the runtime runs it ({path.name})",
+                f"onnx-{check.precision} reloaded as the runtime runs it ({path.name}{called})",
                 check.frames,
                 check.max_abs_probability_diff,
                 check.top1_agreement,
