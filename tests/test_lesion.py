@@ -247,7 +247,7 @@ def test_the_fp32_recheck_replaces_the_lesion_rows_too(tmp_path):
     margin = float(np.median(lead))
     int8_path = _pair(tmp_path / "pair", margin)
     with Classifier.from_path(int8_path, provider=Provider.CPU, batch_size=32) as clf:
-        outputs = clf._run_rechecked(images)
+        outputs = clf._run_rechecked(images, [(SIZE, SIZE)] * len(images))
     redo = lead < margin
     assert 0 < redo.sum() < len(redo)
     np.testing.assert_array_equal(outputs.rechecked, redo)
