@@ -90,8 +90,9 @@ def _cpu_s() -> dict[str, float]:
 
 
 class _FolderWatch:
-    """When each file first appears in a folder (``os.scandir`` every ``period_s``), on a
-    thread; a context manager."""
+    """When each file first appears in a folder (``os.listdir`` every ``period_s``, new names
+    found by a set difference: this runs in the node's process, so it keeps its Python work
+    per poll small), on a thread; a context manager."""
 
     def __init__(self, folder: Path, period_s: float = 0.01) -> None:
         self.folder, self.period_s = folder, period_s
@@ -100,11 +101,13 @@ class _FolderWatch:
         self._thread = threading.Thread(target=self._run, name="pacs-watch", daemon=True)
 
     def _run(self) -> None:
+        known: set[str] = set()
         while not self._stop.is_set():
             now = time.time()
-            with os.scandir(self.folder) as entries:
-                for entry in entries:
-                    self.first_seen.setdefault(entry.name, now)
+            new = set(os.listdir(self.folder)).difference(known)
+            for name in new:
+                self.first_seen[name] = now
+            known |= new
             self._stop.wait(self.period_s)
 
     def count(self, prefix: str) -> int:

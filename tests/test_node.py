@@ -491,6 +491,8 @@ def test_a_pacs_that_is_down_then_up_receives_every_answer_once(classifier, scan
     with running_node(classifier, output, **options) as node:
         assert storescu(node.scp.port, files).returncode == 0
         wait_for(lambda: len(answered_uids(output)) == 3, 60, "three answered")
+        # the JSON lines come before the markers and the queue's release: wait for the release
+        wait_for(lambda: node.worker.stats.answered == 3, 30, "three released to the queue")
         queued = sorted(p.name for p in (output / ".spool" / "outbox").glob("*.dcm"))
         assert len(queued) == len(list(output.glob("S*_*.dcm")))  # everything waits on disk
         with storescp(pacs, pacs_port):

@@ -5,11 +5,12 @@ A pipeline of named steps per batch: take (from the spool, woken by each arrival
 batch, masks on, cine summaries from :func:`~edge_runtime.postprocess.summary.with_summaries`) ->
 answer (SR and SEG encoded by :func:`~edge_runtime.app.node.templates.encode_answers` in worker
 processes, from templates after a layout's first instance, while the batch is still being
-classified) -> write (answer files into ``--output``, each fsynced, hard-linked into the forward
-queue, one folder fsync per batch) -> record (the batch's JSON lines in one fsynced append,
-:mod:`.journal`) -> commit (the spool's ``done`` marker, per instance, in the journal's order) ->
-release (the staged answers become sendable, one folder fsync). Write to release run on a commit
-thread while the next batch is classified. A crash at any step leaves an instance in
+classified, and written there into ``--output``, each file fsynced: :func:`encode_and_write`) ->
+stage (the answer files hard-linked into the forward queue, one fsync of each folder per
+batch) -> record (the batch's JSON lines in one fsynced append, :mod:`.journal`) -> commit (the
+spool's ``done`` marker, per instance, in the journal's order) -> release (the staged answers
+become sendable, one folder fsync). Stage to release run on a commit thread while the next batch
+is classified. A crash at any step leaves an instance in
 ``received/`` without a marker; it is answered again on restart, to the very same files and UIDs.
 """
 
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,26 @@ def model_identity(classifier: Classifier) -> ModelIdentity:
     return ModelIdentity(
         classifier.model_path.name, str(classifier.spec.model_version), digest.hexdigest()
     )
+
+
+def encode_and_write(
+    source_path: str, answer: Classification, model: ModelIdentity, output: str
+) -> EncodedAnswers:
+    """:func:`~edge_runtime.app.node.templates.encode_answers`, its files written into
+    ``output`` (each fsynced, then renamed; the folder is fsynced by the commit thread, once a
+    batch, before the JSON lines and the markers).
+
+    Run in the answer processes, so that writing the files (and sending their bytes back) costs
+    the node's process nothing. The files come back without their bytes (``data`` is empty).
+
+    Raises:
+        ValueError, OSError: as :func:`~edge_runtime.app.node.templates.encode_answers`, or a
+            file could not be written.
+    """
+    answers = encode_answers(source_path, answer, model)
+    for file in answers.files:
+        write_atomic(Path(output) / file.name, file.data, sync_folder=False)
+    return EncodedAnswers(tuple(replace(f, data=b"") for f in answers.files), answers.header)
 
 
 def default_answer_processes() -> int:
@@ -199,11 +220,13 @@ class Worker:
         answer = job.answer
         if isinstance(answer, Classification):
             if self._pool is not None:
-                job.files = self._pool.submit(answer, str(item.path), self.model)
+                job.files = self._pool.submit(answer, str(item.path), self.model, self.output)
             else:
                 job.files = Future()
                 try:
-                    job.files.set_result(encode_answers(str(item.path), answer, self.model))
+                    job.files.set_result(
+                        encode_and_write(str(item.path), answer, self.model, str(self.output))
+                    )
                 except Exception as exc:  # reported with the instance, in _commit
                     job.files.set_exception(exc)
         return job
@@ -233,7 +256,7 @@ class Worker:
         return self.classifier.spec.has_lesion
 
     def _commit(self, jobs: list[_Job]) -> list[_Job]:
-        """write -> record -> commit -> release, for a batch; returns the jobs handled (answered,
+        """stage -> record -> commit -> release, for a batch; returns the jobs handled (answered,
         or failed and logged: those wait for a restart)."""
         written: list[tuple[_Job, list[AnswerFile], dict[str, str] | None]] = []
         handled = []
@@ -241,7 +264,7 @@ class Worker:
             try:
                 encoded = None if job.files is None else job.files.result()
                 files = [] if encoded is None else list(encoded.files)
-                self._write(files, job.item.uid)
+                self._stage(files, job.item.uid)
             except Exception as exc:  # one instance's failure never stops the node
                 self._failed(job, exc)
                 handled.append(job)
@@ -300,12 +323,11 @@ class Worker:
         if self._on_answered is not None:
             self._on_answered(job.item.uid)
 
-    def _write(self, files: list[AnswerFile], owner: str) -> None:
-        """Answer files into ``--output``, each fsynced (the folder is fsynced once per batch),
-        and hard-linked into the forward queue."""
+    def _stage(self, files: list[AnswerFile], owner: str) -> None:
+        """Hard-link answer files (written and fsynced by :func:`encode_and_write`; their folder
+        is fsynced once per batch) into the forward queue."""
         for answer in files:
             path = self.output / answer.name
-            write_atomic(path, answer.data, sync_folder=False)  # the folder once a batch
             if self.outbox is not None:
                 self.outbox.stage_link(path, answer.name, owner)
 
@@ -335,7 +357,7 @@ class Worker:
 
 
 class _AnswerProcesses:
-    """Processes for :func:`~edge_runtime.app.node.templates.encode_answers`, started and warmed
+    """Processes for :func:`encode_and_write`, started and warmed
     (highdicom imported) before the node listens.
 
     Each keeps the templates of the answers it built (:mod:`.templates`), so an answer goes to
@@ -358,8 +380,10 @@ class _AnswerProcesses:
         self._routes: dict[tuple, int] = {}
 
     def submit(
-        self, answer: Classification, path: str, model: ModelIdentity
+        self, answer: Classification, path: str, model: ModelIdentity, output: Path
     ) -> Future[EncodedAnswers]:
+        """Encode and write ``answer``'s files into ``output`` (:func:`encode_and_write`) in the
+        process that answered its kind before."""
         kind = (
             answer.label,
             bool(answer.abstained),
@@ -370,7 +394,7 @@ class _AnswerProcesses:
             answer.frame is None,
         )
         index = self._routes.setdefault(kind, len(self._routes) % len(self._pools))
-        return self._pools[index].submit(encode_answers, path, answer, model)
+        return self._pools[index].submit(encode_and_write, path, answer, model, str(output))
 
     def shutdown(self, *, wait: bool = True, cancel_futures: bool = False) -> None:
         for pool in self._pools:
