@@ -99,6 +99,16 @@ def _card_markdown(card: dict[str, Any]) -> str:
             "",
             f"Refitted: {record['refitted']['value']}, because {record['refitted']['why']}.",
         ]
+    ensemble = record.get("ensemble")
+    if ensemble:
+        lines += [
+            "",
+            f"Ensemble parent ({ensemble['members']} members, features "
+            f"{' + '.join(str(w) for w in ensemble['feature_widths'])}): "
+            f"{ensemble['adapted_layer']}. The fit starts from {ensemble['parent_layer']} (on "
+            f"this site's scans it calls {ensemble['logit_average_top1_agreement']:.1%} of them "
+            f"as the parent does); {ensemble['before']}.",
+        ]
     rule = record.get("normal_rule", {})
     if rule and rule.get("value") != rule.get("parent"):
         lines += [

@@ -15,7 +15,7 @@ import base64
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +30,20 @@ from edge_runtime.adapt.options import (
     Parent,
 )
 from edge_runtime.adapt.site import SiteScan, read_site
-from edge_runtime.adapt.write import run_batches, write_models
+from edge_runtime.adapt.write import run_batches, run_outputs, write_models
 from edge_runtime.classifier import MODELS_DIR, resolve_model_path, usable_cores
 from edge_runtime.io.reader import ScanReader
 from edge_runtime.model.card import file_sha256
 from edge_runtime.model.contract import (
     FEATURES,
     LESION,
+    PROBABILITIES,
     ModelSpec,
     NormalRule,
     Precision,
 )
 from edge_runtime.model.session import open_model
-from edge_runtime.postprocess.calibration import fit_temperature
+from edge_runtime.postprocess.calibration import apply_temperature, fit_temperature
 from edge_runtime.postprocess.decision import (
     SENSITIVITY_TARGET,
     decide,
@@ -98,8 +99,9 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     site = options.site_name or options.site.stem or options.site.name
     classes = main.spec.class_names
     with tempfile.TemporaryDirectory(prefix=".edge-adapt-") as tmp:
-        site_data = _site_features(main, partner, scans, Path(tmp), options)
-    features, kept, squares, lesion_found = site_data
+        site_data = _site_outputs(main, partner, scans, Path(tmp), options)
+    features, kept, squares = site_data.features, site_data.kept, site_data.squares
+    lesion_found = site_data.lesion_found
     labels = np.array([s.label for s in kept])
     groups = np.array([s.group for s in kept])
     if not _has_groups(groups):
@@ -119,12 +121,16 @@ def adapt(options: AdaptOptions) -> AdaptReport:
         )
     reference = partner or main  # fit and judge on the FP32 model's features when there is one
     x = features[reference.path]
+    ensemble = _ensemble_record(reference, x, site_data.probabilities)
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
     with threadpool_limits(1):  # tiny problems: BLAS threads only contend (10x slower seen)
         names = [s.path.name for s in kept]
-        fit = _fit_and_judge(x, labels, groups, reference, options, lesion_found, names)
+        own = site_data.probabilities if ensemble else None
+        fit = _fit_and_judge(x, labels, groups, reference, options, lesion_found, names, own)
     result = fit["record"]
+    if ensemble:
+        result["ensemble"] = ensemble
     result.update(site=site, scans_per_class=counts, groups=len(set(groups)))
     if fit["refusal"]:
         raise AdaptRefused(
@@ -219,6 +225,17 @@ def _output_paths(output: Path, main: Parent, partner: Parent | None) -> dict[st
     return paths
 
 
+@dataclass(frozen=True)
+class SiteOutputs:
+    """What the parent models output on the site's readable scans (:func:`_site_outputs`)."""
+
+    features: dict[Path, np.ndarray]  # per model file: pooled features [N, D], frames averaged
+    kept: list[SiteScan]  # the N scans read
+    squares: list[np.ndarray]  # every frame's [S, S] uint8 square (for checking written models)
+    lesion_found: np.ndarray | None  # bool [N], where the reference calls normal by its lesions
+    probabilities: np.ndarray  # the reference model's own probabilities [N, K], frames averaged
+
+
 def _site_features(
     main: Parent,
     partner: Parent | None,
@@ -226,10 +243,22 @@ def _site_features(
     tmp: Path,
     options: AdaptOptions,
 ) -> tuple[dict[Path, np.ndarray], list[SiteScan], list[np.ndarray], np.ndarray | None]:
+    """:func:`_site_outputs` as the tuple ``(features, kept, squares, lesion_found)``."""
+    out = _site_outputs(main, partner, scans, tmp, options)
+    return out.features, out.kept, out.squares, out.lesion_found
+
+
+def _site_outputs(
+    main: Parent,
+    partner: Parent | None,
+    scans: list[SiteScan],
+    tmp: Path,
+    options: AdaptOptions,
+) -> SiteOutputs:
     """Pooled features per model and per readable scan (frames of a file averaged), the scans
-    kept, every frame's square (for checking the written models) and, when the reference model
+    kept, every frame's square (for checking the written models), when the reference model
     (the FP32 partner, else the model) calls "normal" by its lesion head, whether that head finds
-    a lesion in each scan (in any of its frames), else None."""
+    a lesion in each scan (in any of its frames), else None, and the reference's probabilities."""
     import onnx
 
     from edge_runtime.adapt.graph import find_head, with_features
@@ -262,13 +291,14 @@ def _site_features(
             squares.append(square)
     for problem in failed:
         log.warning("%s (left out)", problem)
-    d = main.head.kernel.shape[0]
-    features = {
-        path: run_batches(loaded.session, FEATURES, squares, options.batch_size)
+    d, k = main.head.kernel.shape
+    runs = {
+        path: run_outputs(loaded.session, (FEATURES, PROBABILITIES), squares, options.batch_size)
         if squares
-        else np.zeros((0, d))
+        else [np.zeros((0, d)), np.zeros((0, k))]
         for path, loaded in sessions.items()
     }
+    features = {path: outputs[0] for path, outputs in runs.items()}
     kept = [s for s in scans if str(s.path) in by_source]
     reference = partner or main
     lesion_found = None
@@ -292,22 +322,64 @@ def _site_features(
             ]
         )
         lesion_found = np.array([bool(frame_found[by_source[str(s.path)]].any()) for s in kept])
-    per_file = {
-        path: np.stack([frames[by_source[str(s.path)]].mean(axis=0) for s in kept])
-        if kept
-        else np.zeros((0, frames.shape[1]))
-        for path, frames in features.items()
+    per_file = {path: _per_file(frames, kept, by_source) for path, frames in features.items()}
+    probabilities = _per_file(runs[reference.path][1], kept, by_source)
+    return SiteOutputs(per_file, kept, squares, lesion_found, probabilities)
+
+
+def _per_file(frames: np.ndarray, kept: list[SiteScan], by_source: dict[str, list[int]]):
+    """``[frames, C]`` rows -> ``[len(kept), C]``: the mean over each kept file's frames."""
+    if not kept:
+        return np.zeros((0, frames.shape[1]))
+    return np.stack([frames[by_source[str(s.path)]].mean(axis=0) for s in kept])
+
+
+def _ensemble_record(parent: Parent, x: np.ndarray, own: np.ndarray) -> dict[str, Any]:
+    """For an ensemble parent (:mod:`edge_runtime.adapt.graph`), what its logit-average layer
+    (the fit's prior, ``[sum D_m, K]``) is and how often it calls the site's ``[N, D]`` scans
+    ``x`` as the ensemble's own averaged probabilities ``own`` ``[N, K]`` do; else ``{}``. An
+    adapted ensemble, adapted again, starts from that layer with no ensemble left to compare."""
+    from edge_runtime.adapt.graph import EnsembleHeadGraph, find_head
+
+    if parent.unwrapped_from is not None:
+        return {}
+    where = find_head(parent.proto, source=str(parent.path))
+    if not isinstance(where, EnsembleHeadGraph):
+        return {}
+    logit_average = softmax(parent.head.logits(x))
+    agree = float(np.mean(logit_average.argmax(1) == own.argmax(1))) if len(x) else 1.0
+    return {
+        "members": len(where.members),
+        "feature_widths": list(where.widths),
+        "parent_layer": "the members' logit average: their kernels stacked in features order "
+        "and divided by the member count, and their mean bias; applied to the view-averaged "
+        "features it equals the mean of the members' logits over members and views, close to "
+        "but not the mean of their probabilities that the parent outputs",
+        "adapted_layer": "one softmax layer over the features output replaces the averaging of "
+        "the members' probabilities; cam is still the parent's",
+        "before": "the parent's calls are its own averaged probabilities",
+        "logit_average_top1_agreement": round(agree, 4),
+        "logit_average_max_abs_probability_diff": round(
+            float(np.abs(logit_average - own).max()) if len(x) else 0.0, 6
+        ),
     }
-    return per_file, kept, squares, lesion_found
 
 
 def parent_calls(
-    spec: ModelSpec, head: Head, features: np.ndarray, lesion_found: np.ndarray | None
+    spec: ModelSpec,
+    head: Head,
+    features: np.ndarray,
+    lesion_found: np.ndarray | None,
+    own: np.ndarray | None = None,
 ) -> np.ndarray:
     """The parent's calls as it runs (int ``[N]``): its temperature, operating point and, for a
     lesion model, its normal rule over ``lesion_found`` (bool ``[N]``, from
-    :func:`_site_features`)."""
-    probabilities = softmax(head.logits(features), spec.temperature)
+    :func:`_site_features`). ``own``: the parent's own probabilities ``[N, K]`` (an ensemble's,
+    which its layer ``head`` only approximates), used instead of ``head`` on ``features``."""
+    if own is None:
+        probabilities = softmax(head.logits(features), spec.temperature)
+    else:
+        probabilities = apply_temperature(own, spec.temperature)
     verdict = lesion_verdict(
         spec.normal_rule.value,
         lesion_found,
@@ -327,14 +399,16 @@ def _fit_and_judge(
     options: AdaptOptions,
     lesion_found: np.ndarray | None = None,
     names: Sequence[str] = (),
+    own: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Choose what to refit (:func:`_way`), estimate it by the site's cross-validation against
-    the parent as it runs, and fit it on all the site's scans."""
+    the parent as it runs (``own``: an ensemble's own probabilities ``[N, K]``, see
+    :func:`parent_calls`), and fit it on all the site's scans."""
     from edge_runtime.adapt.evaluate import SiteFeatures, choose_strength
 
     spec, classes = parent.spec, parent.spec.class_names
     malignant = classes.index("malignant") if "malignant" in classes else None
-    before = parent_calls(spec, parent.head, x, lesion_found)
+    before = parent_calls(spec, parent.head, x, lesion_found, own)
     free, why = _way(labels, before, classes)
     guard = _guard(spec, free)
     kept = (labels == malignant) & (before == malignant) if guard else None

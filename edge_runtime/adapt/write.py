@@ -200,6 +200,19 @@ def run_batches(
     return np.concatenate(rows)
 
 
+def run_outputs(
+    session: Any, outputs: tuple[str, ...], squares: list[np.ndarray], batch_size: int
+) -> list[np.ndarray]:
+    """Several outputs of an onnxruntime session over ``[S, S]`` uint8 squares, in batches (one
+    run per batch), each concatenated over the batches. ``squares`` must not be empty."""
+    rows: list[list[np.ndarray]] = [[] for _ in outputs]
+    for i in range(0, len(squares), batch_size):
+        batch = np.stack(squares[i : i + batch_size])[..., None]
+        for row, value in zip(rows, session.run(list(outputs), {INPUT_NAME: batch}), strict=True):
+            row.append(value)
+    return [np.concatenate(row) for row in rows]
+
+
 def _probabilities(proto: Any, squares: list[np.ndarray], batch_size: int) -> np.ndarray:
     """``probabilities`` of an in-memory model over ``[S, S]`` squares, on the CPU."""
     import onnxruntime as ort
