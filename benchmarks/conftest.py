@@ -108,19 +108,28 @@ def keras_model(models):
     ``EDGE_CLASSIFY_KERAS_MODEL`` (a ``model.keras``), else the same architecture untrained
     (speed does not depend on the weights). Skips where TensorFlow is not installed."""
     pytest.importorskip("tensorflow", reason="TensorFlow not installed (pip install '.[train]')")
+    from training.ensemble import parse_label
     from training.model.backbones import Backbone
     from training.model.classifier import build_classifier, load_classifier
+    from training.model.ensemble import combine
 
     trained = os.environ.get("EDGE_CLASSIFY_KERAS_MODEL")
     if trained:
         return load_classifier(Path(trained))
     spec = models[Precision.FP32].spec
-    return build_classifier(
-        len(spec.class_names),
-        backbone=Backbone(spec.backbone),
-        input_size=spec.input_size,
-        weights=None,
-    )
+    members, mirror, lesion_from = parse_label(spec.backbone)
+    built = [
+        build_classifier(
+            len(spec.class_names),
+            backbone=Backbone(backbone),
+            input_size=side or spec.input_size,
+            weights=None,
+        )
+        for backbone, side in members
+    ]
+    if len(built) == 1 and not mirror:
+        return built[0]
+    return combine(built, spec.input_size, mirror=mirror, lesion_from=lesion_from)
 
 
 @pytest.fixture(scope="session")

@@ -142,16 +142,25 @@ def _sr_arrivals(folder: Path, first_seen: dict[str, float]) -> dict[str, float]
     return arrived
 
 
-def _storescp(folder: Path, port: int) -> subprocess.Popen:
+def _storescp(folder: Path) -> tuple[subprocess.Popen, int]:
     """dcmtk's storescp as the PACS (every storage class and transfer syntax it knows, its
-    default maximum PDU: 16 KiB)."""
+    default maximum PDU: 16 KiB), and its port. A free port can be taken before storescp binds
+    it (storescp then exits at once): up to three ports are tried."""
     folder.mkdir(parents=True, exist_ok=True)
-    command = [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), "+xa", "-dhl", str(port)]
-    process = subprocess.Popen(
-        command, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    wait_for(lambda: _listening(port), 20, f"storescp listening on {port}")
-    return process
+    for _ in range(3):
+        port = free_port()
+        command = [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), "+xa", "-dhl", str(port)]
+        process = subprocess.Popen(
+            command, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 20
+        while process.poll() is None and time.monotonic() < deadline:
+            if _listening(port):
+                return process, port
+            time.sleep(0.1)
+        process.kill()
+        process.wait()
+    pytest.fail("storescp did not listen on any of three free ports")
 
 
 def _storescu(port: int, paths: list[Path]) -> subprocess.Popen:
@@ -168,7 +177,8 @@ def _storescu(port: int, paths: list[Path]) -> subprocess.Popen:
 def _run_node(classifier, files: list[Path], folder: Path, timeout_s: float) -> dict:
     """Send ``files`` from ``SENDERS`` storescu processes to a node forwarding to storescp;
     times, acknowledgements and CPU (ms per scan) of the run."""
-    pacs, pacs_port = folder / "pacs", free_port()
+    pacs = folder / "pacs"
+    storescp, pacs_port = _storescp(pacs)
     received: dict[str, float] = {}
 
     def record(uid: str, at: float) -> None:
@@ -181,7 +191,6 @@ def _run_node(classifier, files: list[Path], folder: Path, timeout_s: float) -> 
         forward=f"PACS@127.0.0.1:{pacs_port}",
         retry_min_s=0.2,
     )
-    storescp = _storescp(pacs, pacs_port)
     try:
         with _FolderWatch(pacs) as watch, Node(classifier, options, on_stored=record) as node:
             cpu, start = _cpu_s(), time.time()

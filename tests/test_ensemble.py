@@ -141,3 +141,23 @@ def test_the_command_hands_every_option_to_the_build(monkeypatch, tmp_path):
     assert (size, mirror, lesion_from) == (64, True, [0])
     assert [str(m) for m in members] == ["a", "b"]
     assert (data, str(output)) == ((tmp_path,), "o")
+
+
+@pytest.mark.parametrize(
+    ("members", "mirror", "lesion_from"),
+    [
+        ((("efficientnet-lite0", 160), ("efficientnet-lite2", 160)), True, [0]),
+        ((("efficientnet-lite0", 160), ("efficientnet-lite2", 224)), False, None),
+        ((("small-cnn", 64),), True, None),
+    ],
+)
+def test_an_ensemble_label_reads_back(members, mirror, lesion_from):
+    from types import SimpleNamespace
+
+    from training.ensemble import ensemble_label, member_backbones, parse_label
+
+    infos = [SimpleNamespace(backbone=b, input_size=s) for b, s in members]
+    label = ensemble_label(infos, mirror, lesion_from)
+    assert parse_label(label) == (list(members), mirror, lesion_from)
+    assert member_backbones(label) == [b for b, _ in members]
+    assert parse_label("efficientnet-lite0") == ([("efficientnet-lite0", None)], False, None)

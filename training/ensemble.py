@@ -55,7 +55,24 @@ def ensemble_label(
 def member_backbones(label: str) -> list[str]:
     """The members' backbones named by :func:`ensemble_label`'s ``label``; a single model's
     backbone label gives itself."""
-    return [member.split("@")[0] for member in label.split(", ")[0].split(" + ")]
+    return [backbone for backbone, _ in parse_label(label)[0]]
+
+
+def parse_label(label: str) -> tuple[list[tuple[str, int | None]], bool, list[int] | None]:
+    """:func:`ensemble_label` read back: the members' ``(backbone, input side)`` (side None for
+    a single model's bare backbone label), whether mirrored, and ``lesion_from`` (0-based;
+    None: every member)."""
+    parts = label.split(", ")
+    members = []
+    for member in parts[0].split(" + "):
+        backbone, _, side = member.partition("@")
+        members.append((backbone, int(side) if side else None))
+    lesion_from = None
+    for part in parts[1:]:
+        if part.startswith("lesion from member "):
+            words = part[len("lesion from member ") :].split(" and ")
+            lesion_from = [int(k) - 1 for k in words]
+    return members, "mirrored" in parts[1:], lesion_from
 
 
 def build_ensemble_run(
