@@ -147,6 +147,7 @@ def _storescp(folder: Path) -> tuple[subprocess.Popen, int]:
     default maximum PDU: 16 KiB), and its port. A free port can be taken before storescp binds
     it (storescp then exits at once): up to three ports are tried."""
     folder.mkdir(parents=True, exist_ok=True)
+    why: list[str] = []
     for _ in range(3):
         port = free_port()
         command = [dcmtk("storescp"), "-aet", "PACS", "-od", str(folder), "+xa", "-dhl", str(port)]
@@ -159,8 +160,9 @@ def _storescp(folder: Path) -> tuple[subprocess.Popen, int]:
                 return process, port
             time.sleep(0.1)
         process.kill()
-        process.wait()
-    pytest.fail("storescp did not listen on any of three free ports")
+        _, errors = process.communicate()
+        why.append(f"port {port}: exit {process.returncode}, {errors.decode(errors='replace')!r}")
+    pytest.fail(f"storescp did not listen on any of three free ports: {'; '.join(why)}")
 
 
 def _storescu(port: int, paths: list[Path]) -> subprocess.Popen:

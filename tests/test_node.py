@@ -105,10 +105,17 @@ def write_scans(folder: Path, datasets: list[Dataset]) -> list[Path]:
 
 
 def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"dcmtk's {tool} not found: apt-get install -y dcmtk (as .ci/run does)")
-    return path
+    """The path of dcmtk's ``tool`` on PATH. pynetdicom installs Python tools of the same names
+    (storescp, storescu, ...) into the environment's bin folder, first on PATH in an activated
+    environment: those are passed over (dcmtk's print ``$dcmtk:`` with ``--version``)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which(tool, path=folder)
+        if path is None:
+            continue
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+        if "$dcmtk:" in version.stdout + version.stderr:
+            return path
+    pytest.skip(f"dcmtk's {tool} not found: apt-get install -y dcmtk (as .ci/run does)")
 
 
 def free_port() -> int:
