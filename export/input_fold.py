@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edge_runtime.adapt.graph import drop_dead_nodes, prune
 from edge_runtime.model.contract import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ def fold_input_scaling(path: Path, mean: float, std: float) -> bool:
     removed = {id(n) for n in plan.removed}
     kept = [n for n in graph.node if id(n) not in removed]
     del graph.node[:]
-    graph.node.extend(_without_dead_nodes(kept, {o.name for o in graph.output}))
-    _drop_unused_initializers(graph)
+    graph.node.extend(kept)
+    drop_dead_nodes(graph)  # the constant branches of the removed scaling
+    prune(graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     log.info("folded (x - %g) / %g into %d convolution input(s)", mean, std, len(plan.leaves))
@@ -133,20 +135,3 @@ def _uint8_tensors(graph: onnx.GraphProto) -> set[str]:
 
 def _cast_to(node: onnx.NodeProto) -> int | None:
     return next((a.i for a in node.attribute if a.name == "to"), None)
-
-
-def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """Drop nodes whose outputs nobody reads (the constant branches of the removed chain)."""
-    while True:
-        used = {name for n in nodes for name in n.input} | outputs
-        alive = [n for n in nodes if any(o in used for o in n.output)]
-        if len(alive) == len(nodes):
-            return alive
-        nodes = alive
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for n in graph.node for name in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

@@ -371,6 +371,7 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
     alone = int8_gate(fp32.probabilities, probabilities, images.labels, **thresholds)
     margin = 0.0
     spec = _spec(info, Precision.INT8, settings, decision=fp32.decision)
+    lesion = None if fp32.lesion is None else _onnx_output(path, images.held_out, LESION)
     if options.recheck and images.val is not None:
         val_int8 = _onnx_probabilities(path, images.val)
         margin = recheck_margin(val_fp32_probs, val_int8)
@@ -389,8 +390,7 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
             recheck_malignant_margin=malignant,
             recheck_lesion_margin=lesion_margin,
         )
-        lesion_maps = None if fp32.lesion is None else _onnx_output(path, images.held_out, LESION)
-        redo = _rechecked(spec, probabilities, lesion_maps)
+        redo = _rechecked(spec, probabilities, lesion)
         record = _recheck_record(spec, len(images.val), redo, alone)
         settings = {**settings, "fp32_recheck": record}
         spec = replace(spec, quantization=settings)
@@ -403,8 +403,7 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
         if options.recheck:
             log.warning("no validation split apart from the gate's: no FP32 recheck")
         reports["int8"] = alone
-    if fp32.lesion is not None:
-        lesion = _onnx_output(path, images.held_out, LESION)
+    if lesion is not None:
         redo = _rechecked(spec, probabilities, lesion)  # the runtime's answers: FP32's where rerun
         lesion[redo] = fp32.lesion[redo]
         reports["int8 lesion"] = lesion_gate(

@@ -25,20 +25,16 @@ SEED="${SEED:-0}"
 mkdir -p "$RUN"
 start=$(date +%s)
 trained() { [ -f "$RUN/$1/protocol.json" ] && [ -f "$RUN/$1/model.keras" ]; }
-if ! trained lite0; then
-    edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN/lite0" \
-        --backbone efficientnet-lite0 --image-size 160 --frozen-epochs 2 --epochs 6 \
+member() {  # folder, backbone: edge-train with the recipe (its defaults, written out)
+    trained "$1" && return
+    edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN/$1" \
+        --backbone "$2" --image-size 160 --frozen-epochs 2 --epochs 6 \
         --learning-rate 0.001 --pixel-noise 0.03 --clutter 0.5 \
         --leave-scanner-out 'busi:GE LOGIQ E9' 'busbra:GE Logiq 7 @10-14MHz' \
-        'busbra:GE Logiq 5 @10-12MHz' --batch-size 32 --seed "$SEED" 2>&1 | tee "$RUN/lite0.log"
-fi
-if ! trained lite2; then
-    edge-train "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" --output "$RUN/lite2" \
-        --backbone efficientnet-lite2 --image-size 160 --frozen-epochs 2 --epochs 6 \
-        --learning-rate 0.001 --pixel-noise 0.03 --clutter 0.5 \
-        --leave-scanner-out 'busi:GE LOGIQ E9' 'busbra:GE Logiq 7 @10-14MHz' \
-        'busbra:GE Logiq 5 @10-12MHz' --batch-size 32 --seed "$SEED" 2>&1 | tee "$RUN/lite2.log"
-fi
+        'busbra:GE Logiq 5 @10-12MHz' --batch-size 32 --seed "$SEED" 2>&1 | tee "$RUN/$1.log"
+}
+member lite0 efficientnet-lite0
+member lite2 efficientnet-lite2
 if ! trained v4; then
     python -m training.ensemble "$DATA/busi/Dataset_BUSI_with_GT" "$DATA/busbra" \
         --member "$RUN/lite0" --member "$RUN/lite2" --output "$RUN/v4" --image-size 160 \

@@ -70,6 +70,7 @@ def pooled(model: Path, images: list[np.ndarray]) -> np.ndarray:
 def parents(tmp_path_factory) -> dict[str, Path]:
     """A parent pair fitted on the ordinary synthetic scanner: FP32, and INT8 (QDQ, quantized
     by export's own code) with the FP32 model as its recheck partner. Neither has `features`."""
+    from export.convert import write_metadata
     from export.quantize import QuantConfig, quantize_int8
 
     root = tmp_path_factory.mktemp("parents")
@@ -101,11 +102,7 @@ def parents(tmp_path_factory) -> dict[str, Path]:
         recheck_margin=max(margin, 0.01),
         recheck_model=fp32.name,
     )
-    proto = onnx.load(str(int8))
-    del proto.metadata_props[:]
-    for key, value in int8_spec.to_metadata().items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(int8))
+    write_metadata(int8, int8_spec)
     return {"fp32": fp32, "int8": int8}
 
 

@@ -153,6 +153,7 @@ def ensemble_parents(tmp_path_factory) -> dict[str, Path]:
     """An FP32 ensemble of two mirrored members fitted on the ordinary synthetic scanner, and its
     INT8 model (quantized by export's own code) with the FP32 one as its recheck partner."""
     from edge_runtime.postprocess.recheck import recheck_margin
+    from export.convert import write_metadata
     from export.quantize import QuantConfig, quantize_int8
 
     root = tmp_path_factory.mktemp("ensemble")
@@ -190,11 +191,7 @@ def ensemble_parents(tmp_path_factory) -> dict[str, Path]:
         recheck_margin=max(recheck_margin(*probabilities), 0.01),
         recheck_model=fp32.name,
     )
-    proto = onnx.load(str(int8))
-    del proto.metadata_props[:]
-    for key, value in int8_spec.to_metadata().items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(int8))
+    write_metadata(int8, int8_spec)
     return {"fp32": fp32, "int8": int8}
 
 

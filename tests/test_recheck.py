@@ -232,6 +232,8 @@ def _sharpened(fp32: Path, path: Path, spec: ModelSpec, gain: float) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
+    from export.convert import write_metadata
+
     model = onnx.load(str(fp32))
     graph = model.graph
     softmax = next(n for n in graph.node if n.op_type == "Softmax")
@@ -241,10 +243,8 @@ def _sharpened(fp32: Path, path: Path, spec: ModelSpec, gain: float) -> Path:
         helper.make_node("Mul", [softmax.input[0], "gain"], ["sharpened"]),
     )
     softmax.input[0] = "sharpened"
-    del model.metadata_props[:]
-    for key, value in spec.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
+    write_metadata(path, spec)
     return path
 
 

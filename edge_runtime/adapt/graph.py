@@ -385,7 +385,7 @@ def with_head(
         for tensor in (where.logits, where.cam):
             if tensor:
                 _drop_qdq_after(graph, tensor)
-    _prune(graph)
+    prune(graph)
     del copy.metadata_props[:]
     for key, value in metadata.items():
         copy.metadata_props.add(key=key, value=value)
@@ -429,12 +429,12 @@ def _replace_average(graph, where: EnsembleHeadGraph, head: Head) -> None:
             ),
         ]
     )
-    _drop_dead_nodes(graph)
+    drop_dead_nodes(graph)
 
 
-def _drop_dead_nodes(graph) -> None:
-    """Remove nodes none of whose outputs a node or the graph's outputs read, until none is
-    left."""
+def drop_dead_nodes(graph) -> None:
+    """Remove from ``graph`` (an ``onnx.GraphProto``) the nodes none of whose outputs a node or
+    the graph's outputs read, until none is left (export's input fold uses it too)."""
     outputs = {out.name for out in graph.output}
     while True:
         used = {name for node in graph.node for name in node.input} | outputs
@@ -478,7 +478,7 @@ def _drop_qdq_after(graph, tensor: str) -> None:
     graph.node.remove(dequantize)
 
 
-def _prune(graph) -> None:
+def prune(graph) -> None:
     """Drop initializers and value_info that no node reads or writes any more."""
     used = {name for node in graph.node for name in node.input}
     used |= {out.name for out in graph.output}
