@@ -5,7 +5,7 @@ usage: python -m export.bundle RUN_DIR --data-root ../shared/data
 Copies ``RUN_DIR/export/default-{fp32,int8}.onnx`` and the card into ``edge_runtime/models/``,
 writes ``default.heldout.csv`` (the run's test images, paths relative to ``--data-root``, so the
 benchmarks can re-check parity on a machine that has the data), and copies the run's plots and
-metrics into ``docs/default-model/``.
+metrics and its scanner-held-out protocol (``protocol.json``) into ``docs/default-model/``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from training.runfolder import (
     CV_METRICS_FILE,
     METRICS_FILE,
     PLOTS_DIR,
+    PROTOCOL_FILE,
     SOURCE_METRICS_FILE,
     SPLIT_FILE,
 )
@@ -66,7 +67,10 @@ def bundle(
             raise ValueError(f"{path}: bundled model fails the contract: {exc}") from exc
     written.append(_write_heldout(run_dir / SPLIT_FILE, data_root, models_dir))
     docs_dir.mkdir(parents=True, exist_ok=True)
-    reports = [run_dir / name for name in (METRICS_FILE, CV_METRICS_FILE, SOURCE_METRICS_FILE)]
+    reports = [
+        run_dir / name
+        for name in (METRICS_FILE, CV_METRICS_FILE, SOURCE_METRICS_FILE, PROTOCOL_FILE)
+    ]
     for path in [*sorted((run_dir / PLOTS_DIR).glob("*.png")), *reports]:
         if path.is_file():
             shutil.copy2(path, docs_dir / path.name)

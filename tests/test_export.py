@@ -182,7 +182,8 @@ def test_bundle_ships_the_pair_the_card_and_the_heldout_list(run, tmp_path):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("data"))  # split.csv points at run
     args = [str(copy), "--output", str(copy / "export"), "--name", "default"]
     assert main([*args, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]) == 0
-    (copy / "metrics.json").write_text("{}\n")  # edge-train writes it; make_run_folder does not
+    (copy / "metrics.json").write_text("{}\n")  # edge-train writes them; make_run_folder does not
+    (copy / "protocol.json").write_text("{}\n")
     models, docs = tmp_path / "models", tmp_path / "docs"
     written = bundle(copy, data_root=run, models_dir=models, docs_dir=docs)
     assert sorted(p.name for p in models.iterdir()) == [
@@ -193,6 +194,7 @@ def test_bundle_ships_the_pair_the_card_and_the_heldout_list(run, tmp_path):
         "default.heldout.csv",
     ]
     assert docs / "metrics.json" in written
+    assert docs / "protocol.json" in written
     for precision in ("fp32", "int8"):
         verify_against_card(models / f"default-{precision}.onnx")
     with open(copy / "split.csv", newline="") as handle:
