@@ -194,6 +194,7 @@ def _run_node(classifier, files: list[Path], folder: Path, timeout_s: float) -> 
         retry_min_s=0.2,
     )
     try:
+        dcmtk("storescu")  # found before the clock starts (a lookup runs Python tools)
         with _FolderWatch(pacs) as watch, Node(classifier, options, on_stored=record) as node:
             cpu, start = _cpu_s(), time.time()
             senders = [_storescu(node.scp.port, files[i::SENDERS]) for i in range(SENDERS)]
