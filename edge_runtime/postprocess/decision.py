@@ -112,10 +112,12 @@ def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int)
     )
     spread = (features - means[labels]).std(axis=0)
     spread = np.maximum(spread, 0.01 * float(np.median(spread)) + 1e-12)
+    # rounded in float64: float32 values rounded in float32 print with 17 digits in JSON, twice
+    # the metadata to parse at every start, for the same float32 values when read back
     return {
         "method": UNFAMILIAR_METHOD,
-        "means": np.round(means, 6).tolist(),
-        "scale": np.round(spread, 6).tolist(),
+        "means": np.round(means.astype(np.float64), 6).tolist(),
+        "scale": np.round(spread.astype(np.float64), 6).tolist(),
     }
 
 
