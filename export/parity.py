@@ -119,16 +119,25 @@ def int8_recheck_gate(
     margin: float,
     labels=None,
     *,
+    rerun: np.ndarray | None = None,
     min_agreement: float = MIN_TOP1_AGREEMENT,
     max_accuracy_drop: float = MAX_ACCURACY_DROP,
     max_recheck_fraction: float = MAX_RECHECK_FRACTION,
 ) -> ParityReport:
     """The INT8 gate on the answers the runtime gives: INT8, rerun in FP32 where its top-1 lead
-    is below ``margin`` (:mod:`edge_runtime.postprocess.recheck`); and at most
-    ``max_recheck_fraction`` of the scans rechecked."""
-    answers, redo = with_recheck(int8_probs, fp32_probs, margin)
+    is below ``margin`` (:mod:`edge_runtime.postprocess.recheck`), or on the rows of ``rerun``
+    (bool ``[N]``: every row the runtime reruns, as
+    :func:`~edge_runtime.postprocess.recheck.near_a_call` gives them, the top-1 rule included);
+    and at most ``max_recheck_fraction`` of the scans rechecked."""
+    if rerun is None:
+        answers, redo = with_recheck(int8_probs, fp32_probs, margin)
+        why = f"lead < {margin:.3f}"
+    else:
+        redo = np.asarray(rerun, bool)
+        answers = np.where(redo[:, None], fp32_probs, int8_probs)
+        why = f"lead < {margin:.3f} or near a call"
     report = compare(
-        f"onnx-int8, FP32 recheck of {int(redo.sum())} with lead < {margin:.3f}, vs onnx-fp32",
+        f"onnx-int8, FP32 recheck of {int(redo.sum())} with {why}, vs onnx-fp32",
         fp32_probs,
         answers,
         labels,

@@ -397,7 +397,7 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
         write_metadata(path, spec)
         log.info("%s", _alone_line(alone))
         reports["int8"] = int8_recheck_gate(
-            fp32.probabilities, probabilities, margin, images.labels, **thresholds
+            fp32.probabilities, probabilities, margin, images.labels, rerun=redo, **thresholds
         )
     else:
         if options.recheck:

@@ -67,6 +67,20 @@ def test_recheck_gate_fails_when_too_much_is_rechecked():
     assert not report.passed and "FP32 recheck of 100.0% of scans > 33%" in report.summary()
 
 
+def test_recheck_gate_takes_every_row_the_runtime_reruns():
+    """Export's gate scores the rows the runtime reruns (near a call too), not only the top-1
+    rule's: a disagreement the lead misses counts once its row is in ``rerun``, and so does its
+    share of the rechecked scans."""
+    fp32 = np.array([[0.6, 0.3, 0.1]] * 9 + [[0.2, 0.3, 0.5]])
+    int8 = np.array([[0.6, 0.3, 0.1]] * 9 + [[0.2, 0.5, 0.3]])  # last row: a wide wrong lead
+    assert int8_recheck_gate(fp32, int8, 0.1).top1_agreement == 0.9
+    rerun = np.zeros(10, bool)
+    rerun[-1] = True
+    report = int8_recheck_gate(fp32, int8, 0.1, rerun=rerun)
+    assert report.top1_agreement == 1.0 and "near a call" in report.summary()
+    assert not int8_recheck_gate(fp32, int8, 0.1, rerun=np.arange(10) < 4).passed  # 40% > 33%
+
+
 def test_margin_and_partner_round_trip_through_metadata():
     spec = replace(
         FP32_SPEC,
