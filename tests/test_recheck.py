@@ -204,6 +204,18 @@ def test_bench_report_names_the_recheck(tmp_path):
     assert "recheck   scans with INT8 top-1 lead < 0.400" in format_table(report)
 
 
+def test_the_rerun_rule_in_words_names_each_margin_in_use():
+    from edge_runtime.postprocess.recheck import rerun_rule
+
+    spec = replace(FP32_SPEC, precision=Precision.INT8, recheck_margin=0.128)
+    assert rerun_rule(spec) == "INT8 top-1 lead < 0.128"
+    spec = replace(spec, recheck_malignant_margin=0.031, recheck_lesion_margin=0.05)
+    assert rerun_rule(spec) == (
+        "INT8 top-1 lead < 0.128, P(malignant) within 0.031 of the operating point or lesion "
+        "peak within 0.050 of the lesion threshold"
+    )
+
+
 def test_near_a_call_reruns_rows_near_the_operating_point_or_the_lesion_threshold():
     spec = replace(
         FP32_SPEC,

@@ -21,6 +21,7 @@ import onnxruntime as ort
 from edge_runtime.classifier import Classifier
 from edge_runtime.io.decode import InputError, load_frames
 from edge_runtime.io.preprocess import fit_to_square
+from edge_runtime.postprocess.recheck import rerun_rule
 
 SYNTHETIC_SHAPE = (480, 640)  # a typical ultrasound frame, height x width
 
@@ -54,7 +55,8 @@ class BenchReport:
     images: str  # "synthetic HxW" or the folder the scans came from
     batches: tuple[BatchTiming, ...]
     recheck_model: str | None = None  # the FP32 model that reruns scans INT8 is unsure of
-    recheck_margin: float = 0.0
+    recheck_margin: float = 0.0  # the top-1 rule's margin; recheck_rule has every rule
+    recheck_rule: str = ""  # edge_runtime.postprocess.recheck.rerun_rule, in words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +168,7 @@ def benchmark(
         batches=tuple(timings),
         recheck_model=str(recheck) if recheck else None,
         recheck_margin=spec.recheck_margin if recheck else 0.0,
+        recheck_rule=rerun_rule(spec) if recheck else "",
     )
 
 
@@ -180,8 +183,8 @@ def format_table(report: BenchReport) -> str:
         f"images    {report.images}",
         *(
             [
-                f"recheck   scans with INT8 top-1 lead < {report.recheck_margin:.3f} rerun by "
-                f"{report.recheck_model} (how many depends on the scans; --no-recheck: none)"
+                f"recheck   scans with {report.recheck_rule} rerun by {report.recheck_model} "
+                "(how many depends on the scans; --no-recheck: none)"
             ]
             if report.recheck_model
             else []

@@ -96,6 +96,20 @@ def needs_recheck(probabilities: np.ndarray, margin: float) -> np.ndarray:
     return top1_lead(probabilities) < margin
 
 
+def rerun_rule(spec: ModelSpec) -> str:
+    """:func:`near_a_call`'s rule for ``spec``'s margins, in words (for reports and the
+    dashboard): ``"INT8 top-1 lead < 0.128, P(malignant) within 0.031 of the operating point
+    or lesion peak within 0.050 of the lesion threshold"``; a margin of 0 is left out."""
+    parts = [f"INT8 top-1 lead < {spec.recheck_margin:.3f}"]
+    if spec.recheck_malignant_margin > 0:
+        parts.append(
+            f"P(malignant) within {spec.recheck_malignant_margin:.3f} of the operating point"
+        )
+    if spec.recheck_lesion_margin > 0:
+        parts.append(f"lesion peak within {spec.recheck_lesion_margin:.3f} of the lesion threshold")
+    return ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1]
+
+
 def near_a_call(
     spec: ModelSpec,
     probabilities: np.ndarray,

@@ -28,6 +28,7 @@ from edge_runtime.classifier import Classification, Classifier, Failure, Result,
 from edge_runtime.io.decode import InputError, decode_gray, is_dicom, load_frames
 from edge_runtime.model.card import card_path_for
 from edge_runtime.postprocess.lesion import Lesion
+from edge_runtime.postprocess.recheck import rerun_rule
 
 FAILED = "failed"  # the label column of a scan that could not be classified
 _DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -250,9 +251,7 @@ def model_facts(classifier: Classifier) -> dict[str, str]:
         "input": f"{spec.input_size} x {spec.input_size} gray, {spec.resize_policy.value}",
         "calibration temperature": f"{spec.temperature:.3f}",
         "abstains below": f"{classifier.abstain_below:.2f}",
-        "FP32 recheck": (
-            f"{recheck.name} (INT8 lead below {spec.recheck_margin:.3f})" if recheck else "off"
-        ),
+        "FP32 recheck": (f"{recheck.name} (reruns: {rerun_rule(spec)})" if recheck else "off"),
         "lesion output": "yes" if spec.has_lesion else "no",
     }
 
