@@ -48,3 +48,15 @@ def test_a_mismatched_partner_fails_at_start_before_any_scan(tmp_path):
     path = _pair(tmp_path, margin=0.3, fp32_spec=replace(FP32_SPEC, input_size=96))
     with pytest.raises(ContractError, match="input_size is 96"):
         Classifier.from_path(path, provider=Provider.CPU)
+
+
+def test_the_partner_is_checked_without_reading_its_unfamiliar_statistics():
+    """The unfamiliar score is the INT8 model's: the bundled FP32 partner's statistics (tens of
+    KB of JSON) are left unread at start, and read when its session opens."""
+    from edge_runtime.classifier import default_model_path
+    from edge_runtime.model.session import open_recheck_model
+
+    int8 = open_model(default_model_path("int8"), provider=Provider.CPU)
+    partner = open_recheck_model(int8, provider=Provider.CPU)
+    assert "threshold" in int8.spec.unfamiliar and partner.spec.unfamiliar == {}
+    assert "threshold" in partner.load().spec.unfamiliar

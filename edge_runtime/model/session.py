@@ -20,6 +20,7 @@ from edge_runtime.model.card import file_sha256, verify_against_card
 from edge_runtime.model.contract import (
     INPUT_NAME,
     KEY_PRECISION,
+    KEY_UNFAMILIAR,
     PROBABILITIES,
     ContractError,
     ModelSpec,
@@ -200,7 +201,9 @@ class LazyModel:
     use of :attr:`session` (then it is checked in full, as :func:`open_model` does).
 
     The FP32 partner of an INT8 model is needed only for the scans INT8 is unsure of: a run of
-    one confident scan never pays for its session.
+    one confident scan never pays for its session. Its :attr:`spec` as
+    :func:`open_recheck_model` gives it has no ``unfamiliar`` statistics (the INT8 model's own
+    are used); the loaded model's has them.
     """
 
     def __init__(
@@ -267,6 +270,9 @@ def open_recheck_model(
         metadata = read_metadata(path)
     except (OSError, MetadataError) as exc:
         raise ContractError(f"{path}: not an ONNX model ({exc})") from exc
+    # the partner's unfamiliar-scan statistics are not read here: the score is the INT8 model's
+    # (up to 200 KB of JSON, a few ms of every cold start); open_model reads them on first use
+    metadata.pop(KEY_UNFAMILIAR, None)
     partner = ModelSpec.from_metadata(metadata, source=str(path))
     check_recheck_partner(spec, partner, source=str(path))
 
