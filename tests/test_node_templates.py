@@ -251,3 +251,21 @@ def test_a_value_highdicom_refuses_is_refused_with_a_template_too():
         received = header(spooled, PatientSex="X")
         templates.encode(received, answer_inputs(received, refused))
     assert templates.filled == 1
+
+
+def test_a_source_without_a_modality_is_answered_with_an_sr_and_a_seg():
+    """Modality is Type 1, yet converted files (img2dcm's Secondary Capture) lack it; highdicom
+    names the SEG after it and raised AttributeError, so the node answered nothing."""
+    templates = AnswerTemplates(MODEL)
+    for index in range(3):  # the first built by highdicom, the next filled into its template
+        spooled = source(index)
+        received = header(spooled)
+        del received.Modality
+        result = answer(index=index, label="malignant", lesion=True)
+        files = {
+            prefix: data
+            for prefix, _, data in templates.encode(received, answer_inputs(received, result))
+        }
+        assert set(files) == {"SR", "SEG"}
+        check_reads_back(files, result)
+    assert (templates.built, templates.filled) == (1, 2)

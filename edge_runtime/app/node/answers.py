@@ -447,12 +447,18 @@ def _segmentation(
         ),
     )
     header = source
-    if "PixelSpacing" in source and "SliceThickness" not in source:
-        # highdicom writes Pixel Measures without Slice Thickness from such an image and then
-        # refuses to read its own SEG back: the SEG leaves the spacing out (the SR has the mm)
+    spacing_alone = "PixelSpacing" in source and "SliceThickness" not in source
+    if spacing_alone or "Modality" not in source:
         header = copy.copy(source)  # shares the elements dict: give it its own
         header._dict = source._dict.copy()
+    if spacing_alone:
+        # highdicom writes Pixel Measures without Slice Thickness from such an image and then
+        # refuses to read its own SEG back: the SEG leaves the spacing out (the SR has the mm)
         del header.PixelSpacing
+    if "Modality" not in source:
+        # Type 1, but missing from some converted files (img2dcm's Secondary Capture);
+        # highdicom names the SEG's series after it. "OT" (other) is what such a file is.
+        header.Modality = "OT"
     return hd.seg.Segmentation(
         source_images=[header],
         pixel_array=mask[None].astype(np.uint8),
