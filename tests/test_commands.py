@@ -148,3 +148,33 @@ def test_without_its_extra_a_command_says_which_to_install(
     message = stderr.getvalue()
     assert f"pip install 'edge-classify[{extra}]'" in message and absent in message, message
     assert "Traceback" not in message and "internal error" not in message
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "extra", "absent"),
+    [("serve", "node", "pydicom"), ("serve", "node", "highdicom"), ("adapt", "adapt", None)],
+)
+def test_the_help_of_a_subcommand_with_an_extra_names_it(
+    monkeypatch, tmp_path, subcommand, extra, absent
+):
+    """``--help`` names the extra; ``serve`` without it says which to install, also when the
+    ``dicom`` extra's pydicom is missing (importing the node package needs pydicom: the message
+    was "No module named 'pydicom'")."""
+    import importlib.util
+
+    from edge_runtime.app.cli import main
+
+    stdout = io.StringIO()
+    assert main([subcommand, "--help"], stdout=stdout, stderr=io.StringIO()) == 0
+    assert f"pip install 'edge-classify[{extra}]'" in " ".join(stdout.getvalue().split())
+    if absent is None:
+        return
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == absent else real(name, *a)
+    )
+    stderr = io.StringIO()
+    argv = [subcommand, "--output", str(tmp_path / "out")]
+    assert main(argv, stdout=io.StringIO(), stderr=stderr) == ExitStatus.USAGE
+    message = stderr.getvalue()
+    assert f"pip install 'edge-classify[{extra}]'" in message and absent in message, message

@@ -30,6 +30,7 @@ from edge_runtime.postprocess.lesion import require_lesion_output
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
 
 SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt", "serve")
+NODE_EXTRA_HINT = "the DICOM node needs the node extra: pip install 'edge-classify[node]'"
 
 
 EXAMPLES = """\
@@ -714,7 +715,8 @@ def build_adapt_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify adapt``."""
     parser = command_parser(
         "edge-classify adapt",
-        "Refit a model's last layer on your own labelled scans (site adaptation).",
+        "Refit a model's last layer on your own labelled scans (site adaptation). Needs the "
+        "adapt extra: pip install 'edge-classify[adapt]'.",
         ADAPT_EXAMPLES,
     )
     parser.add_argument(
@@ -824,7 +826,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     """The parser of ``edge-classify serve``."""
     parser = command_parser(
         "edge-classify serve",
-        "A DICOM node: scanners send by C-STORE, edge-classify answers with an SR and a SEG.",
+        "A DICOM node: scanners send by C-STORE, edge-classify answers with an SR and a SEG. "
+        "Needs the node extra: pip install 'edge-classify[node]'.",
         SERVE_EXAMPLES,
     )
     parser.add_argument(
@@ -874,10 +877,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
     import importlib.util
 
-    missing = [m for m in ("pynetdicom", "highdicom") if importlib.util.find_spec(m) is None]
+    needed = ("pydicom", "pynetdicom", "highdicom")  # checked before the node package imports
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
-        from edge_runtime.app.node import NODE_EXTRA_HINT
-
         stderr.write(f"edge-classify: error: {NODE_EXTRA_HINT} ({', '.join(missing)} missing)\n")
         return ExitStatus.USAGE
     from edge_runtime.app.node import Node, NodeOptions

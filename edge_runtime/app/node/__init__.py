@@ -7,7 +7,8 @@ forwarded to a PACS. One module per part: :mod:`.access` (who may associate), :m
 (receive), :mod:`.spool` (store, exactly once), :mod:`.worker` (classify and answer),
 :mod:`.answers` (SR and SEG), :mod:`.templates` (later instances of a layout encoded from the
 first), :mod:`.journal` (JSON lines), :mod:`.forward` (send on), :mod:`.node` (the whole).
-Importing this package imports neither pynetdicom nor highdicom.
+Importing this package imports pydicom (the ``dicom`` extra), and neither pynetdicom nor
+highdicom.
 """
 
 from edge_runtime.app.node.access import AllowEntry, AllowList
@@ -18,10 +19,7 @@ from edge_runtime.app.node.scp import STORAGE_CLASSES, TRANSFER_SYNTAXES, ScpOpt
 from edge_runtime.app.node.spool import Spool
 from edge_runtime.app.node.worker import RESULTS_NAME, Worker
 
-NODE_EXTRA_HINT = "the DICOM node needs the node extra: pip install 'edge-classify[node]'"
-
 __all__ = [
-    "NODE_EXTRA_HINT",
     "RESULTS_NAME",
     "STORAGE_CLASSES",
     "TRANSFER_SYNTAXES",
