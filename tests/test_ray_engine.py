@@ -235,3 +235,16 @@ def _actor_pids_of_session(session: int) -> set[int]:
         except OSError:
             continue
     return found
+
+
+def test_quiet_keeps_rays_warnings_off_the_terminal(scans, model, tmp_path):
+    """``--quiet`` on Ray: Ray logs errors only and its workers' output is not forwarded (its
+    warnings and "Progress bars disabled" reached the terminal before)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "edge_runtime.app.cli", str(scans), "--model", str(model)]
+    command += ["--engine", "ray", "--workers", "1", "--format", "jsonl", "--quiet"]
+    command += ["--output", str(tmp_path / "out.jsonl")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stderr  # the corrupt and the empty file
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 42
+    assert "WARNING" not in done.stderr and "Progress bars" not in done.stderr, done.stderr

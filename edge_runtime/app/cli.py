@@ -524,7 +524,7 @@ def _ray_results(stack, classifier, files, options, args) -> Iterator[Result]:
     """``--engine ray``: results from a Ray cluster joined (or started) for this run."""
     from edge_runtime.app.ray_engine import RayOptions, classify_on_ray, ray_cluster
 
-    ray_options = RayOptions(address=args.ray_address, workers=args.workers)
+    ray_options = RayOptions(address=args.ray_address, workers=args.workers, quiet=args.quiet)
     try:
         workers = stack.enter_context(ray_cluster(ray_options))
     except ImportError as exc:

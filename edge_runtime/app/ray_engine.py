@@ -62,11 +62,14 @@ class RayOptions:
             machine, for a local one).
         files_per_call: files an actor classifies per call (Ray Data's ``batch_size``); a killed
             actor redoes at most this many files per call in flight.
+        quiet: Ray logs errors only, and its workers' output is not forwarded to this process
+            (``edge-classify --quiet``).
     """
 
     address: str | None = None
     workers: int | None = None
     files_per_call: int = 16
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -102,7 +105,10 @@ def ray_cluster(options: RayOptions) -> Iterator[int]:
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
-        settings: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+        level = logging.ERROR if options.quiet else logging.WARNING
+        settings: dict[str, Any] = {"include_dashboard": False, "logging_level": level}
+        if options.quiet:
+            settings["log_to_driver"] = False
         if options.address is None:
             settings["num_cpus"] = options.workers or os.cpu_count() or 1
         else:
@@ -192,7 +198,7 @@ def _ray_results(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR if ray_options.quiet else logging.WARNING)
     worker_options = replace(options, threads=options.threads or 1, decode_workers=1)
     # Reading is I/O: no CPU reserved, but a bounded number of readers (each task is a Python
     # worker process; unbounded zero-CPU tasks start dozens of them at once).
