@@ -248,3 +248,24 @@ def test_masks_with_a_model_without_a_lesion_output_exits_2_before_classifying(t
     assert status == ExitStatus.USAGE == 2
     assert f"{model}: this model has no lesion output" in err and "leave out --masks" in err
     assert out == "" and not masks.exists()
+
+
+@pytest.mark.parametrize("flag", ["--output", "--heatmaps", "--masks"])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_scan(tmp_path, model, flag):
+    """A folder given to --output, or a file given to --heatmaps or --masks: exit 2 with the
+    path and the reason, before the model loads (it was a raw "[Errno 21] Is a directory", and
+    for --heatmaps only after every scan had been classified)."""
+    scan = write_scan(tmp_path / "a.png")
+    target = tmp_path / ("folder" if flag == "--output" else "file.txt")
+    target.mkdir() if flag == "--output" else target.write_text("x")
+    status, out, err = run(scan, "--model", model, "--format", "jsonl", flag, target)
+    assert status == ExitStatus.USAGE
+    assert f"{flag} {target}" in err and ("is a folder" in err or "not a folder" in err), err
+    assert out == "" and "Errno" not in err
+
+
+def test_output_into_a_missing_folder_is_refused_before_any_scan(tmp_path, model):
+    scan = write_scan(tmp_path / "a.png")
+    target = tmp_path / "no-such-folder" / "out.jsonl"
+    status, _, err = run(scan, "--model", model, "--output", target)
+    assert status == ExitStatus.USAGE and "does not exist" in err, err

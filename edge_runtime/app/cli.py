@@ -465,7 +465,28 @@ def _options(args: argparse.Namespace) -> ClassifierOptions:
     )
 
 
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--output``, ``--heatmaps`` or ``--masks`` cannot be written, found before the model
+    loads and any scan is classified; None when they can (the folders are made when written)."""
+    if args.output is not None:
+        if args.output.is_dir():
+            return f"--output {args.output}: is a folder; give the path of a file to write"
+        if not args.output.parent.is_dir():
+            return f"--output {args.output}: the folder {args.output.parent} does not exist"
+    for flag, folder in (("--heatmaps", args.heatmaps), ("--masks", args.masks)):
+        if folder is None:
+            continue
+        blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            where = "" if blocking == folder else f" ({blocking} is)"
+            return f"{flag} {folder}: a file, not a folder{where}"
+    return None
+
+
 def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    if problem := _output_problem(args):
+        stderr.write(f"edge-classify: error: {problem}\n")
+        return ExitStatus.USAGE
     files, problems = expand_sources(args.paths)
     for item, reason in problems:
         import difflib  # only for inputs not found: a shorter cold start
@@ -484,11 +505,15 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         classifier = stack.enter_context(Classifier.from_options(options))
         if args.masks:
             require_lesion_output(classifier.spec, str(classifier.model_path), "leave out --masks")
-        out = (
-            stack.enter_context(open(args.output, "w", newline="", encoding="utf-8"))
-            if args.output
-            else stdout
-        )
+        try:
+            out = (
+                stack.enter_context(open(args.output, "w", newline="", encoding="utf-8"))
+                if args.output
+                else stdout
+            )
+        except OSError as exc:
+            stderr.write(f"edge-classify: error: --output {args.output}: {exc.strerror or exc}\n")
+            return ExitStatus.USAGE
         writer = ResultWriter(
             out,
             OutputFormat(args.format),
