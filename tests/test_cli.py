@@ -269,3 +269,11 @@ def test_output_into_a_missing_folder_is_refused_before_any_scan(tmp_path, model
     target = tmp_path / "no-such-folder" / "out.jsonl"
     status, _, err = run(scan, "--model", model, "--output", target)
     assert status == ExitStatus.USAGE and "does not exist" in err, err
+
+
+def test_watch_refuses_a_folder_as_its_output_before_it_starts(tmp_path, model):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    args = ("watch", tmp_path / "in", "--output", tmp_path / "out", "--model", model, "--once")
+    status, _, err = run(*args)
+    assert status == ExitStatus.USAGE and "is a folder" in err and "Errno" not in err, err

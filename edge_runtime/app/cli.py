@@ -473,7 +473,11 @@ def _output_problem(args: argparse.Namespace) -> str | None:
             return f"--output {args.output}: is a folder; give the path of a file to write"
         if not args.output.parent.is_dir():
             return f"--output {args.output}: the folder {args.output.parent} does not exist"
-    for flag, folder in (("--heatmaps", args.heatmaps), ("--masks", args.masks)):
+    folders = (
+        ("--heatmaps", getattr(args, "heatmaps", None)),
+        ("--masks", getattr(args, "masks", None)),
+    )
+    for flag, folder in folders:
         if folder is None:
             continue
         blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
@@ -602,6 +606,9 @@ def _run(
 
 
 def _watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
+    if problem := _output_problem(args):
+        stderr.write(f"edge-classify: error: {problem}\n")
+        return ExitStatus.USAGE
     from edge_runtime.app.watch import Watcher, WatchOptions
 
     stop = threading.Event()
