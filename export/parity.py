@@ -10,6 +10,11 @@ from edge_runtime.model.verify import MAX_RECHECK_FRACTION, MIN_TOP1_AGREEMENT, 
 from edge_runtime.postprocess.recheck import with_recheck
 
 MAX_PROBABILITY_DIFF = 1e-4
+# An FP32 file whose convolution weights are stored in float16 against the same graph with
+# float32 weights: rounding a weight to float16 moves it by at most 2**-11 of itself, which moved
+# probabilities by at most 3e-3 on v3 (random inputs); 1e-2 leaves room and still refuses a
+# broken rewrite, which moves them by far more.
+MAX_HALF_WEIGHTS_PROBABILITY_DIFF = 1e-2
 MAX_ACCURACY_DROP = 0.01
 MIN_LESION_DICE = 0.95  # mean Dice between the reduced-precision and the FP32 lesion outlines
 THIN_EVIDENCE_IMAGES = 100  # below this, one changed answer moves agreement by more than 1%
@@ -148,6 +153,27 @@ def int8_recheck_gate(
     if failure:
         report = replace(report, failures=(*report.failures, failure))
     return report
+
+
+def half_weights_gate(
+    fp32_probs: np.ndarray,
+    half_probs: np.ndarray,
+    labels=None,
+    *,
+    min_agreement: float = MIN_TOP1_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+) -> ParityReport:
+    """FP32 with float16-stored convolution weights vs the float32 weights: the INT8 gate's
+    thresholds, and max probability difference <= :data:`MAX_HALF_WEIGHTS_PROBABILITY_DIFF`."""
+    return compare(
+        "onnx-fp32 (convolution weights stored as float16) vs onnx-fp32 (float32 weights)",
+        fp32_probs,
+        half_probs,
+        labels,
+        max_abs_diff=MAX_HALF_WEIGHTS_PROBABILITY_DIFF,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )
 
 
 def fp16_gate(

@@ -25,7 +25,7 @@ from export.call_rules import choose_operating_point, choose_unfamiliar, runtime
 from export.card import build_card, file_record, parity_record, write_card
 from export.convert import keras_to_onnx, write_metadata
 from export.diagnose import count_convs, rank_quantization_error
-from export.fp16 import to_fp16
+from export.fp16 import store_conv_weights_as_float16, to_fp16
 from export.input_fold import fold_input_scaling
 from export.parity import (
     MAX_ACCURACY_DROP,
@@ -33,6 +33,7 @@ from export.parity import (
     ParityReport,
     fp16_gate,
     fp32_gate,
+    half_weights_gate,
     int8_gate,
     int8_recheck_gate,
     lesion_gate,
@@ -97,6 +98,9 @@ class ExportOptions:
     # INT8 answers it is unsure of are rerun in FP32 (edge_runtime.postprocess.recheck)
     recheck: bool = True
     precision: Precision = Precision.INT8  # FP32: the verified FP32 model alone, no INT8
+    # True: the FP32 file stores its convolution weights as float16 (half the size; float32
+    # arithmetic), gated against the float32 weights; INT8 is quantized from and gated against it
+    fp32_half_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -301,8 +305,9 @@ def _check_heldout(heldout: Path, rows: dict[str, list[dict]], data_root: Path) 
 
 
 def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport]) -> _Fp32:
-    """Convert, choose the decision thresholds on validation, and gate ONNX FP32 against Keras
-    (its probabilities, and its lesion output where the model has one)."""
+    """Convert and gate ONNX FP32 against Keras (its probabilities, and its lesion output where
+    the model has one); store its convolution weights as float16 if asked, gated again; then
+    choose the decision thresholds on validation with the file as written."""
     info, images = staged.info, staged.images
     path = _step(
         "convert to ONNX FP32",
@@ -312,8 +317,6 @@ def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport])
         staged.path(Precision.FP32),
     )
     write_metadata(path, _spec(info, Precision.FP32, {}))
-    decision = _decision(info, path, staged.options, images.val, images.val_labels)
-    write_metadata(path, _spec(info, Precision.FP32, {}, decision=decision))
     keras_outputs = keras_model.predict(images.held_out, batch_size=32, verbose=0)
     probabilities = _onnx_probabilities(path, images.held_out)
     reports["fp32"] = fp32_gate(keras_outputs["probabilities"], probabilities, images.labels)
@@ -328,7 +331,49 @@ def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport])
             name="onnx-fp32 lesion vs keras",
             min_dice=0.99,
         )
+    if staged.options.fp32_half_weights:
+        probabilities, lesion = _store_half_weights(staged, path, probabilities, lesion, reports)
+    decision = _decision(info, path, staged.options, images.val, images.val_labels)
+    write_metadata(path, _spec(info, Precision.FP32, {}, decision=decision))
     return _Fp32(path, decision, probabilities, lesion)
+
+
+def _store_half_weights(
+    staged: _Staged,
+    path: Path,
+    probabilities: np.ndarray,
+    lesion: np.ndarray | None,
+    reports: dict[str, ParityReport],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rewrite the FP32 file at ``path`` with float16-stored convolution weights
+    (:func:`store_conv_weights_as_float16`) and gate it against the float32-weight file's
+    ``probabilities`` and ``lesion`` maps; returns the rewritten file's."""
+    options, info, images = staged.options, staged.info, staged.images
+    float32_weights = staged.tmp / "float32-weights-fp32.onnx"
+    os.replace(path, float32_weights)
+    _step(
+        "store convolution weights as float16", store_conv_weights_as_float16, float32_weights, path
+    )
+    half = _onnx_probabilities(path, images.held_out)
+    reports["fp32 half weights"] = half_weights_gate(
+        probabilities,
+        half,
+        images.labels,
+        min_agreement=options.min_agreement,
+        max_accuracy_drop=options.max_accuracy_drop,
+    )
+    if lesion is None:
+        return half, None
+    half_lesion = _onnx_output(path, images.held_out, LESION)
+    reports["fp32 half weights lesion"] = lesion_gate(
+        lesion,
+        half_lesion,
+        info.lesion_threshold,
+        min_area=info.lesion_min_area,
+        name="onnx-fp32 lesion (convolution weights stored as float16) vs float32 weights",
+        min_dice=0.99,
+    )
+    return half, half_lesion
 
 
 def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport]) -> _Int8:

@@ -43,7 +43,8 @@ if ! trained v4; then
         --lesion-from 1 2>&1 | tee "$RUN/v4.log"
 fi
 if [ ! -f "$RUN/v4/export/default-int8.onnx" ]; then
-    edge-export "$RUN/v4" --output "$RUN/v4/export" --name default --float-convs 2 2>&1 \
+    edge-export "$RUN/v4" --output "$RUN/v4/export" --name default --float-convs 2 \
+        --fp32-weights float16 2>&1 \
         | tee "$RUN/export.log"
 fi
 echo "to bundle it: python -m export.bundle $RUN/v4 --data-root $DATA"

@@ -131,6 +131,58 @@ def test_int8_model_is_smaller_than_fp32(exported):
     assert int8 < 0.5 * fp32
 
 
+HALF_CHECK = "onnx-fp32 (convolution weights stored as float16) vs onnx-fp32 (float32 weights)"
+
+
+def test_fp32_weights_float16_halves_the_fp32_file_and_gates_it(run, exported, tmp_path):
+    from export.cli import main
+
+    out = tmp_path / "out"
+    args = [str(run), "--output", str(out), "--name", "half", "--fp32-weights", "float16"]
+    assert main([*args, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]) == 0
+    half, full = out / "half-fp32.onnx", exported / "synth-fp32.onnx"
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    types = {i.data_type for i in onnx.load(str(half)).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types
+    card = json.loads((out / "half.card.json").read_text())
+    checks = {c["check"]: c for c in card["parity"]}
+    assert checks[HALF_CHECK]["passed"] and checks["onnx-fp32 vs keras"]["passed"]
+    verify_against_card(half)
+    with open(run / "split.csv", newline="") as handle:
+        test = [r["path"] for r in csv.DictReader(handle) if r["split"] == "test"]
+    with Classifier.from_path(out / "half-int8.onnx", provider=Provider.CPU) as clf:
+        assert clf.recheck_model_path == half  # INT8's partner is the float16-stored file
+    answers = {}
+    for path in (half, full):
+        with Classifier.from_path(path, provider=Provider.CPU) as clf:
+            answers[path] = np.array([list(r.probabilities.values()) for r in clf.classify(test)])
+    assert np.abs(answers[half] - answers[full]).max() <= 1e-2
+
+
+def test_a_broken_float16_rewrite_trips_its_gate(run, tmp_path, monkeypatch):
+    from export import pipeline
+    from export.cli import main
+
+    real = pipeline.store_conv_weights_as_float16
+
+    def broken(source, target):
+        real(source, target)
+        model = onnx.load(str(target))
+        for tensor in model.graph.initializer:  # every kernel scaled off, as a wrong cast would
+            if tensor.data_type == onnx.TensorProto.FLOAT16:
+                values = numpy_helper.to_array(tensor)
+                tensor.CopyFrom(numpy_helper.from_array(values * np.float16(3), tensor.name))
+        onnx.save(model, str(target))
+        return target
+
+    monkeypatch.setattr(pipeline, "store_conv_weights_as_float16", broken)
+    out = tmp_path / "out"
+    assert main([str(run), "--output", str(out), "--name", "bad", "--fp32-weights", "float16"]) == 1
+    assert not list(out.glob("*.onnx")), "a model that failed its gate was written"
+    report = (out / "bad.parity-failed.txt").read_text()
+    assert f"{HALF_CHECK}: " in report and "FAIL: max probability difference" in report
+
+
 def _scramble_weight_scales(path) -> None:
     """Break a QDQ model the way a wrong calibration or export bug would: every per-channel
     weight scale is off by a random factor between 1/5 and 5, so features come out garbled."""
