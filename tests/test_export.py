@@ -260,6 +260,25 @@ def test_bundle_ships_the_pair_the_card_and_the_heldout_list(run, tmp_path):
         bundle(copy, data_root=tmp_path / "elsewhere", models_dir=models, docs_dir=docs)
 
 
+def test_bundle_refuses_a_file_over_the_repository_limit_and_copies_nothing(
+    run, exported, tmp_path, monkeypatch
+):
+    from export import bundle as bundling
+
+    copy = tmp_path / "run"
+    shutil.copytree(exported, copy / "export")
+    for path in (copy / "export").glob("synth*"):
+        path.rename(path.with_name(path.name.replace("synth", "default")))
+    fp32 = copy / "export" / "default-fp32.onnx"
+    monkeypatch.setattr(bundling, "MAX_FILE_BYTES", fp32.stat().st_size - 1)
+    models = tmp_path / "models"
+    with pytest.raises(
+        ValueError, match=r"default-fp32.onnx: .* bytes, over the .* --fp32-weights"
+    ):
+        bundling.bundle(copy, data_root=run, models_dir=models, docs_dir=tmp_path / "docs")
+    assert not models.exists()
+
+
 def test_auto_calibration_is_chosen_on_the_validation_split(run, tmp_path, monkeypatch):
     from export import pipeline
     from export.cli import main

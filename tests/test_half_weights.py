@@ -77,6 +77,6 @@ def test_a_graph_without_convolution_weights_is_refused(tmp_path):
     )
     source = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph), str(source))
-    with pytest.raises(ValueError, match="relu.onnx: no float32 convolution weight"):
+    with pytest.raises(ValueError, match=r"relu\.onnx: no float32 convolution weight"):
         store_conv_weights_as_float16(source, tmp_path / "half.onnx")
     assert not (tmp_path / "half.onnx").exists()
