@@ -147,6 +147,7 @@ class _Fp32:
     decision: dict
     probabilities: np.ndarray  # [N, K] on the held-out images
     lesion: np.ndarray | None  # [N, h, w, 1], for a model with a lesion output
+    float32_weights: Path  # the conversion with float32 weights (``path`` unless stored half)
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def requantize_export(
     point = {"threshold": spec.malignant_threshold} if spec.malignant_threshold else None
     decision = {"malignant_operating_point": point, "unfamiliar": dict(spec.unfamiliar)}
     lesion = _onnx_output(fp32_path, images.held_out, "lesion") if spec.has_lesion else None
-    fp32 = _Fp32(fp32_path, decision, _onnx_probabilities(fp32_path, images.held_out), lesion)
+    probabilities = _onnx_probabilities(fp32_path, images.held_out)
+    fp32 = _Fp32(fp32_path, decision, probabilities, lesion, fp32_path)
     with tempfile.TemporaryDirectory(dir=model_dir, prefix=f".{name}.requantize-") as tmp:
         staged = _Staged(options, info, images, Path(tmp))
         reports: dict[str, ParityReport] = {}
@@ -331,26 +333,30 @@ def _export_fp32(staged: _Staged, keras_model, reports: dict[str, ParityReport])
             name="onnx-fp32 lesion vs keras",
             min_dice=0.99,
         )
+    float32_weights = path
     if staged.options.fp32_half_weights:
-        probabilities, lesion = _store_half_weights(staged, path, probabilities, lesion, reports)
+        float32_weights = staged.tmp / "float32-weights-fp32.onnx"
+        os.replace(path, float32_weights)
+        probabilities, lesion = _store_half_weights(
+            staged, float32_weights, path, probabilities, lesion, reports
+        )
     decision = _decision(info, path, staged.options, images.val, images.val_labels)
     write_metadata(path, _spec(info, Precision.FP32, {}, decision=decision))
-    return _Fp32(path, decision, probabilities, lesion)
+    return _Fp32(path, decision, probabilities, lesion, float32_weights)
 
 
 def _store_half_weights(
     staged: _Staged,
+    float32_weights: Path,
     path: Path,
     probabilities: np.ndarray,
     lesion: np.ndarray | None,
     reports: dict[str, ParityReport],
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Rewrite the FP32 file at ``path`` with float16-stored convolution weights
-    (:func:`store_conv_weights_as_float16`) and gate it against the float32-weight file's
+    """Write the FP32 file ``float32_weights`` to ``path`` with float16-stored convolution
+    weights (:func:`store_conv_weights_as_float16`) and gate it against the float32-weight file's
     ``probabilities`` and ``lesion`` maps; returns the rewritten file's."""
     options, info, images = staged.options, staged.info, staged.images
-    float32_weights = staged.tmp / "float32-weights-fp32.onnx"
-    os.replace(path, float32_weights)
     _step(
         "store convolution weights as float16", store_conv_weights_as_float16, float32_weights, path
     )
@@ -458,9 +464,9 @@ def _export_int8(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport])
 
 
 def _export_fp16(staged: _Staged, fp32: _Fp32, reports: dict[str, ParityReport]) -> Path:
-    """Convert to FP16 and gate it against FP32."""
+    """Convert to FP16 (from the float32 weights) and gate it against FP32."""
     options = staged.options
-    path = _step("convert to FP16", to_fp16, fp32.path, staged.path(Precision.FP16))
+    path = _step("convert to FP16", to_fp16, fp32.float32_weights, staged.path(Precision.FP16))
     write_metadata(path, _spec(staged.info, Precision.FP16, {}, decision=fp32.decision))
     reports["fp16"] = fp16_gate(
         fp32.probabilities,

@@ -138,8 +138,11 @@ def test_fp32_weights_float16_halves_the_fp32_file_and_gates_it(run, exported, t
     from export.cli import main
 
     out = tmp_path / "out"
-    args = [str(run), "--output", str(out), "--name", "half", "--fp32-weights", "float16"]
+    args = [str(run), "--output", str(out), "--name", "half", "--fp32-weights", "float16", "--fp16"]
     assert main([*args, "--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]) == 0
+    assert (out / "half-fp16.onnx").stat().st_size < 0.6 * (
+        exported / "synth-fp32.onnx"
+    ).stat().st_size
     half, full = out / "half-fp32.onnx", exported / "synth-fp32.onnx"
     assert half.stat().st_size < 0.6 * full.stat().st_size
     types = {i.data_type for i in onnx.load(str(half)).graph.initializer}
