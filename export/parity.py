@@ -99,13 +99,17 @@ def reduced_precision_gate(
     *,
     min_agreement: float = MIN_TOP1_AGREEMENT,
     max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    max_abs_diff: float | None = None,
+    name: str | None = None,
 ) -> ParityReport:
-    """INT8 or FP16 vs FP32: by default top-1 agreement >= 99% and accuracy drop <= 1 point."""
+    """INT8 or FP16 vs FP32: by default top-1 agreement >= 99% and accuracy drop <= 1 point
+    (and, where given, max probability difference <= ``max_abs_diff``)."""
     return compare(
-        f"onnx-{precision} vs onnx-fp32",
+        name or f"onnx-{precision} vs onnx-fp32",
         fp32_probs,
         probs,
         labels,
+        max_abs_diff=max_abs_diff,
         min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop,
     )
@@ -156,23 +160,18 @@ def int8_recheck_gate(
 
 
 def half_weights_gate(
-    fp32_probs: np.ndarray,
-    half_probs: np.ndarray,
-    labels=None,
-    *,
-    min_agreement: float = MIN_TOP1_AGREEMENT,
-    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    fp32_probs: np.ndarray, half_probs: np.ndarray, labels=None, **thresholds
 ) -> ParityReport:
     """FP32 with float16-stored convolution weights vs the float32 weights: the INT8 gate's
     thresholds, and max probability difference <= :data:`MAX_HALF_WEIGHTS_PROBABILITY_DIFF`."""
-    return compare(
-        "onnx-fp32 (convolution weights stored as float16) vs onnx-fp32 (float32 weights)",
+    return reduced_precision_gate(
+        "fp32",
         fp32_probs,
         half_probs,
         labels,
         max_abs_diff=MAX_HALF_WEIGHTS_PROBABILITY_DIFF,
-        min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop,
+        name="onnx-fp32 (convolution weights stored as float16) vs onnx-fp32 (float32 weights)",
+        **thresholds,
     )
 
 
