@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.model.card import CARD_SUFFIX, file_sha256
+from edge_runtime.model.card import CARD_SUFFIX, file_record, weights_summary
 from export.parity import ParityReport
 from training.evaluation.protocol import markdown_table
 from training.runfolder import RunInfo
@@ -96,11 +96,6 @@ def parity_record(report: ParityReport) -> dict[str, Any]:
     }
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    """One model file's entry in the card's ``files``: its SHA-256 and size in bytes."""
-    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-
-
 def write_card(card: Mapping[str, Any], directory: Path) -> tuple[Path, Path]:
     """Write ``<name>.card.json`` and a Markdown rendering ``<name>.card.md``."""
     json_path = directory / f"{card['name']}{CARD_SUFFIX}"
@@ -142,7 +137,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *_cv_lines(card.get("cross_validation")),
         *_protocol_lines(card.get("protocol")),
         *_decision_lines(card.get("decision") or {}),
-        *_runtime_call_lines(card.get("runtime_calls") or {}, card["classes"]),
+        *_runtime_call_lines(
+            card.get("runtime_calls") or {},
+            card["classes"],
+            has_operating_point="malignant_operating_point" in (card.get("decision") or {}),
+        ),
         *_lesion_lines(metrics.get("lesion"), "held-out test split"),
         *_lesion_lines((card.get("cross_validation") or {}).get("lesion"), "cross-validation"),
         "## Parity gates",
@@ -158,10 +157,13 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         "",
         "## Files",
         "",
-        "| file | bytes | sha256 |",
-        "|---|---|---|",
+        "| file | bytes | weights stored as (share of bytes) | sha256 |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {f['bytes']} | `{f['sha256']}` |" for name, f in card["files"].items()]
+    lines += [
+        f"| {name} | {f['bytes']} | {weights_summary(f)} | `{f['sha256']}` |"
+        for name, f in card["files"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -178,11 +180,18 @@ def _protocol_lines(protocol: Mapping[str, Any] | None) -> list[str]:
         recall, sensitivity = row.get("normal_recall"), row.get("malignant_sensitivity")
         if recall is None or sensitivity is None:
             continue
+        mask_recall = (row.get("normal_by_mask_head") or {}).get("normal_recall")
+        by_mask = (
+            f"; with the lesion head deciding normal, as the runtime does, {mask_recall:.0%} of "
+            "its normal scans"
+            if mask_recall is not None
+            else ""
+        )
         lines.append(
             f"With {scanner} left out of training, the same recipe called {recall:.0%} of that "
             f"scanner's normal scans normal and {sensitivity:.0%} of its cancers malignant (top-1 "
-            "answers). Expect a new scanner's normal scans to be called lesions often: label a "
-            "few of your own scans and run `edge-classify adapt`."
+            f"answers){by_mask}. Expect a new scanner's normal scans to be called lesions often: "
+            "label a few of your own scans and run `edge-classify adapt`."
         )
     return [*lines, ""]
 
@@ -499,7 +508,9 @@ def _decision_summary(decision: Mapping[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _runtime_call_lines(calls: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
+def _runtime_call_lines(
+    calls: Mapping[str, Any], classes: Sequence[str], *, has_operating_point: bool
+) -> list[str]:
     """The held-out scans as the runtime calls them (export.call_rules.runtime_calls)."""
     if not calls:
         return []
@@ -514,11 +525,16 @@ def _runtime_call_lines(calls: Mapping[str, Any], classes: Sequence[str]) -> lis
         f"{name} {'n/a' if value is None else f'{value:.3f}'}"
         for name, value in calls["recall"].items()
     )
+    cancer = (
+        "the malignant operating point above"
+        if has_operating_point
+        else "top-1 between benign and malignant (no operating point was chosen)"
+    )
     return [
         f"## As the runtime calls them (held-out test split, {calls['scans']} scans)",
         "",
         "The metrics above are the classifier's top-1. On the device a scan's `label` follows "
-        f"the model's rules: the malignant operating point above, and {rule}. So called, "
+        f"the model's rules: {cancer}, and {rule}. So called, "
         f"accuracy {calls['accuracy']:.3f}; recall {recall}.",
         "",
         *_confusion_table({"confusion_matrix": calls["confusion_matrix"]}, classes),

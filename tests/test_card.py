@@ -16,6 +16,18 @@ from training.runfolder import RunInfo
 CLASSES = ("normal", "benign", "malignant")
 
 
+def _model_file(path, dtype=np.float16):
+    """A tiny real ONNX file (one Identity over a weight of ``dtype``) at ``path``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), dtype), "w")
+    out = helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], [weight])
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
 def _metrics(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, 60)
@@ -37,8 +49,7 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
         int8_grid=True,
         test_metrics=metrics,
     )
-    model = tmp_path / "m-int8.onnx"
-    model.write_bytes(b"not really a model")
+    model = _model_file(tmp_path / "m-fp32.onnx")
     probs = np.eye(3)[[0, 1, 2, 1]]
     gate = reduced_precision_gate("onnx-int8 vs onnx-fp32", probs, probs, np.array([0, 1, 2, 1]))
     device = {"auc": 0.93, "ci95": [0.88, 0.97], "n": 120, "n_positive": 40}
@@ -82,6 +93,8 @@ def test_card_renders_intervals_confusion_sources_and_cross_validation(tmp_path)
     assert "top-1 agreement 1.0000, accuracy 1.0000 -> 1.0000: PASS" in text
     assert "weights int8 per channel, percentile 99.999 calibration on 256 training images" in text
     assert "Kernels rounded to the INT8 weight grid in training: yes" in text
+    assert json.loads(json_path.read_text())["files"]["m-fp32.onnx"]["weights"] == {"float16": 1.0}
+    assert "| m-fp32.onnx | " in text and " | float16 100% | `" in text
 
 
 def test_pooled_per_scanner_auc_comes_from_the_folds_predictions(tmp_path):
@@ -129,8 +142,7 @@ def test_card_of_a_model_that_never_predicts_a_class_says_n_a_instead_of_crashin
     metrics = evaluate(labels, probs, CLASSES, n_boot=20)
     assert metrics["per_class"]["normal"]["precision"] is None
     info = RunInfo(CLASSES, 64, "letterbox", "small-cnn", 0, "f" * 64, test_metrics=metrics)
-    model = tmp_path / "m-int8.onnx"
-    model.write_bytes(b"not really a model")
+    model = _model_file(tmp_path / "m-int8.onnx", np.int8)
     gate = reduced_precision_gate("onnx-int8 vs onnx-fp32", probs, probs, labels)
     text = render_markdown(build_card("m", info, [model], [gate], {}))
     assert "| normal | 0.000 | 1.000 | n/a | 0.000 | 4 |" in text
@@ -149,6 +161,7 @@ def test_card_carries_the_scanner_held_out_protocol_from_the_run_folder(tmp_path
             "malignant_sensitivity": 0.74,
             "normal_recall": 0.23,
             "malignant_auc": {"auc": 0.897, "ci95": [0.867, 0.927]},
+            "normal_by_mask_head": {"normal_recall": 0.29},
         },
         "busbra:Toshiba": {"scans": 300, "accuracy": 0.8, "malignant_sensitivity": 0.9},
     }
@@ -159,6 +172,7 @@ def test_card_carries_the_scanner_held_out_protocol_from_the_run_folder(tmp_path
     text = render_markdown(build_card("m", info, [], [], {}, reports))
     assert "| busi:GE LOGIQ E9 | 612 | 0.720 | 0.740 | 0.897 (0.867-0.927) | 0.230 |" in text
     assert "called 23% of that scanner's normal scans normal and 74% of its cancers" in text
+    assert "with the lesion head deciding normal, as the runtime does, 29% of its normal" in text
     assert text.count("left out of training") == 1  # no normal scans, no sentence for Toshiba
 
 
@@ -177,9 +191,25 @@ def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
     assert calls["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     top1 = runtime_calls(info, probabilities, labels, 0.0)  # no rules: the classifier's top-1
     assert top1["recall"] == {"normal": 0.0, "benign": 1.0, "malignant": 0.0}
-    text = render_markdown(build_card("m", info, [], [], {}, runtime_calls=calls))
+    point = {
+        "malignant_operating_point": {
+            "threshold": 0.25,
+            "min_sensitivity": 0.9,
+            "sensitivity": 1.0,
+            "specificity": 1.0,
+            "scans": 3,
+            "malignant_scans": 1,
+            "top1_sensitivity": 0.0,
+            "top1_specificity": 1.0,
+        }
+    }
+    with_point = build_card("m", info, [], [], {}, decision=point, runtime_calls=calls)
+    text = render_markdown(with_point)
     assert "As the runtime calls them (held-out test split, 3 scans)" in text
-    assert "normal exactly where the lesion head finds no lesion" in text
+    assert "the malignant operating point above, and normal exactly where the lesion head" in text
+    text = render_markdown(build_card("m", info, [], [], {}, runtime_calls=top1))
+    assert "operating point above" not in text
+    assert "top-1 between benign and malignant (no operating point was chosen)" in text
 
 
 def test_the_card_says_how_the_lesion_threshold_was_chosen():

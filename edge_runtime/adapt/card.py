@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.adapt.options import Parent
-from edge_runtime.model.card import CARD_SUFFIX, card_path_for, file_sha256
+from edge_runtime.model.card import CARD_SUFFIX, card_path_for, file_record, weights_summary
 from edge_runtime.model.contract import ModelSpec
 
 
@@ -63,10 +63,7 @@ def write_card(
         "parent_metrics_apply": False,
         "classes": list(spec.class_names),
         "adaptation": record,
-        "files": {
-            path.name: {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-            for path in outputs.values()
-        },
+        "files": {path.name: file_record(path) for path in outputs.values()},
     }
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     markdown_path(card_path).write_text(_card_markdown(card))
@@ -143,5 +140,8 @@ def _card_markdown(card: dict[str, Any]) -> str:
         )
     lines += ["", "## Files", ""]
     for name, info in card["files"].items():
-        lines.append(f"- `{name}`: {info['bytes']:,} bytes, SHA-256 `{info['sha256']}`")
+        lines.append(
+            f"- `{name}`: {info['bytes']:,} bytes, weights stored as {weights_summary(info)}, "
+            f"SHA-256 `{info['sha256']}`"
+        )
     return "\n".join(lines) + "\n"
