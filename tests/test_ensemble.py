@@ -58,6 +58,34 @@ def test_members_of_other_sizes_get_the_input_resized_and_their_maps_on_the_ense
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("source", "size"), [(5, 7), (20, 28), (112, 80), (7, 5)])
+def test_the_resize_between_member_grids_is_keras_bilinear_resize(source, size):
+    from training.model.layers import ResizeSquare
+
+    grid = np.random.default_rng(1).random((2, source, source, 3)).astype("float32")
+    expected = keras.ops.image.resize(grid, (size, size), interpolation="bilinear")
+    np.testing.assert_allclose(ResizeSquare(size)(grid), expected, atol=1e-5)
+
+
+def test_an_ensemble_of_members_at_80_and_112_px_exports_to_onnx_with_its_keras_outputs(tmp_path):
+    """5 -> 7 and 20 -> 28 grids: tf2onnx's Resize with float scales computed 6 and 27 (floor of
+    5 * float32(1.4)), and onnxruntime refused the file."""
+    import onnxruntime as ort
+
+    from export.convert import keras_to_onnx
+
+    model = combine([_member(80, 0), _member(112, 1)], 112, mirror=False, lesion_from=[0])
+    scans = _scans(112)
+    expected = model.predict(scans, verbose=0)
+    path = keras_to_onnx(model, 112, tmp_path / "ensemble.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"image": scans}), strict=True))
+    assert got["cam"].shape == (3, 7, 7, 3) and got["lesion"].shape == (3, 28, 28, 1)
+    for name in ("probabilities", "cam", "lesion", "features"):
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, err_msg=name)
+
+
 def test_an_ensemble_survives_saving_and_loading(tmp_path):
     from training.model.classifier import load_classifier
 

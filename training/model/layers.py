@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 PACKAGE = "edge_classify"
+
+
+def bilinear_weights(source: int, size: int) -> np.ndarray:
+    """``[size, source]`` weights of 1-D bilinear interpolation with half-pixel centres (as
+    TensorFlow's and ONNX's ``half_pixel`` resize): output ``i`` samples the input at
+    ``(i + 0.5) * source / size - 0.5``, clamped to the first and last pixel."""
+    position = np.clip((np.arange(size) + 0.5) * source / size - 0.5, 0, source - 1)
+    lower = np.floor(position).astype(int)
+    upper = np.minimum(lower + 1, source - 1)
+    weights = np.zeros((size, source), np.float64)
+    weights[np.arange(size), lower] += 1 - (position - lower)
+    weights[np.arange(size), upper] += position - lower
+    return weights.astype(np.float32)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -117,7 +131,13 @@ class MeanOfViews(layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ResizeSquare(layers.Layer):
-    """Bilinear resize of ``[N, H, W, C]`` to ``[N, size, size, C]`` (half-pixel centres).
+    """Bilinear resize of a square ``[N, H, H, C]`` to ``[N, size, size, C]`` (half-pixel
+    centres, no antialiasing: ``keras.ops.image.resize``'s ``bilinear``).
+
+    Computed as two matrix products with fixed interpolation weights rather than an image
+    resize op: tf2onnx turns a resize between static shapes into an ONNX ``Resize`` with float
+    scales, and ``floor(5 * float32(1.4))`` is 6, not 7, so an ONNX file of a 5 -> 7 resize is
+    wrong (it fails to load). Matrix products export as ``MatMul`` with every shape exact.
 
     With ``as_uint8`` the result is rounded and clipped back to uint8, the dtype a member model's
     ``image`` input takes; otherwise it stays float32.
@@ -127,10 +147,14 @@ class ResizeSquare(layers.Layer):
         super().__init__(**kwargs)
         self.size, self.as_uint8 = int(size), bool(as_uint8)
 
+    def build(self, input_shape) -> None:
+        weights = bilinear_weights(int(input_shape[1]), self.size)
+        self.weights_ = ops.convert_to_tensor(weights, dtype="float32")
+
     def call(self, x):
-        resized = ops.image.resize(
-            ops.cast(x, "float32"), (self.size, self.size), interpolation="bilinear"
-        )
+        x = ops.cast(x, "float32")
+        rows = ops.einsum("oh,nhwc->nowc", self.weights_, x)
+        resized = ops.einsum("pw,nowc->nopc", self.weights_, rows)
         if not self.as_uint8:
             return resized
         return ops.cast(ops.clip(ops.round(resized), 0.0, 255.0), "uint8")
