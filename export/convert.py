@@ -28,8 +28,24 @@ def keras_to_onnx(model, input_size: int, path: Path) -> Path:
             f"{FEATURES!r} and {LESION!r}. Got {sorted(outputs)} "
             "instead: train it with `edge-train` (training.model.classifier.build_classifier)."
         )
+    _declare_static_output_shapes(proto, model)
     onnx.save(proto, path)
     return path
+
+
+def _declare_static_output_shapes(proto: onnx.ModelProto, model) -> None:
+    """Give each graph output the dimensions (all but N) that Keras knows statically, where
+    tf2onnx declared them unknown (it does after some reshapes, e.g. an ensemble member's lesion
+    map resized to the ensemble's grid); the contract needs them, and the parity gates compare
+    every output with Keras's element by element."""
+    for output in proto.graph.output:
+        known = model.get_layer(output.name).output.shape
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != len(known):
+            continue
+        for dim, size in zip(list(dims)[1:], known[1:], strict=True):
+            if size is not None and not dim.HasField("dim_value"):
+                dim.dim_value = int(size)
 
 
 def write_metadata(path: Path, spec: ModelSpec, *, doc: str = "") -> None:

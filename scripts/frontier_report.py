@@ -1,6 +1,7 @@
 """The v4 frontier's table and plot (docs/frontier.md, docs/frontier.png) from its run folders.
 
 usage: python scripts/frontier_report.py --latency LATENCY.json --plot OUT.png NAME=RUN [...]
+           [--json OUT.json] [--previous EARLIER.json]
 
 Per point (a run folder of edge-train or training.ensemble, each with its final model's
 metrics.json and the scanner-held-out protocol.json), and the latency JSON that
@@ -106,9 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=Path, required=True)
     parser.add_argument("--plot", type=Path, required=True)
     parser.add_argument("--json", type=Path, help="also write every point's numbers here")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="an earlier --json whose points (and latencies) are kept where RUN names no new one",
+    )
     args = parser.parse_args(argv)
     latency = json.loads(args.latency.read_text())
     points = {name: point(Path(run)) for name, run in (r.split("=", 1) for r in args.runs)}
+    if args.previous:
+        earlier = json.loads(args.previous.read_text())
+        points = {**earlier["points"], **points}
+        latency = {**latency, "models": {**earlier["latency"]["models"], **latency["models"]}}
     plot(points, latency, args.plot)
     if args.json:
         args.json.write_text(json.dumps({"points": points, "latency": latency}, indent=2) + "\n")

@@ -80,6 +80,8 @@ def test_an_ensemble_of_members_at_80_and_112_px_exports_to_onnx_with_its_keras_
     path = keras_to_onnx(model, 112, tmp_path / "ensemble.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
+    static = {o.name: o.shape[1:] for o in session.get_outputs()}  # what the contract checks
+    assert static["lesion"] == [28, 28, 1] and static["cam"] == [7, 7, 3]
     got = dict(zip(names, session.run(None, {"image": scans}), strict=True))
     assert got["cam"].shape == (3, 7, 7, 3) and got["lesion"].shape == (3, 28, 28, 1)
     for name in ("probabilities", "cam", "lesion", "features"):

@@ -152,9 +152,11 @@ class ResizeSquare(layers.Layer):
         self.weights_ = ops.convert_to_tensor(weights, dtype="float32")
 
     def call(self, x):
-        x = ops.cast(x, "float32")
-        rows = ops.einsum("oh,nhwc->nowc", self.weights_, x)
-        resized = ops.einsum("pw,nowc->nopc", self.weights_, rows)
+        # [N, C, H, W]: weights @ x @ weights^T resizes both axes (ONNX MatMul broadcasts the
+        # constant over N and C, and shape inference keeps every dimension but N)
+        planes = ops.transpose(ops.cast(x, "float32"), (0, 3, 1, 2))
+        planes = ops.matmul(ops.matmul(self.weights_, planes), ops.transpose(self.weights_))
+        resized = ops.transpose(planes, (0, 2, 3, 1))
         if not self.as_uint8:
             return resized
         return ops.cast(ops.clip(ops.round(resized), 0.0, 255.0), "uint8")
