@@ -86,12 +86,14 @@ def plot(points: dict[str, dict], latency: dict, path: Path) -> None:
         (axes[0], "busbra_out_auc_mean", "malignant AUC, BUS-BRA scanners left out (mean)"),
         (axes[1], "test_macro_f1", "macro-F1, dev test split (top-1)"),
     ):
-        for name, p in points.items():
+        for i, (name, p) in enumerate(points.items()):
             ratio = latency.get("models", {}).get(name, {}).get("ratio_to_bundled")
             if ratio is None or p[key] is None:
                 continue
             ax.scatter(ratio, p[key], color="tab:red" if name == "A" else "tab:blue")
-            ax.annotate(name, (ratio, p[key]), textcoords="offset points", xytext=(4, 4))
+            # alternate above and below, so that points at one height keep readable labels
+            offset = (4, 4) if i % 2 == 0 else (4, -11)
+            ax.annotate(name, (ratio, p[key]), textcoords="offset points", xytext=offset, fontsize=8)
         ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.set_xlabel("INT8 latency, batch 1, one thread (x bundled v3)")
         ax.set_ylabel(label)
