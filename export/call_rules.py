@@ -5,7 +5,7 @@ operating point and the unfamiliar-scan threshold (applied by
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix
@@ -100,6 +100,7 @@ def runtime_calls(
     labels: np.ndarray,
     malignant_threshold: float,
     lesion_maps: np.ndarray | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict:
     """How the runtime calls the held-out scans, as against the top-1 metrics of training.
 
@@ -116,11 +117,13 @@ def runtime_calls(
         labels: int ``[N]``.
         malignant_threshold: 0 for plain top-1.
         lesion_maps: ``[N, h, w, 1]`` lesion output, or None.
+        sources: each scan's dataset (``split.csv``'s ``source``), or None.
 
     Returns:
         ``scans``, ``accuracy``, ``recall`` per class (None where a class has no scan),
         ``confusion_matrix`` (rows true, columns called) and the ``normal_rule`` applied (with
-        its ``normal_gate``).
+        its ``normal_gate``); with ``sources``, ``by_source``: each source's ``scans`` and
+        ``accuracy``.
     """
     rule = info.runtime_normal_rule
     calibrated = apply_temperature(probabilities, info.temperature)
@@ -139,6 +142,16 @@ def runtime_calls(
     )
     called = decide(calibrated, info.class_names, malignant_threshold, verdict)
     matrix = confusion_matrix(labels, called, labels=range(len(info.class_names)))
+    by_source = {}
+    if sources is not None:
+        sources = np.asarray(sources)
+        by_source = {
+            str(source): {
+                "scans": int(np.sum(sources == source)),
+                "accuracy": float(np.mean(called[sources == source] == labels[sources == source])),
+            }
+            for source in sorted(set(sources.tolist()))
+        }
     return {
         "scans": len(labels),
         "accuracy": float(np.mean(called == labels)),
@@ -149,4 +162,5 @@ def runtime_calls(
         "confusion_matrix": matrix.tolist(),
         "normal_rule": rule if verdict is not None else "classifier",
         "normal_gate": info.normal_gate if verdict is not None else 0.0,
+        **({"by_source": by_source} if by_source else {}),
     }

@@ -525,6 +525,10 @@ def _runtime_call_lines(
         f"{name} {'n/a' if value is None else f'{value:.3f}'}"
         for name, value in calls["recall"].items()
     )
+    by_source = "".join(
+        f" {name}: accuracy {entry['accuracy']:.3f} ({entry['scans']} scans)."
+        for name, entry in (calls.get("by_source") or {}).items()
+    )
     cancer = (
         "the malignant operating point above"
         if has_operating_point
@@ -535,7 +539,7 @@ def _runtime_call_lines(
         "",
         "The metrics above are the classifier's top-1. On the device a scan's `label` follows "
         f"the model's rules: {cancer}, and {rule}. So called, "
-        f"accuracy {calls['accuracy']:.3f}; recall {recall}.",
+        f"accuracy {calls['accuracy']:.3f}; recall {recall}.{by_source}",
         "",
         *_confusion_table({"confusion_matrix": calls["confusion_matrix"]}, classes),
     ]

@@ -192,7 +192,12 @@ def export_run(options: ExportOptions) -> ExportResult:
             _refuse(staged, fp32, int8, reports, output)
         point = fp32.decision.get("malignant_operating_point") or {}
         calls = runtime_calls(
-            info, fp32.probabilities, images.labels, point.get("threshold", 0.0), fp32.lesion
+            info,
+            fp32.probabilities,
+            images.labels,
+            point.get("threshold", 0.0),
+            fp32.lesion,
+            sources=_held_out_sources(options),
         )
         card = build_card(
             options.name,
@@ -805,12 +810,23 @@ def _images_for(options: ExportOptions, info: RunInfo) -> tuple[np.ndarray, np.n
         raise ValueError(
             f"{options.run_dir / SPLIT_FILE}: needs 'train' rows and 'test' or 'val' rows."
         )
-    held_split = "test" if rows.get("test") else "val"
+    held_split = _held_split(rows)
     train = rows["train"]
     spread = train[:: max(1, len(train) // options.quantization.max_calibration_images)]
     calibration, _ = _load(spread, info)
     images, labels = _split_images(options, info, held_split)
     return calibration, images, labels
+
+
+def _held_split(rows: dict[str, list[dict]]) -> str:
+    """The split the gates measure on: the test split, else validation."""
+    return "test" if rows.get("test") else "val"
+
+
+def _held_out_sources(options: ExportOptions) -> list[str]:
+    """Each held-out image's dataset (``split.csv``'s ``source``), in the gates' order."""
+    rows = _manifest_rows(options)
+    return [r.get("source", "") for r in rows[_held_split(rows)][: options.max_parity_images]]
 
 
 def _split_images(

@@ -186,11 +186,19 @@ def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
     labels = np.array([0, 2, 1])
     maps = np.zeros((3, 4, 4, 1), np.float32)
     maps[1:, 1:3, 1:3] = 0.9  # lesions on the two lesion scans
-    calls = runtime_calls(info, probabilities, labels, 0.25, maps)
+    calls = runtime_calls(info, probabilities, labels, 0.25, maps, sources=["a", "b", "b"])
     assert calls["accuracy"] == 1.0 and calls["normal_rule"] == "lesion_head"
+    assert calls["by_source"] == {
+        "a": {"scans": 1, "accuracy": 1.0},
+        "b": {"scans": 2, "accuracy": 1.0},
+    }
     assert calls["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     top1 = runtime_calls(info, probabilities, labels, 0.0)  # no rules: the classifier's top-1
     assert top1["recall"] == {"normal": 0.0, "benign": 1.0, "malignant": 0.0}
+    assert "by_source" not in top1
+    by_source = runtime_calls(info, probabilities, labels, 0.0, sources=["a", "b", "b"])
+    assert by_source["by_source"]["a"]["accuracy"] == 0.0  # the normal scan, called benign
+    assert by_source["by_source"]["b"] == {"scans": 2, "accuracy": 0.5}
     point = {
         "malignant_operating_point": {
             "threshold": 0.25,
@@ -207,6 +215,7 @@ def test_the_card_reports_the_held_out_scans_as_the_runtime_calls_them():
     text = render_markdown(with_point)
     assert "As the runtime calls them (held-out test split, 3 scans)" in text
     assert "the malignant operating point above, and normal exactly where the lesion head" in text
+    assert "a: accuracy 1.000 (1 scans). b: accuracy 1.000 (2 scans)." in text
     text = render_markdown(build_card("m", info, [], [], {}, runtime_calls=top1))
     assert "operating point above" not in text
     assert "top-1 between benign and malignant (no operating point was chosen)" in text
