@@ -143,14 +143,11 @@ def runtime_calls(
     called = decide(calibrated, info.class_names, malignant_threshold, verdict)
     matrix = confusion_matrix(labels, called, labels=range(len(info.class_names)))
     by_source = {}
-    if sources is not None:
-        sources = np.asarray(sources)
-        by_source = {
-            str(source): {
-                "scans": int(np.sum(sources == source)),
-                "accuracy": float(np.mean(called[sources == source] == labels[sources == source])),
-            }
-            for source in sorted(set(sources.tolist()))
+    for source in sorted(set(sources or [])):
+        scans = np.asarray(sources) == source
+        by_source[str(source)] = {
+            "scans": int(scans.sum()),
+            "accuracy": float(np.mean(called[scans] == labels[scans])),
         }
     return {
         "scans": len(labels),

@@ -825,8 +825,13 @@ def _held_split(rows: dict[str, list[dict]]) -> str:
 
 def _held_out_sources(options: ExportOptions) -> list[str]:
     """Each held-out image's dataset (``split.csv``'s ``source``), in the gates' order."""
-    rows = _manifest_rows(options)
-    return [r.get("source", "") for r in rows[_held_split(rows)][: options.max_parity_images]]
+    held_split = _held_split(_manifest_rows(options))
+    return [r.get("source", "") for r in _measured_rows(options, held_split)]
+
+
+def _measured_rows(options: ExportOptions, split: str) -> list[dict]:
+    """The rows of ``split`` an export measures on (at most ``max_parity_images``), in order."""
+    return _manifest_rows(options).get(split, [])[: options.max_parity_images]
 
 
 def _split_images(
@@ -837,7 +842,7 @@ def _split_images(
     Raises:
         ValueError: the split has no rows, or some of its images cannot be read.
     """
-    rows = _manifest_rows(options).get(split, [])[: options.max_parity_images]
+    rows = _measured_rows(options, split)
     if not rows:
         raise ValueError(f"{options.run_dir / SPLIT_FILE}: no {split!r} rows")
     images, failures = _load(rows, info)

@@ -57,18 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in args.models)
-    times: dict[str, list[float]] = {name: [] for name in (BUNDLED, *models)}
+    reference: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     ratios: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         base = bench_ms(args.reference, args.runs)
-        times[BUNDLED].append(base)
+        reference.append(base)
         for name, path in models.items():
             ms = bench_ms(path, args.runs)
             times[name].append(ms)
             ratios[name].append(ms / base)
     report = {
         "reference": args.reference,
-        "reference_median_ms": statistics.median(times[BUNDLED]),
+        "reference_median_ms": statistics.median(reference),
         "models": {
             name: {
                 "median_ms": statistics.median(times[name]),

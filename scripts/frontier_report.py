@@ -93,7 +93,9 @@ def plot(points: dict[str, dict], latency: dict, path: Path) -> None:
             ax.scatter(ratio, p[key], color="tab:red" if name == "A" else "tab:blue")
             # alternate above and below, so that points at one height keep readable labels
             offset = (4, 4) if i % 2 == 0 else (4, -11)
-            ax.annotate(name, (ratio, p[key]), textcoords="offset points", xytext=offset, fontsize=8)
+            ax.annotate(
+                name, (ratio, p[key]), textcoords="offset points", xytext=offset, fontsize=8
+            )
         ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.set_xlabel("INT8 latency, batch 1, one thread (x bundled v3)")
         ax.set_ylabel(label)

@@ -23,7 +23,9 @@ def _model_file(path, dtype=np.float16):
 
     weight = numpy_helper.from_array(np.ones((4, 4), dtype), "w")
     out = helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
-    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], [weight]
+    )
     onnx.save(helper.make_model(graph), path)
     return path
 

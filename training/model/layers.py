@@ -153,7 +153,7 @@ class ResizeSquare(layers.Layer):
 
     def call(self, x):
         # [N, C, H, W]: weights @ x @ weights^T resizes both axes (ONNX MatMul broadcasts the
-        # constant over N and C, and shape inference keeps every dimension but N)
+        # constant over N and C; export.convert declares the output's static shape)
         planes = ops.transpose(ops.cast(x, "float32"), (0, 3, 1, 2))
         planes = ops.matmul(ops.matmul(self.weights_, planes), ops.transpose(self.weights_))
         resized = ops.transpose(planes, (0, 2, 3, 1))
