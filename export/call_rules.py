@@ -143,8 +143,9 @@ def runtime_calls(
     called = decide(calibrated, info.class_names, malignant_threshold, verdict)
     matrix = confusion_matrix(labels, called, labels=range(len(info.class_names)))
     by_source = {}
-    for source in sorted(set(sources or [])):
-        scans = np.asarray(sources) == source
+    scan_sources = np.asarray(sources if sources is not None else [])
+    for source in sorted(set(scan_sources)):
+        scans = scan_sources == source
         by_source[str(source)] = {
             "scans": int(scans.sum()),
             "accuracy": float(np.mean(called[scans] == labels[scans])),

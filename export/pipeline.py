@@ -116,7 +116,8 @@ class _Images:
 
     Attributes:
         calibration: training images for INT8 calibration.
-        held_out: the gates' images (the test split, else validation), with their ``labels``.
+        held_out: the gates' images (the test split, else validation), with their ``labels``
+            and ``sources`` (each image's dataset, ``split.csv``'s ``source``).
         val: the validation split when it is apart from ``held_out`` (else None), with
             ``val_labels``: the operating point, the recheck margin and auto calibration.
     """
@@ -124,6 +125,7 @@ class _Images:
     calibration: np.ndarray
     held_out: np.ndarray
     labels: np.ndarray
+    sources: list[str]
     val: np.ndarray | None
     val_labels: np.ndarray | None
 
@@ -197,7 +199,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             images.labels,
             point.get("threshold", 0.0),
             fp32.lesion,
-            sources=_held_out_sources(options),
+            sources=images.sources,
         )
         card = build_card(
             options.name,
@@ -642,7 +644,8 @@ def _validation_images(
     rows = _manifest_rows(options)
     if not (rows.get("test") and rows.get("val")):
         return None, None
-    return _split_images(options, info, "val")
+    images, labels, _ = _split_images(options, info, "val")
+    return images, labels
 
 
 def _decision(
@@ -803,46 +806,34 @@ def _onnx_output(path: Path, images: np.ndarray, name: str) -> np.ndarray:
     return np.concatenate(outputs)
 
 
-def _images_for(options: ExportOptions, info: RunInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Calibration images (train split) and held-out images with labels (test, else val)."""
+def _images_for(
+    options: ExportOptions, info: RunInfo
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Calibration images (train split) and held-out images with labels and sources (test,
+    else val)."""
     rows = _manifest_rows(options)
     if not rows.get("train") or not (rows.get("test") or rows.get("val")):
         raise ValueError(
             f"{options.run_dir / SPLIT_FILE}: needs 'train' rows and 'test' or 'val' rows."
         )
-    held_split = _held_split(rows)
+    held_split = "test" if rows.get("test") else "val"
     train = rows["train"]
     spread = train[:: max(1, len(train) // options.quantization.max_calibration_images)]
     calibration, _ = _load(spread, info)
-    images, labels = _split_images(options, info, held_split)
-    return calibration, images, labels
-
-
-def _held_split(rows: dict[str, list[dict]]) -> str:
-    """The split the gates measure on: the test split, else validation."""
-    return "test" if rows.get("test") else "val"
-
-
-def _held_out_sources(options: ExportOptions) -> list[str]:
-    """Each held-out image's dataset (``split.csv``'s ``source``), in the gates' order."""
-    held_split = _held_split(_manifest_rows(options))
-    return [r.get("source", "") for r in _measured_rows(options, held_split)]
-
-
-def _measured_rows(options: ExportOptions, split: str) -> list[dict]:
-    """The rows of ``split`` an export measures on (at most ``max_parity_images``), in order."""
-    return _manifest_rows(options).get(split, [])[: options.max_parity_images]
+    images, labels, sources = _split_images(options, info, held_split)
+    return calibration, images, labels, sources
 
 
 def _split_images(
     options: ExportOptions, info: RunInfo, split: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """One split's images (at most ``max_parity_images``) and labels, preprocessed.
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One split's images (at most ``max_parity_images``), preprocessed, with their labels and
+    sources (``split.csv``'s ``source``; "" where the manifest has none).
 
     Raises:
         ValueError: the split has no rows, or some of its images cannot be read.
     """
-    rows = _measured_rows(options, split)
+    rows = _manifest_rows(options).get(split, [])[: options.max_parity_images]
     if not rows:
         raise ValueError(f"{options.run_dir / SPLIT_FILE}: no {split!r} rows")
     images, failures = _load(rows, info)
@@ -851,7 +842,8 @@ def _split_images(
             f"{options.run_dir / SPLIT_FILE}: {len(failures)} {split} images could not be read, "
             f"e.g. {failures[0][0]}: {failures[0][1]}"
         )
-    return images, np.array([info.class_names.index(r["label"]) for r in rows])
+    labels = np.array([info.class_names.index(r["label"]) for r in rows])
+    return images, labels, [r.get("source", "") for r in rows]
 
 
 def _manifest_rows(options: ExportOptions) -> dict[str, list[dict]]:
