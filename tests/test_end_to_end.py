@@ -179,6 +179,35 @@ def test_unmark_outside_zero_to_one_is_a_usage_error(tmp_path, capsys):
     assert "--unmark is a probability" in capsys.readouterr().err
 
 
+def test_a_side_the_lesion_decoder_cannot_take_is_a_usage_error_naming_the_sides_it_takes(
+    tmp_path, capsys
+):
+    from training.cli import main as train_main
+
+    argv = [str(tmp_path), "--output", str(tmp_path / "o"), "--seg", "--image-size", "260"]
+    assert train_main([*argv, "--backbone", "efficientnet-lite2"]) == 2
+    err = capsys.readouterr().err
+    assert "input side 260 cannot carry the lesion head" in err
+    assert "--image-size 256 or 288" in err and "--no-seg" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_masks_found_at_a_side_the_lesion_decoder_cannot_take_end_the_run_with_a_usage_error(
+    tmp_path, capsys
+):
+    """The lesion head is on by default when masks exist; small-cnn's deepest stride is 16."""
+    from training.cli import main as train_main
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=4, seed=4, masks=True)
+    args = [str(data), "--output", str(tmp_path / "run"), "--backbone", "small-cnn"]
+    args += ["--weights", "none", "--image-size", "40"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "input side 40 cannot carry the lesion head on small-cnn" in err
+    assert "--image-size 32 or 48" in err
+    assert "nothing was trained" in err
+
+
 def test_lesion_free_normals_train_on_views_of_masked_training_scans_only(tmp_path, caplog):
     from training.cli import main as train_main
     from training.runfolder import RunInfo

@@ -322,3 +322,21 @@ def test_a_rule_that_spares_normal_scans_by_missing_lesion_scans_is_not_chosen()
     )
     assert _chosen(trials, free).lesion_called_normal == pytest.approx(1 / 3)
     assert _chosen(trials, free).normal_with_lesion == 0.0
+
+
+@pytest.mark.parametrize(("backbone", "side"), [("small-cnn", 48), ("efficientnet-lite0", 96)])
+def test_the_lesion_head_builds_at_a_multiple_of_the_declared_stride_and_at_no_other_side(
+    backbone, side
+):
+    pytest.importorskip("keras")
+    from edge_runtime.model.contract import LESION
+    from training.model.backbones import Backbone, output_stride
+    from training.model.classifier import build_classifier
+
+    backbone, stride = Backbone(backbone), output_stride(Backbone(backbone))
+    model = build_classifier(3, backbone=backbone, input_size=side, weights=None, lesion=True)
+
+    assert model.get_layer("backbone").outputs[-1].shape[1] == side // stride
+    assert model.get_layer(LESION).output.shape[1:] == (side // 4, side // 4, 1)
+    with pytest.raises(ValueError, match=f"must be a multiple of {stride}"):
+        build_classifier(3, backbone=backbone, input_size=side + 4, weights=None, lesion=True)

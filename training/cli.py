@@ -14,6 +14,7 @@ from typing import TextIO
 from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
 from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
+from training.model.backbones import Backbone, check_lesion_input_size
 from training.recipe import DEFAULT
 
 LOG_FILE = "train.log"
@@ -42,8 +43,6 @@ included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.model.backbones import Backbone
-
     parser = command_parser(
         "edge-train", "Train a breast-ultrasound classifier (Keras).", EXAMPLES, extra="train"
     )
@@ -65,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=DEFAULT.image_size,
-        help=f"model input side in pixels (default {DEFAULT.image_size})",
+        help=f"model input side in pixels (default {DEFAULT.image_size}); with the lesion head, "
+        "a multiple of the backbone's deepest stride (32; small-cnn 16)",
     )
     parser.add_argument(
         "--epochs",
@@ -271,6 +271,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"{flag} is a probability in [0, 1]. Got {value} instead.")
     if args.seg_weight < 0:
         parser.error(f"--seg-weight must be >= 0. Got {args.seg_weight} instead.")
+    if args.seg:
+        try:
+            check_lesion_input_size(Backbone(args.backbone), args.image_size)
+        except ValueError as exc:
+            parser.error(str(exc))
     args.cluster = None
     if args.distributed:
         from training.distributed import cluster_from
@@ -288,7 +293,6 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
     from training.augmentation.augment import AugmentConfig
     from training.distributed import stage_callbacks, start
     from training.fit import FitConfig
-    from training.model.backbones import Backbone
     from training.run import TrainConfig, report_saved, train
 
     cluster = args.cluster

@@ -51,7 +51,7 @@ from training.evaluation.plots import (
 )
 from training.evaluation.protocol import choose_scanners, markdown_table, scanner_of, write_report
 from training.fit import FitConfig, TrainingArrays, fit
-from training.model.backbones import Backbone
+from training.model.backbones import Backbone, check_lesion_input_size
 from training.model.classifier import build_classifier
 from training.model.int8_grid import snap_to_int8_grid
 from training.model.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
@@ -185,6 +185,8 @@ def _prepare(config: TrainConfig) -> _Prepared:
     )
     class_names = tuple(order)
     samples = list(discovery.samples)
+    if segmentation_wanted(config.segmentation, samples):  # refused before minutes of decoding
+        check_lesion_input_size(config.backbone, config.input_size)
     images, failures = load_images(
         [s.path for s in samples], config.input_size, config.resize_policy
     )

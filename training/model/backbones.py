@@ -45,6 +45,33 @@ def lite_variant(backbone: Backbone) -> int | None:
     return int(backbone.value[len(prefix) :]) if backbone.value.startswith(prefix) else None
 
 
+def output_stride(backbone: Backbone) -> int:
+    """Input pixels per cell of the backbone's last feature map (its deepest stride)."""
+    return 16 if backbone is Backbone.SMALL_CNN else 32
+
+
+def check_lesion_input_size(backbone: Backbone, input_size: int) -> None:
+    """Refuse an input side the lesion head cannot be built on.
+
+    The lesion decoder (:func:`training.model.segmentation.lesion_decoder`) adds each feature map
+    to the next coarser one upsampled 2x, so every map's side must be exactly twice the next: the
+    input side must be a multiple of :func:`output_stride`.
+
+    Raises:
+        ValueError: ``input_size`` (pixels) is not a multiple of the backbone's deepest stride.
+    """
+    stride = output_stride(backbone)
+    if input_size % stride:
+        lower = input_size // stride * stride
+        sides = f"{lower} or {lower + stride}" if lower else str(stride)
+        raise ValueError(
+            f"input side {input_size} cannot carry the lesion head on {backbone.value}: its "
+            f"decoder upsamples each feature map 2x onto the next finer one, so the side must be "
+            f"a multiple of {stride}, the backbone's deepest stride. Use --image-size {sides}, "
+            "or train without the lesion head (--no-seg)."
+        )
+
+
 def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | None) -> keras.Model:
     """A sub-model mapping scaled float images to the last feature map.
 

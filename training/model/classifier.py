@@ -10,7 +10,12 @@ import keras
 from keras import layers
 
 from edge_runtime.model.contract import CAM, FEATURES, INPUT_NAME, LESION, PROBABILITIES
-from training.model.backbones import Backbone, build_backbone, pixel_scaling
+from training.model.backbones import (
+    Backbone,
+    build_backbone,
+    check_lesion_input_size,
+    pixel_scaling,
+)
 from training.model.layers import ClassActivationHead, PixelScale
 from training.model.segmentation import lesion_decoder, pyramid_levels
 
@@ -31,6 +36,10 @@ def build_classifier(
     pooled feature map the last layer reads) and, with ``lesion``, ``lesion`` ``[N, S/4, S/4, 1]``
     (lesion probability per pixel, from :func:`training.model.segmentation.lesion_decoder` over the
     backbone's stride-8/16/32 feature maps).
+
+    Raises:
+        ValueError: ``lesion`` at a side that is not a multiple of the backbone's deepest stride
+            (:func:`training.model.backbones.check_lesion_input_size`).
     """
     image = keras.Input((input_size, input_size, 1), dtype="uint8", name=INPUT_NAME)
     mean, std, channels = pixel_scaling(backbone)
@@ -38,6 +47,7 @@ def build_classifier(
     extractor = build_backbone(backbone, input_size, weights)
     outputs = {}
     if lesion:
+        check_lesion_input_size(backbone, input_size)
         levels = pyramid_levels(extractor, input_size)
         extractor = keras.Model(extractor.input, levels, name="backbone")
         *pyramid, features = extractor(scaled)
