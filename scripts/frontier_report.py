@@ -75,6 +75,46 @@ def table(points: dict[str, dict], latency: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# label positions tried in turn (points from the dot, horizontal alignment): the first whose
+# text overlaps no dot and no label already drawn, and stays inside the axes, is kept
+LABEL_PLACES = (
+    ((4, 4), "left"),
+    ((4, -11), "left"),
+    ((-4, 4), "right"),
+    ((-4, -11), "right"),
+    ((4, 12), "left"),
+    ((4, -19), "left"),
+)
+
+
+def place_labels(ax, labelled: list[tuple[str, float, float]]) -> None:
+    """Annotate each (name, x, y) of `labelled` on `ax` where its text overlaps no other dot or
+    label."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    dots = ax.transData.transform([(x, y) for _, x, y in labelled])
+    placed = [Bbox.from_extents(u - 4, v - 4, u + 4, v + 4) for u, v in dots]
+    for name, x, y in labelled:
+        for offset, align in LABEL_PLACES:
+            text = ax.annotate(
+                name, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align
+            )
+            box = text.get_window_extent(renderer)
+            clear = not any(box.overlaps(other) for other in placed)
+            if clear and inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1):
+                break
+            text.remove()
+        else:  # nowhere clear: the first place
+            (offset, align) = LABEL_PLACES[0]
+            text = ax.annotate(
+                name, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align
+            )
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+
+
 def plot(points: dict[str, dict], latency: dict, path: Path) -> None:
     import matplotlib
 
@@ -86,20 +126,19 @@ def plot(points: dict[str, dict], latency: dict, path: Path) -> None:
         (axes[0], "busbra_out_auc_mean", "malignant AUC, BUS-BRA scanners left out (mean)"),
         (axes[1], "test_macro_f1", "macro-F1, dev test split (top-1)"),
     ):
-        for i, (name, p) in enumerate(points.items()):
+        labelled = []
+        for name, p in points.items():
             ratio = latency.get("models", {}).get(name, {}).get("ratio_to_bundled")
             if ratio is None or p[key] is None:
                 continue
             ax.scatter(ratio, p[key], color="tab:red" if name == "A" else "tab:blue")
-            # alternate above and below, so that points at one height keep readable labels
-            offset = (4, 4) if i % 2 == 0 else (4, -11)
-            ax.annotate(
-                name, (ratio, p[key]), textcoords="offset points", xytext=offset, fontsize=8
-            )
+            labelled.append((name, ratio, p[key]))
         ax.axvline(1.0, color="gray", ls=":", lw=1)
         ax.set_xlabel("INT8 latency, batch 1, one thread (x bundled v3)")
         ax.set_ylabel(label)
         ax.scatter(1.0, points.get("A", {}).get(key, float("nan")), marker="x", color="k")
+        fig.tight_layout()  # fixes the axes' limits and size before the labels are measured
+        place_labels(ax, labelled)
     fig.suptitle("v4 frontier, seed 0 (x: bundled v3 at latency 1.0, drawn at its recipe A)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
