@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -277,3 +278,42 @@ def test_watch_refuses_a_folder_as_its_output_before_it_starts(tmp_path, model):
     args = ("watch", tmp_path / "in", "--output", tmp_path / "out", "--model", model, "--once")
     status, _, err = run(*args)
     assert status == ExitStatus.USAGE and "is a folder" in err and "Errno" not in err, err
+
+
+def test_an_output_that_names_one_of_the_scans_is_refused_and_the_scan_kept(tmp_path, model):
+    """Opening --output for writing emptied the scan before it was read."""
+    scan = write_scan(tmp_path / "a.png")
+    before = scan.read_bytes()
+    link = tmp_path / "link.png"
+    link.symlink_to(scan)
+    for target in (scan, link):
+        status, out, err = run(tmp_path, "--model", model, "--format", "jsonl", "--output", target)
+        assert status == ExitStatus.USAGE, err
+        assert f"--output {target}: is one of the scans to classify" in err, err
+        assert scan.read_bytes() == before
+
+
+def test_a_heatmap_that_cannot_be_written_is_named_and_the_batch_goes_on(tmp_path, model):
+    """A side file that cannot be written stopped the whole run (exit 2) after 2 of 6 records."""
+    scans = [write_scan(tmp_path / "in" / f"s{i}.png", seed=i) for i in range(3)]
+    heat_dir = tmp_path / "heat"
+    (heat_dir / "s1_heatmap.png").mkdir(parents=True)  # where s1's heatmap should go
+    status, out, err = run(
+        tmp_path / "in", "--model", model, "--format", "jsonl", "--heatmaps", heat_dir
+    )
+    assert status == ExitStatus.PARTIAL, err
+    assert sorted(r["path"] for r in jsonl(out)) == sorted(map(str, scans))
+    assert all(r["error"] is None for r in jsonl(out))
+    assert "s1_heatmap.png: could not write the heatmap" in err, err
+    assert "1 without their heatmap or mask file" in err, err
+    assert (heat_dir / "s0_heatmap.png").is_file() and (heat_dir / "s2_overlay.png").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a folder without write bits")
+def test_a_heatmap_folder_that_cannot_be_written_is_refused_before_any_scan(tmp_path, model):
+    scan = write_scan(tmp_path / "a.png")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    status, out, err = run(scan, "--model", model, "--heatmaps", locked / "heat")
+    assert status == ExitStatus.USAGE and out == "", err
+    assert f"--heatmaps {locked / 'heat'}: cannot be written ({locked} is not writable)" in err

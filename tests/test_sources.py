@@ -149,3 +149,16 @@ def test_content_decides_for_names_that_say_nothing(tmp_path: Path) -> None:
     text = touch(tmp_path / "notes.v2", b"BM but only text")
     assert is_scan_file(png) and is_scan_file(raw) and is_scan_file(bare)
     assert not is_scan_file(text)
+
+
+def test_links_that_lead_nowhere_in_a_folder_are_taken_so_their_records_say_so(
+    tmp_path: Path,
+) -> None:
+    """A dangling link without a suffix and a link loop were left out without a word."""
+    folder = tmp_path / "export"
+    touch(folder / "a.png")
+    (folder / "IMGDANGLE").symlink_to(tmp_path / "gone")
+    (folder / "loopa").symlink_to(folder / "loopb")
+    (folder / "loopb").symlink_to(folder / "loopa")
+    files, problems = expand_sources([str(folder)])
+    assert names(files, folder) == ["IMGDANGLE", "a.png", "loopa", "loopb"] and problems == []

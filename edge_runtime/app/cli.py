@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ from edge_runtime.app.shell import command_parser, parse_args, run_command
 from edge_runtime.app.status import ExitStatus
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.io.decode import display_path
-from edge_runtime.io.sources import expand_sources
+from edge_runtime.io.sources import expand_sources, real_key
 from edge_runtime.model.session import Provider
 from edge_runtime.postprocess.lesion import require_lesion_output
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
@@ -467,7 +468,8 @@ def _options(args: argparse.Namespace) -> ClassifierOptions:
 
 def _output_problem(args: argparse.Namespace) -> str | None:
     """Why ``--output``, ``--heatmaps`` or ``--masks`` cannot be written, found before the model
-    loads and any scan is classified; None when they can (the folders are made when written)."""
+    loads and any scan is classified; None when they can (the folders are made when written; a
+    file that still cannot be written is reported with its scan, and the run goes on)."""
     if args.output is not None:
         if args.output.is_dir():
             return f"--output {args.output}: is a folder; give the path of a file to write"
@@ -484,7 +486,19 @@ def _output_problem(args: argparse.Namespace) -> str | None:
         if blocking is not None and not blocking.is_dir():
             where = "" if blocking == folder else f" ({blocking} is)"
             return f"{flag} {folder}: a file, not a folder{where}"
+        if blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
+            where = "" if blocking == folder else f" ({blocking} is not writable)"
+            return f"{flag} {folder}: cannot be written{where}"
     return None
+
+
+def _output_among_inputs(output: Path | None, files: list[Path]) -> Path | None:
+    """The input that ``--output`` names (by real path, links resolved), if any: opening it for
+    writing would empty the scan before it is read."""
+    if output is None or not output.exists():
+        return None
+    key = real_key(output)
+    return next((path for path in files if real_key(path) == key), None)
 
 
 def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:
@@ -502,6 +516,12 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         stderr.write(
             "edge-classify: error: no scans to classify. Pass image or DICOM files, folders "
             "that contain them, or globs.\n"
+        )
+        return ExitStatus.USAGE
+    if clash := _output_among_inputs(args.output, files):
+        stderr.write(
+            f"edge-classify: error: --output {args.output}: is one of the scans to classify "
+            f"({display_path(clash)}); writing there would destroy it. Give another file.\n"
         )
         return ExitStatus.USAGE
     options = _options(args)
@@ -540,11 +560,16 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         rechecked = (
             f" ({counts['rechecked']} rechecked in FP32)" if classifier.recheck_model_path else ""
         )
+        unwritten = (
+            f", {counts['unwritten']} without their heatmap or mask file"
+            if counts["unwritten"]
+            else ""
+        )
         stderr.write(
             f"edge-classify: {counts['ok']} classified{rechecked}, {counts['abstained']} "
-            f"abstained, {failed} failed\n"
+            f"abstained, {failed} failed{unwritten}\n"
         )
-    if failed:
+    if failed or counts["unwritten"]:
         return ExitStatus.PARTIAL
     return ExitStatus.SUCCESS
 
@@ -577,7 +602,7 @@ def _run(
     stderr: TextIO,
     results: Iterator[Result] | None = None,
 ) -> dict[str, int]:
-    counts = {"ok": 0, "failed": 0, "abstained": 0, "rechecked": 0}
+    counts = {"ok": 0, "failed": 0, "abstained": 0, "rechecked": 0, "unwritten": 0}
     show_progress = not args.quiet and stderr.isatty() and len(files) > 20
     stems = heatmap_stems(files) if args.heatmaps or args.masks else None
     if results is None:
@@ -594,15 +619,27 @@ def _run(
         if isinstance(result, Classification):
             counts["abstained"] += int(result.abstained)
             counts["rechecked"] += int(result.rechecked)
-            if args.heatmaps:
-                write_heatmaps([result], args.heatmaps, stems=stems)
-            if args.masks:
-                write_masks([result], args.masks, stems=stems)
+            counts["unwritten"] += _write_side_files(result, args, stems, stderr)
         if show_progress:
             stderr.write(f"\r{done}/{len(files)} images")
     if show_progress:
         stderr.write("\n")
     return counts
+
+
+def _write_side_files(result: Classification, args: argparse.Namespace, stems, stderr) -> int:
+    """Write the scan's ``--heatmaps`` and ``--masks`` images; a file that cannot be written is
+    reported on stderr and counted (1), and the run goes on: its record is already out."""
+    unwritten = 0
+    for folder, write in ((args.heatmaps, write_heatmaps), (args.masks, write_masks)):
+        if not folder:
+            continue
+        try:
+            write([result], folder, stems=stems)
+        except OSError as exc:
+            stderr.write(f"edge-classify: {exc}\n")
+            unwritten = 1
+    return unwritten
 
 
 def _watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStatus:

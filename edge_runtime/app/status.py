@@ -15,7 +15,8 @@ class ExitStatus(IntEnum):
     """
 
     SUCCESS = 0  # everything asked for was done
-    PARTIAL = 1  # edge-classify: some inputs failed, each with its own error record
+    PARTIAL = 1  # edge-classify: some inputs failed (each with its own error record), or
+    # some scans' --heatmaps/--masks files could not be written (each named on stderr)
     GATE_FAILED = 1  # edge-export: a parity gate refused the model; a report, no model
     USAGE = 2  # bad arguments, missing data or an unusable model: nothing was done
     INTERNAL_ERROR = 70  # a bug (sysexits' EX_SOFTWARE): the message says to rerun with --traceback

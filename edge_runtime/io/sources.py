@@ -94,7 +94,8 @@ def is_scan_file(path: str | os.PathLike[str]) -> bool:
     :data:`TEMPORARY_SUFFIXES`: a copy still being written). True for an image, DICOM or video
     suffix (any case); any other name is a scan when its first bytes are a PNG, JPEG, TIFF, DICOM
     (``DICM`` at byte 128, or a bare dataset) or video file, as storage nodes name DICOM files
-    ``IMG0001``, ``1.2.840...`` or ``US.1.2.840...``.
+    ``IMG0001``, ``1.2.840...`` or ``US.1.2.840...``. A link that leads nowhere (dangling, or a
+    loop) is taken whatever its name, so that its record says so.
     """
     return skip_reason(path) is None
 
@@ -126,6 +127,8 @@ def _skipped(path: str | os.PathLike[str]) -> tuple[str, int] | None:
         return reason, logging.WARNING if media else logging.DEBUG
     if suffix in SCAN_SUFFIXES:
         return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return None  # a dangling link or a loop: nothing to sniff, so decoding says what it is
     head = _head(path)
     if _is_scan_head(head):
         return None
