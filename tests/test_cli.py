@@ -287,7 +287,7 @@ def test_an_output_that_names_one_of_the_scans_is_refused_and_the_scan_kept(tmp_
     link = tmp_path / "link.png"
     link.symlink_to(scan)
     for target in (scan, link):
-        status, out, err = run(tmp_path, "--model", model, "--format", "jsonl", "--output", target)
+        status, _, err = run(tmp_path, "--model", model, "--format", "jsonl", "--output", target)
         assert status == ExitStatus.USAGE, err
         assert f"--output {target}: is one of the scans to classify" in err, err
         assert scan.read_bytes() == before
