@@ -411,6 +411,48 @@ def test_a_video_that_cannot_be_read_gets_a_clear_error_record_each(tmp_path, mo
     assert summary["frames"] == len(frames) and summary["failed_frames"] == 1
 
 
+def records_by_batch_size(path: Path, model: Path, sizes=(8, 1)) -> list[list[dict]]:
+    """The file's frame records (its summary left out) at each ``--batch-size``."""
+    runs = []
+    for size in sizes:
+        status, out, err = run(path, "--model", model, "--format", "jsonl", "--batch-size", size)
+        assert status == 1 and "Traceback" not in err, err
+        *frames, summary = jsonl(out)
+        assert summary["frames"] == len(frames) and summary["failed_frames"] == 1
+        runs.append([{k: r[k] for k in ("frame", "label", "error")} for r in frames])
+    return runs
+
+
+def test_a_cut_video_keeps_every_frame_before_the_damage_at_any_batch_size(tmp_path, model):
+    """A batch that reached the damage lost its good frames: their records depended on
+    --batch-size (frames 0-5 not classified at 8, frames 0-3 kept at 1)."""
+    whole = write_video(tmp_path / "whole.avi", 20).read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole[: len(whole) * 6 // 10])
+    in_eights, one_by_one = records_by_batch_size(cut, model)
+    assert in_eights == one_by_one
+    *good, failed = in_eights
+    assert [r["frame"] for r in good] == list(range(len(good))) and len(good) % 8 != 0
+    assert all(r["error"] is None and r["label"] for r in good)
+    assert failed["frame"] == len(good) and f"frame {len(good)} could not" in failed["error"]
+
+
+def test_a_cine_cut_in_its_last_frame_keeps_the_frames_before_it(tmp_path, model):
+    """DICOM too: a batch of 3 failed whole ("frames 1-3", counted from 1, on the record of
+    frame 0); now frames 0 and 1 are classified and frame 2 has the error, counted from 0."""
+    pytest.importorskip("pydicom", minversion="3.0")
+    from tests.test_dicom import make_dicom
+
+    stack = np.stack([speckle_scan((96, 96), seed=i) for i in range(3)])
+    path = make_dicom(tmp_path / "cine.dcm", stack, rows=96, columns=96, frames=3)
+    path.write_bytes(path.read_bytes()[: -96 * 96 // 2])  # half of frame 2 is missing
+    in_eights, one_by_one = records_by_batch_size(path, model)
+    assert in_eights == one_by_one
+    kept = [(r["frame"], r["error"] is None) for r in in_eights]
+    assert kept == [(0, True), (1, True), (2, False)]
+    assert "frame 2 could not be decoded" in in_eights[2]["error"]
+
+
 def test_a_folder_says_why_it_left_out_each_file_that_looks_like_a_scan(tmp_path, caplog):
     folder = tmp_path / "USB"
     folder.mkdir()

@@ -372,7 +372,8 @@ def _frame_reader(
                         return decode(start, stop, "")  # every plug-in, pydicom's order
                 return decode_loaded(start, stop)
         except Exception as exc:  # corrupt, truncated, or rejected by every plugin
-            which = f"frames {start + 1}-{stop}" if stop - start > 1 else f"frame {start + 1}"
+            # counted from 0, as the records' ``frame`` is
+            which = f"frames {start}-{stop - 1}" if stop - start > 1 else f"frame {start}"
             raise InputError(
                 path,
                 f"DICOM pixel data ({_syntax_name(syntax)}) {which} could not be decoded: "

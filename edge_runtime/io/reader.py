@@ -149,22 +149,22 @@ class ScanReader:
         with collecting() as notes:
             try:
                 if isinstance(source, np.ndarray):
-                    frames, scan = [to_gray_uint8(source, name)], None
+                    frames, scan, error = [to_gray_uint8(source, name)], None, None
                 else:
                     scan = open_scan(source)
-                    frames = scan.read(0, self._batch_size)
-            except InputError as exc:
-                failure = DecodedItem(name, None, error=exc.reason, decode_ms=_ms_since(start))
+                    frames, error = _read_until_failure(scan, 0, self._batch_size)
             except Exception as exc:  # a decoder bug must cost one input, never the batch
-                reason = f"could not be decoded ({type(exc).__name__}: {exc})"
-                failure = DecodedItem(name, None, error=reason, decode_ms=_ms_since(start))
-            else:
-                failure = None
-        if failure is not None:
+                frames, error = [], _reason(exc)
+        if not frames:
+            error = error or "holds no image"
+            failure = DecodedItem(name, None, error=error, decode_ms=_ms_since(start))
             return _Chunk([replace(failure, notes=tuple(notes))])
         decode_ms = _ms_since(start) / len(frames)
         items = self._squares(name, frames, 0, scan, keep_original, decode_ms)
         items[0] = replace(items[0], notes=tuple(notes))
+        if error is not None:  # the frames before the first that failed keep their records
+            items.append(_failed_image(scan, len(frames), error, 0.0))
+            return _Chunk(items)
         rest = (scan, len(frames)) if scan is not None and len(frames) < scan.count else None
         return _Chunk(items, rest)
 
@@ -173,22 +173,12 @@ class ScanReader:
         begin = time.perf_counter()
         stop = min(start + self._batch_size, scan.count)
         with collecting() as notes:
-            try:
-                frames = scan.read(start, stop)
-            except InputError as exc:
-                error = exc.reason
-            except Exception as exc:  # a decoder bug: the file's other frames are kept
-                error = f"could not be decoded ({type(exc).__name__}: {exc})"
-            else:
-                error = None
-        if error is not None:  # the frames left are not tried: one record says why
-            frame, region, _ = scan.where(start)
-            item = DecodedItem(
-                scan.path, frame, error=error, decode_ms=_ms_since(begin), region=region
-            )
-            return _Chunk([replace(item, notes=tuple(notes))])
-        decode_ms = _ms_since(begin) / len(frames)
+            frames, error = _read_until_failure(scan, start, stop)
+        decode_ms = _ms_since(begin) / max(1, len(frames))
         items = self._squares(scan.path, frames, start, scan, keep_original, decode_ms)
+        if error is not None:  # the frames after the first that failed are not tried
+            items.append(_failed_image(scan, start + len(frames), error, decode_ms))
+            return _Chunk([replace(items[0], notes=tuple(notes)), *items[1:]])
         if notes:
             items[0] = replace(items[0], notes=tuple(notes))
         return _Chunk(items, (scan, stop) if stop < scan.count else None)
@@ -244,6 +234,38 @@ class ScanReader:
 
 
 _END = object()
+
+
+def _read_until_failure(scan: Scan, start: int, stop: int) -> tuple[list[np.ndarray], str | None]:
+    """Images ``start`` .. ``stop - 1`` of ``scan`` (fewer where it has fewer), and None; where
+    that read fails, the images before the first that does not decode, read one at a time, and
+    why that one failed. A damaged frame never costs the good frames of its batch."""
+    stop = min(stop, scan.count)
+    try:
+        return scan.read(start, stop), None
+    except Exception as exc:
+        if stop - start <= 1:
+            return [], _reason(exc)
+    frames: list[np.ndarray] = []
+    for index in range(start, stop):
+        try:
+            frames += scan.read(index, index + 1)
+        except Exception as exc:
+            return frames, _reason(exc)
+    return frames, None
+
+
+def _reason(exc: Exception) -> str:
+    """An input's error text: the reason an :class:`InputError` gives, else a decoder bug's."""
+    if isinstance(exc, InputError):
+        return exc.reason
+    return f"could not be decoded ({type(exc).__name__}: {exc})"
+
+
+def _failed_image(scan: Scan, index: int, error: str, decode_ms: float) -> DecodedItem:
+    """The error record of image ``index`` of ``scan``, which stands for it and every later one."""
+    frame, region, _ = scan.where(index)
+    return DecodedItem(scan.path, frame, error=error, decode_ms=decode_ms, region=region)
 
 
 def _input_check(frame: np.ndarray, name: str) -> str | None:
