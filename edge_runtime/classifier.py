@@ -43,7 +43,12 @@ from edge_runtime.model.session import (
     open_recheck_model,
 )
 from edge_runtime.postprocess.calibration import apply_temperature as _calibrate
-from edge_runtime.postprocess.decision import decide, lesion_verdict, unfamiliar_scores
+from edge_runtime.postprocess.decision import (
+    MALIGNANT,
+    decide,
+    lesion_verdict,
+    unfamiliar_scores,
+)
 from edge_runtime.postprocess.heatmap import cam_to_heatmap, lesion_heatmap
 from edge_runtime.postprocess.lesion import (
     Lesion,
@@ -144,7 +149,9 @@ class Classification:
         probabilities: class name -> calibrated probability, summing to 1.
         confidence: the called class's probability.
         abstained: a flag for review, with its ``abstain_reason``: not an ultrasound scan
-            (:mod:`edge_runtime.io.scan_check`), ``unfamiliar``, or below the abstain threshold. The
+            (:mod:`edge_runtime.io.scan_check`), ``unfamiliar``, or a confidence below the abstain
+            threshold (never for a malignant call: at the operating point its confidence may be
+            P(malignant) 0.15, and an abstained frame never decides a cine's summary). The
             label is still the model's call, but never act on the label of an abstained result.
         timing: per-stage milliseconds of this image.
         frame: index within a multi-frame file; None for a single image.
@@ -603,7 +610,7 @@ class Classifier:
                 if unfamiliar[row]
                 else None,
                 f"low confidence: {confidence:.3f} is below {self._abstain_below:.3f}"
-                if confidence < self._abstain_below
+                if confidence < self._abstain_below and names[top] != MALIGNANT
                 else None,
             ]
             abstain_reason = "; ".join(reason for reason in reasons if reason) or None

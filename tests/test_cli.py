@@ -190,6 +190,21 @@ def test_abstain_below_marks_low_confidence_results(tmp_path, model):
     assert all(r["abstained"] for r in jsonl(out))
 
 
+def test_abstain_below_never_hides_a_malignant_call(tmp_path, model):
+    """At an operating point a malignant call's confidence is P(malignant), low by design: with
+    --abstain-below 0.7 every such call abstained, and an abstained frame never decides a cine."""
+    for seed in range(3):
+        write_scan(tmp_path / f"s{seed}.png", seed=seed)
+    argv = (tmp_path, "--model", model, "--format", "jsonl", "--abstain-below", "0.99")
+    _, out, _ = run(*argv, "--malignant-threshold", "0.001")
+    records = jsonl(out)
+    assert {r["label"] for r in records} == {"malignant"}
+    assert all(r["confidence"] == r["probabilities"]["malignant"] < 0.99 for r in records)
+    assert not any("low confidence" in (r["abstain_reason"] or "") for r in records), records
+    _, out, _ = run(*argv, "--malignant-threshold", "0")  # top-1: the same scans abstain
+    assert all("low confidence" in r["abstain_reason"] for r in jsonl(out))
+
+
 def test_heatmaps_are_gray_at_the_scan_size_with_colour_overlays(tmp_path, model):
     scan = write_scan(tmp_path / "in" / "scan.png", shape=(90, 130))
     heat_dir = tmp_path / "heat"

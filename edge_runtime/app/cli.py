@@ -219,8 +219,8 @@ def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="P",
-        help="mark results with confidence below P as abstained "
-        "(default: the model's own threshold)",
+        help="mark results whose confidence (the called class's probability) is below P as "
+        "abstained, malignant calls excepted (default: the model's own threshold)",
     )
     parser.add_argument(
         "--malignant-threshold",
