@@ -206,7 +206,8 @@ def test_the_input_check_can_be_turned_off_and_never_costs_a_frame(tmp_path, mod
 
 
 def test_every_reason_to_abstain_is_given(tmp_path, model):
-    with Classifier.from_path(model, abstain_below=0.99) as clf:
+    # malignant only at P >= 0.999: a malignant call is never abstained for low confidence
+    with Classifier.from_path(model, abstain_below=0.99, malignant_threshold=0.999) as clf:
         blank, scan = clf.classify([np.zeros((64, 80), np.uint8), speckle_scan()])
     assert blank.abstain_reason.startswith(f"{NOT_A_SCAN}: a blank frame")
     assert "; low confidence: " in blank.abstain_reason
