@@ -332,3 +332,37 @@ def test_a_heatmap_folder_that_cannot_be_written_is_refused_before_any_scan(tmp_
     status, out, err = run(scan, "--model", model, "--heatmaps", locked / "heat")
     assert status == ExitStatus.USAGE and out == "", err
     assert f"--heatmaps {locked / 'heat'}: cannot be written ({locked} is not writable)" in err
+
+
+def test_heatmaps_written_beside_the_scans_are_never_classified_as_scans(tmp_path, model):
+    """A run's own overlays passed the ultrasound check: a second run called a benign scan's
+    overlay malignant. They carry a mark now; a folder leaves them out with a word, and one
+    named on the command line gets an error record."""
+    scan = write_scan(tmp_path / "a.png")
+    status, _, _ = run(tmp_path, "--model", model, "--heatmaps", tmp_path)
+    written = sorted(tmp_path.glob("a_*.png"))
+    assert status == 0 and [p.name for p in written] == ["a_heatmap.png", "a_overlay.png"]
+    assert cv2.imread(str(written[1])).shape[:2] == cv2.imread(str(scan)).shape[:2]
+
+    status, out, err = run(tmp_path, "--model", model, "--format", "jsonl")
+    assert status == 0 and [r["path"] for r in jsonl(out)] == [str(scan)], err
+    assert f"{written[0]}: not taken as a scan: an edge-classify heatmap" in err
+    status, out, _ = run(written[1], "--model", model, "--format", "jsonl")
+    assert status == ExitStatus.PARTIAL
+    assert (
+        jsonl(out)[0]["error"]
+        == "an edge-classify overlay (written by --heatmaps or --masks), not a scan"
+    )
+
+
+def test_the_mark_is_read_only_from_the_images_edge_classify_wrote(tmp_path):
+    from edge_runtime.io import own_images
+
+    _, png = cv2.imencode(".png", np.zeros((40, 50), np.uint8))
+    plain = png.tobytes()
+    marked = own_images.mark(plain, "mask")
+    assert own_images.written_kind(marked[:132]) == "mask"
+    assert own_images.written_kind(plain[:132]) is None
+    assert cv2.imdecode(np.frombuffer(marked, np.uint8), cv2.IMREAD_UNCHANGED).shape == (40, 50)
+    with pytest.raises(ValueError, match="not an encoded PNG"):
+        own_images.mark(b"\xff\xd8\xff" + plain[3:], "mask")

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.classifier import Classification, Failure, Result
+from edge_runtime.io import own_images
 from edge_runtime.io.decode import display_path
 from edge_runtime.postprocess.heatmap import overlay
 from edge_runtime.postprocess.lesion import Lesion
@@ -322,7 +323,7 @@ def _write_images(
         for kind, image in images(result):
             path = directory / f"{_stem(result, stems)}_{kind}.png"
             try:
-                _write_png(path, image)
+                _write_png(path, image, kind)
             except OSError as exc:
                 raise OSError(
                     f"{display_path(path)}: could not write the {what} ({exc}). Check that "
@@ -338,10 +339,11 @@ def _stem(result: Result, stems: Mapping[str, str]) -> str:
     return stem if result.region is None else f"{stem}_r{result.region}"
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """Encode in memory and write with Python, which keeps any file name the system allows
-    (``cv2.imwrite`` cannot take a name that is not UTF-8)."""
+def _write_png(path: Path, image: np.ndarray, kind: str) -> None:
+    """Encode in memory, mark as edge-classify's ``kind`` (so that no later run takes it for a
+    scan) and write with Python, which keeps any file name the system allows (``cv2.imwrite``
+    cannot take a name that is not UTF-8)."""
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise OSError("OpenCV could not encode the image as PNG")
-    path.write_bytes(data.tobytes())
+    path.write_bytes(own_images.mark(data.tobytes(), kind))

@@ -9,7 +9,8 @@ nothing becomes an ``(argument, reason)`` problem rather than an exception.
 
 No file is left out without a word: a folder or pattern's file that looks like a scan or a video
 but is not taken (a format edge-classify does not read, a storage node's temporary ``.part``
-name, a DICOMDIR index, a hidden name) is logged with the reason (:func:`skip_reason`).
+name, a DICOMDIR index, a hidden name, a heatmap or mask that edge-classify wrote) is logged with
+the reason (:func:`skip_reason`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from edge_runtime.io.decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, SNIFF_BYTES, display_path, sniff
+from edge_runtime.io import own_images
+from edge_runtime.io.decode import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    OWN_IMAGE,
+    SNIFF_BYTES,
+    display_path,
+    sniff,
+)
 from edge_runtime.io.video import VIDEO_SUFFIXES, sniff_video
 
 SCAN_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES | VIDEO_SUFFIXES
@@ -125,6 +134,8 @@ def _skipped(path: str | os.PathLike[str]) -> tuple[str, int] | None:
         media = os.path.splitext(stem)[1] in SCAN_SUFFIXES or _is_scan_head(_head(path))
         reason = "a temporary name: a copy still being written (it is read once renamed)"
         return reason, logging.WARNING if media else logging.DEBUG
+    if suffix == ".png" and (written := own_images.written_kind(_head(path))):
+        return OWN_IMAGE.format(written), logging.WARNING
     if suffix in SCAN_SUFFIXES:
         return None
     if os.path.islink(path) and not os.path.exists(path):
