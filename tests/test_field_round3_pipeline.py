@@ -117,6 +117,26 @@ def chessboard(shape: tuple[int, int] = (480, 640), cell: int = 40) -> np.ndarra
     return (((y // cell) + (x // cell)) % 2 * 255).astype(np.uint8)
 
 
+def dark_theme_screenshot(shape: tuple[int, int] = (500, 800)) -> np.ndarray:
+    """Light text on a dark grey background, as code editors and dark PACS screens show it."""
+    image = np.full(shape, 30, np.uint8)
+    for row in range(30):
+        text = f"def foo(x): return x*{row}  # some code here lorem ipsum"
+        cv2.putText(image, text, (10, 15 + row * 15), cv2.FONT_HERSHEY_PLAIN, 0.8, 200, 1)
+    return image
+
+
+def photograph_grain(shape: tuple[int, int] = (400, 500)) -> np.ndarray:
+    """1/f noise, the power spectrum of natural photographs."""
+    spectrum = np.fft.fft2(np.random.default_rng(0).normal(size=shape))
+    radius = np.hypot(
+        *np.meshgrid(np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1]), indexing="ij")
+    )
+    radius[0, 0] = 1.0
+    image = np.real(np.fft.ifft2(spectrum / radius))
+    return ((image - image.min()) / np.ptp(image) * 255).astype(np.uint8)
+
+
 NON_SCANS = {  # name -> (image, what the reason must say)
     "black": (lambda: np.zeros((480, 640), np.uint8), "blank frame"),
     "grey": (lambda: np.full((480, 640), 128, np.uint8), "blank frame"),
@@ -128,6 +148,8 @@ NON_SCANS = {  # name -> (image, what the reason must say)
     "report": (text_report, "mostly white"),
     "ct-like": (ct_like, "CT or MR"),
     "chessboard": (chessboard, "no grey levels"),
+    "dark-theme-screenshot": (dark_theme_screenshot, "like a program's screen"),
+    "photograph-grain": (photograph_grain, "a photograph's grain"),
 }
 
 
