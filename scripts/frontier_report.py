@@ -96,22 +96,22 @@ def place_labels(ax, labelled: list[tuple[str, float, float]]) -> None:
     inside = ax.get_window_extent(renderer)
     dots = ax.transData.transform([(x, y) for _, x, y in labelled])
     placed = [Bbox.from_extents(u - 4, v - 4, u + 4, v + 4) for u, v in dots]
+
+    def draw(name: str, x: float, y: float, offset: tuple[int, int], align: str):
+        text = ax.annotate(
+            name, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align
+        )
+        return text, text.get_window_extent(renderer)
+
     for name, x, y in labelled:
         for offset, align in LABEL_PLACES:
-            text = ax.annotate(
-                name, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align
-            )
-            box = text.get_window_extent(renderer)
+            text, box = draw(name, x, y, offset, align)
             clear = not any(box.overlaps(other) for other in placed)
             if clear and inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1):
                 break
             text.remove()
         else:  # nowhere clear: the first place
-            (offset, align) = LABEL_PLACES[0]
-            text = ax.annotate(
-                name, (x, y), textcoords="offset points", xytext=offset, fontsize=8, ha=align
-            )
-            box = text.get_window_extent(renderer)
+            text, box = draw(name, x, y, *LABEL_PLACES[0])
         placed.append(box)
 
 

@@ -627,7 +627,12 @@ def _run(
     return counts
 
 
-def _write_side_files(result: Classification, args: argparse.Namespace, stems, stderr) -> int:
+def _write_side_files(
+    result: Classification,
+    args: argparse.Namespace,
+    stems: dict[str, str] | None,
+    stderr: TextIO,
+) -> int:
     """Write the scan's ``--heatmaps`` and ``--masks`` images; a file that cannot be written is
     reported on stderr and counted (1), and the run goes on: its record is already out."""
     unwritten = 0

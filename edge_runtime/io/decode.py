@@ -45,7 +45,6 @@ BIGTIFF_MAGIC = (b"II+\x00", b"MM\x00+")  # 64-bit offsets (microscopes, large e
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _IMREAD_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-OWN_IMAGE = "an edge-classify {} (written by --heatmaps or --masks)"
 log = logging.getLogger(__name__)
 
 
@@ -144,7 +143,7 @@ def open_image(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> Scan:
     if kind is None or kind == "dicom":
         raise InputError(path, "not a supported image (PNG, JPEG, BMP, TIFF or DICOM)")
     if written := own_images.written_kind(data[:SNIFF_BYTES]):
-        raise InputError(path, f"{OWN_IMAGE.format(written)}, not a scan")
+        raise InputError(path, f"{own_images.describe(written)}, not a scan")
     pages = _tiff_pages(data) if kind == "tiff" else [_dimensions(kind, data)]
     for number, (width, height, _) in enumerate(pages):
         where = f"page {number + 1}: " if len(pages) > 1 else ""

@@ -17,6 +17,11 @@ _KEYWORD = b"Software"
 _PREFIX = b"edge-classify "
 
 
+def describe(kind: str) -> str:
+    """What an image of ``kind`` that edge-classify wrote is, in words for a message."""
+    return f"an edge-classify {kind} (written by --heatmaps or --masks)"
+
+
 def mark(png: bytes, kind: str) -> bytes:
     """``png`` (an encoded PNG, as ``cv2.imencode`` gives it) with the mark of ``kind``.
 

@@ -16,9 +16,8 @@ white noise has 0), usually longer across the beam than along it (lag-2 correlat
 down: median 0.83, under 0.3 in size on 1.8% of them); and an image that reaches the frame's
 edges (some 4% border strip lit on 63% of it or more). Texture is read inside the lit area,
 where it shows best: on the frame shrunk to :data:`WORK_SIDE` or on a patch at full size. Each
-rule below sits outside those ranges, so none of those 2,529 scans fails the check (session 14
-added rule 5 and moved rule 6 from 0.3 to 0.5, after dark-theme screenshots and photograph-like
-noise passed; the scans' lowest correlation is 0.594); on the default model's 373 held-out scans
+rule below sits outside those ranges (rule 6 at 0.5 against the scans' lowest correlation,
+0.594), so none of those 2,529 scans fails the check; on the default model's 373 held-out scans
 it abstains on none (``tests/test_field_round3_pipeline.py`` measures half of them when the real
 scans are present). It costs about 1.3 ms a frame (median, one core), in the decode threads.
 
@@ -32,7 +31,8 @@ The rules, in order (the first that holds is the reason):
    or text.
 4. **white**: more than 40% of pixels are near white (> 235): a document or screenshot.
 5. **flat**: more than 50% of the image is one grey level of 16 or more: a program's screen
-   with a dark theme (65-83%; the scans' most is 31%, a BUS-BRA image in a grey frame).
+   with a dark theme (65-83%). The scans' most is 31%: a BUS-BRA scan whose large anechoic area
+   sits at grey level 16, exactly the lit level.
 6. **noise**: the fine detail is weakly correlated between neighbouring pixels (lag-1
    correlation < 0.5 both across and down): pixel noise (0), or the grain of a photograph
    (1/f noise, about 0.46), not speckle.

@@ -25,7 +25,6 @@ from edge_runtime.io import own_images
 from edge_runtime.io.decode import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
-    OWN_IMAGE,
     SNIFF_BYTES,
     display_path,
     sniff,
@@ -135,7 +134,7 @@ def _skipped(path: str | os.PathLike[str]) -> tuple[str, int] | None:
         reason = "a temporary name: a copy still being written (it is read once renamed)"
         return reason, logging.WARNING if media else logging.DEBUG
     if suffix == ".png" and (written := own_images.written_kind(_head(path))):
-        return OWN_IMAGE.format(written), logging.WARNING
+        return own_images.describe(written), logging.WARNING
     if suffix in SCAN_SUFFIXES:
         return None
     if os.path.islink(path) and not os.path.exists(path):
