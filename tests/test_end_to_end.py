@@ -295,12 +295,14 @@ def test_lesion_free_normals_without_a_normal_class_is_an_error_naming_the_class
 def test_the_readme_run_with_itself_reports_the_same_numbers(readme_path, tmp_path):
     """Two copies of one model average to that model: the ensemble's report must equal it."""
     from training.ensemble import build_ensemble_run
+    from training.run import TrainConfig
 
     root, _ = readme_path
     run = root / "runs" / "synthetic"
     output = tmp_path / "twice"
 
-    written = build_ensemble_run((root / "synthetic",), [run, run], output, 64, mirror=False)
+    config = TrainConfig(data=(root / "synthetic",), output=output, input_size=64)
+    written = build_ensemble_run(config, [run, run], mirror=False)
 
     assert [w.backbone for w in written] == ["small-cnn@64 + small-cnn@64"]
     member = json.loads((run / "metrics.json").read_text())
@@ -350,3 +352,72 @@ def test_the_readme_run_mirrored_exports_through_every_gate(readme_path, tmp_pat
     assert records and all(r["label"] in ("normal", "benign", "malignant") for r in records)
     card = json.loads((output / "export" / "model.card.json").read_text())
     assert card["backbone"] == "small-cnn@64, mirrored"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--backbone", "small-cnn", "small-cnn"], "--backbone names a backbone twice"),
+        (["--backbone", "small-cnn", "efficientnet-lite0", "--lesion-from", "3"], "members 1 to 2"),
+        (["--folds", "3"], "--folds works on one model: name one --backbone"),
+        (["--weights", "my.weights.h5"], "--weights FILE works on one model"),
+    ],
+)
+def test_what_an_ensemble_cannot_do_is_a_usage_error_before_anything_loads(
+    tmp_path, capsys, options, message
+):
+    from training.cli import main as train_main
+
+    assert train_main([str(tmp_path), "--output", str(tmp_path / "o"), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(tmp_path, capsys):
+    """The recipe's shape (two members, the lesion map from the first) on small models: each
+    member is a whole run in RUN/members/, the graph a run in RUN that edge-export reads; the
+    same command again keeps the finished members and rebuilds the same graph."""
+    from training.cli import main as train_main
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=5)
+    run = tmp_path / "run"
+    argv = [
+        str(data),
+        "--output",
+        str(run),
+        "--backbone",
+        "small-cnn",
+        "efficientnet-lite0",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--frozen-epochs",
+        "0",
+        "--epochs",
+        "1",
+    ]
+
+    assert train_main(argv) == 0
+
+    members = [run / "members" / "1-small-cnn", run / "members" / "2-efficientnet-lite0"]
+    for member in members:
+        assert (member / "model.keras").is_file() and (member / "member.json").is_file()
+        assert json.loads((member / "run.json").read_text())["input_size"] == 64
+    info = json.loads((run / "run.json").read_text())
+    assert info["backbone"] == "small-cnn@64 + efficientnet-lite0@64, lesion from member 1"
+    assert (run / "split.csv").read_bytes() == (members[0] / "split.csv").read_bytes()
+    assert f"Next: edge-export {run}" in capsys.readouterr().out
+    first = {m: (m / "model.keras").stat().st_mtime_ns for m in members}
+    metrics = (run / "metrics.json").read_text()
+
+    assert train_main(argv) == 0
+
+    assert {m: (m / "model.keras").stat().st_mtime_ns for m in members} == first
+    assert "trained with these options already; kept" in (run / "train.log").read_text()
+    assert (run / "metrics.json").read_text() == metrics
+
+    assert train_main([*argv, "--epochs", "2", "--report-only"]) == 0  # reports, trains nothing
+
+    assert {m: (m / "model.keras").stat().st_mtime_ns for m in members} == first
+    assert (run / "metrics.json").read_text() == metrics

@@ -111,6 +111,7 @@ def test_combine_refuses_what_it_cannot_build(sizes, message):
 
 
 def test_members_with_different_splits_are_refused(tmp_path):
+    from training.run import TrainConfig
     from training.runfolder import RunInfo
 
     members = []
@@ -124,7 +125,8 @@ def test_members_with_different_splits_are_refused(tmp_path):
         members.append(run)
 
     with pytest.raises(ValueError, match=r"the members' split.csv differ"):
-        build_ensemble_run((tmp_path,), members, tmp_path / "out", 64, mirror=False)
+        config = TrainConfig(data=(tmp_path,), output=tmp_path / "out", input_size=64)
+        build_ensemble_run(config, members, mirror=False)
     assert (
         main(
             [
@@ -167,10 +169,10 @@ def test_the_command_hands_every_option_to_the_build(monkeypatch, tmp_path):
 
     assert main([*argv, "--mirror", "--lesion-from", "1"]) == 0
 
-    data, members, output, size, mirror, lesion_from = seen["args"]
-    assert (size, mirror, lesion_from) == (64, True, [0])
+    config, members, mirror, lesion_from = seen["args"]
+    assert (config.input_size, mirror, lesion_from) == (64, True, [0])
     assert [str(m) for m in members] == ["a", "b"]
-    assert (data, str(output)) == ((tmp_path,), "o")
+    assert (config.data, str(config.output)) == ((tmp_path,), "o")
 
 
 @pytest.mark.parametrize(

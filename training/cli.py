@@ -22,23 +22,24 @@ TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "scipy", "matplotlib")  # the
 
 EXAMPLES = """\
 examples:
-  1. EfficientNet-Lite0 (ImageNet weights) on BUSI and BUS-BRA:
-       edge-train data/Dataset_BUSI_with_GT data/busbra --output runs/lite0
-  2. 5-fold grouped cross-validation first, then the final model:
-       edge-train data/Dataset_BUSI_with_GT --folds 5 --output runs/cv
+  1. the bundled model's recipe on BUSI and BUS-BRA: EfficientNet-Lite0 and -Lite2 (ImageNet
+     weights), one run each in runs/v4/members/, averaged into one graph in runs/v4:
+       edge-train data/Dataset_BUSI_with_GT data/busbra --output runs/v4
+  2. one model, with 5-fold grouped cross-validation first:
+       edge-train data/Dataset_BUSI_with_GT --backbone efficientnet-lite0 --folds 5 --output runs/cv
      (add --cv-only to stop after the folds: cv_metrics.json, per source and per scanner)
   3. a quick smoke run on any <root>/<class>/*.png tree:
        edge-train my_scans --backbone small-cnn --weights none --image-size 96 --epochs 10 \\
            --output runs/smoke
 
   4. two machines train one model (run on each, with its own --worker-index; docs/scale-out.md):
-       edge-train data/Dataset_BUSI_with_GT --output runs/lite0 --distributed \\
-           --worker-hosts 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
+       edge-train data/Dataset_BUSI_with_GT --backbone efficientnet-lite0 --output runs/lite0 \\
+           --distributed --worker-hosts 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
 
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group,source,masks]). The run folder gets model.keras, run.json, split.csv,
 history.csv, metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
-included) and plots/. Next step: edge-export RUN_DIR --output RUN_DIR/export
+included) and plots/; with several backbones also members/, one such run folder per member. Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
 
@@ -50,9 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True, help="run folder to write")
     parser.add_argument(
         "--backbone",
+        nargs="+",
         choices=[b.value for b in Backbone],
         default=DEFAULT.backbone,
-        help=f"feature extractor (default {DEFAULT.backbone})",
+        metavar="BACKBONE",
+        help="feature extractor: one trains one model; several train one model each (in "
+        "RUN/members/), with the same options and splits, averaged into one graph in RUN "
+        f"(default: {' and '.join(DEFAULT.backbone)}, the bundled model's recipe; choices: "
+        f"{', '.join(b.value for b in Backbone)})",
+    )
+    parser.add_argument(
+        "--lesion-from",
+        nargs="+",
+        type=int,
+        default=DEFAULT.lesion_from,
+        metavar="K",
+        help="with several backbones: the members (1 = the first --backbone) whose lesion map "
+        "draws the outline and decides 'normal' (default: "
+        f"{' '.join(map(str, DEFAULT.lesion_from))}; the bundled model's larger member calls "
+        "few of a new scanner's normal scans normal: docs/frontier.md)",
     )
     parser.add_argument(
         "--weights",
@@ -271,9 +288,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(f"{flag} is a probability in [0, 1]. Got {value} instead.")
     if args.seg_weight < 0:
         parser.error(f"--seg-weight must be >= 0. Got {args.seg_weight} instead.")
+    _check_members(parser, args)
     if args.seg:
         try:
-            check_lesion_input_size(Backbone(args.backbone), args.image_size)
+            for backbone in args.backbone:
+                check_lesion_input_size(Backbone(backbone), args.image_size)
         except ValueError as exc:
             parser.error(str(exc))
     args.cluster = None
@@ -288,6 +307,36 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--worker-hosts, --worker-index and --backup-dir need --distributed")
 
 
+def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Several ``--backbone``s train an ensemble: what one model alone can do is refused."""
+    args.backbone = tuple(args.backbone)
+    args.lesion_from = tuple(args.lesion_from)
+    count = len(args.backbone)
+    if len(set(args.backbone)) < count:
+        parser.error(
+            f"--backbone names a backbone twice ({' '.join(args.backbone)}): the "
+            "members would be the same model; name each once"
+        )
+    if any(not 1 <= k <= count for k in args.lesion_from):
+        parser.error(
+            f"--lesion-from takes members 1 to {count} (one per --backbone). Got "
+            f"{' '.join(map(str, args.lesion_from))} instead."
+        )
+    if count == 1:
+        return
+    one_model = {
+        "--folds": args.folds > 0,
+        "--distributed": args.distributed,
+        "--weights FILE": args.weights.lower() not in ("imagenet", "none"),
+    }
+    for flag, given in one_model.items():
+        if given:
+            parser.error(
+                f"{flag} works on one model: name one --backbone (the default trains "
+                f"{count}: {' and '.join(args.backbone)})"
+            )
+
+
 def _train(args: argparse.Namespace, stdout: TextIO) -> int:
     import_tensorflow()
     from training.augmentation.augment import AugmentConfig
@@ -299,7 +348,7 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
     config = TrainConfig(
         data=tuple(args.data),
         output=args.output,
-        backbone=Backbone(args.backbone),
+        backbone=Backbone(args.backbone[0]),
         weights=None if args.weights.lower() == "none" else args.weights,
         input_size=args.image_size,
         folds=args.folds,
@@ -327,14 +376,22 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
             extra_callbacks=None if cluster is None else stage_callbacks,
         ),
     )
-    if args.report_only:
+    if len(args.backbone) > 1:
+        from training.ensemble import train_ensemble
+
+        members = [Backbone(b) for b in args.backbone]
+        lesion_from = [k - 1 for k in args.lesion_from]
+        train_ensemble(config, members, lesion_from, report_only=args.report_only)
+    elif args.report_only:
         report_saved(config)
+    else:
+        with contextlib.ExitStack() as stack:
+            if cluster is not None:
+                output = stack.enter_context(start(cluster, args.output, args.backup_dir))
+                config = dataclasses.replace(config, output=output)
+            train(config)
+    if args.report_only:
         return ExitStatus.SUCCESS
-    with contextlib.ExitStack() as stack:
-        if cluster is not None:
-            output = stack.enter_context(start(cluster, args.output, args.backup_dir))
-            config = dataclasses.replace(config, output=output)
-        train(config)
     if cluster is not None and not cluster.is_chief:
         print(f"{cluster.name} done; the chief wrote the run folder", file=stdout)
         return ExitStatus.SUCCESS

@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_runtime.app.shell import ExitStatus
 from training.runfolder import HISTORY_FILE, MODEL_FILE, SPLIT_FILE, RunInfo
 
+if TYPE_CHECKING:
+    from training.model.backbones import Backbone
+    from training.run import TrainConfig
+
 log = logging.getLogger(__name__)
 FOLDS_DIR = "scanners"
+MEMBERS_DIR = "members"  # edge-train with several backbones: one run folder per member
+MEMBER_RECORD = "member.json"  # a member's options, written when its training has finished
 
 
 def model_folders(run: Path) -> list[Path]:
@@ -76,14 +84,13 @@ def parse_label(label: str) -> tuple[list[tuple[str, int | None]], bool, list[in
 
 
 def build_ensemble_run(
-    data: tuple[Path, ...],
+    config: TrainConfig,
     members: Sequence[Path],
-    output: Path,
-    input_size: int,
     mirror: bool,
     lesion_from: Sequence[int] | None = None,
 ) -> list[RunInfo]:
-    """Write the ensemble run folder ``output`` and report on it.
+    """Write the ensemble run folder ``config.output`` and report on it, with ``config``'s data,
+    input side and options (its seed and INT8-grid flag are the members').
 
     Returns:
         The ``run.json`` of each reported folder (final model first, when there is one).
@@ -95,7 +102,7 @@ def build_ensemble_run(
     """
     from training.model.classifier import load_classifier
     from training.model.ensemble import combine
-    from training.run import TrainConfig, report_saved
+    from training.run import report_saved
 
     if not members:
         raise ValueError("Name at least one --member run folder.")
@@ -108,6 +115,7 @@ def build_ensemble_run(
     common = set(model_folders(members[0])).intersection(*map(set, map(model_folders, members)))
     if not common:
         raise ValueError(f"The members {[str(m) for m in members]} have no model folder in common.")
+    output = config.output
     for folder in sorted(common):
         splits = [(m / folder / SPLIT_FILE).read_bytes() for m in members]
         if any(s != splits[0] for s in splits):
@@ -118,19 +126,15 @@ def build_ensemble_run(
         target = output / folder
         target.mkdir(parents=True, exist_ok=True)
         models = [load_classifier(m / folder / MODEL_FILE) for m in members]
-        combine(models, input_size, mirror=mirror, lesion_from=lesion_from).save(
+        combine(models, config.input_size, mirror=mirror, lesion_from=lesion_from).save(
             target / MODEL_FILE
         )
         for name in (SPLIT_FILE, HISTORY_FILE):
             shutil.copy2(members[0] / folder / name, target / name)
         log.info("%s: combined %d members", target, len(models))
     label = ensemble_label(infos, mirror, lesion_from)
-    config = TrainConfig(
-        data=data,
-        output=output,
-        input_size=input_size,
-        seed=infos[0].seed,
-        int8_grid=all(i.int8_grid for i in infos),
+    config = dataclasses.replace(
+        config, seed=infos[0].seed, int8_grid=all(i.int8_grid for i in infos)
     )
     report_saved(config)
     # what the members were trained with, where they agree (the report knows none of it)
@@ -141,6 +145,46 @@ def build_ensemble_run(
         info.write(output / folder)
         written.append(info)
     return written
+
+
+def train_ensemble(
+    config: TrainConfig,
+    backbones: Sequence[Backbone],
+    lesion_from: Sequence[int],
+    report_only: bool = False,
+) -> list[RunInfo]:
+    """``edge-train`` with several backbones: train one member run per backbone with
+    ``config``'s options, in ``config.output/members/<k>-<backbone>/``, then combine them in
+    ``config.output`` (:func:`build_ensemble_run`, no flips).
+
+    A member folder that holds a finished training with the same options (its
+    ``member.json`` records them) is kept, so a stopped run loses at most the member in
+    progress. ``report_only`` trains nothing: it reports again on the members and on the graph.
+
+    Args:
+        lesion_from: 0-based members whose lesion map the graph keeps.
+
+    Returns:
+        As :func:`build_ensemble_run`.
+    """
+    from training.run import report_saved, train
+
+    folders = []
+    for k, backbone in enumerate(backbones):
+        folder = config.output / MEMBERS_DIR / f"{k + 1}-{backbone.value}"
+        member = dataclasses.replace(config, output=folder, backbone=backbone)
+        record = folder / MEMBER_RECORD
+        options = json.dumps(dataclasses.asdict(member), default=str, indent=1, sort_keys=True)
+        if report_only:
+            report_saved(member)
+        elif record.is_file() and record.read_text() == options:
+            log.info("%s: trained with these options already; kept", folder)
+        else:
+            record.unlink(missing_ok=True)
+            train(member)
+            record.write_text(options)
+        folders.append(folder)
+    return build_ensemble_run(config, folders, mirror=False, lesion_from=lesion_from)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,11 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.console import import_tensorflow
 
     import_tensorflow()
+    from training.run import TrainConfig
+
     try:
         lesion_from = None if args.lesion_from is None else [k - 1 for k in args.lesion_from]
-        build_ensemble_run(
-            tuple(args.data), args.member, args.output, args.image_size, args.mirror, lesion_from
-        )
+        config = TrainConfig(data=tuple(args.data), output=args.output, input_size=args.image_size)
+        build_ensemble_run(config, args.member, args.mirror, lesion_from)
     except (FileNotFoundError, ValueError) as exc:
         print(f"ensemble: error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
