@@ -39,7 +39,8 @@ examples:
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group,source,masks]). The run folder gets model.keras, run.json, split.csv,
 history.csv, metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
-included) and plots/; with several backbones also members/, one such run folder per member. Next step: edge-export RUN_DIR --output RUN_DIR/export
+included) and plots/; with several backbones also members/, one such run folder per member.
+Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
 
