@@ -354,49 +354,47 @@ def test_the_readme_run_mirrored_exports_through_every_gate(readme_path, tmp_pat
     assert card["backbone"] == "small-cnn@64, mirrored"
 
 
+LITE0_LITE2 = ["--backbone", "efficientnet-lite0", "efficientnet-lite1"]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (["--backbone", "small-cnn", "small-cnn"], "--backbone names a backbone twice"),
-        (["--backbone", "small-cnn", "efficientnet-lite0", "--lesion-from", "3"], "members 1 to 2"),
-        (["--folds", "3"], "--folds works on one model: name one --backbone"),
-        (["--weights", "my.weights.h5"], "--weights FILE works on one model"),
+        ([*LITE0_LITE2, "--lesion-from", "3"], "members 1 to 2 at most once"),
+        ([*LITE0_LITE2, "--lesion-from", "1", "1"], "members 1 to 2 at most once"),
+        (["--folds", "3"], "--folds works on one model: name one --backbone (the default trains 2"),
+        ([*LITE0_LITE2, "--weights", "w.h5"], "--weights FILE works on one model: name one "
+         "--backbone (--backbone names 2: efficientnet-lite0 and efficientnet-lite1)"),
+        (["--backbone", "small-cnn", "efficientnet-lite0"], "small-cnn has no ImageNet weights: "
+         "add --weights none"),
     ],
-)
+)  # fmt: skip
 def test_what_an_ensemble_cannot_do_is_a_usage_error_before_anything_loads(
     tmp_path, capsys, options, message
 ):
     from training.cli import main as train_main
 
     assert train_main([str(tmp_path), "--output", str(tmp_path / "o"), *options]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "did you mean" not in err, err
     assert not (tmp_path / "o").exists()
 
 
-def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(tmp_path, capsys):
+def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
+    tmp_path, capsys, monkeypatch
+):
     """The recipe's shape (two members, the lesion map from the first) on small models: each
     member is a whole run in RUN/members/, the graph a run in RUN that edge-export reads; the
-    same command again keeps the finished members and rebuilds the same graph."""
+    same command again keeps the finished members, however their paths are spelled, and
+    retrains a member whose model is gone."""
     from training.cli import main as train_main
 
     data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=5)
     run = tmp_path / "run"
-    argv = [
-        str(data),
-        "--output",
-        str(run),
-        "--backbone",
-        "small-cnn",
-        "efficientnet-lite0",
-        "--weights",
-        "none",
-        "--image-size",
-        "64",
-        "--frozen-epochs",
-        "0",
-        "--epochs",
-        "1",
-    ]
+    options = ["--backbone", "small-cnn", "efficientnet-lite0", "--weights", "none"]
+    options += ["--image-size", "64", "--frozen-epochs", "0", "--epochs", "1"]
+    argv = [str(data), "--output", str(run), *options]
 
     assert train_main(argv) == 0
 
@@ -408,16 +406,48 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(t
     assert info["backbone"] == "small-cnn@64 + efficientnet-lite0@64, lesion from member 1"
     assert (run / "split.csv").read_bytes() == (members[0] / "split.csv").read_bytes()
     assert f"Next: edge-export {run}" in capsys.readouterr().out
-    first = {m: (m / "model.keras").stat().st_mtime_ns for m in members}
+    trained = {m: (m / "model.keras").stat().st_mtime_ns for m in members}
     metrics = (run / "metrics.json").read_text()
 
-    assert train_main(argv) == 0
+    monkeypatch.chdir(tmp_path)  # the same folders, named relatively
+    assert train_main(["data", "--output", "run", *options]) == 0
 
-    assert {m: (m / "model.keras").stat().st_mtime_ns for m in members} == first
+    assert {m: (m / "model.keras").stat().st_mtime_ns for m in members} == trained
     assert "trained with these options already; kept" in (run / "train.log").read_text()
     assert (run / "metrics.json").read_text() == metrics
 
     assert train_main([*argv, "--epochs", "2", "--report-only"]) == 0  # reports, trains nothing
 
-    assert {m: (m / "model.keras").stat().st_mtime_ns for m in members} == first
+    assert {m: (m / "model.keras").stat().st_mtime_ns for m in members} == trained
     assert (run / "metrics.json").read_text() == metrics
+
+    (members[0] / "model.keras").unlink()
+    assert train_main(argv) == 0
+
+    assert "1-small-cnn: training it (model.keras is missing)" in (run / "train.log").read_text()
+    assert (members[1] / "model.keras").stat().st_mtime_ns == trained[members[1]]
+    assert (run / "metrics.json").read_text() == metrics  # the same seed trains the same model
+
+    assert train_main([str(data), "--output", str(run), "--report-only"]) == 2
+    assert (
+        "no member 1-efficientnet-lite0 to report on (its members: 1-small-cnn, "
+        "2-efficientnet-lite0); pass the --backbone names it was trained with"
+    ) in capsys.readouterr().err
+
+
+def test_several_backbones_with_the_scanner_protocol_alone_combine_every_fold(tmp_path, capsys):
+    from training.cli import main as train_main
+
+    sites = [write_synthetic_dataset(tmp_path / s, per_class=8, seed=k) for k, s in enumerate("ab")]
+    run = tmp_path / "run"
+    argv = [*map(str, sites), "--output", str(run), "--backbone", "small-cnn", "mobilenet-v3-small"]
+    argv += ["--weights", "none", "--image-size", "64", "--frozen-epochs", "0", "--epochs", "1"]
+
+    assert train_main([*argv, "--leave-scanner-out", "--cv-only"]) == 0
+
+    protocol = json.loads((run / "protocol.json").read_text())
+    assert len(protocol) == 2, protocol.keys()
+    assert not (run / "model.keras").exists()
+    folds = sorted(p.name for p in (run / "scanners").iterdir() if (p / "model.keras").is_file())
+    assert len(folds) == 2
+    assert "Scanner-held-out protocol" in capsys.readouterr().out

@@ -3,6 +3,7 @@ everywhere, did-you-mean, cross-flag rules at parse time, and one exit status pe
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -31,6 +32,16 @@ def test_a_mistyped_option_gets_a_suggestion_never_a_correction(name):
     err = io.StringIO()
     status = COMMANDS[name](["x", "--output", "o", "--quite"], stdout=io.StringIO(), stderr=err)
     assert status == ExitStatus.USAGE and "did you mean --quiet?" in err.getvalue()
+
+
+def test_a_known_option_named_in_a_sentence_gets_no_suggestion():
+    from edge_runtime.app.shell import Parser
+
+    parser = Parser(prog="p")
+    parser.add_argument("--backbone")
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        parser.error("takes members 1 to 2 (one per --backbone). Got 3 instead.")
+    assert "one per --backbone)." in err.getvalue() and "did you mean" not in err.getvalue()
 
 
 def test_ray_flags_without_the_ray_engine_are_refused_before_the_model_loads(tmp_path):

@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT.frozen_epochs,
         help=f"epochs with the backbone frozen (stage 1; default {DEFAULT.frozen_epochs})",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="scans per training step (default 32)"
+    )
     parser.add_argument(
         "--learning-rate",
         type=float,
@@ -318,13 +320,18 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             f"--backbone names a backbone twice ({' '.join(args.backbone)}): the "
             "members would be the same model; name each once"
         )
-    if any(not 1 <= k <= count for k in args.lesion_from):
+    lesion = args.lesion_from
+    if len(set(lesion)) < len(lesion) or not all(1 <= k <= count for k in lesion):
         parser.error(
-            f"--lesion-from takes members 1 to {count} (one per --backbone). Got "
-            f"{' '.join(map(str, args.lesion_from))} instead."
+            f"--lesion-from takes each of the members 1 to {count} at most once, one member for "
+            f"each backbone named. Got {' '.join(map(str, lesion))} instead."
         )
+    untrained = [b for b in args.backbone if b == Backbone.SMALL_CNN.value]
+    if untrained and args.weights.lower() == "imagenet":
+        parser.error("small-cnn has no ImageNet weights: add --weights none")
     if count == 1:
         return
+    named = "the default trains" if args.backbone == DEFAULT.backbone else "--backbone names"
     one_model = {
         "--folds": args.folds > 0,
         "--distributed": args.distributed,
@@ -333,8 +340,8 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for flag, given in one_model.items():
         if given:
             parser.error(
-                f"{flag} works on one model: name one --backbone (the default trains "
-                f"{count}: {' and '.join(args.backbone)})"
+                f"{flag} works on one model: name one --backbone ({named} {count}: "
+                f"{' and '.join(args.backbone)})"
             )
 
 

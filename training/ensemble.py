@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime.app.shell import ExitStatus
-from training.runfolder import HISTORY_FILE, MODEL_FILE, SPLIT_FILE, RunInfo
+from training.runfolder import (
+    HISTORY_FILE,
+    MODEL_FILE,
+    PROTOCOL_FILE,
+    RUN_FILE,
+    SPLIT_FILE,
+    RunInfo,
+)
 
 if TYPE_CHECKING:
     from training.model.backbones import Backbone
@@ -106,15 +113,19 @@ def build_ensemble_run(
 
     if not members:
         raise ValueError("Name at least one --member run folder.")
-    infos = [RunInfo.read(m) for m in members]
+    for member in members:
+        if not Path(member).is_dir():
+            raise FileNotFoundError(f"{member}: run folder not found")
+    common = set(model_folders(members[0])).intersection(*map(set, map(model_folders, members)))
+    if not common:
+        raise ValueError(f"The members {[str(m) for m in members]} have no model folder in common.")
+    # a run trained with --cv-only has fold models only: describe each member by its first
+    infos = [RunInfo.read(m / min(common)) for m in members]
     if len({i.seed for i in infos}) != 1:
         raise ValueError(
             f"The members were trained with different seeds ({[i.seed for i in infos]}), so "
             "their splits differ; retrain them with one seed."
         )
-    common = set(model_folders(members[0])).intersection(*map(set, map(model_folders, members)))
-    if not common:
-        raise ValueError(f"The members {[str(m) for m in members]} have no model folder in common.")
     output = config.output
     for folder in sorted(common):
         splits = [(m / folder / SPLIT_FILE).read_bytes() for m in members]
@@ -157,15 +168,19 @@ def train_ensemble(
     ``config``'s options, in ``config.output/members/<k>-<backbone>/``, then combine them in
     ``config.output`` (:func:`build_ensemble_run`, no flips).
 
-    A member folder that holds a finished training with the same options (its
-    ``member.json`` records them) is kept, so a stopped run loses at most the member in
-    progress. ``report_only`` trains nothing: it reports again on the members and on the graph.
+    A member whose training finished with the same options (its ``member.json`` records them,
+    data paths resolved) and whose models are all there is kept, so a stopped run loses at most
+    the member in progress; the log says why any other member is trained. ``report_only`` trains
+    nothing: it reports again on the members and on the graph.
 
     Args:
         lesion_from: 0-based members whose lesion map the graph keeps.
 
     Returns:
         As :func:`build_ensemble_run`.
+
+    Raises:
+        FileNotFoundError: with ``report_only``, a member the run does not hold.
     """
     from training.run import report_saved, train
 
@@ -173,18 +188,68 @@ def train_ensemble(
     for k, backbone in enumerate(backbones):
         folder = config.output / MEMBERS_DIR / f"{k + 1}-{backbone.value}"
         member = dataclasses.replace(config, output=folder, backbone=backbone)
-        record = folder / MEMBER_RECORD
-        options = json.dumps(dataclasses.asdict(member), default=str, indent=1, sort_keys=True)
+        log.info("member %d of %d (%s): %s", k + 1, len(backbones), backbone.value, folder)
         if report_only:
+            if not model_folders(folder):
+                held = sorted(p.name for p in (config.output / MEMBERS_DIR).glob("*"))
+                raise FileNotFoundError(
+                    f"{config.output}: no member {folder.name} to report on (its members: "
+                    f"{', '.join(held) or 'none'}); pass the --backbone names it was trained with"
+                )
             report_saved(member)
-        elif record.is_file() and record.read_text() == options:
+        elif (reason := _why_train(member)) is None:
             log.info("%s: trained with these options already; kept", folder)
         else:
-            record.unlink(missing_ok=True)
+            log.info("%s: training it (%s)", folder, reason)
+            (folder / MEMBER_RECORD).unlink(missing_ok=True)
             train(member)
-            record.write_text(options)
+            (folder / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")
         folders.append(folder)
+    log.info("combining %d members into one graph: %s", len(folders), config.output)
     return build_ensemble_run(config, folders, mirror=False, lesion_from=lesion_from)
+
+
+def _options(member: TrainConfig) -> dict[str, object]:
+    """What decides a member's models, flattened (``fit.augment.clutter``), as JSON values: its
+    training config without the output folder, with the data paths resolved."""
+    resolved = dataclasses.replace(member, data=tuple(Path(d).resolve() for d in member.data))
+    options = json.loads(json.dumps(dataclasses.asdict(resolved), default=str))
+    del options["output"]
+
+    def flat(values: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+        return out
+
+    return flat(options)
+
+
+def _why_train(member: TrainConfig) -> str | None:
+    """Why ``member`` must be trained, or None when its folder holds that training, finished."""
+    record = member.output / MEMBER_RECORD
+    if not record.is_file():
+        return "no finished training there"
+    try:
+        recorded = json.loads(record.read_text())
+    except ValueError:
+        return f"{MEMBER_RECORD} is unreadable"
+    wanted = _options(member)
+    changed = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
+    if changed:
+        return "trained with other options: " + ", ".join(changed)
+    needed = []
+    if member.final_model:
+        needed += [member.output / MODEL_FILE, member.output / RUN_FILE]
+    if member.leave_scanner_out:
+        needed.append(member.output / PROTOCOL_FILE)
+    missing = [p.name for p in needed if not p.is_file()]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,7 +70,7 @@ class Parser(argparse.ArgumentParser):
 
         options = [s for a in self._actions for s in a.option_strings]
         for word in message.split():
-            name = word.split("=")[0].strip("',:")
+            name = word.split("=")[0].strip("',:.()")
             if name.startswith("--") and name not in options:  # a known option needs no hint
                 close = difflib.get_close_matches(name, options, n=1)
                 if close:
