@@ -73,10 +73,19 @@ def choose_unfamiliar(
 ) -> dict:
     """The unfamiliar-scan reference (class means and spread of the training scans' pooled
     features) and its threshold: the 99th percentile of the validation scans' scores, so that
-    about 1% of scans like the training data are flagged."""
+    about 1% of scans like the training data are flagged.
+
+    Raises:
+        ValueError: the threshold is not finite (features with NaN or infinity).
+    """
     stats = unfamiliar_stats(features_of(train_images), train_labels, num_classes)
     scores = unfamiliar_scores(features_of(val_images), stats)
     threshold = float(np.quantile(scores, UNFAMILIAR_QUANTILE))
+    if not np.isfinite(threshold):
+        raise ValueError(
+            f"the unfamiliar-scan threshold is {threshold}: the model's features are not finite "
+            "on some validation scans, so the model is broken; train it again"
+        )
     log.info(
         "unfamiliar-scan threshold %.3f (the %.0fth percentile of %d validation scans' scores, "
         "from %d training scans)",

@@ -53,6 +53,19 @@ def test_unfamiliar_scores_are_small_for_training_like_features_and_large_far_aw
         unfamiliar_scores(features, {**stats, "method": "energy"})
 
 
+def test_features_that_never_vary_give_finite_scores_and_nan_features_no_threshold():
+    from export.call_rules import choose_unfamiliar
+
+    flat = np.ones((6, 4), np.float32)  # a dead model: every scan the same features
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    stats = unfamiliar_stats(flat, labels, 3)
+    assert min(stats["scale"]) > 0
+    assert np.isfinite(unfamiliar_scores(flat + 1, stats)).all()
+    broken = np.full((6, 4), np.nan, np.float32)
+    with pytest.raises(ValueError, match="threshold is nan: the model's features are not finite"):
+        choose_unfamiliar(lambda images: broken[: len(images)], flat, labels, flat, 3)
+
+
 def _scan(path, dark: bool):
     image = np.full((64, 64), 40 if dark else 220, np.uint8)
     cv2.imwrite(str(path), image)

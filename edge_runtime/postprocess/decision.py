@@ -19,6 +19,7 @@ import numpy as np
 MALIGNANT = "malignant"
 NORMAL = "normal"
 UNFAMILIAR_METHOD = "nearest_class_mean_scaled_distance"
+MIN_SCALE = 1e-6  # the smallest spread stored: metadata keeps 6 decimals
 # the malignant sensitivity an operating point is chosen for (edge-export on validation scans,
 # edge-classify adapt on a site's scans)
 SENSITIVITY_TARGET = 0.90
@@ -103,7 +104,9 @@ def lesion_verdict(
 def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
     """The reference the unfamiliar score measures against: each class's mean of the training
     scans' pooled ``features`` ``[N, D]`` and the features' spread (the per-dimension standard
-    deviation around the class means, floored at 1% of its median)."""
+    deviation around the class means, floored at 1% of its median and at ``MIN_SCALE``, so
+    that a feature that never varies, or a model whose features never vary, divides by no
+    zero)."""
     means = np.stack(
         [
             features[labels == k].mean(axis=0) if np.any(labels == k) else features.mean(axis=0)
@@ -111,7 +114,7 @@ def unfamiliar_stats(features: np.ndarray, labels: np.ndarray, num_classes: int)
         ]
     )
     spread = (features - means[labels]).std(axis=0)
-    spread = np.maximum(spread, 0.01 * float(np.median(spread)) + 1e-12)
+    spread = np.maximum(spread, max(0.01 * float(np.median(spread)), MIN_SCALE))
     # rounded in float64: float32 values rounded in float32 print with 17 digits in JSON, twice
     # the metadata to parse at every start, for the same float32 values when read back
     return {
