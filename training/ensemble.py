@@ -11,6 +11,8 @@ same place under ``--output``, with the first member's ``split.csv`` and ``histo
 run is reported on exactly as ``edge-train --report-only`` reports (test metrics, calibration,
 lesion rule chosen on validation, ``protocol.json``). One member with ``--mirror`` is flip
 test-time augmentation of that model alone. ``edge-export`` exports the result like any run.
+``edge-train`` with several ``--backbone``s trains the members and builds the graph in one command
+(:func:`train_ensemble`).
 """
 
 from __future__ import annotations
