@@ -65,8 +65,8 @@ def _thin_splits(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[s
             out.append(
                 f"the {split} split has only {', '.join(thin)} image(s) (of {int(counts.sum())}): "
                 f"fewer than {MIN_PER_CLASS} per class, so its accuracy moves by "
-                f"{1 / max(1, counts.sum()):.0%} per image and says little. Add data, or use "
-                "--folds K so that every image is tested once."
+                f"{1 / max(1, counts.sum()):.0%} per image and says little. Add data, or train "
+                "one --backbone with --folds K so that every image is tested once."
             )
     return out
 
