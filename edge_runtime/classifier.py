@@ -233,6 +233,7 @@ class SquareCalls(NamedTuple):
     probabilities: np.ndarray  # [N, K] uncalibrated, the FP32 model's rows where rechecked
     called: np.ndarray  # int [N]: indices into the model's class names
     rechecked: np.ndarray  # bool [N]: rows rerun in FP32
+    unfamiliar_scores: np.ndarray  # [N]; zeros when the model has no unfamiliar-scan score
 
 
 def _square_shapes(images: np.ndarray) -> list[tuple[int, int]]:
@@ -502,7 +503,8 @@ class Classifier:
         written model files (:mod:`edge_runtime.model.verify`) compares these."""
         outputs = self._run_rechecked(images, _square_shapes(images))
         _, _, called = self._decide(outputs, _square_shapes(images), [None] * len(images), False)
-        return SquareCalls(outputs.probabilities, called, outputs.rechecked)
+        scores, _ = self._unfamiliar_scores(outputs)
+        return SquareCalls(outputs.probabilities, called, outputs.rechecked, scores)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Deprecated alias of :meth:`run_raw` (its name hid that it is uncalibrated); kept for
@@ -577,11 +579,7 @@ class Classifier:
         start = time.perf_counter()
         spec = self._model.spec
         names = spec.class_names
-        unfamiliar = np.zeros(len(batch), bool)
-        scores = np.zeros(len(batch))
-        if outputs.features is not None:
-            scores = unfamiliar_scores(outputs.features, spec.unfamiliar)
-            unfamiliar = scores > float(spec.unfamiliar["threshold"])
+        scores, unfamiliar = self._unfamiliar_scores(outputs)
         probabilities, found, called = self._decide(
             outputs,
             shapes,
@@ -661,6 +659,16 @@ class Classifier:
             )
         post_ms = _ms_since(start) / len(batch)
         return [_with_postprocess(r, post_ms) for r in results]
+
+    def _unfamiliar_scores(self, outputs: _Outputs) -> tuple[np.ndarray, np.ndarray]:
+        """Each frame's unfamiliar-scan score ``[N]`` and whether it lies above the model's
+        threshold (bool ``[N]``); zeros and False when the model has no such score."""
+        count = len(outputs.probabilities)
+        if outputs.features is None:
+            return np.zeros(count), np.zeros(count, bool)
+        spec = self._model.spec
+        scores = unfamiliar_scores(outputs.features, spec.unfamiliar)
+        return scores, scores > float(spec.unfamiliar["threshold"])
 
     def _decide(
         self,

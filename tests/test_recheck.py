@@ -307,3 +307,36 @@ def test_the_gate_fails_calls_that_the_top1_gate_misses_until_the_recheck_covers
     assert check.passed and check.as_called_agreement == 1.0
     assert 0 < check.rechecked_fraction < 1
     assert check.record()["as_called_agreement_with_recheck"] == 1.0
+
+
+def test_the_gate_fails_an_int8_file_whose_unfamiliar_scores_are_not_its_partners(tmp_path):
+    """The runtime abstains on a scan whose unfamiliar score is above the threshold, so an INT8
+    file whose scores are not its FP32 partner's abstains on other scans; the class answers
+    alone cannot show it."""
+    from edge_runtime.model.verify import verify_model_file
+    from edge_runtime.postprocess.decision import unfamiliar_stats
+
+    images = _images(64)
+    probe = make_contract_model(tmp_path / "probe.onnx", spec=FP32_SPEC, seed=1, features=True)
+    probabilities, features = open_model(probe, provider=Provider.CPU).session.run(
+        ["probabilities", "features"], {"image": images}
+    )
+    stats = unfamiliar_stats(features, probabilities.argmax(1), len(CLASSES))
+    fp32_spec = replace(FP32_SPEC, unfamiliar={**stats, "threshold": 2.0})
+    make_contract_model(tmp_path / "m-fp32.onnx", spec=fp32_spec, seed=1, features=True)
+    int8_spec = replace(
+        fp32_spec, precision=Precision.INT8, recheck_margin=1e-9, recheck_model="m-fp32.onnx"
+    )
+    int8_path = tmp_path / "m-int8.onnx"
+    make_contract_model(int8_path, spec=int8_spec, seed=1, features=True)
+    assert verify_model_file(int8_path, images).passed
+
+    shrunk = {**int8_spec.unfamiliar, "scale": [s / 1000 for s in stats["scale"]]}
+    make_contract_model(
+        int8_path, spec=replace(int8_spec, unfamiliar=shrunk), seed=1, features=True
+    )
+    check = verify_model_file(int8_path, images)
+
+    assert check.top1_agreement == 1.0 and check.as_called_agreement == 1.0
+    assert not check.passed
+    assert "unfamiliar-scan scores differ from its FP32 partner's by a median" in check.failures[0]
