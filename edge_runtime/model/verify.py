@@ -6,9 +6,10 @@ contract check at load, the FP32 recheck its metadata names), on the scans it wa
 INT8 file passes only if the runtime's answers agree with its FP32 partner's on at least
 :data:`MIN_TOP1_AGREEMENT` of the scans, in top-1 and in the calls as made (operating point and
 lesion rule applied: a candidate v4 passed the top-1 gate while agreeing on 0.981 of the
-calls), and at most :data:`MAX_RECHECK_FRACTION` of them were rerun in FP32. All are measured,
-never inferred from the recheck margins: a margin that reruns nothing while INT8 disagrees
-fails (an adapted INT8 model once passed with agreement 0.33).
+calls), its unfamiliar-scan scores lie within a median :data:`MAX_UNFAMILIAR_SCORE_CHANGE` of
+the partner's, and at most :data:`MAX_RECHECK_FRACTION` of them were rerun in FP32. All are
+measured, never inferred from the recheck margins: a margin that reruns nothing while INT8
+disagrees fails (an adapted INT8 model once passed with agreement 0.33).
 """
 
 from __future__ import annotations
