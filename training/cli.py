@@ -14,7 +14,7 @@ from typing import TextIO
 from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
 from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
-from training.model.backbones import Backbone, check_lesion_input_size
+from training.model.backbones import Backbone, check_lesion_input_size, has_pretrained_weights
 from training.recipe import DEFAULT
 
 LOG_FILE = "train.log"
@@ -326,9 +326,9 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             f"--lesion-from takes each of the members 1 to {count} at most once, one member for "
             f"each backbone named. Got {' '.join(map(str, lesion))} instead."
         )
-    untrained = [b for b in args.backbone if b == Backbone.SMALL_CNN.value]
+    untrained = [b for b in args.backbone if not has_pretrained_weights(Backbone(b))]
     if untrained and args.weights.lower() == "imagenet":
-        parser.error("small-cnn has no ImageNet weights: add --weights none")
+        parser.error(f"{' and '.join(untrained)} has no ImageNet weights: add --weights none")
     if count == 1:
         return
     named = "the default trains" if args.backbone == DEFAULT.backbone else "--backbone names"

@@ -45,6 +45,11 @@ def lite_variant(backbone: Backbone) -> int | None:
     return int(backbone.value[len(prefix) :]) if backbone.value.startswith(prefix) else None
 
 
+def has_pretrained_weights(backbone: Backbone) -> bool:
+    """Whether ``backbone`` can start from trained weights; small-cnn always starts from scratch."""
+    return backbone is not Backbone.SMALL_CNN
+
+
 def output_stride(backbone: Backbone) -> int:
     """Input pixels per cell of the backbone's last feature map (its deepest stride)."""
     return 16 if backbone is Backbone.SMALL_CNN else 32
@@ -88,11 +93,11 @@ def build_backbone(backbone: Backbone, input_size: int, weights: str | Path | No
 
     channels = pixel_scaling(backbone)[2]
     inputs = keras.Input((input_size, input_size, channels), name="scaled_image")
+    if weights is not None and not has_pretrained_weights(backbone):
+        raise ValueError(
+            f"The '{backbone.value}' backbone has no pretrained weights; pass weights=None."
+        )
     if backbone is Backbone.SMALL_CNN:
-        if weights is not None:
-            raise ValueError(
-                "The 'small-cnn' backbone has no pretrained weights; pass weights=None."
-            )
         features = _small_cnn(inputs)
     elif (variant := lite_variant(backbone)) is not None:
         from training.model.efficientnet_lite import build_efficientnet_lite
