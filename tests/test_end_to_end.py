@@ -381,6 +381,70 @@ def test_what_an_ensemble_cannot_do_is_a_usage_error_before_anything_loads(
     assert not (tmp_path / "o").exists()
 
 
+def _described(folder: Path, backbone: str, size: int = 64, seed: int = 0) -> None:
+    """A model folder as far as recorded_options reads it: run.json and a model.keras file."""
+    from training.runfolder import RunInfo
+
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"")
+    RunInfo(("normal", "benign", "malignant"), size, "letterbox", backbone, seed, "f").write(folder)
+
+
+def test_a_run_s_records_give_the_options_report_only_uses(tmp_path):
+    from training.ensemble import recorded_options
+
+    graph = tmp_path / "graph"
+    label = "efficientnet-lite0@160 + efficientnet-lite2@160, lesion from member 1"
+    _described(graph, label, size=160, seed=3)
+    assert recorded_options(graph) == {
+        "backbone": ("efficientnet-lite0", "efficientnet-lite2"),
+        "image_size": 160,
+        "seed": 3,
+        "lesion_from": (1,),
+    }
+    every = tmp_path / "every"  # no "lesion from": every member's map
+    _described(every, "small-cnn@64 + efficientnet-lite0@64")
+    assert recorded_options(every)["lesion_from"] == (1, 2)
+    unwritten = tmp_path / "unwritten"  # the members trained, the graph not written yet
+    _described(unwritten / "members" / "2-efficientnet-lite0", "efficientnet-lite0", seed=1)
+    _described(unwritten / "members" / "1-small-cnn", "small-cnn", seed=1)
+    assert recorded_options(unwritten) == {
+        "backbone": ("small-cnn", "efficientnet-lite0"),
+        "image_size": 64,
+        "seed": 1,
+    }
+    folds = tmp_path / "folds"  # --cv-only --leave-scanner-out: fold models only
+    _described(folds / "scanners" / "busi_GE_LOGIQ_E9", "efficientnet-lite2", size=224)
+    assert recorded_options(folds) == {
+        "backbone": ("efficientnet-lite2",),
+        "image_size": 224,
+        "seed": 0,
+    }
+    assert recorded_options(tmp_path / "nothing") == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--image-size", "160"], "with --image-size 64: leave --image-size out"),
+        (["--seed", "1"], "with --seed 0: leave --seed out"),
+        (["--backbone", "efficientnet-lite0"], "with --backbone small-cnn: leave --backbone out"),
+    ],
+)
+def test_report_only_refuses_options_other_than_the_run_s_before_anything_loads(
+    tmp_path, capsys, options, message
+):
+    from training.cli import main as train_main
+
+    _described(tmp_path / "run", "small-cnn")
+    argv = [str(tmp_path), "--output", str(tmp_path / "run"), "--report-only", *options]
+
+    assert train_main(argv) == 2
+    assert f"--report-only reports {tmp_path / 'run'} as it was trained, {message}" in (
+        capsys.readouterr().err
+    )
+
+
 def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
     tmp_path, capsys, monkeypatch
 ):
@@ -428,11 +492,17 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
     assert (members[1] / "model.keras").stat().st_mtime_ns == trained[members[1]]
     assert (run / "metrics.json").read_text() == metrics  # the same seed trains the same model
 
-    assert train_main([str(data), "--output", str(run), "--report-only"]) == 2
+    capsys.readouterr()
+    report = [str(data), "--output", str(run), "--report-only"]
+    assert train_main([*report, "--backbone", "efficientnet-lite0", "efficientnet-lite2"]) == 2
     assert (
-        "no member 1-efficientnet-lite0 to report on (its members: 1-small-cnn, "
-        "2-efficientnet-lite0); pass the --backbone names it was trained with"
+        f"--report-only reports {run} as it was trained, with --backbone small-cnn "
+        "efficientnet-lite0: leave --backbone out"
     ) in capsys.readouterr().err
+    assert train_main(report) == 0  # the members, their size and seed come from the run
+
+    assert (members[1] / "model.keras").stat().st_mtime_ns == trained[members[1]]
+    assert (run / "metrics.json").read_text() == metrics
 
 
 def test_several_backbones_with_the_scanner_protocol_alone_combine_every_fold(tmp_path, capsys):

@@ -3,11 +3,12 @@ same recipe flag by flag."""
 
 from __future__ import annotations
 
+import io
 import shlex
 from dataclasses import fields
 from pathlib import Path
 
-from training.cli import build_parser
+from training.cli import parse_arguments
 from training.recipe import DEFAULT
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh"
@@ -29,7 +30,7 @@ def _script_options() -> dict[str, list[str]]:
 
 
 def test_edge_train_defaults_are_the_recipe():
-    args = build_parser().parse_args(["data", "--output", "run"])
+    args = parse_arguments(["data", "--output", "run"], io.StringIO(), io.StringIO())
     for f in fields(DEFAULT):
         assert getattr(args, f.name) == getattr(DEFAULT, f.name), f.name
 

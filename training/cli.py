@@ -54,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         nargs="+",
         choices=[b.value for b in Backbone],
-        default=DEFAULT.backbone,
         metavar="BACKBONE",
         help="feature extractor: one trains one model; several train one model each (in "
         "RUN/members/), with the same options and splits, averaged into one graph in RUN "
@@ -65,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--lesion-from",
         nargs="+",
         type=int,
-        default=DEFAULT.lesion_from,
         metavar="K",
         help="with several backbones: the members (1 = the first --backbone) whose lesion map "
         "draws the outline and decides 'normal' (default: "
@@ -81,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size",
         type=int,
-        default=DEFAULT.image_size,
         help=f"model input side in pixels (default {DEFAULT.image_size}); with the lesion head, "
         "a multiple of the backbone's deepest stride (32; small-cnn 16)",
     )
@@ -204,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-only",
         action="store_true",
         help="train nothing: report again on the models the --output run already saved (its "
-        "final model and scanner-held-out folds), with the same data and options",
+        "final model and scanner-held-out folds), with the same data and options; its "
+        "--backbone, --lesion-from, --image-size and --seed are read from the run",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="split and initialisation seed (default 0)")
     group = parser.add_argument_group(
         "multi-worker training", "one model trained by several machines (training.distributed)"
     )
@@ -251,8 +249,7 @@ def main(
     has trained anything removes the run folder it made.
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    parser = build_parser()
-    args = parse_args(parser, argv, stdout, stderr, lambda a: _check(parser, a))
+    args = parse_arguments(argv, stdout, stderr)
     if isinstance(args, ExitStatus):
         return args
     lacking = missing_extra("edge-train", "train", TRAIN_MODULES, stderr)
@@ -281,7 +278,18 @@ def main(
     return status
 
 
+def parse_arguments(
+    argv: Sequence[str] | None, stdout: TextIO, stderr: TextIO
+) -> argparse.Namespace | ExitStatus:
+    """``edge-train``'s arguments checked, with every option a run records filled in (from the
+    recipe, or with ``--report-only`` from the run); or the status to exit with
+    (:func:`~edge_runtime.app.shell.parse_args`)."""
+    parser = build_parser()
+    return parse_args(parser, argv, stdout, stderr, lambda a: _check(parser, a))
+
+
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _fill_recorded(parser, args)
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
     for name in ("unmark", "clutter", "scanner_style"):
@@ -310,6 +318,38 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--worker-hosts, --worker-index and --backup-dir need --distributed")
 
 
+def _fill_recorded(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in the options a run records: with ``--report-only`` from ``--output``'s records (a
+    named value that differs is refused: the report would describe another model), else from
+    the recipe."""
+    defaults = {
+        "backbone": DEFAULT.backbone,
+        "lesion_from": DEFAULT.lesion_from,
+        "image_size": DEFAULT.image_size,
+        "seed": 0,
+    }
+    if args.report_only:
+        from training.ensemble import recorded_options
+
+        try:
+            recorded = recorded_options(args.output)
+        except ValueError as exc:
+            parser.error(str(exc))
+        for name, value in recorded.items():
+            given = getattr(args, name)
+            if given is not None and (tuple(given) if isinstance(given, list) else given) != value:
+                flag = "--" + name.replace("_", "-")
+                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                parser.error(
+                    f"--report-only reports {args.output} as it was trained, with {flag} "
+                    f"{shown}: leave {flag} out"
+                )
+            setattr(args, name, value)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Several ``--backbone``s train an ensemble: what one model alone can do is refused."""
     args.backbone = tuple(args.backbone)
@@ -327,7 +367,7 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             f"each backbone named. Got {' '.join(map(str, lesion))} instead."
         )
     untrained = [b for b in args.backbone if not has_pretrained_weights(Backbone(b))]
-    if untrained and args.weights.lower() == "imagenet":
+    if untrained and args.weights.lower() == "imagenet" and not args.report_only:
         parser.error(f"{' and '.join(untrained)} has no ImageNet weights: add --weights none")
     if count == 1:
         return

@@ -92,6 +92,42 @@ def parse_label(label: str) -> tuple[list[tuple[str, int | None]], bool, list[in
     return members, "mirrored" in parts[1:], lesion_from
 
 
+def recorded_options(run: Path) -> dict[str, object]:
+    """What ``run`` was trained with, under ``edge-train``'s option names: ``backbone`` (a
+    tuple, one per member), ``image_size``, ``seed`` and, with several members, ``lesion_from``
+    (1-based). Read from the ``run.json`` of its first model folder, or, for an ensemble whose
+    graph is not written yet, from its members' folders; empty when it holds no trained model.
+
+    Raises:
+        ValueError: a damaged ``run.json``.
+    """
+    run = Path(run)
+    members = sorted(
+        (p for p in (run / MEMBERS_DIR).glob("*") if p.name.partition("-")[0].isdigit()),
+        key=lambda p: int(p.name.partition("-")[0]),
+    )
+    for folder in [run, *members]:
+        described = [f for f in model_folders(folder) if (folder / f / RUN_FILE).is_file()]
+        if described:
+            info = RunInfo.read(folder / described[0])
+            break
+    else:
+        return {}
+    parsed, _, lesion = parse_label(info.backbone)
+    backbones = tuple(b for b, _ in parsed)
+    if folder != run:  # the graph is not written: its members say what it holds
+        backbones = tuple(p.name.partition("-")[2] for p in members)
+    options: dict[str, object] = {
+        "backbone": backbones,
+        "image_size": info.input_size,
+        "seed": info.seed,
+    }
+    if len(backbones) > 1 and folder == run:
+        chosen = range(len(backbones)) if lesion is None else lesion
+        options["lesion_from"] = tuple(k + 1 for k in chosen)
+    return options
+
+
 def build_ensemble_run(
     config: TrainConfig,
     members: Sequence[Path],
@@ -196,7 +232,8 @@ def train_ensemble(
                 held = sorted(p.name for p in (config.output / MEMBERS_DIR).glob("*"))
                 raise FileNotFoundError(
                     f"{config.output}: no member {folder.name} to report on (its members: "
-                    f"{', '.join(held) or 'none'}); pass the --backbone names it was trained with"
+                    f"{', '.join(held) or 'none'}); an ensemble built by python -m "
+                    "training.ensemble is reported again by that command"
                 )
             report_saved(member)
         elif (reason := _why_train(member)) is None:
