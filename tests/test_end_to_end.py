@@ -469,6 +469,8 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
     info = json.loads((run / "run.json").read_text())
     assert info["backbone"] == "small-cnn@64 + efficientnet-lite0@64, lesion from member 1"
     assert (run / "split.csv").read_bytes() == (members[0] / "split.csv").read_bytes()
+    # the graph was not trained: no training curves of a member passed off as its own
+    assert not (run / "history.csv").exists() and not (run / "plots" / "history.png").exists()
     assert f"Next: edge-export {run}" in capsys.readouterr().out
     trained = {m: (m / "model.keras").stat().st_mtime_ns for m in members}
     metrics = (run / "metrics.json").read_text()

@@ -7,7 +7,8 @@ Each member is an ``edge-train`` run folder trained on the same data with the sa
 its final model and its scanner-held-out folds (``scanners/*``) used the same splits (checked:
 every ``split.csv`` must be identical). For the final model and for every fold that all members
 have, the members' models become one graph (:func:`training.model.ensemble.combine`) saved in the
-same place under ``--output``, with the first member's ``split.csv`` and ``history.csv``; then the
+same place under ``--output``, with the first member's ``split.csv`` (and no ``history.csv``: the
+graph was not trained, so its report has no training curves and no warnings about them); then the
 run is reported on exactly as ``edge-train --report-only`` reports (test metrics, calibration,
 lesion rule chosen on validation, ``protocol.json``). One member with ``--mirror`` is flip
 test-time augmentation of that model alone. ``edge-export`` exports the result like any run.
@@ -178,8 +179,8 @@ def build_ensemble_run(
         combine(models, config.input_size, mirror=mirror, lesion_from=lesion_from).save(
             target / MODEL_FILE
         )
-        for name in (SPLIT_FILE, HISTORY_FILE):
-            shutil.copy2(members[0] / folder / name, target / name)
+        shutil.copy2(members[0] / folder / SPLIT_FILE, target / SPLIT_FILE)
+        (target / HISTORY_FILE).unlink(missing_ok=True)  # the graph itself was not trained
         log.info("%s: combined %d members", target, len(models))
     label = ensemble_label(infos, mirror, lesion_from)
     config = dataclasses.replace(

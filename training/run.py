@@ -117,8 +117,9 @@ class _Prepared:
 
 def report_saved(config: TrainConfig) -> list[RunInfo]:
     """Report again on the models a run already trained and saved (its final model and its
-    ``scanners/*`` protocol folds, each with ``model.keras``, ``split.csv`` and
-    ``history.csv``), without training: for a run whose reporting failed or changed."""
+    ``scanners/*`` protocol folds, each with ``model.keras``, ``split.csv`` and, unless it is an
+    ensemble's graph, ``history.csv``), without training: for a run whose reporting failed or
+    changed."""
     from training.model.classifier import load_classifier
 
     data = _prepare(config)
@@ -138,11 +139,13 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
                 path = str(Path(row["path"]).resolve())
                 if path in index:
                     splits[index[path]] = row["split"]
-        with open(folder / HISTORY_FILE, newline="") as handle:
-            rows = [
-                {k: (v if k == "stage" else float(v)) for k, v in r.items() if v != ""}
-                for r in csv.DictReader(handle)
-            ]
+        rows = []  # an ensemble's graph was not trained: it has no history
+        if (folder / HISTORY_FILE).is_file():
+            with open(folder / HISTORY_FILE, newline="") as handle:
+                rows = [
+                    {k: (v if k == "stage" else float(v)) for k, v in r.items() if v != ""}
+                    for r in csv.DictReader(handle)
+                ]
         log.info("reporting again on %s", folder)
         model = load_classifier(folder / MODEL_FILE)
         infos.append(_report(config, data, splits, folder, model, rows))
@@ -386,8 +389,9 @@ def _report(
     ).write(run_dir / PREDICTIONS_FILE)
     plots = run_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
-    frozen = sum(1 for r in rows if r["stage"] == "frozen")
-    plot_history(_columns(rows), plots / "history.png", stage_boundary=frozen or None)
+    if rows:
+        frozen = sum(1 for r in rows if r["stage"] == "frozen")
+        plot_history(_columns(rows), plots / "history.png", stage_boundary=frozen or None)
     plot_confusion_matrix(metrics["confusion_matrix"], data.class_names, plots / "confusion.png")
     plot_roc(y_test, test_probs, data.class_names, plots / "roc.png")
     plot_reliability(test_probs, y_test, plots / "reliability.png")
