@@ -9,9 +9,11 @@
 #   DATA_ROOT holds busi/Dataset_BUSI_with_GT and busbra/ (default ../shared/data);
 #   RUN_DIR is the run folder (default runs/default): the graph in RUN_DIR/v4, its members in
 #   RUN_DIR/v4/members/. Seed 0 unless SEED is set in the environment.
+# The two members train side by side, a process each (edge-train's --jobs 2; their logs are in
+# RUN_DIR/v4/members/*/train.log).
 # Resumable: edge-train keeps a member whose training finished with the same options, and a step
 # whose output is complete (the graph's protocol.json and model.keras, the exported
-# default-int8.onnx) is not run again, so a stopped run loses at most the member in progress.
+# default-int8.onnx) is not run again, so a stopped run loses at most the members in progress.
 # Time on 2 cores: see docs/default-model.md. Deterministic: a retrain of seed 0 on a fresh machine
 # reproduced every criterion value of the protocol and the test split.
 # INT8 keeps each member's first 2 convolutions in float (--float-convs 2; docs/experiments.md,

@@ -451,7 +451,8 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
     """The recipe's shape (two members, the lesion map from the first) on small models: each
     member is a whole run in RUN/members/, the graph a run in RUN that edge-export reads; the
     same command again keeps the finished members, however their paths are spelled, and
-    retrains a member whose model is gone."""
+    retrains a member whose model is gone. Members trained side by side (--jobs 2, the default)
+    and one after the other give the same numbers."""
     from training.cli import main as train_main
 
     data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=5)
@@ -472,6 +473,15 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
     # the graph was not trained: no training curves of a member passed off as its own
     assert not (run / "history.csv").exists() and not (run / "plots" / "history.png").exists()
     assert f"Next: edge-export {run}" in capsys.readouterr().out
+    assert all((m / "train.log").is_file() for m in members)  # --jobs 2: a process each
+
+    sequential = tmp_path / "sequential"  # one after the other, in this process
+    assert train_main([str(data), "--output", str(sequential), *options, "--jobs", "1"]) == 0
+
+    for folder in (Path("."), *(m.relative_to(run) for m in members)):
+        for name in ("metrics.json", "predictions.csv"):
+            side_by_side = (run / folder / name).read_bytes()
+            assert (sequential / folder / name).read_bytes() == side_by_side, folder / name
     trained = {m: (m / "model.keras").stat().st_mtime_ns for m in members}
     metrics = (run / "metrics.json").read_text()
 
@@ -505,6 +515,33 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
 
     assert (members[1] / "model.keras").stat().st_mtime_ns == trained[members[1]]
     assert (run / "metrics.json").read_text() == metrics
+
+
+def test_a_member_that_fails_beside_another_loses_nothing_of_the_other_s_training(tmp_path):
+    """At 80 px the lesion head fits small-cnn (stride 16) and not EfficientNet-Lite0 (32):
+    trained side by side, the first finishes and is recorded, then the second's error is
+    raised. (edge-train refuses that side before anything loads; this calls the training.)"""
+    from training.ensemble import train_ensemble
+    from training.fit import FitConfig
+    from training.model.backbones import Backbone
+    from training.run import TrainConfig
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=5, masks=True)
+    config = TrainConfig(
+        data=(data,),
+        output=tmp_path / "run",
+        weights=None,
+        input_size=80,
+        segmentation=True,
+        fit=FitConfig(epochs_frozen=0, epochs_finetune=1),
+    )
+    members = [Backbone.SMALL_CNN, Backbone.EFFICIENTNET_LITE0]
+
+    with pytest.raises(ValueError, match="input side 80 cannot carry the lesion head on "):
+        train_ensemble(config, members, lesion_from=[0], jobs=2)
+
+    assert (tmp_path / "run" / "members" / "1-small-cnn" / "member.json").is_file()
+    assert not (tmp_path / "run" / "members" / "2-efficientnet-lite0" / "member.json").exists()
 
 
 def test_several_backbones_with_the_scanner_protocol_alone_combine_every_fold(tmp_path, capsys):

@@ -30,11 +30,11 @@ def _own_or_error(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def command_logging(
-    stream: TextIO, log_file: Path | None = None, *, quiet: bool = False
+    stream: TextIO, log_file: Path | None = None, *, quiet: bool = False, prefix: str = ""
 ) -> Iterator[None]:
-    """Log this project's messages to ``stream`` (warnings and errors only when ``quiet``) and
-    everything to ``log_file`` (if given) while the block runs; the handlers are removed (and the
-    file closed) afterwards.
+    """Log this project's messages to ``stream`` (warnings and errors only when ``quiet``; each
+    line after its time starts with ``prefix``) and everything to ``log_file`` (if given) while
+    the block runs; the handlers are removed (and the file closed) afterwards.
 
     Python warnings are routed into logging (so into the file, not the console), and
     TensorFlow's own logger loses its handler, so that each of its messages appears once.
@@ -44,7 +44,9 @@ def command_logging(
         root.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(stream)
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    console.setFormatter(
+        logging.Formatter("%(asctime)s " + prefix.replace("%", "%%") + "%(message)s", "%H:%M:%S")
+    )
     console.addFilter(_own_or_error)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     handlers: list[logging.Handler] = [console]

@@ -22,15 +22,20 @@ import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
+import os
+import pickle
 import shutil
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime.app.shell import ExitStatus
 from training.runfolder import (
     HISTORY_FILE,
+    LOG_FILE,
     MODEL_FILE,
     PROTOCOL_FILE,
     RUN_FILE,
@@ -202,6 +207,8 @@ def train_ensemble(
     backbones: Sequence[Backbone],
     lesion_from: Sequence[int],
     report_only: bool = False,
+    jobs: int = 1,
+    quiet: bool = False,
 ) -> list[RunInfo]:
     """``edge-train`` with several backbones: train one member run per backbone with
     ``config``'s options, in ``config.output/members/<k>-<backbone>/``, then combine them in
@@ -209,21 +216,27 @@ def train_ensemble(
 
     A member whose training finished with the same options (its ``member.json`` records them,
     data paths resolved) and whose models are all there is kept, so a stopped run loses at most
-    the member in progress; the log says why any other member is trained. ``report_only`` trains
-    nothing: it reports again on the members and on the graph.
+    the members in progress; the log says why any other member is trained. ``report_only``
+    trains nothing: it reports again on the members and on the graph.
 
     Args:
         lesion_from: 0-based members whose lesion map the graph keeps.
+        jobs: members trained at once, each in a process of its own that logs to its member
+            folder's ``train.log`` and to stderr (lines prefixed with the member's folder
+            name; only warnings and errors when ``quiet``); 1: one after the other, here. A
+            member's models do not depend on it.
 
     Returns:
         As :func:`build_ensemble_run`.
 
     Raises:
         FileNotFoundError: with ``report_only``, a member the run does not hold.
+        Exception: the first member's training that failed, once every other member's
+            training has ended.
     """
-    from training.run import report_saved, train
+    from training.run import report_saved
 
-    folders = []
+    folders, pending = [], []
     for k, backbone in enumerate(backbones):
         folder = config.output / MEMBERS_DIR / f"{k + 1}-{backbone.value}"
         member = dataclasses.replace(config, output=folder, backbone=backbone)
@@ -241,12 +254,66 @@ def train_ensemble(
             log.info("%s: trained with these options already; kept", folder)
         else:
             log.info("%s: training it (%s)", folder, reason)
-            (folder / MEMBER_RECORD).unlink(missing_ok=True)
-            train(member)
-            (folder / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")
+            pending.append(member)
         folders.append(folder)
+    _train_members(pending, jobs, quiet)
     log.info("combining %d members into one graph: %s", len(folders), config.output)
     return build_ensemble_run(config, folders, mirror=False, lesion_from=lesion_from)
+
+
+def _train_members(members: Sequence[TrainConfig], jobs: int, quiet: bool) -> None:
+    """Train ``members`` (see :func:`train_ensemble`'s ``jobs``), every one to its end before
+    the first failure is raised, so that one member's failure loses no other's training."""
+    if jobs <= 1 or len(members) <= 1:
+        for member in members:
+            _train_member(member)
+        return
+    errors = []
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no TensorFlow state
+    with ProcessPoolExecutor(min(jobs, len(members)), mp_context=spawn) as pool:
+        running = {
+            pool.submit(_train_member_apart, pickle.dumps(m), quiet): m.output for m in members
+        }
+        log.info(
+            "training %d members at once, each in a process of its own (logs: %s)",
+            len(members),
+            ", ".join(str(folder / LOG_FILE) for folder in running.values()),
+        )
+        for done in as_completed(running):
+            try:
+                done.result()
+                log.info("%s: trained", running[done])
+            except Exception as exc:  # the others go on; the first failure is raised at the end
+                log.error("%s: training failed: %s", running[done], exc)
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _train_member(member: TrainConfig) -> None:
+    """Train one member and record its options once its training has finished."""
+    from training.run import train
+
+    (member.output / MEMBER_RECORD).unlink(missing_ok=True)
+    train(member)
+    (member.output / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")
+
+
+def _train_member_apart(pickled: bytes, quiet: bool) -> None:
+    """:func:`_train_member` in a process of its own, logging as ``edge-train`` does.
+    ``pickled`` is the member's :class:`~training.run.TrainConfig`: unpickled only once
+    TensorFlow's start-up noise is caught, since its module imports TensorFlow."""
+    from training.console import command_logging, import_tensorflow
+
+    # two processes on one GPU: each takes memory as it needs it, not all of it at start
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    with command_logging(sys.stderr, quiet=quiet):
+        import_tensorflow()
+    member = pickle.loads(pickled)
+    with command_logging(
+        sys.stderr, member.output / LOG_FILE, quiet=quiet, prefix=f"{member.output.name}: "
+    ):
+        _train_member(member)
 
 
 def _options(member: TrainConfig) -> dict[str, object]:

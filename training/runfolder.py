@@ -23,6 +23,7 @@ LESION_FILE = "lesion.csv"
 PROTOCOL_FILE = "protocol.json"  # the scanner-held-out protocol (training.evaluation.protocol)
 PROTOCOL_TABLE = "protocol.md"
 PLOTS_DIR = "plots"
+LOG_FILE = "train.log"  # everything edge-train logged, TensorFlow's messages included
 
 
 @dataclass(frozen=True)
