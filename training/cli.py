@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         metavar="N",
         help="with several backbones: members trained at once, each in a process of its own "
-        "that logs to its member folder's train.log (default 2; on 2 cores the default pair "
-        "took 54 min so, 69 min one after the other; 1: one after the other, in this process). "
-        "A member's models do not depend on it",
+        "that logs to its member folder's train.log (default 2: on 2 cores the default pair "
+        "took 54 min side by side against 69 one after the other; 1: one after the other, in "
+        "this process). A member's models do not depend on it",
     )
     parser.add_argument(
         "--weights",
