@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +104,25 @@ def test_report_only_reports_the_saved_model_again_with_the_same_numbers(readme_
         patch.chdir(root)
         assert _run_readme_line([*train, "--report-only"], stderr) == 0, stderr.getvalue()
     assert json.loads(metrics.read_text()) == before
+
+
+def test_report_only_with_other_data_or_no_run_is_a_usage_error(readme_path, tmp_path, capsys):
+    from training.cli import main as train_main
+
+    root, _ = readme_path
+    run = root / "runs" / "synthetic"
+    metrics = (run / "metrics.json").read_text()
+    other = write_synthetic_dataset(tmp_path / "other", per_class=4, seed=9)
+
+    assert train_main([str(other), "--output", str(run), "--report-only"]) == 2
+    assert f"{run / 'split.csv'}: " in (err := capsys.readouterr().err)
+    assert "scans are not in DATA (the first: " in err and "internal error" not in err
+    assert (run / "metrics.json").read_text() == metrics
+
+    for missing in (tmp_path / "no-run", tmp_path):  # nothing there; a folder without a model
+        assert train_main([str(other), "--output", str(missing), "--report-only"]) == 2
+        assert f"{missing}: no saved model to report on" in capsys.readouterr().err
+    assert not (tmp_path / "no-run").exists() and not (tmp_path / "train.log").exists()
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
@@ -498,6 +522,14 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
     assert (run / "metrics.json").read_text() == metrics
 
     (members[0] / "model.keras").unlink()
+    reported = (members[1] / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert train_main([str(data), "--output", str(run), "--report-only"]) == 2
+    assert (
+        f"{run}: member 1-small-cnn has no trained model (its training did not finish)"
+    ) in capsys.readouterr().err
+    assert (members[1] / "metrics.json").stat().st_mtime_ns == reported  # nothing rewritten
+
     assert train_main(argv) == 0
 
     assert "1-small-cnn: training it (model.keras is missing)" in (run / "train.log").read_text()
@@ -542,6 +574,30 @@ def test_a_member_that_fails_beside_another_loses_nothing_of_the_other_s_trainin
 
     assert (tmp_path / "run" / "members" / "1-small-cnn" / "member.json").is_file()
     assert not (tmp_path / "run" / "members" / "2-efficientnet-lite0" / "member.json").exists()
+
+
+def test_ctrl_c_while_members_train_side_by_side_says_so_and_keeps_the_finished_member(tmp_path):
+    """Ctrl-C reaches the whole process group: edge-train and both members' processes."""
+    data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=5)
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "training.cli", str(data), "--output", str(run)]
+    argv += ["--backbone", "small-cnn", "efficientnet-lite0", "--weights", "none"]
+    argv += ["--image-size", "64", "--frozen-epochs", "0", "--epochs", "6"]  # Lite0: minutes
+    finished = run / "members" / "1-small-cnn" / "member.json"
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not finished.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert finished.exists() and process.poll() is None, "small-cnn did not finish first"
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert err.rstrip().endswith("edge-train: interrupted") and "Traceback" not in err, err
+    assert finished.is_file() and (finished.parent / "model.keras").is_file()
 
 
 def test_several_backbones_with_the_scanner_protocol_alone_combine_every_fold(tmp_path, capsys):

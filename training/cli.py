@@ -16,7 +16,7 @@ from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
 from training.model.backbones import Backbone, check_lesion_input_size, has_pretrained_weights
 from training.recipe import DEFAULT
-from training.runfolder import LOG_FILE
+from training.runfolder import LOG_FILE, MODEL_FILE
 
 TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "scipy", "matplotlib")  # the train extra's
 
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with several backbones: members trained at once, each in a process of its own "
         "that logs to its member folder's train.log (default 2: on 2 cores the default pair "
-        "took 54 min side by side against 69 one after the other; 1: one after the other, in "
-        "this process). A member's models do not depend on it",
+        "took 54 min side by side against 69 one after the other; 1: one after the other). "
+        "A member's models do not depend on it; one backbone ignores it",
     )
     parser.add_argument(
         "--weights",
@@ -341,8 +341,13 @@ def _fill_recorded(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         "seed": 0,
     }
     if args.report_only:
-        from training.ensemble import recorded_options
+        from training.ensemble import has_trained_model, recorded_options
 
+        if not has_trained_model(args.output):
+            parser.error(
+                f"{args.output}: no saved model to report on (no {MODEL_FILE} in it, in its "
+                "scanners/ or in its members/); train it first, without --report-only"
+            )
         try:
             recorded = recorded_options(args.output)
         except ValueError as exc:

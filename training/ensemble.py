@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -221,10 +222,10 @@ def train_ensemble(
 
     Args:
         lesion_from: 0-based members whose lesion map the graph keeps.
-        jobs: members trained at once, each in a process of its own that logs to its member
-            folder's ``train.log`` and to stderr (lines prefixed with the member's folder
-            name; only warnings and errors when ``quiet``); 1: one after the other, here. A
-            member's models do not depend on it.
+        jobs: members trained at once (at most as many as are to be trained), each in a
+            process of its own that logs to its member folder's ``train.log`` and to stderr
+            (lines prefixed with the member's folder name; only warnings and errors when
+            ``quiet``); 1: one after the other. A member's models do not depend on it.
 
     Returns:
         As :func:`build_ensemble_run`.
@@ -236,19 +237,19 @@ def train_ensemble(
     """
     from training.run import report_saved
 
+    members = [
+        dataclasses.replace(
+            config, output=config.output / MEMBERS_DIR / f"{k + 1}-{b.value}", backbone=b
+        )
+        for k, b in enumerate(backbones)
+    ]
+    if report_only:
+        _check_reportable(config.output, [m.output for m in members])
     folders, pending = [], []
-    for k, backbone in enumerate(backbones):
-        folder = config.output / MEMBERS_DIR / f"{k + 1}-{backbone.value}"
-        member = dataclasses.replace(config, output=folder, backbone=backbone)
-        log.info("member %d of %d (%s): %s", k + 1, len(backbones), backbone.value, folder)
+    for k, member in enumerate(members):
+        folder = member.output
+        log.info("member %d of %d (%s): %s", k + 1, len(members), member.backbone.value, folder)
         if report_only:
-            if not model_folders(folder):
-                held = sorted(p.name for p in (config.output / MEMBERS_DIR).glob("*"))
-                raise FileNotFoundError(
-                    f"{config.output}: no member {folder.name} to report on (its members: "
-                    f"{', '.join(held) or 'none'}); an ensemble built by python -m "
-                    "training.ensemble is reported again by that command"
-                )
             report_saved(member)
         elif (reason := _why_train(member)) is None:
             log.info("%s: trained with these options already; kept", folder)
@@ -261,28 +262,55 @@ def train_ensemble(
     return build_ensemble_run(config, folders, mirror=False, lesion_from=lesion_from)
 
 
+def has_trained_model(run: Path) -> bool:
+    """Whether ``run`` holds a saved model: its own, a scanner fold's or an ensemble member's."""
+    run = Path(run)
+    return bool(model_folders(run)) or any(
+        model_folders(member) for member in (run / MEMBERS_DIR).glob("*")
+    )
+
+
+def _check_reportable(run: Path, members: Sequence[Path]) -> None:
+    """Refuse, before any report is rewritten, to report on an ensemble run whose members are
+    not all trained."""
+    if not (run / MEMBERS_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{run}: no {MEMBERS_DIR}/ folder, so edge-train did not train this ensemble; one "
+            "built by python -m training.ensemble is reported again by that command"
+        )
+    unfinished = [m.name for m in members if not model_folders(m)]
+    if unfinished:
+        raise FileNotFoundError(
+            f"{run}: member {' and '.join(unfinished)} has no trained model (its training did "
+            "not finish), so there is nothing whole to report on; run the same edge-train "
+            "command without --report-only to finish it"
+        )
+
+
 def _train_members(members: Sequence[TrainConfig], jobs: int, quiet: bool) -> None:
     """Train ``members`` (see :func:`train_ensemble`'s ``jobs``), every one to its end before
     the first failure is raised, so that one member's failure loses no other's training."""
-    if jobs <= 1 or len(members) <= 1:
-        for member in members:
-            _train_member(member)
+    if not members:
         return
     errors = []
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no TensorFlow state
-    with ProcessPoolExecutor(min(jobs, len(members)), mp_context=spawn) as pool:
+    workers = min(jobs, len(members))
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_exit_on_interrupt) as pool:
         running = {
             pool.submit(_train_member_apart, pickle.dumps(m), quiet): m.output for m in members
         }
         log.info(
-            "training %d members at once, each in a process of its own (logs: %s)",
+            "training %d member(s), %d at a time, each in a process of its own (logs: %s)",
             len(members),
+            workers,
             ", ".join(str(folder / LOG_FILE) for folder in running.values()),
         )
         for done in as_completed(running):
             try:
                 done.result()
                 log.info("%s: trained", running[done])
+            except SystemExit as exc:  # Ctrl-C ended the member's process (_exit_on_interrupt)
+                raise KeyboardInterrupt from exc
             except Exception as exc:  # the others go on; the first failure is raised at the end
                 log.error("%s: training failed: %s", running[done], exc)
                 errors.append(exc)
@@ -290,30 +318,33 @@ def _train_members(members: Sequence[TrainConfig], jobs: int, quiet: bool) -> No
         raise errors[0]
 
 
-def _train_member(member: TrainConfig) -> None:
-    """Train one member and record its options once its training has finished."""
-    from training.run import train
-
-    (member.output / MEMBER_RECORD).unlink(missing_ok=True)
-    train(member)
-    (member.output / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")
+def _exit_on_interrupt() -> None:
+    """In a member's process: Ctrl-C (which reaches the whole process group) ends it quietly;
+    ``edge-train`` itself says it was interrupted."""
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(ExitStatus.INTERRUPTED))
 
 
 def _train_member_apart(pickled: bytes, quiet: bool) -> None:
-    """:func:`_train_member` in a process of its own, logging as ``edge-train`` does.
-    ``pickled`` is the member's :class:`~training.run.TrainConfig`: unpickled only once
-    TensorFlow's start-up noise is caught, since its module imports TensorFlow."""
+    """Train one member in a process of its own, logging as ``edge-train`` does, to its
+    folder's ``train.log`` (appended to) and to stderr with its folder's name before each line;
+    record its options once its training has finished. ``pickled`` is the member's
+    :class:`~training.run.TrainConfig`: unpickled only once TensorFlow's start-up noise is
+    caught, since its module imports TensorFlow."""
     from training.console import command_logging, import_tensorflow
 
     # two processes on one GPU: each takes memory as it needs it, not all of it at start
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     with command_logging(sys.stderr, quiet=quiet):
         import_tensorflow()
+    from training.run import train
+
     member = pickle.loads(pickled)
     with command_logging(
         sys.stderr, member.output / LOG_FILE, quiet=quiet, prefix=f"{member.output.name}: "
     ):
-        _train_member(member)
+        (member.output / MEMBER_RECORD).unlink(missing_ok=True)
+        train(member)
+        (member.output / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")
 
 
 def _options(member: TrainConfig) -> dict[str, object]:
