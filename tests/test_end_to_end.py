@@ -392,6 +392,8 @@ LITE0_LITE2 = ["--backbone", "efficientnet-lite0", "efficientnet-lite1"]
          "--backbone (--backbone names 2: efficientnet-lite0 and efficientnet-lite1)"),
         (["--backbone", "small-cnn", "efficientnet-lite0"], "small-cnn has no ImageNet weights: "
          "add --weights none"),
+        (["--backbone", "small-cnn", "--lesion-from", "2"], "--lesion-from picks among an "
+         "ensemble's members; one --backbone has none to pick"),
     ],
 )  # fmt: skip
 def test_what_an_ensemble_cannot_do_is_a_usage_error_before_anything_loads(

@@ -39,7 +39,8 @@ examples:
 DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
 (path,label[,group,source,masks]). The run folder gets model.keras, run.json, split.csv,
 history.csv, metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
-included) and plots/; with several backbones also members/, one such run folder per member.
+included) and plots/; with several backbones also members/, one such run folder per member, and
+the graph in RUN_DIR has no history.csv (it is not trained).
 Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
@@ -299,7 +300,12 @@ def parse_arguments(
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    lesion_from_given = args.lesion_from is not None
     _fill_recorded(parser, args)
+    if lesion_from_given and len(args.backbone) == 1 and tuple(args.lesion_from) != (1,):
+        parser.error(
+            "--lesion-from picks among an ensemble's members; one --backbone has none to pick"
+        )
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
     for name in ("unmark", "clutter", "scanner_style"):
