@@ -200,6 +200,8 @@ def _quantization_lines(card: Mapping[str, Any]) -> list[str]:
     q = card.get("quantization") or {}
     if not q:
         return []
+    if "int8" in q:  # --precision fp32: no INT8 file to describe
+        return ["## INT8 quantization", "", f"- INT8 model {q['int8']}", ""]
     calibration = q.get("calibration", "?")
     if "percentile" in q:
         calibration += f" {q['percentile']}"

@@ -251,3 +251,13 @@ def test_the_card_says_how_the_lesion_threshold_was_chosen():
         "Lesion threshold 0.35, chosen on validation scans: the highest mean validation Dice "
         "(validation: Dice 0.720, normals with a lesion 0.100)." in text
     )
+
+
+def test_the_card_of_an_fp32_only_export_says_it_has_no_int8_model(tmp_path):
+    """What export writes as the quantization record with --precision fp32."""
+    info = RunInfo(CLASSES, 64, "letterbox", "small-cnn", 0, "f" * 64, test_metrics=_metrics(0))
+    model = _model_file(tmp_path / "m-fp32.onnx")
+    card = build_card("m", info, [model], [], {"int8": "not written (--precision fp32)"})
+    text = render_markdown(card)
+    assert "## INT8 quantization\n\n- INT8 model not written (--precision fp32)\n" in text
+    assert "activations None" not in text and "calibration on None" not in text

@@ -151,7 +151,7 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
                     {k: (v if k == "stage" else float(v)) for k, v in r.items() if v != ""}
                     for r in csv.DictReader(handle)
                 ]
-        log.info("reporting again on %s", folder)
+        log.info("reporting on the saved model in %s", folder)
         model = load_classifier(folder / MODEL_FILE)
         infos.append(_report(config, data, splits, folder, model, rows))
         if folder.parent.name == "scanners":  # a fold's test rows are one scanner's scans
@@ -508,9 +508,10 @@ def _lesion_report(
     report = summarize(scores)
     log.info(
         "test lesions: Dice %s, pointing (CAM) %s, normal scans with a lesion %s",
-        report["all"]["dice"]["mean"],
-        report["all"]["pointing_cam"]["mean"],
-        report["all"]["normal_with_lesion"]["mean"],
+        *(
+            "-" if (mean := report["all"][key]["mean"]) is None else f"{mean:.3f}"
+            for key in ("dice", "pointing_cam", "normal_with_lesion")
+        ),
     )
     return report
 
