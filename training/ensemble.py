@@ -109,10 +109,7 @@ def recorded_options(run: Path) -> dict[str, object]:
         ValueError: a damaged ``run.json``.
     """
     run = Path(run)
-    members = sorted(
-        (p for p in (run / MEMBERS_DIR).glob("*") if p.name.partition("-")[0].isdigit()),
-        key=lambda p: int(p.name.partition("-")[0]),
-    )
+    members = _member_folders(run)
     for folder in [run, *members]:
         described = [f for f in model_folders(folder) if (folder / f / RUN_FILE).is_file()]
         if described:
@@ -265,9 +262,14 @@ def train_ensemble(
 def has_trained_model(run: Path) -> bool:
     """Whether ``run`` holds a saved model: its own, a scanner fold's or an ensemble member's."""
     run = Path(run)
-    return bool(model_folders(run)) or any(
-        model_folders(member) for member in (run / MEMBERS_DIR).glob("*")
-    )
+    return bool(model_folders(run)) or any(map(model_folders, _member_folders(run)))
+
+
+def _member_folders(run: Path) -> list[Path]:
+    """``run``'s member folders (``members/<k>-<backbone>``, as :func:`train_ensemble` names
+    them), in member order."""
+    found = [p for p in (run / MEMBERS_DIR).glob("*") if p.name.partition("-")[0].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.partition("-")[0]))
 
 
 def _check_reportable(run: Path, members: Sequence[Path]) -> None:
@@ -297,7 +299,8 @@ def _train_members(members: Sequence[TrainConfig], jobs: int, quiet: bool) -> No
     workers = min(jobs, len(members))
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_exit_on_interrupt) as pool:
         running = {
-            pool.submit(_train_member_apart, pickle.dumps(m), quiet): m.output for m in members
+            pool.submit(_train_member_apart, m.output, pickle.dumps(m), quiet): m.output
+            for m in members
         }
         log.info(
             "training %d member(s), %d at a time, each in a process of its own (logs: %s)",
@@ -324,24 +327,21 @@ def _exit_on_interrupt() -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(ExitStatus.INTERRUPTED))
 
 
-def _train_member_apart(pickled: bytes, quiet: bool) -> None:
-    """Train one member in a process of its own, logging as ``edge-train`` does, to its
-    folder's ``train.log`` (appended to) and to stderr with its folder's name before each line;
-    record its options once its training has finished. ``pickled`` is the member's
-    :class:`~training.run.TrainConfig`: unpickled only once TensorFlow's start-up noise is
-    caught, since its module imports TensorFlow."""
+def _train_member_apart(output: Path, pickled: bytes, quiet: bool) -> None:
+    """Train the member whose folder is ``output`` in a process of its own, logging as
+    ``edge-train`` does, to ``output/train.log`` (appended to) and to stderr with the folder's
+    name before each line; record its options once its training has finished. ``pickled`` is
+    the member's :class:`~training.run.TrainConfig`: unpickled only once TensorFlow's start-up
+    noise is caught (into that log), since its module imports TensorFlow."""
     from training.console import command_logging, import_tensorflow
 
     # two processes on one GPU: each takes memory as it needs it, not all of it at start
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    with command_logging(sys.stderr, quiet=quiet):
+    with command_logging(sys.stderr, output / LOG_FILE, quiet=quiet, prefix=f"{output.name}: "):
         import_tensorflow()
-    from training.run import train
+        from training.run import train
 
-    member = pickle.loads(pickled)
-    with command_logging(
-        sys.stderr, member.output / LOG_FILE, quiet=quiet, prefix=f"{member.output.name}: "
-    ):
+        member = pickle.loads(pickled)
         (member.output / MEMBER_RECORD).unlink(missing_ok=True)
         train(member)
         (member.output / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")

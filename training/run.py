@@ -135,15 +135,17 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
     for folder in folders:
         splits = np.full(len(data.paths), "excluded", dtype=object)
         with open(folder / SPLIT_FILE, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        absent = [r["path"] for r in rows if str(Path(r["path"]).resolve()) not in index]
+            assigned = [
+                (str(Path(r["path"]).resolve()), r["split"]) for r in csv.DictReader(handle)
+            ]
+        absent = [path for path, _ in assigned if path not in index]
         if absent:
             raise ValueError(
-                f"{folder / SPLIT_FILE}: {len(absent)} of its {len(rows)} scans are not in "
+                f"{folder / SPLIT_FILE}: {len(absent)} of its {len(assigned)} scans are not in "
                 f"DATA (the first: {absent[0]}); report with the DATA the run was trained on"
             )
-        for row in rows:
-            splits[index[str(Path(row["path"]).resolve())]] = row["split"]
+        for path, split in assigned:
+            splits[index[path]] = split
         rows = []  # an ensemble's graph was not trained: it has no history
         if (folder / HISTORY_FILE).is_file():
             with open(folder / HISTORY_FILE, newline="") as handle:
