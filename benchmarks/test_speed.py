@@ -112,7 +112,7 @@ def test_gate_cold_start_at_most_2x_library_imports(model_files, scans, ratio_lo
 
         return call
 
-    t = interleaved({"cold_start": run(classify), "imports": run(imports)}, rounds=7, warmup=1)
+    t = interleaved({"cold_start": run(classify), "imports": run(imports)}, rounds=15, warmup=2)
     ratio = t["cold_start"].median / t["imports"].median
     ratio_log["cold_start_vs_library_imports"] = {
         "value": round(ratio, 3),

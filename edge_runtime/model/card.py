@@ -62,6 +62,34 @@ def weights_summary(record: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005) or "-"
 
 
+def listed_sha256(model_path: Path) -> str | None:
+    """The SHA-256 the model card beside ``model_path`` lists for it; None when there is no card
+    or the card does not list this file.
+
+    Raises:
+        ContractError: the card cannot be read.
+    """
+    card_path = card_path_for(model_path)
+    if not card_path.is_file():
+        return None
+    try:
+        files = json.loads(card_path.read_text()).get("files", {})
+    except (OSError, ValueError) as exc:
+        raise ContractError(f"{card_path}: model card is unreadable: {exc}") from exc
+    return files.get(model_path.name, {}).get("sha256")
+
+
+def require_listed_sha256(model_path: Path, actual: str, listed: str) -> None:
+    """Raise :class:`ContractError` unless the file's SHA-256 ``actual`` is the one its card
+    lists (``listed``)."""
+    if actual != listed:
+        raise ContractError(
+            f"{model_path}: SHA-256 {actual[:16]}... does not match {listed[:16]}... in "
+            f"{card_path_for(model_path).name}: the file was changed or damaged after export. "
+            "Re-export or re-copy it."
+        )
+
+
 def verify_against_card(model_path: Path, sha256: str | None = None) -> bool:
     """Check the model's SHA-256 (``sha256`` when the caller has it) against its card, when a
     card lists it.
@@ -72,21 +100,8 @@ def verify_against_card(model_path: Path, sha256: str | None = None) -> bool:
     Raises:
         ContractError: the card lists the file with another checksum, or cannot be read.
     """
-    card_path = card_path_for(model_path)
-    if not card_path.is_file():
+    listed = listed_sha256(model_path)
+    if listed is None:
         return False
-    try:
-        files = json.loads(card_path.read_text()).get("files", {})
-    except (OSError, ValueError) as exc:
-        raise ContractError(f"{card_path}: model card is unreadable: {exc}") from exc
-    expected = files.get(model_path.name, {}).get("sha256")
-    if expected is None:
-        return False
-    actual = sha256 or file_sha256(model_path)
-    if actual != expected:
-        raise ContractError(
-            f"{model_path}: SHA-256 {actual[:16]}... does not match {expected[:16]}... in "
-            f"{card_path.name}: the file was changed or damaged after export. "
-            "Re-export or re-copy it."
-        )
+    require_listed_sha256(model_path, sha256 or file_sha256(model_path), listed)
     return True

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.model.card import file_sha256, verify_against_card
+from edge_runtime.model.card import file_sha256, listed_sha256, require_listed_sha256
 from edge_runtime.model.contract import (
     INPUT_NAME,
     KEY_PRECISION,
@@ -30,7 +31,7 @@ from edge_runtime.model.contract import (
     check_recheck_partner,
 )
 from edge_runtime.model.onnx_meta import MetadataError, read_metadata
-from edge_runtime.model.session_cache import create_cached_session
+from edge_runtime.model.session_cache import create_cached_session, load_cached_session
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,8 @@ def open_model(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    sha256 = file_sha256(path)
-    if verify_against_card(path, sha256):
-        log.debug("%s: SHA-256 matches its model card", path)
+    listed = listed_sha256(path)
+    hashing = _in_background(file_sha256, path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if exact_int8 and _precision_of(path) == Precision.INT8.value:
@@ -176,16 +176,41 @@ def open_model(
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     wanted = choose_providers(provider)
-    try:
-        session = create_cached_session(path, sha256, options, wanted, _create_session)
-    except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        raise ContractError(f"{path}: onnxruntime could not load it as a model: {exc}") from exc
+    # The graph kept for the SHA-256 the card lists loads while the file is hashed beside it (both
+    # release the GIL); it is used only once the file's own SHA-256 is that one. A graph is only
+    # ever optimized and kept under the file's own SHA-256.
+    session = None
+    if listed is not None:
+        session = load_cached_session(path, listed, options, wanted, _create_session)
+    sha256 = hashing.result()
+    if listed is not None:
+        require_listed_sha256(path, sha256, listed)
+        log.debug("%s: SHA-256 matches its model card", path)
+    if session is None:
+        try:
+            session = create_cached_session(path, sha256, options, wanted, _create_session)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ContractError(f"{path}: onnxruntime could not load it as a model: {exc}") from exc
     used = tuple(session.get_providers())
     if wanted[0] not in used:
         log.warning("%s: %s is unavailable at run time; running on %s", path, wanted[0], used[0])
     spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
     check_io(_infos(session.get_inputs()), _infos(session.get_outputs()), spec, source=str(path))
     return LoadedModel(session=session, spec=spec, path=path, providers=used)
+
+
+def _in_background(function: Callable[[Path], str], path: Path) -> Future[str]:
+    """``function(path)`` on a thread of its own, started now."""
+    done: Future[str] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(function(path))
+        except BaseException as exc:  # given to whoever asks for the result
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name="model-sha256", daemon=True).start()
+    return done
 
 
 def _precision_of(path: Path) -> str | None:
