@@ -33,10 +33,32 @@ status 1. Next: edge-classify SCANS --model OUTPUT/<name>-int8.onnx
 """
 
 
+def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--min-agreement`` and ``--max-accuracy-drop``: the INT8/FP16 parity gate's bounds, for
+    export and requantize alike."""
+    from export.parity import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT
+
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_TOP1_AGREEMENT,
+        metavar="F",
+        help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images "
+        f"(default {MIN_TOP1_AGREEMENT}; recorded in the model card's parity results)",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=MAX_ACCURACY_DROP,
+        metavar="F",
+        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images "
+        f"(default {MAX_ACCURACY_DROP})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser; its defaults are :class:`export.quantize.QuantConfig`'s and the parity
     gates' (:mod:`export.parity`), the ones :class:`export.pipeline.ExportOptions` uses."""
-    from export.parity import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT
     from export.quant_config import Calibration, IntType, QuantConfig
 
     defaults = QuantConfig()
@@ -87,22 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model's); early rounding errors grow through the network, so this can lift INT8-FP32 "
         "agreement, and on EfficientNet-Lite 2 ran faster than 0",
     )
-    parser.add_argument(
-        "--min-agreement",
-        type=float,
-        default=MIN_TOP1_AGREEMENT,
-        metavar="F",
-        help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images "
-        f"(default {MIN_TOP1_AGREEMENT}; recorded in the model card's parity results)",
-    )
-    parser.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=MAX_ACCURACY_DROP,
-        metavar="F",
-        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images "
-        f"(default {MAX_ACCURACY_DROP})",
-    )
+    add_gate_arguments(parser)
     parser.add_argument(
         "--no-recheck",
         dest="recheck",

@@ -219,7 +219,14 @@ def export_run(options: ExportOptions) -> ExportResult:
 
 
 def requantize_export(
-    model_dir: Path, name: str, split_dir: Path, data_root: Path, quantization: QuantConfig
+    model_dir: Path,
+    name: str,
+    split_dir: Path,
+    data_root: Path,
+    quantization: QuantConfig,
+    *,
+    min_agreement: float = MIN_TOP1_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
 ) -> ExportResult:
     """Quantize an exported model's INT8 file again from its FP32 file, with ``quantization``,
     for when its run folder is gone but its export is not (the bundled default model).
@@ -230,7 +237,8 @@ def requantize_export(
     ``quantization``, INT8 ``parity`` entries and ``files`` record are replaced. The calibration,
     validation and held-out scans come from ``split_dir``'s ``split.csv``, which must be the
     model's own split: its test rows must be ``<name>.heldout.csv``'s (paths under
-    ``data_root``) where that file exists.
+    ``data_root``) where that file exists. ``min_agreement`` and ``max_accuracy_drop`` bound
+    the INT8 gate as export's options of those names do.
 
     Raises:
         FileNotFoundError: a model file or the card is missing.
@@ -246,7 +254,14 @@ def requantize_export(
     card = json.loads(card_path.read_text())
     spec = open_model(fp32_path, provider=Provider.CPU).spec
     info = _info_from_spec(spec, card)
-    options = ExportOptions(split_dir, model_dir, name, quantization)
+    options = ExportOptions(
+        split_dir,
+        model_dir,
+        name,
+        quantization,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )
     _check_heldout(model_dir / f"{name}.heldout.csv", _manifest_rows(options), data_root)
     images = _Images(*_images_for(options, info), *_validation_images(options, info))
     point = {"threshold": spec.malignant_threshold} if spec.malignant_threshold else None

@@ -1,7 +1,7 @@
 """Quantize an exported model's INT8 file again from its FP32 file, gated, its card updated.
 
 usage: python -m export.requantize MODEL_DIR --split-dir RUN_DIR --data-root DATA
-           [--name default] [--float-convs N]
+           [--name default] [--float-convs N] [--min-agreement F] [--max-accuracy-drop F]
 
 For a model whose run folder is gone (the bundled default model): ``RUN_DIR`` holds the
 ``split.csv`` of the model's own split (a rerun of its recipe with the same data and seed writes
@@ -21,6 +21,7 @@ from edge_runtime.app.status import ExitStatus
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from export.cli import add_gate_arguments
     from export.pipeline import ParityError, requantize_export
     from export.quantize import QuantConfig
 
@@ -35,12 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=QuantConfig().float_convs,
         help="leading convolutions kept in float (default: %(default)s)",
     )
+    add_gate_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = QuantConfig(float_convs=args.float_convs)
     try:
         result = requantize_export(
-            args.model_dir, args.name, args.split_dir, args.data_root, config
+            args.model_dir,
+            args.name,
+            args.split_dir,
+            args.data_root,
+            config,
+            min_agreement=args.min_agreement,
+            max_accuracy_drop=args.max_accuracy_drop,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"requantize: error: {exc}", file=sys.stderr)
