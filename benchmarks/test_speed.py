@@ -181,7 +181,7 @@ def test_gate_int8_with_its_fp32_recheck_faster_than_fp32(model_files, models, h
         t = interleaved(
             {
                 "fp32": one_by_one(lambda x: fp32.session.run([PROBABILITIES], {INPUT_NAME: x})),
-                "int8": one_by_one(clf.run),
+                "int8": one_by_one(clf.run_raw),
             },
             rounds=3,
             warmup=0,
