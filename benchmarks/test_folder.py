@@ -135,7 +135,7 @@ def folder_timings(model_files, folder) -> dict:
                 "inference": inference,
                 "end_to_end": end_to_end,
             },
-            rounds=5,
+            rounds=9,
             warmup=1,
         )
     return {"cores": cores, **t}

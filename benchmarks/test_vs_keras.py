@@ -40,7 +40,7 @@ def _keras_vs_runtime(keras_model, model_files, models, scans, ratio_log) -> flo
         with Classifier.from_path(model_files[Precision.INT8], batch_size=BATCH) as clf:
             t = interleaved(
                 {"runtime": lambda: clf.classify(folder), "keras": keras_per_scan},
-                rounds=5,
+                rounds=9,
                 warmup=1,
             )
         ratio = t["keras"].median / t["runtime"].median

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -996,5 +997,18 @@ def _serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
     return ExitStatus.SUCCESS
 
 
+def console_main() -> int:
+    """``edge-classify`` as a command: :func:`main`, then an exit that skips the interpreter's
+    final garbage collection passes over the objects already made (:func:`gc.freeze`). Those
+    passes find nothing to collect that matters at exit (every output file is closed by now, and
+    the interpreter flushes stdout and stderr as always), yet cost 13-30 ms of a 0.29 s
+    ``edge-classify one.png`` (medians of 15 fresh processes each, interleaved, in two runs). Only
+    here, at the end of a process: :func:`main` itself is also called in-process (tests, other
+    programs)."""
+    status = main()
+    gc.freeze()
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

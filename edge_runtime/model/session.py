@@ -164,7 +164,6 @@ def open_model(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
     listed = listed_sha256(path)
-    hashing = _in_background(file_sha256, path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if exact_int8 and _precision_of(path) == Precision.INT8.value:
@@ -175,6 +174,7 @@ def open_model(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    hashing = _in_background(file_sha256, path)
     wanted = choose_providers(provider)
     # The graph kept for the SHA-256 the card lists loads while the file is hashed beside it (both
     # release the GIL); it is used only once the file's own SHA-256 is that one. A graph is only
