@@ -188,8 +188,21 @@ def test_an_ensemble_label_reads_back(members, mirror, lesion_from):
 
     from training.ensemble import ensemble_label, member_backbones, parse_label
 
-    infos = [SimpleNamespace(backbone=b, input_size=s) for b, s in members]
+    infos = [SimpleNamespace(backbone=b, input_size=s, lesion_stride=4) for b, s in members]
     label = ensemble_label(infos, mirror, lesion_from)
     assert parse_label(label) == (list(members), mirror, lesion_from)
     assert member_backbones(label) == [b for b, _ in members]
     assert parse_label("efficientnet-lite0") == ([("efficientnet-lite0", None)], False, None)
+
+
+def test_an_ensemble_without_a_lesion_output_names_no_lesion_source():
+    from types import SimpleNamespace
+
+    from training.ensemble import ensemble_label
+
+    pair = [("efficientnet-lite0", 160), ("efficientnet-lite2", 160)]
+    infos = [SimpleNamespace(backbone=b, input_size=s, lesion_stride=0) for b, s in pair]
+    label = ensemble_label(infos, False, [0])
+    assert label == "efficientnet-lite0@160 + efficientnet-lite2@160"
+    infos[1].lesion_stride = 4  # one member without a lesion head: the graph has no lesion output
+    assert ensemble_label(infos, False, [0]) == label

@@ -67,11 +67,14 @@ def ensemble_label(
     infos: Sequence[RunInfo], mirror: bool, lesion_from: Sequence[int] | None = None
 ) -> str:
     """What the card and metadata call the ensemble's backbone, e.g.
-    ``efficientnet-lite0@160 + efficientnet-lite2@224, mirrored, lesion from member 1``."""
+    ``efficientnet-lite0@160 + efficientnet-lite2@224, mirrored, lesion from member 1``. The
+    lesion source is named only where the graph has a lesion output (every member has one, as
+    :func:`training.model.ensemble.combine` builds it)."""
     label = " + ".join(f"{i.backbone}@{i.input_size}" for i in infos)
     if mirror:
         label += ", mirrored"
-    if lesion_from is not None and len(set(lesion_from)) < len(infos):
+    lesion = all(i.lesion_stride for i in infos)
+    if lesion and lesion_from is not None and len(set(lesion_from)) < len(infos):
         label += ", lesion from member " + " and ".join(str(k + 1) for k in sorted(lesion_from))
     return label
 
