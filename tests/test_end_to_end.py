@@ -494,7 +494,7 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
         assert (member / "model.keras").is_file() and (member / "member.json").is_file()
         assert json.loads((member / "run.json").read_text())["input_size"] == 64
     info = json.loads((run / "run.json").read_text())
-    assert info["backbone"] == "small-cnn@64 + efficientnet-lite0@64, lesion from member 1"
+    assert info["backbone"] == "small-cnn@64 + efficientnet-lite0@64"  # no masks: no lesion head
     assert (run / "split.csv").read_bytes() == (members[0] / "split.csv").read_bytes()
     # the graph was not trained: no training curves of a member passed off as its own
     assert not (run / "history.csv").exists() and not (run / "plots" / "history.png").exists()
