@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGE_CLASSIFY_SHARED", REPO_ROOT.parent / "shared"))
 BUSI_ROOT = SHARED / "data" / "busi" / "Dataset_BUSI_with_GT"
 BUSBRA_ROOT = SHARED / "data" / "busbra"
+
+
+def pytest_configure(config) -> None:
+    """Ctrl-C reaches the commands the tests start and interrupt, however pytest was started.
+
+    A shell without job control starts a background job (``pytest tests &``) with SIGINT
+    ignored; an ignored signal is inherited across exec, and Python installs no
+    KeyboardInterrupt handler where it starts ignored, so the tests that send SIGINT to a
+    command (dashboard, watch, node, Ray, edge-train) would wait for an exit that never comes.
+    A handler (not an ignore) is reset to the default in each child.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

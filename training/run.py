@@ -122,7 +122,7 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
     changed."""
     from training.model.classifier import load_classifier
 
-    data = _prepare(config)
+    data = _prepare(config, training=False)
     # split.csv holds resolved paths; the data folders may have been named relatively
     index = {str(Path(path).resolve()): i for i, path in enumerate(data.paths)}
     folders = [config.output] if (config.output / MODEL_FILE).is_file() else []
@@ -185,7 +185,8 @@ def train(config: TrainConfig) -> RunInfo | None:
     return info
 
 
-def _prepare(config: TrainConfig) -> _Prepared:
+def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
+    """The run's scans, labels, groups and split; ``training=False`` when only reporting."""
 
     discovery = discover_all(config.data)
     log.info("data:\n%s", discovery.summary())
@@ -232,8 +233,8 @@ def _prepare(config: TrainConfig) -> _Prepared:
     if segmentation_wanted(config.segmentation, samples):
         masks, mask_known = load_masks(samples, config.input_size, config.resize_policy)
         log.info(
-            "lesion head on (--no-seg turns it off): %d of %d scans have a known mask "
-            "(normal scans: empty)",
+            "%s: %d of %d scans have a known mask (normal scans: empty)",
+            "lesion head on (--no-seg turns it off)" if training else "lesion outlines scored",
             int(mask_known.sum()),
             len(samples),
         )
