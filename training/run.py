@@ -187,7 +187,6 @@ def train(config: TrainConfig) -> RunInfo | None:
 
 def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
     """The run's scans, labels, groups and split; ``training=False`` when only reporting."""
-
     discovery = discover_all(config.data)
     log.info("data:\n%s", discovery.summary())
     found = {s.label for s in discovery.samples}

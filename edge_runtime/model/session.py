@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -174,15 +174,16 @@ def open_model(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    hashing = _in_background(file_sha256, path)
-    wanted = choose_providers(provider)
     # The graph kept for the SHA-256 the card lists loads while the file is hashed beside it (both
     # release the GIL); it is used only once the file's own SHA-256 is that one. A graph is only
     # ever optimized and kept under the file's own SHA-256.
-    session = None
-    if listed is not None:
-        session = load_cached_session(path, listed, options, wanted, _create_session)
-    sha256 = hashing.result()
+    with ThreadPoolExecutor(1, thread_name_prefix="model-sha256") as hasher:
+        hashing = hasher.submit(file_sha256, path)
+        wanted = choose_providers(provider)
+        session = None
+        if listed is not None:
+            session = load_cached_session(path, listed, options, wanted, _create_session)
+        sha256 = hashing.result()
     if listed is not None:
         require_listed_sha256(path, sha256, listed)
         log.debug("%s: SHA-256 matches its model card", path)
@@ -197,20 +198,6 @@ def open_model(
     spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
     check_io(_infos(session.get_inputs()), _infos(session.get_outputs()), spec, source=str(path))
     return LoadedModel(session=session, spec=spec, path=path, providers=used)
-
-
-def _in_background(function: Callable[[Path], str], path: Path) -> Future[str]:
-    """``function(path)`` on a thread of its own, started now."""
-    done: Future[str] = Future()
-
-    def run() -> None:
-        try:
-            done.set_result(function(path))
-        except BaseException as exc:  # given to whoever asks for the result
-            done.set_exception(exc)
-
-    threading.Thread(target=run, name="model-sha256", daemon=True).start()
-    return done
 
 
 def _precision_of(path: Path) -> str | None:
