@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -90,6 +93,45 @@ def test_a_cache_that_cannot_be_written_or_is_off_costs_nothing_but_time(
     assert session_cache.cache_dir() is None
     assert open_model(model, provider=Provider.CPU).spec is not None
     assert [path for path, _ in opened] == [str(model), str(model)]
+
+
+def test_the_folder_keeps_the_most_recently_used_graphs_and_only_its_own_names(tmp_path):
+    folder = tmp_path / "shared-folder"
+    folder.mkdir()
+    now = time.time()
+
+    def file(name: str, age_s: float) -> Path:
+        path = folder / name
+        path.write_bytes(b"x")
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    graphs = [file(f"{i:032x}.ort", age_s=60.0 * i) for i in range(5)]  # 0: used last
+    old_format = file(f"{9:032x}.onnx", age_s=0)
+    stale, fresh = file("tmpab_12cd.ort.part", 7200), file("tmpef34gh56.ort.part", 10)
+    others = [file("notes.txt", 1e6), file("model.onnx", 1e6), file("tmpab_12cd.ort", 1e6)]
+    (folder / f"{8:032x}.ort").mkdir()  # not a file: never removed
+    removed = session_cache.prune(folder, max_graphs=3)
+    assert sorted(removed) == sorted([graphs[3], graphs[4], old_format, stale])
+    assert all(p.exists() for p in [*graphs[:3], fresh, *others, folder / f"{8:032x}.ort"])
+    assert session_cache.prune(tmp_path / "absent") == []
+
+
+def test_a_loaded_graph_counts_as_used_and_saving_one_prunes_the_folder(
+    tmp_path, cache, monkeypatch
+):
+    first = make_contract_model(tmp_path / "first.onnx", seed=0)
+    open_model(first, provider=Provider.CPU)
+    (kept,) = cache.glob("*.ort")
+    os.utime(kept, (0, 0))  # as if last used long ago
+    open_model(first, provider=Provider.CPU)  # loaded from the cache: used now
+    assert kept.stat().st_mtime > time.time() - 60
+    monkeypatch.setattr(session_cache, "MAX_GRAPHS", 1)
+    second = make_contract_model(tmp_path / "second.onnx", seed=1)
+    os.utime(kept, (0, 0))
+    open_model(second, provider=Provider.CPU)  # saved, and the folder pruned to one graph
+    (left,) = cache.glob("*.ort")
+    assert left != kept and not kept.exists()
 
 
 def test_exact_int8_sessions_are_not_cached(tmp_path, cache):

@@ -22,15 +22,25 @@ its own engine cache). The folder is ``$EDGE_CLASSIFY_CACHE`` (``off`` turns cac
 ``$XDG_CACHE_HOME/edge-classify/sessions``, else ``~/.cache/edge-classify/sessions``. A folder
 that cannot be written, or a cached file that does not load, costs one optimization, never the
 session.
+
+The folder stays bounded: each time a graph is saved, only the ``MAX_GRAPHS`` most recently used
+are kept (a load marks its file used), and the graphs earlier versions kept as ``.onnx``, and
+staged files a killed process left, are removed. On a device host that runs a few models this
+never removes one in use; one that cycles through many (``adapt`` again and again) pays one
+optimization when it comes back to an old one. Only this package's own names are touched, so
+``$EDGE_CLASSIFY_CACHE`` may name a folder shared with other files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import platform
+import re
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -41,6 +51,11 @@ CACHE_ENV = "EDGE_CLASSIFY_CACHE"
 CACHE_OFF = ("off", "0", "")
 CPUINFO = Path("/proc/cpuinfo")
 CPU_ONLY = ["CPUExecutionProvider"]
+MAX_GRAPHS = 16  # the bundled pair at 1 and at all threads, with room for a dozen more
+STALE_PART_S = 3600.0  # a staged file this old was left by a process that died while saving
+GRAPH_NAME = re.compile(r"[0-9a-f]{32}\.ort")
+OLD_GRAPH_NAME = re.compile(r"[0-9a-f]{32}\.onnx")  # before ORT format
+PART_NAME = re.compile(r"tmp\w+\.(ort|onnx)\.part")  # tempfile.mkstemp's names
 SAVE_ORT_FORMAT = {"session.save_model_format": "ORT"}
 LOAD_MAPPED_ORT_FORMAT = {
     "session.load_model_format": "ORT",
@@ -108,10 +123,13 @@ def load_cached_session(
     fast = _copy(options, LOAD_MAPPED_ORT_FORMAT)
     fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return create(cached, fast, providers)
+        session = create(cached, fast, providers)
     except Exception as exc:  # a damaged cache file: the caller optimizes again
         log.debug("%s: cached graph %s did not load (%s); optimizing again", path, cached, exc)
         return None
+    with contextlib.suppress(OSError):  # a read-only cache still serves
+        os.utime(cached)  # used now: kept the longest when the folder is pruned
+    return session
 
 
 def create_cached_session(
@@ -163,7 +181,49 @@ def create_cached_session(
     except Exception:
         Path(staged).unlink(missing_ok=True)
         raise
+    prune(directory, MAX_GRAPHS)
     return session
+
+
+def prune(directory: Path, max_graphs: int = MAX_GRAPHS) -> list[Path]:
+    """Remove from ``directory`` all but the ``max_graphs`` most recently used graphs, every
+    graph an earlier version kept as ``.onnx``, and staged files older than ``STALE_PART_S``;
+    files with other names are left alone. A removed graph that a running session has mapped
+    stays readable to it (POSIX unlink). Returns the files removed; one that cannot be removed
+    is skipped.
+    """
+    now = time.time()
+    graphs, removable = [], []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            used = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if GRAPH_NAME.fullmatch(entry.name):
+            graphs.append((used, entry.path))
+        elif OLD_GRAPH_NAME.fullmatch(entry.name) or (
+            PART_NAME.fullmatch(entry.name) and now - used > STALE_PART_S
+        ):
+            removable.append(entry.path)
+    graphs.sort(reverse=True)
+    removable += [path for _, path in graphs[max_graphs:]]
+    removed = []
+    for path in removable:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            log.debug("%s: not removed from the cache (%s)", path, exc)
+            continue
+        removed.append(Path(path))
+    if removed:
+        log.debug("%s: removed %d cached file(s)", directory, len(removed))
+    return removed
 
 
 def _cache_for(options: ort.SessionOptions, providers: list[str]) -> Path | None:
