@@ -99,11 +99,19 @@ def test_report_only_reports_the_saved_model_again_with_the_same_numbers(readme_
     train = next(argv for argv in readme_commands() if argv[0] == "edge-train")
     metrics = root / "runs" / "synthetic" / "metrics.json"
     before = json.loads(metrics.read_text())
+    run_json = root / "runs" / "synthetic" / "run.json"
+    recorded = json.loads(run_json.read_text())
+    # as if trained on lesion-free views: report-only builds none, and keeps the record
+    run_json.write_text(json.dumps({**recorded, "lesion_free_normals": True}))
     stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        assert _run_readme_line([*train, "--report-only"], stderr) == 0, stderr.getvalue()
-    assert json.loads(metrics.read_text()) == before
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(root)
+            assert _run_readme_line([*train, "--report-only"], stderr) == 0, stderr.getvalue()
+        assert json.loads(metrics.read_text()) == before
+        assert json.loads(run_json.read_text()) == {**recorded, "lesion_free_normals": True}
+    finally:
+        run_json.write_text(json.dumps(recorded))
 
 
 def test_report_only_with_other_data_or_no_run_is_a_usage_error(readme_path, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -109,6 +109,7 @@ class _Prepared:
     samples: Sequence
     unmarked: np.ndarray | None  # the images with their marks painted out, when training asks
     views: list[tuple[int, np.ndarray, str, np.ndarray]]  # extra views (training.probes.lesionfree)
+    lesion_free_normals: bool  # the model was (or is) trained on those views
     masks: np.ndarray | None  # lesion masks fitted like the images; None without the lesion head
     mask_known: np.ndarray | None
     fingerprint: str
@@ -155,7 +156,8 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
                 ]
         log.info("reporting on the saved model in %s", folder)
         model = load_classifier(folder / MODEL_FILE)
-        infos.append(_report(config, data, splits, folder, model, rows))
+        trained = _as_recorded(data, folder)
+        infos.append(_report(config, trained, splits, folder, model, rows))
         if folder.parent.name == "scanners":  # a fold's test rows are one scanner's scans
             protocol[scanner_of(data.samples[int(np.flatnonzero(splits == "test")[0])])] = folder
     if protocol:
@@ -163,6 +165,16 @@ def report_saved(config: TrainConfig) -> list[RunInfo]:
             "scanner-held-out protocol:\n%s", markdown_table(write_report(config.output, protocol))
         )
     return infos
+
+
+def _as_recorded(data: _Prepared, folder: Path) -> _Prepared:
+    """``data`` as ``folder``'s model was trained on it, where its ``run.json`` records that
+    (report-only builds no lesion-free views, so it cannot count them)."""
+    try:
+        recorded = RunInfo.read(folder).lesion_free_normals
+    except (OSError, ValueError):
+        return data
+    return replace(data, lesion_free_normals=recorded)
 
 
 def train(config: TrainConfig) -> RunInfo | None:
@@ -186,7 +198,8 @@ def train(config: TrainConfig) -> RunInfo | None:
 
 
 def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
-    """The run's scans, labels, groups and split; ``training=False`` when only reporting."""
+    """The run's scans, labels, groups and split; ``training=False`` when only reporting (no
+    mark-free copies or lesion-free views, which only training uses)."""
     discovery = discover_all(config.data)
     log.info("data:\n%s", discovery.summary())
     found = {s.label for s in discovery.samples}
@@ -205,7 +218,7 @@ def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
         keep = [i for i, s in enumerate(samples) if str(s.path) not in bad]
         samples, images = [samples[i] for i in keep], images[keep]
     unmarked = None
-    if config.fit.augment is not None and config.fit.augment.unmark > 0:
+    if training and config.fit.augment is not None and config.fit.augment.unmark > 0:
         start = time.perf_counter()
         unmarked, _ = load_images(
             [s.path for s in samples],
@@ -215,7 +228,7 @@ def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
         )
         log.info("painted out burned-in marks in %.1f s", time.perf_counter() - start)
     views = []
-    if lesion_free_views_wanted(config.lesion_free_normals, samples):
+    if training and lesion_free_views_wanted(config.lesion_free_normals, samples):
         views = training_views(samples, config.input_size, config.resize_policy)
         if not views:
             log.warning(
@@ -259,6 +272,11 @@ def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
         samples=samples,
         unmarked=unmarked,
         views=views,
+        lesion_free_normals=(
+            bool(views)
+            if training
+            else lesion_free_views_wanted(config.lesion_free_normals, samples)
+        ),
         masks=masks,
         mask_known=mask_known,
         fingerprint=fingerprint(samples),
@@ -418,7 +436,7 @@ def _report(
         temperature=temperature,
         sources=data.sources,
         int8_grid=config.int8_grid,
-        lesion_free_normals=bool(data.views),
+        lesion_free_normals=data.lesion_free_normals,
         lesion_stride=LESION_STRIDE if segment else 0,
         lesion_threshold=rule.threshold,
         lesion_min_area=rule.min_area if segment else 0.0,
