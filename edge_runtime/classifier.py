@@ -439,6 +439,7 @@ class Classifier:
             masks: attach ``lesion_mask`` to each result.
 
         Raises:
+            TypeError: ``sources`` is one path or one array, not a collection of them.
             ValueError: ``masks`` with a model that has no lesion output.
         """
         return list(self.iter_classify(sources, heatmaps=heatmaps, masks=masks))
@@ -452,6 +453,11 @@ class Classifier:
         holds at most ``batch_size`` images, whatever one file holds. A model without a lesion
         output asked for ``masks`` is refused here, before any input is read.
         """
+        if _one_source(sources):  # iterating it would give characters or pixel rows
+            raise TypeError(
+                f"sources is one {type(sources).__name__}, not a collection; pass a list of "
+                "paths or arrays, e.g. classify([path])"
+            )
         if masks:
             require_lesion_output(self.spec, str(self.model_path), "leave out masks=True")
         return self._iter_classify(sources, heatmaps, masks)
@@ -734,3 +740,13 @@ def _with_postprocess(result: Classification, post_ms: float) -> Classification:
 
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+def _one_source(sources: object) -> bool:
+    """Whether ``sources`` is one path or one image (2-D gray or H x W x 3/4 colour) rather than
+    a collection of them; a stack of images (N x H x W) is a collection."""
+    if isinstance(sources, str | os.PathLike):
+        return True
+    if isinstance(sources, np.ndarray):
+        return sources.ndim <= 2 or (sources.ndim == 3 and sources.shape[-1] in (3, 4))
+    return False

@@ -62,6 +62,21 @@ def test_arrays_are_accepted(classifier):
     assert results[0].probabilities == pytest.approx(results[1].probabilities)
 
 
+def test_one_path_or_one_image_is_refused_as_sources_and_a_stack_is_not(classifier, tmp_path):
+    (scan,) = _scans(tmp_path, 1)
+    gray = np.full((40, 60), 120, np.uint8)
+    for one in (str(scan), scan, gray, np.dstack([gray] * 3)):  # would iterate chars or rows
+        with pytest.raises(TypeError, match="not a collection; pass a list"):
+            classifier.classify(one)
+    assert len(classifier.classify(np.stack([gray, gray]))) == 2  # N x H x W: two images
+    assert [r.ok for r in classifier.classify([scan, str(scan)])] == [True, True]
+
+
+def test_a_folder_is_named_as_one_since_only_the_command_expands_folders(classifier, tmp_path):
+    (result,) = classifier.classify([tmp_path])
+    assert not result.ok and result.error.startswith("a folder, not a file")
+
+
 def test_a_model_without_a_lesion_output_classifies_and_refuses_masks(classifier, tmp_path):
     assert not classifier.spec.has_lesion  # a contract v1 model
     results = classifier.classify(_scans(tmp_path, 2), heatmaps=True)

@@ -186,6 +186,8 @@ def check_file(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     try:
         size = p.stat().st_size
+        if p.is_dir():
+            raise InputError(path, "a folder, not a file (edge-classify expands folders)")
         if not p.is_file():
             raise InputError(path, "not a regular file")
     except OSError as exc:
