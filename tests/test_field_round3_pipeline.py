@@ -163,6 +163,16 @@ def test_the_input_check_names_what_each_non_scan_is(name):
     assert reason is not None and reason.startswith(f"{NOT_A_SCAN}: ") and expected in reason
 
 
+@pytest.mark.parametrize("shape", [(480, 32), (40, 4000), (100, 401)])
+def test_the_input_check_calls_a_sliver_of_a_scan_no_scan(shape):
+    """A strip cut from a scan, or one squashed flat: speckle, but too little to read once the
+    model's square shrinks it (found called normal at P(malignant) 0.49)."""
+    reason = check_scan(speckle_scan(shape))
+    assert reason is not None and reason.startswith(f"{NOT_A_SCAN}: a sliver of ")
+    assert f"{shape[1]} x {shape[0]} pixels" in reason
+    assert check_scan(speckle_scan((100, 400))) is None  # 4 : 1, the most a scan may have
+
+
 def test_the_input_check_reads_a_pydicom_ct_slice_as_no_scan():
     from edge_runtime.io.decode import load_frames
 

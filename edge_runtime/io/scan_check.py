@@ -14,7 +14,8 @@ speckle, the granular texture of coherent echoes, on at least 45% of the lit are
 correlated between neighbouring pixels (lag-1 correlation of the fine detail at least 0.59;
 white noise has 0), usually longer across the beam than along it (lag-2 correlation across minus
 down: median 0.83, under 0.3 in size on 1.8% of them); and an image that reaches the frame's
-edges (some 4% border strip lit on 63% of it or more). Texture is read inside the lit area,
+edges (some 4% border strip lit on 63% of it or more); and a shape no further from square than
+2.1 : 1 (median 1.28). Texture is read inside the lit area,
 where it shows best: on the frame shrunk to :data:`WORK_SIDE` or on a patch at full size. Each
 rule below sits outside those ranges (rule 6 at 0.5 against the scans' lowest correlation,
 0.594), so none of those 2,529 scans fails the check; on the default model's 373 held-out scans
@@ -23,6 +24,9 @@ scans are present). It costs about 1.3 ms a frame (median, one core), in the dec
 
 The rules, in order (the first that holds is the reason):
 
+0. **sliver**: one side more than 4 times the other: a strip cut from a scan, or one squashed
+   flat, which the model's square would shrink to a few rows of pixels (seen called normal, at a
+   P(malignant) above the operating point).
 1. **blank**: grey levels span fewer than 20 levels (p99 - p1): a black, grey or white frame, or a
    DICOM image whose stored range maps to a few grey levels.
 2. **dark**: less than 10% of the image is lit (7 x 7 mean >= 16): a black frame with a few
@@ -59,6 +63,7 @@ import numpy as np
 NOT_A_SCAN = "not an ultrasound scan"
 WORK_SIDE = 256  # the check reads a copy at most this many pixels a side
 
+MAX_ASPECT = 4.0  # the longer side over the shorter
 MIN_RANGE = 20  # grey levels between the 1st and 99th percentile
 MIN_LIT = 0.10  # fraction of the image whose 7 x 7 mean is >= LIT_LEVEL
 MAX_WHITE = 0.40  # fraction of pixels > WHITE_LEVEL
@@ -126,6 +131,12 @@ def check_scan(gray: np.ndarray) -> str | None:
         >>> check_scan(np.zeros((480, 640), np.uint8))
         'not an ultrasound scan: a blank frame (grey levels span 0 levels)'
     """
+    height, width = gray.shape[:2]
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        return (
+            f"{NOT_A_SCAN}: a sliver of {width} x {height} pixels, one side "
+            f"{max(height, width) / min(height, width):.1f} times the other"
+        )
     why = _first_failed_rule(scan_statistics(gray, both_scales=False))
     if why is not None and gray.shape != _shrunk(gray).shape:  # speckle may show at full size
         why = _first_failed_rule(scan_statistics(gray))
