@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -557,6 +558,27 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
 
     assert (members[1] / "model.keras").stat().st_mtime_ns == trained[members[1]]
     assert (run / "metrics.json").read_text() == metrics
+
+
+def test_data_that_is_no_dataset_is_named_once_before_any_member_starts(
+    tmp_path, capsys, monkeypatch
+):
+    from training import ensemble
+    from training.cli import main as train_main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a member's training started")
+
+    monkeypatch.setattr(ensemble, "_train_members", started)
+    flat = tmp_path / "clinic"  # scans, but no class folders
+    flat.mkdir()
+    cv2.imwrite(str(flat / "scan.png"), np.zeros((64, 64), np.uint8))
+    argv = [str(flat), "--output", str(tmp_path / "run"), "--backbone", "small-cnn"]
+    argv += ["efficientnet-lite0", "--weights", "none", "--image-size", "64"]
+
+    assert train_main(argv) == 2
+    assert capsys.readouterr().err.count(f"{flat}: no class folders") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_member_that_fails_beside_another_loses_nothing_of_the_other_s_training(tmp_path):

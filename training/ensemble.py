@@ -235,6 +235,7 @@ def train_ensemble(
         Exception: the first member's training that failed, once every other member's
             training has ended.
     """
+    from training.data.datasets import discover_all
     from training.run import report_saved
 
     members = [
@@ -245,6 +246,7 @@ def train_ensemble(
     ]
     if report_only:
         _check_reportable(config.output, [m.output for m in members])
+    discover_all(config.data)  # a data error named once, before any member's process starts
     folders, pending = [], []
     for k, member in enumerate(members):
         folder = member.output
