@@ -10,8 +10,18 @@ file classified again.
 
 Which files are scans is decided as everywhere else (:func:`edge_runtime.io.sources.is_scan_file`:
 suffix, or the first bytes, so DICOM files named ``IMG0001`` or by a bare UID are seen; hidden
-and temporary names such as a storage node's ``<uid>.part`` are not, until renamed), links to
-folders are followed once, and a file reached under two names is classified once.
+and temporary names such as a storage node's ``<uid>.part`` are not, until renamed), and folders
+are walked as everywhere else (:func:`edge_runtime.io.sources.walk_entries`): links to folders
+are followed once, a file reached under two names is classified once (said once on stderr), a
+link that leads nowhere (dangling, or a loop) gets its error record, and a folder that cannot be
+listed is named on stderr and gets an error record (``folder cannot be listed: permission
+denied``) once it has stayed so for ``error_hold_s``, or when the watcher stops. A file left out
+is named with the reason (``not taken as a scan: ...``) when it is first seen or changes.
+
+Nothing is written to a file that is not watch's own: before anything is read or written,
+:func:`check_files` refuses (``ValueError``, exit status 2) an output that is a scan, would be
+taken for one (a scan's name), or is not a JSON-lines results file, and a state file that is not
+a watch state file or is the output itself.
 
 A file's records describe the whole file, once. Its size and modification time are checked again
 after it was read: a file that changed during the read is not recorded, and is read again once
@@ -27,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat as stat_mode
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,9 +45,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.app.output import result_record
-from edge_runtime.classifier import Classifier, Result
-from edge_runtime.io.decode import display_path
-from edge_runtime.io.sources import is_scan_file, real_key
+from edge_runtime.classifier import Classifier, Failure, Result
+from edge_runtime.io import own_images
+from edge_runtime.io.decode import SNIFF_BYTES, display_path, sniff
+from edge_runtime.io.sources import (
+    SCAN_SUFFIXES,
+    Taken,
+    is_scan_file,
+    log_skipped,
+    real_key,
+    unlisted_reason,
+    walk_entries,
+)
+from edge_runtime.io.video import sniff_video
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
 
 log = logging.getLogger(__name__)
@@ -66,6 +87,7 @@ class WatchOptions:
             raise ValueError(f"max_batch_files must be >= 1. Got {self.max_batch_files} instead.")
         if self.error_hold_s is not None and self.error_hold_s < 0:
             raise ValueError(f"error_hold_s must be >= 0. Got {self.error_hold_s} instead.")
+        check_files(self)  # before a model loads; the Watcher checks again before it starts
 
     @property
     def hold_s(self) -> float:
@@ -105,48 +127,201 @@ class _Held:
 
 
 def scan(
-    directory: Path, known: dict[str, tuple[_Stat, bool]] | None = None
+    directory: Path,
+    known: dict[str, tuple[_Stat, bool]] | None = None,
+    *,
+    unlisted: dict[str, str] | None = None,
+    said: set[str] | None = None,
 ) -> Iterator[tuple[str, _Stat]]:
-    """Every scan file under ``directory`` with its stat: recursive, sorted, hidden entries
-    skipped, links to folders followed once, each real file once (its first name).
+    """Every scan file under ``directory`` with its stat: recursive, sorted, hidden folders
+    skipped, links to folders followed once, each real file once (its first name), as
+    :func:`edge_runtime.io.sources.walk_entries` walks folders for ``edge-classify PATH...``.
+
+    A link that leads nowhere (dangling, or a loop) is a scan whatever its name, with the link's
+    own stat, so that its record says what it is.
 
     Args:
         directory: the folder.
         known: path -> (stat, is a scan) from earlier polls, updated here, so that a file whose
-            name says nothing is read (sniffed) again only when it changes.
+            name says nothing is read (sniffed) again, and a file left out is named on stderr
+            again, only when it changes.
+        unlisted: filled with folder -> reason for each folder that cannot be listed.
+        said: names already reported as another name of a file taken (kept across polls, so
+            that each is said once).
     """
     known = {} if known is None else known
-    folders, files = set(), set()
-    stack = [str(directory)]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:  # vanished or unreadable sub-folder: try again next poll
-            log.debug("%s: cannot list: %s", display_path(folder), exc)
+    taken = Taken(said)
+
+    def note_unlisted(folder: str, exc: OSError) -> None:
+        if unlisted is None:
+            log.warning("%s: %s", display_path(folder), unlisted_reason(exc))
+        else:
+            unlisted[folder] = unlisted_reason(exc)
+
+    for entry in walk_entries(directory, note_unlisted):
+        st = _entry_stat(entry)
+        if st is None:  # deleted between listing and stat
             continue
-        if real_key(folder) in folders:
+        stat = _Stat(st.st_size, st.st_mtime_ns)
+        seen = known.get(entry.path)
+        if seen is None or seen[0] != stat:
+            seen = known[entry.path] = (stat, is_scan_file(entry.path))
+            if not seen[1]:
+                log_skipped(entry.path)
+        if seen[1] and taken.add(entry.path):
+            yield entry.path, stat
+
+
+def _entry_stat(entry: os.DirEntry) -> os.stat_result | None:
+    """The stat of the file an entry leads to; a link that leads nowhere, its own."""
+    try:
+        return entry.stat()
+    except OSError:
+        pass
+    try:
+        return entry.stat(follow_symlinks=False) if entry.is_symlink() else None
+    except OSError:
+        return None
+
+
+def check_files(options: WatchOptions) -> None:
+    """Refuse, before anything is read or written, the files watch would write when they are not
+    its own: an output that is a scan (or anything the watcher would take as input), or an
+    existing file that is not a JSON-lines results file; a state file that is a scan, is not a
+    watch state file, or is the output itself.
+
+    Raises:
+        ValueError: which file, and why (``edge-classify watch`` exits 2 with it).
+    """
+    output, state = options.output, options.state_path
+    state_flag = "--state" if options.state is not None else "the state file"
+    for flag, path, instead in (
+        ("--output", output, "another file, such as results.jsonl"),
+        (state_flag, state, "another --state, such as results.jsonl.state.json"),
+    ):
+        if not _taken_as_scan(path):
             continue
-        folders.add(real_key(folder))
-        below = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir():
-                    below.append(entry.path)
-                elif entry.is_file():
-                    st = entry.stat()
-                    stat = _Stat(st.st_size, st.st_mtime_ns)
-                    seen = known.get(entry.path)
-                    if seen is None or seen[0] != stat:
-                        seen = known[entry.path] = (stat, is_scan_file(entry.path))
-                    if seen[1] and real_key(entry.path) not in files:
-                        files.add(real_key(entry.path))
-                        yield entry.path, stat
-            except OSError:  # deleted between listing and stat
-                continue
-        stack.extend(reversed(below))
+        if os.path.exists(path):
+            what = _looks_like(path) or f"named {os.path.splitext(path)[1]}"
+            why = f"is a scan ({what}); writing there would change it"
+        else:
+            why = (
+                f"a scan's name ({os.path.splitext(path)[1]}); edge-classify and watch would "
+                "take the file for a scan"
+            )
+        raise ValueError(
+            f"{flag} {display_path(path)}: {why}. Nothing was read or written. Give {instead}."
+        )
+    if real_key(state) == real_key(output):
+        raise ValueError(
+            f"{state_flag} {display_path(state)}: the same file as --output; the state would "
+            "replace the records. Nothing was read or written. Give each its own file."
+        )
+    if why := _not_results_file(output):
+        raise ValueError(
+            f"--output {display_path(output)}: not a results file of edge-classify ({why}); "
+            "watch appends its records and cuts off an unfinished last line, which would change "
+            "it. Nothing was read or written. Give a new file or a JSON-lines results file, "
+            "such as results.jsonl."
+        )
+    if why := _not_state_file(state):
+        raise ValueError(
+            f"{state_flag} {display_path(state)}: not a watch state file ({why}); watch replaces "
+            "its state file. Nothing was read or written. Give another --state."
+        )
+    temporary = state.with_name(state.name + ".tmp")  # written, then renamed over the state
+    if kind := _looks_like(temporary):
+        raise ValueError(
+            f"{display_path(temporary)}: is {kind}; watch writes its state there first. Nothing "
+            "was read or written. Move it, or give another --state."
+        )
+
+
+_FIRST_LINE_BYTES = 1 << 16
+_RECORD_KEYS = frozenset({"path", "label", "error"})
+
+
+def _taken_as_scan(path: Path) -> bool:
+    """Whether the file at ``path`` is, or once written would be, taken for a scan."""
+    if os.path.lexists(path) and not os.path.exists(path):  # a link that leads nowhere
+        return os.path.splitext(path)[1].lower() in SCAN_SUFFIXES  # its name decides
+    return is_scan_file(path)
+
+
+def _looks_like(path: Path) -> str | None:
+    """What an existing file's first bytes show it is, when it is an image, DICOM or video
+    file; None for anything else (and for paths that lead nowhere)."""
+    head = _head(path)
+    if written := own_images.written_kind(head):
+        return own_images.describe(written)
+    kind = sniff(head)
+    if kind == "dicom":
+        return "a DICOM file"
+    if kind is not None:
+        return f"a {kind.upper()} image"
+    if head.startswith(b"GIF8"):
+        return "a GIF image"
+    video = sniff_video(head)
+    return None if video is None else f"a video ({video})"
+
+
+def _head(path: Path, size: int = SNIFF_BYTES) -> bytes:
+    """A regular file's first bytes; empty for anything else (a pipe is never opened)."""
+    try:
+        if not stat_mode.S_ISREG(os.stat(path).st_mode):
+            return b""
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except (OSError, ValueError):
+        return b""
+
+
+def _not_regular(path: Path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None  # missing (created when written), or unreadable: the write says so
+    if stat_mode.S_ISDIR(mode):
+        return "a folder"
+    return None if stat_mode.S_ISREG(mode) else "not a regular file"
+
+
+def _not_results_file(path: Path) -> str | None:
+    """Why an existing file is not a JSON-lines results file (its first record, or the start of
+    one a crash cut off, as edge-classify writes them); None for one, an empty or a missing
+    file."""
+    if why := _not_regular(path):
+        return why
+    if kind := _looks_like(path):
+        return f"it is {kind}"
+    head = _head(path, _FIRST_LINE_BYTES)
+    text = head.lstrip(b" \t\r\n")
+    if not text:
+        return None
+    line, newline, _ = text.partition(b"\n")
+    if not newline:  # one record, cut off by a crash as it was written
+        whole = len(head) < _FIRST_LINE_BYTES and text.startswith(b'{"path": ')
+        return None if whole else "its first line is not a JSON result record"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return "its first line is not a JSON result record"
+    if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
+        return "its first line is not a JSON result record"
+    return None
+
+
+def _not_state_file(path: Path) -> str | None:
+    """Why an existing file is not a watch state file (as :meth:`Watcher._save` writes them);
+    None for one, or a missing file. A damaged state file is reported when it is read."""
+    if why := _not_regular(path):
+        return why
+    if kind := _looks_like(path):
+        return f"it is {kind}"
+    head = _head(path, 64)
+    if head and not head.lstrip().startswith(b'{"version": '):
+        return "it does not start as one"
+    return None
 
 
 class Watcher:
@@ -174,6 +349,7 @@ class Watcher:
                 f"{options.output}: its folder {options.output.parent} does not exist. "
                 "Create it first."
             )
+        check_files(options)  # before the lock, the state and the output are touched
         self._classifier = classifier
         self._options = options
         self._directory = Path(os.path.abspath(options.directory))
@@ -184,6 +360,9 @@ class Watcher:
         self._pending: dict[str, tuple[_Stat, float]] = {}  # path -> (stat, first seen)
         self._failed: dict[str, _Held] = {}  # path -> records of a failure not yet written
         self._known: dict[str, tuple[_Stat, bool]] = {}  # path -> (stat, is a scan)
+        self._said: set[str] = set()  # names said to be another name of a file taken
+        self._unlisted: set[str] = set()  # folders that could not be listed at the last poll
+        self._folders: set[str] = set()  # keys of folders with an error record held or written
         try:
             self._load()
         except BaseException:
@@ -240,7 +419,8 @@ class Watcher:
         now, settle = self._clock(), self._options.settle_s
         ready, seen, expired = [], set(), []
         seen_keys = set()
-        for path, stat in scan(self._directory, self._known):
+        unlisted: dict[str, str] = {}
+        for path, stat in scan(self._directory, self._known, unlisted=unlisted, said=self._said):
             key = display_path(path)
             seen.add(path)
             seen_keys.add(key)
@@ -263,11 +443,30 @@ class Watcher:
             stable_since = min(previous[1], stat.mtime_ns / 1e9)
             if now - stable_since >= settle:
                 ready.append((path, stat))
+        for folder, reason in unlisted.items():
+            key = display_path(folder)
+            seen_keys.add(key)
+            if folder not in self._unlisted:  # said once, until it can be listed again
+                log.warning("%s: %s; its scans are not seen until it can be listed", key, reason)
+            if key in self._processed:  # its error record is written
+                continue
+            stat = _stat_or_none(folder)
+            held = self._failed.get(key)
+            if held is None or held.stat != stat:
+                failure = Failure(source=folder, error=reason, model_version=self._model_version)
+                self._failed[key] = _Held(stat, [failure], now)
+                self._folders.add(key)
+            elif now - held.since >= self._options.hold_s:
+                expired.append(key)
+        self._unlisted = set(unlisted)
         for path in list(self._pending):
             if path not in seen:  # deleted before it settled
                 del self._pending[path]
         for key in [key for key in self._failed if key not in seen_keys]:
-            log.info("%s: deleted or renamed before its error was recorded; no record", key)
+            if key in self._folders:
+                log.info("%s: can be listed now; no error record", key)
+            else:
+                log.info("%s: deleted or renamed before its error was recorded; no record", key)
             del self._failed[key]
         for path in list(self._known):
             if path not in seen and not os.path.lexists(path):
@@ -277,6 +476,11 @@ class Watcher:
         if not self._options.once:
             waiting += len(self._failed)
         return sorted(ready), waiting
+
+    @property
+    def _model_version(self) -> str | None:
+        spec = getattr(self._classifier, "spec", None)
+        return getattr(spec, "model_version", None)
 
     def _process(self, batch: list[tuple[str, _Stat]]) -> None:
         by_path: dict[str, list[Result]] = {path: [] for path, _ in batch}
@@ -323,7 +527,7 @@ class Watcher:
             os.fsync(out.fileno())
         for key, stat, _ in done:
             self._processed[key] = stat
-        self._counts["files"] += len(done)
+        self._counts["files"] += sum(key not in self._folders for key, _, _ in done)
         self._save()
         log.info("%d files classified (%d in this session)", len(done), self._counts["files"])
 
@@ -408,8 +612,15 @@ def _recorded_paths(output: Path) -> set[str]:
 
 
 def _stat_or_none(path: str) -> _Stat | None:
+    """The stat of the file ``path`` leads to; a link that leads nowhere, its own; None when
+    there is nothing there."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat_mode.S_ISLNK(st.st_mode):
+            return None
     return _Stat(st.st_size, st.st_mtime_ns)

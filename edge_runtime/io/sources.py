@@ -9,8 +9,12 @@ nothing becomes an ``(argument, reason)`` problem rather than an exception.
 
 No file is left out without a word: a folder or pattern's file that looks like a scan or a video
 but is not taken (a format edge-classify does not read, a storage node's temporary ``.part``
-name, a DICOMDIR index, a hidden name, a heatmap or mask that edge-classify wrote) is logged with
-the reason (:func:`skip_reason`).
+name, a DICOMDIR index, a hidden name, a heatmap or mask that edge-classify wrote, a named pipe
+or device) is logged with the reason (:func:`skip_reason`); a file reached again under another
+name is logged once (``b.png: the same file as a.png; classified once``, :class:`Taken`); a
+folder that cannot be listed (permission denied) is a problem of its own. A link that leads
+nowhere (dangling, or one of a loop) is taken, each under its own name, so that its record says
+so. Folders are listed by one walker, :func:`walk_entries`, here and in ``watch``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import stat
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from edge_runtime.io import own_images
@@ -70,29 +75,68 @@ def expand_sources(items: Sequence[str]) -> tuple[list[Path], list[tuple[str, st
 
     Returns:
         The files found, and ``(item, reason)`` for each item that yielded none, such as
-        ``("scans/", "folder contains no images")``.
+        ``("scans/", "folder contains no images")``, and for each folder found that could not be
+        listed, such as ``("scans/locked", "folder cannot be listed: permission denied")``.
 
     Example:
         >>> files, problems = expand_sources(["scan.png", "folder/", "day*/**/*.dcm"])
     """
     files: list[Path] = []
     problems: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    taken = Taken()
     for item in items:
-        found, reason = _expand_one(item)
-        if reason:
-            problems.append((item, reason))
-        for path in found:
-            key = real_key(path)
-            if key not in seen:
-                seen.add(key)
-                files.append(path)
+        found, item_problems = _expand_one(item)
+        problems += item_problems
+        files += [path for path in found if taken.add(path)]
     return files, problems
 
 
+class Taken:
+    """The files taken so far, each once however it is reached (links, globs, spellings:
+    compared by :func:`real_key`).
+
+    A file reached again under another name is said once on standard error (a warning:
+    ``link.png: the same file as a.png; classified once``); the same name again (``a.png a.png``,
+    a folder and a glob over it) is not.
+
+    Example:
+        >>> taken = Taken()
+        >>> [p for p in [Path("a.png"), Path("link.png")] if taken.add(p)]  # doctest: +SKIP
+        [PosixPath('a.png')]
+    """
+
+    def __init__(self, said: set[str] | None = None) -> None:
+        """``said``: names already reported as duplicates (``watch`` keeps them across polls)."""
+        self._first: dict[str, Path] = {}
+        self._said = set() if said is None else said
+
+    def add(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` is new (then it is taken); False, with a word, for one already taken."""
+        key = real_key(path)
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = Path(path)
+            return True
+        name = os.path.normcase(os.path.abspath(path))
+        if name != os.path.normcase(os.path.abspath(first)) and name not in self._said:
+            self._said.add(name)
+            log.warning(
+                "%s: the same file as %s; classified once", display_path(path), display_path(first)
+            )
+        return False
+
+
 def real_key(path: str | os.PathLike[str]) -> str:
-    """What identifies a file however it is reached: its real path (links resolved)."""
-    return os.path.normcase(os.path.realpath(path))
+    """What identifies a file however it is reached: its real path (links resolved).
+
+    A link that leads nowhere (dangling, or one of a loop) has no real file: it is identified
+    by where it lies itself (its folder's real path and its name), so that two such links are
+    two entries, each with its own record.
+    """
+    if os.path.exists(path) or not os.path.lexists(path):
+        return os.path.normcase(os.path.realpath(path))
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.normcase(os.path.join(os.path.realpath(folder), name))
 
 
 def is_scan_file(path: str | os.PathLike[str]) -> bool:
@@ -103,7 +147,8 @@ def is_scan_file(path: str | os.PathLike[str]) -> bool:
     suffix (any case); any other name is a scan when its first bytes are a PNG, JPEG, TIFF, DICOM
     (``DICM`` at byte 128, or a bare dataset) or video file, as storage nodes name DICOM files
     ``IMG0001``, ``1.2.840...`` or ``US.1.2.840...``. A link that leads nowhere (dangling, or a
-    loop) is taken whatever its name, so that its record says so.
+    loop) is taken whatever its name, so that its record says so. False for a named pipe, socket
+    or device (reading one could block forever).
     """
     return skip_reason(path) is None
 
@@ -129,6 +174,9 @@ def _skipped(path: str | os.PathLike[str]) -> tuple[str, int] | None:
         return "a hidden name", logging.INFO if media else logging.DEBUG
     if name.lower() in _SKIPPED_NAMES:
         return "a DICOM media index (DICOMDIR), not an image", logging.INFO
+    special = _special_kind(path)
+    if special is not None:
+        return f"not a regular file ({special})", logging.WARNING if media else logging.DEBUG
     if suffix in TEMPORARY_SUFFIXES or name.endswith("~"):
         media = os.path.splitext(stem)[1] in SCAN_SUFFIXES or _is_scan_head(_head(path))
         reason = "a temporary name: a copy still being written (it is read once renamed)"
@@ -150,58 +198,135 @@ def _skipped(path: str | os.PathLike[str]) -> tuple[str, int] | None:
     return "neither its name nor its first bytes are an image, DICOM or video file's", logging.DEBUG
 
 
-def _log_skipped(path: Path) -> None:
-    """Say why a file was left out: nothing is skipped without a word."""
+def log_skipped(path: str | os.PathLike[str]) -> None:
+    """Say why a file found in a folder was left out: nothing is skipped without a word."""
     skipped = _skipped(path)
     if skipped is not None:
         reason, level = skipped
         log.log(level, "%s: not taken as a scan: %s", display_path(path), reason)
 
 
-def _expand_one(item: str) -> tuple[list[Path], str | None]:
+def unlisted_reason(exc: OSError) -> str:
+    """Why a folder could not be listed, as a record's error: ``folder cannot be listed:
+    permission denied``."""
+    why = exc.strerror or str(exc) or type(exc).__name__
+    return f"folder cannot be listed: {why[:1].lower()}{why[1:]}"
+
+
+def walk_entries(
+    folder: str | os.PathLike[str], unlisted: Callable[[str, OSError], None]
+) -> Iterator[os.DirEntry]:
+    """Every entry under ``folder`` that is not a folder (files, links that lead nowhere, pipes),
+    depth first, sorted by name (a folder's own entries, then its sub-folders'), hidden
+    sub-folders skipped, links to folders followed once each (no cycles).
+
+    The one walker of folders, for ``edge-classify PATH...`` and ``watch`` alike.
+
+    Args:
+        folder: where to start.
+        unlisted: called with ``(folder, error)`` for each folder that cannot be listed
+            (permission denied...); not for one that vanished meanwhile (it is gone).
+    """
+    visited: set[str] = set()
+    stack = [os.fspath(folder)]
+    while stack:
+        current = stack.pop()
+        key = real_key(current)
+        if key in visited:
+            continue
+        try:
+            with os.scandir(current) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):  # gone meanwhile
+            continue
+        except OSError as exc:
+            unlisted(current, exc)
+            continue
+        visited.add(key)
+        below = []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()
+            except OSError:  # a link loop: an entry of its own
+                is_folder = False
+            if not is_folder:
+                yield entry
+            elif not entry.name.startswith("."):
+                below.append(entry.path)
+        stack.extend(reversed(below))
+
+
+def _special_kind(path: str | os.PathLike[str]) -> str | None:
+    """What a file that is neither a regular file nor a folder is (a named pipe, a socket, a
+    device); None for regular files, folders and paths that lead nowhere."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file"
+
+
+def _expand_one(item: str) -> tuple[list[Path], list[tuple[str, str]]]:
     path = Path(item)
     if path.is_dir():
-        found = list(_walk(path))
-        return found, None if found else "folder contains no images"
+        found, problems = _walk(path)
+        return found, problems if found or problems else [(item, "folder contains no images")]
     if os.path.lexists(item):  # files, dangling links, devices: decoding reports on them
-        return [path], None
+        return [path], []
     if _GLOB_CHARS & set(item):
         return _expand_pattern(item)
-    return [], "no such file or folder"
+    try:
+        os.lstat(item)
+    except PermissionError:  # a folder above it cannot be searched
+        return [], [(item, "permission denied")]
+    except (OSError, ValueError):
+        pass
+    return [], [(item, "no such file or folder")]
 
 
-def _expand_pattern(pattern: str) -> tuple[list[Path], str | None]:
+def _expand_pattern(pattern: str) -> tuple[list[Path], list[tuple[str, str]]]:
     matches = sorted(glob.glob(pattern, recursive=True))
     if not matches:
-        return [], "pattern matched no files"
+        return [], [(pattern, "pattern matched no files")]
     found: list[Path] = []
+    problems: list[tuple[str, str]] = []
     for match in map(Path, matches):
         if match.is_dir():
-            found.extend(_walk(match))
+            files, unlisted = _walk(match)
+            found += files
+            problems += unlisted
         elif is_scan_file(match):
             found.append(match)
         else:
-            _log_skipped(match)
+            log_skipped(match)
+    if found or problems:
+        return found, problems
     count = f"{len(matches)} path" + ("" if len(matches) == 1 else "s")
-    return found, None if found else f"pattern matched {count} but no images"
+    return found, [(pattern, f"pattern matched {count} but no images")]
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """Scan files under ``folder``, sorted, following links to folders once each (no cycles)."""
-    visited: set[str] = set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        key = real_key(root)
-        if key in visited:
-            dirs[:] = []
-            continue
-        visited.add(key)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            path = Path(root) / name
-            if is_scan_file(path):
-                yield path
-            else:
-                _log_skipped(path)
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Scan files under ``folder`` (:func:`walk_entries`), and ``(folder, reason)`` for each
+    folder under it, itself included, that cannot be listed."""
+    problems: list[tuple[str, str]] = []
+
+    def unlisted(where: str, exc: OSError) -> None:
+        problems.append((str(Path(where)), unlisted_reason(exc)))
+
+    found = []
+    for entry in walk_entries(folder, unlisted):
+        path = Path(entry.path)
+        if is_scan_file(path):
+            found.append(path)
+        else:
+            log_skipped(path)
+    return found, problems
 
 
 def _is_scan_head(head: bytes) -> bool:
