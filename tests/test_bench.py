@@ -97,3 +97,30 @@ def test_benchmark_returns_frozen_dataclasses(model):
         report.provider = "x"  # type: ignore[misc]
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         benchmark(classifier, batch_sizes=(0,))
+
+
+def test_the_report_counts_the_images_rechecked_in_fp32(tmp_path):
+    """bench never said how many images its FP32 recheck reran (docs quoted "23 of 32")."""
+    from dataclasses import replace
+
+    from edge_runtime.model.contract import ModelSpec, Precision
+    from tests.onnx_models import CLASSES
+
+    fp32_spec = ModelSpec(class_names=CLASSES, input_size=64, model_version="7")
+    make_contract_model(tmp_path / "m-fp32.onnx", spec=fp32_spec, seed=1)
+    int8_spec = replace(  # margin 1: every lead is below it, so every image is rechecked
+        fp32_spec, precision=Precision.INT8, recheck_margin=1.0, recheck_model="m-fp32.onnx"
+    )
+    int8 = make_contract_model(tmp_path / "m-int8.onnx", spec=int8_spec, seed=0)
+    argv = ("--model", int8, "--provider", "cpu", "--batch-sizes", "1,4", "--runs", "1")
+    argv += ("--warmup", "0")
+    status, out, err = bench(*argv, "--format", "jsonl")
+    assert status == 0, err
+    assert [b["rechecked"] for b in json.loads(out)["batches"]] == [1, 4]
+    status, out, _ = bench(*argv, "--no-recheck", "--format", "jsonl")
+    assert [b["rechecked"] for b in json.loads(out)["batches"]] == [0, 0]
+    status, out, _ = bench(*argv)
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("batch")))
+    assert lines[header].split()[-1] == "rechecked"
+    assert [line.split()[-1] for line in lines[header + 1 :]] == ["1", "4"]

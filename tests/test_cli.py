@@ -132,6 +132,48 @@ def test_bad_options_exit_2_and_suggest_the_right_one(tmp_path, model, capsys):
         assert status == ExitStatus.USAGE and "did you mean" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--abstain-below", "1.5", "must be in [0, 1]"),
+        ("--abstain-below", "nan", "must be in [0, 1]"),
+        ("--malignant-threshold", "1", "must be in [0, 1)"),
+        ("--batch-size", "0", "must be a whole number >= 1"),
+        ("--threads", "0", "must be a whole number >= 1"),
+    ],
+)
+def test_a_value_out_of_range_names_the_option_not_the_python_field(
+    tmp_path, model, option, value, message
+):
+    """``--abstain-below 1.5`` said ``abstain_below must be in [0, 1]``, the Python name."""
+    status, out, err = run(write_scan(tmp_path / "a.png"), "--model", model, option, value)
+    assert status == ExitStatus.USAGE and out == ""
+    assert f"error: argument {option}: {message}. Got '{value}' instead." in err, err
+    assert f"{option.strip('-').replace('-', '_')} must" not in err
+
+
+def test_the_python_api_keeps_its_own_names_in_range_errors():
+    from edge_runtime.classifier import ClassifierOptions
+
+    with pytest.raises(ValueError, match=r"^abstain_below must be in \[0, 1\]"):
+        ClassifierOptions(abstain_below=1.5)
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1"):
+        ClassifierOptions(batch_size=0)
+
+
+def test_help_states_the_defaults_inputs_and_every_exit_status():
+    status, out, _ = run("--help")
+    text = " ".join(out.split())  # argparse wraps the option help
+    assert status == 0
+    assert "images per inference batch (default 8)" in text
+    assert "TIFF: every page" in text and "AVI, MP4" in text
+    assert "on x86 CPUs without VNNI" in text
+    assert "from --output's suffix: csv for .csv, jsonl for .jsonl" in text
+    exit_status = text[text.index("exit status:") :]
+    for words in ("heatmap/mask files could not be written", "130 interrupted", "141", "143"):
+        assert words in exit_status, exit_status
+
+
 def test_nothing_to_classify_exits_2(tmp_path, model):
     status, _, err = run(tmp_path / "nope", "--model", model)
     assert status == ExitStatus.USAGE and "no scans to classify" in err

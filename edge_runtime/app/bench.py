@@ -2,8 +2,9 @@
 
 For each batch size, every timed run preprocesses that many scans (letterbox / stretch into the
 model's square, stacked into one uint8 batch), runs the session, and post-processes (arg-max and
-confidence), timing the three stages separately. Reused by ``edge-classify bench`` and
-``benchmarks/``.
+confidence), timing the three stages separately. An INT8 model's FP32 recheck runs within the
+inference, and the report counts the batch's images it reran. Reused by ``edge-classify bench``
+and ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class BatchTiming:
     postprocess_median_ms: float
     end_to_end_median_ms: float  # preprocess + inference + postprocess, per run
     end_to_end_images_per_s: float
+    rechecked: int  # of the batch's images, how many the FP32 recheck model reran in each run
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ def benchmark(
                 end_to_end_images_per_s=round(batch_size * 1e3 / total_median, 2)
                 if total_median > 0
                 else float("inf"),
+                rechecked=int(classifier.call_squares(images).rechecked.sum()),
             )
         )
     recheck = classifier.recheck_model_path
@@ -184,19 +187,19 @@ def format_table(report: BenchReport) -> str:
         *(
             [
                 f"recheck   scans with {report.recheck_rule} rerun by {report.recheck_model} "
-                "(how many depends on the scans; --no-recheck: none)"
+                "(the rechecked column: how many of each batch; --no-recheck: none)"
             ]
             if report.recheck_model
             else []
         ),
         "",
         f"{'batch':>5} {'runs':>5} {'median ms':>10} {'p90 ms':>9} {'img/s':>9} "
-        f"{'pre ms':>8} {'post ms':>8} {'e2e img/s':>10}",
+        f"{'pre ms':>8} {'post ms':>8} {'e2e img/s':>10} {'rechecked':>9}",
     ]
     rows = [
         f"{t.batch_size:>5} {t.runs:>5} {t.median_ms:>10.3f} {t.p90_ms:>9.3f} "
         f"{t.images_per_s:>9.1f} {t.preprocess_median_ms:>8.3f} {t.postprocess_median_ms:>8.3f} "
-        f"{t.end_to_end_images_per_s:>10.1f}"
+        f"{t.end_to_end_images_per_s:>10.1f} {t.rechecked:>9}"
         for t in report.batches
     ]
     return "\n".join(head + rows) + "\n"

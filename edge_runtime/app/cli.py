@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -26,12 +27,13 @@ from edge_runtime.app.shell import command_parser, parse_args, run_command
 from edge_runtime.app.status import ExitStatus
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.io.decode import display_path
-from edge_runtime.io.sources import expand_sources, real_key
+from edge_runtime.io.sources import Taken, expand_sources, real_key
 from edge_runtime.model.session import Provider
 from edge_runtime.postprocess.lesion import require_lesion_output
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
 
 SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt", "serve")
+PIPE_CLOSED = 141  # 128 + SIGPIPE: the status a shell gives a command whose output reader left
 NODE_EXTRA_HINT = "the DICOM node needs the node extra: pip install 'edge-classify[node]'"
 
 
@@ -61,8 +63,10 @@ examples:
 "watch", "bench", "dashboard", "adapt" and "serve" as the first word are subcommands; to classify a
 file or folder with one of those names, write it as a path: edge-classify ./watch
 
-exit status: 0 all classified, 1 some inputs failed (see their error), 2 usage or model error,
-70 internal error (rerun with --traceback), 130 interrupted.
+exit status: 0 all classified, 1 some inputs failed (see their error) or some heatmap/mask
+files could not be written (named on stderr), 2 usage or model error, 70 internal error (rerun
+with --traceback), 130 interrupted (Ctrl-C), 141 the reader of the output went away (| head),
+143 ended by SIGTERM.
 Not a medical device: every result needs review by a qualified clinician.
 """
 
@@ -98,6 +102,7 @@ examples:
 
 Times preprocessing (fit into the model's square + stack), inference and postprocessing
 separately; latency is the inference time of one batch. Synthetic 480x640 scans unless --images.
+rechecked: how many of a batch's images an INT8 model's FP32 recheck reran (in the inference time).
 """
 
 
@@ -106,19 +111,26 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="ONNX model file, or 'int8' / 'fp32' for the bundled pair (default: the bundled "
-        "INT8 model; FP32 where onnxruntime's CUDA provider runs it, which has no INT8 kernels)",
+        "INT8 model; FP32 where onnxruntime's CUDA provider runs it, which has no INT8 kernels, "
+        "and on x86 CPUs without VNNI, where onnxruntime's INT8 kernels saturate)",
     )
 
 
 def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="images per inference batch (default 8)",
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int | None) -> None:
     _add_model_option(parser)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=threads_default,
         help="inference threads (default: "
         + ("one per core" if threads_default is None else str(threads_default))
@@ -154,14 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
         "paths",
         nargs="+",
         metavar="PATH",
-        help="image or DICOM files, folders (searched recursively) or globs",
+        help="scans (PNG, JPEG, BMP, TIFF: every page; DICOM; videos: AVI, MP4...), folders "
+        "(searched recursively) or globs",
     )
     _add_model_options(parser, threads_default=None)
     parser.add_argument(
         "--format",
         choices=[f.value for f in OutputFormat],
-        default="table",
-        help="output format (default: table)",
+        default=None,
+        help="output format (default: from --output's suffix: csv for .csv, jsonl for .jsonl or "
+        ".ndjson, else table; a --format that differs from the suffix's is kept, with a warning)",
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="write results to this file instead of the screen"
@@ -217,7 +231,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--abstain-below",
-        type=float,
+        type=_probability,
         default=None,
         metavar="P",
         help="mark results whose confidence (the called class's probability) is below P as "
@@ -225,7 +239,7 @@ def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--malignant-threshold",
-        type=float,
+        type=_threshold,
         default=None,
         metavar="P",
         help="call a scan malignant when P(malignant) >= P, else the likelier other class "
@@ -379,6 +393,39 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1. Got {text!r} instead.")
+    return value
+
+
+def _probability(text: str) -> float:
+    """A value in [0, 1] (``--abstain-below``)."""
+    value = _float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]. Got {text!r} instead.")
+    return value
+
+
+def _threshold(text: str) -> float:
+    """A value in [0, 1) (``--malignant-threshold``)."""
+    value = _float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1). Got {text!r} instead.")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number. Got {text!r} instead.") from None
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -428,11 +475,24 @@ def main(
     prog = "edge-classify" + (f" {command}" if command else "")
     return run_command(
         prog,
-        lambda: bodies[command](args, stdout, stderr),
+        lambda: _until_reader_leaves(lambda: bodies[command](args, stdout, stderr), stdout),
         stdout=stdout,
         stderr=stderr,
         traceback=args.traceback,
     )
+
+
+def _until_reader_leaves(body: Callable[[], int], stdout: TextIO) -> int:
+    """``body()``, or PIPE_CLOSED, without a word, once the reader of stdout has gone
+    (``edge-classify DIR | head``): as a command that SIGPIPE ended, and never 1 (some inputs
+    failed)."""
+    try:
+        return body()
+    except BrokenPipeError:
+        if stdout is sys.__stdout__:  # Python's flush at exit would fail on it again
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        return PIPE_CLOSED
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -506,8 +566,8 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     if problem := _output_problem(args):
         stderr.write(f"edge-classify: error: {problem}\n")
         return ExitStatus.USAGE
-    files, problems = expand_sources(args.paths)
-    for item, reason in problems:
+    files, problems = _expand(args.paths)
+    for _, item, reason in problems:
         import difflib  # only for inputs not found: a shorter cold start
 
         hint = difflib.get_close_matches(str(item), SUBCOMMANDS, n=1)
@@ -515,8 +575,8 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
         stderr.write(f"edge-classify: {display_path(item)}: {reason}{hint_text}\n")
     if not files:
         stderr.write(
-            "edge-classify: error: no scans to classify. Pass image or DICOM files, folders "
-            "that contain them, or globs.\n"
+            "edge-classify: error: no scans to classify. Pass image, DICOM or video files, "
+            "folders that contain them, or globs.\n"
         )
         return ExitStatus.USAGE
     if clash := _output_among_inputs(args.output, files):
@@ -541,18 +601,20 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
             return ExitStatus.USAGE
         writer = ResultWriter(
             out,
-            OutputFormat(args.format),
+            _output_format(args, stderr),
             classifier.spec.class_names,
             lesion=classifier.spec.has_lesion,
         )
-        for item, reason in problems:  # every input accounted for in the output too
-            version = classifier.spec.model_version
-            writer.write(Failure(source=item, error=reason, model_version=version))
+        version = classifier.spec.model_version
+        missing = [  # every input accounted for in the output too, where it was named
+            (place, Failure(source=item, error=reason, model_version=version))
+            for place, item, reason in problems
+        ]
         results = None
         if args.engine == "ray":
             results = _ray_results(stack, classifier, files, options, args)
         try:
-            counts = _run(classifier, files, writer, args, stderr, results)
+            counts = _run(classifier, files, missing, writer, args, stderr, results)
         except KeyboardInterrupt:  # the ExitStack has shut down a local Ray cluster
             stderr.write("edge-classify: interrupted\n")
             return 130
@@ -573,6 +635,34 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
     if failed or counts["unwritten"]:
         return ExitStatus.PARTIAL
     return ExitStatus.SUCCESS
+
+
+def _expand(items: Sequence[str]) -> tuple[list[Path], list[tuple[int, str, str]]]:
+    """:func:`expand_sources` item by item: the files, and ``(place, source, reason)`` for each
+    of its problems, ``place`` being the number of files from the items named before."""
+    files: list[Path] = []
+    problems: list[tuple[int, str, str]] = []
+    taken = Taken()  # each file once across the items, as expand_sources takes them
+    for item in items:
+        found, item_problems = expand_sources([item])
+        problems += [(len(files), source, reason) for source, reason in item_problems]
+        files += [path for path in found if taken.add(path)]
+    return files, problems
+
+
+def _output_format(args: argparse.Namespace, stderr: TextIO) -> OutputFormat:
+    """``--format``, else the one ``--output``'s suffix names, else the table; a ``--format``
+    other than the suffix's is kept, with a warning."""
+    named = None if args.output is None else OutputFormat.for_path(args.output)
+    if args.format is None:
+        return named or OutputFormat.TABLE
+    chosen = OutputFormat(args.format)
+    if named not in (None, chosen):
+        stderr.write(
+            f"edge-classify: --output {args.output}: writing {chosen.value}, as --format says, "
+            f"though its suffix {args.output.suffix} names {named.value}\n"
+        )
+    return chosen
 
 
 def _ray_results(stack, classifier, files, options, args) -> Iterator[Result]:
@@ -598,11 +688,15 @@ def _ray_results(stack, classifier, files, options, args) -> Iterator[Result]:
 def _run(
     classifier: Classifier,
     files: list[Path],
+    missing: list[tuple[int, Failure]],
     writer: ResultWriter,
     args: argparse.Namespace,
     stderr: TextIO,
     results: Iterator[Result] | None = None,
 ) -> dict[str, int]:
+    """Write each result as it comes, and each of ``missing`` (``(place, record)``, by place)
+    before the first result of ``files[place]``: the records in the order the inputs were
+    named. Returns the counts of the summary line."""
     counts = {"ok": 0, "failed": 0, "abstained": 0, "rechecked": 0, "unwritten": 0}
     show_progress = not args.quiet and stderr.isatty() and len(files) > 20
     stems = heatmap_stems(files) if args.heatmaps or args.masks else None
@@ -610,8 +704,12 @@ def _run(
         results = classifier.iter_classify(
             files, heatmaps=bool(args.heatmaps), masks=bool(args.masks)
         )
+    places = {str(path): place for place, path in enumerate(files)}
+    waiting = deque(missing)
     done = 0
     for result in with_summaries(results):
+        while waiting and waiting[0][0] <= places.get(result.source, len(files)):
+            writer.write(waiting.popleft()[1])
         writer.write(result)
         if isinstance(result, FileSummary):
             continue
@@ -623,6 +721,8 @@ def _run(
             counts["unwritten"] += _write_side_files(result, args, stems, stderr)
         if show_progress:
             stderr.write(f"\r{done}/{len(files)} images")
+    for _, failure in waiting:  # named after the last file
+        writer.write(failure)
     if show_progress:
         stderr.write("\n")
     return counts

@@ -28,6 +28,19 @@ class OutputFormat(str, Enum):
     JSONL = "jsonl"
     CSV = "csv"
 
+    @classmethod
+    def for_path(cls, path: os.PathLike[str] | str) -> OutputFormat | None:
+        """The format a file's suffix names (``.csv``; ``.jsonl`` or ``.ndjson``, any case);
+        None for any other suffix."""
+        return _SUFFIX_FORMATS.get(Path(path).suffix.lower())
+
+
+_SUFFIX_FORMATS = {
+    ".csv": OutputFormat.CSV,
+    ".jsonl": OutputFormat.JSONL,
+    ".ndjson": OutputFormat.JSONL,
+}
+
 
 LESION_FIELDS = ("lesion_bbox", "lesion_area_px", "lesion_area_mm2", "lesion_diameter_mm")
 SUMMARY_FIELDS = ("frames", "failed_frames")  # only a multi-frame file's summary has them
@@ -118,25 +131,24 @@ class ResultWriter:
         self._csv: csv.writer | None = None
         if fmt is OutputFormat.CSV:
             self._csv = csv.writer(stream)
-            self._csv.writerow(
-                [
-                    "path",
-                    "frame",
-                    "label",
-                    *self._classes,
-                    "confidence",
-                    "abstained",
-                    "abstain_reason",
-                    "unfamiliar",
-                    "rechecked",
-                    *LESION_FIELDS,
-                    "error",
-                    "elapsed_ms",
-                    *SUMMARY_FIELDS,
-                    "region",
-                    "model_version",
-                ]
-            )
+            header = [
+                "path",
+                "frame",
+                "label",
+                *self._classes,
+                "confidence",
+                "abstained",
+                "abstain_reason",
+                "unfamiliar",
+                "rechecked",
+                *LESION_FIELDS,
+                "error",
+                "elapsed_ms",
+                *SUMMARY_FIELDS,
+                "region",
+                "model_version",
+            ]
+            self._csv.writerow(map(_csv_cell, header))  # class names come from the model
         elif fmt is OutputFormat.TABLE:
             column = f"{'lesion':<{LESION_WIDTH}} " if lesion else ""
             stream.write(f"{'label':<10} {'conf':>6}  {'':1} {column}path\n")
@@ -148,25 +160,24 @@ class ResultWriter:
             self._stream.write(json.dumps(record) + "\n")
         elif self._csv is not None:
             probs = [record["probabilities"].get(c, "") for c in self._classes]
-            self._csv.writerow(
-                [
-                    record["path"],
-                    _csv_cell(record.get("frame")),
-                    record["label"] or "",
-                    *probs,
-                    _csv_cell(record["confidence"]),
-                    record["abstained"],
-                    record["abstain_reason"] or "",
-                    record["unfamiliar"],
-                    record["rechecked"],
-                    *(_csv_cell(record[name]) for name in LESION_FIELDS),
-                    record["error"] or "",
-                    record["elapsed_ms"],
-                    *(_csv_cell(record.get(name)) for name in SUMMARY_FIELDS),
-                    _csv_cell(record.get("region")),
-                    _csv_cell(record["model_version"]),
-                ]
-            )
+            row = [
+                record["path"],
+                record.get("frame"),
+                record["label"],
+                *probs,
+                record["confidence"],
+                record["abstained"],
+                record["abstain_reason"],
+                record["unfamiliar"],
+                record["rechecked"],
+                *(record[name] for name in LESION_FIELDS),
+                record["error"],
+                record["elapsed_ms"],
+                *(record.get(name) for name in SUMMARY_FIELDS),
+                record.get("region"),
+                record["model_version"],
+            ]
+            self._csv.writerow(map(_csv_cell, row))
         else:
             self._stream.write(_table_row(result, self._lesion) + "\n")
         self._stream.flush()
@@ -175,11 +186,21 @@ class ResultWriter:
 LESION_WIDTH = 13  # "123.4 mm", "1234x1234 px", "none"
 
 
+# a spreadsheet takes a cell that starts with one of these for a formula (OWASP, CSV injection)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any) -> Any:
-    """None -> empty; the box as ``[x, y, w, h]`` (JSON, like the JSON lines)."""
+    """None -> empty; the box as ``[x, y, w, h]`` (JSON, like the JSON lines); text that a
+    spreadsheet would take for a formula (a file named ``=1+2.png``) gets a leading ``'``, which
+    makes it text (OWASP's mitigation of CSV injection). Numbers stay numbers, negative too."""
     if value is None:
         return ""
-    return json.dumps(value) if isinstance(value, list) else value
+    if isinstance(value, list):
+        return json.dumps(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
