@@ -88,10 +88,11 @@ class EncodedAnswers:
     header: dict[str, str]
 
 
-def header_uids(source: Any) -> dict[str, str]:
-    """The source's UIDs that the node's JSON records carry."""
+def header_uids(source: Any, sop_instance_uid: str = "") -> dict[str, str]:
+    """The source's UIDs that the node's JSON records carry (``sop_instance_uid``: the one to
+    give where the source has none)."""
     return {
-        "sop_instance_uid": str(source.SOPInstanceUID),
+        "sop_instance_uid": str(source.get("SOPInstanceUID", "") or sop_instance_uid),
         "sop_class_uid": str(source.get("SOPClassUID", "")),
         "study_instance_uid": str(source.get("StudyInstanceUID", "")),
         "series_instance_uid": str(source.get("SeriesInstanceUID", "")),

@@ -36,6 +36,8 @@ class NodeOptions:
         spool: received instances, answered markers and the forward queue (default:
             ``<output>/.spool``).
         ae_title, host, port: where and as whom to listen (port 0: the system picks).
+        require_called_aet: reject an association whose called AE title is not ``ae_title``
+            ("called AE title not recognised"); False: answer to any called AE title.
         allow: who may associate (:mod:`.access`; empty: this machine only).
         forward: the PACS to send answers to, or None.
         tls_cert, tls_key: PEM files: listen with TLS (both or neither).
@@ -50,6 +52,7 @@ class NodeOptions:
     ae_title: str = "EDGE-CLASSIFY"
     host: str = "0.0.0.0"
     port: int = 11112
+    require_called_aet: bool = True
     allow: tuple[str, ...] = ()
     forward: str | None = None
     tls_cert: Path | None = None
@@ -158,6 +161,7 @@ class Node:
             ae_title=options.ae_title,
             host=options.host,
             port=options.port,
+            require_called_aet=options.require_called_aet,
             allow=AllowList.parse(options.allow),
             ssl_context=context,
             timeout_s=options.timeout_s,

@@ -7,9 +7,14 @@ of :data:`STORAGE_CLASSES` in every transfer syntax of :data:`TRANSFER_SYNTAXES`
 ``dicom`` extra decodes), and Verification (C-ECHO). Any other SOP class is refused in the
 association (its presentation context is rejected), never accepted and then dropped.
 
-Statuses: 0x0000 stored (or a re-sent duplicate, not stored again); 0xA900 no pixel data;
-0xC000 a data set that cannot be parsed or has no valid SOP Instance UID; 0xA700 the spool could
-not be written. Each refusal, rejection and abort is one log line naming the peer.
+Associations: the calling AE title must be allowed (:mod:`.access`) and, unless
+``require_called_aet`` is off, the called AE title must be the node's own; otherwise the
+association is rejected ("calling AE title not recognised", "called AE title not recognised").
+
+Statuses: 0x0000 stored (or a re-sent duplicate, not stored again); 0xA900 no pixel data, or a
+Type 1 identifying UID the answers need (:data:`REQUIRED_UIDS`) is missing; 0xC000 a data set
+that cannot be parsed or has no valid SOP Instance UID; 0xA700 the spool could not be written.
+Each refusal, rejection and abort is one log line naming the peer.
 """
 
 from __future__ import annotations
@@ -55,7 +60,17 @@ TRANSFER_SYNTAXES = (
 # each in Python; its default, 16 KiB, cuts a 120 KB scan into 8), yet a bounded read
 MAX_PDU_BYTES = 1 << 20
 SUCCESS, NO_PIXELS, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xA900, 0xC000, 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900  # "Data Set does not match SOP Class": also a missing Type 1 UID
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Type 1 UIDs (PS3.3 C.12.1 SOP Common, C.7.2.1 General Study, C.7.3.1 General Series) that an SR
+# or SEG answering the instance must reference: without one it cannot be answered in DICOM, so it
+# is refused while the scanner is still on the line (0xA900), not acknowledged and then dropped
+REQUIRED_UIDS = {
+    "SOPClassUID": "SOP Class UID",
+    "SOPInstanceUID": "SOP Instance UID",
+    "StudyInstanceUID": "Study Instance UID",
+    "SeriesInstanceUID": "Series Instance UID",
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,7 @@ class ScpOptions:
     max_associations: int = 16
     max_pdu_bytes: int = MAX_PDU_BYTES  # 0: unlimited
     timeout_s: float = 60.0  # ACSE, DIMSE and network (idle) timeouts
+    require_called_aet: bool = True  # reject an association addressed to another AE title
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -166,6 +182,20 @@ class StorageScp:
             )
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # calling AE title not recognised
             event.assoc.kill()  # as pynetdicom does after its own rejections: the PDU goes out
+            return
+        called = primitive.called_ae_title
+        called = called.decode(errors="replace") if isinstance(called, bytes) else str(called)
+        own = self.options.ae_title.strip()
+        if self.options.require_called_aet and called.strip() != own:
+            log.warning(
+                "rejected association from %s@%s: called AE title %r is not this node's (%s)",
+                calling.strip(),
+                address,
+                called.strip(),
+                own,
+            )
+            event.assoc.acse.send_reject(0x01, 0x01, 0x07)  # called AE title not recognised
+            event.assoc.kill()
 
     def _on_accepted(self, event: Any) -> None:
         refused = [
@@ -201,12 +231,21 @@ class StorageScp:
             dataset = event.dataset
             has_pixels = any(keyword in dataset for keyword in _PIXEL_KEYWORDS)
             uid = str(dataset.get("SOPInstanceUID", uid) or uid)
+            missing = _missing_uids(dataset)
         except Exception as exc:  # pydicom raises many types for a corrupt data set
             log.warning("C-STORE %s from %s: cannot be parsed (%s): 0xC000", uid, peer, exc)
             return CANNOT_UNDERSTAND
         if not has_pixels:
             log.warning("C-STORE %s from %s: no pixel data: refused with 0xA900", uid, peer)
             return NO_PIXELS
+        if missing:
+            log.warning(
+                "C-STORE %s from %s: missing %s (Type 1, needed to answer it): refused with 0xA900",
+                uid,
+                peer,
+                ", ".join(missing),
+            )
+            return DOES_NOT_MATCH_SOP_CLASS
         try:
             outcome = self.spool.store(uid, event.encoded_dataset(include_meta=True))
         except ValueError as exc:
@@ -225,3 +264,12 @@ class StorageScp:
             self.ack_ms.append((time.perf_counter() - start) * 1000.0)
             del self.ack_ms[:-10_000]
         return SUCCESS
+
+
+def _missing_uids(dataset: Any) -> list[str]:
+    """The names of the :data:`REQUIRED_UIDS` that ``dataset`` lacks or leaves empty."""
+    return [
+        name
+        for keyword, name in REQUIRED_UIDS.items()
+        if not str(dataset.get(keyword, "") or "").strip().rstrip("\x00")
+    ]

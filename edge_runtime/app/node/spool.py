@@ -5,13 +5,16 @@ Layout under the spool folder::
     tmp/                      files being written (never read; cleared at start)
     received/<uid>.dcm        acknowledged, not yet answered
     done/<uid>.json           answered: the commit point of one instance (its answer files)
+    failed/<uid>.dcm, .json   could not be answered, for good (the instance, and why)
 
 :meth:`Spool.store` writes an instance with its file meta to ``tmp/``, fsyncs it, renames it into
 ``received/`` and fsyncs the folder: only then may the C-STORE response say success. An instance
 whose UID is already received or done is a re-sent duplicate: it is acknowledged and not stored
 again. The worker answers an instance, then :meth:`Spool.commit` writes its ``done`` marker
 (fsync + rename) and removes it from ``received/``; after a crash, what is still in ``received/``
-without a marker is answered again, and nothing with one is.
+without a marker is answered again, and nothing with one is. An instance that can never be
+answered (a permanent error, recorded in the JSON lines) is moved to ``failed/`` by
+:meth:`Spool.fail`, beside the reason, and marked done: it is not tried again.
 """
 
 from __future__ import annotations
@@ -106,8 +109,10 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.tmp, self.received, self.done = (self.root / n for n in ("tmp", "received", "done"))
-        for folder in (self.tmp, self.received, self.done):
+        self.tmp, self.received, self.done, self.failed = (
+            self.root / n for n in ("tmp", "received", "done", "failed")
+        )
+        for folder in (self.tmp, self.received, self.done, self.failed):
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp.iterdir():  # half-written before a crash: never acknowledged
             stale.unlink(missing_ok=True)
@@ -214,9 +219,34 @@ class Spool:
             self._taken.discard(uid)
             self._waiting.pop(uid, None)
 
+    def fail(self, uid: str, reason: Mapping[str, Any]) -> None:
+        """Give up on ``uid`` for good (its error record is already in the JSON lines): keep
+        the instance as ``failed/<uid>.dcm`` with ``reason`` beside it (``failed/<uid>.json``),
+        mark it done, and drop its received file. A crash before the marker leaves it received:
+        it is tried again and moved here again.
+
+        Raises:
+            OSError: a file could not be written (the instance stays received).
+        """
+        source = self.received / f"{uid}.dcm"
+        write_atomic(
+            self.failed / f"{uid}.json", json.dumps(reason, indent=1).encode(), sync_folder=False
+        )
+        if source.exists():
+            link = self.tmp / f"{uid}.{uuid.uuid4().hex}.dcm"
+            try:
+                os.link(source, link)
+                os.replace(link, self.failed / f"{uid}.dcm")
+            except OSError as exc:
+                link.unlink(missing_ok=True)
+                raise OSError(f"{source}: could not be moved to {self.failed} ({exc})") from exc
+        fsync_dir(self.failed)
+        self.commit(uid, {"answers": [], "forward": [], "failed": reason.get("error")})
+
     def counts(self) -> dict[str, int]:
-        """Instances received (waiting) and done, for status lines."""
+        """Instances received (waiting), done (answered or failed) and failed, for status lines."""
         return {
             "received": sum(1 for _ in self.received.glob("*.dcm")),
             "done": sum(1 for _ in self.done.glob("*.json")),
+            "failed": sum(1 for _ in self.failed.glob("*.json")),
         }

@@ -12,6 +12,13 @@ spool's ``done`` marker, per instance, in the journal's order) -> release (the s
 become sendable, one folder fsync). Stage to release run on a commit thread while the next batch
 is classified. A crash at any step leaves an instance in
 ``received/`` without a marker; it is answered again on restart, to the very same files and UIDs.
+
+An instance's failure is transient (:func:`transient`: a file or the disk, an answer process
+lost) or permanent (anything else: the instance itself cannot be answered, and would fail the
+same way every time). A transient one is logged and the instance waits in ``received/`` for the
+next start; a permanent one gets an error record in the JSON lines (its UIDs and the reason, no
+SR) and is moved to the spool's ``failed/`` with the reason and traceback (:meth:`Spool.fail`),
+never tried again.
 """
 
 from __future__ import annotations
@@ -20,10 +27,19 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +60,7 @@ from edge_runtime.app.node.journal import UID_FIELD, Journal
 from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
 from edge_runtime.app.node.templates import encode_answers, encoded
 from edge_runtime.app.output import result_record
-from edge_runtime.classifier import Classification, Classifier, Result
+from edge_runtime.classifier import Classification, Classifier, Failure, Result
 from edge_runtime.postprocess.summary import FileSummary, with_summaries
 
 log = logging.getLogger(__name__)
@@ -84,6 +100,13 @@ def encode_and_write(
     return EncodedAnswers(tuple(replace(f, data=b"") for f in answers.files), answers.header)
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether an instance's failure may pass (retried on the next start): the disk or a file
+    (:class:`OSError`), memory, or an answer process lost or cancelled. Anything else is the
+    instance's own and permanent: it would fail the same way every time."""
+    return isinstance(exc, (OSError, MemoryError, BrokenExecutor, CancelledError))
+
+
 def default_answer_processes() -> int:
     """Processes that build SR and SEG: one per core, at most :data:`MAX_ANSWER_PROCESSES`."""
     return max(1, min(MAX_ANSWER_PROCESSES, os.cpu_count() or 1))
@@ -94,7 +117,7 @@ class WorkerStats:
     """What the worker did, and when each instance was answered (for the benchmark)."""
 
     answered: int = 0
-    failed: int = 0
+    failed: int = 0  # transient failures (retried on restart) and permanent ones (failed/)
     answered_at: dict[str, float] = field(default_factory=dict)  # uid -> time.time()
 
 
@@ -220,7 +243,11 @@ class Worker:
         answer = job.answer
         if isinstance(answer, Classification):
             if self._pool is not None:
-                job.files = self._pool.submit(answer, str(item.path), self.model, self.output)
+                try:
+                    job.files = self._pool.submit(answer, str(item.path), self.model, self.output)
+                except Exception as exc:  # a broken pool: reported with the instance, in _commit
+                    job.files = Future()
+                    job.files.set_exception(exc)
             else:
                 job.files = Future()
                 try:
@@ -256,42 +283,53 @@ class Worker:
         return self.classifier.spec.has_lesion
 
     def _commit(self, jobs: list[_Job]) -> list[_Job]:
-        """stage -> record -> commit -> release, for a batch; returns the jobs handled (answered,
-        or failed and logged: those wait for a restart)."""
-        written: list[tuple[_Job, list[AnswerFile], dict[str, str] | None]] = []
+        """stage -> record -> commit -> release, for a batch; returns the jobs handled (answered;
+        failed for good, with an error record; or failed transiently and logged: those wait for
+        a restart)."""
+        written: list[tuple[_Job, list[AnswerFile], list[dict[str, Any]], BaseException | None]]
+        written = []
         handled = []
         for job in jobs:
             try:
                 encoded = None if job.files is None else job.files.result()
                 files = [] if encoded is None else list(encoded.files)
+                records = self._records(job, files, None if encoded is None else encoded.header)
                 self._stage(files, job.item.uid)
             except Exception as exc:  # one instance's failure never stops the node
-                self._failed(job, exc)
-                handled.append(job)
+                error_records = None if transient(exc) else self._error_records(job, exc)
+                if error_records is None:
+                    self._failed(job, exc)
+                    handled.append(job)
+                else:
+                    written.append((job, [], error_records, exc))
                 continue
-            written.append((job, files, None if encoded is None else encoded.header))
+            written.append((job, files, records, None))
         if not written:
             return handled
         fsync_dir(self.output)
         if self.outbox is not None:
             self.outbox.sync()
         try:
-            self.journal.append(
-                record for job, files, header in written
-                for record in self._records(job, files, header)
-            )  # fmt: skip
+            self.journal.append(record for _, _, records, _ in written for record in records)
         except OSError as exc:
             for job, *_ in written:
                 self._failed(job, exc)
             return handled + [job for job, *_ in written]
         committed = []
-        for job, files, _ in written:  # in the journal's order: each marker durable in turn
+        for job, files, records, error in written:  # in the journal's order: each marker in turn
             names = [f.name for f in files]
             staged = names if self.outbox is not None else []
             try:
-                self.spool.commit(job.item.uid, {"answers": names, "forward": staged})
+                if error is None:
+                    self.spool.commit(job.item.uid, {"answers": names, "forward": staged})
+                else:
+                    self.spool.fail(job.item.uid, _failure_reason(records[0], error))
             except OSError as exc:
                 self._failed(job, exc)
+                handled.append(job)
+                continue
+            if error is not None:
+                self._gave_up(job, records[0]["error"])
                 handled.append(job)
                 continue
             committed.append((job, staged))
@@ -310,6 +348,37 @@ class Worker:
             exc,
         )
         self.stats.failed += 1
+
+    def _gave_up(self, job: _Job, error: str) -> None:
+        log.error(
+            "%s: cannot be answered (%s): error record written, instance moved to %s; not retried",
+            job.item.uid,
+            error,
+            self.spool.failed / f"{job.item.uid}.dcm",
+        )
+        self.stats.failed += 1
+
+    def _error_records(self, job: _Job, exc: BaseException) -> list[dict[str, Any]] | None:
+        """The one JSON record of an instance that cannot be answered: no label, no SR, its
+        ``error``, and the UIDs its header has (its SOP Instance UID: the spool's). None where
+        even that record cannot be made (the instance then waits for a restart, as after a
+        transient failure)."""
+        error = f"cannot be answered: {type(exc).__name__}: {exc}"
+        try:
+            from pydicom import dcmread
+
+            header = header_uids(dcmread(job.item.path, stop_before_pixels=True), job.item.uid)
+        except Exception:  # the header itself is what fails: the UID the spool knows it by
+            header = dict.fromkeys(_HEADER_FIELDS, "")
+            header["sop_instance_uid"] = job.item.uid
+        kept = self.spool.failed / f"{job.item.uid}.dcm"  # where Spool.fail moves it
+        model_version = self.classifier.spec.model_version
+        try:
+            failure = Failure(source=str(kept), error=error, model_version=model_version)
+            return [{**result_record(failure), **self._uid_fields(header, {})}]
+        except Exception:
+            log.exception("%s: no error record could be made", job.item.uid)
+            return None
 
     def _answered(self, job: _Job) -> None:
         self.stats.answered += 1
@@ -339,21 +408,38 @@ class Worker:
         if header is None:
             from pydicom import dcmread
 
-            header = header_uids(dcmread(job.item.path, stop_before_pixels=True))
-        uids = {prefix: None for prefix in ("SR", "SEG")}
-        uids.update({f.prefix: f.sop_instance_uid for f in files})
-        added = {
-            UID_FIELD: header["sop_instance_uid"],
-            "sop_class_uid": header["sop_class_uid"],
-            "study_instance_uid": header["study_instance_uid"],
-            "series_instance_uid": header["series_instance_uid"],
-            "sr_sop_instance_uid": uids["SR"],
-            "seg_sop_instance_uid": uids["SEG"],
-        }
+            header = header_uids(dcmread(job.item.path, stop_before_pixels=True), job.item.uid)
+        added = self._uid_fields(header, {f.prefix: f.sop_instance_uid for f in files})
         records = [{**result_record(result), **added} for result in job.results]
         if job.summary is not None:
             records.append({**result_record(job.summary), **added})
         return records
+
+    @staticmethod
+    def _uid_fields(header: dict[str, str], answers: dict[str, str]) -> dict[str, Any]:
+        """The DICOM fields added to each record: the source's UIDs and its answers'."""
+        return {
+            UID_FIELD: header["sop_instance_uid"],
+            "sop_class_uid": header["sop_class_uid"],
+            "study_instance_uid": header["study_instance_uid"],
+            "series_instance_uid": header["series_instance_uid"],
+            "sr_sop_instance_uid": answers.get("SR"),
+            "seg_sop_instance_uid": answers.get("SEG"),
+        }
+
+
+_HEADER_FIELDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
+
+
+def _failure_reason(record: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """What ``failed/<uid>.json`` keeps: the error record and the traceback (an answer
+    process's included), for a report."""
+    return {
+        "error": record["error"],
+        "record": record,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 class _AnswerProcesses:
@@ -431,8 +517,14 @@ def _warm() -> None:
 
 
 def _pool_process_start(parent: int) -> None:
-    """In each answer process: import the builders, and leave when the node is gone (a node
-    killed with SIGKILL cannot stop its pool)."""
+    """In each answer process: ignore SIGINT, import the builders, and leave when the node is
+    gone (a node killed with SIGKILL cannot stop its pool).
+
+    Ctrl-C in a terminal reaches the whole process group: the node stops after the batch in hand
+    and then shuts these processes down itself, so they must not die first (a KeyboardInterrupt
+    traceback each, and the batch in hand failed by a broken pool). SIGTERM keeps its default:
+    the pool itself terminates its processes with it when it breaks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import highdicom  # noqa: F401
 
     def watch() -> None:
