@@ -324,6 +324,7 @@ def test_an_adaptation_that_is_not_better_refuses_with_the_numbers(parents, tmp_
     err = capsys.readouterr().err
     assert code == 1
     assert "not better" in err and "balanced_accuracy" in err and "recall_malignant" in err
+    assert "What to try: check the labels, label more scans" in err
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
@@ -332,6 +333,58 @@ def test_adapt_refuses_to_overwrite_its_parent(parents, site, capsys):
                  str(parents["fp32"])])  # fmt: skip
     assert code == 2
     assert "never modified" in capsys.readouterr().err
+
+
+def test_a_labelled_file_that_cannot_be_read_is_left_out_and_named_in_the_card(
+    parents, tmp_path, capsys
+):
+    images, labels = scans(10, seed=2, shifted=True)
+    site = write_site(tmp_path / "site", images, labels)
+    broken = site / "benign" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out" / "m-fp32.onnx"
+    assert main(["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)]) == 0
+    assert f"{broken}: " in capsys.readouterr().err
+    card = json.loads((out.parent / "m.card.json").read_text())
+    (left_out,) = card["adaptation"]["left_out"]
+    assert left_out["path"] == str(broken) and left_out["error"]
+    assert card["adaptation"]["scans_per_class"] == {"normal": 10, "benign": 10, "malignant": 10}
+    assert f"`{broken}` (" in (out.parent / "m.card.md").read_text()
+
+
+def test_adapt_refuses_a_place_whose_card_belongs_to_another_model(parents, site, tmp_path, capsys):
+    out = tmp_path / "q" / "clinic-int8.onnx"
+    argv = ["adapt", str(site), "--model", str(parents["int8"])]
+    assert main([*argv, "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    capsys.readouterr()
+    # clinic.onnx would share clinic.card.json and clinic-fp32.onnx with clinic-int8.onnx
+    assert main([*argv, "--output", str(out.parent / "clinic.onnx")]) == 2
+    assert "clinic.card.json: the card of clinic-int8.onnx, which this run would not replace" in (
+        capsys.readouterr().err
+    )
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+    assert main([*argv, "--output", str(out)]) == 0  # its own place: replaced
+
+
+def test_adapt_option_ranges_and_messages_name_what_to_do(parents, site, tmp_path, capsys):
+    argv = [
+        "adapt",
+        str(site),
+        "--model",
+        str(parents["fp32"]),
+        "--output",
+        str(tmp_path / "m.onnx"),
+    ]
+    assert main([*argv, "--max-sensitivity-drop", "2"]) == 2
+    assert "--max-sensitivity-drop: must be in [0, 1]" in capsys.readouterr().err
+    manifest = tmp_path / "site.csv"
+    manifest.write_text("path,label,group\n")
+    with pytest.raises(ValueError, match=r"holds no rows of scans\. Give one row per scan"):
+        read_site(manifest, CLASSES)
+    manifest.write_text("a.png,cyst\n")
+    with pytest.raises(ValueError, match=r"site.csv: 1 bad row: line 1"):
+        read_site(manifest, CLASSES)
 
 
 def test_adapt_runs_on_the_base_install_without_tensorflow(parents, tmp_path):

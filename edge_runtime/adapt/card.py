@@ -114,6 +114,13 @@ def _card_markdown(card: dict[str, Any]) -> str:
             "A scan can now be called a lesion class without an outline, or normal with one.",
         ]
     lines += ["", "## Site cross-validation", "", "```", format_numbers(record), "```", ""]
+    left_out = record.get("left_out") or []
+    if left_out:
+        lines.append(
+            f"Left out, labelled but not readable ({len(left_out)}): "
+            + "; ".join(f"`{item['path']}` ({item['error']})" for item in left_out)
+            + "."
+        )
     temperature = record["temperature"]
     lines.append(
         f"Temperature {temperature['value']:.4f} (parent {temperature['parent']:.4f}), "

@@ -12,6 +12,7 @@ again starts from the parent. Needs the ``adapt`` extra (onnx, scikit-learn, sci
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from edge_runtime.adapt.site import SiteScan, read_site
 from edge_runtime.adapt.write import run_batches, run_outputs, write_models
 from edge_runtime.classifier import MODELS_DIR, resolve_model_path, usable_cores
 from edge_runtime.io.reader import ScanReader
-from edge_runtime.model.card import file_sha256
+from edge_runtime.model.card import card_path_for, file_sha256
 from edge_runtime.model.contract import (
     FEATURES,
     LESION,
@@ -132,10 +133,13 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     if ensemble:
         result["ensemble"] = ensemble
     result.update(site=site, scans_per_class=counts, groups=len(set(groups)))
+    result["left_out"] = site_data.left_out  # labelled, but not read: the card names them
     if fit["refusal"]:
         raise AdaptRefused(
             f"{options.site}: the adapted last layer is not better than the parent's on this "
-            f"site's scans ({fit['refusal']}); nothing was written.\n" + format_numbers(result)
+            f"site's scans ({fit['refusal']}); nothing was written. What to try: check the "
+            "labels, label more scans (10 per class or more, from as many patients as you can, "
+            "with the patient as the group), or keep using the parent.\n" + format_numbers(result)
         )
     head = fit["head"]
     written = write_models(main, partner, head, result, fit, outputs, squares, options)
@@ -214,6 +218,7 @@ def _output_paths(output: Path, main: Parent, partner: Parent | None) -> dict[st
     if partner is not None:
         stem = output.stem[: -len("-int8")] if output.stem.endswith("-int8") else output.stem
         paths["partner"] = output.with_name(f"{stem}-fp32.onnx")
+    _refuse_another_models_card(paths)
     protected = {main.path.resolve()} | ({partner.path.resolve()} if partner else set())
     for path in paths.values():
         target = path.resolve()
@@ -225,6 +230,30 @@ def _output_paths(output: Path, main: Parent, partner: Parent | None) -> dict[st
     return paths
 
 
+def _refuse_another_models_card(paths: dict[str, Path]) -> None:
+    """Refuse outputs whose card (and FP32 partner name) an existing model shares: writing them
+    would leave that model with another's card and partner.
+
+    Raises:
+        ValueError: the card beside the outputs lists a file this run does not write, or is
+            unreadable.
+    """
+    card = card_path_for(paths["main"])
+    if not card.is_file():
+        return
+    try:
+        listed = set(json.loads(card.read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{card}: an unreadable model card is in the way ({exc})") from None
+    others = sorted(listed - {path.name for path in paths.values()})
+    if others:
+        raise ValueError(
+            f"{card}: the card of {', '.join(others)}, which this run would not replace; writing "
+            f"{', '.join(sorted(p.name for p in paths.values()))} here would give that model "
+            "another's card and FP32 partner. Choose another --output (or move those files)."
+        )
+
+
 @dataclass(frozen=True)
 class SiteOutputs:
     """What the parent models output on the site's readable scans (:func:`_site_outputs`)."""
@@ -234,6 +263,7 @@ class SiteOutputs:
     squares: list[np.ndarray]  # every frame's [S, S] uint8 square (for checking written models)
     lesion_found: np.ndarray | None  # bool [N], where the reference calls normal by its lesions
     probabilities: np.ndarray  # the reference model's own probabilities [N, K], frames averaged
+    left_out: list[dict[str, str]]  # {"path", "error"} of each labelled file that was not read
 
 
 def _site_features(
@@ -281,16 +311,15 @@ def _site_outputs(
     )
     by_source: dict[str, list[int]] = {}
     squares: list[np.ndarray] = []
-    failed = []
+    errors: dict[str, str] = {}
     with reader:
         for source, _frame, square, error in reader.squares([s.path for s in scans]):
             if error is not None:
-                failed.append(f"{source}: {error}")
+                errors.setdefault(source, error)
+                log.warning("%s: %s (left out)", source, error)
                 continue
             by_source.setdefault(source, []).append(len(squares))
             squares.append(square)
-    for problem in failed:
-        log.warning("%s (left out)", problem)
     d, k = main.head.kernel.shape
     runs = {
         path: run_outputs(loaded.session, (FEATURES, PROBABILITIES), squares, options.batch_size)
@@ -324,7 +353,12 @@ def _site_outputs(
         lesion_found = np.array([bool(frame_found[by_source[str(s.path)]].any()) for s in kept])
     per_file = {path: _per_file(frames, kept, by_source) for path, frames in features.items()}
     probabilities = _per_file(runs[reference.path][1], kept, by_source)
-    return SiteOutputs(per_file, kept, squares, lesion_found, probabilities)
+    left_out = [
+        {"path": str(s.path), "error": errors.get(str(s.path), "no frame could be read")}
+        for s in scans
+        if str(s.path) not in by_source
+    ]
+    return SiteOutputs(per_file, kept, squares, lesion_found, probabilities, left_out)
 
 
 def _per_file(frames: np.ndarray, kept: list[SiteScan], by_source: dict[str, list[int]]):

@@ -45,7 +45,11 @@ def read_site(site: Path, class_names: Sequence[str]) -> list[SiteScan]:
             f"({', '.join(class_names)}) or a CSV file with rows path,label[,group]."
         )
     if not scans:
-        raise ValueError(f"{site}: holds no scans. Put scans under <class>/ sub-folders.")
+        if site.is_dir():
+            raise ValueError(f"{site}: holds no scans. Put scans under <class>/ sub-folders.")
+        raise ValueError(
+            f"{site}: holds no rows of scans. Give one row per scan: path,label,group."
+        )
     return scans
 
 
@@ -103,5 +107,6 @@ def _from_manifest(manifest: Path, class_names: Sequence[str]) -> list[SiteScan]
         scans.append(SiteScan(path, label, group))
     if problems:
         shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        raise ValueError(f"{manifest}: {len(problems)} bad rows: {shown}")
+        rows = "1 bad row" if len(problems) == 1 else f"{len(problems)} bad rows"
+        raise ValueError(f"{manifest}: {rows}: {shown}")
     return scans

@@ -905,7 +905,9 @@ def build_adapt_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="ADAPTED.onnx",
-        help="the adapted model to write (its FP32 partner and card go beside it)",
+        help="the adapted model to write (its FP32 partner NAME-fp32.onnx and card NAME.card.json "
+        "go beside it; an FP32 model named NAME-int8.onnx is written as NAME-fp32.onnx); refused "
+        "where a card there belongs to another model",
     )
     _add_model_options(parser, threads_default=None)
     parser.add_argument(
@@ -921,7 +923,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-sensitivity-drop",
-        type=float,
+        type=_probability,
         default=None,
         metavar="D",
         help="also refuse when cross-validated malignant sensitivity falls by more than D",
