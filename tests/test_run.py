@@ -23,6 +23,7 @@ def _prepared(views, unmarked: bool, masks: bool = False) -> _Prepared:
         samples=[],
         unmarked=images + 100 if unmarked else None,
         views=views,
+        lesion_free_normals=bool(views),
         masks=images + 200 if masks else None,
         mask_known=np.array([True, False, True, True]) if masks else None,
         fingerprint="",
