@@ -307,7 +307,9 @@ def test_the_batch_table_filters_by_label_flag_and_name(monkeypatch, model):
     assert len(batch_table(at)) == int(every["abstained"].sum())
     counts = {m.label: m.value for m in at.metric if m.label in (*CLASSES, "failed")}
     assert counts["failed"] == "1"
-    assert sum(int(v) for v in counts.values()) == 7
+    abstained = int(every["abstained"].sum())  # the synthetic scans are no ultrasound
+    assert {m.label: m.value for m in at.metric}["abstained"] == str(abstained)
+    assert sum(int(v) for v in counts.values()) == 7 - abstained  # not counted by label
     shown = len(batch_table(at))
     labels = [button.label for button in at.download_button]
     assert labels == [f"CSV ({shown} rows)", f"JSON lines ({shown} rows)"]
@@ -444,6 +446,28 @@ def test_flags_come_from_the_classification_dataclass():
     booleans = [f.name for f in dataclasses.fields(Classification) if f.type in ("bool", bool)]
     assert "abstained" in flag_names() and "rechecked" in flag_names()
     assert list(flag_names()) == booleans
+
+
+def test_label_tiles_leave_abstained_results_to_the_abstained_tile():
+    """A blank TIFF page abstains "normal": never act on it, so it is no normal in the tiles."""
+    from edge_runtime.app.dashboard.scans import label_counts
+    from edge_runtime.classifier import Classification, Failure, Timing
+
+    def called(label: str, abstained: bool) -> Classification:
+        probabilities = {"normal": 0.2, "benign": 0.2, "malignant": 0.2, label: 0.6}
+        return Classification(
+            source=f"{label}-{abstained}.png",
+            label=label,
+            probabilities=probabilities,
+            confidence=0.6,
+            abstained=abstained,
+            timing=Timing(1.0, 1.0, 1.0, 1.0),
+        )
+
+    results = [called("normal", True), called("normal", False), called("benign", True)]
+    results.append(Failure(source="bad.png", error="truncated"))
+    counts = label_counts(results, ("normal", "benign", "malignant"))
+    assert counts == {"normal": 1, "benign": 0, "malignant": 0, "failed": 1}
 
 
 # ---------------------------------------------------------------- the command

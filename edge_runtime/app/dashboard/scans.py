@@ -213,8 +213,13 @@ def lesion_size(lesion: Lesion) -> str:
 
 
 def label_counts(results: Iterable[Result], class_names: Sequence[str]) -> dict[str, int]:
-    """Results per label, every class listed (0 included), then ``failed``."""
-    counts = Counter(r.label if isinstance(r, Classification) else FAILED for r in results)
+    """Results per label, every class listed (0 included), then ``failed``. An abstained result
+    is not counted under its label (never act on it: the ``abstained`` count has it)."""
+    counts = Counter(
+        r.label if isinstance(r, Classification) else FAILED
+        for r in results
+        if not getattr(r, "abstained", False)
+    )
     return {name: counts.get(name, 0) for name in (*class_names, FAILED)}
 
 
