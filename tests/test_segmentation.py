@@ -59,6 +59,35 @@ def test_masks_are_known_for_normal_and_masked_lesion_scans_only(tmp_path, caplo
     assert "bad_mask.png: mask skipped" in caplog.text
 
 
+def test_a_0_1_mask_is_read_as_its_lesion_and_an_empty_or_reshaped_one_is_named(
+    tmp_path, caplog
+):
+    """Masks stored 0/1 were read as empty: every lesion scan's target 'no lesion', and a model
+    that called every scan normal."""
+    pytest.importorskip("keras")
+    from training.data.masks import load_lesion_mask
+    from training.model.segmentation import load_masks
+
+    cv2.imwrite(str(tmp_path / "scan.png"), np.full((40, 80), 90, np.uint8))
+    ones = np.zeros((40, 80), np.uint8)
+    ones[10:20, 20:40] = 1
+    cv2.imwrite(str(tmp_path / "ones_mask.png"), ones)
+    cv2.imwrite(str(tmp_path / "empty_mask.png"), np.zeros((40, 80), np.uint8))
+    cv2.imwrite(str(tmp_path / "turned_mask.png"), np.ascontiguousarray(ones.T) * 255)
+    assert load_lesion_mask([tmp_path / "ones_mask.png"], (40, 80)).sum() == 200
+    samples = [
+        Sample(tmp_path / "scan.png", "benign", "s", masks=(tmp_path / "ones_mask.png",)),
+        Sample(tmp_path / "scan.png", "malignant", "s", masks=(tmp_path / "empty_mask.png",)),
+        Sample(tmp_path / "scan.png", "benign", "s", masks=(tmp_path / "turned_mask.png",)),
+    ]
+    masks, known = load_masks(samples, 32, ResizePolicy.LETTERBOX)
+    assert known.tolist() == [True, False, True] and masks[0].max() == 255
+    assert "empty_mask.png: mask skipped: it marks no lesion pixel" in caplog.text
+    assert "turned_mask.png: mask of 40 x 80 pixels stretched onto a scan of 80 x 40" in (
+        caplog.text
+    )
+
+
 def test_dice_bce_ignores_scans_of_weight_zero_and_prefers_the_true_mask():
     pytest.importorskip("keras")
     from training.model.segmentation import DiceBCELoss

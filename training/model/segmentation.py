@@ -40,8 +40,8 @@ def load_masks(
         ``(masks, known)``: uint8 ``[N, size, size, 1]`` (255 inside the lesion; the edges of a
         resized mask carry intermediate values) and bool ``[N]``, whether the mask is known:
         normal scans have an empty mask, lesion scans one from their mask files; a lesion scan
-        without mask files, or one whose masks cannot be read (a warning names the file), is
-        unknown and gets no mask loss.
+        without mask files, or one whose masks cannot be read or mark no lesion pixel (a warning
+        names the file), is unknown and gets no mask loss.
     """
     masks = np.zeros((len(samples), size, size, 1), np.uint8)
     known = np.zeros(len(samples), bool)
@@ -56,6 +56,14 @@ def load_masks(
             union = load_lesion_mask(sample.masks, shape).astype(np.uint8) * 255
         except InputError as exc:
             log.warning("%s: mask skipped: %s", exc.path, exc.reason)
+            continue
+        if not union.any():  # a lesion scan's mask must mark its lesion
+            log.warning(
+                "%s: mask skipped: it marks no lesion pixel, though the scan is labelled %s "
+                "(masks are 0/255 or 0/1, lesion bright)",
+                sample.masks[0],
+                sample.label,
+            )
             continue
         masks[index, :, :, 0] = fit_to_square(union, size, policy)
         known[index] = True
