@@ -71,3 +71,60 @@ def test_the_lesion_head_is_on_by_default_exactly_when_a_lesion_scan_has_a_mask(
     assert not segmentation_wanted(False, [masked])
     with pytest.raises(ValueError, match="no benign or malignant scan has a mask"):
         segmentation_wanted(True, [plain, normal])
+
+
+def test_a_new_run_starts_without_the_last_run_s_results_and_keeps_everything_else(tmp_path):
+    """An interrupted rerun left the old model.keras and run.json beside a new split.csv, and
+    edge-export published the mix; a run without --folds kept another's cv/ in its card."""
+    from training.run import PREVIOUS_RESULTS, _clear_previous_results
+
+    for name in PREVIOUS_RESULTS:
+        if name in ("cv", "scanners", "plots"):
+            (tmp_path / name / "fold0").mkdir(parents=True)
+            (tmp_path / name / "fold0" / "model.keras").write_text("old")
+        else:
+            (tmp_path / name).write_text("old")
+    kept = ["train.log", "member.json", "notes.txt", "members/1-small-cnn/model.keras"]
+    for name in kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("mine")
+    _clear_previous_results(tmp_path)
+    assert sorted(
+        p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+    ) == (sorted(kept))
+
+
+def test_the_holdout_split_names_excluded_scans_in_full():
+    from training.run import TrainConfig, _holdout_split
+
+    data = _prepared([], unmarked=False)
+    data.excluded[2] = True
+    data.groups[:] = ["a", "b", "c", "d"]
+    splits = _holdout_split(TrainConfig(data=(), output=None), data)
+    assert splits[2] == "excluded"  # a str array had cut it to "exclu"
+
+
+def test_one_class_or_one_scanner_is_a_data_error_before_training(tmp_path, capsys):
+    pytest.importorskip("keras")
+    import cv2
+
+    from training.cli import main as train_main
+    from training.synthetic import synthetic_scan
+
+    rng = np.random.default_rng(0)
+    for label in ("benign", "malignant"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(tmp_path / "data" / label / f"{i}.png"), synthetic_scan(label, rng))
+    options = ["--backbone", "small-cnn", "--weights", "none", "--image-size", "64"]
+    argv = [str(tmp_path / "data"), "--output", str(tmp_path / "run"), *options]
+    assert train_main([*argv, "--leave-scanner-out"]) == 2
+    assert "--leave-scanner-out trains on the other scanners, and the data has one" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "data" / "malignant").rename(tmp_path / "malignant")
+    assert train_main(argv) == 2
+    assert "DATA has one class (benign): a classifier needs scans of at least two" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "model.keras").exists()

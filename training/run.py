@@ -63,6 +63,9 @@ from training.runfolder import (
     MODEL_FILE,
     PLOTS_DIR,
     PREDICTIONS_FILE,
+    PROTOCOL_FILE,
+    PROTOCOL_TABLE,
+    RUN_FILE,
     SOURCE_METRICS_FILE,
     SPLIT_FILE,
     HeldOutPredictions,
@@ -182,6 +185,7 @@ def train(config: TrainConfig) -> RunInfo | None:
     (None when only cross-validation was asked for: ``final_model=False``)."""
     start = time.perf_counter()
     config.output.mkdir(parents=True, exist_ok=True)
+    _clear_previous_results(config.output)
     data = _prepare(config)
     if config.folds > 1:
         _cross_validate(config, data)
@@ -197,6 +201,47 @@ def train(config: TrainConfig) -> RunInfo | None:
     return info
 
 
+# what one run writes into its folder besides train.log; a new run starts without the last's
+PREVIOUS_RESULTS = (
+    RUN_FILE,  # first: without it the folder is no run (edge-export refuses it) until this ends
+    MODEL_FILE,
+    SPLIT_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    SOURCE_METRICS_FILE,
+    PREDICTIONS_FILE,
+    LESION_FILE,
+    CV_METRICS_FILE,
+    PROTOCOL_FILE,
+    PROTOCOL_TABLE,
+    "duplicates.csv",
+    PLOTS_DIR,
+    "cv",
+    "scanners",
+)
+
+
+def _clear_previous_results(folder: Path) -> None:
+    """Remove what an earlier run left in ``folder`` (:data:`PREVIOUS_RESULTS`), so that this
+    run's results are never mixed with another's: a stopped or failed run leaves no run behind
+    for ``edge-export`` to publish, and a run without ``--folds`` no cross-validation of
+    another's in its card."""
+    import shutil
+
+    removed = []
+    for name in PREVIOUS_RESULTS:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("%s: removed the previous run's %s", folder, ", ".join(removed))
+
+
 def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
     """The run's scans, labels, groups and split; ``training=False`` when only reporting (no
     mark-free copies or lesion-free views, which only training uses)."""
@@ -207,6 +252,11 @@ def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
         found - set(DEFAULT_CLASS_ORDER)
     )
     class_names = tuple(order)
+    if len(class_names) < 2:
+        raise ValueError(
+            f"DATA has one class ({', '.join(class_names) or 'none'}): a classifier needs scans "
+            "of at least two classes"
+        )
     samples = list(discovery.samples)
     if segmentation_wanted(config.segmentation, samples):  # refused before minutes of decoding
         check_lesion_input_size(config.backbone, config.input_size)
@@ -301,7 +351,6 @@ def segmentation_wanted(asked: bool | None, samples: Sequence) -> bool:
 
 
 def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
-
     splits = np.array(
         stratified_group_split(
             data.labels,
@@ -309,7 +358,8 @@ def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
             val_fraction=config.val_fraction,
             test_fraction=config.test_fraction,
             seed=config.seed,
-        )
+        ),
+        dtype=object,  # as a str array, "excluded" would be cut to "exclu"
     )
     splits[data.excluded] = "excluded"
     return splits
@@ -692,6 +742,11 @@ def _leave_scanners_out(config: TrainConfig, data: _Prepared) -> None:
         held = of == scanner
         leaked = {g for g, h in zip(data.groups, held, strict=True) if h}
         rest = np.flatnonzero(~held & ~np.isin(data.groups, list(leaked)))
+        if len(set(data.labels[rest].tolist())) < 2:
+            raise ValueError(
+                f"leaving {scanner} out leaves {len(rest)} scans of other scanners to train on, "
+                "not two classes: too few to train a fold"
+            )
         inner = np.array(
             stratified_group_split(
                 data.labels[rest],

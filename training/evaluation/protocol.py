@@ -66,9 +66,16 @@ def choose_scanners(samples: Sequence[Sample], asked: Sequence[str] | None) -> l
     """The scanners to leave out: ``asked`` (each must exist), else every scanner.
 
     Raises:
-        ValueError: an asked scanner is not in the data (the message lists those that are).
+        ValueError: the data has one scanner, or an asked scanner is not in it (the message lists
+            those that are).
     """
     present = sorted({scanner_of(s) for s in samples})
+    if len(present) < 2:
+        raise ValueError(
+            f"--leave-scanner-out trains on the other scanners, and the data has one: {present}. "
+            "A scan's scanner is its source (the dataset folder or the manifest's source column) "
+            "and, where given, its device column."
+        )
     if not asked:
         return present
     unknown = [name for name in asked if name not in present]
