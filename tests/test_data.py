@@ -72,3 +72,37 @@ def test_a_small_training_set_is_passed_over_until_an_epoch_has_the_minimum_of_b
     assert not np.array_equal(seen[:126], seen[126:252])  # each pass in a new order
     evaluation = dataset(training=False)
     assert int(evaluation.cardinality()) == 4  # validation is never repeated
+
+
+def test_training_reads_a_dicom_scan_as_edge_classify_does_and_refuses_a_cine(tmp_path):
+    pytest.importorskip("pydicom", minversion="3.0")
+    from edge_runtime.io.decode import load_frames
+    from edge_runtime.io.preprocess import fit_to_square
+    from tests.test_dicom import make_dicom
+
+    image = (np.arange(48 * 64) % 251).astype(np.uint8).reshape(48, 64)
+    one = make_dicom(tmp_path / "one.dcm", image, rows=48, columns=64)
+    cine = make_dicom(tmp_path / "cine.dcm", np.stack([image] * 3), rows=48, columns=64, frames=3)
+    images, failures = load_images([one, cine], 32)
+    np.testing.assert_array_equal(images[0, :, :, 0], fit_to_square(load_frames(one)[0], 32))
+    assert failures == [(str(cine), failures[0][1])]
+    assert failures[0][1].startswith("holds 3 images (frames, pages or tissue regions)")
+
+
+def test_an_unreadable_scan_is_named_once_with_what_its_decoder_said_then_counted(
+    tmp_path, caplog, capfd
+):
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), np.random.default_rng(0).integers(0, 255, (128, 128), np.uint8))
+    half = tmp_path / "half.png"
+    half.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        _, failures = load_images([half, good], 32)
+    assert [path for path, _ in failures] == [str(half)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"{half}: libpng error: PNG input buffer is incomplete",
+        f"{half}: left out: image data corrupt or truncated and could not be decoded",
+        "1 of 2 scans left out (not readable as one image): see the warnings above",
+    ]
+    assert "libpng" not in capfd.readouterr().err  # not raw on standard error

@@ -149,3 +149,74 @@ def test_real_busi_and_busbra_counts(busi_root: Path, busbra_root: Path) -> None
         ("busbra", "malignant"): 607,
     }
     assert len({s.patient for s in discovery.samples if s.source == "busbra"}) == 1064
+
+
+def test_a_class_folders_sub_folders_and_dicom_files_are_taken_and_the_rest_named(
+    tmp_path: Path, caplog
+) -> None:
+    root = tmp_path / "clinic"
+    _png(root / "benign" / "a.png")
+    _png(root / "benign" / "patient7" / "b.png")
+    (root / "normal").mkdir()
+    (root / "normal" / "c.dcm").write_bytes(b"\0" * 128 + b"DICM")  # decoded when loaded
+    (root / "normal" / "cine.gif").write_bytes(b"GIF89a")
+    with caplog.at_level("INFO"):
+        samples = discover_all([root]).samples
+    assert [(s.path.relative_to(root).as_posix(), s.label) for s in samples] == [
+        ("benign/a.png", "benign"),
+        ("benign/patient7/b.png", "benign"),
+        ("normal/c.dcm", "normal"),
+    ]
+    assert "cine.gif: not taken as a scan: GIF, a format edge-classify does not read" in caplog.text
+
+
+def test_busi_masks_pair_with_their_image_in_a_sub_folder(tmp_path: Path) -> None:
+    root = _busi(tmp_path / "Dataset_BUSI_with_GT")
+    _png(root / "benign" / "more" / "benign (9).png")
+    _png(root / "benign" / "more" / "benign (9)_mask.png", 255)
+    (sample,) = [s for s in discover_all([root]).samples if s.path.name == "benign (9).png"]
+    assert sample.masks == (root / "benign" / "more" / "benign (9)_mask.png",)
+
+
+def test_a_utf16_manifest_is_named_and_told_to_be_utf8(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    table = tmp_path / "m.csv"
+    table.write_bytes("path\tlabel\na.png\tbenign\n".encode("utf-16"))  # Excel's "Unicode text"
+    with pytest.raises(DatasetError, match=r"is UTF-16 text .*must be UTF-8") as info:
+        discover_all([table])
+    assert str(info.value).startswith(f"{table}: ")
+
+
+def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    table = tmp_path / "m.csv"
+    table.write_text("path,label\na.png,benign\n,benign\n")
+    with pytest.raises(DatasetError, match=rf"^{table}, line 3: the path is empty"):
+        discover_all([table])
+    table.write_text("path,label\na.png,benign\n\nb.png,benign\n")  # a blank line counts
+    with pytest.raises(DatasetError, match=r"not found \(e\.g\. line 4: b\.png\)"):
+        discover_all([table])
+    table.write_text("path,label\na.png,\n")
+    with pytest.raises(DatasetError, match=r"line 2: no class given.* Fix the label on line 2\.$"):
+        discover_all([table])
+    table.write_text("path,label\na.png,benign\na.png,bening\n")
+    with pytest.raises(DatasetError, match=r"line 3: unknown class 'bening'.*label on line 3\.$"):
+        discover_all([table])
+
+
+def test_a_class_folder_with_an_unknown_name_says_rename_the_folder(tmp_path: Path) -> None:
+    _png(tmp_path / "d" / "cancer" / "a.png")
+    with pytest.raises(DatasetError, match=r"unknown class 'cancer'.* Rename the folder\.$"):
+        discover_all([tmp_path / "d"])
+
+
+def test_manifest_header_names_are_read_in_any_case(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    table = tmp_path / "m.csv"
+    table.write_text("Path,LABEL,Source,Device\na.png,Benign,clinic,Acme X1\n")
+    (sample,) = discover_all([table]).samples
+    assert (sample.label, sample.source, dict(sample.attributes)) == (
+        "benign",
+        "clinic",
+        {"device": "Acme X1"},
+    )

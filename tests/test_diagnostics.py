@@ -43,7 +43,7 @@ def test_a_chance_model_with_a_flat_loss_and_a_pinned_temperature_is_named_so():
     text = "\n".join(warnings)
     assert "test accuracy 0.333 is at chance" in text
     assert "predicted one class for every test image" in text
-    assert "the training loss did not fall" in text
+    assert "the training loss fell less than 10% (first epoch 1.100 -> best later 1.100)" in text
     assert "the weights kept are those of epoch 1" in text
     assert "calibration temperature is at its upper bound (20.000)" in text
     assert len(warnings) == 4
@@ -54,7 +54,21 @@ def test_a_split_with_a_handful_of_images_per_class_says_its_metrics_mean_little
     warnings = check_run(_falling(), metrics, labels, splits, CLASSES)
     assert [w.split(" split")[0] for w in warnings] == ["the val", "the test"]
     assert "only 2 normal, 2 benign, 2 malignant image(s) (of 6)" in warnings[1]
-    assert "--folds K" in warnings[1]
+    assert "--folds K" in warnings[1] and "cv_metrics.json sums up all the folds" in warnings[1]
+
+
+def test_a_loss_that_fell_9_percent_is_said_to_have_fallen_less_than_10():
+    metrics, labels, splits = _run(_good)
+    rows = [{"loss": 1.071}, {"loss": 1.0}, {"loss": 0.975}]
+    (warning,) = check_run(rows, metrics, labels, splits, CLASSES)
+    assert warning.startswith("the training loss fell less than 10% (first epoch 1.071 -> best")
+    assert "did not fall" not in warning
+
+
+def test_an_accuracy_below_chance_is_called_below_chance():
+    metrics, labels, splits = _run(lambda y: np.eye(3)[(y + 1) % 3] * 0.8 + 0.2 / 3)  # all wrong
+    warnings = check_run(_falling(), metrics, labels, splits, CLASSES)
+    assert any(w.startswith("test accuracy 0.000 is below chance (") for w in warnings)
 
 
 def test_a_parity_gate_on_a_handful_of_images_says_the_evidence_is_thin():

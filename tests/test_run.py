@@ -104,7 +104,9 @@ def test_the_holdout_split_names_excluded_scans_in_full():
     assert splits[2] == "excluded"  # a str array had cut it to "exclu"
 
 
-def test_one_class_or_one_scanner_is_a_data_error_before_training(tmp_path, capsys):
+def test_one_class_one_scanner_or_more_folds_than_groups_is_a_data_error_before_training(
+    tmp_path, capsys
+):
     pytest.importorskip("keras")
     import cv2
 
@@ -122,6 +124,8 @@ def test_one_class_or_one_scanner_is_a_data_error_before_training(tmp_path, caps
     assert "--leave-scanner-out trains on the other scanners, and the data has one" in (
         capsys.readouterr().err
     )
+    assert train_main([*argv, "--folds", "100"]) == 2
+    assert "--folds 100: the data hold 12 groups of scans" in capsys.readouterr().err
     (tmp_path / "data" / "malignant").rename(tmp_path / "malignant")
     assert train_main(argv) == 2
     assert "DATA has one class (benign): a classifier needs scans of at least two" in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,18 @@ from training.recipe import DEFAULT
 from training.runfolder import LOG_FILE, MODEL_FILE
 
 TRAIN_MODULES = ("tensorflow", "keras", "sklearn", "scipy", "matplotlib")  # the train extra's
+# numeric options: (lowest, highest or None, why); checked before TensorFlow loads
+RANGES = {
+    "jobs": (1, None, ""),
+    "image_size": (16, 4096, ": the sides a model edge-classify runs may have"),
+    "epochs": (0, None, ""),
+    "frozen_epochs": (0, None, ""),
+    "batch_size": (1, None, ""),
+    "learning_rate": (0, None, " (0 picks one by a short search)"),
+    "pixel_noise": (0, 1, ", a fraction of full scale"),
+    "seg_weight": (0, None, ""),
+    "seed": (0, 2**32 - 1, " (NumPy's and scikit-learn's seeds)"),
+}
 
 EXAMPLES = """\
 examples:
@@ -36,11 +49,12 @@ examples:
        edge-train data/Dataset_BUSI_with_GT --backbone efficientnet-lite0 --output runs/lite0 \\
            --distributed --worker-hosts 10.0.0.1:12345,10.0.0.2:12345 --worker-index 0
 
-DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree, or a manifest CSV
-(path,label[,group,source,masks]). The run folder gets model.keras, run.json, split.csv,
-history.csv, metrics.json, duplicates.csv, train.log (everything logged, TensorFlow's messages
-included) and plots/; with several backbones also members/, one such run folder per member, and
-the graph in RUN_DIR has no history.csv (it is not trained).
+DATA may be a BUSI release folder, a BUS-BRA folder, any <root>/<class>/ tree (sub-folders
+too), or a manifest CSV (path,label[,group,patient,source,device,masks]; docs/usage.md). The run
+folder gets model.keras, run.json, split.csv, history.csv, metrics.json, duplicates.csv,
+train.log (everything logged, TensorFlow's messages included) and plots/; with several backbones
+also members/, one such run folder per member, and the graph in RUN_DIR has no history.csv (it
+is not trained).
 Next step: edge-export RUN_DIR --output RUN_DIR/export
 """
 
@@ -90,20 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size",
         type=int,
-        help=f"model input side in pixels (default {DEFAULT.image_size}); with the lesion head, "
-        "a multiple of the backbone's deepest stride (32; small-cnn 16)",
+        help=f"model input side in pixels, 16 to 4096 (default {DEFAULT.image_size}); with the "
+        "lesion head, a multiple of the backbone's deepest stride (32; small-cnn 16)",
     )
     parser.add_argument(
         "--epochs",
         type=int,
         default=DEFAULT.epochs,
-        help=f"fine-tuning epochs (stage 2; default {DEFAULT.epochs})",
+        help=f"fine-tuning epochs (stage 2; default {DEFAULT.epochs}); 0 trains stage 1 alone",
     )
     parser.add_argument(
         "--frozen-epochs",
         type=int,
         default=DEFAULT.frozen_epochs,
-        help=f"epochs with the backbone frozen (stage 1; default {DEFAULT.frozen_epochs})",
+        help=f"epochs with the backbone frozen (stage 1; default {DEFAULT.frozen_epochs}); 0 "
+        "skips it (not both 0)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=32, help="scans per training step (default 32)"
@@ -190,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--folds",
         type=int,
         default=0,
-        help="run K-fold grouped cross-validation before the final model",
+        help="run K-fold grouped cross-validation, K >= 2, before the final model (default 0: "
+        "none)",
     )
     parser.add_argument(
         "--cv-only",
@@ -215,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "final model and scanner-held-out folds), with the same data and options; its "
         "--backbone, --lesion-from, --image-size and --seed are read from the run",
     )
-    parser.add_argument("--seed", type=int, help="split and initialisation seed (default 0)")
+    parser.add_argument(
+        "--seed", type=int, help="split and initialisation seed, 0 to 2**32 - 1 (default 0)"
+    )
     group = parser.add_argument_group(
         "multi-worker training", "one model trained by several machines (training.distributed)"
     )
@@ -271,10 +289,15 @@ def main(
         stderr.write(
             f"edge-train: error: {missing[0]}: no such file or folder. DATA is a dataset folder "
             "(BUSI, BUS-BRA or <root>/<class>/*) or a CSV manifest "
-            "(path,label[,group,source,masks]).\n"
+            "(path,label[,group,patient,source,device,masks]).\n"
         )
         return ExitStatus.USAGE
     made_output = not args.output.exists()
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        stderr.write(f"edge-train: error: --output {args.output}: {exc.strerror or exc}\n")
+        return ExitStatus.USAGE
     with command_logging(stderr, args.output / LOG_FILE, quiet=args.quiet):
         status = run_command(
             "edge-train",
@@ -300,23 +323,16 @@ def parse_arguments(
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_output(parser, args.output)
     lesion_from_given = args.lesion_from is not None
     _fill_recorded(parser, args)
     if lesion_from_given and len(args.backbone) == 1 and tuple(args.lesion_from) != (1,):
         parser.error(
             "--lesion-from picks among an ensemble's members; one --backbone has none to pick"
         )
+    _check_numbers(parser, args)
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
-    for name in ("unmark", "clutter", "scanner_style"):
-        value = getattr(args, name)
-        if not 0.0 <= value <= 1.0:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} is a probability in [0, 1]. Got {value} instead.")
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1. Got {args.jobs} instead.")
-    if args.seg_weight < 0:
-        parser.error(f"--seg-weight must be >= 0. Got {args.seg_weight} instead.")
     _check_members(parser, args)
     if args.seg:
         try:
@@ -334,6 +350,37 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(str(exc))
     elif args.workers or args.worker_index is not None or args.backup_dir:
         parser.error("--worker-hosts, --worker-index and --backup-dir need --distributed")
+
+
+def _check_output(parser: argparse.ArgumentParser, output: Path) -> None:
+    """``--output`` is a folder, or can be made one: no part of it is a file."""
+    existing = next(p for p in (output, *output.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        what = "a file, not a folder" if existing.is_file() else "not a folder"
+        named = "" if existing == output else f"{existing} "
+        parser.error(f"--output {output}: {named}is {what}")
+
+
+def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each numeric option within its range (NaN and infinity are in none), and some epochs."""
+    for name in ("unmark", "clutter", "scanner_style"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} is a probability in [0, 1]. Got {value} instead.")
+    for name, (low, high, why) in RANGES.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
+            flag = "--" + name.replace("_", "-")
+            limits = f">= {low}" if high is None else f"{low} to {high}"
+            parser.error(f"{flag} must be {limits}{why}. Got {value} instead.")
+    if args.folds == 1 or args.folds < 0:
+        parser.error(
+            f"--folds must be 0 (no cross-validation, the default) or K >= 2 folds. Got "
+            f"{args.folds} instead."
+        )
+    if args.epochs == args.frozen_epochs == 0 and not args.report_only:
+        parser.error("--epochs 0 with --frozen-epochs 0 trains nothing: give one of them 1 or more")
 
 
 def _fill_recorded(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

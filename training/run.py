@@ -644,7 +644,13 @@ def device_auc(
 
 
 def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
-
+    groups = len(set(data.groups))
+    if config.folds > groups:
+        raise ValueError(
+            f"--folds {config.folds}: the data hold {groups} groups of scans (a patient's scans "
+            f"and near-copies are one group, never split), fewer than the folds: use --folds "
+            f"{groups} or fewer"
+        )
     folds = np.array(
         stratified_group_kfold(data.labels, data.groups, n_splits=config.folds, seed=config.seed)
     )
@@ -666,7 +672,12 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
         splits[rest] = inner
         splits[data.excluded] = "excluded"
         _write_split(fold_dir / SPLIT_FILE, data, splits)
-        log.info("cross-validation fold %d/%d", k + 1, config.folds)
+        log.info(
+            "cross-validation %s (%d of %d)",
+            fold_dir.relative_to(config.output),
+            k + 1,
+            config.folds,
+        )
         results.append(_train_and_report(config, data, splits, fold_dir).test_metrics)
         by_source.append(json.loads((fold_dir / SOURCE_METRICS_FILE).read_text()))
     report = cross_validation_report(

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import ResizePolicy
-from training.data.datasets import Sample
+from training.data.datasets import Sample, read_scan
 from training.data.masks import load_lesion_mask
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _views_and_masks(
     sample: Sample,
 ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`lesion_scan_views` plus the lesion mask (0/255) mirrored alike for each view."""
-    gray = load_gray(sample.path)
+    gray = read_scan(sample.path)
     lesion = load_lesion_mask(sample.masks, gray.shape)
     free = free_side(lesion) if lesion.any() else None
     if free is None:

@@ -1,8 +1,12 @@
 """Finding labelled scans on disk: BUSI, BUS-BRA, class-folder trees and manifest CSVs.
 
 Each root is inspected and its layout detected (:class:`Layout`); the result is a flat list of
-:class:`Sample` records. Only existence is checked here: undecodable files are reported when the
-images are loaded. No TensorFlow, no image decoding.
+:class:`Sample` records. A class folder's files, sub-folders included, are taken as
+``edge-classify`` takes a folder's (:mod:`edge_runtime.io.sources`: images, DICOM and videos), and
+each file left out is logged with the reason. Only existence is checked here: undecodable files
+are reported when the images are loaded, each by :func:`read_scan` as ``edge-classify`` decodes
+it (PNG, JPEG, BMP, TIFF, DICOM: the tissue region where the file has one), one image a file: a
+cine, a multi-page TIFF or a dual view is refused. No TensorFlow.
 
 Example:
     >>> discovery = discover_all([Path("data/busi/Dataset_BUSI_with_GT")])  # doctest: +SKIP
@@ -16,13 +20,17 @@ import difflib
 import enum
 import hashlib
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.io.decode import IMAGE_SUFFIXES
+import numpy as np
+
+from edge_runtime.io.decode import InputError, open_scan
+from edge_runtime.io.sources import is_scan_file, log_skipped, unlisted_reason, walk_entries
 from edge_runtime.model.card import file_sha256
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,8 @@ class Layout(enum.Enum):
 
     BUSI = "busi"  # <root>/<class>/<name>.png with <name>_mask[_k].png
     BUSBRA = "busbra"  # Images/, Masks/, bus_data.csv
-    FOLDERS = "folders"  # <root>/<class>/<any image>
-    MANIFEST = "manifest"  # a CSV file with path,label[,group|patient|source]
+    FOLDERS = "folders"  # <root>/<class>/[<sub-folders>/]<any scan file>
+    MANIFEST = "manifest"  # a CSV file with path,label[,group,patient,source,masks,device,...]
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ def detect_layout(root: str | Path) -> Layout:
         raise DatasetError(f"{root}: data folder not found; check the path")
     if (root / BUSBRA_CSV).is_file() and (root / "Images").is_dir():
         return Layout.BUSBRA
-    names = [p.stem for d in _class_dirs(root) for p in d.iterdir() if _is_image(p)]
+    names = [p.stem for d in _class_dirs(root) for p in _scan_files(d)[0]]
     has_masks = any(_MASK.match(n) for n in names)
     if has_masks and ("busi" in root.name.lower() or any(_BUSI_NAME.match(n) for n in names)):
         return Layout.BUSI
@@ -175,21 +183,42 @@ def discover(root: str | Path, layout: Layout | None = None) -> list[Sample]:
     return samples
 
 
-def check_label(label: str, where: str) -> str:
+def check_label(label: str, where: str, fix: str = "Fix the label.") -> str:
     """Normalise a class name (case, spaces) and check it is one of :data:`LABELS`.
 
+    Args:
+        label: the class name as found.
+        where: what the message names first (the folder, or the CSV and its line).
+        fix: the message's last sentence, what to do (``"Rename the folder."``).
+
     Raises:
-        DatasetError: an unknown class name, with a did-you-mean suggestion.
+        DatasetError: an empty or unknown class name, with a did-you-mean suggestion.
     """
     clean = label.strip().lower()
     if clean in LABELS:
         return clean
     close = difflib.get_close_matches(clean, LABELS, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise DatasetError(
-        f"{where}: unknown class {label!r}; classes must be one of {', '.join(LABELS)}.{hint} "
-        "Rename the folder or fix the label."
-    )
+    found = f"unknown class {label!r}" if clean else "no class given"
+    raise DatasetError(f"{where}: {found}; classes must be one of {', '.join(LABELS)}.{hint} {fix}")
+
+
+def read_scan(path: str | os.PathLike[str]) -> np.ndarray:
+    """A sample's scan as 2-D uint8 gray, decoded as ``edge-classify`` decodes it
+    (:func:`edge_runtime.io.decode.open_scan`).
+
+    Raises:
+        InputError: the file cannot be read, or holds several images (frames, pages or tissue
+            regions): its label cannot say which one it describes.
+    """
+    scan = open_scan(path)
+    if scan.count > 1:
+        raise InputError(
+            path,
+            f"holds {scan.count} images (frames, pages or tissue regions); a training scan is "
+            "one image, the one its label describes: save that one as a file of its own",
+        )
+    return scan.read(0, 1)[0]
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
@@ -204,15 +233,29 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 _LAYOUT_HELP = {
     Layout.BUSI: "<root>/<class>/<name>.png with <name>_mask.png masks",
     Layout.BUSBRA: "Images/<ID>.png listed in bus_data.csv",
-    Layout.FOLDERS: "<root>/<class>/<image> with class folders named normal, benign, malignant",
+    Layout.FOLDERS: "<root>/<class>/<scan> with class folders named normal, benign, malignant "
+    "(scans: PNG, JPEG, BMP, TIFF or DICOM files, also in sub-folders)",
     Layout.MANIFEST: "rows of path,label with image paths relative to the CSV",
 }
 
 
-def _is_image(path: Path) -> bool:
-    return (
-        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-    )
+def _scan_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The scan files under a class folder, sub-folders included, as ``edge-classify`` finds
+    them (:func:`edge_runtime.io.sources.is_scan_file`), and the files it would leave out.
+
+    Raises:
+        DatasetError: a folder under it cannot be listed.
+    """
+
+    def unlisted(where: str, exc: OSError) -> None:
+        raise DatasetError(f"{where}: {unlisted_reason(exc)}")
+
+    scans: list[Path] = []
+    others: list[Path] = []
+    for entry in walk_entries(folder, unlisted):
+        path = Path(entry.path)
+        (scans if is_scan_file(path) else others).append(path)
+    return scans, others
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -225,21 +268,24 @@ def _discover_class_tree(root: Path, source: str) -> list[Sample]:
         raise DatasetError(f"{root}: no class folders; expected {_LAYOUT_HELP[Layout.FOLDERS]}")
     samples: list[Sample] = []
     for folder in dirs:
-        label = check_label(folder.name, str(folder))
-        files = sorted(p for p in folder.iterdir() if _is_image(p))
-        images = {p.stem: p for p in files if not _MASK.match(p.stem)}
-        masks: dict[str, list[Path]] = {}
+        label = check_label(folder.name, str(folder), "Rename the folder.")
+        files, others = _scan_files(folder)
+        for path in others:
+            log_skipped(path)
+        # keyed by the path without its suffix: <name>_mask.png pairs with <name> beside it
+        images = {p.with_suffix(""): p for p in files if not _MASK.match(p.stem)}
+        masks: dict[Path, list[Path]] = {}
         for p in files:
             match = _MASK.match(p.stem)
             if match:
-                masks.setdefault(match["base"], []).append(p)
+                masks.setdefault(p.parent / match["base"], []).append(p)
         orphans = sorted(set(masks) - set(images))
         if orphans:
             log.warning(
                 "%s: %d masks without an image, ignored (e.g. %s)",
                 folder,
                 len(orphans),
-                masks[orphans[0]][0].name,
+                masks[orphans[0]][0].relative_to(folder),
             )
         if not images:
             raise DatasetError(f"{folder}: class folder holds no images; add images or remove it")
@@ -250,24 +296,47 @@ def _discover_class_tree(root: Path, source: str) -> list[Sample]:
     return samples
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or ()]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise DatasetError(
-                f"{path}: missing column(s) {', '.join(missing)}; found {columns or 'none'}. "
-                f"The header must include {', '.join(required)}."
-            )
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+def _read_csv(
+    path: Path, required: Sequence[str], *, any_case: bool = False
+) -> list[tuple[int, dict[str, str]]]:
+    """Each row of a UTF-8 CSV file with its line number, keyed by the header's names (in lower
+    case with ``any_case``, so that ``Path,Label`` reads as ``path,label``).
+
+    Raises:
+        DatasetError: the file is not UTF-8, or its header lacks a ``required`` name.
+    """
+
+    def name(column: str) -> str:
+        return column.strip().lower() if any_case else column.strip()
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [name(c) for c in reader.fieldnames or ()]
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise DatasetError(
+                    f"{path}: missing column(s) {', '.join(missing)}; found {columns or 'none'}. "
+                    f"The header must include {', '.join(required)}."
+                )
+            return [
+                (reader.line_num, {name(k): (v or "").strip() for k, v in row.items() if k})
+                for row in reader
+            ]
+    except UnicodeDecodeError:
+        utf16 = path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+        what = "UTF-16 text (Excel's 'Unicode text', tab-separated)" if utf16 else "not UTF-8"
+        raise DatasetError(
+            f"{path}: the file is {what}; a CSV must be UTF-8 text with commas: save it as "
+            "'CSV UTF-8 (Comma delimited)'"
+        ) from None
 
 
 def _discover_busbra(root: Path) -> list[Sample]:
     table = root / BUSBRA_CSV
     samples: list[Sample] = []
     missing: list[str] = []
-    for line, row in enumerate(_read_csv(table, BUSBRA_COLUMNS), start=2):
+    for line, row in _read_csv(table, BUSBRA_COLUMNS):
         path = root / "Images" / f"{row['ID']}.png"
         if not path.is_file():
             missing.append(path.name)
@@ -276,7 +345,9 @@ def _discover_busbra(root: Path) -> list[Sample]:
         samples.append(
             Sample(
                 path=path,
-                label=check_label(row["Pathology"], f"{table}, line {line}"),
+                label=check_label(
+                    row["Pathology"], f"{table}, line {line}", f"Fix its Pathology on line {line}."
+                ),
                 source="busbra",
                 patient=f"busbra:{row['Case']}",
                 masks=(mask,) if mask.is_file() else (),
@@ -292,23 +363,29 @@ def _discover_busbra(root: Path) -> list[Sample]:
 
 
 def _discover_manifest(table: Path) -> list[Sample]:
-    rows = _read_csv(table, MANIFEST_COLUMNS)
+    rows = _read_csv(table, MANIFEST_COLUMNS, any_case=True)
     default_source = table.parent.name or table.stem
     reserved = {"path", "label", "split", "group", "source", "patient", "masks"}
     samples: list[Sample] = []
     missing: list[str] = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
+        if not row["path"]:
+            raise DatasetError(
+                f"{table}, line {line}: the path is empty; name the image or remove the row"
+            )
         path = Path(row["path"])
         path = path if path.is_absolute() else table.parent / path
         if not path.is_file():
-            missing.append(row["path"])
+            missing.append(f"line {line}: {row['path']}")
             continue
         source = row.get("source") or default_source
         patient = row.get("patient") or (f"{source}:{row['group']}" if row.get("group") else None)
         samples.append(
             Sample(
                 path=path,
-                label=check_label(row["label"], f"{table}, line {line}"),
+                label=check_label(
+                    row["label"], f"{table}, line {line}", f"Fix the label on line {line}."
+                ),
                 source=source,
                 patient=patient,
                 masks=tuple(table.parent / m for m in row.get("masks", "").split(";") if m),
@@ -317,7 +394,7 @@ def _discover_manifest(table: Path) -> list[Sample]:
         )
     if missing:
         raise DatasetError(
-            f"{table}: {len(missing)} listed image(s) not found (e.g. {', '.join(missing[:3])}); "
+            f"{table}: {len(missing)} listed image(s) not found (e.g. {'; '.join(missing[:3])}); "
             "paths are relative to the CSV's folder: fix them or remove the rows"
         )
     return samples

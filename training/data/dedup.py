@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_runtime.io.decode import InputError, load_gray
-from training.data.datasets import Sample
+from edge_runtime.io.decode import InputError
+from training.data.datasets import Sample, read_scan
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def group_duplicates(
 
 def _features(sample: Sample, options: DedupOptions) -> _Features:
     try:
-        gray = load_gray(sample.path)
+        gray = read_scan(sample.path)
     except InputError as exc:
         log.warning("%s; left out of duplicate matching", exc)
         return _Features(None, 0, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))

@@ -1,4 +1,9 @@
-"""Scans -> cached uint8 arrays through the runtime's own decode and resize -> tf.data."""
+"""Scans -> cached uint8 arrays through the runtime's own decode and resize -> tf.data.
+
+A training scan is read as ``edge-classify`` reads it
+(:func:`training.data.datasets.read_scan`), with what the decoders print while reading it caught
+and logged under the file's name (:mod:`edge_runtime.io.capture`).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.capture import collecting, private_stderr
+from edge_runtime.io.decode import InputError, display_path
 from edge_runtime.io.preprocess import fit_to_square
 from edge_runtime.model.contract import LESION, PROBABILITIES, ResizePolicy
 from training.augmentation.augment import AugmentConfig, make_augmenter
+from training.data.datasets import read_scan
 from training.model.segmentation import mask_targets
 
 log = logging.getLogger(__name__)
@@ -27,32 +34,47 @@ def load_images(
     workers: int = 4,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode and fit every file once, exactly as the device will.
+    """Decode (:func:`read_scan`) and fit every file once, exactly as the device will.
 
     ``transform``, if given, changes each decoded scan at its own resolution before it is fitted
-    (``training.probes.marks.paint_out_marks`` for the unmarked copies).
+    (``training.probes.marks.paint_out_marks`` for the unmarked copies). What the decoders print
+    and each file left out are logged under the file's name, in input order, then how many were
+    left out.
 
     Returns:
         ``(images, failures)``: uint8 ``[N, size, size, 1]`` (a failed file leaves a black image
-        at its index) and ``(path, reason)`` for each failure, so callers can drop or report them.
+        at its index) and ``(path, reason)`` for each failure, in input order, with the path as
+        given, so callers can drop or report them.
     """
     images = np.zeros((len(paths), size, size, 1), np.uint8)
-    failures: list[tuple[str, str]] = []
+    notes: list[list[str]] = [[] for _ in paths]
+    reasons: dict[int, str] = {}
 
     def one(index: int) -> None:
-        try:
-            gray = load_gray(paths[index])
-            if transform is not None:
-                gray = transform(gray)
-            images[index, :, :, 0] = fit_to_square(gray, size, policy)
-        except InputError as exc:
-            failures.append((exc.path, exc.reason))
+        with collecting() as said:
+            try:
+                gray = read_scan(paths[index])
+                if transform is not None:
+                    gray = transform(gray)
+                images[index, :, :, 0] = fit_to_square(gray, size, policy)
+            except InputError as exc:
+                reasons[index] = exc.reason
+        notes[index] = said
 
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers, initializer=private_stderr) as pool:
         list(pool.map(one, range(len(paths))))
-    for path, reason in failures:
-        log.warning("%s: skipped: %s", path, reason)
-    return images, failures
+    for index, path in enumerate(paths):
+        for message in notes[index]:
+            log.warning("%s: %s", display_path(path), message)
+        if index in reasons:
+            log.warning("%s: left out: %s", display_path(path), reasons[index])
+    if reasons:
+        log.warning(
+            "%d of %d scans left out (not readable as one image): see the warnings above",
+            len(reasons),
+            len(paths),
+        )
+    return images, [(str(paths[i]), reasons[i]) for i in sorted(reasons)]
 
 
 def make_dataset(

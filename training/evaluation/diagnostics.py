@@ -65,8 +65,9 @@ def _thin_splits(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[s
             out.append(
                 f"the {split} split has only {', '.join(thin)} image(s) (of {int(counts.sum())}): "
                 f"fewer than {MIN_PER_CLASS} per class, so its accuracy moves by "
-                f"{1 / max(1, counts.sum()):.0%} per image and says little. Add data, or train "
-                "one --backbone with --folds K so that every image is tested once."
+                f"{1 / max(1, counts.sum()):.0%} per image and says little. Add data; "
+                "cross-validation (one --backbone with --folds K) tests every image once, and "
+                "its cv_metrics.json sums up all the folds."
             )
     return out
 
@@ -81,8 +82,9 @@ def _at_chance(metrics: Mapping[str, object], y_test: np.ndarray) -> list[str]:
     if accuracy > majority + CHANCE_MARGIN and predicted > 1:
         return []
     how = "one class for every test image" if predicted <= 1 else f"{predicted} classes"
+    where = "below" if accuracy < majority - CHANCE_MARGIN else "at"
     return [
-        f"test accuracy {accuracy:.3f} is at chance (always answering the commonest class "
+        f"test accuracy {accuracy:.3f} is {where} chance (always answering the commonest class "
         f"scores {majority:.3f}; the model predicted {how}): it has not learned. Check that the "
         "labels match the images, then train longer (--epochs), at another --learning-rate, "
         "or with more images per class."
@@ -96,8 +98,9 @@ def _flat_loss(rows: Sequence[Mapping[str, object]]) -> list[str]:
     out = []
     if min(losses[1:]) > LOSS_FALL * losses[0]:
         out.append(
-            f"the training loss did not fall (first epoch {losses[0]:.3f}, best later "
-            f"{min(losses[1:]):.3f}): try another --learning-rate or more --epochs."
+            f"the training loss fell less than {1 - LOSS_FALL:.0%} (first epoch "
+            f"{losses[0]:.3f} -> best later {min(losses[1:]):.3f}): try another "
+            "--learning-rate or more --epochs."
         )
     val = [float(r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
     if len(val) > 2 and int(np.argmin(val)) == 0:

@@ -17,10 +17,10 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError
 from edge_runtime.io.preprocess import fit_to_square
 from edge_runtime.model.contract import LESION, ResizePolicy
-from training.data.datasets import Sample
+from training.data.datasets import Sample, read_scan
 from training.data.masks import load_lesion_mask
 from training.model.layers import PACKAGE
 
@@ -52,7 +52,7 @@ def load_masks(
         if not sample.masks:
             continue
         try:
-            shape = load_gray(sample.path).shape
+            shape = read_scan(sample.path).shape
             union = load_lesion_mask(sample.masks, shape).astype(np.uint8) * 255
         except InputError as exc:
             log.warning("%s: mask skipped: %s", exc.path, exc.reason)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import CAM, PROBABILITIES, ResizePolicy
 from edge_runtime.postprocess.heatmap import cam_to_heatmap
-from training.data.datasets import Sample
+from training.data.datasets import Sample, read_scan
 from training.data.masks import load_lesion_mask
 from training.probes.checks import HeldOutCheck
 
@@ -68,7 +68,7 @@ def measure(
     rows = []
     for sample in samples:
         try:
-            gray = load_gray(sample.path)
+            gray = read_scan(sample.path)
             lesion = load_lesion_mask(sample.masks, gray.shape)
         except InputError as exc:
             log.warning("%s: skipped: %s", exc.path, exc.reason)

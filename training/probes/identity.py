@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import PROBABILITIES, ResizePolicy
-from training.data.datasets import Sample
+from training.data.datasets import Sample, read_scan
 from training.probes.checks import HeldOutCheck
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def measure(
         if sample.label not in shared:
             continue
         try:
-            images.append(make_batch([load_gray(sample.path)], input_size, policy)[0])
+            images.append(make_batch([read_scan(sample.path)], input_size, policy)[0])
         except InputError as exc:
             log.warning("%s: skipped: %s", exc.path, exc.reason)
             continue

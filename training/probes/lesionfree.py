@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import PROBABILITIES, ResizePolicy
 from training.augmentation.lesion_free import LESION_FREE, lesion_scan_views, mirrored
-from training.data.datasets import Sample
+from training.data.datasets import Sample, read_scan
 from training.probes.checks import HeldOutCheck
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _readable_views(
     for index, sample in indexed:
         try:
             if sample.label == "normal":
-                gray = load_gray(sample.path)
+                gray = read_scan(sample.path)
                 width = gray.shape[1]
                 made = {LESION_FREE: mirrored(gray, slice(width // 2, width))}
                 yield index, sample, (width - width // 2) / width, made

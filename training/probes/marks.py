@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_runtime.io.decode import InputError, load_gray
+from edge_runtime.io.decode import InputError
 from edge_runtime.io.preprocess import make_batch
 from edge_runtime.model.contract import PROBABILITIES, ResizePolicy
 from training.augmentation.clutter import clutter_bank
 from training.augmentation.marks import find_marks, remove_marks
-from training.data.datasets import Sample
+from training.data.datasets import Sample, read_scan
 from training.probes.checks import HeldOutCheck
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def measure(
     rows = []
     for i, sample in enumerate(samples):
         try:
-            gray = load_gray(sample.path)
+            gray = read_scan(sample.path)
         except InputError as exc:
             log.warning("%s: skipped: %s", exc.path, exc.reason)
             continue
