@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from edge_runtime.postprocess.decision import (
+    MIN_SCALE,
     SENSITIVITY_TARGET,
     decide,
     lesion_verdict,
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 MIN_MALIGNANT_SENSITIVITY = SENSITIVITY_TARGET
 MIN_MALIGNANT_VALIDATION_SCANS = 10  # fewer: no operating point, plain top-1
 UNFAMILIAR_QUANTILE = 0.99  # the score above which 1% of validation scans fall
+# The INT8 model rounds its features output to 8 bits over the range calibration saw (a step of
+# the training features' range / 255), after rounding the map it pools: an INT8 feature can sit
+# about a step from FP32's. A spread below that measures rounding, not scans; floored at 2 steps,
+# a feature that never varies adds at most about (1/2)^2 to the mean square under INT8, where
+# one that varies adds about 1 (measured: docs/usage.md, edge-export).
+UNFAMILIAR_FLOOR_STEPS = 2
 
 
 def choose_operating_point(
@@ -72,13 +79,30 @@ def choose_unfamiliar(
     num_classes: int,
 ) -> dict:
     """The unfamiliar-scan reference (class means and spread of the training scans' pooled
-    features) and its threshold: the 99th percentile of the validation scans' scores, so that
-    about 1% of scans like the training data are flagged.
+    features, the spread floored at :data:`UNFAMILIAR_FLOOR_STEPS` 8-bit steps of the features'
+    range) and its threshold: the 99th percentile of the validation scans' scores, so that
+    about 1% of scans like the training data are flagged. Empty (no unfamiliar-scan rule) when
+    no feature varies over the training scans by more than that floor: there is nothing to
+    measure a scan against, and its INT8 model's scores would be rounding alone.
 
     Raises:
         ValueError: the threshold is not finite (features with NaN or infinity).
     """
-    stats = unfamiliar_stats(features_of(train_images), train_labels, num_classes)
+    features = features_of(train_images)
+    stats = unfamiliar_stats(features, train_labels, num_classes)
+    spread = np.asarray(stats["scale"])
+    floor = max(UNFAMILIAR_FLOOR_STEPS * float(np.ptp(np.append(features, 0.0))) / 255, MIN_SCALE)
+    if np.all(spread <= floor):
+        log.warning(
+            "the model's pooled features do not vary over the %d training scans (every "
+            "feature's spread is at most %.2g, %d 8-bit steps of their range): no unfamiliar-"
+            "scan rule. A model whose features never vary has not learned; train it longer",
+            len(train_images),
+            floor,
+            UNFAMILIAR_FLOOR_STEPS,
+        )
+        return {}
+    stats["scale"] = np.round(np.maximum(spread, floor), 6).tolist()
     scores = unfamiliar_scores(features_of(val_images), stats)
     threshold = float(np.quantile(scores, UNFAMILIAR_QUANTILE))
     if not np.isfinite(threshold):

@@ -12,22 +12,57 @@ from export.parity import ParityReport
 from training.evaluation.protocol import markdown_table
 from training.runfolder import RunInfo
 
-INTENDED_USE = (
-    "Research and engineering evaluation of breast-ultrasound image classification "
-    "(normal / benign / malignant) on a device host. Not a medical device: not cleared or approved "
-    "for diagnosis; every output needs review by a qualified clinician."
-)
-LIMITATIONS = (
-    "Trained on public datasets from a few scanners and sites; performance on other scanners, "
-    "presets, populations and image pipelines is unknown until measured there. Burned-in text, "
-    "calipers and Doppler colour can act as shortcuts. BUS-BRA has no normal class, so the model "
-    "may call a scan abnormal for looking like BUS-BRA rather than for its lesion.",
-    "Shortcut checks on held-out scans: `python -m training.probes.marks` (burned-in calipers "
-    "and text), `python -m training.probes.attention` (activation on the lesion), `python -m "
-    "training.probes.identity` (which dataset the features reveal) and `python -m "
-    "training.probes.lesionfree` (lesion-free tissue called normal, per source). Run them on "
-    "your own scans before relying on the model.",
-)
+PUBLIC_DATASETS = {"busi": "BUSI", "busbra": "BUS-BRA"}  # training.data.datasets' source names
+SHORTCUT_PROBES = {
+    "marks": "burned-in calipers and text",
+    "attention": "activation on the lesion",
+    "identity": "which dataset the features reveal",
+    "lesionfree": "lesion-free tissue called normal, per source",  # a model with a normal class
+}
+
+
+def intended_use(class_names: Sequence[str]) -> str:
+    """The card's intended use, naming the model's own classes."""
+    return (
+        "Research and engineering evaluation of breast-ultrasound image classification "
+        f"({' / '.join(class_names)}) on a device host. Not a medical device: not cleared or "
+        "approved for diagnosis; every output needs review by a qualified clinician."
+    )
+
+
+def limitations(info: RunInfo) -> list[str]:
+    """The card's limitations, true of the run: its training data as ``run.json`` records the
+    sources, and BUS-BRA's missing normal class only where BUS-BRA was trained on with normals."""
+    public = [PUBLIC_DATASETS[s] for s in info.sources if s in PUBLIC_DATASETS]
+    own = [s for s in info.sources if s not in PUBLIC_DATASETS]
+    data = [f"data from {_words(own)}"] if own else []
+    if public:
+        data.append(f"the public dataset{'s' if len(public) > 1 else ''} {_words(public)}")
+    first = (
+        f"Trained on {_words(data) if data else 'data whose sources the run did not record'}; "
+        "performance on other scanners, presets, populations and image pipelines is unknown "
+        "until measured there. Burned-in text, calipers and Doppler colour can act as shortcuts."
+    )
+    if "busbra" in info.sources and "normal" in info.class_names:
+        first += (
+            " BUS-BRA has no normal class, so the model may call a scan abnormal for looking "
+            "like BUS-BRA rather than for its lesion."
+        )
+    probes = [
+        f"`python -m training.probes.{name}` ({what})"
+        for name, what in SHORTCUT_PROBES.items()
+        if name != "lesionfree" or "normal" in info.class_names
+    ]
+    return [
+        first,
+        f"Shortcut checks on held-out scans: {_words(probes)}. Run them on your own scans "
+        "before relying on the model.",
+    ]
+
+
+def _words(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
 def build_card(
@@ -51,8 +86,8 @@ def build_card(
         "name": name,
         "model_version": info.model_version,
         "not_a_medical_device": True,
-        "intended_use": INTENDED_USE,
-        "limitations": list(LIMITATIONS),
+        "intended_use": intended_use(info.class_names),
+        "limitations": limitations(info),
         "classes": list(info.class_names),
         "input": {
             "name": "image",
@@ -531,16 +566,19 @@ def _runtime_call_lines(
         f" {name}: accuracy {entry['accuracy']:.3f} ({entry['scans']} scans)."
         for name, entry in (calls.get("by_source") or {}).items()
     )
-    cancer = (
-        "the malignant operating point above"
-        if has_operating_point
-        else "top-1 between benign and malignant (no operating point was chosen)"
-    )
+    lesions = [c for c in classes if c != "normal"]
+    if has_operating_point:
+        cancer = "the malignant operating point above"
+    elif "malignant" in lesions and len(lesions) > 1:
+        cancer = f"top-1 between {_words(lesions)} (no operating point was chosen)"
+    else:
+        cancer = "top-1"
     return [
         f"## As the runtime calls them (held-out test split, {calls['scans']} scans)",
         "",
         "The metrics above are the classifier's top-1. On the device a scan's `label` follows "
-        f"the model's rules: {cancer}, and {rule}. So called, "
+        f"the model's rules: {cancer}{f', and {rule}' if 'normal' in classes else ''}. "
+        "So called, "
         f"accuracy {calls['accuracy']:.3f}; recall {recall}.{by_source}",
         "",
         *_confusion_table({"confusion_matrix": calls["confusion_matrix"]}, classes),
@@ -564,7 +602,15 @@ def _decision_lines(decision: Mapping[str, Any]) -> list[str]:
             "",
         ]
     unfamiliar = decision.get("unfamiliar")
-    if unfamiliar:
+    if unfamiliar == {}:  # export.call_rules.choose_unfamiliar: features that never vary
+        lines += [
+            "## Unfamiliar scans",
+            "",
+            "No unfamiliar-scan rule: the model's pooled features do not vary over the training "
+            "scans, so no scan is flagged `unfamiliar`.",
+            "",
+        ]
+    elif unfamiliar:
         lines += [
             "## Unfamiliar scans",
             "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,25 +36,81 @@ status 1. Next: edge-classify SCANS --model OUTPUT/<name>-int8.onnx
 
 def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     """``--min-agreement`` and ``--max-accuracy-drop``: the INT8/FP16 parity gate's bounds, for
-    export and requantize alike."""
+    export and requantize alike, each refused at parse time outside its range."""
     from export.parity import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT
 
     parser.add_argument(
         "--min-agreement",
-        type=float,
+        type=_share(low_open=True),
         default=MIN_TOP1_AGREEMENT,
         metavar="F",
-        help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images "
+        help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images, in (0, 1] "
         f"(default {MIN_TOP1_AGREEMENT}; recorded in the model card's parity results)",
     )
     parser.add_argument(
         "--max-accuracy-drop",
-        type=float,
+        type=_share(low_open=False),
         default=MAX_ACCURACY_DROP,
         metavar="F",
-        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images "
+        help="largest accuracy loss of INT8/FP16 against FP32 on held-out images, in [0, 1] "
         f"(default {MAX_ACCURACY_DROP})",
     )
+
+
+def add_float_convs_argument(parser: argparse.ArgumentParser, default: int) -> None:
+    """``--float-convs N`` (N >= 0), for export and requantize alike."""
+    parser.add_argument(
+        "--float-convs",
+        type=_whole(0),
+        default=default,
+        metavar="N",
+        help="keep the first N convolutions of each ensemble member, and the residual sums "
+        f"among them, in float in the INT8 model (default {default}, the bundled model's); "
+        "early rounding errors grow through the network, so this can lift INT8-FP32 agreement, "
+        "and on EfficientNet-Lite 2 ran faster than 0",
+    )
+
+
+def file_stem(text: str) -> str:
+    """``--name``: a plain file-name stem, which the model files' names start with."""
+    if not text or text in {".", ".."} or any(c in text for c in "/\\\0"):
+        raise argparse.ArgumentTypeError(
+            f"must be a plain file-name stem, without a folder. Got {text!r} instead."
+        )
+    return text
+
+
+def _share(*, low_open: bool):
+    """A type for a share: in (0, 1] with ``low_open``, else in [0, 1]."""
+    interval = "(0, 1]" if low_open else "[0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+            raise argparse.ArgumentTypeError(f"must be in {interval}. Got {text!r} instead.")
+        return value
+
+    return parse
+
+
+def _whole(minimum: int):
+    """A type for a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number >= {minimum}. Got {text!r} instead."
+            )
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="an edge-train run folder")
     parser.add_argument("--output", type=Path, required=True, help="folder for the model files")
-    parser.add_argument("--name", default="model", help="file name stem (default: model)")
+    parser.add_argument(
+        "--name", type=file_stem, default="model", help="file name stem (default: model)"
+    )
     parser.add_argument(
         "--precision",
         choices=["int8", "fp32"],
@@ -95,20 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--calibration-images",
-        type=int,
+        type=_whole(1),
         default=defaults.max_calibration_images,
         help=f"training images used for calibration (default {defaults.max_calibration_images})",
     )
-    parser.add_argument(
-        "--float-convs",
-        type=int,
-        default=defaults.float_convs,
-        metavar="N",
-        help="keep the first N convolutions of each ensemble member, and the residual sums "
-        f"among them, in float in the INT8 model (default {defaults.float_convs}, the bundled "
-        "model's); early rounding errors grow through the network, so this can lift INT8-FP32 "
-        "agreement, and on EfficientNet-Lite 2 ran faster than 0",
-    )
+    add_float_convs_argument(parser, defaults.float_convs)
     add_gate_arguments(parser)
     parser.add_argument(
         "--no-recheck",
@@ -142,7 +192,8 @@ def main(
     """``edge-export``; returns an :class:`~edge_runtime.app.status.ExitStatus`: ``GATE_FAILED`` (1)
     when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    args = parse_args(build_parser(), argv, stdout, stderr)
+    parser = build_parser()
+    args = parse_args(parser, argv, stdout, stderr, lambda a: _check_output(parser, a.output))
     if isinstance(args, ExitStatus):
         return args
     missing = missing_extra("edge-export", "export", EXPORT_MODULES, stderr)
@@ -156,6 +207,18 @@ def main(
             stderr=stderr,
             traceback=args.traceback,
         )
+
+
+def _check_output(parser: argparse.ArgumentParser, output: Path) -> None:
+    """Refuse an ``--output`` the files could never be written to, before anything loads: an
+    existing file, a folder under a file, a folder this user cannot write in."""
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output}: exists and is not a folder")
+    existing = next(p for p in (output, *output.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(f"--output {output}: cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output {output}: the folder {existing} is not writable")
 
 
 def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:

@@ -42,6 +42,7 @@ from export.quantize import (
     QuantConfig,
     calibration_candidates,
     calibration_name,
+    every_conv_float,
     quantize_int8,
 )
 from training.augmentation.augment import jitter_gray_levels
@@ -61,18 +62,36 @@ GATE_ARITHMETIC = (
 )
 
 
-INT8_ADVICE = (
-    "To try: --float-convs N (e.g. 11: the first convolutions in float, a little slower; "
-    'docs/experiments.md, "Quantization settings"); --calibration auto; longer training (a '
-    "model trained for a few epochs has many near-ties that INT8 flips); or --precision fp32 to "
-    "write the verified FP32 model alone."
-)
+FLOAT_CONVS_HINT = 11  # the --float-convs value the advice names first
+
+
+def int8_advice(float_convs: int, all_float: bool, tried_auto: bool) -> str:
+    """What to try after an INT8 refusal, less what the refused export already did: no
+    ``--float-convs`` once every convolution ran in float (``all_float``), a larger N than
+    ``float_convs`` otherwise, and no ``--calibration auto`` after ``tried_auto``."""
+    tries = []
+    if not all_float:
+        example = (
+            f"e.g. {FLOAT_CONVS_HINT}" if float_convs < FLOAT_CONVS_HINT else f"above {float_convs}"
+        )
+        tries.append(
+            f"--float-convs N ({example}: the first convolutions in float, a little slower; "
+            'docs/experiments.md, "Quantization settings")'
+        )
+    if not tried_auto:
+        tries.append("--calibration auto")
+    tries.append(
+        "longer training (a model trained for a few epochs has many near-ties that INT8 flips)"
+    )
+    return (
+        f"To try: {'; '.join(tries)}; or --precision fp32 to write the verified FP32 model alone."
+    )
 
 
 class ParityError(RuntimeError):
     """An exported model disagrees with its source; nothing was written."""
 
-    def __init__(self, reports: list[ParityReport], report_path: Path) -> None:
+    def __init__(self, reports: list[ParityReport], report_path: Path, advice: str) -> None:
         self.reports, self.report_path = reports, report_path
         failed = [r.summary() for r in reports if not r.passed]
         reduced = any("int8" in r.name or "fp16" in r.name for r in reports if not r.passed)
@@ -80,7 +99,7 @@ class ParityError(RuntimeError):
             "parity gate failed:\n  "
             + "\n  ".join(failed)
             + f"\nFull report: {report_path}. No model was written."
-            + (f"\n{INT8_ADVICE}" if reduced else "")
+            + (f"\n{advice}" if reduced else "")
         )
 
 
@@ -212,7 +231,7 @@ def export_run(options: ExportOptions) -> ExportResult:
             runtime_calls=calls,
         )
         card_json, card_md = write_card(card, staged.tmp)
-        _verify_written(staged, candidates, fp32.probabilities, output)
+        _verify_written(staged, candidates, fp32.probabilities, output, int8)
         _publish([card_json, card_md, *candidates], _writable_dir(output), options.name)
     files = tuple(output / path.name for path in candidates)
     return ExportResult(files, output / card_json.name, tuple(reports.values()))
@@ -283,7 +302,7 @@ def requantize_export(
         card["files"][int8.path.name] = file_record(int8.path)
         card_json, card_md = write_card(card, staged.tmp)
         shutil.copy2(fp32_path, staged.tmp / fp32_path.name)  # its recheck partner, beside it
-        _verify_written(staged, [int8.path], fp32.probabilities, model_dir)
+        _verify_written(staged, [int8.path], fp32.probabilities, model_dir, int8)
         _publish([card_json, card_md, int8.path], model_dir, name)
     return ExportResult((model_dir / int8.path.name,), card_path, tuple(reports.values()))
 
@@ -517,16 +536,21 @@ def _refuse(
     lines = [r.summary() for r in reports.values()]
     if int8 is not None and int8.margin > 0:
         lines.append(_alone_line(int8.alone))
+    advice = _advice(options, int8)
     if int8 is not None and not reports["int8"].passed:
         lines += _diagnose(int8.prepared, int8.path, held_out)
         lines.append(_jitter_line(fp32.path, held_out, fp32.probabilities, options.min_agreement))
-        lines.append(INT8_ADVICE)
+        lines.append(advice)
     report_path.write_text("\n".join(lines) + "\n")
-    raise ParityError(list(reports.values()), report_path)
+    raise ParityError(list(reports.values()), report_path, advice)
 
 
 def _verify_written(
-    staged: _Staged, files: list[Path], fp32_probabilities: np.ndarray, output: Path
+    staged: _Staged,
+    files: list[Path],
+    fp32_probabilities: np.ndarray,
+    output: Path,
+    int8: _Int8 | None,
 ) -> None:
     """Reload each staged model file as the runtime runs it (contract, card, FP32 recheck) and
     gate its answers on the held-out scans (:func:`edge_runtime.model.verify.verify_model_file`).
@@ -571,9 +595,16 @@ def _verify_written(
     if all(r.passed for r in reports):
         return
     report_path = _writable_dir(output) / _failure_report_name(staged.options.name)
-    lines = [r.summary() for r in reports] + [INT8_ADVICE]
-    report_path.write_text("\n".join(lines) + "\n")
-    raise ParityError(reports, report_path)
+    advice = _advice(staged.options, int8)
+    report_path.write_text("\n".join([*(r.summary() for r in reports), advice]) + "\n")
+    raise ParityError(reports, report_path, advice)
+
+
+def _advice(options: ExportOptions, int8: _Int8 | None) -> str:
+    """:func:`int8_advice` for this export."""
+    convs = options.quantization.float_convs
+    all_float = int8 is not None and every_conv_float(int8.prepared, convs)
+    return int8_advice(convs, all_float, options.choose_calibration)
 
 
 def _failure_report_name(name: str) -> str:
@@ -752,7 +783,7 @@ def _jitter_line(fp32: Path, images: np.ndarray, fp32_probs: np.ndarray, gate: f
     A rough guide, not a bound: on the EfficientNet-Lite0 models measured for the README, INT8
     flipped between half and twice as many answers as this noise did, and a model trained to be
     stable under it (stability training) still flipped. Keeping the first convolutions in float
-    halved the INT8 error there, at part of INT8's speed (:data:`INT8_ADVICE`).
+    halved the INT8 error there, at part of INT8's speed (:func:`int8_advice`).
     """
     jittered = jitter_gray_levels(images, 1, seed=0)
     same = float(np.mean(_onnx_probabilities(fp32, jittered).argmax(1) == fp32_probs.argmax(1)))

@@ -96,6 +96,14 @@ def float_prefix(graph: onnx.GraphProto, convs: int) -> list[str]:
     return names
 
 
+def every_conv_float(model_path: Path, convs: int) -> bool:
+    """Whether :func:`float_prefix` with ``convs`` keeps every convolution of the model at
+    ``model_path`` (the prepared FP32 model) in float."""
+    graph = onnx.load(str(model_path)).graph
+    kept = set(float_prefix(graph, convs))
+    return all(node.name in kept for node in graph.node if node.op_type == "Conv")
+
+
 def quantize_int8(
     fp32_path: Path,
     int8_path: Path,

@@ -21,23 +21,21 @@ from edge_runtime.app.status import ExitStatus
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from export.cli import add_gate_arguments
-    from export.pipeline import ParityError, requantize_export
-    from export.quantize import QuantConfig
+    from export.cli import add_float_convs_argument, add_gate_arguments, file_stem
+    from export.quant_config import QuantConfig
 
     parser = argparse.ArgumentParser(prog="python -m export.requantize", description=__doc__)
     parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
     parser.add_argument("--split-dir", type=Path, required=True, help="holds the split.csv")
     parser.add_argument("--data-root", type=Path, required=True)
-    parser.add_argument("--name", default="default", help="file name stem (default: default)")
     parser.add_argument(
-        "--float-convs",
-        type=int,
-        default=QuantConfig().float_convs,
-        help="leading convolutions kept in float (default: %(default)s)",
+        "--name", type=file_stem, default="default", help="file name stem (default: default)"
     )
+    add_float_convs_argument(parser, QuantConfig().float_convs)
     add_gate_arguments(parser)
     args = parser.parse_args(argv)
+    from export.pipeline import ParityError, requantize_export  # after the usage errors
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = QuantConfig(float_convs=args.float_convs)
     try:

@@ -261,3 +261,39 @@ def test_the_card_of_an_fp32_only_export_says_it_has_no_int8_model(tmp_path):
     text = render_markdown(card)
     assert "## INT8 quantization\n\n- INT8 model not written (--precision fp32)\n" in text
     assert "activations None" not in text and "calibration on None" not in text
+
+
+def test_a_clinic_trained_two_class_card_says_only_what_is_true_of_its_run():
+    """Classes and training data come from the run: no normal class, no public dataset."""
+    from export.call_rules import runtime_calls
+
+    classes = ("benign", "malignant")
+    info = RunInfo(classes, 64, "letterbox", "small-cnn", 0, "f" * 64, sources=("clinic",))
+    probabilities = np.array([[0.8, 0.2], [0.3, 0.7]], np.float32)
+    calls = runtime_calls(info, probabilities, np.array([0, 1]), 0.0)
+    card = build_card("m", info, [], [], {}, runtime_calls=calls)
+    text = render_markdown(card)
+    assert "image classification (benign / malignant) on a device host" in text
+    assert "Trained on data from clinic; performance on other scanners" in text
+    assert (
+        "the model's rules: top-1 between benign and malignant (no operating point was chosen). "
+        "So called, accuracy 1.000" in text
+    )
+    for false in ("normal", "public", "BUSI", "BUS-BRA", "a few scanners and sites"):
+        assert false not in text, false
+
+
+def test_the_card_names_the_public_datasets_only_where_they_are_the_training_data():
+    three = RunInfo(CLASSES, 64, "letterbox", "small-cnn", 0, "f" * 64, sources=("clinic",))
+    text = render_markdown(build_card("m", three, [], [], {}))
+    assert "image classification (normal / benign / malignant) on a device host" in text
+    assert "Trained on data from clinic;" in text and "BUS" not in text
+    assert "`python -m training.probes.lesionfree` (lesion-free tissue called normal" in text
+    public = RunInfo(CLASSES, 64, "letterbox", "small-cnn", 0, "f" * 64, sources=("busi", "busbra"))
+    text = render_markdown(build_card("m", public, [], [], {}))
+    assert "Trained on the public datasets BUSI and BUS-BRA;" in text
+    assert "BUS-BRA has no normal class, so the model may call a scan abnormal" in text
+    mixed = RunInfo(CLASSES, 64, "letterbox", "small-cnn", 0, "f" * 64, sources=("site", "busi"))
+    text = render_markdown(build_card("m", mixed, [], [], {}))
+    assert "Trained on data from site and the public dataset BUSI;" in text
+    assert "BUS-BRA" not in text

@@ -228,6 +228,30 @@ def test_broken_quantization_trips_the_int8_gate(run, tmp_path, monkeypatch):
     assert "FP32 model under +-1 gray level of pixel noise: top-1 unchanged on" in report
 
 
+def test_the_advice_after_an_int8_refusal_leaves_out_what_was_just_tried(
+    run, tmp_path, monkeypatch, capsys
+):
+    """Every convolution in float and --calibration auto tried: neither is suggested again."""
+    from dataclasses import replace
+
+    from export import pipeline
+    from export.cli import main
+
+    real = pipeline.int8_recheck_gate
+    monkeypatch.setattr(
+        pipeline,
+        "int8_recheck_gate",
+        lambda *a, **k: replace(real(*a, **k), failures=("refused for the test",)),
+    )
+    out = tmp_path / "out"
+    argv = [str(run), "--output", str(out), "--float-convs", "100", "--calibration", "auto"]
+    assert main(argv) == 1
+    advice = capsys.readouterr().err.split("To try: ")[1]
+    assert "--float-convs" not in advice and "--calibration auto" not in advice
+    assert "longer training" in advice and "--precision fp32" in advice
+    assert (out / "model.parity-failed.txt").read_text().endswith(f"To try: {advice}")
+
+
 def test_bundle_ships_the_pair_the_card_and_the_heldout_list(run, tmp_path):
     import csv
 
@@ -337,7 +361,7 @@ def test_unwritable_output_is_refused(run, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main([str(run), "--output", str(blocker / "sub")]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert f"cannot be created: {blocker} is not a folder" in capsys.readouterr().err
 
 
 def test_model_without_contract_outputs_is_refused(run, tmp_path, capsys):
