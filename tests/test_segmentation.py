@@ -59,9 +59,7 @@ def test_masks_are_known_for_normal_and_masked_lesion_scans_only(tmp_path, caplo
     assert "bad_mask.png: mask skipped" in caplog.text
 
 
-def test_a_0_1_mask_is_read_as_its_lesion_and_an_empty_or_reshaped_one_is_named(
-    tmp_path, caplog
-):
+def test_a_0_1_mask_is_read_as_its_lesion_and_an_empty_or_reshaped_one_is_named(tmp_path, caplog):
     """Masks stored 0/1 were read as empty: every lesion scan's target 'no lesion', and a model
     that called every scan normal."""
     pytest.importorskip("keras")
