@@ -51,6 +51,19 @@ def test_busi_layout_pairs_masks_and_never_takes_them_as_images(tmp_path: Path) 
     assert first.patient is None
 
 
+def test_busi_is_named_by_its_folder_or_by_every_file_s_name_not_by_one(tmp_path: Path) -> None:
+    """A clinic's folder with masks and one file named like a copy ("benign (1).png") was taken
+    for BUSI: its scans counted as BUSI's, and its card said so."""
+    busi = _busi(tmp_path / "renamed")  # BUSI's files under another folder name
+    assert detect_layout(busi) is Layout.BUSI
+    clinic = tmp_path / "clinic"
+    for name in ("site1", "site2", "benign (1)"):
+        _png(clinic / "benign" / f"{name}.png")
+        _png(clinic / "benign" / f"{name}_mask.png", 255)
+    assert detect_layout(clinic) is Layout.FOLDERS
+    assert {s.source for s in discover_all([clinic]).samples} == {"clinic"}
+
+
 def test_busbra_layout_reads_patients_labels_and_device(tmp_path: Path) -> None:
     samples = discover_all([_busbra(tmp_path / "bb")]).samples
     assert [s.label for s in samples] == ["malignant", "malignant", "benign"]

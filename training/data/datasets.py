@@ -153,8 +153,11 @@ def detect_layout(root: str | Path) -> Layout:
     if (root / BUSBRA_CSV).is_file() and (root / "Images").is_dir():
         return Layout.BUSBRA
     names = [p.stem for d in _class_dirs(root) for p in _scan_files(d)[0]]
-    has_masks = any(_MASK.match(n) for n in names)
-    if has_masks and ("busi" in root.name.lower() or any(_BUSI_NAME.match(n) for n in names)):
+    scans = [n for n in names if not _MASK.match(n)]
+    has_masks = len(scans) < len(names)
+    # BUSI's own names, every one: a clinic's "benign (3).png" beside its own is not BUSI
+    busi_names = bool(scans) and all(_BUSI_NAME.match(n) for n in scans)
+    if has_masks and ("busi" in root.name.lower() or busi_names):
         return Layout.BUSI
     return Layout.FOLDERS
 
