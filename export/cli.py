@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
+from edge_runtime.app.shell import (
+    command_parser,
+    missing_extra,
+    parse_args,
+    run_command,
+    share,
+    whole_number,
+)
 from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
 
@@ -41,7 +48,7 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--min-agreement",
-        type=_share(low_open=True),
+        type=share(above_zero=True),
         default=MIN_TOP1_AGREEMENT,
         metavar="F",
         help="top-1 agreement with FP32 that INT8/FP16 must reach on held-out images, in (0, 1] "
@@ -49,7 +56,7 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-accuracy-drop",
-        type=_share(low_open=False),
+        type=share(),
         default=MAX_ACCURACY_DROP,
         metavar="F",
         help="largest accuracy loss of INT8/FP16 against FP32 on held-out images, in [0, 1] "
@@ -61,7 +68,7 @@ def add_float_convs_argument(parser: argparse.ArgumentParser, default: int) -> N
     """``--float-convs N`` (N >= 0), for export and requantize alike."""
     parser.add_argument(
         "--float-convs",
-        type=_whole(0),
+        type=whole_number(0),
         default=default,
         metavar="N",
         help="keep the first N convolutions of each ensemble member, and the residual sums "
@@ -78,39 +85,6 @@ def file_stem(text: str) -> str:
             f"must be a plain file-name stem, without a folder. Got {text!r} instead."
         )
     return text
-
-
-def _share(*, low_open: bool):
-    """A type for a share: in (0, 1] with ``low_open``, else in [0, 1]."""
-    interval = "(0, 1]" if low_open else "[0, 1]"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-            raise argparse.ArgumentTypeError(f"must be in {interval}. Got {text!r} instead.")
-        return value
-
-    return parse
-
-
-def _whole(minimum: int):
-    """A type for a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"must be a whole number >= {minimum}. Got {text!r} instead."
-            )
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--calibration-images",
-        type=_whole(1),
+        type=whole_number(1),
         default=defaults.max_calibration_images,
         help=f"training images used for calibration (default {defaults.max_calibration_images})",
     )

@@ -23,7 +23,13 @@ from edge_runtime.app.output import (
     write_heatmaps,
     write_masks,
 )
-from edge_runtime.app.shell import command_parser, parse_args, run_command
+from edge_runtime.app.shell import (
+    command_parser,
+    parse_args,
+    run_command,
+    share,
+    whole_number,
+)
 from edge_runtime.app.status import ExitStatus
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
 from edge_runtime.io.decode import display_path
@@ -119,7 +125,7 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
 def _add_batch_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=whole_number(1),
         default=8,
         metavar="N",
         help="images per inference batch (default 8)",
@@ -130,7 +136,7 @@ def _add_model_options(parser: argparse.ArgumentParser, *, threads_default: int 
     _add_model_option(parser)
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=whole_number(1),
         default=threads_default,
         help="inference threads (default: "
         + ("one per core" if threads_default is None else str(threads_default))
@@ -231,7 +237,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--abstain-below",
-        type=_probability,
+        type=share(),
         default=None,
         metavar="P",
         help="mark results whose confidence (the called class's probability) is below P as "
@@ -239,7 +245,7 @@ def _add_abstain_option(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--malignant-threshold",
-        type=_threshold,
+        type=share(below_one=True),
         default=None,
         metavar="P",
         help="call a scan malignant when P(malignant) >= P, else the likelier other class "
@@ -391,39 +397,6 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535. Got {text!r} instead.")
     return port
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1. Got {text!r} instead.")
-    return value
-
-
-def _probability(text: str) -> float:
-    """A value in [0, 1] (``--abstain-below``)."""
-    value = _float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1]. Got {text!r} instead.")
-    return value
-
-
-def _threshold(text: str) -> float:
-    """A value in [0, 1) (``--malignant-threshold``)."""
-    value = _float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1). Got {text!r} instead.")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number. Got {text!r} instead.") from None
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -923,7 +896,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-sensitivity-drop",
-        type=_probability,
+        type=share(),
         default=None,
         metavar="D",
         help="also refuse when cross-validated malignant sensitivity falls by more than D",

@@ -137,6 +137,42 @@ def parse_args(
     return args
 
 
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum``; its error names the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number >= {minimum}. Got {text!r} instead."
+            )
+        return value
+
+    return parse
+
+
+def share(*, above_zero: bool = False, below_one: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a number in [0, 1], (0, 1] with ``above_zero``, [0, 1) with
+    ``below_one`` (NaN in none); its error names the interval."""
+    interval = f"{'(' if above_zero else '['}0, 1{')' if below_one else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number. Got {text!r} instead.") from None
+        low_ok = value > 0.0 if above_zero else value >= 0.0
+        high_ok = value < 1.0 if below_one else value <= 1.0
+        if not (low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"must be in {interval}. Got {text!r} instead.")
+        return value
+
+    return parse
+
+
 def run_command(
     prog: str,
     body: Callable[[], int],

@@ -47,10 +47,11 @@ from pathlib import Path
 from edge_runtime.app.output import result_record
 from edge_runtime.classifier import Classifier, Failure, Result
 from edge_runtime.io import own_images
-from edge_runtime.io.decode import SNIFF_BYTES, display_path, sniff
+from edge_runtime.io.decode import display_path, sniff
 from edge_runtime.io.sources import (
     SCAN_SUFFIXES,
     Taken,
+    file_head,
     is_scan_file,
     log_skipped,
     real_key,
@@ -251,7 +252,7 @@ def _taken_as_scan(path: Path) -> bool:
 def _looks_like(path: Path) -> str | None:
     """What an existing file's first bytes show it is, when it is an image, DICOM or video
     file; None for anything else (and for paths that lead nowhere)."""
-    head = _head(path)
+    head = file_head(path)
     if written := own_images.written_kind(head):
         return own_images.describe(written)
     kind = sniff(head)
@@ -263,17 +264,6 @@ def _looks_like(path: Path) -> str | None:
         return "a GIF image"
     video = sniff_video(head)
     return None if video is None else f"a video ({video})"
-
-
-def _head(path: Path, size: int = SNIFF_BYTES) -> bytes:
-    """A regular file's first bytes; empty for anything else (a pipe is never opened)."""
-    try:
-        if not stat_mode.S_ISREG(os.stat(path).st_mode):
-            return b""
-        with open(path, "rb") as handle:
-            return handle.read(size)
-    except (OSError, ValueError):
-        return b""
 
 
 def _not_regular(path: Path) -> str | None:
@@ -294,7 +284,7 @@ def _not_results_file(path: Path) -> str | None:
         return why
     if kind := _looks_like(path):
         return f"it is {kind}"
-    head = _head(path, _FIRST_LINE_BYTES)
+    head = file_head(path, _FIRST_LINE_BYTES)
     text = head.lstrip(b" \t\r\n")
     if not text:
         return None
@@ -318,7 +308,7 @@ def _not_state_file(path: Path) -> str | None:
         return why
     if kind := _looks_like(path):
         return f"it is {kind}"
-    head = _head(path, 64)
+    head = file_head(path, 64)
     if head and not head.lstrip().startswith(b'{"version": '):
         return "it does not start as one"
     return None

@@ -178,16 +178,16 @@ def _skipped(path: str | os.PathLike[str]) -> tuple[str, int] | None:
     if special is not None:
         return f"not a regular file ({special})", logging.WARNING if media else logging.DEBUG
     if suffix in TEMPORARY_SUFFIXES or name.endswith("~"):
-        media = os.path.splitext(stem)[1] in SCAN_SUFFIXES or _is_scan_head(_head(path))
+        media = os.path.splitext(stem)[1] in SCAN_SUFFIXES or _is_scan_head(file_head(path))
         reason = "a temporary name: a copy still being written (it is read once renamed)"
         return reason, logging.WARNING if media else logging.DEBUG
-    if suffix == ".png" and (written := own_images.written_kind(_head(path))):
+    if suffix == ".png" and (written := own_images.written_kind(file_head(path))):
         return own_images.describe(written), logging.WARNING
     if suffix in SCAN_SUFFIXES:
         return None
     if os.path.islink(path) and not os.path.exists(path):
         return None  # a dangling link or a loop: nothing to sniff, so decoding says what it is
-    head = _head(path)
+    head = file_head(path)
     if _is_scan_head(head):
         return None
     unread = _UNREAD_SUFFIXES.get(suffix) or next(
@@ -333,9 +333,13 @@ def _is_scan_head(head: bytes) -> bool:
     return sniff(head) in _SNIFFED_SCANS or sniff_video(head) is not None
 
 
-def _head(path: str | os.PathLike[str]) -> bytes:
+def file_head(path: str | os.PathLike[str], size: int = SNIFF_BYTES) -> bytes:
+    """A regular file's first ``size`` bytes; empty for anything else or an unreadable file (a
+    pipe is never opened)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return b""
         with open(path, "rb") as handle:
-            return handle.read(SNIFF_BYTES)
-    except OSError:
+            return handle.read(size)
+    except (OSError, ValueError):
         return b""
