@@ -28,10 +28,8 @@ MIN_MALIGNANT_SENSITIVITY = SENSITIVITY_TARGET
 MIN_MALIGNANT_VALIDATION_SCANS = 10  # fewer: no operating point, plain top-1
 UNFAMILIAR_QUANTILE = 0.99  # the score above which 1% of validation scans fall
 # The INT8 model rounds its features output to 8 bits over the range calibration saw (a step of
-# the training features' range / 255), after rounding the map it pools: an INT8 feature can sit
-# about a step from FP32's. A spread below that measures rounding, not scans; floored at 2 steps,
-# a feature that never varies adds at most about (1/2)^2 to the mean square under INT8, where
-# one that varies adds about 1 (measured: docs/usage.md, edge-export).
+# the training features' range / 255): a model none of whose features vary by more than 2 such
+# steps over its training scans has nothing to measure a scan against but that rounding
 UNFAMILIAR_FLOOR_STEPS = 2
 
 
@@ -79,11 +77,11 @@ def choose_unfamiliar(
     num_classes: int,
 ) -> dict:
     """The unfamiliar-scan reference (class means and spread of the training scans' pooled
-    features, the spread floored at :data:`UNFAMILIAR_FLOOR_STEPS` 8-bit steps of the features'
-    range) and its threshold: the 99th percentile of the validation scans' scores, so that
+    features) and its threshold: the 99th percentile of the validation scans' scores, so that
     about 1% of scans like the training data are flagged. Empty (no unfamiliar-scan rule) when
-    no feature varies over the training scans by more than that floor: there is nothing to
-    measure a scan against, and its INT8 model's scores would be rounding alone.
+    no feature varies over the training scans by more than :data:`UNFAMILIAR_FLOOR_STEPS` 8-bit
+    steps of the features' range: there is nothing to measure a scan against, and its INT8
+    model's scores would be rounding alone.
 
     Raises:
         ValueError: the threshold is not finite (features with NaN or infinity).
@@ -102,7 +100,6 @@ def choose_unfamiliar(
             UNFAMILIAR_FLOOR_STEPS,
         )
         return {}
-    stats["scale"] = np.round(np.maximum(spread, floor), 6).tolist()
     scores = unfamiliar_scores(features_of(val_images), stats)
     threshold = float(np.quantile(scores, UNFAMILIAR_QUANTILE))
     if not np.isfinite(threshold):
