@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from training.data.datasets import Sample, discover_all
-from training.data.dedup import group_duplicates
+from training.data.dedup import DedupOptions, group_duplicates
 
 
 def _scan(seed: int, size: int = 360) -> np.ndarray:
@@ -56,6 +56,25 @@ def test_shifted_cropped_and_rescaled_copies_are_grouped_and_others_are_not(
     assert groups["shifted"] == groups["cropped"] == groups["rescaled"] == groups["original"]
     assert len({groups[f"other{i}"] for i in range(1, 6)} | {groups["original"]}) == 6
     assert not report.conflicts
+
+
+def test_mirrored_copies_are_grouped_unless_mirror_matching_is_off(tmp_path: Path) -> None:
+    base = _scan(11)
+    images = {
+        "original": base,
+        "mirrored": base[:, ::-1],
+        "mirrored-cropped": base[20:330, ::-1][:, 15:300],
+        **{f"other{i}": _scan(i) for i in range(12, 16)},
+    }
+    samples = _samples(tmp_path, images)
+    report = group_duplicates(samples)
+    groups = dict(zip(images, report.groups, strict=True))
+    assert groups["original"] == groups["mirrored"] == groups["mirrored-cropped"]
+    assert len(set(report.groups)) == 5
+    assert {p.method for p in report.pairs} <= {"orb", "orb-mirrored", "phash", "phash-mirrored"}
+    assert any(p.method.endswith("-mirrored") for p in report.pairs)
+    plain = group_duplicates(samples, DedupOptions(mirrored=False))
+    assert len(set(plain.groups)) == 6  # the two mirrored copies match each other only
 
 
 def test_conflicting_labels_and_shared_patients_are_reported_in_csv(tmp_path: Path) -> None:

@@ -4,8 +4,11 @@ Every image is decoded once and shrunk. Two cheap stages propose candidate pairs
 perceptual hash (Hamming distance over all pairs) and the nearest neighbours of a TF-IDF bag of
 ORB visual words. Each candidate is verified: ORB matches, a RANSAC similarity transform with
 enough inliers and a plausible scale, and then a photometric check that the aligned images agree
-(burned-in text or a scanner frame alone can give many inliers, but not matching tissue). Verified
-pairs and samples that share a patient id are merged with union-find.
+(burned-in text or a scanner frame alone can give many inliers, but not matching tissue). Neither
+the hash nor ORB's descriptors survive a left-right mirror, so each image's mirror is described
+too and matched against the others the same way: a copy exported with the probe's orientation
+reversed is still a copy. Verified pairs and samples that share a patient id are merged with
+union-find.
 
 Example:
     >>> report = group_duplicates(discover_all([root]).samples)  # doctest: +SKIP
@@ -52,11 +55,16 @@ class DedupOptions:
     min_phash_correlation: float = 0.88
     workers: int = 4
     seed: int = 0
+    mirrored: bool = True
 
 
 @dataclass(frozen=True)
 class DuplicatePair:
-    """One verified duplicate pair: sample indices, how it was found, and the evidence."""
+    """One verified duplicate pair: sample indices, how it was found, and the evidence.
+
+    ``method`` is ``"orb"`` or ``"phash"``, with ``"-mirrored"`` when ``first``'s left-right mirror
+    matched ``second``.
+    """
 
     first: int
     second: int
@@ -137,11 +145,23 @@ def group_duplicates(
     start = time.perf_counter()
     with ThreadPoolExecutor(options.workers) as pool:
         features = list(pool.map(lambda s: _features(s, options), samples))
+        mirrors = (
+            list(pool.map(lambda f: _mirror(f, options), features)) if options.mirrored else []
+        )
         decoded = time.perf_counter()
         candidates = _candidates(features, options)
+        mirror_candidates = _mirror_candidates(features, mirrors, options) if mirrors else set()
         found = time.perf_counter()
-        verified = pool.map(lambda pair: _verify(features, *pair, options), sorted(candidates))
-        pairs = tuple(p for p in verified if p is not None)
+        plain = pool.map(
+            lambda p: _verify(features[p[0]], features[p[1]], *p, options, ""), sorted(candidates)
+        )
+        pairs = tuple(p for p in plain if p is not None)
+        matched = {(p.first, p.second) for p in pairs}
+        mirrored = pool.map(
+            lambda p: _verify(mirrors[p[0]], features[p[1]], *p, options, "-mirrored"),
+            sorted(mirror_candidates - matched),
+        )
+        pairs += tuple(p for p in mirrored if p is not None)
     end = time.perf_counter()
 
     parent = list(range(len(samples)))
@@ -178,7 +198,7 @@ def group_duplicates(
         len(sizes),
         max(sizes.values(), default=0),
         len(pairs),
-        len(candidates),
+        len(candidates | mirror_candidates),
         len(report.conflicts),
         end - start,
     )
@@ -194,7 +214,18 @@ def _features(sample: Sample, options: DedupOptions) -> _Features:
     scale = options.max_side / max(gray.shape)
     if scale < 1:
         gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    orb = cv2.ORB_create(nfeatures=options.orb_features)
+    return _describe(gray, options.orb_features)
+
+
+def _mirror(features: _Features, options: DedupOptions) -> _Features:
+    """The features of the image's left-right mirror."""
+    if features.gray is None:
+        return features
+    return _describe(np.ascontiguousarray(features.gray[:, ::-1]), options.orb_features)
+
+
+def _describe(gray: np.ndarray, orb_features: int) -> _Features:
+    orb = cv2.ORB_create(nfeatures=orb_features)
     keypoints, descriptors = orb.detectAndCompute(gray, None)
     if descriptors is None:
         return _Features(
@@ -224,6 +255,33 @@ def _candidates(features: list[_Features], options: DedupOptions) -> set[tuple[i
     similarity = words @ words.T
     np.fill_diagonal(similarity, -1.0)
     k = min(options.neighbours, len(features) - 1)
+    if k > 0:
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        for i, row in enumerate(nearest):
+            pairs.update((min(i, int(j)), max(i, int(j))) for j in row if valid[i] and valid[j])
+    return pairs
+
+
+def _mirror_candidates(
+    features: list[_Features], mirrors: list[_Features], options: DedupOptions
+) -> set[tuple[int, int]]:
+    """Pairs (i < j) worth verifying as mirror copies: ``i``'s mirror close to ``j``.
+
+    Mirroring both images of a pair changes nothing, so ``i``'s mirror against ``j`` stands for
+    ``j``'s mirror against ``i`` as well.
+    """
+    count = len(features)
+    valid = np.array([f.gray is not None for f in features])
+    hashes = np.array([f.phash for f in features], np.uint64)
+    pairs: set[tuple[int, int]] = set()
+    for i, mirror in enumerate(mirrors):
+        distance = np.bitwise_count(hashes ^ np.uint64(mirror.phash))
+        close = np.flatnonzero((distance <= options.phash_max_distance) & valid)
+        pairs.update((min(i, int(j)), max(i, int(j))) for j in close if valid[i] and j != i)
+    words = _bag_of_words([*features, *mirrors], options)
+    similarity = words[count:] @ words[:count].T
+    np.fill_diagonal(similarity, -1.0)
+    k = min(options.neighbours, count - 1)
     if k > 0:
         nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         for i, row in enumerate(nearest):
@@ -266,13 +324,13 @@ def _nearest_centre(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def _verify(
-    features: list[_Features], i: int, j: int, options: DedupOptions
+    a: _Features, b: _Features, i: int, j: int, options: DedupOptions, kind: str
 ) -> DuplicatePair | None:
-    a, b = features[i], features[j]
+    """``a`` (image ``i``, or its mirror) against ``b`` (image ``j``); ``kind`` tags the method."""
     if a.gray is None or b.gray is None:
         return None
     if len(a.descriptors) >= 2 and len(b.descriptors) >= 2:
-        pair = _verify_geometric(a, b, i, j, options)
+        pair = _verify_geometric(a, b, i, j, options, kind)
         if pair is not None:
             return pair
     distance = bin(a.phash ^ b.phash).count("1")
@@ -286,11 +344,11 @@ def _verify(
     )
     if correlation < options.min_phash_correlation:
         return None
-    return DuplicatePair(i, j, "phash", 0, correlation)
+    return DuplicatePair(i, j, "phash" + kind, 0, correlation)
 
 
 def _verify_geometric(
-    a: _Features, b: _Features, i: int, j: int, options: DedupOptions
+    a: _Features, b: _Features, i: int, j: int, options: DedupOptions, kind: str
 ) -> DuplicatePair | None:
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     good = [
@@ -325,7 +383,7 @@ def _verify_geometric(
     correlation = _correlation(warped, b.gray, inside)
     if correlation < options.min_correlation:
         return None
-    return DuplicatePair(i, j, "orb", inliers, correlation)
+    return DuplicatePair(i, j, "orb" + kind, inliers, correlation)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
