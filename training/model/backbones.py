@@ -146,4 +146,22 @@ def _keras_application(backbone: Backbone, inputs, weights: str | Path | None):
                 "have no internet: download the Keras weights file elsewhere and pass its path."
             ) from exc
         raise
+    if weights is None:
+        _follow_batch_statistics(model)
     return model.output
+
+
+# Keras builds its applications' batch norms with momentum 0.999, which suits ImageNet's
+# millions of steps: over the few hundred of a training here the running statistics would stay
+# near their initial values, and a network trained from scratch would pool nearly the same
+# features from every scan. 0.9 is what the small CNN uses.
+_FROM_SCRATCH_BN_MOMENTUM = 0.9
+
+
+def _follow_batch_statistics(model) -> None:
+    """Let the batch norms of an application trained from scratch track the data they see."""
+    from keras import layers
+
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = _FROM_SCRATCH_BN_MOMENTUM
