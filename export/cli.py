@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.app.shell import (
+    check_output_folder,
     command_parser,
     missing_extra,
     parse_args,
@@ -167,7 +167,7 @@ def main(
     when a parity gate refused the model. The run folder is checked before TensorFlow loads."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     parser = build_parser()
-    args = parse_args(parser, argv, stdout, stderr, lambda a: _check_output(parser, a.output))
+    args = parse_args(parser, argv, stdout, stderr, lambda a: check_output_folder(parser, a.output))
     if isinstance(args, ExitStatus):
         return args
     missing = missing_extra("edge-export", "export", EXPORT_MODULES, stderr)
@@ -181,18 +181,6 @@ def main(
             stderr=stderr,
             traceback=args.traceback,
         )
-
-
-def _check_output(parser: argparse.ArgumentParser, output: Path) -> None:
-    """Refuse an ``--output`` the files could never be written to, before anything loads: an
-    existing file, a folder under a file, a folder this user cannot write in."""
-    if output.exists() and not output.is_dir():
-        parser.error(f"--output {output}: exists and is not a folder")
-    existing = next(p for p in (output, *output.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        parser.error(f"--output {output}: cannot be created: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"--output {output}: the folder {existing} is not writable")
 
 
 def _export(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:

@@ -80,8 +80,8 @@ def test_an_output_that_is_a_file_or_lies_under_one_is_refused_before_tensorflow
     afile = tmp_path / "afile.txt"
     afile.write_text("notes\n")
     for output, message in (
-        (afile, f"--output {afile}: is a file, not a folder"),
-        (afile / "run", f"--output {afile / 'run'}: {afile} is a file, not a folder"),
+        (afile, f"--output {afile}: exists and is not a folder"),
+        (afile / "run", f"--output {afile / 'run'}: cannot be created: {afile} is not a folder"),
     ):
         err = io.StringIO()
         argv = [str(tmp_path), "--output", str(output), *SMALL]

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from edge_runtime.app.shell import command_parser, missing_extra, parse_args, run_command
+from edge_runtime.app.shell import (
+    check_output_folder,
+    command_parser,
+    missing_extra,
+    parse_args,
+    run_command,
+)
 from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
 from training.model.backbones import Backbone, check_lesion_input_size, has_pretrained_weights
@@ -323,7 +329,7 @@ def parse_arguments(
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    _check_output(parser, args.output)
+    check_output_folder(parser, args.output)
     lesion_from_given = args.lesion_from is not None
     _fill_recorded(parser, args)
     if lesion_from_given and len(args.backbone) == 1 and tuple(args.lesion_from) != (1,):
@@ -350,15 +356,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(str(exc))
     elif args.workers or args.worker_index is not None or args.backup_dir:
         parser.error("--worker-hosts, --worker-index and --backup-dir need --distributed")
-
-
-def _check_output(parser: argparse.ArgumentParser, output: Path) -> None:
-    """``--output`` is a folder, or can be made one: no part of it is a file."""
-    existing = next(p for p in (output, *output.parents) if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        what = "a file, not a folder" if existing.is_file() else "not a folder"
-        named = "" if existing == output else f"{existing} "
-        parser.error(f"--output {output}: {named}is {what}")
 
 
 def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ import os
 import sys
 import traceback as tb
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.app.status import ExitStatus
@@ -135,6 +136,19 @@ def parse_args(
     except SystemExit as exit_:
         return ExitStatus.SUCCESS if exit_.code == 0 else ExitStatus.USAGE
     return args
+
+
+def check_output_folder(parser: argparse.ArgumentParser, output: Path) -> None:
+    """Refuse (``parser.error``, exit 2) an ``--output`` folder that could never be written to:
+    it exists and is not a folder, a part of it is not a folder, or the folder it would be made
+    in is not writable by this user. Called before anything loads, so no long run starts."""
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output}: exists and is not a folder")
+    existing = next(p for p in (output, *output.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(f"--output {output}: cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output {output}: the folder {existing} is not writable")
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:
