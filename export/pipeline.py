@@ -65,10 +65,14 @@ GATE_ARITHMETIC = (
 FLOAT_CONVS_HINT = 11  # the --float-convs value the advice names first
 
 
-def int8_advice(float_convs: int, all_float: bool, tried_auto: bool) -> str:
+def int8_advice(
+    float_convs: int, all_float: bool, tried_auto: bool, *, requantize: bool = False
+) -> str:
     """What to try after an INT8 refusal, less what the refused export already did: no
     ``--float-convs`` once every convolution ran in float (``all_float``), a larger N than
-    ``float_convs`` otherwise, and no ``--calibration auto`` after ``tried_auto``."""
+    ``float_convs`` otherwise, and no ``--calibration auto`` after ``tried_auto``. With
+    ``requantize``, only what ``python -m export.requantize`` can be asked (``--float-convs``);
+    the INT8 file it would have replaced stays."""
     tries = []
     if not all_float:
         example = (
@@ -78,6 +82,9 @@ def int8_advice(float_convs: int, all_float: bool, tried_auto: bool) -> str:
             f"--float-convs N ({example}: the first convolutions in float, a little slower; "
             'docs/experiments.md, "Quantization settings")'
         )
+    if requantize:
+        kept = "; or keep the INT8 file as it is: requantize changed no file"
+        return f"To try: {tries[0]}{kept}." if tries else f"Nothing to try{kept}."
     if not tried_auto:
         tries.append("--calibration auto")
     tries.append(
@@ -295,14 +302,14 @@ def requantize_export(
         for report in reports.values():
             log.info("%s", report.summary())
         if not all(r.passed for r in reports.values()):
-            _refuse(staged, fp32, int8, reports, model_dir)
+            _refuse(staged, fp32, int8, reports, model_dir, requantize=True)
         kept = [p for p in card["parity"] if not p["check"].startswith("onnx-int8")]
         card["quantization"] = int8.settings
         card["parity"] = kept + [parity_record(r) for r in reports.values()]
         card["files"][int8.path.name] = file_record(int8.path)
         card_json, card_md = write_card(card, staged.tmp)
         shutil.copy2(fp32_path, staged.tmp / fp32_path.name)  # its recheck partner, beside it
-        _verify_written(staged, [int8.path], fp32.probabilities, model_dir, int8)
+        _verify_written(staged, [int8.path], fp32.probabilities, model_dir, int8, requantize=True)
         _publish([card_json, card_md, int8.path], model_dir, name)
     return ExportResult((model_dir / int8.path.name,), card_path, tuple(reports.values()))
 
@@ -525,6 +532,8 @@ def _refuse(
     int8: _Int8 | None,
     reports: dict[str, ParityReport],
     output: Path,
+    *,
+    requantize: bool = False,
 ) -> None:
     """Write the failure report (with a diagnosis when INT8 failed) and raise.
 
@@ -536,7 +545,7 @@ def _refuse(
     lines = [r.summary() for r in reports.values()]
     if int8 is not None and int8.margin > 0:
         lines.append(_alone_line(int8.alone))
-    advice = _advice(options, int8)
+    advice = _advice(options, int8, requantize)
     if int8 is not None and not reports["int8"].passed:
         lines += _diagnose(int8.prepared, int8.path, held_out)
         lines.append(_jitter_line(fp32.path, held_out, fp32.probabilities, options.min_agreement))
@@ -551,6 +560,8 @@ def _verify_written(
     fp32_probabilities: np.ndarray,
     output: Path,
     int8: _Int8 | None,
+    *,
+    requantize: bool = False,
 ) -> None:
     """Reload each staged model file as the runtime runs it (contract, card, FP32 recheck) and
     gate its answers on the held-out scans (:func:`edge_runtime.model.verify.verify_model_file`).
@@ -595,16 +606,16 @@ def _verify_written(
     if all(r.passed for r in reports):
         return
     report_path = _writable_dir(output) / _failure_report_name(staged.options.name)
-    advice = _advice(staged.options, int8)
+    advice = _advice(staged.options, int8, requantize)
     report_path.write_text("\n".join([*(r.summary() for r in reports), advice]) + "\n")
     raise ParityError(reports, report_path, advice)
 
 
-def _advice(options: ExportOptions, int8: _Int8 | None) -> str:
-    """:func:`int8_advice` for this export."""
+def _advice(options: ExportOptions, int8: _Int8 | None, requantize: bool) -> str:
+    """:func:`int8_advice` for this export (or requantization)."""
     convs = options.quantization.float_convs
     all_float = int8 is not None and every_conv_float(int8.prepared, convs)
-    return int8_advice(convs, all_float, options.choose_calibration)
+    return int8_advice(convs, all_float, options.choose_calibration, requantize=requantize)
 
 
 def _failure_report_name(name: str) -> str:

@@ -99,6 +99,17 @@ def test_int8_advice_leaves_out_what_was_just_tried():
     assert "longer training" in every and "--precision fp32" in every
 
 
+def test_int8_advice_after_requantize_names_only_what_requantize_can_be_asked():
+    from export.pipeline import int8_advice
+
+    for all_float in (False, True):
+        advice = int8_advice(2, all_float=all_float, tried_auto=False, requantize=True)
+        for other in ("--calibration", "--precision", "training"):
+            assert other not in advice, advice
+        assert ("--float-convs N (e.g. 11:" in advice) is not all_float
+        assert "keep the INT8 file as it is" in advice
+
+
 def _conv_chain(path, convs: int):
     import numpy as np
     import onnx
