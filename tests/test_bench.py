@@ -83,8 +83,12 @@ def test_given_images_are_used(tmp_path, model):
 
 
 def test_bad_batch_sizes_and_empty_image_folders_exit_2(tmp_path, model):
-    status, _, err = bench("--model", model, "--batch-sizes", "1,zero")
-    assert status == 2 and "1,8" in err
+    for sizes in ("1,zero", "1,,8", ","):
+        status, _, err = bench("--model", model, "--batch-sizes", sizes)
+        assert status == 2 and "argument --batch-sizes" in err and "1,8" in err, err
+    for option, value in (("--runs", "0"), ("--warmup", "-1")):
+        status, _, err = bench("--model", model, option, value)
+        assert status == 2 and f"argument {option}: must be a whole number" in err, err
     status, _, err = bench("--model", model, "--images", tmp_path)
     assert status == 2 and str(tmp_path) in err and "Traceback" not in err
 

@@ -404,7 +404,7 @@ def test_requantize_replaces_the_int8_file_and_its_card_records_only(run, export
     shutil.copytree(exported, models)
     before = json.loads((models / "synth.card.json").read_text())
     fp32_bytes = (models / "synth-fp32.onnx").read_bytes()
-    args = [str(models), "--split-dir", str(run), "--data-root", str(run), "--name", "synth"]
+    args = [str(models), "--split-dir", str(run), "--data-root", str(run)]  # --name: its card's
     args += ["--min-agreement", "0.95", "--max-accuracy-drop", "0.05"]  # as `exported`, for why
     assert main([*args, "--float-convs", "1"]) == 0
     card = json.loads((models / "synth.card.json").read_text())

@@ -67,6 +67,20 @@ def test_requantize_refuses_an_impossible_option_naming_it(
     assert f"argument {flag}: " in message and expected in message, message
 
 
+@pytest.mark.parametrize("cards", [(), ("default", "model")])
+def test_requantize_without_name_needs_exactly_one_model_card(capsys, tmp_path, cards):
+    from export.requantize import main
+
+    for name in cards:
+        (tmp_path / f"{name}.card.json").write_text("{}")
+    args = [str(tmp_path), "--split-dir", str(tmp_path), "--data-root", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == ExitStatus.USAGE
+    found = "models default, model" if cards else "no model card (*.card.json)"
+    assert f"{tmp_path}: {found}; name the model with --name" in capsys.readouterr().err
+
+
 def test_edge_export_refuses_an_output_it_could_never_write_before_the_export(
     export_main, tmp_path, monkeypatch
 ):

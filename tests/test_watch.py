@@ -74,6 +74,21 @@ def test_once_classifies_every_scan_in_the_folder_tree_and_writes_state(tmp_path
     assert "3 files" in err
 
 
+def test_the_closing_line_counts_every_line_written_file_summaries_too(tmp_path, model):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    write_scan(folder / "one.png", seed=1)
+    pages = [Image.open(write_scan(tmp_path / f"page{i}.png", seed=i)) for i in (2, 3)]
+    pages[0].save(folder / "two.tiff", save_all=True, append_images=pages[1:])
+    output = tmp_path / "out.jsonl"
+    status, err = watch_once(folder, output, model)
+    assert status == 0, err
+    lines = output.read_text().splitlines()
+    assert len(lines) == 4  # one.png, two frames of two.tiff, two.tiff's summary
+    assert "2 files, 3 records (" in err and "failed) and 1 file summary, 0 skipped" in err, err
+
+
 def test_a_second_run_skips_what_was_done_and_classifies_only_new_scans(tmp_path, model):
     folder, output = tmp_path / "in", tmp_path / "out.jsonl"
     write_scan(folder / "one.png")

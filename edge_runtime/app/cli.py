@@ -312,10 +312,13 @@ def build_bench_parser() -> argparse.ArgumentParser:
         help="comma-separated batch sizes (default 1,8)",
     )
     parser.add_argument(
-        "--runs", type=int, default=50, help="timed runs per batch size (default 50)"
+        "--runs", type=whole_number(1), default=50, help="timed runs per batch size (default 50)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=5, help="untimed runs per batch size first (default 5)"
+        "--warmup",
+        type=whole_number(0),
+        default=5,
+        help="untimed runs per batch size first (default 5)",
     )
     parser.add_argument(
         "--images",
@@ -401,7 +404,7 @@ def _port(text: str) -> int:
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
         values = ()
     if not values or any(v < 1 for v in values):
@@ -756,8 +759,13 @@ def _watch(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
         how = "stopped by signal" if summary.stopped_by_signal else "done"
         stderr.write(
             f"edge-classify: {how}: {summary.files} files, {summary.records} records "
-            f"({summary.abstained} abstained, {summary.failed} failed), "
-            f"{summary.skipped} skipped as already processed\n"
+            f"({summary.abstained} abstained, {summary.failed} failed)"
+            + (
+                f" and {summary.summaries} file summar{'y' if summary.summaries == 1 else 'ies'}"
+                if summary.summaries
+                else ""
+            )
+            + f", {summary.skipped} skipped as already processed\n"
         )
     if args.once and summary.failed and not summary.stopped_by_signal:
         return ExitStatus.PARTIAL

@@ -106,6 +106,7 @@ class WatchSummary:
 
     files: int  # files classified in this session
     records: int  # records appended, one per image or frame (multi-frame summaries not counted)
+    summaries: int  # file-summary records appended, one per multi-frame file
     failed: int  # records with an error
     abstained: int
     skipped: int  # files already processed before this session started
@@ -359,7 +360,7 @@ class Watcher:
             self.close()
             raise
         self._skipped_at_start = 0
-        self._counts = {"files": 0, "records": 0, "failed": 0, "abstained": 0}
+        self._counts = {"files": 0, "records": 0, "summaries": 0, "failed": 0, "abstained": 0}
 
     def close(self) -> None:
         """Release the lock on the state file (another watcher may then take over)."""
@@ -399,6 +400,7 @@ class Watcher:
         return WatchSummary(
             files=self._counts["files"],
             records=self._counts["records"],
+            summaries=self._counts["summaries"],
             failed=self._counts["failed"],
             abstained=self._counts["abstained"],
             skipped=self._skipped_at_start,
@@ -505,6 +507,7 @@ class Watcher:
             for result in with_summaries(results):
                 lines.append(json.dumps(result_record(result)) + "\n")
                 if isinstance(result, FileSummary):
+                    self._counts["summaries"] += 1
                     continue
                 self._counts["records"] += 1
                 self._counts["failed"] += int(not result.ok)
