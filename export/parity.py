@@ -235,8 +235,13 @@ def thin_evidence(report: ParityReport) -> str | None:
     None: on a handful of images a PASS proves little."""
     if report.n >= THIN_EVIDENCE_IMAGES:
         return None
+    measure = (
+        "the mean Dice of the outlines"
+        if isinstance(report, LesionParityReport)
+        else "top-1 agreement"
+    )
     return (
-        f"{report.name}: only {report.n} held-out images, so one changed answer moves top-1 "
-        f"agreement by {1 / report.n:.1%}: the verdict is thin evidence. Gate on more held-out "
+        f"{report.name}: only {report.n} held-out images, so one changed answer moves {measure} "
+        f"by up to {1 / report.n:.1%}: the verdict is thin evidence. Gate on more held-out "
         "scans (a larger test split) before trusting this model."
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.parity import compare, thin_evidence
+from export.parity import compare, lesion_gate, thin_evidence
 from training.evaluation.diagnostics import check_run
 from training.evaluation.metrics import TEMPERATURE_RANGE, evaluate
 
@@ -75,6 +75,11 @@ def test_a_parity_gate_on_a_handful_of_images_says_the_evidence_is_thin():
     probs = np.eye(3)[[0, 1, 2] * 9]
     small = compare("onnx-int8 vs onnx-fp32", probs, probs)
     assert "only 27 held-out images" in thin_evidence(small)
-    assert "3.7%" in thin_evidence(small)
+    assert "moves top-1 agreement by up to 3.7%" in thin_evidence(small)
+    maps = np.zeros((20, 8, 8, 1), np.float32)
+    maps[:, 2:6, 2:6] = 0.9
+    outlines = thin_evidence(lesion_gate(maps, maps, 0.5))
+    assert "only 20 held-out images" in outlines
+    assert "moves the mean Dice of the outlines by up to 5.0%" in outlines
     big = np.eye(3)[[0, 1, 2] * 40]
     assert thin_evidence(compare("onnx-int8 vs onnx-fp32", big, big)) is None
