@@ -468,6 +468,7 @@ def test_a_cut_video_keeps_every_frame_before_the_damage_at_any_batch_size(tmp_p
     assert [r["frame"] for r in good] == list(range(len(good))) and len(good) % 8 != 0
     assert all(r["error"] is None and r["label"] for r in good)
     assert failed["frame"] == len(good) and f"frame {len(good)} could not" in failed["error"]
+    assert failed["error"].endswith(f"(frames {len(good) + 1}-19 are not read)"), failed["error"]
 
 
 def test_a_cine_cut_in_its_last_frame_keeps_the_frames_before_it(tmp_path, model):
@@ -484,6 +485,56 @@ def test_a_cine_cut_in_its_last_frame_keeps_the_frames_before_it(tmp_path, model
     kept = [(r["frame"], r["error"] is None) for r in in_eights]
     assert kept == [(0, True), (1, True), (2, False)]
     assert "frame 2 could not be decoded" in in_eights[2]["error"]
+
+
+def test_a_compressed_cine_with_one_damaged_frame_keeps_every_frame_after_it(tmp_path, model):
+    """Each frame of a compressed DICOM is its own fragment: one cut in half cost the intact
+    frames after it (frames 4 and 5 had no record, and the summary counted 4 frames)."""
+    pytest.importorskip("pydicom", minversion="3.0")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from tests.test_dicom import make_dicom
+
+    encoded = [
+        cv2.imencode(".jpg", speckle_scan((96, 96), seed=i), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+        for i in range(6)
+    ]
+    fragments = [e.tobytes() for e in encoded]
+    fragments[3] = fragments[3][: len(fragments[3]) // 2]  # frame 3 cut in half
+    path = make_dicom(
+        tmp_path / "cine.dcm",
+        encapsulate(fragments),
+        rows=96,
+        columns=96,
+        frames=6,
+        syntax=JPEGBaseline8Bit,
+    )
+    in_eights, one_by_one = records_by_batch_size(path, model)
+    assert in_eights == one_by_one
+    assert [(r["frame"], r["error"] is None) for r in in_eights] == [
+        (0, True),
+        (1, True),
+        (2, True),
+        (3, False),
+        (4, True),
+        (5, True),
+    ]
+    assert "frame 3 could not be decoded" in in_eights[3]["error"]
+    assert "not read" not in in_eights[3]["error"]
+
+
+def test_an_uncompressed_cine_cut_short_says_which_frames_go_unread(tmp_path, model):
+    pytest.importorskip("pydicom", minversion="3.0")
+    from tests.test_dicom import make_dicom
+
+    stack = np.stack([speckle_scan((96, 96), seed=i) for i in range(4)])
+    path = make_dicom(tmp_path / "cine.dcm", stack, rows=96, columns=96, frames=4)
+    path.write_bytes(path.read_bytes()[: -96 * 96 * 5 // 2])  # half of frame 1, all of 2-3 gone
+    in_eights, one_by_one = records_by_batch_size(path, model)
+    assert in_eights == one_by_one
+    assert [(r["frame"], r["error"] is None) for r in in_eights] == [(0, True), (1, False)]
+    assert in_eights[1]["error"].endswith("(frames 2-3 are not read)"), in_eights[1]["error"]
 
 
 def test_a_folder_says_why_it_left_out_each_file_that_looks_like_a_scan(tmp_path, caplog):

@@ -112,6 +112,7 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
     origins = tuple((r.x0, r.y0) for r in regions)
     frame_shape = (geometry.rows, geometry.columns) if regions else None
     frames_of = _frame_reader(path, opener, ds, syntax)
+    independent = bool(syntax.is_encapsulated)  # one fragment set a frame
     if len(regions) > 1:  # a dual view: every region of every frame, one image each
         displays = [_Display(ds, geometry, region) for region in regions]
         per_frame = len(regions)
@@ -128,7 +129,9 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
 
         spacings = tuple(r.pixel_spacing_mm for r in regions)
         count = geometry.frames * per_frame
-        return Scan(str(path), count, spacings[0], read, spacings, origins, frame_shape)
+        return Scan(
+            str(path), count, spacings[0], read, spacings, origins, frame_shape, independent
+        )
     region = regions[0] if regions else None
     spacing = region.pixel_spacing_mm if region is not None else pixel_spacing(ds)
     display = _Display(ds, geometry, region)
@@ -139,7 +142,7 @@ def open_dicom(path: str | os.PathLike[str], data: bytes | None = None) -> Scan:
             raise InputError(path, f"DICOM file holds fewer frames than its {geometry.frames}")
         return [display(array, path) for array in arrays]
 
-    return Scan(str(path), geometry.frames, spacing, read, (), origins, frame_shape)
+    return Scan(str(path), geometry.frames, spacing, read, (), origins, frame_shape, independent)
 
 
 def load_dicom_frames(path: str | os.PathLike[str], data: bytes | None = None) -> list[np.ndarray]:

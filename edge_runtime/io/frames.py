@@ -73,6 +73,9 @@ class Scan:
             a single cropped region). Empty: the images are the whole frames.
         frame_shape: ``(rows, columns)`` of the whole frame when the images are crops of it,
             else None.
+        frames_independent: each frame decodes on its own (a compressed DICOM: each frame its
+            own fragments), so a damaged one costs no other; else a damaged frame ends the
+            reading (a video, a truncated uncompressed file).
     """
 
     path: str
@@ -82,6 +85,7 @@ class Scan:
     regions: tuple[tuple[float, float] | None, ...] = ()
     origins: tuple[tuple[int, int], ...] = ()
     frame_shape: tuple[int, int] | None = None
+    frames_independent: bool = False
 
     def where(self, index: int) -> tuple[int | None, int | None, tuple[float, float] | None]:
         """Image ``index``'s frame number (None for a single-frame file), region number (None

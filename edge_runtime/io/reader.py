@@ -146,58 +146,56 @@ class ScanReader:
         if isinstance(name, bytes):
             name = os.fsdecode(name)
         start = time.perf_counter()
+        scan: Scan | None = None
         with collecting() as notes:
             try:
                 if isinstance(source, np.ndarray):
-                    frames, scan, error = [to_gray_uint8(source, name)], None, None
+                    images, stopped = [to_gray_uint8(source, name)], True
                 else:
                     scan = open_scan(source)
-                    frames, error = _read_until_failure(scan, 0, self._batch_size)
+                    images, stopped = _read_images(scan, 0, self._batch_size)
             except Exception as exc:  # a decoder bug must cost one input, never the batch
-                frames, error = [], _reason(exc)
-        if not frames:
-            error = error or "holds no image"
-            failure = DecodedItem(name, None, error=error, decode_ms=_ms_since(start))
-            return _Chunk([replace(failure, notes=tuple(notes))])
-        decode_ms = _ms_since(start) / len(frames)
-        items = self._squares(name, frames, 0, scan, keep_original, decode_ms)
+                images, stopped = [_reason(exc)], True
+        if not images:
+            images = ["holds no image"]
+        decode_ms = _ms_since(start) / len(images)
+        items = self._squares(name, images, 0, scan, keep_original, decode_ms)
         items[0] = replace(items[0], notes=tuple(notes))
-        if error is not None:  # the frames before the first that failed keep their records
-            items.append(_failed_image(scan, len(frames), error, 0.0))
-            return _Chunk(items)
-        rest = (scan, len(frames)) if scan is not None and len(frames) < scan.count else None
-        return _Chunk(items, rest)
+        more = scan is not None and not stopped and len(images) < scan.count
+        return _Chunk(items, (scan, len(images)) if more else None)
 
     def _decode_frames(self, scan: Scan, start: int, keep_original: bool) -> _Chunk:
         """Decode the next batch of a multi-frame file's frames (a task of the pool)."""
         begin = time.perf_counter()
         stop = min(start + self._batch_size, scan.count)
         with collecting() as notes:
-            frames, error = _read_until_failure(scan, start, stop)
-        decode_ms = _ms_since(begin) / max(1, len(frames))
-        items = self._squares(scan.path, frames, start, scan, keep_original, decode_ms)
-        if error is not None:  # the frames after the first that failed are not tried
-            items.append(_failed_image(scan, start + len(frames), error, decode_ms))
-            return _Chunk([replace(items[0], notes=tuple(notes)), *items[1:]])
+            images, stopped = _read_images(scan, start, stop)
+        decode_ms = _ms_since(begin) / max(1, len(images))
+        items = self._squares(scan.path, images, start, scan, keep_original, decode_ms)
         if notes:
             items[0] = replace(items[0], notes=tuple(notes))
-        return _Chunk(items, (scan, stop) if stop < scan.count else None)
+        return _Chunk(items, (scan, stop) if not stopped and stop < scan.count else None)
 
     def _squares(
         self,
         name: str,
-        frames: list[np.ndarray],
+        images: list[np.ndarray | str],
         first: int,
         scan: Scan | None,
         keep_original: bool,
         decode_ms: float,
     ) -> list[DecodedItem]:
-        """Fit each frame (image ``first``, ``first + 1``, ... of ``scan``; None: an array) into
-        the model's square; frames too small to hold a scan fail."""
+        """Fit each image (image ``first``, ``first + 1``, ... of ``scan``; None: an array) into
+        the model's square; an image that did not decode (its reason, a string) or is too small
+        to hold a scan fails."""
         items = []
-        for index, frame in enumerate(frames, first):
+        for index, frame in enumerate(images, first):
             begin = time.perf_counter()
             number, region, spacing = (None, None, None) if scan is None else scan.where(index)
+            if isinstance(frame, str):
+                failed = DecodedItem(name, number, error=frame, decode_ms=decode_ms, region=region)
+                items.append(failed)
+                continue
             height, width = frame.shape
             if min(height, width) < MIN_SIDE:
                 reason = (
@@ -236,23 +234,43 @@ class ScanReader:
 _END = object()
 
 
-def _read_until_failure(scan: Scan, start: int, stop: int) -> tuple[list[np.ndarray], str | None]:
-    """Images ``start`` .. ``stop - 1`` of ``scan`` (fewer where it has fewer), and None; where
-    that read fails, the images before the first that does not decode, read one at a time, and
-    why that one failed. A damaged frame never costs the good frames of its batch."""
+def _read_images(scan: Scan, start: int, stop: int) -> tuple[list[np.ndarray | str], bool]:
+    """Images ``start`` .. ``stop - 1`` of ``scan`` (fewer where it has fewer), each an array or,
+    where it did not decode, the reason; and whether reading stopped there.
+
+    A damaged image never costs the good ones of its batch: where the batch does not decode,
+    its images are read one at a time. After a damaged one, the file's later images are still
+    read where each decodes on its own (:attr:`Scan.frames_independent`: the frames of a
+    compressed DICOM); elsewhere reading stops, and the reason says which images go unread.
+    """
     stop = min(stop, scan.count)
     try:
-        return scan.read(start, stop), None
+        return scan.read(start, stop), False
     except Exception as exc:
+        if stop - start <= 1 and scan.frames_independent:
+            return [_reason(exc)], False
         if stop - start <= 1:
-            return [], _reason(exc)
-    frames: list[np.ndarray] = []
+            return [_unread_after(scan, start, _reason(exc))], True
+    images: list[np.ndarray | str] = []
     for index in range(start, stop):
         try:
-            frames += scan.read(index, index + 1)
+            images += scan.read(index, index + 1)
         except Exception as exc:
-            return frames, _reason(exc)
-    return frames, None
+            if scan.frames_independent:
+                images.append(_reason(exc))
+                continue
+            images.append(_unread_after(scan, index, _reason(exc)))
+            return images, True
+    return images, False
+
+
+def _unread_after(scan: Scan, index: int, reason: str) -> str:
+    """``reason`` for image ``index``, naming the images after it that will not be read."""
+    if index + 1 >= scan.count:
+        return reason
+    first, last = scan.where(index + 1)[0], scan.where(scan.count - 1)[0]
+    later = f"frames {first}-{last} are" if last != first else f"frame {first} is"
+    return f"{reason} ({later} not read)"
 
 
 def _reason(exc: Exception) -> str:
@@ -260,12 +278,6 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, InputError):
         return exc.reason
     return f"could not be decoded ({type(exc).__name__}: {exc})"
-
-
-def _failed_image(scan: Scan, index: int, error: str, decode_ms: float) -> DecodedItem:
-    """The error record of image ``index`` of ``scan``, which stands for it and every later one."""
-    frame, region, _ = scan.where(index)
-    return DecodedItem(scan.path, frame, error=error, decode_ms=decode_ms, region=region)
 
 
 def _input_check(frame: np.ndarray, name: str) -> str | None:

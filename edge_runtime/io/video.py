@@ -130,8 +130,7 @@ class _Reader:
                 raise InputError(
                     self._path,
                     f"frame {start + len(frames)} could not be decoded: the video ends or is "
-                    f"damaged there, before the {self._count} frames its container declares "
-                    f"(frames {start}-{self._count - 1} are not classified)",
+                    f"damaged there, before the {self._count} frames its container declares",
                 )
             if stop >= self._count:
                 if self._capture.grab():
