@@ -50,7 +50,10 @@ Known limits: a full-screen scanner export (the image in a black window) whose s
 be isotropic can meet rule 7 (1.8% of those scans have ``|h2 - v2|`` < 0.3, none of them
 isolated: their images reach the frame's edges); an MR or CT slice cropped to the body passes
 rules 1-7 and is left to the model's unfamiliar-scan score
-(:mod:`edge_runtime.postprocess.decision`).
+(:mod:`edge_runtime.postprocess.decision`). A negative (a MONOCHROME1 image exported without its
+inversion) passes unless its background turns white (rule 4): the grey levels of every scan above
+are skewed towards dark (skewness at least -0.55), and of their negatives only 67% lie below
+-0.6, so no rule on them would catch most negatives without coming within a hair of a real scan.
 """
 
 from __future__ import annotations
