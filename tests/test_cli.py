@@ -376,6 +376,18 @@ def test_a_heatmap_folder_that_cannot_be_written_is_refused_before_any_scan(tmp_
     assert f"--heatmaps {locked / 'heat'}: cannot be written ({locked} is not writable)" in err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_mask_folder_that_cannot_be_made_is_refused_before_any_scan_even_for_root(
+    tmp_path, model
+):
+    """/proc takes no new folder, whoever asks: that was a raw errno and exit 1 mid-run."""
+    scan = write_scan(tmp_path / "a.png")
+    status, out, err = run(scan, "--model", model, "--masks", "/proc/edge-classify-masks")
+    assert status == ExitStatus.USAGE and out == "", err
+    assert "--masks /proc/edge-classify-masks: cannot be made (" in err, err
+    assert "Errno" not in err
+
+
 def test_heatmaps_written_beside_the_scans_are_never_classified_as_scans(tmp_path, model):
     """A run's own overlays passed the ultrasound check: a second run called a benign scan's
     overlay malignant. They carry a mark now; a folder leaves them out with a word, and one

@@ -526,6 +526,23 @@ def _output_problem(args: argparse.Namespace) -> str | None:
         if blocking is not None and not os.access(blocking, os.W_OK | os.X_OK):
             where = "" if blocking == folder else f" ({blocking} is not writable)"
             return f"{flag} {folder}: cannot be written{where}"
+        if problem := _cannot_make(folder):
+            return f"{flag} {folder}: cannot be made ({problem})"
+    return None
+
+
+def _cannot_make(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made (a file system that takes no new folder, whoever asks), or
+    None: the folders it lacks are made and removed again, so a refused run leaves nothing."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    if not missing:
+        return None
+    try:
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    for made in missing:  # the deepest first
+        made.rmdir()
     return None
 
 
