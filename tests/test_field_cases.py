@@ -75,6 +75,18 @@ def test_a_name_that_is_not_utf8_is_shown_escaped_in_every_format(tmp_path, mode
     assert record["path"] == shown and record["label"]
 
 
+@pytest.mark.skipif(os.sep != "/", reason="a backslash separates folders there")
+def test_a_name_holding_a_backslash_is_not_taken_for_an_escaped_byte(tmp_path, model):
+    """``caf\\xe9.jpg`` written literally and the name holding byte 0xE9 were both shown
+    ``caf\\xe9.jpg``: two records no reader could tell apart."""
+    write_jpeg(tmp_path / "in" / LATIN1_NAME)
+    write_jpeg(tmp_path / "in" / "caf\\xe9.jpg", seed=1)
+    status, out, err = run(tmp_path / "in", "--model", model, "--format", "jsonl")
+    assert status == 0, err
+    names = sorted(Path(json.loads(line)["path"]).name for line in out.splitlines())
+    assert names == ["caf\\\\xe9.jpg", "caf\\xe9.jpg"], names
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_output_file_and_heatmaps_keep_a_name_that_is_not_utf8(tmp_path, model, fmt):
     write_jpeg(tmp_path / "in" / LATIN1_NAME)

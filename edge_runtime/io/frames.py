@@ -41,16 +41,23 @@ class InputError(ValueError):
 
 
 def display_path(path: str | os.PathLike[str] | bytes) -> str:
-    """A file name as text that any output can hold: bytes that are not UTF-8 become ``\\xNN``.
+    """A file name as text that any output can hold: bytes that are not UTF-8 become ``\\xNN``,
+    and (where ``/`` separates folders) a backslash in a name becomes ``\\\\``.
 
     Python keeps such bytes in ``str`` paths as lone surrogates (PEP 383), which UTF-8 writers,
-    CSV files and terminals refuse; the escaped form shows them and loses nothing.
+    CSV files and terminals refuse; the escaped form shows them and loses nothing. The doubled
+    backslash keeps it unambiguous: a file literally named ``caf\\xe9.jpg`` is not the one whose
+    name holds the byte 0xE9.
 
     Example:
         >>> display_path(os.fsdecode(b"caf\\xe9.jpg"))
         'caf\\\\xe9.jpg'
+        >>> display_path("caf\\\\xe9.jpg")
+        'caf\\\\\\\\xe9.jpg'
     """
     raw = os.fsencode(path)
+    if os.sep == "/":
+        raw = raw.replace(b"\\", b"\\\\")
     return raw.decode("utf-8", "backslashreplace")
 
 
