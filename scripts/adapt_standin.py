@@ -23,11 +23,10 @@ import numpy as np
 from edge_runtime.adapt.evaluate import compare
 from edge_runtime.adapt.fit import softmax
 from edge_runtime.adapt.graph import find_head, read_head
+from edge_runtime.adapt.parent import load_parent, load_partner
 from edge_runtime.adapt.run import (
     AdaptOptions,
     AdaptRefused,
-    _load_parent,
-    _load_partner,
     _site_features,
     adapt,
     parent_calls,
@@ -51,14 +50,14 @@ def main() -> None:
     args = parser.parse_args()
     samples = discover(args.data.resolve())  # the manifest lies elsewhere: absolute paths
     report = group_duplicates(samples)
-    main_model = _load_parent(args.model)
+    main_model = load_parent(args.model)
     classes = main_model.spec.class_names
     scans = [
         SiteScan(s.path, classes.index(s.label), g)
         for s, g in zip(samples, report.groups, strict=True)
         if g not in report.conflicts
     ]
-    partner = _load_partner(main_model) or main_model
+    partner = load_partner(main_model) or main_model
     options = AdaptOptions(site=Path("."), output=Path("x.onnx"), provider=Provider.CPU)
     with tempfile.TemporaryDirectory() as tmp:
         features, kept, _, lesion_found = _site_features(partner, None, scans, Path(tmp), options)

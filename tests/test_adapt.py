@@ -316,9 +316,10 @@ def test_too_few_scans_of_a_class_refuses_and_writes_nothing(parents, tmp_path, 
 
 
 def test_an_adaptation_that_is_not_better_refuses_with_the_numbers(parents, tmp_path, capsys):
-    # every scan the same blank frame: no layer can tell the classes apart
-    blank = [np.full((160, 200), 90, np.uint8)] * 18
-    site = write_site(tmp_path / "site", blank, np.repeat([0, 1, 2], 6))
+    # every scan the same scan: no layer can tell the classes apart (a blank frame would be left
+    # out as not an ultrasound scan)
+    same = [scans(1, seed=8, shifted=True)[0][0]] * 18
+    site = write_site(tmp_path / "site", same, np.repeat([0, 1, 2], 6))
     out = tmp_path / "out" / "m-fp32.onnx"
     code = main(["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)])
     err = capsys.readouterr().err
@@ -566,3 +567,181 @@ def test_the_synthetic_new_scanner_gets_its_whole_layer_refitted(adapted_fp32):
     assert "malignant" in record["refitted"]["why"]
     card = (adapted_fp32.parent / "clinic.card.md").read_text()
     assert "Refitted: the whole last layer, because the parent's recall of" in card
+
+
+# ---------------------------------------------------------------- a new user's trial, round 2
+
+
+def test_adapt_refuses_a_place_holding_a_model_it_did_not_write(
+    parents, site, adapted_fp32, tmp_path, capsys
+):
+    from edge_runtime.model.card import file_record
+
+    # edge-export's place: model-int8.onnx, model-fp32.onnx and a card with no adaptation record
+    export = tmp_path / "export"
+    export.mkdir()
+    for precision in ("int8", "fp32"):
+        (export / f"model-{precision}.onnx").write_bytes(parents[precision].read_bytes())
+    files = {p.name: file_record(p) for p in sorted(export.glob("*.onnx"))}
+    card = {"name": "model", "model_version": "1.0", "classes": list(CLASSES), "files": files}
+    (export / "model.card.json").write_text(json.dumps(card))
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    argv = ["adapt", str(site), "--model", str(parents["int8"]), "--output"]
+    assert main([*argv, str(export / "model-int8.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"{export / 'model.card.json'}: the card of model-fp32.onnx, model-int8.onnx, " in err
+    assert "which edge-classify adapt did not write (it has no adaptation record" in err
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+
+    # a model file in the way, with no card to say adapt wrote it
+    loose = tmp_path / "loose" / "m-fp32.onnx"
+    loose.parent.mkdir()
+    loose.write_bytes(parents["fp32"].read_bytes())
+    assert main(["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(loose)]) == 2
+    assert f"{loose}: already there, and no card (m.card.json)" in capsys.readouterr().err
+
+    # an earlier adaptation of another parent
+    proto = onnx.load(str(parents["fp32"]))
+    head = read_head(proto, find_head(proto))
+    spec = ModelSpec(class_names=CLASSES, input_size=SIZE, model_version="2.0", temperature=0.9)
+    other = make_head_model(tmp_path / "other-fp32.onnx", head.kernel, head.bias, size=SIZE,
+                            spec=spec)  # fmt: skip
+    kept = {p.name: p.read_bytes() for p in adapted_fp32.parent.iterdir()}
+    assert main(["adapt", str(site), "--model", str(other), "--output", str(adapted_fp32)]) == 2
+    err = capsys.readouterr().err
+    assert "clinic.card.json: the card of an adaptation of parent-fp32.onnx (SHA-256 " in err
+    assert "not of this run's parent other-fp32.onnx" in err
+    assert {p.name: p.read_bytes() for p in adapted_fp32.parent.iterdir()} == kept
+
+
+def test_a_manifest_that_lists_a_file_twice_is_refused_naming_both_lines(parents, tmp_path, capsys):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    manifest = tmp_path / "site.csv"
+    manifest.write_text("path,label\na.png,normal\nb.png,benign\n./a.png,malignant\n")
+    with pytest.raises(ValueError, match=r"site\.csv: 1 bad row: line 4: .*a\.png labelled normal "
+                       r"on line 2 and malignant on line 4; a scan has one label"):  # fmt: skip
+        read_site(manifest, CLASSES)
+    manifest.write_text("path,label\na.png,normal\nb.png,benign\nb.png,benign\n")
+    with pytest.raises(ValueError, match=r"line 4: .*b\.png listed twice, on lines 3 and 4, as "
+                       r"benign both times; list each scan once"):  # fmt: skip
+        read_site(manifest, CLASSES)
+    manifest.write_text("path,label\na.png,normal\na.png,malignant\n")
+    out = tmp_path / "out" / "m-fp32.onnx"
+    assert main(["adapt", str(manifest), "--model", str(parents["fp32"]), "--output",
+                 str(out)]) == 2  # fmt: skip
+    assert "line 3: " in capsys.readouterr().err and not out.parent.exists()
+
+
+def test_files_that_are_not_one_ultrasound_scan_are_left_out_and_named_in_the_card(
+    parents, tmp_path, capsys
+):
+    images, labels = scans(10, seed=2, shifted=True)
+    site = write_site(tmp_path / "site", images, labels)
+    rng = np.random.default_rng(0)
+    odd = {
+        site / "normal" / "black.png": "not an ultrasound scan: a blank frame",
+        site / "benign" / "white.png": "not an ultrasound scan: a blank frame",
+        site / "malignant" / "noise.png": "not an ultrasound scan: pixel noise",
+        site / "malignant" / "two-pages.tif": "holds 2 pages; its label cannot say which one",
+    }
+    cv2.imwrite(str(site / "normal" / "black.png"), np.zeros((160, 200), np.uint8))
+    cv2.imwrite(str(site / "benign" / "white.png"), np.full((160, 200), 255, np.uint8))
+    cv2.imwrite(str(site / "malignant" / "noise.png"), rng.integers(0, 256, (160, 200), np.uint8))
+    assert cv2.imwritemulti(str(site / "malignant" / "two-pages.tif"), [images[0], images[25]])
+    out = tmp_path / "out" / "m-fp32.onnx"
+    assert main(["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    card = json.loads((out.parent / "m.card.json").read_text())
+    left_out = {item["path"]: item["error"] for item in card["adaptation"]["left_out"]}
+    assert set(left_out) == {str(p) for p in odd}
+    for path, reason in odd.items():
+        assert left_out[str(path)].startswith(reason), left_out[str(path)]
+        assert f"{path}: {reason}" in err
+    assert card["adaptation"]["scans_per_class"] == {"normal": 10, "benign": 10, "malignant": 10}
+
+
+def test_manifest_columns_are_read_by_header_name_as_edge_train_reads_them(tmp_path):
+    (tmp_path / "scans").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "scans" / name).write_bytes(b"")
+    manifest = tmp_path / "site.csv"
+
+    def read(text: str) -> list[tuple[str, int, str, bool]]:
+        manifest.write_text(text)
+        return [(s.path.name, s.label, s.group, s.grouped) for s in read_site(manifest, CLASSES)]
+
+    expected = [("a.png", 0, "p1", True), ("b.png", 2, "p2", True)]
+    assert read("label,path,group\nnormal,scans/a.png,p1\nmalignant,scans/b.png,p2\n") == expected
+    # edge-train's own manifest: any case, extra columns ignored, the patient as the group
+    edge_train = (
+        "Path,Label,Patient,Masks\nscans/a.png,normal,p1,a_mask.png\nscans/b.png,malignant,p2,\n"
+    )
+    assert read(edge_train) == expected
+    grouped = "path,label,source,group\nscans/a.png,normal,x,p1\nscans/b.png,malignant,x,p2\n"
+    assert read(grouped) == expected
+    semicolons = "PATH;LABEL;PATIENT\nscans/a.png;normal;p1\nscans/b.png;malignant;p2\n"
+    assert read(semicolons) == expected  # Excel's 'CSV' where a comma is the decimal separator
+    # without a header: path,label[,group], as before
+    assert read("scans/a.png,normal,p1\nscans/b.png,malignant,p2\n") == expected
+    assert read("scans/a.png,normal\n") == [("a.png", 0, str(tmp_path / "scans" / "a.png"), False)]
+    with pytest.raises(ValueError, match=r"line 1: label 'class' .*a header row must name"):
+        read("file,class\nscans/a.png,normal\n")
+
+
+def test_a_manifest_whose_paths_are_all_wrong_is_a_data_error_naming_the_csv_folder(
+    parents, tmp_path, capsys, monkeypatch
+):
+    images, labels = scans(10, seed=2, shifted=True)
+    write_site(tmp_path / "site", images, labels)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name},patient-{i}"
+            for i, p in enumerate(sorted((tmp_path / "site").rglob("*.png")))]  # fmt: skip
+    (lists / "site.csv").write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)  # the paths are relative to here, not to the CSV's folder
+    out = tmp_path / "out" / "m-fp32.onnx"
+    code = main(["adapt", "lists/site.csv", "--model", str(parents["fp32"]), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (
+        "lists/site.csv: none of the 30 listed files exist (paths are relative to the CSV's "
+        f"folder, {lists})" in err
+    )
+    assert "no patient groups" not in err and "left out" not in err
+
+
+def test_max_malignant_lost_below_zero_is_refused_before_any_scan_is_read(
+    parents, site, tmp_path, capsys
+):
+    out = tmp_path / "out" / "m-fp32.onnx"
+    argv = ["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)]
+    assert main([*argv, "--max-malignant-lost", "-1"]) == 2
+    err = capsys.readouterr().err
+    # refused as the options are parsed: nothing was loaded, read or fitted before it
+    assert err.startswith("usage: edge-classify adapt"), err
+    assert "error: argument --max-malignant-lost: must be a whole number >= 0. Got '-1'" in err
+    assert not out.parent.exists()
+
+
+def test_a_refusal_by_the_cancer_guard_alone_names_it_and_not_a_lack_of_gain(
+    parents, site, tmp_path, capsys, monkeypatch
+):
+    import edge_runtime.adapt.run as run
+
+    estimate = run._estimate
+
+    def one_cancer_lost(site_features, *args, **kwargs):
+        best = estimate(site_features, *args, **kwargs)
+        best["lost"] = [int(np.flatnonzero(site_features.labels == 2)[0])]
+        return best
+
+    monkeypatch.setattr(run, "_estimate", one_cancer_lost)
+    out = tmp_path / "out" / "m-fp32.onnx"
+    argv = ["adapt", str(site), "--model", str(parents["fp32"]), "--output", str(out)]
+    assert main([*argv, "--max-malignant-lost", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "the adapted last layer loses more of the cancers the parent caught than " in err
+    assert "--max-malignant-lost allows on this site's scans (1 malignant scans" in err
+    assert "not better" not in err  # it is better: +0.6 balanced accuracy
+    assert not out.parent.exists() or not any(out.parent.iterdir())

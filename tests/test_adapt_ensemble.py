@@ -221,3 +221,44 @@ def test_adapt_writes_an_ensembles_int8_model_and_partner_and_records_the_prior(
     card = json.loads((out.parent / "clinic.card.json").read_text())
     assert card["adaptation"]["ensemble"]["before"].startswith("the parent's calls are its own")
     assert "Ensemble parent (2 members" in (out.parent / "clinic.card.md").read_text()
+
+
+def test_readapting_an_adapted_ensemble_is_judged_against_the_ensemble_and_keeps_its_record(
+    ensemble_parents, tmp_path, capsys
+):
+    """The card of a re-adapted ensemble names the ensemble as parent: its "parent" column must
+    be the ensemble's own calls (not its members' logit average the adapted file carries), and
+    its ensemble record stays. Without the ensemble's file, that baseline cannot be rebuilt."""
+    import shutil
+
+    from edge_runtime.model.card import file_sha256
+
+    parent = tmp_path / "parent" / "ens-fp32.onnx"
+    parent.parent.mkdir()
+    shutil.copy(ensemble_parents["fp32"], parent)
+    images, labels = scans(10, seed=2, shifted=True)
+    site = write_site(tmp_path / "clinic", images, labels)
+    first = tmp_path / "a" / "clinic-fp32.onnx"
+    code = main(["adapt", str(site), "--model", str(parent), "--output", str(first)])
+    assert code in (0, 1)
+    if code == 1:
+        pytest.skip("the synthetic site did not justify adapting this ensemble")
+    second = tmp_path / "b" / "again-fp32.onnx"
+    assert main(["adapt", str(site), "--model", str(first), "--output", str(second)]) == 0
+    assert "starting again from its parent ens-fp32.onnx" in capsys.readouterr().err
+    record, again = (open_model(p, provider=Provider.CPU).spec.adaptation for p in (first, second))
+    assert again["parent"]["sha256"] == file_sha256(parent)
+    assert again["ensemble"] == record["ensemble"]
+    assert again["cross_validation"]["before"] == record["cross_validation"]["before"]
+    card = json.loads((second.parent / "again.card.json").read_text())
+    assert card["parents"] == {"again-fp32.onnx": {"file": "ens-fp32.onnx",
+                                                   "sha256": file_sha256(parent)}}  # fmt: skip
+    assert card["adaptation"]["ensemble"] == record["ensemble"]
+
+    parent.unlink()  # the ensemble's own calls are gone with its file
+    third = tmp_path / "c" / "third-fp32.onnx"
+    assert main(["adapt", str(site), "--model", str(first), "--output", str(third)]) == 2
+    err = capsys.readouterr().err
+    assert f"{first}: is an adapted ensemble, and its parent ens-fp32.onnx (SHA-256 " in err
+    assert "was not found (" in err and "Pass that model as --model" in err
+    assert not third.parent.exists()

@@ -118,3 +118,19 @@ def _squares(runtime: Classifier, paths: list[str]) -> np.ndarray:
     spec = runtime.spec
     with ScanReader(spec.input_size, spec.resize_policy) as reader:
         return np.stack([s for _, _, s, e in reader.squares(paths) if e is None])
+
+
+def test_readapting_the_adapted_model_is_judged_against_the_bundled_model_as_before(
+    adapted, site_manifest, tmp_path_factory
+):
+    """The card of an adapted model adapted again names the bundled model as its parent; its
+    "parent" column is then that model's calls (the ensemble's own, 0.600 accuracy here), the
+    same as when the bundled model is adapted directly, and its ensemble record stays."""
+    report, out = adapted
+    out_again = tmp_path_factory.mktemp("again") / "again-int8.onnx"
+    again = adapt(AdaptOptions(site=site_manifest, output=out_again, model=out)).record
+    first = report.record
+    assert again["cross_validation"]["before"] == first["cross_validation"]["before"]
+    assert again["ensemble"] == first["ensemble"]
+    card = json.loads(out_again.with_name("again.card.json").read_text())
+    assert card["parents"]["again-int8.onnx"]["file"] == "default-int8.onnx"

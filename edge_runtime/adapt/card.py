@@ -117,7 +117,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
     left_out = record.get("left_out") or []
     if left_out:
         lines.append(
-            f"Left out, labelled but not readable ({len(left_out)}): "
+            f"Left out, labelled but unreadable or not one ultrasound scan ({len(left_out)}): "
             + "; ".join(f"`{item['path']}` ({item['error']})" for item in left_out)
             + "."
         )

@@ -35,6 +35,29 @@ class AdaptOptions:
     precision: Precision | None = None  # None: the parent's; FP32: the FP32 adapted model alone
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Check the bounds before any model loads or scan is read.
+
+        Raises:
+            ValueError: ``max_malignant_lost`` below 0 or not whole, ``max_sensitivity_drop``
+                outside [0, 1], or ``batch_size`` below 1.
+        """
+        lost = self.max_malignant_lost
+        if isinstance(lost, bool) or not isinstance(lost, int) or lost < 0:
+            raise ValueError(
+                "--max-malignant-lost (max_malignant_lost) must be a whole number >= 0: the "
+                f"malignant scans the parent caught that the adapted model may lose. Got {lost!r} "
+                "instead."
+            )
+        drop = self.max_sensitivity_drop
+        if drop is not None and not 0 <= drop <= 1:
+            raise ValueError(
+                "--max-sensitivity-drop (max_sensitivity_drop) must be in [0, 1]. Got "
+                f"{drop!r} instead."
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1. Got {self.batch_size!r} instead.")
+
 
 @dataclass(frozen=True)
 class AdaptReport:
@@ -46,7 +69,8 @@ class AdaptReport:
 
 @dataclass(frozen=True)
 class Parent:
-    """A model file as adaptation starts from it (unwrapped when it is itself adapted)."""
+    """A model file as adaptation starts from it (:mod:`edge_runtime.adapt.parent`): an adapted
+    model stands for its own parent, found by its SHA-256 or rebuilt from its record."""
 
     path: Path
     proto: Any  # onnx.ModelProto
@@ -55,3 +79,4 @@ class Parent:
     name: str  # the parent's file name
     sha256: str
     unwrapped_from: str | None  # the adapted file it was recovered from, if any
+    origin: str | None = None  # where the parent's own file lies (or last lay), absolute

@@ -1,22 +1,22 @@
 """Site adaptation: refit a model's last layer on a clinic's own labelled scans.
 
-``adapt(options)`` runs the backbone once over the site's scans (the runtime's own decoding and
-preprocessing, on the model with a ``features`` output added), estimates by grouped
-cross-validation what refitting the last layer buys (:mod:`edge_runtime.adapt.evaluate`), refuses
-when a class has too few scans or the refitted layer is not better, and otherwise writes the
-adapted model of the parent's precision, with its FP32 recheck partner adapted alike, and a card.
-The parent is never modified; an adapted model carries its parent's last layer, so adapting it
-again starts from the parent. Needs the ``adapt`` extra (onnx, scikit-learn, scipy).
+``adapt(options)`` runs the backbone once over the site's scans (the runtime's own decoding,
+input check and preprocessing, :mod:`edge_runtime.adapt.scans`, on the model with a ``features``
+output added), estimates by grouped cross-validation what refitting the last layer buys
+(:mod:`edge_runtime.adapt.evaluate`), refuses when a class has too few scans or the refitted
+layer is not better or loses the parent's cancers, naming the condition that failed, and
+otherwise writes the adapted model of the parent's precision, with its FP32 recheck partner
+adapted alike, and a card (:mod:`edge_runtime.adapt.place` says where it may). The parent is
+never modified; adapting an adapted model starts again from its parent
+(:mod:`edge_runtime.adapt.parent`). Needs the ``adapt`` extra (onnx, scikit-learn, scipy).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ from edge_runtime.adapt.options import (
     AdaptReport,
     Parent,
 )
+from edge_runtime.adapt.parent import load_parent, load_partner
+from edge_runtime.adapt.place import output_paths
+from edge_runtime.adapt.scans import read_squares
 from edge_runtime.adapt.site import SiteScan, read_site
 from edge_runtime.adapt.write import run_batches, run_outputs, write_models
-from edge_runtime.classifier import MODELS_DIR, resolve_model_path, usable_cores
-from edge_runtime.io.reader import ScanReader
-from edge_runtime.model.card import card_path_for, file_sha256
+from edge_runtime.classifier import resolve_model_path, usable_cores
 from edge_runtime.model.contract import (
     FEATURES,
     LESION,
@@ -66,11 +67,14 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     """Adapt ``options.model`` to ``options.site`` (module docstring).
 
     Raises:
-        AdaptRefused: a class has fewer than 5 scans, or the adapted layer is not better by the
-            site's cross-validation; the message carries the numbers. Nothing is written.
+        AdaptRefused: a class has fewer than 5 scans kept, or the adapted layer fails a condition
+            of the site's cross-validation (:func:`_refusal_reasons`); the message names it and
+            carries the numbers. Nothing is written.
         FileNotFoundError: the model, its recheck partner or the site is missing.
         ContractError: the model is not an edge-classify model with the expected last layer.
-        ValueError: bad site contents or an output path that would overwrite a parent.
+        ValueError: bad site contents (a malformed manifest, a file listed twice, none of its
+            files found) or an output place adapt may not write (a parent, a bundled model or
+            another model's files: :mod:`edge_runtime.adapt.place`).
         ImportError: the ``adapt`` extra is not installed.
     """
     try:
@@ -80,8 +84,8 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     except ImportError as exc:
         raise ImportError(f"{_EXTRA_HINT} ({exc})") from exc
     model_path = resolve_model_path(options.model, options.provider)
-    main = _load_parent(model_path)
-    partner = _load_partner(main)
+    main = load_parent(model_path)
+    partner = load_partner(main)
     if options.precision is Precision.FP32 and main.spec.precision is not Precision.FP32:
         if partner is None:
             raise ValueError(
@@ -95,7 +99,7 @@ def adapt(options: AdaptOptions) -> AdaptReport:
             f"--precision {options.precision.value}: adapt writes the parent's precision "
             f"({main.spec.precision.value}) or fp32. Got {options.precision.value} instead."
         )
-    outputs = _output_paths(options.output, main, partner)
+    outputs = output_paths(options.output, main, partner)
     scans = read_site(options.site, main.spec.class_names)
     site = options.site_name or options.site.stem or options.site.name
     classes = main.spec.class_names
@@ -105,20 +109,13 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     lesion_found = site_data.lesion_found
     labels = np.array([s.label for s in kept])
     groups = np.array([s.group for s in kept])
-    if not _has_groups(groups):
+    counts = _check_counts(options.site, labels, classes)
+    grouped = any(s.grouped for s in kept)
+    if not grouped:
         log.warning(
             "%s: no patient groups, so each file is its own group and a patient's scans may sit "
-            "on both sides of a fold (optimistic numbers): give a CSV path,label,group",
+            "on both sides of a fold (optimistic numbers): give a CSV with a patient column",
             options.site,
-        )
-    counts = {name: int((labels == c).sum()) for c, name in enumerate(classes)}
-    few = {name: n for name, n in counts.items() if n < MIN_SCANS_PER_CLASS}
-    if few:
-        per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
-        raise AdaptRefused(
-            f"{options.site}: too few readable scans to adapt ({per_class}): at least "
-            f"{MIN_SCANS_PER_CLASS} of each class are needed, 10 are recommended, and "
-            f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer. Nothing was written."
         )
     reference = partner or main  # fit and judge on the FP32 model's features when there is one
     x = features[reference.path]
@@ -128,130 +125,49 @@ def adapt(options: AdaptOptions) -> AdaptReport:
     with threadpool_limits(1):  # tiny problems: BLAS threads only contend (10x slower seen)
         names = [s.path.name for s in kept]
         own = site_data.probabilities if ensemble else None
-        fit = _fit_and_judge(x, labels, groups, reference, options, lesion_found, names, own)
+        fit = _fit_and_judge(
+            x, labels, groups, reference, options, lesion_found, names, own, grouped=grouped
+        )
     result = fit["record"]
     if ensemble:
         result["ensemble"] = ensemble
     result.update(site=site, scans_per_class=counts, groups=len(set(groups)))
-    result["left_out"] = site_data.left_out  # labelled, but not read: the card names them
+    result["left_out"] = site_data.left_out  # labelled, but not used: the card names them
     if fit["refusal"]:
-        raise AdaptRefused(
-            f"{options.site}: the adapted last layer is not better than the parent's on this "
-            f"site's scans ({fit['refusal']}); nothing was written. What to try: check the "
-            "labels, label more scans (10 per class or more, from as many patients as you can, "
-            "with the patient as the group), or keep using the parent.\n" + format_numbers(result)
-        )
+        raise AdaptRefused(_refusal_message(options.site, fit["refusal"], result))
     head = fit["head"]
     written = write_models(main, partner, head, result, fit, outputs, squares, options)
     return AdaptReport(written=written, record=result)
 
 
-def _load_parent(path: Path) -> Parent:
-    import onnx
-
-    from edge_runtime.adapt.graph import find_head, read_head
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    proto = onnx.load(str(path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    spec = ModelSpec.from_metadata(meta, source=str(path))
-    head = read_head(proto, find_head(proto, source=str(path)))
-    sha = file_sha256(path)
-    if not spec.adaptation:
-        return Parent(path, proto, spec, head, path.name, sha, None)
-    record = spec.adaptation.get("parent")
-    try:
-        parent = record["spec"]
-        shape = tuple(record["head"]["shape"])
-        kernel = np.frombuffer(base64.b64decode(record["head"]["kernel"]), "<f4").reshape(shape)
-        bias = np.frombuffer(base64.b64decode(record["head"]["bias"]), "<f4")
-        own = replace(
-            spec,
-            model_version=parent["model_version"],
-            temperature=float(parent["temperature"]),
-            malignant_threshold=float(parent["malignant_threshold"]),
-            metrics=parent["metrics"],
-            recheck_margin=float(parent["recheck_margin"]),
-            normal_rule=NormalRule(parent.get("normal_rule", spec.normal_rule.value)),
-            normal_gate=float(parent.get("normal_gate", 0.0)),
-            adaptation={},
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{path}: is an adapted model whose record of its parent is unreadable ({exc}); "
-            "adapt the original model instead."
-        ) from exc
-    log.warning(
-        "%s: is itself adapted (to %s); starting again from its parent %s (SHA-256 %s...), "
-        "whose last layer it carries",
-        path,
-        spec.adaptation.get("site"),
-        record.get("file"),
-        str(record.get("sha256"))[:12],
-    )
-    head = Head(kernel.copy(), bias.copy())
-    return Parent(path, proto, own, head, record["file"], record["sha256"], str(path))
-
-
-def _load_partner(main: Parent) -> Parent | None:
-    if main.spec.precision is Precision.FP32 or not main.spec.recheck_model:
-        return None
-    path = main.path.parent / main.spec.recheck_model
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{main.path}: its FP32 recheck model {path} is missing; it is adapted alike, so "
-            "copy it beside the model."
-        )
-    return _load_parent(path)
-
-
-def _output_paths(output: Path, main: Parent, partner: Parent | None) -> dict[str, Path]:
-    """``{"main": OUT, "partner": OUT-fp32}`` after checking none is a parent or bundled."""
-    if output.suffix.lower() != ".onnx":
-        raise ValueError(f"--output must name an .onnx file. Got {output} instead.")
-    if main.spec.precision is Precision.FP32 and output.stem.endswith("-int8"):
-        renamed = output.with_name(f"{output.stem[: -len('-int8')]}-fp32.onnx")
-        log.warning("%s: writes the FP32 adapted model, so as %s", output, renamed.name)
-        output = renamed
-    paths = {"main": output}
-    if partner is not None:
-        stem = output.stem[: -len("-int8")] if output.stem.endswith("-int8") else output.stem
-        paths["partner"] = output.with_name(f"{stem}-fp32.onnx")
-    _refuse_another_models_card(paths)
-    protected = {main.path.resolve()} | ({partner.path.resolve()} if partner else set())
-    for path in paths.values():
-        target = path.resolve()
-        if target in protected or target.parent == MODELS_DIR.resolve():
-            raise ValueError(
-                f"{path}: would overwrite the model being adapted or a bundled model; the "
-                "parent is never modified. Choose another --output."
-            )
-    return paths
-
-
-def _refuse_another_models_card(paths: dict[str, Path]) -> None:
-    """Refuse outputs whose card (and FP32 partner name) an existing model shares: writing them
-    would leave that model with another's card and partner.
+def _check_counts(site: Path, labels: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
+    """The scans per class read, after checking each class has enough.
 
     Raises:
-        ValueError: the card beside the outputs lists a file this run does not write, or is
-            unreadable.
+        AdaptRefused: a class has fewer than :data:`MIN_SCANS_PER_CLASS`.
     """
-    card = card_path_for(paths["main"])
-    if not card.is_file():
-        return
-    try:
-        listed = set(json.loads(card.read_text()).get("files", {}))
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{card}: an unreadable model card is in the way ({exc})") from None
-    others = sorted(listed - {path.name for path in paths.values()})
-    if others:
-        raise ValueError(
-            f"{card}: the card of {', '.join(others)}, which this run would not replace; writing "
-            f"{', '.join(sorted(p.name for p in paths.values()))} here would give that model "
-            "another's card and FP32 partner. Choose another --output (or move those files)."
+    counts = {name: int((labels == c).sum()) for c, name in enumerate(classes)}
+    few = {name: n for name, n in counts.items() if n < MIN_SCANS_PER_CLASS}
+    if few:
+        per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise AdaptRefused(
+            f"{site}: too few readable scans to adapt ({per_class}): at least "
+            f"{MIN_SCANS_PER_CLASS} of each class are needed, 10 are recommended, and "
+            f"{', '.join(few)} {'has' if len(few) == 1 else 'have'} fewer. Nothing was written."
         )
+    return counts
+
+
+def _refusal_message(site: Path, reasons: list[Reason], result: dict[str, Any]) -> str:
+    """The refusal naming each condition that failed, with its numbers and what to try."""
+    failed = " and ".join(dict.fromkeys(reason.condition for reason in reasons))
+    details = "; ".join(reason.detail for reason in reasons)
+    return (
+        f"{site}: the adapted last layer {failed} on this site's scans ({details}); nothing was "
+        "written. What to try: check the labels, label more scans (10 per class or more, from "
+        "as many patients as you can, with the patient as the group), or keep using the "
+        "parent.\n" + format_numbers(result)
+    )
 
 
 @dataclass(frozen=True)
@@ -259,11 +175,11 @@ class SiteOutputs:
     """What the parent models output on the site's readable scans (:func:`_site_outputs`)."""
 
     features: dict[Path, np.ndarray]  # per model file: pooled features [N, D], frames averaged
-    kept: list[SiteScan]  # the N scans read
+    kept: list[SiteScan]  # the N scans kept (edge_runtime.adapt.scans)
     squares: list[np.ndarray]  # every frame's [S, S] uint8 square (for checking written models)
     lesion_found: np.ndarray | None  # bool [N], where the reference calls normal by its lesions
     probabilities: np.ndarray  # the reference model's own probabilities [N, K], frames averaged
-    left_out: list[dict[str, str]]  # {"path", "error"} of each labelled file that was not read
+    left_out: list[dict[str, str]]  # {"path", "error"} of each labelled file left out, and why
 
 
 def _site_features(
@@ -285,10 +201,11 @@ def _site_outputs(
     tmp: Path,
     options: AdaptOptions,
 ) -> SiteOutputs:
-    """Pooled features per model and per readable scan (frames of a file averaged), the scans
-    kept, every frame's square (for checking the written models), when the reference model
-    (the FP32 partner, else the model) calls "normal" by its lesion head, whether that head finds
-    a lesion in each scan (in any of its frames), else None, and the reference's probabilities."""
+    """Pooled features per model and per scan kept (:func:`read_squares`: frames of a cine
+    averaged), the scans kept, every frame's square (for checking the written models), when the
+    reference model (the FP32 partner, else the model) calls "normal" by its lesion head,
+    whether that head finds a lesion in each scan (in any of its frames), else None, the
+    reference's probabilities, and the files left out with their reasons."""
     import onnx
 
     from edge_runtime.adapt.graph import find_head, with_features
@@ -302,24 +219,15 @@ def _site_outputs(
         onnx.save(featured, str(path))
         sessions[parent.path] = open_model(path, provider=options.provider, threads=options.threads)
     spec = main.spec
-    reader = ScanReader(
+    paths = [s.path for s in scans]
+    read = read_squares(
+        paths,
         spec.input_size,
         spec.resize_policy,
         batch_size=options.batch_size,
-        decode_workers=min(8, usable_cores()),
-        check_input=False,  # the site's labelled scans are scans
+        workers=min(8, usable_cores()),
     )
-    by_source: dict[str, list[int]] = {}
-    squares: list[np.ndarray] = []
-    errors: dict[str, str] = {}
-    with reader:
-        for source, _frame, square, error in reader.squares([s.path for s in scans]):
-            if error is not None:
-                errors.setdefault(source, error)
-                log.warning("%s: %s (left out)", source, error)
-                continue
-            by_source.setdefault(source, []).append(len(squares))
-            squares.append(square)
+    by_source, squares = read.by_source, read.squares
     d, k = main.head.kernel.shape
     runs = {
         path: run_outputs(loaded.session, (FEATURES, PROBABILITIES), squares, options.batch_size)
@@ -354,9 +262,9 @@ def _site_outputs(
     per_file = {path: _per_file(frames, kept, by_source) for path, frames in features.items()}
     probabilities = _per_file(runs[reference.path][1], kept, by_source)
     left_out = [
-        {"path": str(s.path), "error": errors.get(str(s.path), "no frame could be read")}
+        {"path": str(s.path), "error": read.left_out[str(s.path)]}
         for s in scans
-        if str(s.path) not in by_source
+        if str(s.path) in read.left_out
     ]
     return SiteOutputs(per_file, kept, squares, lesion_found, probabilities, left_out)
 
@@ -372,11 +280,10 @@ def _ensemble_record(parent: Parent, x: np.ndarray, own: np.ndarray) -> dict[str
     """For an ensemble parent (:mod:`edge_runtime.adapt.graph`), what its logit-average layer
     (the fit's prior, ``[sum D_m, K]``) is and how often it calls the site's ``[N, D]`` scans
     ``x`` as the ensemble's own averaged probabilities ``own`` ``[N, K]`` do; else ``{}``. An
-    adapted ensemble, adapted again, starts from that layer with no ensemble left to compare."""
+    adapted ensemble, adapted again, starts from its parent ensemble's own file
+    (:mod:`edge_runtime.adapt.parent`), so this record is the same as the first time."""
     from edge_runtime.adapt.graph import EnsembleHeadGraph, find_head
 
-    if parent.unwrapped_from is not None:
-        return {}
     where = find_head(parent.proto, source=str(parent.path))
     if not isinstance(where, EnsembleHeadGraph):
         return {}
@@ -434,10 +341,14 @@ def _fit_and_judge(
     lesion_found: np.ndarray | None = None,
     names: Sequence[str] = (),
     own: np.ndarray | None = None,
+    *,
+    grouped: bool = False,
 ) -> dict[str, Any]:
     """Choose what to refit (:func:`_way`), estimate it by the site's cross-validation against
     the parent as it runs (``own``: an ensemble's own probabilities ``[N, K]``, see
-    :func:`parent_calls`), and fit it on all the site's scans."""
+    :func:`parent_calls`), and fit it on all the site's scans. ``grouped``: the site gave the
+    scans' patients (else each file is its own group). Its ``refusal``: the
+    :class:`Reason` list of :func:`_refusal_reasons`."""
     from edge_runtime.adapt.evaluate import SiteFeatures, choose_strength
 
     spec, classes = parent.spec, parent.spec.class_names
@@ -449,7 +360,7 @@ def _fit_and_judge(
     site = SiteFeatures(x, labels, groups, kept)
     best = _estimate(site, parent, free, before, options, guard)
     numbers = best["numbers"]
-    refusal = _refusal(
+    refusal = _refusal_reasons(
         numbers,
         malignant,
         classes,
@@ -470,7 +381,7 @@ def _fit_and_judge(
         },
         "cross_validation": {
             "folds": best["folds"],
-            "grouped_by": "manifest group" if _has_groups(groups) else "file",
+            "grouped_by": "manifest group" if grouped else "file",
             "strengths_chosen_in_folds": best["strengths"],
             "features_of": f"the {spec.precision.value} model",
             **numbers,
@@ -608,8 +519,18 @@ def _estimate(
     }
 
 
-def _has_groups(groups: np.ndarray) -> bool:
-    return len(set(groups)) < len(groups)
+NOT_BETTER = "is not better than the parent's"
+LOSES_CANCERS = "loses more of the cancers the parent caught than --max-malignant-lost allows"
+LOWERS_SENSITIVITY = "lowers malignant sensitivity by more than --max-sensitivity-drop allows"
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A condition the adapted layer failed (:data:`NOT_BETTER`, :data:`LOSES_CANCERS`,
+    :data:`LOWERS_SENSITIVITY`) and its numbers."""
+
+    condition: str
+    detail: str
 
 
 def _refusal(
@@ -620,10 +541,25 @@ def _refusal(
     lost: Sequence[str] = (),
     max_lost: int = 1,
 ) -> str:
-    """Why the adapted layer is not better, or "" when it is: by the site cross-validation's
-    point estimates it must raise balanced accuracy and not lower accuracy; it may call at most
-    ``max_lost`` of the malignant scans the parent caught something else (``lost``: their
-    names), and, where ``max_drop`` is given, not lower malignant sensitivity by more.
+    """The details of :func:`_refusal_reasons`, "; "-joined: "" when the layer passes."""
+    reasons = _refusal_reasons(numbers, malignant, classes, max_drop, lost, max_lost)
+    return "; ".join(reason.detail for reason in reasons)
+
+
+def _refusal_reasons(
+    numbers: dict,
+    malignant: int | None,
+    classes,
+    max_drop: float | None,
+    lost: Sequence[str] = (),
+    max_lost: int = 1,
+) -> list[Reason]:
+    """Why the adapted layer may not be written, or [] when it may: by the site
+    cross-validation's point estimates it must raise balanced accuracy and not lower accuracy
+    (else :data:`NOT_BETTER`); it may call at most ``max_lost`` of the malignant scans the
+    parent caught something else (``lost``: their names; else :data:`LOSES_CANCERS`), and, where
+    ``max_drop`` is given, not lower malignant sensitivity by more (else
+    :data:`LOWERS_SENSITIVITY`).
 
     Why a count of scans and not a share: with 10 malignant scans one scan is 0.10 of
     sensitivity, so a bound on the share either refuses almost every site or guards nothing.
@@ -636,23 +572,27 @@ def _refusal(
     reasons = []
     if not gain["value"] > 1e-9:
         low, high = (float("nan") if v is None else v for v in gain["ci95"])
-        reasons.append(
+        detail = (
             f"balanced accuracy {b['balanced_accuracy']['value']:.3f} -> "
             f"{a['balanced_accuracy']['value']:.3f}, gain {gain['value']:+.3f} (95% interval "
             f"[{low:+.3f}, {high:+.3f}]) not above 0"
         )
+        reasons.append(Reason(NOT_BETTER, detail))
     if a["accuracy"]["value"] < b["accuracy"]["value"] - 1e-9:
-        reasons.append(f"accuracy {b['accuracy']['value']:.3f} -> {a['accuracy']['value']:.3f}")
+        detail = f"accuracy {b['accuracy']['value']:.3f} -> {a['accuracy']['value']:.3f}"
+        reasons.append(Reason(NOT_BETTER, detail))
     if len(lost) > max_lost:
-        reasons.append(
+        detail = (
             f"{len(lost)} malignant scans the parent caught are called otherwise out-of-fold "
             f"({', '.join(lost)}); at most {max_lost} allowed (--max-malignant-lost)"
         )
+        reasons.append(Reason(LOSES_CANCERS, detail))
     if malignant is not None and max_drop is not None:
         key = f"recall_{classes[malignant]}"
         if a[key]["value"] < b[key]["value"] - max_drop - 1e-9:
-            reasons.append(
+            detail = (
                 f"malignant sensitivity {b[key]['value']:.3f} -> {a[key]['value']:.3f} (a drop "
                 f"beyond --max-sensitivity-drop {max_drop:g})"
             )
-    return "; ".join(reasons)
+            reasons.append(Reason(LOWERS_SENSITIVITY, detail))
+    return reasons

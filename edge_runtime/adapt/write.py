@@ -36,11 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def head_record(parent: Parent) -> dict[str, Any]:
+    """What an adapted model records of its parent: the file, its SHA-256 and where it lies,
+    its spec and its last layer (how :mod:`edge_runtime.adapt.parent` finds or rebuilds it)."""
     kernel = np.ascontiguousarray(parent.head.kernel, dtype="<f4")
     spec = parent.spec
     return {
         "file": parent.name,
         "sha256": parent.sha256,
+        "path": parent.origin,  # where adapting again looks for it first (by its SHA-256)
         "spec": {
             "model_version": spec.model_version,
             "temperature": spec.temperature,
