@@ -233,3 +233,61 @@ def test_manifest_header_names_are_read_in_any_case(tmp_path: Path) -> None:
         "clinic",
         {"device": "Acme X1"},
     )
+
+
+def test_a_scan_listed_twice_in_a_manifest_names_both_lines_and_labels(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    table = tmp_path / "m.csv"
+    table.write_text("path,label\na.png,normal\nb.png,benign\na.png,normal\n")
+    with pytest.raises(DatasetError, match=r"lines 2 and 4: a\.png listed twice") as info:
+        discover_all([table])
+    assert str(info.value).startswith(f"{table}, lines 2 and 4: ")
+    assert "remove line 4" in str(info.value) and "pass each data set only once" not in str(
+        info.value
+    )
+    table.write_text("path,label\na.png,normal\nb.png,benign\n./a.png,Benign\n")
+    with pytest.raises(DatasetError) as info:
+        discover_all([table])
+    assert str(info.value) == (
+        f"{table}, lines 2 and 4: a.png and ./a.png, one file, labelled normal on line 2 and "
+        "benign on line 4; a scan has one label: remove the row with the wrong one"
+    )
+
+
+def test_a_mask_a_manifest_lists_must_exist_and_is_named_with_its_line(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    _png(tmp_path / "a_mask.png", 255)
+    (tmp_path / "empty_mask.png").write_bytes(b"")  # unreadable: skipped with a warning later
+    table = tmp_path / "m.csv"
+    table.write_text(
+        "path,label,masks\na.png,benign,a_mask.png; empty_mask.png\nb.png,benign,b_mask.png\n"
+    )
+    with pytest.raises(DatasetError) as info:
+        discover_all([table])
+    assert str(info.value).startswith(
+        f"{table}: 1 listed mask(s) not found (e.g. line 3: b_mask.png); paths are relative"
+    )
+    table.write_text("path,label,masks\na.png,benign,a_mask.png; empty_mask.png\nb.png,benign,\n")
+    first, second = discover_all([table]).samples
+    assert first.masks == (tmp_path / "a_mask.png", tmp_path / "empty_mask.png")
+    assert second.masks == ()
+
+
+def test_a_semicolon_delimited_manifest_is_read_like_a_comma_delimited_one(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "a_mask.png", 255)
+    _png(tmp_path / "a_mask_1.png", 255)
+    table = tmp_path / "m.csv"
+    table.write_text(  # Excel's "CSV" where a comma is the decimal separator
+        'path;label;patient;masks;depth\na.png;benign;p1;"a_mask.png;a_mask_1.png";3,5\n'
+    )
+    (sample,) = discover_all([table]).samples
+    assert (sample.path, sample.label, sample.patient, dict(sample.attributes)) == (
+        tmp_path / "a.png",
+        "benign",
+        "p1",
+        {"depth": "3,5"},
+    )
+    assert sample.masks == (tmp_path / "a_mask.png", tmp_path / "a_mask_1.png")

@@ -132,3 +132,67 @@ def test_one_class_one_scanner_or_more_folds_than_groups_is_a_data_error_before_
         capsys.readouterr().err
     )
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_too_few_scans_for_every_split_is_a_data_error_before_training(tmp_path, capsys):
+    """3 or 4 scans a class once trained, then crashed predicting on an empty validation split
+    (exit 70, a run folder without run.json); --folds and --leave-scanner-out split too."""
+    pytest.importorskip("keras")
+    from training.cli import main as train_main
+    from training.synthetic import write_synthetic_dataset
+
+    options = ["--backbone", "small-cnn", "--weights", "none", "--image-size", "64"]
+    for per_class in (3, 4):
+        data = write_synthetic_dataset(tmp_path / f"{per_class}", per_class, size=(64, 80))
+        run = tmp_path / f"run{per_class}"
+        assert train_main([str(data), "--output", str(run), *options, "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "edge-train: error: DATA: too few scans to split into train/val/test: the val " in (
+            err
+        )
+        assert f"by class: normal {per_class} scans in {per_class} groups, benign " in err
+        assert "from 5 groups on" in err and "Add scans: 5 or more of each class." in err
+        assert not run.exists()
+    six = write_synthetic_dataset(tmp_path / "a", 6, seed=1, size=(64, 80))
+    run = tmp_path / "run"
+    assert train_main([str(six), "--output", str(run), *options, "--folds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--folds 2, cv/fold0 (trained on the other folds' scans): too few scans to split " in (
+        err
+    )
+    assert "With --folds 2, every fold keeps validation scans from 7 one-scan groups" in err
+    argv = [str(six), str(tmp_path / "3"), "--output", str(run), *options]
+    assert train_main([*argv, "--leave-scanner-out", "a"]) == 2  # trained on 3's 3 a class
+    err = capsys.readouterr().err
+    assert "--leave-scanner-out a (trained on the other scanners' scans): too few scans to " in err
+    assert "Add scans of the other scanners: 4 or more of each class." in err
+    assert not run.exists()
+
+
+def test_a_thin_split_s_advice_depends_on_whether_the_model_is_already_a_fold(tmp_path):
+    from training.evaluation.diagnostics import Evaluation, check_run
+    from training.run import TrainConfig, _evaluation_of
+
+    config = TrainConfig(data=(), output=tmp_path)
+    assert _evaluation_of(config, tmp_path) is Evaluation.HOLDOUT
+    assert _evaluation_of(config, tmp_path / "cv" / "fold1") is Evaluation.CROSS_VALIDATION
+    assert _evaluation_of(config, tmp_path / "scanners" / "busi_GE") is (
+        Evaluation.SCANNER_HELD_OUT
+    )
+    labels = np.tile(np.arange(3), 6)  # 2 of each class in each split
+    splits = np.repeat(["train", "val", "test"], 6)
+    metrics = {"temperature": 1.0}
+
+    def advice(evaluation: Evaluation) -> str:
+        test = check_run([], metrics, labels, splits, CLASSES, evaluation=evaluation)[-1]
+        assert test.startswith("the test split has only 2 normal, 2 benign, 2 malignant")
+        return test.split("says little. ")[1]
+
+    assert "cross-validation (one --backbone with --folds K) tests every image once" in advice(
+        Evaluation.HOLDOUT
+    )
+    fold = advice(Evaluation.CROSS_VALIDATION)
+    assert "this is one fold of a cross-validation: read its cv_metrics.json" in fold
+    assert "--folds K" not in fold
+    scanner = advice(Evaluation.SCANNER_HELD_OUT)
+    assert "one fold of the scanner-held-out protocol" in scanner and "--folds" not in scanner

@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.datasets import Sample
+from training.data.datasets import DatasetError, Sample
 from training.data.splits import (
+    check_every_split,
+    groups_to_reach,
     read_manifest,
+    scans_for_folds,
     stratified_group_kfold,
     stratified_group_split,
     write_manifest,
@@ -92,3 +95,74 @@ def test_manifest_round_trips_and_export_reads_path_label_split(tmp_path: Path) 
     with table.open() as handle:
         row = next(csv.DictReader(handle))
     assert Path(row["path"]).is_absolute() and row["label"] == "benign" and row["split"] == "train"
+
+
+def _one_scan_groups(per_class: int) -> tuple[list[str], list[str]]:
+    labels = [c for c in ("normal", "benign", "malignant") for _ in range(per_class)]
+    return labels, [f"g{i}" for i in range(len(labels))]
+
+
+@pytest.mark.parametrize("per_class", range(1, 9))
+def test_a_split_left_without_a_scan_is_refused_exactly_when_the_split_made_leaves_one_empty(
+    per_class: int,
+) -> None:
+    """At 15% val and 15% test, one-scan groups reach test from 3 a class and val from 5."""
+    assert groups_to_reach(val_fraction=0.15, test_fraction=0.15) == {
+        "train": 1,
+        "test": 3,
+        "val": 5,
+    }
+    labels, groups = _one_scan_groups(per_class)
+    fractions = {"val_fraction": 0.15, "test_fraction": 0.15}
+    splits = stratified_group_split(labels, groups, **fractions, seed=0)
+    if per_class >= 5:
+        assert set(splits) == {"train", "val", "test"}
+        check_every_split(labels, groups, splits, **fractions, what="DATA")
+        return
+    empty = "val" if per_class >= 3 else "val and test"
+    with pytest.raises(DatasetError) as info:
+        check_every_split(labels, groups, splits, **fractions, what="DATA")
+    assert str(info.value) == (
+        f"DATA: too few scans to split into train/val/test: the {empty} split"
+        f"{'s' if per_class < 3 else ''} would get none. Each class's groups of scans (a scan "
+        "with its near-copies and its patient's other scans) are dealt out whole, 70/15/15% to "
+        "train/val/test, and a class of one-scan groups reaches every split from 5 groups on; "
+        f"by class: normal {per_class} scan{'s' * (per_class > 1)} in {per_class} "
+        f"group{'s' * (per_class > 1)}, benign {per_class} scan{'s' * (per_class > 1)} in "
+        f"{per_class} group{'s' * (per_class > 1)}, malignant {per_class} "
+        f"scan{'s' * (per_class > 1)} in {per_class} group{'s' * (per_class > 1)}. Add scans: "
+        "5 or more of each class."
+    )
+
+
+def test_one_class_that_reaches_every_split_is_enough_and_the_others_are_warned_of(
+    caplog,
+) -> None:
+    labels = ["benign"] * 5 + ["malignant"] * 2
+    groups = [f"g{i}" for i in range(7)]
+    splits = stratified_group_split(labels, groups, val_fraction=0.15, test_fraction=0.15, seed=0)
+    check_every_split(labels, groups, splits, val_fraction=0.15, test_fraction=0.15, what="DATA")
+    assert "class 'malignant' has no scan in the val and test split" in caplog.text
+    assert "'benign'" not in caplog.text
+
+
+def test_a_train_val_split_needs_4_groups_and_folds_need_more_scans_the_fewer_they_are() -> None:
+    assert groups_to_reach(val_fraction=0.15, test_fraction=0.0) == {"train": 1, "val": 4}
+    needed = {k: scans_for_folds(k, val_fraction=0.15, classes=3) for k in (2, 3, 5)}
+    assert needed == {2: 7, 3: 5, 5: 5}
+    for folds, per_class in needed.items():  # one scan fewer: some fold has no validation scan
+        fewer = [(per_class - 1, False)] if per_class > folds else []  # else scikit-learn refuses
+        for count, reached in [(per_class, True), *fewer]:
+            labels, groups = _one_scan_groups(count)
+            assigned = np.array(stratified_group_kfold(labels, groups, n_splits=folds, seed=0))
+            inner = [
+                stratified_group_split(
+                    [labels[i] for i in rest],
+                    [groups[i] for i in rest],
+                    val_fraction=0.15,
+                    test_fraction=0.0,
+                    seed=0,
+                )
+                for rest in (np.flatnonzero(assigned != k) for k in range(folds))
+            ]
+            assert all("val" in split for split in inner) is reached

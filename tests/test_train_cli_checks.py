@@ -89,3 +89,42 @@ def test_an_output_that_is_a_file_or_lies_under_one_is_refused_before_tensorflow
         assert f"edge-train: error: {message}\n" in err.getvalue()
         assert "Traceback" not in err.getvalue()
     assert afile.read_text() == "notes\n"
+
+
+@pytest.mark.parametrize(
+    ("backbone", "weights", "message"),
+    [
+        ("small-cnn", "nofile.h5", "--weights nofile.h5: small-cnn takes no weights, it always "
+         "trains from scratch: pass --weights none"),
+        ("small-cnn", "imagenet", "small-cnn has no ImageNet weights: add --weights none"),
+        ("mobilenet-v2", "nofile.h5", "--weights nofile.h5: no such file. --weights takes "
+         "'imagenet', 'none' (train from scratch) or the path of an existing weights file: for "
+         "mobilenet-v2, a Keras .h5 or .weights.h5 file"),
+        ("efficientnet-lite0", "nofile.pth", "--weights nofile.pth: no such file. --weights "
+         "takes 'imagenet'"),
+    ],
+)  # fmt: skip
+def test_weights_a_backbone_cannot_take_are_refused_before_the_data_loads(
+    tmp_path, no_training, backbone, weights, message
+):
+    err = io.StringIO()
+    argv = [str(tmp_path), "--output", str(tmp_path / "run"), "--backbone", backbone]
+    assert cli.main([*argv, "--weights", weights], stderr=err) == ExitStatus.USAGE
+    assert f"edge-train: error: {message}" in err.getvalue()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_weights_file_that_exists_and_the_keywords_in_any_case_are_accepted(tmp_path):
+    weights = tmp_path / "lite0.pth"
+    weights.write_bytes(b"")
+    argv = [str(tmp_path), "--output", str(tmp_path / "run"), "--backbone", "efficientnet-lite0"]
+    for given, kept in ((str(weights), str(weights)), ("ImageNet", "imagenet"), ("None", "none")):
+        args = cli.parse_arguments([*argv, "--weights", given], io.StringIO(), io.StringIO())
+        assert isinstance(args, argparse.Namespace) and args.weights == kept
+
+
+def test_the_help_says_a_backbone_trained_from_scratch_adds_the_frozen_epochs_to_epochs():
+    helps = {action.dest: " ".join(action.help.split()) for action in cli.build_parser()._actions}
+    epochs = "freezes nothing: it trains one stage of --frozen-epochs + --epochs epochs"
+    frozen = "From scratch (--weights none; small-cnn) they are added to --epochs, in one stage"
+    assert epochs in helps["epochs"] and frozen in helps["frozen_epochs"]

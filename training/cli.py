@@ -21,7 +21,12 @@ from edge_runtime.app.shell import (
 )
 from edge_runtime.app.status import ExitStatus
 from training.console import command_logging, import_tensorflow
-from training.model.backbones import Backbone, check_lesion_input_size, has_pretrained_weights
+from training.model.backbones import (
+    Backbone,
+    check_lesion_input_size,
+    has_pretrained_weights,
+    lite_variant,
+)
 from training.recipe import DEFAULT
 from training.runfolder import LOG_FILE, MODEL_FILE
 
@@ -117,14 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=DEFAULT.epochs,
-        help=f"fine-tuning epochs (stage 2; default {DEFAULT.epochs}); 0 trains stage 1 alone",
+        help=f"fine-tuning epochs (stage 2; default {DEFAULT.epochs}); 0 trains stage 1 alone. "
+        "A backbone trained from scratch (--weights none; small-cnn) freezes nothing: it trains "
+        "one stage of --frozen-epochs + --epochs epochs",
     )
     parser.add_argument(
         "--frozen-epochs",
         type=int,
         default=DEFAULT.frozen_epochs,
         help=f"epochs with the backbone frozen (stage 1; default {DEFAULT.frozen_epochs}); 0 "
-        "skips it (not both 0)",
+        "skips it (not both 0). From scratch (--weights none; small-cnn) they are added to "
+        "--epochs, in one stage",
     )
     parser.add_argument(
         "--batch-size", type=int, default=32, help="scans per training step (default 32)"
@@ -340,6 +348,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
     _check_members(parser, args)
+    _check_weights(parser, args)
     if args.seg:
         try:
             for backbone in args.backbone:
@@ -433,9 +442,6 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             f"--lesion-from takes each of the members 1 to {count} at most once, one member for "
             f"each backbone named. Got {' '.join(map(str, lesion))} instead."
         )
-    untrained = [b for b in args.backbone if not has_pretrained_weights(Backbone(b))]
-    if untrained and args.weights.lower() == "imagenet" and not args.report_only:
-        parser.error(f"{' and '.join(untrained)} has no ImageNet weights: add --weights none")
     if count == 1:
         return
     named = "the default trains" if args.backbone == DEFAULT.backbone else "--backbone names"
@@ -452,6 +458,38 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             )
 
 
+def _check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--weights`` as the backbones can take them: 'imagenet' (any case) where each has
+    ImageNet weights, 'none', or a weights file that exists, for one backbone that can start
+    from one (small-cnn always trains from scratch)."""
+    if args.weights.lower() in ("imagenet", "none"):
+        args.weights = args.weights.lower()
+    if args.report_only:  # trains nothing: the run's models are read
+        return
+    untrained = [b for b in args.backbone if not has_pretrained_weights(Backbone(b))]
+    if untrained and args.weights == "imagenet":
+        parser.error(f"{' and '.join(untrained)} has no ImageNet weights: add --weights none")
+    if args.weights in ("imagenet", "none"):
+        return
+    if untrained:  # one backbone here: a file for several is refused by _check_members
+        parser.error(
+            f"--weights {args.weights}: {untrained[0]} takes no weights, it always trains from "
+            "scratch: pass --weights none"
+        )
+    path = Path(args.weights)
+    if not path.is_file():
+        found = "is a folder, not a weights file" if path.is_dir() else "no such file"
+        kind = (
+            "a PyTorch EfficientNet-Lite state dict (.pth)"
+            if lite_variant(Backbone(args.backbone[0])) is not None
+            else "a Keras .h5 or .weights.h5 file"
+        )
+        parser.error(
+            f"--weights {args.weights}: {found}. --weights takes 'imagenet', 'none' (train from "
+            f"scratch) or the path of an existing weights file: for {args.backbone[0]}, {kind}"
+        )
+
+
 def _train(args: argparse.Namespace, stdout: TextIO) -> int:
     import_tensorflow()
     from training.augmentation.augment import AugmentConfig
@@ -464,7 +502,7 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
         data=tuple(args.data),
         output=args.output,
         backbone=Backbone(args.backbone[0]),
-        weights=None if args.weights.lower() == "none" else args.weights,
+        weights=None if args.weights == "none" else args.weights,
         input_size=args.image_size,
         folds=args.folds,
         final_model=not args.cv_only,

@@ -185,6 +185,12 @@ def fit(
     backbone.trainable = not pretrained
     rate = config.learning_rate or _search_learning_rate(run)
     if not pretrained:
+        log.info(
+            "trained from scratch, nothing frozen: one stage of %d + %d epochs (frozen + "
+            "fine-tuning)",
+            config.epochs_frozen,
+            config.epochs_finetune,
+        )
         _run_stage(run, "full", rate, config.epochs_frozen + config.epochs_finetune)
         return run.rows
     _run_stage(run, "frozen", rate, config.epochs_frozen)

@@ -18,11 +18,18 @@ from training import distributed
 from training.augmentation.augment import jitter_gray_levels
 from training.augmentation.lesion_free import lesion_free_views_wanted, training_views
 from training.augmentation.marks import paint_out_marks
-from training.data.datasets import discover_all, fingerprint
+from training.data.datasets import DatasetError, discover_all, fingerprint
 from training.data.dedup import group_duplicates
 from training.data.pipeline import load_images
-from training.data.splits import stratified_group_kfold, stratified_group_split, write_manifest
-from training.evaluation.diagnostics import check_run, log_warnings
+from training.data.splits import (
+    check_every_split,
+    groups_to_reach,
+    scans_for_folds,
+    stratified_group_kfold,
+    stratified_group_split,
+    write_manifest,
+)
+from training.evaluation.diagnostics import Evaluation, check_run, log_warnings
 from training.evaluation.lesion_metrics import (
     DICE_BUDGET,
     MAX_LESION_CALLED_NORMAL,
@@ -75,6 +82,7 @@ from training.runfolder import (
 log = logging.getLogger(__name__)
 DEFAULT_CLASS_ORDER = ("normal", "benign", "malignant")
 JITTER_GRAY_LEVELS = 2
+CV_VAL_FRACTION = 0.15  # of the other folds' scans, in each cross-validation fold
 
 
 @dataclass(frozen=True)
@@ -187,14 +195,26 @@ def train(config: TrainConfig) -> RunInfo | None:
     config.output.mkdir(parents=True, exist_ok=True)
     _clear_previous_results(config.output)
     data = _prepare(config)
-    if config.folds > 1:
-        _cross_validate(config, data)
-    if config.leave_scanner_out:
-        _leave_scanners_out(config, data)
-    if not config.final_model:
+    # every split the run trains on, each checked before the first model trains
+    folds = _fold_splits(config, data) if config.folds > 1 else []
+    scanners = _scanner_splits(config, data) if config.leave_scanner_out else {}
+    splits = _holdout_split(config, data) if config.final_model else None
+    if splits is not None:
+        _check_split(
+            data,
+            splits,
+            np.ones(len(splits), bool),
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            what="DATA",
+        )
+    if folds:
+        _cross_validate(config, data, folds)
+    if scanners:
+        _leave_scanners_out(config, data, scanners)
+    if splits is None:
         log.info("evaluation finished in %.1f min", (time.perf_counter() - start) / 60)
         return None
-    splits = _holdout_split(config, data)
     _write_split(config.output / SPLIT_FILE, data, splits)
     info = _train_and_report(config, data, splits, config.output)
     log.info("run finished in %.1f min: %s", (time.perf_counter() - start) / 60, config.output)
@@ -365,6 +385,47 @@ def _holdout_split(config: TrainConfig, data: _Prepared) -> np.ndarray:
     return splits
 
 
+def _check_split(
+    data: _Prepared,
+    splits: np.ndarray,
+    pool: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    what: str,
+    advice: str | None = None,
+) -> None:
+    """Refuse a split of the scans ``pool`` selects that leaves train, val or, where it makes
+    one, test without a scan (:func:`~training.data.splits.check_every_split`): Keras cannot
+    validate or predict on nothing.
+
+    Raises:
+        DatasetError: a split without a scan.
+    """
+    check_every_split(
+        [data.class_names[k] for k in data.labels[pool]],
+        [group for group, taken in zip(data.groups, pool, strict=True) if taken],
+        list(splits[pool]),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        what=what,
+        advice=advice,
+    )
+
+
+def _check_test(splits: np.ndarray, what: str) -> None:
+    """Refuse a fold whose test scans are all kept out (in conflicted duplicate groups).
+
+    Raises:
+        DatasetError: no test scan.
+    """
+    if not np.any(splits == "test"):
+        raise DatasetError(
+            f"{what}: no scan to test on: every one is in a duplicate group whose copies carry "
+            "different labels (duplicates.csv), kept out; fix those labels"
+        )
+
+
 def _train_and_report(
     config: TrainConfig, data: _Prepared, splits: np.ndarray, run_dir: Path
 ) -> RunInfo:
@@ -419,7 +480,15 @@ def _report(
     metrics = evaluate(y_test, test_probs, data.class_names)
     metrics["temperature"] = temperature
     metrics["jitter_stability"] = _jitter_stability(model, data.images[part["test"]], config.seed)
-    log_warnings(check_run(rows, metrics, data.labels, splits, data.class_names), str(run_dir))
+    warnings = check_run(
+        rows,
+        metrics,
+        data.labels,
+        splits,
+        data.class_names,
+        evaluation=_evaluation_of(config, run_dir),
+    )
+    log_warnings(warnings, str(run_dir))
     test_samples = [s for s, keep in zip(data.samples, part["test"], strict=True) if keep]
     rule = LesionRule(LESION_THRESHOLD)
     if segment:
@@ -498,6 +567,16 @@ def _report(
     )
     info.write(run_dir)
     return info
+
+
+def _evaluation_of(config: TrainConfig, run_dir: Path) -> Evaluation:
+    """What the model in ``run_dir`` was tested on: a cross-validation fold (``cv/fold<k>``), a
+    scanner-held-out fold (``scanners/<scanner>``) or the final model's held-out split."""
+    if run_dir.parent == config.output / "cv":
+        return Evaluation.CROSS_VALIDATION
+    if run_dir.parent == config.output / "scanners":
+        return Evaluation.SCANNER_HELD_OUT
+    return Evaluation.HOLDOUT
 
 
 def _split_arrays(data: _Prepared, part: np.ndarray) -> TrainingArrays:
@@ -643,7 +722,14 @@ def device_auc(
     }
 
 
-def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
+def _fold_splits(config: TrainConfig, data: _Prepared) -> list[np.ndarray]:
+    """Each cross-validation fold's split, checked: the fold is its test split, and the other
+    folds' scans are split into train and val.
+
+    Raises:
+        ValueError: more folds than groups of scans, or than scans in the largest class.
+        DatasetError: a fold's split without a scan (:func:`_check_split`).
+    """
     groups = len(set(data.groups))
     if config.folds > groups:
         raise ValueError(
@@ -651,19 +737,27 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
             f"and near-copies are one group, never split), fewer than the folds: use --folds "
             f"{groups} or fewer"
         )
+    largest = int(np.bincount(data.labels).max())
+    if config.folds > largest:  # scikit-learn's StratifiedGroupKFold refuses it
+        raise ValueError(
+            f"--folds {config.folds}: the largest class has {largest} scans, fewer than the "
+            f"folds, so no fold would get a scan of every class: use --folds {largest} or fewer, "
+            "or add scans"
+        )
     folds = np.array(
         stratified_group_kfold(data.labels, data.groups, n_splits=config.folds, seed=config.seed)
     )
-    results, by_source = [], []
+    needed = scans_for_folds(
+        config.folds, val_fraction=CV_VAL_FRACTION, classes=len(data.class_names)
+    )
+    plans = []
     for k in range(config.folds):
-        fold_dir = config.output / "cv" / f"fold{k}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
         rest = np.flatnonzero(folds != k)
         inner = np.array(
             stratified_group_split(
                 data.labels[rest],
                 [data.groups[i] for i in rest],
-                val_fraction=0.15,
+                val_fraction=CV_VAL_FRACTION,
                 test_fraction=0.0,
                 seed=config.seed,
             )
@@ -671,6 +765,30 @@ def _cross_validate(config: TrainConfig, data: _Prepared) -> None:
         splits = np.full(len(data.labels), "test", dtype=object)
         splits[rest] = inner
         splits[data.excluded] = "excluded"
+        what = f"--folds {config.folds}, cv/fold{k}"
+        _check_split(
+            data,
+            splits,
+            folds != k,
+            val_fraction=CV_VAL_FRACTION,
+            test_fraction=0.0,
+            what=f"{what} (trained on the other folds' scans)",
+            advice=f"With --folds {config.folds}, every fold keeps validation scans from "
+            f"{needed} one-scan groups of each class on (more folds leave more to each fold's "
+            "training and validation): add scans.",
+        )
+        _check_test(splits, what)
+        plans.append(splits)
+    return plans
+
+
+def _cross_validate(config: TrainConfig, data: _Prepared, plans: Sequence[np.ndarray]) -> None:
+    """Train and report on each fold of :func:`_fold_splits`, then sum the folds up in
+    ``cv_metrics.json``."""
+    results, by_source = [], []
+    for k, splits in enumerate(plans):
+        fold_dir = config.output / "cv" / f"fold{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
         _write_split(fold_dir / SPLIT_FILE, data, splits)
         log.info(
             "cross-validation %s (%d of %d)",
@@ -738,21 +856,25 @@ def cross_validation_report(
     return report
 
 
-def _leave_scanners_out(config: TrainConfig, data: _Prepared) -> None:
-    """The scanner-held-out protocol (training.evaluation.protocol): for each scanner, train on the
-    others
-    (a grouped validation split of them for early stopping and temperature) and test on all of
-    its scans; a duplicate group that spans the left-out scanner and another is kept out of
-    training. Writes ``scanners/<scanner>/`` fold folders, ``protocol.json`` and ``protocol.md``.
+def _scanner_splits(config: TrainConfig, data: _Prepared) -> dict[str, np.ndarray]:
+    """Each scanner-held-out fold's split, checked (training.evaluation.protocol): all of the
+    scanner's scans are its test split, and the other scanners' scans are split into train and
+    val; a duplicate group that spans the left-out scanner and another is kept out of training.
+
+    Raises:
+        ValueError: a scanner not in the data, or one whose leaving out leaves one class.
+        DatasetError: a fold's split without a scan (:func:`_check_split`).
     """
     asked = None if config.leave_scanner_out == ("all",) else config.leave_scanner_out
     scanners = choose_scanners(data.samples, asked)
     of = np.array([scanner_of(s) for s in data.samples])
-    folds = {}
+    needed = groups_to_reach(val_fraction=config.val_fraction, test_fraction=0.0)["val"]
+    plans = {}
     for scanner in scanners:
         held = of == scanner
         leaked = {g for g, h in zip(data.groups, held, strict=True) if h}
-        rest = np.flatnonzero(~held & ~np.isin(data.groups, list(leaked)))
+        train_val = ~held & ~np.isin(data.groups, list(leaked))
+        rest = np.flatnonzero(train_val)
         if len(set(data.labels[rest].tolist())) < 2:
             raise ValueError(
                 f"leaving {scanner} out leaves {len(rest)} scans of other scanners to train on, "
@@ -771,10 +893,38 @@ def _leave_scanners_out(config: TrainConfig, data: _Prepared) -> None:
         splits[rest] = inner
         splits[held] = "test"
         splits[data.excluded] = "excluded"
+        what = f"--leave-scanner-out {scanner}"
+        _check_split(
+            data,
+            splits,
+            train_val,
+            val_fraction=config.val_fraction,
+            test_fraction=0.0,
+            what=f"{what} (trained on the other scanners' scans)",
+            advice=f"Add scans of the other scanners: {needed} or more of each class.",
+        )
+        _check_test(splits, what)
+        plans[scanner] = splits
+    return plans
+
+
+def _leave_scanners_out(config: TrainConfig, data: _Prepared, plans: dict[str, np.ndarray]) -> None:
+    """The scanner-held-out protocol (training.evaluation.protocol): for each scanner's split of
+    :func:`_scanner_splits`, train on the others (a grouped validation split of them for early
+    stopping and temperature) and test on all of its scans. Writes ``scanners/<scanner>/`` fold
+    folders, ``protocol.json`` and ``protocol.md``.
+    """
+    folds = {}
+    for scanner, splits in plans.items():
         fold_dir = config.output / "scanners" / _folder_name(scanner)
         fold_dir.mkdir(parents=True, exist_ok=True)
         _write_split(fold_dir / SPLIT_FILE, data, splits)
-        log.info("leave %s out: %d test scans, %d train/val scans", scanner, held.sum(), len(rest))
+        log.info(
+            "leave %s out: %d test scans, %d train/val scans",
+            scanner,
+            np.sum(splits == "test"),
+            np.sum(np.isin(splits, ("train", "val"))),
+        )
         _train_and_report(config, data, splits, fold_dir)
         folds[scanner] = fold_dir
     report = write_report(config.output, folds)

@@ -45,6 +45,7 @@ BUSBRA_ATTRIBUTES = {
     "Side": "side",
 }
 MANIFEST_COLUMNS = ("path", "label")
+_DELIMITERS = (",", ";", "\t")  # a CSV file's header is searched for each, in this order
 _MASK = re.compile(r"^(?P<base>.+)_mask(?:_\d+)?$", re.IGNORECASE)
 _BUSI_NAME = re.compile(r"^(normal|benign|malignant) \(\d+\)$", re.IGNORECASE)
 
@@ -303,7 +304,8 @@ def _read_csv(
     path: Path, required: Sequence[str], *, any_case: bool = False
 ) -> list[tuple[int, dict[str, str]]]:
     """Each row of a UTF-8 CSV file with its line number, keyed by the header's names (in lower
-    case with ``any_case``, so that ``Path,Label`` reads as ``path,label``).
+    case with ``any_case``, so that ``Path,Label`` reads as ``path,label``). Its delimiter is a
+    comma, or the one its header line uses instead (:func:`_delimiter`).
 
     Raises:
         DatasetError: the file is not UTF-8, or its header lacks a ``required`` name.
@@ -314,7 +316,9 @@ def _read_csv(
 
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            delimiter = _delimiter(handle.readline())
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter=delimiter)
             columns = [name(c) for c in reader.fieldnames or ()]
             missing = [c for c in required if c not in columns]
             if missing:
@@ -333,6 +337,12 @@ def _read_csv(
             f"{path}: the file is {what}; a CSV must be UTF-8 text with commas: save it as "
             "'CSV UTF-8 (Comma delimited)'"
         ) from None
+
+
+def _delimiter(header: str) -> str:
+    """The delimiter of a CSV file with this header line: a comma, or, in a header without one,
+    a semicolon (what Excel saves as 'CSV' where a comma is the decimal separator) or a tab."""
+    return next((d for d in _DELIMITERS if d in header), ",")
 
 
 def _discover_busbra(root: Path) -> list[Sample]:
@@ -370,28 +380,34 @@ def _discover_manifest(table: Path) -> list[Sample]:
     default_source = table.parent.name or table.stem
     reserved = {"path", "label", "split", "group", "source", "patient", "masks"}
     samples: list[Sample] = []
+    listed: dict[Path, tuple[int, str, str]] = {}  # file -> (line, path as written, label)
     missing: list[str] = []
+    missing_masks: list[str] = []
     for line, row in rows:
         if not row["path"]:
             raise DatasetError(
                 f"{table}, line {line}: the path is empty; name the image or remove the row"
             )
-        path = Path(row["path"])
-        path = path if path.is_absolute() else table.parent / path
+        path = _listed_path(table, row["path"])
         if not path.is_file():
             missing.append(f"line {line}: {row['path']}")
             continue
+        label = check_label(row["label"], f"{table}, line {line}", f"Fix the label on line {line}.")
+        _check_listed_once(table, listed, path, line, row["path"], label)
+        masks = [m.strip() for m in row.get("masks", "").split(";") if m.strip()]
+        mask_paths = [_listed_path(table, m) for m in masks]
+        missing_masks += [
+            f"line {line}: {m}" for m, p in zip(masks, mask_paths, strict=True) if not p.is_file()
+        ]
         source = row.get("source") or default_source
         patient = row.get("patient") or (f"{source}:{row['group']}" if row.get("group") else None)
         samples.append(
             Sample(
                 path=path,
-                label=check_label(
-                    row["label"], f"{table}, line {line}", f"Fix the label on line {line}."
-                ),
+                label=label,
                 source=source,
                 patient=patient,
-                masks=tuple(table.parent / m for m in row.get("masks", "").split(";") if m),
+                masks=tuple(mask_paths),
                 attributes={k: v for k, v in row.items() if k not in reserved and v},
             )
         )
@@ -400,4 +416,47 @@ def _discover_manifest(table: Path) -> list[Sample]:
             f"{table}: {len(missing)} listed image(s) not found (e.g. {'; '.join(missing[:3])}); "
             "paths are relative to the CSV's folder: fix them or remove the rows"
         )
+    if missing_masks:
+        raise DatasetError(
+            f"{table}: {len(missing_masks)} listed mask(s) not found "
+            f"(e.g. {'; '.join(missing_masks[:3])}); paths are relative to the CSV's folder: fix "
+            "them, or empty the masks cell of a scan that has no mask"
+        )
     return samples
+
+
+def _listed_path(table: Path, written: str) -> Path:
+    """A path as a manifest lists it: absolute, or relative to the manifest's folder."""
+    path = Path(written)
+    return path if path.is_absolute() else table.parent / path
+
+
+def _check_listed_once(
+    table: Path,
+    listed: dict[Path, tuple[int, str, str]],
+    path: Path,
+    line: int,
+    written: str,
+    label: str,
+) -> None:
+    """Record that ``table``'s ``line`` lists ``path`` with ``label``; refuse a second row for
+    the same file (however its path is written), naming both lines.
+
+    Raises:
+        DatasetError: an earlier line lists the same file, with the same label or another.
+    """
+    key = path.resolve()
+    if key not in listed:
+        listed[key] = (line, written, label)
+        return
+    first, first_written, first_label = listed[key]
+    scan = written if written == first_written else f"{first_written} and {written}, one file,"
+    if label == first_label:
+        raise DatasetError(
+            f"{table}, lines {first} and {line}: {scan} listed twice, as {label} both times; "
+            f"list each scan once: remove line {line}"
+        )
+    raise DatasetError(
+        f"{table}, lines {first} and {line}: {scan} labelled {first_label} on line {first} and "
+        f"{label} on line {line}; a scan has one label: remove the row with the wrong one"
+    )

@@ -7,6 +7,7 @@ class. :func:`check_run` names each of these, and ``edge-train`` logs them as wa
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -22,12 +23,33 @@ LOSS_FALL = 0.9  # the best training loss should be below this share of the firs
 BOUND_TOLERANCE = 0.02  # relative distance to a temperature bound that counts as "at" it
 
 
+class Evaluation(enum.Enum):
+    """What a trained model's test split is: it decides the advice for a thin split."""
+
+    HOLDOUT = "holdout"  # the final model's held-out share of the data
+    CROSS_VALIDATION = "cross-validation"  # one fold of --folds (RUN/cv/fold<k>)
+    SCANNER_HELD_OUT = "scanner-held-out"  # one scanner of --leave-scanner-out (RUN/scanners/*)
+
+
+_THIN_ADVICE = {
+    Evaluation.HOLDOUT: "Add data; cross-validation (one --backbone with --folds K) tests every "
+    "image once, and its cv_metrics.json sums up all the folds.",
+    Evaluation.CROSS_VALIDATION: "Add data; this is one fold of a cross-validation: read its "
+    "cv_metrics.json, which sums up all the folds (every image tested once), rather than one "
+    "fold's metrics.",
+    Evaluation.SCANNER_HELD_OUT: "Add data; this is one fold of the scanner-held-out protocol, "
+    "tested on every scan of the scanner left out: protocol.md sets the scanners side by side.",
+}
+
+
 def check_run(
     rows: Sequence[Mapping[str, object]],
     metrics: Mapping[str, object],
     labels: np.ndarray,
     splits: np.ndarray,
     class_names: Sequence[str],
+    *,
+    evaluation: Evaluation = Evaluation.HOLDOUT,
 ) -> list[str]:
     """Warnings (with advice) about one trained model; empty when nothing looks wrong.
 
@@ -37,12 +59,14 @@ def check_run(
         ``temperature``. labels: class index of every image, shape [N].
         splits: ``"train"``, ``"val"``, ``"test"`` or ``"excluded"`` per image, shape [N].
         class_names: the classes in index order.
+        evaluation: what the test split is (the final model's, or one fold's): a thin split's
+            advice depends on it.
 
     Returns:
         One message per problem found.
     """
     return [
-        *_thin_splits(labels, splits, class_names),
+        *_thin_splits(labels, splits, class_names, evaluation),
         *_at_chance(metrics, labels[splits == "test"]),
         *_flat_loss(rows),
         *_temperature_at_bound(metrics.get("temperature")),
@@ -55,7 +79,9 @@ def log_warnings(warnings: Sequence[str], where: str) -> None:
         log.warning("%s: %s", where, message)
 
 
-def _thin_splits(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[str]) -> list[str]:
+def _thin_splits(
+    labels: np.ndarray, splits: np.ndarray, class_names: Sequence[str], evaluation: Evaluation
+) -> list[str]:
     out = []
     for split in ("val", "test"):
         counts = np.bincount(labels[splits == split], minlength=len(class_names))
@@ -65,9 +91,8 @@ def _thin_splits(labels: np.ndarray, splits: np.ndarray, class_names: Sequence[s
             out.append(
                 f"the {split} split has only {', '.join(thin)} image(s) (of {int(counts.sum())}): "
                 f"fewer than {MIN_PER_CLASS} per class, so its accuracy moves by "
-                f"{1 / max(1, counts.sum()):.0%} per image and says little. Add data; "
-                "cross-validation (one --backbone with --folds K) tests every image once, and "
-                "its cv_metrics.json sums up all the folds."
+                f"{1 / max(1, counts.sum()):.0%} per image and says little. "
+                + _THIN_ADVICE[evaluation]
             )
     return out
 
