@@ -355,6 +355,19 @@ def test_foreign_folder_is_refused(tmp_path, capsys):
     assert "not an edge-train run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("report", ["cv_metrics.json", "protocol.json"])
+def test_an_evaluation_only_run_is_named_as_one(tmp_path, capsys, report):
+    from export.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / report).write_text("{}")
+    assert main([str(run_dir), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir}: an evaluation run ({report}, --cv-only)" in err
+    assert "Train again without --cv-only" in err
+
+
 def test_unwritable_output_is_refused(run, tmp_path, capsys):
     from export.cli import main
 

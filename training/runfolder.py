@@ -82,6 +82,13 @@ class RunInfo:
         path = run_dir / RUN_FILE
         if not run_dir.is_dir():
             raise FileNotFoundError(f"{run_dir}: run folder not found")
+        evaluated_only = [n for n in (CV_METRICS_FILE, PROTOCOL_FILE) if (run_dir / n).is_file()]
+        if not (run_dir / MODEL_FILE).is_file() and evaluated_only:
+            raise ValueError(
+                f"{run_dir}: an evaluation run ({evaluated_only[0]}, --cv-only): it trained a "
+                "model per fold to measure, and no final model to export. Train again without "
+                "--cv-only (or export one fold's model, e.g. its cv/fold0 or scanners/ folder)."
+            )
         if not path.is_file() or not (run_dir / MODEL_FILE).is_file():
             raise ValueError(
                 f"{run_dir}: not an edge-train run folder (it needs {RUN_FILE} and {MODEL_FILE}). "
