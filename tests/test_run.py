@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,19 @@ def test_a_new_run_starts_without_the_last_run_s_results_and_keeps_everything_el
     assert sorted(
         p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
     ) == (sorted(kept))
+
+
+def test_a_new_run_warns_of_an_earlier_models_export_in_its_folder(tmp_path, caplog):
+    """edge-export's suggested RUN/export outlived the model it exported, unannounced."""
+    from training.run import _clear_previous_results
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.card.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="training.run"):
+        _clear_previous_results(tmp_path)
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert message.startswith(f"{tmp_path / 'export'}: holds an export of an earlier model")
+    assert (tmp_path / "export" / "model.card.json").is_file()  # left as it is
 
 
 def test_the_holdout_split_names_excluded_scans_in_full():

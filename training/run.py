@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from edge_runtime.model.card import CARD_SUFFIX
 from edge_runtime.model.contract import ResizePolicy
 from training import distributed
 from training.augmentation.augment import jitter_gray_levels
@@ -260,6 +261,14 @@ def _clear_previous_results(folder: Path) -> None:
         removed.append(name)
     if removed:
         log.info("%s: removed the previous run's %s", folder, ", ".join(removed))
+    for export in sorted({card.parent for card in folder.glob(f"*/*{CARD_SUFFIX}")}):
+        log.warning(
+            "%s: holds an export of an earlier model of this folder, left as it is: it is not "
+            "the model this run trains. Export this run again (edge-export %s --output %s)",
+            export,
+            folder,
+            export,
+        )
 
 
 def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
