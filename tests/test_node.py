@@ -350,6 +350,9 @@ def test_without_allow_only_this_machine_may_send():
     assert listed.allows("US-ROOM2", "192.168.1.9")
     with pytest.raises(ValueError, match="AE title of 1 to 16"):
         AllowList.parse(["A-TITLE-FAR-TOO-LONG"])
+    for empty_host in ("US ROOM@", "US-ROOM1@ ", "US-ROOM1@[]"):  # was: any address
+        with pytest.raises(ValueError, match="'@' with no host after it"):
+            AllowList.parse([empty_host])
 
 
 def test_a_refused_sop_class_is_rejected_in_the_association_not_accepted_then_dropped(
@@ -384,8 +387,10 @@ def test_garbage_an_abort_and_a_dataset_without_pixels_never_stop_the_node(
     rng = np.random.default_rng(0)
     with running_node(classifier, output) as node, caplog.at_level("INFO", logger="edge_runtime"):
         port = node.scp.port
+        garbage_ports = []
         for payload in (rng.bytes(4096), b"\x01\x00\x00\x00\xff\xff\xff\xff" + rng.bytes(64)):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                garbage_ports.append(sock.getsockname()[1])
                 sock.sendall(payload)
                 sock.settimeout(5)
                 with contextlib.suppress(OSError):
@@ -407,6 +412,9 @@ def test_garbage_an_abort_and_a_dataset_without_pixels_never_stop_the_node(
         wait_for(lambda: answered_uids(output) == {good.SOPInstanceUID}, 30, "answer")
     assert any("no pixel data: refused with 0xA900" in m for m in caplog.messages)
     assert any("aborted" in m for m in caplog.messages)
+    for number in garbage_ports:  # one line each, naming the peer
+        lines = [m for m in caplog.messages if f"connection from 127.0.0.1:{number} " in m]
+        assert len(lines) == 1 and "without an association" in lines[0], lines
 
 
 def test_an_instance_without_its_type2_patient_attributes_still_gets_its_sr(tmp_path):

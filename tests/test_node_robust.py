@@ -1,15 +1,20 @@
 """``edge-classify serve`` where a new user found it lacking: an instance it cannot answer, Ctrl-C,
-and associations addressed to another AE title. Real peers on loopback, as in ``test_node``:
-dcmtk's ``storescu``/``echoscu`` and pynetdicom's SCU; ``serve`` itself as a process for Ctrl-C.
+associations addressed to another AE title, and connections that never associate. Real peers on
+loopback, as in ``test_node``: dcmtk's ``storescu``/``echoscu`` and pynetdicom's SCU; ``serve``
+itself as a process for Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ pytest.importorskip("highdicom", reason="the node extra is missing: pip install 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
+from edge_runtime.app.cli import main
 from edge_runtime.app.node import Spool
 from tests.test_node import (
     NODE_AE,
@@ -195,6 +201,77 @@ def test_an_association_to_another_called_ae_title_is_rejected_and_logged(
         anyone = ae.associate("127.0.0.1", node.scp.port, ae_title="OTHER-NODE")
         assert anyone.is_established
         anyone.release()
+
+
+# ---------------------------------------------------------------- connections that never associate
+
+
+def _echo(port: int) -> str:
+    """dcmtk's echoscu against the node: "" when answered, else what it said."""
+    done = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "US-ROOM1", "-aec", NODE_AE, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return "" if done.returncode == 0 else done.stdout + done.stderr
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_that_send_no_association_request_are_dropped_and_logged_in_seconds(
+    classifier,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    """The trial: 20 TCP connections that sent nothing took every association place, and a real
+    echoscu was rejected ("Local Limit Exceeded") while they stayed open: 60 s for a silent one,
+    for ever for one that sent the first bytes of a PDU; nothing was logged. Now each has the
+    associate timeout (the ARTIM timer; 3 s here) to send its A-ASSOCIATE-RQ: then it is closed
+    with one log line naming it, and the scanner gets through, the connections still open at
+    their end."""
+    timeout_s = 3.0
+    with (
+        caplog.at_level("WARNING", logger="edge_runtime"),
+        running_node(
+            classifier, tmp_path / "out", answer_processes=0, associate_timeout_s=timeout_s
+        ) as node,
+        contextlib.ExitStack() as sockets,
+    ):
+        port = node.scp.port
+        held = []
+        for index in range(20):
+            sock = sockets.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            if index % 2:  # an A-ASSOCIATE-RQ's header: 255 bytes to come, never sent
+                sock.sendall(b"\x01\x00\x00\x00\x00\xff")
+            held.append(sock)
+        opened = time.monotonic()
+        wait_for(
+            lambda: "Local Limit Exceeded" in _echo(port), timeout_s, "echoscu rejected meanwhile"
+        )
+        wait_for(lambda: _echo(port) == "", timeout_s + 5, "echoscu answered")
+        assert time.monotonic() - opened < timeout_s + 5
+        assert all(_closed_by_peer(sock) for sock in held)
+        ports = [sock.getsockname()[1] for sock in held]
+    for number in ports:
+        lines = [m for m in caplog.messages if f"connection from 127.0.0.1:{number} " in m]
+        assert len(lines) == 1, (number, lines)
+        assert "dropped: no A-ASSOCIATE-RQ within 3 s" in lines[0]
+    rejected = [m for m in caplog.messages if "rejected association from US-ROOM1@127.0.0.1" in m]
+    assert rejected and "at most 16 (local limit exceeded)" in rejected[0]
+
+
+def test_serve_refuses_an_associate_timeout_out_of_range_before_it_loads_a_model(tmp_path):
+    for value in ("0", "-1", "601", "nan"):
+        err = io.StringIO()
+        argv = ["serve", "--output", str(tmp_path), "--associate-timeout", value, "--port", "0"]
+        assert main(argv, stderr=err) == 2
+        assert "--associate-timeout must be more than 0 and at most 600 seconds" in err.getvalue()
+    assert not (tmp_path / ".spool").exists()
 
 
 # ---------------------------------------------------------------- Ctrl-C

@@ -43,10 +43,22 @@ def source(
     spacing: float | None = 0.1,
     acquired: bool = False,
     utf8: bool = False,
+    regions: int = 0,
 ) -> bytes:
     """A received instance as the node spools it, with its own UIDs and patient, study and
-    acquisition values."""
+    acquisition values (``regions``: that many tissue regions side by side, a dual view)."""
     ds = us_dataset(CLASSES[index % 3], 50 + index, frames=frames, size=SIZE, spacing_mm=spacing)
+    if regions:
+        from pydicom.dataset import Dataset
+
+        width = SIZE[1] // regions
+        ds.SequenceOfUltrasoundRegions = []
+        for number in range(regions):
+            region = Dataset()
+            region.RegionSpatialFormat, region.RegionDataType = 1, 1
+            region.RegionLocationMinX0, region.RegionLocationMinY0 = number * width, 0
+            region.RegionLocationMaxX1, region.RegionLocationMaxY1 = (number + 1) * width - 1, 119
+            ds.SequenceOfUltrasoundRegions.append(region)
     ds.PatientName = f"Patient^Number{index}"
     ds.PatientBirthDate = f"19{60 + index}0102"
     ds.PatientSex = "FM"[index % 2]
@@ -82,6 +94,7 @@ def answer(
     frame: int | None = None,
     abstained: bool = False,
     unfamiliar: bool = False,
+    region: int | None = None,
 ) -> Classification:
     """A classification with its own probabilities, and a lesion of its own size and place."""
     rng = np.random.default_rng(index)
@@ -107,6 +120,7 @@ def answer(
         unfamiliar=unfamiliar,
         timing=Timing(),
         frame=frame,
+        region=region,
         lesion=found,
         lesion_mask=mask,
     )
@@ -187,6 +201,9 @@ LAYOUTS = {
     ),
     "malignant cine, a frame named": dict(label="malignant", lesion=False, frames=3),
     "malignant, lesion, UTF-8 patient names": dict(label="malignant", lesion=True, utf8=True),
+    "malignant, lesion, region 2 of a dual view named": dict(
+        label="malignant", lesion=True, regions=2, region=1
+    ),
 }
 
 
@@ -195,10 +212,16 @@ def test_a_template_encodes_what_highdicom_builds_for_the_same_inputs(layout):
     spec = dict(LAYOUTS[layout])
     frames, acquired = spec.pop("frames", 1), spec.pop("acquired", False)
     utf8, spacing = spec.pop("utf8", False), spec.get("spacing", True)
+    regions = spec.pop("regions", 0)
     templates = AnswerTemplates(MODEL)
     for index in range(4):
         spooled = source(
-            index, frames=frames, spacing=0.1 if spacing else None, acquired=acquired, utf8=utf8
+            index,
+            frames=frames,
+            spacing=0.1 if spacing else None,
+            acquired=acquired,
+            utf8=utf8,
+            regions=regions,
         )
         result = answer(index=index, frame=None if frames == 1 else index % frames, **spec)
         received = header(spooled)
@@ -212,6 +235,8 @@ def test_a_template_encodes_what_highdicom_builds_for_the_same_inputs(layout):
         assert set(files) == {"SR"} | ({"SEG"} if direct.seg is not None else set())
         differ = differences(files["SR"], direct.sr)
         assert {key[-1] for key in differ} <= CLOCK | {"ContributionDateTime"}
+        named = "2 of 2 tissue regions (columns 80-159, rows 0-119)"  # the region reported
+        assert (named in dcmread(BytesIO(files["SR"])).to_json()) == bool(regions)
         if direct.seg is not None:
             differences(files["SEG"], direct.seg)
         check_reads_back(files, result)

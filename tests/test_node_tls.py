@@ -4,9 +4,12 @@ its instance stored; a client that does not speak TLS gets no association."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,47 @@ def test_a_tls_client_is_answered_and_a_plain_one_gets_no_association(
         )
         assert again.is_established and again.send_c_echo().Status == 0x0000
         again.release()
+
+
+def test_a_silent_connection_does_not_stop_a_tls_node_and_is_dropped_after_the_timeout(
+    classifier,  # noqa: F811
+    certificate,
+    tmp_path,
+    caplog,
+):
+    """pynetdicom runs the TLS handshake on the thread that accepts connections: one connection
+    that sent nothing stopped the node accepting any other, for as long as it stayed open. The
+    handshake now runs on the connection's own thread, within the associate timeout (2 s here),
+    after which the silent connection is closed and logged."""
+    cert, key = certificate
+    client_context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    with (
+        caplog.at_level("WARNING", logger="edge_runtime"),
+        running_node(
+            classifier,
+            tmp_path / "out",
+            tls_cert=cert,
+            tls_key=key,
+            answer_processes=0,
+            associate_timeout_s=2.0,
+        ) as node,
+        contextlib.closing(socket.create_connection(("127.0.0.1", node.scp.port))) as silent,
+    ):
+        time.sleep(0.3)  # accepted by now: its handshake is under way
+        ae = _client()
+        ae.acse_timeout = ae.connection_timeout = 5  # connecting includes the handshake
+        started = time.monotonic()
+        assoc = ae.associate(
+            "127.0.0.1", node.scp.port, ae_title=NODE_AE, tls_args=(client_context, "127.0.0.1")
+        )
+        assert assoc.is_established and time.monotonic() - started < 1.5
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        silent.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert silent.recv(1) == b""  # closed by the node
+        number = silent.getsockname()[1]
+    assert any(
+        f"TLS handshake with 127.0.0.1:{number} failed (no TLS handshake within 2 s)" in m
+        for m in caplog.messages
+    ), caplog.messages

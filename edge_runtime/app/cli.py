@@ -860,14 +860,15 @@ ADAPT_EXAMPLES = """\
 examples:
   1. adapt the bundled model to scans sorted into normal/, benign/ and malignant/ folders:
        edge-classify adapt site-scans/ --output clinic-int8.onnx
-  2. your own model, from a CSV manifest with patient groups (path,label,group per row):
+  2. your own model, from a CSV manifest with patient groups (a header path,label,patient):
        edge-classify adapt labels.csv --model model-int8.onnx --output clinic-int8.onnx \\
          --site-name "Clinic A, LOGIQ P9"
   3. then classify with the adapted model (its FP32 partner and card lie beside it):
        edge-classify new-scans/ --model clinic-int8.onnx
 
 Label at least 5 scans per class (10 or more per class recommended), from as many patients as
-you can, and give each scan's patient as its group (a CSV path,label,group). The backbone runs
+you can, and give each scan's patient (a CSV with columns path, label and patient, or group;
+its paths relative to the CSV's folder). The backbone runs
 once over them; only the last layer is refitted, pulled towards the parent's, and the fit keeps
 every malignant scan of yours that the parent calls malignant. Grouped cross-validation on your
 scans estimates accuracy, normal recall and malignant sensitivity before and after, with 95%
@@ -896,7 +897,8 @@ def build_adapt_parser() -> argparse.ArgumentParser:
         "site",
         type=Path,
         metavar="SITE",
-        help="a folder with one sub-folder of scans per class, or a CSV file of path,label[,group]",
+        help="a folder with one sub-folder of scans per class, or a CSV file with columns path, "
+        "label and patient (or group), its paths relative to its own folder",
     )
     parser.add_argument(
         "--output",
@@ -905,7 +907,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
         metavar="ADAPTED.onnx",
         help="the adapted model to write (its FP32 partner NAME-fp32.onnx and card NAME.card.json "
         "go beside it; an FP32 model named NAME-int8.onnx is written as NAME-fp32.onnx); refused "
-        "where a card there belongs to another model",
+        "where a model or card there is not an earlier adaptation of the same parent",
     )
     _add_model_options(parser, threads_default=None)
     parser.add_argument(
@@ -913,7 +915,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-malignant-lost",
-        type=int,
+        type=whole_number(0),
         default=1,
         metavar="N",
         help="refuse when the site cross-validation calls more than N of the malignant scans "
@@ -1043,6 +1045,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
         "--tls-cert", type=Path, default=None, help="PEM certificate: listen with TLS"
     )
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--associate-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a connection that sends no association request within this time (or does not "
+        "complete its TLS handshake within it) is dropped (default 10; at most 600)",
+    )
     _add_model_options(parser, threads_default=None)
     _add_batch_size_option(parser)
     _add_abstain_option(parser)
@@ -1058,6 +1068,7 @@ def _serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
         stderr.write(f"edge-classify: error: {NODE_EXTRA_HINT} ({', '.join(missing)} missing)\n")
         return ExitStatus.USAGE
     from edge_runtime.app.node import Node, NodeOptions
+    from edge_runtime.app.node.scp import ASSOCIATE_TIMEOUT_S
 
     if not args.quiet:
         logging.getLogger("edge_runtime").setLevel(logging.INFO)
@@ -1071,6 +1082,9 @@ def _serve(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitStat
         forward=args.forward,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        associate_timeout_s=(
+            ASSOCIATE_TIMEOUT_S if args.associate_timeout is None else args.associate_timeout
+        ),
     )
     stop = threading.Event()
     restore = _install_stop_handlers(stop)

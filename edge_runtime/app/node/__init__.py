@@ -1,12 +1,15 @@
 """``edge-classify serve``: a DICOM node that answers scanners in DICOM (the ``node`` extra).
 
 Scanners send by C-STORE; each instance is stored durably before it is acknowledged, classified
-from the spool by the runtime's own pipeline, and answered with a Comprehensive SR (TID 1500) and,
-for a single-frame image with a lesion, a binary SEG, written to a folder and optionally
+from the spool by the runtime's own pipeline, and answered with a Comprehensive SR (TID 1500) of
+its most severe result (a cine's frame, a dual view's tissue region) and, for a single-frame
+image with a lesion, a binary SEG of that result's lesion, written to a folder and optionally
 forwarded to a PACS. One module per part: :mod:`.access` (who may associate), :mod:`.scp`
-(receive), :mod:`.spool` (store, exactly once), :mod:`.worker` (classify and answer),
-:mod:`.answers` (SR and SEG), :mod:`.templates` (later instances of a layout encoded from the
-first), :mod:`.journal` (JSON lines), :mod:`.forward` (send on), :mod:`.node` (the whole).
+(receive), :mod:`.connections` (connections that do not associate: the ARTIM timeout; it imports
+pynetdicom, once the node listens), :mod:`.spool` (store, exactly once), :mod:`.worker` (classify
+and answer), :mod:`.answers` (SR and SEG), :mod:`.templates` (later instances of a layout encoded
+from the first), :mod:`.journal` (JSON lines), :mod:`.forward` (send on), :mod:`.node` (the
+whole).
 Importing this package imports pydicom (the ``dicom`` extra), and neither pynetdicom nor
 highdicom.
 """

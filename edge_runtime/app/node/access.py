@@ -30,8 +30,13 @@ class AllowEntry:
         Raises:
             ValueError: an empty or too long AE title, or a host that does not resolve.
         """
-        ae, _, host = text.partition("@")
+        ae, at, host = text.partition("@")
         ae = ae.strip()
+        if at and not host.strip().strip("[]"):
+            raise ValueError(
+                f"--allow {text!r}: '@' with no host after it. Give AE alone (any address) or "
+                "AE@HOST, e.g. US-ROOM1@10.0.0.21."
+            )
         if not ae or len(ae) > MAX_AE_CHARS or "\\" in ae:
             raise ValueError(
                 f"--allow takes AE or AE@HOST, with an AE title of 1 to {MAX_AE_CHARS} characters "

@@ -7,10 +7,20 @@ largest diameter in mm where the image states its spacing, the model's name, ver
 as the algorithm identification, and the comment "not a diagnosis". It references the source
 instance (its frame, for a cine) and, on a single-frame image with a lesion, the SEG's segment.
 
-The SEG (highdicom, binary, one segment) outlines the lesion on single-frame images only:
-highdicom refuses a multi-frame ultrasound SEG, so a cine gets an SR naming its most suspicious
-frame and no SEG. ``ReferencedSegmentationFrame`` is built directly (its ``from_segmentation``
-has been seen to fail on a one-segment 2-D SEG).
+One SR answers one instance, so where the runtime gives several results for it (a cine's frames,
+a dual view's tissue regions) the node passes the one that decides the instance (the worker
+chooses it as :func:`~edge_runtime.postprocess.summary.summarize` does: the most severe call
+that did not abstain). On an image with several tissue regions the SR names that result's
+region in a text item, "Ultrasound region reported" (its number among the tissue regions of the
+Sequence of Ultrasound Regions, and its bounds in pixels), beside the frame it names for a cine.
+
+The SEG (highdicom, binary, one segment) outlines the lesion of the result the SR reports, at
+the source's Rows x Columns (a tissue region's mask placed where the region lies), on
+single-frame images only: highdicom refuses a multi-frame ultrasound SEG, so a cine gets an SR
+naming its most suspicious frame and no SEG. One segment, because the SR has one finding that
+references it: the SEG is the outline of what the SR reports (another region's lesion is in the
+JSON lines, with its size). ``ReferencedSegmentationFrame`` is built directly (its
+``from_segmentation`` has been seen to fail on a one-segment 2-D SEG).
 
 Both answers get UIDs derived from the source's SOP Instance UID and the model's SHA-256, so
 processing an instance again (after a crash) gives the very same instances, which a PACS stores
@@ -146,6 +156,8 @@ class AnswerInputs:
         frame_number: the 1-based frame the SR names (a cine's most suspicious), else None.
         mask: the lesion at the source's Rows x Columns (bool), None when no SEG is written (no
             lesion, an empty mask, or a multi-frame source).
+        region: the tissue region the SR names (:func:`region_name`), for a source with several;
+            else None.
     """
 
     label: str
@@ -157,6 +169,7 @@ class AnswerInputs:
     diameter_mm: float | None
     frame_number: int | None
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    region: str | None = None
 
     def layout(self) -> tuple[Any, ...]:
         """What decides the answers' structure (their elements, sequences and codes)."""
@@ -170,6 +183,7 @@ class AnswerInputs:
             self.diameter_mm is None,
             self.frame_number is None,
             self.mask is None,
+            self.region,  # a text of the SR: a template holds one region's
         )
 
 
@@ -189,6 +203,25 @@ def answer_inputs(source: Any, answer: Classification, frames: int = 1) -> Answe
         ),
         frame_number=None if frames == 1 or answer.frame is None else answer.frame + 1,
         mask=mask if mask is not None and mask.any() else None,
+        region=region_name(source, answer),
+    )
+
+
+def region_name(source: Any, answer: Classification) -> str | None:
+    """The tissue region ``answer`` is of, as the SR names it, e.g. ``"2 of 2 tissue regions
+    (columns 400-799, rows 0-299)"``; None where the source has one region (``answer.region``
+    is None)."""
+    if answer.region is None:
+        return None
+    number = answer.region + 1
+    rows, columns = int(source.Rows), int(source.Columns)
+    regions = tissue_regions(source, rows, columns, source=str(source.SOPInstanceUID))
+    if not 0 <= answer.region < len(regions):
+        return f"tissue region {number}"
+    region = regions[answer.region]
+    return (
+        f"{number} of {len(regions)} tissue regions (columns {region.x0}-{region.x1}, "
+        f"rows {region.y0}-{region.y1})"
     )
 
 
@@ -206,7 +239,8 @@ def build_answers(
     Args:
         source: the received pydicom dataset (pixel data may stay unread).
         answer: the instance's classification: its only result, or for a cine its most
-            suspicious frame's (``answer.frame`` is then 0-based).
+            suspicious frame's (``answer.frame`` is then 0-based), or for a dual view its most
+            severe tissue region's (``answer.region``, 0-based, named in the SR).
         model: the model named in the answers.
         frames: how many frames the source has (1: a single image).
 
@@ -391,6 +425,14 @@ def _measurement_group(
                     referenced_frame_numbers=frame_numbers,
                 )
             ],
+        )
+    if inputs.region is not None:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=_code("region", SCHEME, "Ultrasound region reported"),
+                value=inputs.region,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
         )
     group[0].ContentSequence.append(
         hd.sr.TextContentItem(

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from edge_runtime.app.node.access import AllowList
 from edge_runtime.app.node.forward import Destination, Forwarder, ForwardOptions, Outbox
-from edge_runtime.app.node.scp import ScpOptions, StorageScp
+from edge_runtime.app.node.scp import (
+    ASSOCIATE_TIMEOUT_S,
+    ScpOptions,
+    StorageScp,
+    check_associate_timeout,
+)
 from edge_runtime.app.node.spool import Spool
 from edge_runtime.app.node.worker import Worker
 from edge_runtime.classifier import Classifier
@@ -45,6 +50,10 @@ class NodeOptions:
         answer_processes: processes that build SR and SEG (None: one per core, at most 4; 0: on
             the worker thread).
         retry_min_s, retry_max_s: the forwarder's back-off while the PACS is down.
+        timeout_s: an association's DIMSE and network (idle) timeout.
+        associate_timeout_s: seconds a connection has to send its A-ASSOCIATE-RQ (the ARTIM
+            timeout; as long again before it for a TLS handshake) before it is dropped
+            (:mod:`.connections`).
     """
 
     output: Path
@@ -62,6 +71,7 @@ class NodeOptions:
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
     timeout_s: float = 60.0
+    associate_timeout_s: float = ASSOCIATE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -74,6 +84,7 @@ class NodeOptions:
             raise ValueError(
                 f"answer_processes must be >= 0 or None. Got {self.answer_processes} instead."
             )
+        check_associate_timeout(self.associate_timeout_s)  # before a model loads
 
     @property
     def spool_path(self) -> Path:
@@ -165,6 +176,7 @@ class Node:
             allow=AllowList.parse(options.allow),
             ssl_context=context,
             timeout_s=options.timeout_s,
+            associate_timeout_s=options.associate_timeout_s,
         )
 
     def start(self) -> None:

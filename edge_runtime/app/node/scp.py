@@ -10,11 +10,17 @@ association (its presentation context is rejected), never accepted and then drop
 Associations: the calling AE title must be allowed (:mod:`.access`) and, unless
 ``require_called_aet`` is off, the called AE title must be the node's own; otherwise the
 association is rejected ("calling AE title not recognised", "called AE title not recognised").
+At most ``max_associations`` at once, counting connections that have not yet sent their
+A-ASSOCIATE-RQ; each of those has ``associate_timeout_s`` (the ARTIM timeout) to send it (and as
+long again before, for its TLS handshake), or it is dropped (:mod:`.connections`): idle or
+half-sent connections hold a scanner's place for seconds, not for as long as their peer keeps
+them open.
 
 Statuses: 0x0000 stored (or a re-sent duplicate, not stored again); 0xA900 no pixel data, or a
 Type 1 identifying UID the answers need (:data:`REQUIRED_UIDS`) is missing; 0xC000 a data set
 that cannot be parsed or has no valid SOP Instance UID; 0xA700 the spool could not be written.
-Each refusal, rejection and abort is one log line naming the peer.
+Each refusal, rejection and abort, and each connection dropped before it associated, is one log
+line naming the peer.
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ TRANSFER_SYNTAXES = (
 # the largest P-DATA PDU a scanner may send us: an image in one or a few PDUs (pynetdicom parses
 # each in Python; its default, 16 KiB, cuts a 120 KB scan into 8), yet a bounded read
 MAX_PDU_BYTES = 1 << 20
+# seconds a connection has to send its A-ASSOCIATE-RQ (and before it, to complete its TLS
+# handshake): a scanner sends it at once; a connection that does not holds one of the
+# associations' places meanwhile
+ASSOCIATE_TIMEOUT_S = 10.0
+MAX_ASSOCIATE_TIMEOUT_S = 600.0
+MAX_ASSOCIATIONS = 16
 SUCCESS, NO_PIXELS, CANNOT_UNDERSTAND, OUT_OF_RESOURCES = 0x0000, 0xA900, 0xC000, 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900  # "Data Set does not match SOP Class": also a missing Type 1 UID
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -82,10 +94,11 @@ class ScpOptions:
     port: int = 11112
     allow: AllowList = field(default_factory=AllowList)
     ssl_context: ssl.SSLContext | None = None
-    max_associations: int = 16
+    max_associations: int = MAX_ASSOCIATIONS  # connections not yet associated count too
     max_pdu_bytes: int = MAX_PDU_BYTES  # 0: unlimited
-    timeout_s: float = 60.0  # ACSE, DIMSE and network (idle) timeouts
+    timeout_s: float = 60.0  # DIMSE and network (idle) timeouts of an association
     require_called_aet: bool = True  # reject an association addressed to another AE title
+    associate_timeout_s: float = ASSOCIATE_TIMEOUT_S  # ARTIM: connection -> A-ASSOCIATE-RQ
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -98,6 +111,19 @@ class ScpOptions:
             raise ValueError(
                 f"max_pdu_bytes must be >= 0 (0: unlimited). Got {self.max_pdu_bytes} instead."
             )
+        check_associate_timeout(self.associate_timeout_s)
+        if self.max_associations < 1:
+            raise ValueError(f"max_associations must be >= 1. Got {self.max_associations} instead.")
+
+
+def check_associate_timeout(seconds: float) -> None:
+    """Raise ValueError, saying why, unless ``seconds`` is a valid ``--associate-timeout``."""
+    if not 0 < seconds <= MAX_ASSOCIATE_TIMEOUT_S:
+        raise ValueError(
+            f"--associate-timeout must be more than 0 and at most {MAX_ASSOCIATE_TIMEOUT_S:g} "
+            f"seconds. Got {seconds:g} instead. A scanner sends its association request at "
+            f"once: the default, {ASSOCIATE_TIMEOUT_S:g}, suits most."
+        )
 
 
 class StorageScp:
@@ -130,11 +156,16 @@ class StorageScp:
         """
         from pynetdicom import AE, evt
 
+        from edge_runtime.app.node.connections import GuardedServer
+
         ae = AE(ae_title=self.options.ae_title)
         ae.maximum_associations = self.options.max_associations
         ae.maximum_pdu_size = self.options.max_pdu_bytes
-        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        for name in ("dimse_timeout", "network_timeout"):
             setattr(ae, name, self.options.timeout_s)
+        # pynetdicom's ARTIM timer and its wait for the A-ASSOCIATE-RQ (an acceptor waits for no
+        # other ACSE message); the connections' sockets get the same timeout (.connections)
+        ae.acse_timeout = self.options.associate_timeout_s
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(VERIFICATION, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
@@ -147,14 +178,23 @@ class StorageScp:
         ]
         address = (self.options.host, self.options.port)
         try:
-            self._server = ae.start_server(
-                address, block=False, evt_handlers=handlers, ssl_context=self.options.ssl_context
+            self._server = ae.make_server(
+                address,
+                evt_handlers=handlers,
+                ssl_context=self.options.ssl_context,
+                server_class=GuardedServer,
+                request_handler=GuardedServer.handler,
+                artim_s=self.options.associate_timeout_s,
+                network_timeout_s=self.options.timeout_s,
             )
         except OSError as exc:
             raise OSError(
                 f"{self.options.host}:{self.options.port}: cannot listen ({exc.strerror or exc}). "
                 "Is another node or service on that port? Choose another with --port."
             ) from exc
+        threading.Thread(
+            target=self._server.serve_forever, name="dicom-listen", daemon=True
+        ).start()
 
     def stop(self) -> None:
         """Stop listening and end the associations."""

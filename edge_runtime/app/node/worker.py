@@ -3,9 +3,12 @@
 A pipeline of named steps per batch: take (from the spool, woken by each arrival) -> classify
 (the runtime's own :meth:`~edge_runtime.classifier.Classifier.iter_classify` over the whole
 batch, masks on, cine summaries from :func:`~edge_runtime.postprocess.summary.with_summaries`) ->
-answer (SR and SEG encoded by :func:`~edge_runtime.app.node.templates.encode_answers` in worker
-processes, from templates after a layout's first instance, while the batch is still being
-classified, and written there into ``--output``, each file fsynced: :func:`encode_and_write`) ->
+choose (the result the SR reports, :attr:`_Job.answer`: a cine's summary's frame; of a dual
+view's tissue regions the most severe, chosen by
+:func:`~edge_runtime.postprocess.summary.summarize` as a cine's frame is) -> answer (SR and SEG
+encoded by :func:`~edge_runtime.app.node.templates.encode_answers` in worker processes, from
+templates after a layout's first instance, while the batch is still being classified, and
+written there into ``--output``, each file fsynced: :func:`encode_and_write`) ->
 stage (the answer files hard-linked into the forward queue, one fsync of each folder per
 batch) -> record (the batch's JSON lines in one fsynced append, :mod:`.journal`) -> commit (the
 spool's ``done`` marker, per instance, in the journal's order) -> release (the staged answers
@@ -61,7 +64,7 @@ from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
 from edge_runtime.app.node.templates import encode_answers, encoded
 from edge_runtime.app.output import result_record
 from edge_runtime.classifier import Classification, Classifier, Failure, Result
-from edge_runtime.postprocess.summary import FileSummary, with_summaries
+from edge_runtime.postprocess.summary import FileSummary, summarize, with_summaries
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,20 @@ class _Job:
     files: Future[EncodedAnswers] | None  # None: not classified, a JSON record only
 
     @property
-    def answer(self) -> Result:
-        return self.summary.most_suspicious if self.summary is not None else self.results[0]
+    def answer(self) -> Result | None:
+        """The result the SR reports, for the instance as a whole (None: nothing classified).
+
+        A cine's summary's frame. An image with several tissue regions (a dual view) gives one
+        result per region and no summary (``with_summaries`` summarizes frames): its regions
+        are summarized here as a cine's frames are, so the most severe call that did not abstain
+        decides (malignant, then benign, then normal); an abstained or failed region never hides
+        another region's finding. Otherwise the image's only result.
+        """
+        if self.summary is not None:
+            return self.summary.most_suspicious
+        if len(self.results) > 1:
+            return summarize(self.results).most_suspicious
+        return self.results[0]
 
 
 class Worker:
@@ -478,6 +493,7 @@ class _AnswerProcesses:
             answer.lesion is None or answer.lesion.area_mm2 is None,
             answer.lesion is None or answer.lesion.diameter_mm is None,
             answer.frame is None,
+            answer.region,
         )
         index = self._routes.setdefault(kind, len(self._routes) % len(self._pools))
         return self._pools[index].submit(encode_and_write, path, answer, model, str(output))
