@@ -513,7 +513,10 @@ def test_adapt_reads_dicom_scans_and_counts_a_multiframe_file_once(parents, tmp_
 
 def test_the_refusal_rule_takes_a_point_gain_and_bounds_malignant_sensitivity():
     from edge_runtime.adapt.evaluate import compare
-    from edge_runtime.adapt.run import _refusal
+    from edge_runtime.adapt.run import _refusal_reasons
+
+    def _refusal(*args) -> str:
+        return "; ".join(reason.detail for reason in _refusal_reasons(*args))
 
     labels = np.repeat([0, 1, 2], 10)
     groups = np.arange(30).astype(str)

@@ -533,19 +533,6 @@ class Reason:
     detail: str
 
 
-def _refusal(
-    numbers: dict,
-    malignant: int | None,
-    classes,
-    max_drop: float | None,
-    lost: Sequence[str] = (),
-    max_lost: int = 1,
-) -> str:
-    """The details of :func:`_refusal_reasons`, "; "-joined: "" when the layer passes."""
-    reasons = _refusal_reasons(numbers, malignant, classes, max_drop, lost, max_lost)
-    return "; ".join(reason.detail for reason in reasons)
-
-
 def _refusal_reasons(
     numbers: dict,
     malignant: int | None,
