@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_runtime.io.csv_delimiter import csv_delimiter
 from edge_runtime.io.sources import expand_sources
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ PATH, LABEL = "path", "label"
 GROUP_COLUMNS = ("patient", "group")  # the first with a value names the scan's patient
 _HEADERLESS = {PATH: 0, LABEL: 1, "group": 2}  # a manifest without a header: path,label[,group]
 _SHOWN = 5  # bad rows named in one message
-_DELIMITERS = (",", ";", "\t")  # the first line is searched for each, in this order
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _read_rows(manifest: Path) -> list[tuple[int, list[str]]]:
     """
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            delimiter = next((d for d in _DELIMITERS if d in handle.readline()), ",")
+            delimiter = csv_delimiter(handle.readline())
             handle.seek(0)
             reader = csv.reader(handle, delimiter=delimiter)
             rows = []

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.io.csv_delimiter import csv_delimiter
 from edge_runtime.io.decode import InputError, open_scan
 from edge_runtime.io.sources import is_scan_file, log_skipped, unlisted_reason, walk_entries
 from edge_runtime.model.card import file_sha256
@@ -45,7 +46,6 @@ BUSBRA_ATTRIBUTES = {
     "Side": "side",
 }
 MANIFEST_COLUMNS = ("path", "label")
-_DELIMITERS = (",", ";", "\t")  # a CSV file's header is searched for each, in this order
 _MASK = re.compile(r"^(?P<base>.+)_mask(?:_\d+)?$", re.IGNORECASE)
 _BUSI_NAME = re.compile(r"^(normal|benign|malignant) \(\d+\)$", re.IGNORECASE)
 
@@ -304,8 +304,8 @@ def _read_csv(
     path: Path, required: Sequence[str], *, any_case: bool = False
 ) -> list[tuple[int, dict[str, str]]]:
     """Each row of a UTF-8 CSV file with its line number, keyed by the header's names (in lower
-    case with ``any_case``, so that ``Path,Label`` reads as ``path,label``). Its delimiter is a
-    comma, or the one its header line uses instead (:func:`_delimiter`).
+    case with ``any_case``, so that ``Path,Label`` reads as ``path,label``), delimited as its
+    header line says (:func:`~edge_runtime.io.csv_delimiter.csv_delimiter`).
 
     Raises:
         DatasetError: the file is not UTF-8, or its header lacks a ``required`` name.
@@ -316,7 +316,7 @@ def _read_csv(
 
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            delimiter = _delimiter(handle.readline())
+            delimiter = csv_delimiter(handle.readline())
             handle.seek(0)
             reader = csv.DictReader(handle, delimiter=delimiter)
             columns = [name(c) for c in reader.fieldnames or ()]
@@ -337,12 +337,6 @@ def _read_csv(
             f"{path}: the file is {what}; a CSV must be UTF-8 text with commas: save it as "
             "'CSV UTF-8 (Comma delimited)'"
         ) from None
-
-
-def _delimiter(header: str) -> str:
-    """The delimiter of a CSV file with this header line: a comma, or, in a header without one,
-    a semicolon (what Excel saves as 'CSV' where a comma is the decimal separator) or a tab."""
-    return next((d for d in _DELIMITERS if d in header), ",")
 
 
 def _discover_busbra(root: Path) -> list[Sample]:
