@@ -393,7 +393,15 @@ LITE0_LITE2 = ["--backbone", "efficientnet-lite0", "efficientnet-lite1"]
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--backbone", "small-cnn", "small-cnn"], "--backbone names a backbone twice"),
+        (["--backbone", "small-cnn", "small-cnn"], "--backbone names a backbone twice at one "
+         "--image-size (small-cnn small-cnn): the members would be the same model"),
+        (["--backbone", "small-cnn", "small-cnn", "--image-size", "64", "64"], "--backbone "
+         "names a backbone twice at one --image-size"),
+        ([*LITE0_LITE2, "--image-size", "160", "160", "256"], "--image-size takes one side for "
+         "every member or one per --backbone (2 named). Got 3 sides instead."),
+        ([*LITE0_LITE2, "--image-size", "160", "8"], "--image-size must be 16 to 4096: the "
+         "sides a model edge-classify runs may have. Got 8 instead."),
+        ([*LITE0_LITE2, "--seg", "--image-size", "160", "260"], "--image-size 256 or 288"),
         ([*LITE0_LITE2, "--lesion-from", "3"], "members 1 to 2 at most once"),
         ([*LITE0_LITE2, "--lesion-from", "1", "1"], "members 1 to 2 at most once"),
         (["--folds", "3"], "--folds works on one model: name one --backbone (the default trains 2"),
@@ -448,6 +456,14 @@ def test_a_run_s_records_give_the_options_report_only_uses(tmp_path):
         "image_size": 64,
         "seed": 1,
     }
+    sides = tmp_path / "sides"  # members at their own input sides: the graph at the largest
+    label = "efficientnet-lite0@160 + efficientnet-lite2@160 + efficientnet-lite2@256"
+    _described(sides, label + ", lesion from member 1", size=256)
+    assert recorded_options(sides)["image_size"] == (160, 160, 256)
+    unwritten_sides = tmp_path / "unwritten_sides"
+    _described(unwritten_sides / "members" / "1-small-cnn", "small-cnn", size=32)
+    _described(unwritten_sides / "members" / "2-small-cnn", "small-cnn", size=64)
+    assert recorded_options(unwritten_sides)["image_size"] == (32, 64)
     folds = tmp_path / "folds"  # --cv-only --leave-scanner-out: fold models only
     _described(folds / "scanners" / "busi_GE_LOGIQ_E9", "efficientnet-lite2", size=224)
     assert recorded_options(folds) == {
@@ -558,6 +574,32 @@ def test_several_backbones_train_one_member_each_and_one_graph_kept_on_a_rerun(
 
     assert (members[1] / "model.keras").stat().st_mtime_ns == trained[members[1]]
     assert (run / "metrics.json").read_text() == metrics
+
+
+def test_one_backbone_at_two_input_sides_trains_two_members_and_a_graph_at_the_larger(
+    tmp_path, capsys
+):
+    """ABB256's shape (a backbone twice, at its own side each) on small models: each member
+    trains at its side, the graph takes the larger, and --report-only reads the sides back."""
+    from training.cli import main as train_main
+
+    data = write_synthetic_dataset(tmp_path / "data", per_class=12, seed=5)
+    run = tmp_path / "run"
+    options = ["--backbone", "small-cnn", "small-cnn", "--weights", "none", "--jobs", "1"]
+    options += ["--image-size", "32", "64", "--frozen-epochs", "0", "--epochs", "1"]
+
+    assert train_main([str(data), "--output", str(run), *options]) == 0
+
+    for name, side in (("1-small-cnn", 32), ("2-small-cnn", 64)):
+        assert json.loads((run / "members" / name / "run.json").read_text())["input_size"] == side
+    info = json.loads((run / "run.json").read_text())
+    assert (info["backbone"], info["input_size"]) == ("small-cnn@32 + small-cnn@64", 64)
+
+    capsys.readouterr()
+    report = [str(data), "--output", str(run), "--report-only"]
+    assert train_main([*report, "--image-size", "64"]) == 2
+    assert "trained, with --image-size 32 64: leave --image-size out" in capsys.readouterr().err
+    assert train_main([*report, "--image-size", "32", "64"]) == 0
 
 
 def test_data_that_is_no_dataset_is_named_once_before_any_member_starts(

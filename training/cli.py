@@ -115,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size",
         type=int,
+        nargs="+",
+        metavar="SIDE",
         help=f"model input side in pixels, 16 to 4096 (default {DEFAULT.image_size}); with the "
-        "lesion head, a multiple of the backbone's deepest stride (32; small-cnn 16)",
+        "lesion head, a multiple of the backbone's deepest stride (32; small-cnn 16). With "
+        "several backbones, one side for every member or one per --backbone (e.g. "
+        "--backbone efficientnet-lite0 efficientnet-lite2 efficientnet-lite2 --image-size 160 "
+        "160 256); the graph takes the largest and scales the scan down for the others",
     )
     parser.add_argument(
         "--epochs",
@@ -344,15 +349,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(
             "--lesion-from picks among an ensemble's members; one --backbone has none to pick"
         )
+    _check_members(parser, args)
     _check_numbers(parser, args)
     if args.cv_only and args.folds < 2 and args.leave_scanner_out is None:
         parser.error("--cv-only needs --folds K with K >= 2 or --leave-scanner-out")
-    _check_members(parser, args)
     _check_weights(parser, args)
     if args.seg:
         try:
-            for backbone in args.backbone:
-                check_lesion_input_size(Backbone(backbone), args.image_size)
+            for backbone, side in zip(args.backbone, args.member_sizes, strict=True):
+                check_lesion_input_size(Backbone(backbone), side)
         except ValueError as exc:
             parser.error(str(exc))
     args.cluster = None
@@ -374,12 +379,10 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if not 0.0 <= value <= 1.0:
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} is a probability in [0, 1]. Got {value} instead.")
-    for name, (low, high, why) in RANGES.items():
-        value = getattr(args, name)
-        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
-            flag = "--" + name.replace("_", "-")
-            limits = f">= {low}" if high is None else f"{low} to {high}"
-            parser.error(f"{flag} must be {limits}{why}. Got {value} instead.")
+    for name, limits in RANGES.items():
+        values = args.member_sizes if name == "image_size" else (getattr(args, name),)
+        for value in values:
+            _check_range(parser, name, value, limits)
     if args.folds == 1 or args.folds < 0:
         parser.error(
             f"--folds must be 0 (no cross-validation, the default) or K >= 2 folds. Got "
@@ -387,6 +390,20 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         )
     if args.epochs == args.frozen_epochs == 0 and not args.report_only:
         parser.error("--epochs 0 with --frozen-epochs 0 trains nothing: give one of them 1 or more")
+
+
+def _check_range(
+    parser: argparse.ArgumentParser,
+    name: str,
+    value: float,
+    limits: tuple[float, float | None, str],
+) -> None:
+    """Refuse ``value`` of option ``name`` outside ``limits`` (lowest, highest or None, why)."""
+    low, high, why = limits
+    if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
+        flag = "--" + name.replace("_", "-")
+        bounds = f">= {low}" if high is None else f"{low} to {high}"
+        parser.error(f"{flag} must be {bounds}{why}. Got {value} instead.")
 
 
 def _fill_recorded(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -413,6 +430,8 @@ def _fill_recorded(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(str(exc))
         for name, value in recorded.items():
             given = getattr(args, name)
+            if name == "image_size" and given is not None:
+                given = _sides(given) if len(set(given)) > 1 else given[0]
             if given is not None and (tuple(given) if isinstance(given, list) else given) != value:
                 flag = "--" + name.replace("_", "-")
                 shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
@@ -431,10 +450,20 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     args.backbone = tuple(args.backbone)
     args.lesion_from = tuple(args.lesion_from)
     count = len(args.backbone)
-    if len(set(args.backbone)) < count:
+    sizes = _sides(args.image_size)
+    if len(sizes) not in (1, count):
         parser.error(
-            f"--backbone names a backbone twice ({' '.join(args.backbone)}): the "
-            "members would be the same model; name each once"
+            f"--image-size takes one side for every member or one per --backbone ({count} "
+            f"named). Got {len(sizes)} sides instead."
+        )
+    args.member_sizes = sizes * count if len(sizes) == 1 else sizes
+    args.image_size = max(args.member_sizes)  # the graph's input side
+    members = list(zip(args.backbone, args.member_sizes, strict=True))
+    if len(set(members)) < count:
+        twice = " ".join(args.backbone)
+        parser.error(
+            f"--backbone names a backbone twice at one --image-size ({twice}): the members "
+            "would be the same model; name each once, or give each its own side"
         )
     lesion = args.lesion_from
     if len(set(lesion)) < len(lesion) or not all(1 <= k <= count for k in lesion):
@@ -456,6 +485,11 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                 f"{flag} works on one model: name one --backbone ({named} {count}: "
                 f"{' and '.join(args.backbone)})"
             )
+
+
+def _sides(image_size: int | Sequence[int]) -> tuple[int, ...]:
+    """``--image-size``'s sides as a tuple: one for every member, or one per member."""
+    return (image_size,) if isinstance(image_size, int) else tuple(image_size)
 
 
 def _check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -538,6 +572,7 @@ def _train(args: argparse.Namespace, stdout: TextIO) -> int:
             config,
             members,
             lesion_from,
+            input_sizes=args.member_sizes,
             report_only=args.report_only,
             jobs=args.jobs,
             quiet=args.quiet,

@@ -114,25 +114,31 @@ def recorded_options(run: Path) -> dict[str, object]:
     run = Path(run)
     members = _member_folders(run)
     for folder in [run, *members]:
-        described = [f for f in model_folders(folder) if (folder / f / RUN_FILE).is_file()]
-        if described:
-            info = RunInfo.read(folder / described[0])
+        if (info := _first_info(folder)) is not None:
             break
     else:
         return {}
     parsed, _, lesion = parse_label(info.backbone)
     backbones = tuple(b for b, _ in parsed)
+    sides = tuple(side or info.input_size for _, side in parsed)
     if folder != run:  # the graph is not written: its members say what it holds
         backbones = tuple(p.name.partition("-")[2] for p in members)
+        sides = tuple(getattr(_first_info(p), "input_size", info.input_size) for p in members)
     options: dict[str, object] = {
         "backbone": backbones,
-        "image_size": info.input_size,
+        "image_size": sides if len(set(sides)) > 1 else info.input_size,
         "seed": info.seed,
     }
     if len(backbones) > 1 and folder == run:
         chosen = range(len(backbones)) if lesion is None else lesion
         options["lesion_from"] = tuple(k + 1 for k in chosen)
     return options
+
+
+def _first_info(run: Path) -> RunInfo | None:
+    """The ``run.json`` of ``run``'s first model folder that has one; None when none has."""
+    described = [f for f in model_folders(run) if (run / f / RUN_FILE).is_file()]
+    return RunInfo.read(run / described[0]) if described else None
 
 
 def build_ensemble_run(
@@ -207,13 +213,14 @@ def train_ensemble(
     config: TrainConfig,
     backbones: Sequence[Backbone],
     lesion_from: Sequence[int],
+    input_sizes: Sequence[int] | None = None,
     report_only: bool = False,
     jobs: int = 1,
     quiet: bool = False,
 ) -> list[RunInfo]:
     """``edge-train`` with several backbones: train one member run per backbone with
     ``config``'s options, in ``config.output/members/<k>-<backbone>/``, then combine them in
-    ``config.output`` (:func:`build_ensemble_run`, no flips).
+    ``config.output`` (:func:`build_ensemble_run`, no flips) at ``config.input_size``.
 
     A member whose training finished with the same options (its ``member.json`` records them,
     data paths resolved) and whose models are all there is kept, so a stopped run loses at most
@@ -222,6 +229,8 @@ def train_ensemble(
 
     Args:
         lesion_from: 0-based members whose lesion map the graph keeps.
+        input_sizes: each member's input side in pixels, one per backbone (default: every
+            member at ``config.input_size``); the graph scales the scan to each.
         jobs: members trained at once (at most as many as are to be trained), each in a
             process of its own that logs to its member folder's ``train.log`` and to stderr
             (lines prefixed with the member's folder name; only warnings and errors when
@@ -238,11 +247,15 @@ def train_ensemble(
     from training.data.datasets import discover_all
     from training.run import report_saved
 
+    sizes = [config.input_size] * len(backbones) if input_sizes is None else input_sizes
     members = [
         dataclasses.replace(
-            config, output=config.output / MEMBERS_DIR / f"{k + 1}-{b.value}", backbone=b
+            config,
+            output=config.output / MEMBERS_DIR / f"{k + 1}-{b.value}",
+            backbone=b,
+            input_size=side,
         )
-        for k, b in enumerate(backbones)
+        for k, (b, side) in enumerate(zip(backbones, sizes, strict=True))
     ]
     if report_only:
         _check_reportable(config.output, [m.output for m in members])
