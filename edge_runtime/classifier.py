@@ -151,7 +151,7 @@ class Classification:
         abstained: a flag for review, with its ``abstain_reason``: not an ultrasound scan
             (:mod:`edge_runtime.io.scan_check`), ``unfamiliar``, or a confidence below the abstain
             threshold (never for a malignant call: at the operating point its confidence may be
-            P(malignant) 0.15, and an abstained frame never decides a cine's summary). The
+            P(malignant) 0.15, and an abstained frame never decides a cine's finding). The
             label is still the model's call, but never act on the label of an abstained result.
         timing: per-stage milliseconds of this image.
         frame: index within a multi-frame file; None for a single image.
@@ -163,6 +163,9 @@ class Classification:
         lesion: the largest lesion the model found (None when it found none, or has no lesion
             output); its box is in the whole frame's pixels.
         unfamiliar: unlike the training scans (:mod:`edge_runtime.postprocess.decision`); abstains.
+        not_a_scan: the input check found no ultrasound scan in it (a blank frame, noise...:
+            :mod:`edge_runtime.io.scan_check`); abstains. Such a frame shows no tissue, so it
+            cannot hide a lesion, unlike one that abstained for any other reason.
         abstain_reason: why it abstained, every reason that applies joined by ``"; "`` (e.g.
             ``"not an ultrasound scan: a blank frame (grey levels span 0 levels)"``); None when
             it did not.
@@ -192,6 +195,7 @@ class Classification:
     model_version: str | None = None
     lesion: Lesion | None = None
     unfamiliar: bool = False
+    not_a_scan: bool = False
     abstain_reason: str | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -657,6 +661,7 @@ class Classifier:
                     model_version=spec.model_version,
                     lesion=lesion,
                     unfamiliar=bool(unfamiliar[row]),
+                    not_a_scan=item.not_a_scan is not None,
                     abstain_reason=abstain_reason,
                     heatmap=heat,
                     image=item.original if heatmaps else None,

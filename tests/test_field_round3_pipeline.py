@@ -281,9 +281,20 @@ def frame_result(frame, label, p_malignant, *, abstained=False, source="two.tif"
         probabilities={"normal": rest, "benign": rest, "malignant": p_malignant},
         confidence=max(rest, p_malignant),
         abstained=abstained,
+        not_a_scan=abstained,
         abstain_reason="not an ultrasound scan: a blank frame" if abstained else None,
         timing=Timing(),
         frame=frame,
+    )
+
+
+def unsure_result(frame, label, p_malignant):
+    """A frame that shows tissue and abstained: unlike the training scans."""
+    return dataclasses.replace(
+        frame_result(frame, label, p_malignant),
+        abstained=True,
+        unfamiliar=True,
+        abstain_reason="unfamiliar: unlike the scans the model was trained on",
     )
 
 
@@ -295,6 +306,20 @@ def test_the_summary_takes_the_most_severe_call_among_frames_that_did_not_abstai
     assert summarize([called_normal, lesion]).most_suspicious is lesion
     malignant = frame_result(2, "malignant", 0.30)
     assert summarize([called_normal, lesion, malignant]).most_suspicious is malignant
+
+
+def test_a_normal_summary_never_stands_beside_a_frame_that_shows_tissue_and_abstained():
+    """ "Normal" claims every frame: a blank frame cannot hide a lesion, an unsure one can."""
+    normal = frame_result(0, "normal", 0.05)
+    blank = frame_result(1, "malignant", 0.40, abstained=True)
+    assert summarize([normal, blank]).most_suspicious is normal
+    unsure = unsure_result(1, "normal", 0.10)
+    unsure_benign = unsure_result(2, "benign", 0.08)
+    summary = summarize([normal, unsure, blank, unsure_benign])
+    assert summary.most_suspicious is unsure_benign and summary.most_suspicious.abstained
+    assert result_record(summary)["abstain_reason"].startswith("unfamiliar")
+    lesion = frame_result(3, "benign", 0.2)  # a finding stands, whatever abstained beside it
+    assert summarize([normal, unsure, lesion]).most_suspicious is lesion
 
 
 def test_a_file_whose_every_frame_abstained_has_an_abstained_summary():

@@ -224,6 +224,9 @@ def _region(region: int, label: str, malignant: float, *, abstained: bool = Fals
         ([("benign", 0.2, False), ("malignant", 0.3, False)], 1),  # malignant over benign
         ([("benign", 0.3, False), ("normal", 0.1, False)], 0),  # benign over normal
         ([("normal", 0.2, True), ("benign", 0.1, True)], 1),  # all abstained: most severe
+        # a normal region never reassures beside an unsure one, which may hold the lesion
+        ([("normal", 0.01, False), ("benign", 0.2, True)], 1),
+        ([("normal", 0.3, True), ("normal", 0.01, False)], 0),
         ([None, ("benign", 0.1, False)], 1),  # a failed region hides nothing
     ],
 )

@@ -5,8 +5,12 @@ one frame and takes its label, probabilities and flags, and counts the file's fr
 frames. The frame it names carries the most severe call (malignant, then any other lesion class,
 then normal) among the frames that did not abstain, and among those the highest P(malignant) (the
 highest confidence, for a model without a ``malignant`` class). Abstained frames (blank pages,
-frames that are not scans, unfamiliar ones) never decide the file's answer: a file whose every
+frames that are not scans, unfamiliar ones) never decide a lesion finding: a file whose every
 classified frame abstained gets the most severe of them, abstained, so the summary abstains too.
+"Normal" is a claim about every frame, so it is never the answer where a frame that shows tissue
+abstained (unfamiliar, or unsure): that frame may hold the lesion the others do not show, so the
+most severe such frame answers, abstained. Frames that are not scans (blank, noise) show no
+tissue and never stand in the way of a normal answer.
 :func:`with_summaries` adds a summary after each multi-frame file's results in a stream, which is
 how ``edge-classify`` and ``edge-classify watch`` write them.
 """
@@ -33,8 +37,10 @@ class FileSummary:
         failed_frames: how many of those are failures.
         most_suspicious: the frame whose answer is the file's: the most severe call among the
             frames that did not abstain (malignant, then other lesion classes, then normal), the
-            highest P(malignant) among those, the earliest on a tie; among abstained frames only
-            when every classified frame abstained. None when no frame could be classified.
+            highest P(malignant) among those, the earliest on a tie; among abstained frames when
+            every classified frame abstained, or when that call is normal and a frame that shows
+            tissue (not :attr:`~Classification.not_a_scan`) abstained. None when no frame could
+            be classified.
         timing: the sum of the frames' timings.
         model_version: the model that answered the frames.
     """
@@ -77,12 +83,11 @@ def summarize(results: Sequence[Result]) -> FileSummary:
             f"{sorted(sources)[:3]}. Pass each file's results separately, or use with_summaries."
         )
     classified = [result for result in results if isinstance(result, Classification)]
-    answered = [result for result in classified if not result.abstained] or classified
     return FileSummary(
         source=results[0].source,
         frames=len(results),
         failed_frames=len(results) - len(classified),
-        most_suspicious=max(answered, key=_suspicion, default=None),
+        most_suspicious=_answer(classified),
         timing=Timing(
             sum(r.timing.decode_ms for r in results),
             sum(r.timing.preprocess_ms for r in results),
@@ -124,6 +129,16 @@ def _same_file(previous: Result, result: Result) -> bool:
 def _position(result: Result) -> tuple[int, int]:
     """Where a record lies in its file: (frame, region), a whole frame before its regions."""
     return result.frame, -1 if result.region is None else result.region
+
+
+def _answer(classified: Sequence[Classification]) -> Classification | None:
+    """The frame whose answer is the file's (see :class:`FileSummary`'s ``most_suspicious``)."""
+    answered = [result for result in classified if not result.abstained]
+    finding = max(answered, key=_suspicion, default=None)
+    unsure = [result for result in classified if result.abstained and not result.not_a_scan]
+    if finding is None or (finding.label == NORMAL_CLASS and unsure):
+        return max(unsure or classified, key=_suspicion, default=None)
+    return finding
 
 
 def _suspicion(result: Classification) -> tuple[int, float]:
