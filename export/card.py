@@ -195,10 +195,12 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         "| file | bytes | weights stored as (share of bytes) | sha256 |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {name} | {f['bytes']} | {weights_summary(f)} | `{f['sha256']}` |"
-        for name, f in card["files"].items()
-    ]
+    for name, f in card["files"].items():
+        lines.append(f"| {name} | {f['bytes']} | {weights_summary(f)} | `{f['sha256']}` |")
+        lines += [  # the weights of a model stored in ONNX external-data files
+            f"| {piece} (weights of {name}) | {p['bytes']} | - | `{p['sha256']}` |"
+            for piece, p in f.get("external_data", {}).items()
+        ]
     return "\n".join(lines) + "\n"
 
 

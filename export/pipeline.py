@@ -17,6 +17,7 @@ import numpy as np
 from edge_runtime.model.card import CARD_SUFFIX, model_file_name
 from edge_runtime.model.contract import LESION, ModelSpec, NormalRule, Precision, ResizePolicy
 from edge_runtime.model.cpu import int8_saturates
+from edge_runtime.model.external_data import external_data_files
 from edge_runtime.model.session import Provider, batch_probabilities, open_model
 from edge_runtime.model.verify import verify_model_file
 from edge_runtime.postprocess.lesion import lesion_peak
@@ -308,7 +309,8 @@ def requantize_export(
         card["parity"] = kept + [parity_record(r) for r in reports.values()]
         card["files"][int8.path.name] = file_record(int8.path)
         card_json, card_md = write_card(card, staged.tmp)
-        shutil.copy2(fp32_path, staged.tmp / fp32_path.name)  # its recheck partner, beside it
+        for path in (fp32_path, *external_data_files(fp32_path)):  # its recheck partner, beside it
+            shutil.copy2(path, staged.tmp / path.name)
         _verify_written(staged, [int8.path], fp32.probabilities, model_dir, int8, requantize=True)
         _publish([card_json, card_md, int8.path], model_dir, name)
     return ExportResult((model_dir / int8.path.name,), card_path, tuple(reports.values()))

@@ -20,6 +20,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edge_runtime.model.contract import INPUT_NAME
+from edge_runtime.model.external_data import external_data_files
 from export.quant_config import Calibration, IntType, QuantConfig
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,15 @@ def prepare_for_quantization(fp32_path: Path, prepared_path: Path) -> Path:
     """Run onnxruntime's ``quant_pre_process`` (constant folding, BatchNorm folding, shapes).
 
     The INT8 model's tensor names follow the prepared model, so compare against this file when
-    hunting for the layer that loses accuracy (:mod:`export.diagnose`).
+    hunting for the layer that loses accuracy (:mod:`export.diagnose`). An FP32 model with
+    external-data files (a bundled one over the file limit) is first joined into one file beside
+    ``prepared_path``: the optimized graph ``quant_pre_process`` writes in its own temporary
+    folder would still point at them.
     """
+    if external_data_files(fp32_path):
+        whole = prepared_path.with_name(f"whole-{fp32_path.name}")
+        onnx.save(onnx.load(str(fp32_path)), str(whole))
+        fp32_path = whole
     quant_pre_process(str(fp32_path), str(prepared_path), skip_symbolic_shape=True)
     return prepared_path
 

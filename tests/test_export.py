@@ -297,12 +297,10 @@ def test_bundle_refuses_a_file_over_the_repository_limit_and_copies_nothing(
     shutil.copytree(exported, copy / "export")
     for path in (copy / "export").glob("synth*"):
         path.rename(path.with_name(path.name.replace("synth", "default")))
-    fp32 = copy / "export" / "default-fp32.onnx"
-    monkeypatch.setattr(bundling, "MAX_FILE_BYTES", fp32.stat().st_size - 1)
+    int8 = copy / "export" / "default-int8.onnx"  # an FP32 file over it is split instead
+    monkeypatch.setattr(bundling, "MAX_FILE_BYTES", int8.stat().st_size - 1)
     models = tmp_path / "models"
-    with pytest.raises(
-        ValueError, match=r"default-fp32.onnx: .* bytes, over the .* --fp32-weights"
-    ):
+    with pytest.raises(ValueError, match=r"default-int8.onnx: .* bytes, over the .* committed"):
         bundling.bundle(copy, data_root=run, models_dir=models, docs_dir=tmp_path / "docs")
     assert not models.exists()
 

@@ -24,7 +24,7 @@ import numpy as np
 from edge_runtime.adapt.fit import Head
 from edge_runtime.adapt.options import Parent
 from edge_runtime.classifier import MODELS_DIR
-from edge_runtime.model.card import file_sha256
+from edge_runtime.model.card import model_sha256
 from edge_runtime.model.contract import ModelSpec, NormalRule, Precision
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def load_parent(path: Path) -> Parent:
     """The parent of an adaptation given ``path`` (module docstring).
 
     Raises:
-        FileNotFoundError: ``path`` is missing.
+        FileNotFoundError: ``path``, or an external-data file it names, is missing.
         ContractError: it is not an edge-classify model with the expected last layer.
         ValueError: it is an adapted model whose record of its parent is unreadable, or an
             adapted ensemble whose parent file is not found.
@@ -45,12 +45,12 @@ def load_parent(path: Path) -> Parent:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    proto = onnx.load(str(path))
+    sha = model_sha256(path)  # names a missing external-data file, which onnx.load would not
+    proto = onnx.load(str(path))  # its external data read in
     meta = {p.key: p.value for p in proto.metadata_props}
     spec = ModelSpec.from_metadata(meta, source=str(path))
     if not spec.adaptation:
         head = read_head(proto, find_head(proto, source=str(path)))
-        sha = file_sha256(path)
         return Parent(path, proto, spec, head, path.name, sha, None, str(path.resolve()))
     record = spec.adaptation.get("parent")
     if not isinstance(record, dict):
@@ -116,9 +116,9 @@ def _find_original(adapted: Path, record: dict[str, Any]) -> Path | None:
         return None
     for place in _places(adapted, record):
         try:
-            if place.is_file() and file_sha256(place) == record["sha256"]:
+            if place.is_file() and model_sha256(place) == record["sha256"]:
                 return place
-        except OSError:
+        except (OSError, ValueError):  # unreadable, or an ONNX file with a missing piece
             continue
     return None
 

@@ -43,6 +43,7 @@ from edge_runtime.classifier import Classifier, ClassifierOptions, Failure, Resu
 from edge_runtime.io.decode import InputError, decode_gray, is_dicom
 from edge_runtime.io.frames import MAX_FILE_BYTES
 from edge_runtime.model.card import card_path_for
+from edge_runtime.model.external_data import external_data_files
 from edge_runtime.postprocess.lesion import require_lesion_output
 
 log = logging.getLogger(__name__)
@@ -293,10 +294,13 @@ def _frames(path: str, data: bytes) -> list[np.ndarray] | Failure:
 
 
 def _model_files(classifier: Classifier) -> dict[str, bytes]:
-    """The files an actor needs to open the same model: model, recheck partner, model card."""
-    paths = [classifier.model_path, card_path_for(classifier.model_path)]
+    """The files an actor needs to open the same model: model, recheck partner, their
+    external-data files, model card."""
+    models = [classifier.model_path]
     if classifier.recheck_model_path is not None:
-        paths.append(classifier.recheck_model_path)
+        models.append(classifier.recheck_model_path)
+    paths = [*models, card_path_for(classifier.model_path)]
+    paths += [piece for model in models for piece in external_data_files(model)]
     return {path.name: path.read_bytes() for path in paths if path.is_file()}
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_runtime.model.contract import ContractError
+from edge_runtime.model.external_data import require_external_data
 
 CARD_SUFFIX = ".card.json"
 _PRECISION_SUFFIX = re.compile(r"-(fp32|fp16|int8)$")
@@ -36,14 +37,46 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_hashes(model_path: Path, pieces: Sequence[Path]) -> dict[str, str]:
+    """Hex SHA-256 of a model file and of each of its external-data files ``pieces`` (from
+    :func:`~edge_runtime.model.external_data.require_external_data`), by file name, the model
+    file's first."""
+    return {path.name: file_sha256(path) for path in (model_path, *pieces)}
+
+
+def model_digest(hashes: Mapping[str, str]) -> str:
+    """One hex SHA-256 for a model's content from its :func:`model_hashes`: the model file's own
+    for a model in one file; for one with external-data files, the SHA-256 of the lines
+    ``NAME SHA256`` of all its files, sorted by name, so that it changes with any of them."""
+    if len(hashes) == 1:
+        return next(iter(hashes.values()))
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def model_sha256(model_path: Path) -> str:
+    """:func:`model_digest` of a model file and its external-data files (:func:`file_sha256`
+    for a model in one file).
+
+    Raises:
+        FileNotFoundError: an external-data file is missing (named).
+        OSError, MetadataError, ContractError: as
+            :func:`~edge_runtime.model.external_data.external_data_files`.
+    """
+    return model_digest(model_hashes(model_path, require_external_data(model_path)))
+
+
 def file_record(path: Path) -> dict[str, Any]:
     """One model file's entry in a card's ``files``: its SHA-256, its size in bytes and
     ``weights``, the share of its initializers' bytes stored in each ONNX data type (e.g.
     ``{"float16": 0.98, "float32": 0.02}`` for an FP32 file whose convolution kernels are stored
-    as float16), so that a reader sees how the file is stored, not only how it computes.
+    as float16), so that a reader sees how the file is stored, not only how it computes. A model
+    whose weights lie in external-data files has ``external_data`` too: each file's SHA-256 and
+    bytes, by name.
 
     Raises:
         onnx.checker.ValidationError / google.protobuf.message.DecodeError: not an ONNX file.
+        FileNotFoundError: an external-data file is missing (named).
     """
     import onnx  # export and adapt have it; the runtime only reads cards
 
@@ -53,7 +86,13 @@ def file_record(path: Path) -> dict[str, Any]:
         stored[dtype.name] = stored.get(dtype.name, 0) + int(np.prod(tensor.dims)) * dtype.itemsize
     total = sum(stored.values()) or 1
     weights = {k: round(v / total, 4) for k, v in sorted(stored.items(), key=lambda kv: -kv[1])}
-    return {"sha256": file_sha256(path), "bytes": path.stat().st_size, "weights": weights}
+    record = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "weights": weights}
+    pieces = require_external_data(path)
+    if pieces:
+        record["external_data"] = {
+            p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in pieces
+        }
+    return record
 
 
 def weights_summary(record: Mapping[str, Any]) -> str:
@@ -62,9 +101,10 @@ def weights_summary(record: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005) or "-"
 
 
-def listed_sha256(model_path: Path) -> str | None:
-    """The SHA-256 the model card beside ``model_path`` lists for it; None when there is no card
-    or the card does not list this file.
+def listed_hashes(model_path: Path) -> dict[str, str] | None:
+    """The SHA-256 the model card beside ``model_path`` lists for it and for each of its
+    external-data files, by file name (as :func:`model_hashes`); None when there is no card or
+    the card does not list this file.
 
     Raises:
         ContractError: the card cannot be read.
@@ -73,35 +113,53 @@ def listed_sha256(model_path: Path) -> str | None:
     if not card_path.is_file():
         return None
     try:
-        files = json.loads(card_path.read_text()).get("files", {})
+        record = json.loads(card_path.read_text()).get("files", {}).get(model_path.name, {})
     except (OSError, ValueError) as exc:
         raise ContractError(f"{card_path}: model card is unreadable: {exc}") from exc
-    return files.get(model_path.name, {}).get("sha256")
+    if not record.get("sha256"):
+        return None
+    pieces = record.get("external_data") or {}
+    return {model_path.name: record["sha256"], **{k: v.get("sha256") for k, v in pieces.items()}}
 
 
-def require_listed_sha256(model_path: Path, actual: str, listed: str) -> None:
-    """Raise :class:`ContractError` unless the file's SHA-256 ``actual`` is the one its card
-    lists (``listed``)."""
-    if actual != listed:
-        raise ContractError(
-            f"{model_path}: SHA-256 {actual[:16]}... does not match {listed[:16]}... in "
-            f"{card_path_for(model_path).name}: the file was changed or damaged after export. "
-            "Re-export or re-copy it."
-        )
+def require_listed_hashes(
+    model_path: Path, actual: Mapping[str, str], listed: Mapping[str, str]
+) -> None:
+    """Raise :class:`ContractError` unless each of the model's files has the SHA-256 its card
+    lists: ``actual`` from :func:`model_hashes`, ``listed`` from :func:`listed_hashes`. The
+    error names the first file that differs, the model file first."""
+    card = card_path_for(model_path).name
+    for name, digest in actual.items():
+        path = model_path.with_name(name)
+        piece = "" if name == model_path.name else f" (an external-data file of {model_path.name})"
+        expected = listed.get(name)
+        if expected is None:
+            raise ContractError(
+                f"{path}: not listed in {card}{piece}: the model was changed after export. "
+                "Re-export or re-copy it."
+            )
+        if digest != expected:
+            raise ContractError(
+                f"{path}: SHA-256 {digest[:16]}... does not match {expected[:16]}... in "
+                f"{card}{piece}: the file was changed or damaged after export. Re-export or "
+                "re-copy it."
+            )
 
 
-def verify_against_card(model_path: Path, sha256: str | None = None) -> bool:
-    """Check the model's SHA-256 (``sha256`` when the caller has it) against its card, when a
-    card lists it.
+def verify_against_card(model_path: Path) -> bool:
+    """Check the SHA-256 of the model file, and of its external-data files, against its card,
+    when a card lists it.
 
     Returns:
         True if verified, False if there is no card or the card does not list this file.
 
     Raises:
-        ContractError: the card lists the file with another checksum, or cannot be read.
+        ContractError: the card lists a file with another checksum, or cannot be read.
+        FileNotFoundError: an external-data file is missing (named).
     """
-    listed = listed_sha256(model_path)
+    listed = listed_hashes(model_path)
     if listed is None:
         return False
-    require_listed_sha256(model_path, sha256 or file_sha256(model_path), listed)
+    actual = model_hashes(model_path, require_external_data(model_path))
+    require_listed_hashes(model_path, actual, listed)
     return True

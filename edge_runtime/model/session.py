@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.model.card import file_sha256, listed_sha256, require_listed_sha256
+from edge_runtime.model.card import (
+    listed_hashes,
+    model_digest,
+    model_hashes,
+    require_listed_hashes,
+)
 from edge_runtime.model.contract import (
     INPUT_NAME,
     KEY_PRECISION,
@@ -30,6 +35,7 @@ from edge_runtime.model.contract import (
     check_io,
     check_recheck_partner,
 )
+from edge_runtime.model.external_data import require_external_data
 from edge_runtime.model.onnx_meta import MetadataError, read_metadata
 from edge_runtime.model.session_cache import create_cached_session, load_cached_session
 
@@ -144,7 +150,7 @@ def open_model(
     """Open an ONNX model, check the contract, and report the providers actually in use.
 
     Args:
-        path: the .onnx file.
+        path: the .onnx file (its weights may lie in external-data files beside it).
         provider: which execution provider to prefer.
         threads: intra-op threads (None: onnxruntime's default, one per core).
         exact_int8: for an INT8 (QDQ) model, turn graph optimizations off so that onnxruntime
@@ -155,15 +161,15 @@ def open_model(
             Slower; for judging an INT8 model on such a host, not for serving.
 
     Raises:
-        FileNotFoundError: no such file.
-        ContractError: the file is not a model, not an edge-classify model, or does not match
-            the SHA-256 in the model card beside it.
+        FileNotFoundError: no such file, or an external-data file it names is missing.
+        ContractError: the file is not a model, not an edge-classify model, or it or an
+            external-data file does not match the SHA-256 in the model card beside it.
         ValueError: an unavailable provider was requested.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    listed = listed_sha256(path)
+    listed = listed_hashes(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if exact_int8 and _precision_of(path) == Precision.INT8.value:
@@ -174,22 +180,24 @@ def open_model(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # The graph kept for the SHA-256 the card lists loads while the file is hashed beside it (both
-    # release the GIL); it is used only once the file's own SHA-256 is that one. A graph is only
-    # ever optimized and kept under the file's own SHA-256.
+    # The graph kept for the SHA-256 the card lists loads while the files are hashed beside it
+    # (both release the GIL); it is used only once the files' own SHA-256 are those. A graph is
+    # only ever optimized and kept under the files' own (model_digest: external data included).
     with ThreadPoolExecutor(1, thread_name_prefix="model-sha256") as hasher:
-        hashing = hasher.submit(file_sha256, path)
+        hashing = hasher.submit(_hashes, path)
         wanted = choose_providers(provider)
         session = None
         if listed is not None:
-            session = load_cached_session(path, listed, options, wanted, _create_session)
-        sha256 = hashing.result()
+            digest = model_digest(listed)
+            session = load_cached_session(path, digest, options, wanted, _create_session)
+        hashes = hashing.result()
     if listed is not None:
-        require_listed_sha256(path, sha256, listed)
+        require_listed_hashes(path, hashes, listed)
         log.debug("%s: SHA-256 matches its model card", path)
     if session is None:
         try:
-            session = create_cached_session(path, sha256, options, wanted, _create_session)
+            digest = model_digest(hashes)
+            session = create_cached_session(path, digest, options, wanted, _create_session)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ContractError(f"{path}: onnxruntime could not load it as a model: {exc}") from exc
     used = tuple(session.get_providers())
@@ -198,6 +206,21 @@ def open_model(
     spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
     check_io(_infos(session.get_inputs()), _infos(session.get_outputs()), spec, source=str(path))
     return LoadedModel(session=session, spec=spec, path=path, providers=used)
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    """:func:`~edge_runtime.model.card.model_hashes` of the model and its external-data files;
+    of the file alone when it is not ONNX (onnxruntime then says what is wrong with it).
+
+    Raises:
+        FileNotFoundError: an external-data file it names is missing.
+        ContractError: it names one that is not beside it.
+    """
+    try:
+        pieces = require_external_data(path)
+    except MetadataError:
+        pieces = []
+    return model_hashes(path, pieces)
 
 
 def _precision_of(path: Path) -> str | None:
@@ -262,9 +285,11 @@ def open_recheck_model(
     use; None when it names none.
 
     Raises:
-        FileNotFoundError: that FP32 model is not beside ``model``.
+        FileNotFoundError: that FP32 model, or an external-data file it names, is not beside
+            ``model``.
         ContractError: it is not an edge-classify model, or not the FP32 model ``model`` was
             quantized from.
+        MetadataError: its graph is not readable ONNX.
     """
     spec = model.spec
     if not spec.rechecks:
@@ -282,6 +307,7 @@ def open_recheck_model(
         metadata = read_metadata(path)
     except (OSError, MetadataError) as exc:
         raise ContractError(f"{path}: not an ONNX model ({exc})") from exc
+    require_external_data(path)  # a missing one is named now, not at the first recheck
     # the partner's unfamiliar-scan statistics are not read here: the score is the INT8 model's
     # (up to 200 KB of JSON, a few ms of every cold start); open_model reads them on first use
     metadata.pop(KEY_UNFAMILIAR, None)

@@ -13,7 +13,8 @@ has it mapped keeps reading the bytes it loaded.
 
 onnxruntime warns that such a graph "may contain hardware specific optimizations, and should
 only be used in the same environment the model was optimized in", so the file's name
-is a digest of everything it depends on: the model file's SHA-256, onnxruntime's version, the
+is a digest of everything it depends on: the model's SHA-256 (its external-data files' too:
+:func:`~edge_runtime.model.card.model_digest`), onnxruntime's version, the
 CPU's model and feature flags, and the session options that change the graph. A changed model,
 onnxruntime or CPU gets a file of its own; nothing is ever read across.
 
@@ -144,7 +145,8 @@ def create_cached_session(
 
     Args:
         path: the model file.
-        model_sha256: its SHA-256 (hex), checked: a graph is saved under this name.
+        model_sha256: its SHA-256 (hex; :func:`~edge_runtime.model.card.model_digest` for a
+            model with external-data files), checked: a graph is saved under this name.
         options: the session options (full optimizations, for caching to apply).
         providers: onnxruntime provider names; caching applies to ``["CPUExecutionProvider"]``.
         create: ``create(path, options, providers) -> InferenceSession``, how a session is made.

@@ -63,7 +63,8 @@ class ModelIdentity:
     Attributes:
         name: the model file's name, e.g. ``default-int8.onnx``.
         version: the model's version from its metadata.
-        sha256: hex SHA-256 of the model file.
+        sha256: hex SHA-256 of the model (its file's; with external-data files, one over
+            every file's: :func:`~edge_runtime.model.card.model_sha256`).
     """
 
     name: str

@@ -26,7 +26,6 @@ never tried again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -64,6 +63,7 @@ from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
 from edge_runtime.app.node.templates import encode_answers, encoded
 from edge_runtime.app.output import result_record
 from edge_runtime.classifier import Classification, Classifier, Failure, Result
+from edge_runtime.model.card import model_sha256
 from edge_runtime.postprocess.summary import FileSummary, summarize, with_summaries
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,12 @@ MAX_ANSWER_PROCESSES = 4
 
 
 def model_identity(classifier: Classifier) -> ModelIdentity:
-    """The name, version and SHA-256 of the classifier's model file."""
-    digest = hashlib.sha256()
-    with open(classifier.model_path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    """The name, version and SHA-256 of the classifier's model file (with its external-data
+    files where it has them: :func:`~edge_runtime.model.card.model_sha256`)."""
     return ModelIdentity(
-        classifier.model_path.name, str(classifier.spec.model_version), digest.hexdigest()
+        classifier.model_path.name,
+        str(classifier.spec.model_version),
+        model_sha256(classifier.model_path),
     )
 
 
@@ -141,7 +140,9 @@ class _Job:
         result per region and no summary (``with_summaries`` summarizes frames): its regions
         are summarized here as a cine's frames are, so the most severe call that did not abstain
         decides (malignant, then benign, then normal); an abstained or failed region never hides
-        another region's finding. Otherwise the image's only result.
+        another region's finding, and a normal region never reassures beside one that shows
+        tissue and abstained (that one is reported, abstained). Otherwise the image's only
+        result.
         """
         if self.summary is not None:
             return self.summary.most_suspicious
