@@ -14,8 +14,9 @@
 # Resumable: edge-train keeps a member whose training finished with the same options, and a step
 # whose output is complete (the graph's protocol.json and model.keras, the exported
 # default-int8.onnx) is not run again, so a stopped run loses at most the members in progress.
-# Time on 2 cores: see docs/default-model.md. Deterministic: a retrain of seed 0 on a fresh machine
-# reproduced every criterion value of the protocol and the test split.
+# Time on 2 cores: see docs/default-model.md. Deterministic on one kind of CPU: a retrain of seed 0
+# on a fresh AMD EPYC host reproduced every criterion value of the protocol and the test split; on
+# an Intel Xeon host the numbers move within the run-to-run spread (0.02; docs/default-model.md).
 # INT8 keeps each member's first 2 convolutions in float (--float-convs 2; docs/experiments.md,
 # decision 10); the FP32 file stores its convolution weights as float16 (--fp32-weights float16:
 # 17 MB instead of 34, under the 20 MB a committed file may have; docs/prereg/2026-12-06f-*.md).
