@@ -39,6 +39,12 @@ class _Plan:
     leaves: list[tuple[onnx.NodeProto, str]] = field(default_factory=list)
     removed: list[onnx.NodeProto] = field(default_factory=list)
 
+    def add(self, other: _Plan) -> None:
+        """Take ``other``'s changes into this plan."""
+        self.layouts += other.layouts
+        self.leaves += other.leaves
+        self.removed += other.removed
+
 
 def fold_input_scaling(path: Path, mean: float, std: float) -> bool:
     """Rewrite the QDQ model at ``path`` in place; returns False (file untouched) when the
@@ -48,8 +54,10 @@ def fold_input_scaling(path: Path, mean: float, std: float) -> bool:
     ensemble, a member's input resized and rounded back to uint8) to float starts a tree of
     scaling and layout ops that must end, on every branch, in the dequantization of a
     convolution's input to be folded; a tree that does not (the float resize itself) stays as it
-    is. Layout ops on the way (tf2onnx's NHWC -> NCHW Reshape or Transpose) are kept and
-    replayed on the uint8 image; the scaling and re-quantization ops are removed.
+    is, but those of its branches from the ``Cast`` that do are folded (the member at the
+    graph's own side, beside the resize of the others). Layout ops on the way (tf2onnx's
+    NHWC -> NCHW Reshape or Transpose) are kept and replayed on the uint8 image; the scaling
+    and re-quantization ops are removed.
     Every such tree must apply the same ``(x - mean) / std``: the caller states it. Returns
     whether any was folded.
     """
@@ -72,9 +80,15 @@ def fold_input_scaling(path: Path, mean: float, std: float) -> bool:
     for cast in casts:
         tree = _Plan()
         if _walk(cast, cast.input[0], consumers, tree):
-            plan.layouts += tree.layouts
-            plan.leaves += tree.leaves
-            plan.removed += tree.removed
+            plan.add(tree)
+            continue
+        # a Cast shared by branches that fold and ones that do not (an ensemble member at the
+        # graph's side beside members whose input is resized in float): fold the former, and
+        # the Cast stays for the others
+        for user in consumers[cast.output[0]]:
+            branch = _Plan()
+            if _walk(user, cast.input[0], consumers, branch):
+                plan.add(branch)
     if not plan.leaves:
         return False
     scale = numpy_helper.from_array(np.array(1.0 / std, np.float32), "image_fold_scale")

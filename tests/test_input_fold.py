@@ -105,6 +105,59 @@ def _flip_ensemble_model(path) -> None:
     onnx.save(model, str(path))
 
 
+def _shared_cast_model(path) -> None:
+    """One Cast of the image read by two members: one scales it and convolves it (foldable),
+    the other pools it first (a float op, as the resize of a member at a smaller side), so
+    that its branch cannot fold; their outputs side by side."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(MEAN, np.float32), "mean"),
+        numpy_helper.from_array(np.array(1 / STD, np.float32), "inv_std"),
+        numpy_helper.from_array(np.array([-1, 1, 16, 16], np.int64), "nchw"),
+        numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["f", "mean"], ["c0"]),
+        helper.make_node("Mul", ["c0", "inv_std"], ["s0"]),
+        helper.make_node("Reshape", ["s0", "nchw"], ["x0"]),
+        helper.make_node("Conv", ["x0", "w0"], ["out0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["f", "nchw"], ["r1"]),
+        helper.make_node("AveragePool", ["r1"], ["x1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x1", "w1"], ["out1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["out0", "out1"], ["out"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_cast_shared_with_a_branch_that_cannot_fold_folds_the_branch_that_can(tmp_path):
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    _shared_cast_model(fp32)
+    images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    quantize_int8(fp32, int8, images, QuantConfig(float_convs=0))
+    before = _run(int8, images)
+
+    assert fold_input_scaling(int8, MEAN, STD)
+
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert "Sub" not in ops and ops.count("Cast") == 1, ops  # the pooled member keeps its Cast
+    after = _run(int8, images)
+    reference = _run(fp32, images)
+    assert after.shape == (8, 8, 16, 16)
+    np.testing.assert_array_equal(after[:, 4:], before[:, 4:])  # the other member is untouched
+    assert np.abs(after - reference).max() <= np.abs(before - reference).max() + 1e-6
+
+
 @pytest.mark.parametrize(
     ("build", "shape"),
     [
