@@ -318,8 +318,13 @@ def test_a_normal_summary_never_stands_beside_a_frame_that_shows_tissue_and_abst
     summary = summarize([normal, unsure, blank, unsure_benign])
     assert summary.most_suspicious is unsure_benign and summary.most_suspicious.abstained
     assert result_record(summary)["abstain_reason"].startswith("unfamiliar")
-    lesion = frame_result(3, "benign", 0.2)  # a finding stands, whatever abstained beside it
-    assert summarize([normal, unsure, lesion]).most_suspicious is lesion
+    lesion = frame_result(3, "benign", 0.2)  # a finding stands beside milder unsure frames
+    assert summarize([normal, unsure, unsure_benign, lesion]).most_suspicious is lesion
+    unsure_malignant = unsure_result(4, "malignant", 0.96)  # but never hides a worse one
+    summary = summarize([lesion, unsure_malignant, normal])
+    assert summary.most_suspicious is unsure_malignant and summary.most_suspicious.abstained
+    only_abstained = summarize([unsure, blank])  # the blank page has the higher P(malignant)
+    assert only_abstained.most_suspicious is unsure
 
 
 def test_a_file_whose_every_frame_abstained_has_an_abstained_summary():

@@ -227,6 +227,8 @@ def _region(region: int, label: str, malignant: float, *, abstained: bool = Fals
         # a normal region never reassures beside an unsure one, which may hold the lesion
         ([("normal", 0.01, False), ("benign", 0.2, True)], 1),
         ([("normal", 0.3, True), ("normal", 0.01, False)], 0),
+        ([("benign", 0.2, False), ("malignant", 0.6, True)], 1),  # nor benign beside malignant
+        ([("benign", 0.2, False), ("benign", 0.1, True)], 0),  # a milder unsure one: no doubt
         ([None, ("benign", 0.1, False)], 1),  # a failed region hides nothing
     ],
 )

@@ -7,10 +7,12 @@ then normal) among the frames that did not abstain, and among those the highest 
 highest confidence, for a model without a ``malignant`` class). Abstained frames (blank pages,
 frames that are not scans, unfamiliar ones) never decide a lesion finding: a file whose every
 classified frame abstained gets the most severe of them, abstained, so the summary abstains too.
-"Normal" is a claim about every frame, so it is never the answer where a frame that shows tissue
-abstained (unfamiliar, or unsure): that frame may hold the lesion the others do not show, so the
-most severe such frame answers, abstained. Frames that are not scans (blank, noise) show no
-tissue and never stand in the way of a normal answer.
+Nor does an abstained frame that shows tissue (unfamiliar, or unsure) go unseen: where the
+answered frames' call is normal, or milder than its own (benign beside an unsure malignant
+frame), it may hold the lesion or the cancer the others do not show, so the most severe such
+frame answers, abstained. Frames that are not scans (blank, noise) show no tissue and never
+count here; when every frame abstained, the most severe that shows tissue answers (any, if none
+does).
 :func:`with_summaries` adds a summary after each multi-frame file's results in a stream, which is
 how ``edge-classify`` and ``edge-classify watch`` write them.
 """
@@ -37,10 +39,10 @@ class FileSummary:
         failed_frames: how many of those are failures.
         most_suspicious: the frame whose answer is the file's: the most severe call among the
             frames that did not abstain (malignant, then other lesion classes, then normal), the
-            highest P(malignant) among those, the earliest on a tie; among abstained frames when
-            every classified frame abstained, or when that call is normal and a frame that shows
-            tissue (not :attr:`~Classification.not_a_scan`) abstained. None when no frame could
-            be classified.
+            highest P(malignant) among those, the earliest on a tie; the most severe abstained
+            frame that shows tissue (not :attr:`~Classification.not_a_scan`) where that call is
+            normal or milder than its own, or where every classified frame abstained (then any
+            abstained frame when none shows tissue). None when no frame could be classified.
         timing: the sum of the frames' timings.
         model_version: the model that answered the frames.
     """
@@ -136,8 +138,13 @@ def _answer(classified: Sequence[Classification]) -> Classification | None:
     answered = [result for result in classified if not result.abstained]
     finding = max(answered, key=_suspicion, default=None)
     unsure = [result for result in classified if result.abstained and not result.not_a_scan]
-    if finding is None or (finding.label == NORMAL_CLASS and unsure):
-        return max(unsure or classified, key=_suspicion, default=None)
+    worst_unsure = max(unsure, key=_suspicion, default=None)
+    if finding is None:
+        return worst_unsure or max(classified, key=_suspicion, default=None)
+    if worst_unsure is not None and (
+        finding.label == NORMAL_CLASS or _suspicion(worst_unsure)[0] > _suspicion(finding)[0]
+    ):
+        return worst_unsure
     return finding
 
 

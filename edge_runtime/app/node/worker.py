@@ -140,9 +140,9 @@ class _Job:
         result per region and no summary (``with_summaries`` summarizes frames): its regions
         are summarized here as a cine's frames are, so the most severe call that did not abstain
         decides (malignant, then benign, then normal); an abstained or failed region never hides
-        another region's finding, and a normal region never reassures beside one that shows
-        tissue and abstained (that one is reported, abstained). Otherwise the image's only
-        result.
+        another region's finding, and a normal or milder region never reassures beside one
+        that shows tissue and abstained (that one is reported, abstained). Otherwise the
+        image's only result.
         """
         if self.summary is not None:
             return self.summary.most_suspicious
