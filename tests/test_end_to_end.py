@@ -602,6 +602,28 @@ def test_one_backbone_at_two_input_sides_trains_two_members_and_a_graph_at_the_l
     assert train_main([*report, "--image-size", "32", "64"]) == 0
 
 
+def test_a_member_side_the_lesion_head_cannot_take_is_refused_before_any_member_trains(
+    tmp_path, capsys, monkeypatch
+):
+    """With masks in DATA the lesion head is on: a member at a side it cannot take is named
+    before the first member trains (it was found when that member's turn came)."""
+    from training import ensemble
+    from training.cli import main as train_main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a member's training started")
+
+    monkeypatch.setattr(ensemble, "_train_members", started)
+    data = write_synthetic_dataset(tmp_path / "data", per_class=4, seed=5, masks=True)
+    argv = [str(data), "--output", str(tmp_path / "run"), "--backbone", "small-cnn", "small-cnn"]
+    argv += ["--weights", "none", "--image-size", "32", "40"]
+
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "member 2 (small-cnn at 40 px): input side 40 cannot carry the lesion head" in err
+    assert "one side per member" in err
+
+
 def test_data_that_is_no_dataset_is_named_once_before_any_member_starts(
     tmp_path, capsys, monkeypatch
 ):

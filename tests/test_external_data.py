@@ -162,6 +162,10 @@ def test_a_missing_piece_is_named_with_its_model(tmp_path):
         open_model(path)
     with pytest.raises(FileNotFoundError, match=message):
         model_sha256(path)
+    for piece in pieces:
+        piece.unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"data1, m-fp32.onnx.data2 are missing"):
+        open_model(path)
 
 
 def test_a_location_outside_the_models_folder_is_refused(tmp_path):

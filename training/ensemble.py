@@ -245,7 +245,7 @@ def train_ensemble(
             training has ended.
     """
     from training.data.datasets import discover_all
-    from training.run import report_saved
+    from training.run import report_saved, segmentation_wanted
 
     sizes = [config.input_size] * len(backbones) if input_sizes is None else input_sizes
     members = [
@@ -259,7 +259,9 @@ def train_ensemble(
     ]
     if report_only:
         _check_reportable(config.output, [m.output for m in members])
-    discover_all(config.data)  # a data error named once, before any member's process starts
+    samples = discover_all(config.data).samples  # a data error named once, before any member
+    if not report_only and segmentation_wanted(config.segmentation, samples):
+        _check_lesion_sides(members)  # before any member trains, not after the first
     folders, pending = [], []
     for k, member in enumerate(members):
         folder = member.output
@@ -275,6 +277,25 @@ def train_ensemble(
     _train_members(pending, jobs, quiet)
     log.info("combining %d members into one graph: %s", len(folders), config.output)
     return build_ensemble_run(config, folders, mirror=False, lesion_from=lesion_from)
+
+
+def _check_lesion_sides(members: Sequence[TrainConfig]) -> None:
+    """Refuse a member whose input side cannot carry the lesion head, naming it.
+
+    Raises:
+        ValueError: as :func:`~training.model.backbones.check_lesion_input_size`, prefixed with
+            the member.
+    """
+    from training.model.backbones import check_lesion_input_size
+
+    for k, member in enumerate(members):
+        try:
+            check_lesion_input_size(member.backbone, member.input_size)
+        except ValueError as exc:
+            raise ValueError(
+                f"member {k + 1} ({member.backbone.value} at {member.input_size} px): {exc} "
+                "(--image-size gives one side per member, in --backbone's order)"
+            ) from None
 
 
 def has_trained_model(run: Path) -> bool:

@@ -49,7 +49,8 @@ def require_external_data(model_path: Path) -> list[Path]:
     if missing:
         raise FileNotFoundError(
             f"{model_path}: its weights lie in {len(files)} external-data file(s) beside it "
-            f"({', '.join(p.name for p in files)}), and {', '.join(missing)} is missing. Copy "
-            "the model file together with every one of them."
+            f"({', '.join(p.name for p in files)}), and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing. Copy the model file together with "
+            "every one of them."
         )
     return files
