@@ -394,9 +394,9 @@ LITE0_LITE2 = ["--backbone", "efficientnet-lite0", "efficientnet-lite1"]
     ("options", "message"),
     [
         (["--backbone", "small-cnn", "small-cnn"], "--backbone names a backbone twice at one "
-         "--image-size (small-cnn small-cnn): the members would be the same model"),
-        (["--backbone", "small-cnn", "small-cnn", "--image-size", "64", "64"], "--backbone "
-         "names a backbone twice at one --image-size"),
+         "--image-size: members 1 and 2 are both small-cnn at 160 px, so they would be the same"),
+        (["--backbone", "small-cnn", "small-cnn", "small-cnn", "--image-size", "32", "64", "32"],
+         "members 1 and 3 are both small-cnn at 32 px"),
         ([*LITE0_LITE2, "--image-size", "160", "160", "256"], "--image-size takes one side for "
          "every member or one per --backbone (2 named). Got 3 sides instead."),
         ([*LITE0_LITE2, "--image-size", "160", "8"], "--image-size must be 16 to 4096: the "

@@ -460,10 +460,13 @@ def _check_members(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     args.image_size = max(args.member_sizes)  # the graph's input side
     members = list(zip(args.backbone, args.member_sizes, strict=True))
     if len(set(members)) < count:
-        twice = " ".join(args.backbone)
+        later = next(k for k in range(count) if members[k] in members[:k])
+        first = members.index(members[later])
+        backbone, side = members[later]
         parser.error(
-            f"--backbone names a backbone twice at one --image-size ({twice}): the members "
-            "would be the same model; name each once, or give each its own side"
+            f"--backbone names a backbone twice at one --image-size: members {first + 1} and "
+            f"{later + 1} are both {backbone} at {side} px, so they would be the same model; "
+            "name each once, or give each its own side"
         )
     lesion = args.lesion_from
     if len(set(lesion)) < len(lesion) or not all(1 <= k <= count for k in lesion):
