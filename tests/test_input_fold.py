@@ -16,6 +16,20 @@ from export.quantize import QuantConfig, quantize_int8
 MEAN, STD = 127.0, 128.0
 
 
+def _save(path, nodes, inits, *, out_channels: int) -> None:
+    """Save a graph from the uint8 16 x 16 image to ``out`` ``[N, out_channels, 16, 16]``."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, out_channels, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
 def _scaled_conv_model(path) -> None:
     """uint8 NHWC image -> (x - 127) / 128 -> Reshape to NCHW -> 3x3 conv (pads) -> output."""
     rng = np.random.default_rng(0)
@@ -33,16 +47,7 @@ def _scaled_conv_model(path) -> None:
         helper.make_node("Reshape", ["scaled", "nchw"], ["x"]),
         helper.make_node("Conv", ["x", "w"], ["out"], pads=[1, 1, 1, 1]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4, 16, 16])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    _save(path, nodes, inits, out_channels=4)
 
 
 def _run(path, images):
@@ -93,16 +98,7 @@ def _flip_ensemble_model(path) -> None:
             helper.make_node("Conv", [f"x{m}", f"w{m}"], [f"out{m}"], pads=[1, 1, 1, 1]),
         ]
     nodes.append(helper.make_node("Concat", ["out0", "out1"], ["out"], axis=1))
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8, 16, 16])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    _save(path, nodes, inits, out_channels=8)
 
 
 def _shared_cast_model(path) -> None:
@@ -128,16 +124,7 @@ def _shared_cast_model(path) -> None:
         helper.make_node("Conv", ["x1", "w1"], ["out1"], pads=[1, 1, 1, 1]),
         helper.make_node("Concat", ["out0", "out1"], ["out"], axis=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, 16, 16, 1])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8, 16, 16])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    _save(path, nodes, inits, out_channels=8)
 
 
 def test_a_cast_shared_with_a_branch_that_cannot_fold_folds_the_branch_that_can(tmp_path):
