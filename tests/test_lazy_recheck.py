@@ -50,6 +50,25 @@ def test_a_mismatched_partner_fails_at_start_before_any_scan(tmp_path):
         Classifier.from_path(path, provider=Provider.CPU)
 
 
+def test_a_partner_that_does_not_match_its_card_fails_at_start_whatever_the_scans(tmp_path):
+    """A damaged partner was found at the first scan INT8 was unsure of: a run of confident
+    scans exited 0, one with an unsure scan stopped midway. Now both fail at start."""
+    import json
+
+    from edge_runtime.model.card import card_path_for, file_sha256
+
+    sure = _pair(tmp_path, margin=1e-9)  # no scan would be rechecked
+    partner = tmp_path / "m-fp32.onnx"
+    files = {sure.name: {"sha256": file_sha256(sure)}, partner.name: {"sha256": "0" * 64}}
+    card_path_for(sure).write_text(json.dumps({"files": files}))
+    with pytest.raises(ContractError, match=r"m-fp32.onnx: SHA-256 .* --no-recheck"):
+        Classifier.from_path(sure, provider=Provider.CPU)
+    files[partner.name]["sha256"] = file_sha256(partner)
+    card_path_for(sure).write_text(json.dumps({"files": files}))
+    with Classifier.from_path(sure, provider=Provider.CPU) as clf:
+        assert clf.recheck_model_path == partner
+
+
 def test_the_partner_is_checked_without_reading_its_unfamiliar_statistics():
     """The unfamiliar score is the INT8 model's: the bundled FP32 partner's statistics (tens of
     KB of JSON) are left unread at start, and read when its session opens."""

@@ -22,6 +22,7 @@ from edge_runtime.model.card import (
     model_digest,
     model_hashes,
     require_listed_hashes,
+    verify_against_card,
 )
 from edge_runtime.model.contract import (
     INPUT_NAME,
@@ -287,8 +288,10 @@ def open_recheck_model(
     Raises:
         FileNotFoundError: that FP32 model, or an external-data file it names, is not beside
             ``model``.
-        ContractError: it is not an edge-classify model, or not the FP32 model ``model`` was
-            quantized from.
+        ContractError: it is not an edge-classify model, not the FP32 model ``model`` was
+            quantized from, or it or an external-data file of it does not match the SHA-256
+            the model card beside it lists (checked now, about 20 ms for the bundled partner,
+            so that a damaged partner fails every run alike, not the first that rechecks).
         MetadataError: its graph is not readable ONNX.
     """
     spec = model.spec
@@ -308,6 +311,13 @@ def open_recheck_model(
     except (OSError, MetadataError) as exc:
         raise ContractError(f"{path}: not an ONNX model ({exc})") from exc
     require_external_data(path)  # a missing one is named now, not at the first recheck
+    try:  # and a damaged file, whatever the scans
+        verify_against_card(path)
+    except ContractError as exc:
+        raise ContractError(
+            f"{exc} (the FP32 partner of {model.path.name}; or run the INT8 model alone with "
+            "--no-recheck, whose agreement with FP32 is in the model card)"
+        ) from exc
     # the partner's unfamiliar-scan statistics are not read here: the score is the INT8 model's
     # (up to 200 KB of JSON, a few ms of every cold start); open_model reads them on first use
     metadata.pop(KEY_UNFAMILIAR, None)
