@@ -648,8 +648,11 @@ def test_data_that_is_no_dataset_is_named_once_before_any_member_starts(
 def test_a_member_that_fails_beside_another_loses_nothing_of_the_other_s_training(tmp_path):
     """At 80 px the lesion head fits small-cnn (stride 16) and not EfficientNet-Lite0 (32):
     trained side by side, the first finishes and is recorded, then the second's error is
-    raised. (edge-train refuses that side before anything loads; this calls the training.)"""
-    from training.ensemble import train_ensemble
+    raised. (edge-train and train_ensemble refuse that side before any member starts; this
+    calls the members' training itself.)"""
+    import dataclasses
+
+    from training.ensemble import _train_members
     from training.fit import FitConfig
     from training.model.backbones import Backbone
     from training.run import TrainConfig
@@ -663,10 +666,13 @@ def test_a_member_that_fails_beside_another_loses_nothing_of_the_other_s_trainin
         segmentation=True,
         fit=FitConfig(epochs_frozen=0, epochs_finetune=1),
     )
-    members = [Backbone.SMALL_CNN, Backbone.EFFICIENTNET_LITE0]
+    members = [
+        dataclasses.replace(config, output=config.output / "members" / f"{k}-{b.value}", backbone=b)
+        for k, b in enumerate([Backbone.SMALL_CNN, Backbone.EFFICIENTNET_LITE0], start=1)
+    ]
 
     with pytest.raises(ValueError, match="input side 80 cannot carry the lesion head on "):
-        train_ensemble(config, members, lesion_from=[0], jobs=2)
+        _train_members(members, jobs=2, quiet=True)
 
     assert (tmp_path / "run" / "members" / "1-small-cnn" / "member.json").is_file()
     assert not (tmp_path / "run" / "members" / "2-efficientnet-lite0" / "member.json").exists()
