@@ -231,10 +231,11 @@ def test_connections_that_send_no_association_request_are_dropped_and_logged_in_
     """The trial: 20 TCP connections that sent nothing took every association place, and a real
     echoscu was rejected ("Local Limit Exceeded") while they stayed open: 60 s for a silent one,
     for ever for one that sent the first bytes of a PDU; nothing was logged. Now each has the
-    associate timeout (the ARTIM timer; 3 s here) to send its A-ASSOCIATE-RQ: then it is closed
+    associate timeout (the ARTIM timer; 8 s here) to send its A-ASSOCIATE-RQ: then it is closed
     with one log line naming it, and the scanner gets through, the connections still open at
-    their end."""
-    timeout_s = 3.0
+    their end. (At 3 s, CI's loaded 2 cores once took longer than the timer to start echoscu, so
+    the held places were freed before it asked and it was answered, not rejected.)"""
+    timeout_s = 8.0
     with (
         caplog.at_level("WARNING", logger="edge_runtime"),
         running_node(
@@ -260,7 +261,7 @@ def test_connections_that_send_no_association_request_are_dropped_and_logged_in_
     for number in ports:
         lines = [m for m in caplog.messages if f"connection from 127.0.0.1:{number} " in m]
         assert len(lines) == 1, (number, lines)
-        assert "dropped: no A-ASSOCIATE-RQ within 3 s" in lines[0]
+        assert f"dropped: no A-ASSOCIATE-RQ within {timeout_s:g} s" in lines[0]
     rejected = [m for m in caplog.messages if "rejected association from US-ROOM1@127.0.0.1" in m]
     assert rejected and "at most 16 (local limit exceeded)" in rejected[0]
 
