@@ -11,9 +11,11 @@
 #   RUN_DIR/v4/members/. Seed 0 unless SEED is set in the environment.
 # The two members train side by side, a process each (edge-train's --jobs 2; their logs are in
 # RUN_DIR/v4/members/*/train.log).
-# Resumable: edge-train keeps a member whose training finished with the same options, and a step
+# Resumable: edge-train keeps a member whose training finished with the same options, and in a
+# member in progress each protocol fold finished with the same options, data and split; a step
 # whose output is complete (the graph's protocol.json and model.keras, the exported
-# default-int8.onnx) is not run again, so a stopped run loses at most the members in progress.
+# default-int8.onnx) is not run again, so a stopped run loses at most the fold (or final model)
+# each member had in progress.
 # Time on 2 cores: see docs/default-model.md. Deterministic on one kind of CPU: a retrain of seed 0
 # on a fresh AMD EPYC host reproduced every criterion value of the protocol and the test split; on
 # an Intel Xeon host the numbers move within the run-to-run spread (0.02; docs/default-model.md).

@@ -718,3 +718,42 @@ def test_several_backbones_with_the_scanner_protocol_alone_combine_every_fold(tm
     folds = sorted(p.name for p in (run / "scanners").iterdir() if (p / "model.keras").is_file())
     assert len(folds) == 2
     assert "Scanner-held-out protocol" in capsys.readouterr().out
+
+
+def test_a_rerun_keeps_the_folds_a_stopped_run_finished_and_trains_the_rest_alike(tmp_path, caplog):
+    """A 3-4 h protocol run on 2 cores stopped in its last fold lost every fold before it: the
+    rerun started over. Now a fold finished with the same options, data and split is kept; the
+    folds and the final model trained again equal those of the uninterrupted run; other options
+    train every fold again."""
+    from training.cli import main as train_main
+
+    sites = [write_synthetic_dataset(tmp_path / s, per_class=8, seed=k) for k, s in enumerate("ab")]
+    run = tmp_path / "run"
+    argv = [*map(str, sites), "--output", str(run), "--backbone", "small-cnn", "--weights", "none"]
+    argv += ["--image-size", "32", "--frozen-epochs", "0", "--epochs", "1", "--leave-scanner-out"]
+
+    assert train_main(argv) == 0
+
+    first, last = sorted(p for p in (run / "scanners").iterdir())
+    stages = [first, last, run]
+    predicted = {p: (p / "predictions.csv").read_text() for p in stages}
+    protocol = (run / "protocol.json").read_text()
+    first_model = (first / "model.keras").stat().st_mtime_ns
+    (last / "fold.json").unlink()  # stopped while the last fold trained: no record yet
+    (last / "model.keras").unlink()
+    (run / "run.json").unlink()  # nor a final model
+    with caplog.at_level("INFO", logger="training.run"):
+        assert train_main(argv) == 0
+
+    assert f"{first}: kept, finished by an earlier run" in caplog.text
+    assert f"{last}: kept" not in caplog.text
+    assert (first / "model.keras").stat().st_mtime_ns == first_model
+    assert {p: (p / "predictions.csv").read_text() for p in stages} == predicted
+    assert (run / "protocol.json").read_text() == protocol
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="training.run"):
+        assert train_main([*argv, "--seed", "1", "--cv-only"]) == 0
+    assert "kept, finished by an earlier run" not in caplog.text
+    for fold in (first, last):
+        assert json.loads((fold / "fold.json").read_text())["options"]["seed"] == 1

@@ -42,6 +42,7 @@ from training.runfolder import (
     RUN_FILE,
     SPLIT_FILE,
     RunInfo,
+    training_options,
 )
 
 if TYPE_CHECKING:
@@ -223,8 +224,9 @@ def train_ensemble(
     ``config.output`` (:func:`build_ensemble_run`, no flips) at ``config.input_size``.
 
     A member whose training finished with the same options (its ``member.json`` records them,
-    data paths resolved) and whose models are all there is kept, so a stopped run loses at most
-    the members in progress; the log says why any other member is trained. ``report_only``
+    data paths resolved) and whose models are all there is kept, and a member in progress keeps
+    its finished folds (:func:`training.run.train`), so a stopped run loses at most the fold in
+    progress of each; the log says why any other member is trained. ``report_only``
     trains nothing: it reports again on the members and on the graph.
 
     Args:
@@ -383,26 +385,8 @@ def _train_member_apart(output: Path, pickled: bytes, quiet: bool) -> None:
         member = pickle.loads(pickled)
         (member.output / MEMBER_RECORD).unlink(missing_ok=True)
         train(member)
-        (member.output / MEMBER_RECORD).write_text(json.dumps(_options(member), indent=1) + "\n")
-
-
-def _options(member: TrainConfig) -> dict[str, object]:
-    """What decides a member's models, flattened (``fit.augment.clutter``), as JSON values: its
-    training config without the output folder, with the data paths resolved."""
-    resolved = dataclasses.replace(member, data=tuple(Path(d).resolve() for d in member.data))
-    options = json.loads(json.dumps(dataclasses.asdict(resolved), default=str))
-    del options["output"]
-
-    def flat(values: dict, prefix: str = "") -> dict[str, object]:
-        out: dict[str, object] = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                out |= flat(value, f"{prefix}{key}.")
-            else:
-                out[prefix + key] = value
-        return out
-
-    return flat(options)
+        record = json.dumps(training_options(member), indent=1)
+        (member.output / MEMBER_RECORD).write_text(record + "\n")
 
 
 def _why_train(member: TrainConfig) -> str | None:
@@ -414,7 +398,7 @@ def _why_train(member: TrainConfig) -> str | None:
         recorded = json.loads(record.read_text())
     except ValueError:
         return f"{MEMBER_RECORD} is unreadable"
-    wanted = _options(member)
+    wanted = training_options(member)
     changed = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
     if changed:
         return "trained with other options: " + ", ".join(changed)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -65,6 +67,7 @@ from training.model.int8_grid import snap_to_int8_grid
 from training.model.segmentation import LESION_STRIDE, LESION_THRESHOLD, load_masks
 from training.runfolder import (
     CV_METRICS_FILE,
+    FOLD_RECORD,
     HISTORY_FILE,
     LESION_FILE,
     METRICS_FILE,
@@ -78,6 +81,7 @@ from training.runfolder import (
     SPLIT_FILE,
     HeldOutPredictions,
     RunInfo,
+    training_options,
 )
 
 log = logging.getLogger(__name__)
@@ -191,10 +195,12 @@ def _as_recorded(data: _Prepared, folder: Path) -> _Prepared:
 
 def train(config: TrainConfig) -> RunInfo | None:
     """Run the whole pipeline and write the run folder; returns what was written to run.json
-    (None when only cross-validation was asked for: ``final_model=False``)."""
+    (None when only cross-validation was asked for: ``final_model=False``). An earlier run's
+    results in the folder are removed first, except the folds it finished with the same options,
+    data and split: those are kept (:func:`_train_fold`)."""
     start = time.perf_counter()
     config.output.mkdir(parents=True, exist_ok=True)
-    _clear_previous_results(config.output)
+    _clear_previous_results(config.output, training_options(config))
     data = _prepare(config)
     # every split the run trains on, each checked before the first model trains
     folds = _fold_splits(config, data) if config.folds > 1 else []
@@ -209,6 +215,11 @@ def train(config: TrainConfig) -> RunInfo | None:
             test_fraction=config.test_fraction,
             what="DATA",
         )
+    _remove_unplanned_folds(
+        config.output,
+        [config.output / "cv" / f"fold{k}" for k in range(len(folds))]
+        + [config.output / "scanners" / _folder_name(s) for s in scanners],
+    )
     if folds:
         _cross_validate(config, data, folds)
     if scanners:
@@ -240,23 +251,27 @@ PREVIOUS_RESULTS = (
     "cv",
     "scanners",
 )
+FOLD_PARENTS = ("cv", "scanners")  # the folders that hold a run's folds, one sub-folder each
 
 
-def _clear_previous_results(folder: Path) -> None:
+def _clear_previous_results(folder: Path, options: dict[str, object] | None = None) -> None:
     """Remove what an earlier run left in ``folder`` (:data:`PREVIOUS_RESULTS`), so that this
     run's results are never mixed with another's: a stopped or failed run leaves no run behind
     for ``edge-export`` to publish, and a run without ``--folds`` no cross-validation of
-    another's in its card."""
-    import shutil
-
+    another's in its card. The one exception: a fold (``cv/*``, ``scanners/*``) that a run with
+    these ``options`` (:func:`~training.runfolder.training_options`) finished is left for
+    :func:`_train_fold` to keep, if its data and split are this run's too."""
     removed = []
     for name in PREVIOUS_RESULTS:
         path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
+        if name in FOLD_PARENTS and options is not None and path.is_dir():
+            stale = [f for f in path.iterdir() if _fold_record(f).get("options") != options]
+            if len(stale) < len(list(path.iterdir())):
+                for fold in stale:
+                    _remove(fold)
+                removed += [f"{name}/{fold.name}" for fold in stale]
+                continue
+        if not _remove(path):
             continue
         removed.append(name)
     if removed:
@@ -269,6 +284,67 @@ def _clear_previous_results(folder: Path) -> None:
             folder,
             export,
         )
+
+
+def _remove(path: Path) -> bool:
+    """Remove a file, link or folder tree; False when there was nothing."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    else:
+        return False
+    return True
+
+
+def _remove_unplanned_folds(folder: Path, planned: Sequence[Path]) -> None:
+    """Remove the folds an earlier run with the same options kept that this run does not train
+    (its data gave another set of scanners or folds), so that no report reads them."""
+    for parent in FOLD_PARENTS:
+        if (folder / parent).is_dir():
+            for fold in sorted((folder / parent).iterdir()):
+                if fold not in planned and _remove(fold):
+                    log.info("%s: removed, not a fold of this run", fold)
+
+
+def _fold_record(fold_dir: Path) -> dict:
+    """``fold_dir``'s :data:`~training.runfolder.FOLD_RECORD`, or {} without a readable one."""
+    try:
+        record = json.loads((fold_dir / FOLD_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _train_fold(
+    config: TrainConfig, data: _Prepared, splits: np.ndarray, fold_dir: Path
+) -> RunInfo:
+    """Train and report on one protocol or cross-validation fold in ``fold_dir``; or keep the
+    fold an earlier run finished there with the same options, data and split, so that a stopped
+    run loses at most the fold in progress. Every fold's model is the same whatever ran before
+    it (:func:`_train_and_report` seeds each), so a kept fold is the one this run would train."""
+    record = {
+        "options": training_options(config),
+        "data_fingerprint": data.fingerprint,
+        "split_sha256": _split_sha256(data, splits),
+    }
+    finished = all((fold_dir / name).is_file() for name in (MODEL_FILE, RUN_FILE, SPLIT_FILE))
+    if finished and _fold_record(fold_dir) == record:
+        log.info("%s: kept, finished by an earlier run with these options and data", fold_dir)
+        return RunInfo.read(fold_dir)
+    _remove(fold_dir)
+    fold_dir.mkdir(parents=True)
+    _write_split(fold_dir / SPLIT_FILE, data, splits)
+    info = _train_and_report(config, data, splits, fold_dir)
+    (fold_dir / FOLD_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return info
+
+
+def _split_sha256(data: _Prepared, splits: np.ndarray) -> str:
+    """A SHA-256 over each scan's path and its part (train, val, test, excluded); the data
+    fingerprint covers their contents."""
+    rows = "\n".join(f"{s.path}\t{part}" for s, part in zip(data.samples, splits, strict=True))
+    return hashlib.sha256(rows.encode()).hexdigest()
 
 
 def _prepare(config: TrainConfig, *, training: bool = True) -> _Prepared:
@@ -797,15 +873,13 @@ def _cross_validate(config: TrainConfig, data: _Prepared, plans: Sequence[np.nda
     results, by_source = [], []
     for k, splits in enumerate(plans):
         fold_dir = config.output / "cv" / f"fold{k}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        _write_split(fold_dir / SPLIT_FILE, data, splits)
         log.info(
             "cross-validation %s (%d of %d)",
             fold_dir.relative_to(config.output),
             k + 1,
             config.folds,
         )
-        results.append(_train_and_report(config, data, splits, fold_dir).test_metrics)
+        results.append(_train_fold(config, data, splits, fold_dir).test_metrics)
         by_source.append(json.loads((fold_dir / SOURCE_METRICS_FILE).read_text()))
     report = cross_validation_report(
         results,
@@ -926,15 +1000,13 @@ def _leave_scanners_out(config: TrainConfig, data: _Prepared, plans: dict[str, n
     folds = {}
     for scanner, splits in plans.items():
         fold_dir = config.output / "scanners" / _folder_name(scanner)
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        _write_split(fold_dir / SPLIT_FILE, data, splits)
         log.info(
             "leave %s out: %d test scans, %d train/val scans",
             scanner,
             np.sum(splits == "test"),
             np.sum(np.isin(splits, ("train", "val"))),
         )
-        _train_and_report(config, data, splits, fold_dir)
+        _train_fold(config, data, splits, fold_dir)
         folds[scanner] = fold_dir
     report = write_report(config.output, folds)
     log.info("scanner-held-out protocol:\n%s", markdown_table(report))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,29 @@ PROTOCOL_FILE = "protocol.json"  # the scanner-held-out protocol (training.evalu
 PROTOCOL_TABLE = "protocol.md"
 PLOTS_DIR = "plots"
 LOG_FILE = "train.log"  # everything edge-train logged, TensorFlow's messages included
+# a protocol or cross-validation fold's record of what trained it, written once it has finished:
+# a rerun with the same options, data and split keeps the fold (training.run)
+FOLD_RECORD = "fold.json"
+
+
+def training_options(config: Any) -> dict[str, object]:
+    """What decides a run's models, flattened (``fit.augment.clutter``), as JSON values: its
+    training config (a :class:`training.run.TrainConfig`) without the output folder, with the
+    data paths resolved."""
+    resolved = dataclasses.replace(config, data=tuple(Path(d).resolve() for d in config.data))
+    options = json.loads(json.dumps(dataclasses.asdict(resolved), default=str))
+    del options["output"]
+
+    def flat(values: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+        return out
+
+    return flat(options)
 
 
 @dataclass(frozen=True)
