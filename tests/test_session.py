@@ -89,6 +89,17 @@ def test_int8_saturation_is_read_from_the_cpu_flags(tmp_path, flags, saturates):
     assert int8_saturates(tmp_path / "missing") is False
 
 
+def test_the_cpu_vendor_is_the_first_vendor_id_of_cpuinfo(tmp_path):
+    from edge_runtime.model.cpu import cpu_vendor
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu\n" * 2)
+    assert cpu_vendor(cpuinfo) == "GenuineIntel"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # ARM: no vendor_id
+    assert cpu_vendor(cpuinfo) == ""
+    assert cpu_vendor(tmp_path / "missing") == ""
+
+
 def test_bundled_default_follows_the_provider_that_actually_runs_it(monkeypatch):
     # CUDA is asked for first, but the session starts on the CPU (as when the GPU or its
     # libraries are missing): the FP32 model chosen for CUDA is swapped for INT8.

@@ -27,3 +27,13 @@ def int8_saturates(cpuinfo: Path = CPUINFO) -> bool:
     if " avx2" not in flags:
         return False
     return not any(flag in flags for flag in VNNI_FLAGS)
+
+
+def cpu_vendor(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's maker as ``/proc/cpuinfo``'s first ``vendor_id`` names it (``GenuineIntel``,
+    ``AuthenticAMD``); "" where there is none to read (not Linux, or not x86)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("vendor_id")), "")
