@@ -173,6 +173,8 @@ class Classification:
         image: the decoded uint8 ``[h, w]`` image that was classified (a tissue region's crop
             of the frame, at ``origin``), with ``heatmaps=True``.
         model_version: the ``model_version`` of the model that answered (its metadata).
+        model_sha256: the hex SHA-256 of the model that answered (:attr:`Classifier.model_sha256`):
+            unlike ``model_version``, it tells any two models apart.
         lesion_mask: uint8 ``[H, W]`` at the whole frame's size (255 inside the lesion, 0
             outside), with ``masks=True`` or ``heatmaps=True`` (whose overlays outline it) and a
             model with a lesion output.
@@ -193,6 +195,7 @@ class Classification:
     pixel_spacing_mm: tuple[float, float] | None = None
     origin: tuple[int, int] = (0, 0)
     model_version: str | None = None
+    model_sha256: str | None = None
     lesion: Lesion | None = None
     unfamiliar: bool = False
     not_a_scan: bool = False
@@ -215,6 +218,7 @@ class Failure:
         region: the tissue region of a dual view it failed at; None for one.
         model_version: the ``model_version`` of the model it was given to (None where no model
             was involved).
+        model_sha256: that model's hex SHA-256 (:attr:`Classifier.model_sha256`; None likewise).
     """
 
     ok: ClassVar[Literal[False]] = False
@@ -225,6 +229,7 @@ class Failure:
     frame: int | None = None
     region: int | None = None
     model_version: str | None = None
+    model_sha256: str | None = None
 
 
 Result: TypeAlias = Classification | Failure
@@ -409,6 +414,12 @@ class Classifier:
     @property
     def model_path(self) -> Path:
         return self._model.path
+
+    @property
+    def model_sha256(self) -> str:
+        """Hex SHA-256 of the model's content, as checked against its card when loaded
+        (:func:`~edge_runtime.model.card.model_digest`; the FP32 recheck model not included)."""
+        return self._model.sha256
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -659,6 +670,7 @@ class Classifier:
                     pixel_spacing_mm=item.pixel_spacing_mm,
                     origin=item.origin,
                     model_version=spec.model_version,
+                    model_sha256=self._model.sha256,
                     lesion=lesion,
                     unfamiliar=bool(unfamiliar[row]),
                     not_a_scan=item.not_a_scan is not None,
@@ -726,6 +738,7 @@ class Classifier:
             frame=item.frame,
             region=item.region,
             model_version=self._model.spec.model_version,
+            model_sha256=self._model.sha256,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -32,6 +33,7 @@ RECORD_KEYS = {
     "error",
     "elapsed_ms",
     "model_version",
+    "model_sha256",
 }
 
 
@@ -86,6 +88,24 @@ def test_one_broken_file_exits_1_and_the_good_ones_are_still_classified(tmp_path
     assert records[str(broken)]["label"] is None
     assert isinstance(records[str(broken)]["error"], str) and records[str(broken)]["error"]
     assert "Traceback" not in err and "1 failed" in err
+
+
+def test_every_record_names_the_model_by_its_sha256_where_versions_are_alike(tmp_path, model):
+    """Two models with the same model_version: each record, a failure's too, carries the SHA-256
+    of the file that answered it, so a result can be traced to the exact model."""
+    other = make_contract_model(tmp_path / "other.onnx", seed=1)
+    scans = tmp_path / "scans"
+    write_scan(scans / "a.png")
+    (scans / "broken.png").write_bytes(b"not a png")
+    for path in (model, other):
+        status, out, err = run(scans, "--model", path, "--format", "csv")
+        assert status == ExitStatus.PARTIAL, err
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert {row["error"] != "" for row in rows} == {True, False}
+        wanted = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert [row["model_sha256"] for row in rows] == [wanted, wanted]
+        assert rows[0]["model_version"] == "0"
+    assert model.read_bytes() != other.read_bytes()
 
 
 def test_a_missing_input_among_good_ones_exits_1(tmp_path, model):

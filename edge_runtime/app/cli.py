@@ -598,10 +598,12 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
             classifier.spec.class_names,
             lesion=classifier.spec.has_lesion,
         )
-        version = classifier.spec.model_version
+        model = {
+            "model_version": classifier.spec.model_version,
+            "model_sha256": classifier.model_sha256,
+        }
         missing = [  # every input accounted for in the output too, where it was named
-            (place, Failure(source=item, error=reason, model_version=version))
-            for place, item, reason in problems
+            (place, Failure(source=item, error=reason, **model)) for place, item, reason in problems
         ]
         results = None
         if args.engine == "ray":

@@ -64,6 +64,7 @@ def result_record(result: Result | FileSummary) -> dict[str, Any]:
         "error": result.error,
         "elapsed_ms": round(result.timing.total_ms, 3),
         "model_version": result.model_version,
+        "model_sha256": result.model_sha256,
     }
     if isinstance(result, FileSummary):
         record["frame"] = None if answer is None else answer.frame
@@ -147,6 +148,7 @@ class ResultWriter:
                 *SUMMARY_FIELDS,
                 "region",
                 "model_version",
+                "model_sha256",
             ]
             self._csv.writerow(map(_csv_cell, header))  # class names come from the model
         elif fmt is OutputFormat.TABLE:
@@ -176,6 +178,7 @@ class ResultWriter:
                 *(record.get(name) for name in SUMMARY_FIELDS),
                 record.get("region"),
                 record["model_version"],
+                record["model_sha256"],
             ]
             self._csv.writerow(map(_csv_cell, row))
         else:

@@ -185,8 +185,13 @@ def _in_input_order(
             got = next(stream, None)
             if got is None:
                 reason = "was not returned by the Ray workers (it vanished before it was read?)"
-                version = classifier.spec.model_version
-                pending[key].append([Failure(source=name, error=reason, model_version=version)])
+                failure = Failure(
+                    source=name,
+                    error=reason,
+                    model_version=classifier.spec.model_version,
+                    model_sha256=classifier.model_sha256,
+                )
+                pending[key].append([failure])
                 break
             pending[got[0]].append(got[1])
         for result in pending[key].popleft():  # one entry per input: exactly one record each
@@ -259,7 +264,16 @@ class _ClassifyWorker:
         out = []
         for path, item in zip(paths, decoded, strict=True):
             if isinstance(item, Failure):
-                out.append([replace(item, model_version=self._classifier.spec.model_version)])
+                model = self._classifier
+                out.append(
+                    [
+                        replace(
+                            item,
+                            model_version=model.spec.model_version,
+                            model_sha256=model.model_sha256,
+                        )
+                    ]
+                )
                 continue
             multi = len(item) > 1
             out.append(

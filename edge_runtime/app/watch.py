@@ -445,7 +445,7 @@ class Watcher:
             stat = _stat_or_none(folder)
             held = self._failed.get(key)
             if held is None or held.stat != stat:
-                failure = Failure(source=folder, error=reason, model_version=self._model_version)
+                failure = Failure(source=folder, error=reason, **self._model_fields)
                 self._failed[key] = _Held(stat, [failure], now)
                 self._folders.add(key)
             elif now - held.since >= self._options.hold_s:
@@ -470,9 +470,14 @@ class Watcher:
         return sorted(ready), waiting
 
     @property
-    def _model_version(self) -> str | None:
+    def _model_fields(self) -> dict[str, str | None]:
+        """``model_version`` and ``model_sha256`` of the classifier's model (None each where the
+        classifier does not say)."""
         spec = getattr(self._classifier, "spec", None)
-        return getattr(spec, "model_version", None)
+        return {
+            "model_version": getattr(spec, "model_version", None),
+            "model_sha256": getattr(self._classifier, "model_sha256", None),
+        }
 
     def _process(self, batch: list[tuple[str, _Stat]]) -> None:
         by_path: dict[str, list[Result]] = {path: [] for path, _ in batch}

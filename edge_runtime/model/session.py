@@ -69,12 +69,15 @@ _GPU_INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """An open session with the contract it was checked against."""
+    """An open session with the contract it was checked against; ``sha256`` is the hex SHA-256
+    of the model's content (:func:`~edge_runtime.model.card.model_digest`: the file's own, or one
+    over it and its external-data files)."""
 
     session: ort.InferenceSession
     spec: ModelSpec
     path: Path
     providers: tuple[str, ...]
+    sha256: str
 
 
 def choose_providers(provider: Provider | str) -> list[str]:
@@ -206,7 +209,9 @@ def open_model(
         log.warning("%s: %s is unavailable at run time; running on %s", path, wanted[0], used[0])
     spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
     check_io(_infos(session.get_inputs()), _infos(session.get_outputs()), spec, source=str(path))
-    return LoadedModel(session=session, spec=spec, path=path, providers=used)
+    return LoadedModel(
+        session=session, spec=spec, path=path, providers=used, sha256=model_digest(hashes)
+    )
 
 
 def _hashes(path: Path) -> dict[str, str]:

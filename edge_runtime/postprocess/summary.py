@@ -45,6 +45,7 @@ class FileSummary:
             abstained frame when none shows tissue). None when no frame could be classified.
         timing: the sum of the frames' timings.
         model_version: the model that answered the frames.
+        model_sha256: its hex SHA-256.
     """
 
     source: str
@@ -53,6 +54,7 @@ class FileSummary:
     most_suspicious: Classification | None
     timing: Timing
     model_version: str | None = None
+    model_sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,7 @@ def summarize(results: Sequence[Result]) -> FileSummary:
             sum(r.timing.postprocess_ms for r in results),
         ),
         model_version=next((r.model_version for r in results if r.model_version), None),
+        model_sha256=next((r.model_sha256 for r in results if r.model_sha256), None),
     )
 
 

@@ -115,6 +115,7 @@ def _classify_chunk(
                 error=error,
                 timing=Timing(decode_ms),
                 model_version=classifier.spec.model_version,
+                model_sha256=classifier.model_sha256,
             )
             done.append((scan, [failure]))
             continue

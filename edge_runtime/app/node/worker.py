@@ -63,7 +63,6 @@ from edge_runtime.app.node.spool import Received, Spool, fsync_dir, write_atomic
 from edge_runtime.app.node.templates import encode_answers, encoded
 from edge_runtime.app.output import result_record
 from edge_runtime.classifier import Classification, Classifier, Failure, Result
-from edge_runtime.model.card import model_sha256
 from edge_runtime.postprocess.summary import FileSummary, summarize, with_summaries
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,13 @@ MAX_ANSWER_PROCESSES = 4
 
 
 def model_identity(classifier: Classifier) -> ModelIdentity:
-    """The name, version and SHA-256 of the classifier's model file (with its external-data
-    files where it has them: :func:`~edge_runtime.model.card.model_sha256`)."""
+    """The name, version and SHA-256 of the classifier's model (with its external-data files
+    where it has them: :attr:`~edge_runtime.classifier.Classifier.model_sha256`, hashed as it
+    was loaded)."""
     return ModelIdentity(
         classifier.model_path.name,
         str(classifier.spec.model_version),
-        model_sha256(classifier.model_path),
+        classifier.model_sha256,
     )
 
 
@@ -390,7 +390,12 @@ class Worker:
         kept = self.spool.failed / f"{job.item.uid}.dcm"  # where Spool.fail moves it
         model_version = self.classifier.spec.model_version
         try:
-            failure = Failure(source=str(kept), error=error, model_version=model_version)
+            failure = Failure(
+                source=str(kept),
+                error=error,
+                model_version=model_version,
+                model_sha256=self.classifier.model_sha256,
+            )
             return [{**result_record(failure), **self._uid_fields(header, {})}]
         except Exception:
             log.exception("%s: no error record could be made", job.item.uid)
