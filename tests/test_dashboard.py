@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -412,6 +413,8 @@ def test_the_model_panel_shows_the_card_provider_and_precision(monkeypatch):
     facts = at.table[0].value
     assert facts.loc["precision"].iloc[0] in ("int8", "fp32")
     assert "ExecutionProvider" in facts.loc["provider"].iloc[0]
+    bundled = Path(facts.loc["path"].iloc[0])
+    assert facts.loc["SHA-256"].iloc[0] == hashlib.sha256(bundled.read_bytes()).hexdigest()
     text = " ".join(m.value for m in at.markdown)
     assert "Model card: default" in text and "95% bootstrap CI" in text
     assert "## Limitations" in text

@@ -250,6 +250,7 @@ def model_facts(classifier: Classifier) -> dict[str, str]:
         "model": classifier.model_path.name,
         "path": str(classifier.model_path),
         "version": spec.model_version,
+        "SHA-256": classifier.model_sha256,
         "backbone": spec.backbone,
         "precision": spec.precision.value,
         "provider": ", ".join(classifier.providers),
