@@ -167,8 +167,8 @@ class Classification:
             :mod:`edge_runtime.io.scan_check`); abstains. Such a frame shows no tissue, so it
             cannot hide a lesion, unlike one that abstained for any other reason.
         abstain_reason: why it abstained, every reason that applies joined by ``"; "`` (e.g.
-            ``"not an ultrasound scan: a blank frame (grey levels span 0 levels)"``); None when
-            it did not.
+            ``"not an ultrasound scan: a blank frame (98% of its pixels within 0 grey levels)"``);
+            None when it did not.
         heatmap: uint8 ``[h, w]`` at the classified image's size, with ``heatmaps=True``.
         image: the decoded uint8 ``[h, w]`` image that was classified (a tissue region's crop
             of the frame, at ``origin``), with ``heatmaps=True``.

@@ -493,7 +493,7 @@ def test_dashboard_without_the_extra_names_it_and_exits_2(monkeypatch):
     monkeypatch.setattr(edge_runtime.app.dashboard, "streamlit_available", lambda: False)
     status, _, err = run_cli("dashboard")
     assert status == ExitStatus.USAGE
-    assert "pip install 'edge-classify[dashboard]'" in err
+    assert "pip install '.[dashboard]' in a clone of edge-classify" in err
 
 
 def test_dashboard_refuses_a_bad_port_or_model_before_starting(tmp_path, monkeypatch):

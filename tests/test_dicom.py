@@ -261,7 +261,7 @@ def test_missing_pydicom_gives_the_install_hint(
 ) -> None:
     path = make_dicom(tmp_path / "a.dcm", gray_ramp(), rows=16, columns=24)
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    with pytest.raises(InputError, match=r"pip install 'edge-classify\[dicom\]'"):
+    with pytest.raises(InputError, match=r"pip install '\.\[dicom\]' in a clone of edge-classify"):
         load_frames(path)
 
 

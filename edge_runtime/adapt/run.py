@@ -36,6 +36,7 @@ from edge_runtime.adapt.scans import read_squares
 from edge_runtime.adapt.site import SiteScan, read_site
 from edge_runtime.adapt.write import run_batches, run_outputs, write_models
 from edge_runtime.classifier import resolve_model_path, usable_cores
+from edge_runtime.extras import install_hint
 from edge_runtime.model.contract import (
     FEATURES,
     LESION,
@@ -60,7 +61,7 @@ MIN_SCANS_PER_CLASS = 5
 # re-choosing the operating point needs this many malignant scans: the binomial standard error
 # of a 0.9 sensitivity is then <= 0.055 (docs/experiments.md, "Site adaptation")
 MIN_MALIGNANT_FOR_THRESHOLD = 30
-_EXTRA_HINT = "edge-classify adapt needs the adapt extra: pip install 'edge-classify[adapt]'"
+_EXTRA_HINT = f"edge-classify adapt needs the adapt extra: {install_hint('adapt')}"
 
 
 def adapt(options: AdaptOptions) -> AdaptReport:

@@ -32,6 +32,7 @@ from edge_runtime.app.shell import (
 )
 from edge_runtime.app.status import ExitStatus
 from edge_runtime.classifier import Classification, Classifier, ClassifierOptions, Failure, Result
+from edge_runtime.extras import install_hint
 from edge_runtime.io.decode import display_path
 from edge_runtime.io.sources import Taken, expand_sources, real_key
 from edge_runtime.model.session import Provider
@@ -40,7 +41,7 @@ from edge_runtime.postprocess.summary import FileSummary, with_summaries
 
 SUBCOMMANDS = ("watch", "bench", "dashboard", "adapt", "serve")
 PIPE_CLOSED = 141  # 128 + SIGPIPE: the status a shell gives a command whose output reader left
-NODE_EXTRA_HINT = "the DICOM node needs the node extra: pip install 'edge-classify[node]'"
+NODE_EXTRA_HINT = f"the DICOM node needs the node extra: {install_hint('node')}"
 
 
 EXAMPLES = """\
@@ -351,7 +352,8 @@ examples:
 Upload scans (PNG, JPEG, BMP, TIFF, DICOM) or name a folder on this host; see each scan's label,
 calibrated probabilities, flags and heatmap, a batch table with CSV / JSON-lines downloads, and
 the model card. Uploads stay in memory; nothing is written to disk and no usage statistics are
-sent. Needs the dashboard extra: pip install 'edge-classify[dashboard]'. Ctrl-C stops it.
+sent. Needs the dashboard extra: pip install '.[dashboard]' in a clone of edge-classify, or
+'edge-classify[dashboard]'. Ctrl-C stops it.
 
 exit status: 0 stopped cleanly, 2 usage or model error, or the dashboard extra is missing,
 130 stopped by Ctrl-C.
@@ -892,7 +894,7 @@ def build_adapt_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "edge-classify adapt",
         "Refit a model's last layer on your own labelled scans (site adaptation). Needs the "
-        "adapt extra: pip install 'edge-classify[adapt]'.",
+        f"adapt extra: {install_hint('adapt')}.",
         ADAPT_EXAMPLES,
     )
     parser.add_argument(
@@ -1006,7 +1008,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "edge-classify serve",
         "A DICOM node: scanners send by C-STORE, edge-classify answers with an SR and a SEG. "
-        "Needs the node extra: pip install 'edge-classify[node]'.",
+        f"Needs the node extra: {install_hint('node')}.",
         SERVE_EXAMPLES,
     )
     parser.add_argument(

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.classifier import Classifier, ClassifierOptions, Failure, Result
+from edge_runtime.extras import install_hint
 from edge_runtime.io.decode import InputError, decode_gray, is_dicom
 from edge_runtime.io.frames import MAX_FILE_BYTES
 from edge_runtime.model.card import card_path_for
@@ -48,7 +49,7 @@ from edge_runtime.postprocess.lesion import require_lesion_output
 
 log = logging.getLogger(__name__)
 
-RAY_EXTRA_HINT = "the Ray engine needs the ray extra: pip install 'edge-classify[ray]'"
+RAY_EXTRA_HINT = f"the Ray engine needs the ray extra: {install_hint('ray')}"
 
 
 @dataclass(frozen=True)

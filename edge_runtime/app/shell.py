@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.app.status import ExitStatus
+from edge_runtime.extras import install_hint
 
 __all__ = [
     "USAGE_ERRORS",
@@ -85,7 +86,7 @@ def command_parser(prog: str, description: str, epilog: str, *, extra: str | Non
     ``--traceback``), whose epilog (the numbered examples) keeps its line breaks; ``extra`` names
     the pip extra the command needs, in its description."""
     if extra:
-        description += f" Needs the {extra} extra: pip install 'edge-classify[{extra}]'."
+        description += f" Needs the {extra} extra: {install_hint(extra)}."
     parser = Parser(
         prog=prog,
         description=description,
@@ -112,8 +113,8 @@ def missing_extra(
     if not missing:
         return None
     stderr.write(
-        f"{command}: error: {command} needs the {extra} extra: pip install "
-        f"'edge-classify[{extra}]' (not installed: {', '.join(missing)})\n"
+        f"{command}: error: {command} needs the {extra} extra (not installed: "
+        f"{', '.join(missing)}): {install_hint(extra)}\n"
     )
     return ExitStatus.USAGE
 

@@ -141,7 +141,11 @@ def open_image(data: bytes, path: str | os.PathLike[str] = "<bytes>") -> Scan:
         raise InputError(path, "file is empty (0 bytes)")
     kind = sniff(data[:SNIFF_BYTES])
     if kind is None or kind == "dicom":
-        raise InputError(path, "not a supported image (PNG, JPEG, BMP, TIFF or DICOM)")
+        raise InputError(
+            path,
+            "not a supported image: its content is no PNG, JPEG, BMP, TIFF or DICOM, whatever its "
+            "name says",
+        )
     if written := own_images.written_kind(data[:SNIFF_BYTES]):
         raise InputError(path, f"{own_images.describe(written)}, not a scan")
     pages = _tiff_pages(data) if kind == "tiff" else [_dimensions(kind, data)]

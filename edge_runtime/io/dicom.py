@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 import cv2
 import numpy as np
 
+from edge_runtime.extras import install_hint
 from edge_runtime.io.frames import (
     DICOM_MAGIC,
     MAX_FILE_BYTES,
@@ -41,7 +42,7 @@ from edge_runtime.io.frames import (
 )
 from edge_runtime.io.regions import Region, pixel_spacing, tissue_regions
 
-DICOM_EXTRA_HINT = "DICOM support needs the dicom extra: pip install 'edge-classify[dicom]'"
+DICOM_EXTRA_HINT = f"DICOM support needs the dicom extra: {install_hint('dicom')}"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 MAX_FRAMES = 100_000
 _DEFER = 1024 * 1024  # header values larger than this (the pixel data) stay on disk

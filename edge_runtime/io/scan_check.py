@@ -27,8 +27,8 @@ The rules, in order (the first that holds is the reason):
 0. **sliver**: one side more than 4 times the other: a strip cut from a scan, or one squashed
    flat, which the model's square would shrink to a few rows of pixels (seen called normal, at a
    P(malignant) above the operating point).
-1. **blank**: grey levels span fewer than 20 levels (p99 - p1): a black, grey or white frame, or a
-   DICOM image whose stored range maps to a few grey levels.
+1. **blank**: 98% of the pixels lie within fewer than 20 grey levels (p99 - p1): a black, grey or
+   white frame, a mask or a DICOM image whose stored range maps to a few grey levels.
 2. **dark**: less than 10% of the image is lit (7 x 7 mean >= 16): a black frame with a few
    overlays, the probe lifted.
 3. **no grey**: less than 10% of pixels are grey (16..235): a black-and-white drawing, pattern
@@ -132,7 +132,7 @@ def check_scan(gray: np.ndarray) -> str | None:
 
     Example:
         >>> check_scan(np.zeros((480, 640), np.uint8))
-        'not an ultrasound scan: a blank frame (grey levels span 0 levels)'
+        'not an ultrasound scan: a blank frame (98% of its pixels within 0 grey levels)'
     """
     height, width = gray.shape[:2]
     if max(height, width) > MAX_ASPECT * min(height, width):
@@ -184,7 +184,7 @@ def scan_statistics(gray: np.ndarray, *, both_scales: bool = True) -> ScanStatis
 
 def _first_failed_rule(s: ScanStatistics) -> str | None:
     if s.grey_range < MIN_RANGE:
-        return f"a blank frame (grey levels span {s.grey_range:.0f} levels)"
+        return f"a blank frame (98% of its pixels within {s.grey_range:.0f} grey levels)"
     if s.lit < MIN_LIT:
         return f"almost entirely dark ({s.lit:.0%} of it lit): no tissue in view"
     if s.grey < MIN_GREY:

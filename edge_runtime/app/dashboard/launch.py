@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.app.dashboard.access import TOKEN_ENV, Access, resolve_access
+from edge_runtime.extras import install_hint
 
 APP_PATH = Path(__file__).with_name("app.py")
 DASHBOARD_EXTRA_HINT = (
-    "the dashboard needs the dashboard extra (Streamlit): pip install 'edge-classify[dashboard]'"
+    f"the dashboard needs the dashboard extra (Streamlit): {install_hint('dashboard')}"
 )
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C
 
