@@ -245,9 +245,12 @@ def _pair(folder: Path, stem: str = "m") -> tuple[Path, Path]:
     return make_contract_model(folder / f"{stem}-int8.onnx", size=SIZE, spec=spec), fp32
 
 
-def test_a_split_recheck_partner_is_found_and_a_missing_piece_named_at_start(tmp_path):
+@pytest.mark.parametrize("with_card", [False, True])
+def test_a_split_recheck_partner_is_found_and_a_missing_piece_named_at_start(tmp_path, with_card):
     int8, fp32 = _pair(tmp_path)
     pieces = split_external_data(fp32, LIMIT)
+    if with_card:  # the card's SHA-256 check reads the pieces then
+        _card(fp32)
     partner = open_recheck_model(open_model(int8), provider=Provider.CPU)
     assert partner is not None
     partner.load()

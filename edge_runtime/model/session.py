@@ -315,9 +315,11 @@ def open_recheck_model(
         metadata = read_metadata(path)
     except (OSError, MetadataError) as exc:
         raise ContractError(f"{path}: not an ONNX model ({exc})") from exc
-    require_external_data(path)  # a missing one is named now, not at the first recheck
-    try:  # and a damaged file, whatever the scans
-        verify_against_card(path)
+    # a missing external-data file is named now, not at the first recheck, and a damaged file
+    # fails now, whatever the scans (the card's check reads the external-data files too)
+    try:
+        if not verify_against_card(path):
+            require_external_data(path)
     except ContractError as exc:
         raise ContractError(
             f"{exc} (the FP32 partner of {model.path.name}; or run the INT8 model alone with "
