@@ -422,6 +422,12 @@ class Classifier:
         return self._model.sha256
 
     @property
+    def model_fields(self) -> dict[str, str]:
+        """``model_version`` and ``model_sha256``: the fields by which each result (a
+        :class:`Failure` too) names the model that answered."""
+        return {"model_version": self.spec.model_version, "model_sha256": self.model_sha256}
+
+    @property
     def providers(self) -> tuple[str, ...]:
         return self._model.providers
 
@@ -737,8 +743,7 @@ class Classifier:
             timing=Timing(decode_ms=item.decode_ms),
             frame=item.frame,
             region=item.region,
-            model_version=self._model.spec.model_version,
-            model_sha256=self._model.sha256,
+            **self.model_fields,
         )
 
 

@@ -600,10 +600,7 @@ def _classify(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> ExitS
             classifier.spec.class_names,
             lesion=classifier.spec.has_lesion,
         )
-        model = {
-            "model_version": classifier.spec.model_version,
-            "model_sha256": classifier.model_sha256,
-        }
+        model = classifier.model_fields
         missing = [  # every input accounted for in the output too, where it was named
             (place, Failure(source=item, error=reason, **model)) for place, item, reason in problems
         ]

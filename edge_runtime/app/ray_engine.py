@@ -186,12 +186,7 @@ def _in_input_order(
             got = next(stream, None)
             if got is None:
                 reason = "was not returned by the Ray workers (it vanished before it was read?)"
-                failure = Failure(
-                    source=name,
-                    error=reason,
-                    model_version=classifier.spec.model_version,
-                    model_sha256=classifier.model_sha256,
-                )
+                failure = Failure(source=name, error=reason, **classifier.model_fields)
                 pending[key].append([failure])
                 break
             pending[got[0]].append(got[1])
@@ -265,16 +260,7 @@ class _ClassifyWorker:
         out = []
         for path, item in zip(paths, decoded, strict=True):
             if isinstance(item, Failure):
-                model = self._classifier
-                out.append(
-                    [
-                        replace(
-                            item,
-                            model_version=model.spec.model_version,
-                            model_sha256=model.model_sha256,
-                        )
-                    ]
-                )
+                out.append([replace(item, **self._classifier.model_fields)])
                 continue
             multi = len(item) > 1
             out.append(

@@ -470,14 +470,10 @@ class Watcher:
         return sorted(ready), waiting
 
     @property
-    def _model_fields(self) -> dict[str, str | None]:
-        """``model_version`` and ``model_sha256`` of the classifier's model (None each where the
-        classifier does not say)."""
-        spec = getattr(self._classifier, "spec", None)
-        return {
-            "model_version": getattr(spec, "model_version", None),
-            "model_sha256": getattr(self._classifier, "model_sha256", None),
-        }
+    def _model_fields(self) -> dict[str, str]:
+        """:attr:`~edge_runtime.classifier.Classifier.model_fields` (none from a stand-in
+        classifier that lacks them)."""
+        return getattr(self._classifier, "model_fields", {})
 
     def _process(self, batch: list[tuple[str, _Stat]]) -> None:
         by_path: dict[str, list[Result]] = {path: [] for path, _ in batch}

@@ -114,8 +114,7 @@ def _classify_chunk(
                 source=scan.name,
                 error=error,
                 timing=Timing(decode_ms),
-                model_version=classifier.spec.model_version,
-                model_sha256=classifier.model_sha256,
+                **classifier.model_fields,
             )
             done.append((scan, [failure]))
             continue

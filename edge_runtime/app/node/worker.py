@@ -388,14 +388,8 @@ class Worker:
             header = dict.fromkeys(_HEADER_FIELDS, "")
             header["sop_instance_uid"] = job.item.uid
         kept = self.spool.failed / f"{job.item.uid}.dcm"  # where Spool.fail moves it
-        model_version = self.classifier.spec.model_version
         try:
-            failure = Failure(
-                source=str(kept),
-                error=error,
-                model_version=model_version,
-                model_sha256=self.classifier.model_sha256,
-            )
+            failure = Failure(source=str(kept), error=error, **self.classifier.model_fields)
             return [{**result_record(failure), **self._uid_fields(header, {})}]
         except Exception:
             log.exception("%s: no error record could be made", job.item.uid)
