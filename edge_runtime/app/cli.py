@@ -338,7 +338,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DASHBOARD_EXAMPLES = """\
+DASHBOARD_EXAMPLES = f"""\
 examples:
   1. the bundled model, on this machine only, at http://127.0.0.1:8501:
        edge-classify dashboard
@@ -352,8 +352,8 @@ examples:
 Upload scans (PNG, JPEG, BMP, TIFF, DICOM) or name a folder on this host; see each scan's label,
 calibrated probabilities, flags and heatmap, a batch table with CSV / JSON-lines downloads, and
 the model card. Uploads stay in memory; nothing is written to disk and no usage statistics are
-sent. Needs the dashboard extra: pip install '.[dashboard]' in a clone of edge-classify, or
-'edge-classify[dashboard]'. Ctrl-C stops it.
+sent. Ctrl-C stops it. Needs the dashboard extra:
+  {install_hint("dashboard")}
 
 exit status: 0 stopped cleanly, 2 usage or model error, or the dashboard extra is missing,
 130 stopped by Ctrl-C.
