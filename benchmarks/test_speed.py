@@ -48,6 +48,13 @@ KNOWN_INT8_SPEED_MISSES = {
             "Xeon (2.03-2.32x on AMD EPYC), its INT8 alone running under 2x FP32 there",
         ),
     },
+    (V4_INT8_SHA256, "AuthenticAMD"): {
+        "int8_speedup_vs_fp32": (
+            1.85,  # 0.13 under the lowest measurement (1.98, a whole CI run)
+            "v4 as bundled on an AMD EPYC (Zen 4, AVX-512 VNNI; session 22): 2.11-2.13x in "
+            "isolated runs, 2.09x and 1.98x in two whole CI runs, at the 2.0x gate",
+        ),
+    },
 }
 BATCH = 4  # on one thread, batch 4 runs as fast per image as 16 and fills the pipeline sooner
 # DESIGN.md's budget is 20% of end-to-end time. The project's own preprocessing (fitting a decoded
